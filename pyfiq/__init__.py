@@ -1,0 +1,44 @@
+"""pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
+
+from .backend import DeadLetter, RedisQueueBackend, TaskHandle
+from .config import Settings
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    LeaseLostError,
+    NotConfiguredError,
+    PyfiqError,
+    SerializationError,
+)
+from .registry import FifoFunction, configure, fifo, get_backend
+from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
+from .task import TaskContext, current_task
+from .threaded import ThreadedWorker, threaded_worker
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "DeadLetter",
+    "DecodeError",
+    "FifoFunction",
+    "JSONSerializer",
+    "LeaseLostError",
+    "MsgpackSerializer",
+    "NotConfiguredError",
+    "PickleSerializer",
+    "PyfiqError",
+    "RedisQueueBackend",
+    "Serializer",
+    "Settings",
+    "TaskContext",
+    "TaskHandle",
+    "ThreadedWorker",
+    "configure",
+    "current_task",
+    "fifo",
+    "get_backend",
+    "threaded_worker",
+]
+
+__version__ = "0.2.0"

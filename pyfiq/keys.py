@@ -1,0 +1,113 @@
+"""The Redis key schema: the only module that formats a key.
+
+Every key of a stream shares the hash tag of the stream's *shard*::
+
+    {prefix}:{s<N>}:ready              sorted set: stream -> claimable-at (ms, Redis clock)
+    {prefix}:{s<N>}:epoch              fencing counter of the shard
+    {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
+    {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
+    {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
+    {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
+    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed', 'd:<task id>' delivery counts
+    {prefix}:{s<N>}:q:<stream>:dlq     list of "<header json>\\n<encoded task>"
+    {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
+
+    {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
+
+A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
+(``"webhooks#c-42"``). Because a stream's keys and its shard's ready set and epoch live in one
+slot, every script touches one slot, so the same scripts run on one Redis, under Sentinel and
+on Redis Cluster, and the shards spread over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import ConfigurationError
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
+STREAM_SEPARATOR = "#"
+
+
+def validate_queue_name(queue: str) -> str:
+    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+        raise ConfigurationError(
+            f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-"
+        )
+    return queue
+
+
+def stream_name(queue: str, key: str | None = None) -> str:
+    """The stream a task goes to: the queue itself, or one ordered stream of a keyed queue."""
+    return queue if key is None else f"{queue}{STREAM_SEPARATOR}{key}"
+
+
+def queue_of(stream: str) -> str:
+    return stream.split(STREAM_SEPARATOR, 1)[0]
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    stream: str
+    shard: int
+    pending: str
+    inflight: str
+    lease: str
+    meta: str
+    dlq: str
+    ready: str
+    epoch: str
+    dlq_index: str
+    _dedup_prefix: str
+
+    def dedup(self, key: str) -> str:
+        return self._dedup_prefix + key
+
+
+class KeySchema:
+    def __init__(self, prefix: str = "pyfiq", shards: int = 16) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, without braces")
+        if not 1 <= shards <= 16384:
+            raise ConfigurationError(f"shards must be between 1 and 16384, got {shards}")
+        self.prefix = prefix
+        self.shards = shards
+        self.wake_channel = f"{prefix}:wake"
+        self.stream = lru_cache(maxsize=65536)(self._stream)
+
+    def shard_of(self, stream: str) -> int:
+        # crc32, not hash(): every process must map a stream to the same shard.
+        return zlib.crc32(stream.encode()) % self.shards
+
+    def _tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def ready(self, shard: int) -> str:
+        return f"{self._tag(shard)}:ready"
+
+    def epoch(self, shard: int) -> str:
+        return f"{self._tag(shard)}:epoch"
+
+    def dlq_index(self, shard: int) -> str:
+        return f"{self._tag(shard)}:dlqs"
+
+    def _stream(self, stream: str) -> StreamKeys:
+        shard = self.shard_of(stream)
+        base = f"{self._tag(shard)}:q:{stream}:"
+        return StreamKeys(
+            stream=stream,
+            shard=shard,
+            pending=base + "pending",
+            inflight=base + "inflight",
+            lease=base + "lease",
+            meta=base + "meta",
+            dlq=base + "dlq",
+            ready=self.ready(shard),
+            epoch=self.epoch(shard),
+            dlq_index=self.dlq_index(shard),
+            _dedup_prefix=base + "dedup:",
+        )

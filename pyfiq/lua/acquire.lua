@@ -1,0 +1,50 @@
+--[[
+  Take the lease of a claimable stream (SET NX PX semantics, fenced by a monotonic token).
+
+  Input:
+    KEYS[1]      ready sorted set of the shard
+    KEYS[2]      fencing epoch counter of the shard
+    KEYS[3]      lease key of the stream
+    KEYS[4]      meta hash of the stream (field 'handed', fields 'd:<id>' delivery counts)
+    KEYS[5]      pending list of the stream
+    KEYS[6]      in-flight list of the stream
+    ARGV[1]      stream name
+    ARGV[2]      lease TTL in ms
+    ARGV[3]      random nonce of the caller
+
+  Output:
+    { 0 } when the stream is not claimable (leased, not due, or empty and now forgotten)
+    { 1, token, fencing token, pending length, in-flight length } on success
+
+  The fencing token is max(previous + 1, now in ms): it keeps rising even when a failover
+  loses the counter. The lease token is "<fencing token>:<nonce>" and scripts compare it
+  whole, so two holders can never share one.
+]]
+local now = now_ms()
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > now then return { 0 } end
+local ttl = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  -- The holder renewed after its ready score was read as due: resynchronise the score.
+  local left = redis.call('PTTL', KEYS[3])
+  if left < 0 then left = ttl end
+  redis.call('ZADD', KEYS[1], now + left, ARGV[1])
+  return { 0 }
+end
+local npending = redis.call('LLEN', KEYS[5])
+local ninflight = redis.call('LLEN', KEYS[6])
+if npending + ninflight == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[4])
+  return { 0 }
+end
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+if epoch < now then epoch = now end
+local fence = string.format('%.0f', epoch)
+redis.call('SET', KEYS[2], fence)
+local token = fence .. ':' .. ARGV[3]
+redis.call('SET', KEYS[3], token, 'PX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+-- Everything already in flight belongs to an earlier holder: hand it out again one by one.
+redis.call('HSET', KEYS[4], 'handed', 0)
+return { 1, token, fence, npending, ninflight }

@@ -1,0 +1,56 @@
+--[[
+  Append tasks to one stream's pending list (optionally deduplicated) and make the
+  stream claimable.
+
+  Input:
+    KEYS[1]      pending list of the stream
+    KEYS[2]      ready sorted set of the stream's shard (member: stream, score: claimable-at ms)
+    KEYS[3..]    one dedup key per task, only when deduplication is asked for
+    ARGV[1]      stream name
+    ARGV[2]      wake-up channel
+    ARGV[3]      shard number (published on the wake-up channel)
+    ARGV[4]      dedup window in ms (used when KEYS[3..] are given)
+    ARGV[5]      number of tasks n
+    ARGV[6..]    n triples: task id (32 hex chars), expires-in ms (0: never), payload
+
+  Output:
+    a flat list of n pairs: task id, 1 if appended or 0 if a duplicate (the id is then the
+    id of the task already accepted under that dedup key)
+
+  Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
+  read the id and the deadline without decoding the payload; both times are Redis's clock.
+]]
+local now = now_ms()
+local n = tonumber(ARGV[5])
+local dedup = #KEYS > 2
+local out = {}
+local added = 0
+for i = 1, n do
+  local base = 5 + (i - 1) * 3
+  local id = ARGV[base + 1]
+  local ttl = tonumber(ARGV[base + 2])
+  local existing = false
+  if dedup then
+    if not redis.call('SET', KEYS[2 + i], id, 'NX', 'PX', ARGV[4]) then
+      existing = redis.call('GET', KEYS[2 + i])
+    end
+  end
+  if existing then
+    out[#out + 1] = existing
+    out[#out + 1] = 0
+  else
+    local expires = 0
+    if ttl > 0 then expires = now + ttl end
+    redis.call('RPUSH', KEYS[1], string.format('%s|%.0f|%.0f|', id, now, expires) .. ARGV[base + 3])
+    added = added + 1
+    out[#out + 1] = id
+    out[#out + 1] = 1
+  end
+end
+-- A leased stream already has a ready entry (scored at its lease expiry): NX leaves it alone,
+-- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
+-- idle workers.
+if added > 0 and redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1]) == 1 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return out

@@ -1,0 +1,232 @@
+"""``@fifo``: the decorator, the process-wide function registry and the default backend."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import structlog
+from tenacity import (
+    BaseRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential_jitter,
+    wait_fixed,
+)
+from tenacity.retry import retry_base
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from .backend import RedisQueueBackend, TaskHandle
+from .errors import ConfigurationError, NotConfiguredError
+from .keys import stream_name, validate_queue_name
+from .task import TaskRecord, new_task_id
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = structlog.get_logger("pyfiq")
+
+OnExhausted = Literal["dead-letter", "block"]
+
+_registry: dict[str, FifoFunction[Any, Any]] = {}
+_registry_lock = threading.Lock()
+_default_backend: RedisQueueBackend | None = None
+
+
+def configure(backend: RedisQueueBackend) -> None:
+    """Set the process-wide backend that ``@fifo`` functions enqueue to."""
+    global _default_backend
+    _default_backend = backend
+
+
+def get_backend() -> RedisQueueBackend:
+    if _default_backend is None:
+        raise NotConfiguredError(
+            "pyfiq has no backend: call pyfiq.configure(backend=RedisQueueBackend(url)) or "
+            "start a worker with threaded_worker(backend=...) before enqueuing"
+        )
+    return _default_backend
+
+
+def lookup(name: str) -> FifoFunction[Any, Any] | None:
+    return _registry.get(name)
+
+
+def registered_queues() -> list[str]:
+    return sorted({f.queue for f in list(_registry.values())})
+
+
+class RetryPolicy:
+    """The tenacity stop/wait/retry triple a task runs under."""
+
+    def __init__(self, stop: stop_base, wait: wait_base, retry: retry_base, forever: bool) -> None:
+        self.stop, self.wait, self.retry, self.forever = stop, wait, retry, forever
+
+    @classmethod
+    def build(
+        cls,
+        retry: BaseRetrying | None,
+        max_retries: int | None,
+        retry_wait: float | None,
+    ) -> RetryPolicy:
+        if retry is not None:
+            if max_retries is not None or retry_wait is not None:
+                raise ConfigurationError("give either retry= or max_retries=/retry_wait=, not both")
+            if not isinstance(retry, BaseRetrying):
+                raise ConfigurationError(
+                    "retry= takes a tenacity Retrying object, e.g. "
+                    "Retrying(stop=stop_after_attempt(5), wait=wait_exponential_jitter())"
+                )
+            return cls(retry.stop, retry.wait, retry.retry, retry.stop is stop_never)
+        if max_retries is not None and (not isinstance(max_retries, int) or max_retries < -1):
+            raise ConfigurationError(f"max_retries must be an int >= -1, got {max_retries!r}")
+        if retry_wait is not None and retry_wait < 0:
+            raise ConfigurationError(f"retry_wait must be >= 0, got {retry_wait!r}")
+        retries = 3 if max_retries is None else max_retries
+        wait: wait_base = (
+            wait_exponential_jitter(initial=1, max=30) if retry_wait is None else wait_fixed(retry_wait)
+        )
+        stop: stop_base = stop_never if retries == -1 else stop_after_attempt(retries + 1)
+        return cls(stop, wait, retry_if_exception_type(Exception), retries == -1)
+
+
+class FifoFunction(Generic[P, R]):
+    """A function bound to a queue. Calling it enqueues; ``.func`` is the plain function."""
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        queue: str,
+        name: str | None,
+        policy: RetryPolicy,
+        on_success: Callable[..., Any] | None,
+        on_error: Callable[..., Any] | None,
+        on_exhausted: OnExhausted,
+        expires_in: float | None,
+        key: Callable[..., Any] | None,
+    ) -> None:
+        self.func = func
+        self.queue = validate_queue_name(queue)
+        self.name = name or f"{func.__module__}.{func.__qualname__}"
+        self.policy = policy
+        self.on_success = on_success
+        self.on_error = on_error
+        if on_exhausted not in ("dead-letter", "block"):
+            raise ConfigurationError(f"on_exhausted must be 'dead-letter' or 'block', got {on_exhausted!r}")
+        self.on_exhausted = on_exhausted
+        self.expires_in = expires_in
+        self.key = key
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<fifo {self.name} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        return self.send_with_options(args=args, kwargs=kwargs)
+
+    def send_with_options(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        key: str | None = None,
+        dedup_key: str | None = None,
+        expires_in: float | None = None,
+        backend: RedisQueueBackend | None = None,
+    ) -> TaskHandle:
+        """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
+        the backend's dedup window a repeat returns the first task's handle), ``expires_in``
+        seconds after which the task is dead-lettered as expired instead of run."""
+        kwargs = kwargs or {}
+        if key is None and self.key is not None:
+            key = self.key(*args, **kwargs)
+        if key is not None and not isinstance(key, str):
+            key = str(key)
+        stream = stream_name(self.queue, key)
+        backend = backend or get_backend()
+        record = TaskRecord(self.name, list(args), dict(kwargs), key)
+        expires = expires_in if expires_in is not None else self.expires_in
+        ((task_id, new),) = backend.enqueue(
+            stream,
+            [(new_task_id(), record)],
+            expires_in=expires,
+            dedup_keys=[dedup_key] if dedup_key is not None else None,
+        )
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+
+
+@overload
+def fifo(queue: str, /) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
+
+
+@overload
+def fifo(
+    queue: str | None = None,
+    *,
+    name: str | None = None,
+    retry: BaseRetrying | None = None,
+    max_retries: int | None = None,
+    retry_wait: float | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_error: Callable[..., Any] | None = None,
+    on_exhausted: OnExhausted = "dead-letter",
+    expires_in: float | None = None,
+    key: Callable[..., Any] | None = None,
+) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
+
+
+def fifo(
+    queue: str | None = None,
+    *,
+    name: str | None = None,
+    retry: BaseRetrying | None = None,
+    max_retries: int | None = None,
+    retry_wait: float | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_error: Callable[..., Any] | None = None,
+    on_exhausted: OnExhausted = "dead-letter",
+    expires_in: float | None = None,
+    key: Callable[..., Any] | None = None,
+) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
+    """Bind a function to an ordered queue; calling it then enqueues a task.
+
+    - ``name``: the task name stored in Redis (default ``module.qualname``); set it so that
+      moving the function does not strand queued tasks.
+    - ``max_retries`` / ``retry_wait``: retries in place (the queue waits); ``-1`` retries
+      forever. ``retry``: a tenacity ``Retrying`` whose stop/wait/retry are used instead.
+    - ``on_success(result, task, binding)`` after success; ``on_error(exc, task, binding)``
+      after every failed attempt. ``task`` is the ``TaskContext``, ``binding`` this function.
+    - ``on_exhausted``: ``"dead-letter"`` (default) or ``"block"``: keep retrying with the
+      policy's waits, holding the queue, until the task succeeds or an operator steps in.
+    - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
+    - ``key``: a function of the call's arguments naming the ordered stream within the queue.
+    """
+    if queue is None:
+        raise ConfigurationError("@fifo needs a queue name: @fifo(queue='billing')")
+    policy = RetryPolicy.build(retry, max_retries, retry_wait)
+
+    def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
+        binding = FifoFunction(
+            func,
+            queue=queue,
+            name=name,
+            policy=policy,
+            on_success=on_success,
+            on_error=on_error,
+            on_exhausted=on_exhausted,
+            expires_in=expires_in,
+            key=key,
+        )
+        with _registry_lock:
+            existing = _registry.get(binding.name)
+            if existing is not None and existing.func is not func:
+                log.warning("pyfiq.task_redefined", task=binding.name, queue=binding.queue)
+            _registry[binding.name] = binding
+        return binding
+
+    return bind
