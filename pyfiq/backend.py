@@ -117,6 +117,7 @@ class RedisQueueBackend:
             options.update(settings.redis_options)
             self.client = redis.Redis.from_url(url, **options)
         self.scripts = Scripts(self.client)
+        self._layout_checked = False
 
     def __repr__(self) -> str:
         return f"RedisQueueBackend({self.url!r})"
@@ -139,6 +140,21 @@ class RedisQueueBackend:
 
     def pubsub(self) -> Any:
         return self.client.pubsub(ignore_subscribe_messages=True)
+
+    def check_layout(self) -> None:
+        """Refuse to run beside replicas that shard the same prefix differently: their keys
+        would not meet, and tasks would wait forever. Checked once per backend."""
+        if self._layout_checked:
+            return
+        key = self.keys.layout_key
+        self.client.set(key, self.keys.shards, nx=True)
+        stored = self.client.get(key)
+        if stored is not None and int(stored) != self.keys.shards:
+            raise ConfigurationError(
+                f"prefix {self.keys.prefix!r} on {self.url} is laid out with {int(stored)} shards, "
+                f"this backend uses {self.keys.shards}: give every replica the same shards setting"
+            )
+        self._layout_checked = True
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -165,15 +181,10 @@ class RedisQueueBackend:
         ttl_ms = int(expires_in * 1000) if expires_in else 0
         items = [(task_id, ttl_ms, rec.encode(self.settings.serializer)) for task_id, rec in records]
         call = self.ops.enqueue(stream, items, dedup_keys)
-        retrying = Retrying(
-            stop=stop_after_attempt(self.settings.enqueue_attempts)
-            | stop_after_delay(self.settings.enqueue_timeout),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
-            retry=retry_if_exception_type(TRANSIENT),
-            reraise=False,
-        )
         try:
-            reply = retrying(self.call, call)
+            if not self._layout_checked:
+                self._retrying()(self.check_layout)
+            reply = self._retrying()(self.call, call)
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise BackendUnavailableError(
@@ -181,6 +192,15 @@ class RedisQueueBackend:
                 f"{exc.last_attempt.attempt_number} attempts ({cause})"
             ) from cause
         return Ops.parse_enqueue(reply)
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            stop=stop_after_attempt(self.settings.enqueue_attempts)
+            | stop_after_delay(self.settings.enqueue_timeout),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            retry=retry_if_exception_type(TRANSIENT),
+            reraise=False,
+        )
 
     # -- inspection and operator actions ------------------------------------------------------
 

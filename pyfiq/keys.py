@@ -13,6 +13,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
+    {prefix}:shards                    the shard count the prefix is laid out with
 
 A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
 (``"webhooks#c-42"``). Because a stream's keys and its shard's ready set and epoch live in one
@@ -77,6 +78,8 @@ class KeySchema:
         self.prefix = prefix
         self.shards = shards
         self.wake_channel = f"{prefix}:wake"
+        #: The shard count this prefix was first used with; replicas check they agree.
+        self.layout_key = f"{prefix}:shards"
         self.stream = lru_cache(maxsize=65536)(self._stream)
 
     def shard_of(self, stream: str) -> int:

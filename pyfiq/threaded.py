@@ -148,6 +148,7 @@ class ThreadedWorker:
         queues: Iterable[str] | None = None,
         concurrency: int = 4,
         install_signal_handlers: bool = False,
+        replica: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
@@ -155,7 +156,7 @@ class ThreadedWorker:
         self.settings = self.backend.settings
         self.ops = self.backend.ops
         self.concurrency = concurrency
-        self.replica = replica_id()
+        self.replica = replica or replica_id()
         self._queues = sorted({validate_queue_name(q) for q in queues}) if queues is not None else None
         self._install_signals = install_signal_handlers
         self._held: dict[str, Lease] = {}
@@ -180,6 +181,7 @@ class ThreadedWorker:
     def start(self) -> ThreadedWorker:
         if self._started:
             return self
+        self.backend.check_layout()
         self._started = True
         for i in range(self.concurrency):
             t = threading.Thread(target=self._executor, name=f"pyfiq-exec-{i}", daemon=True)
@@ -454,10 +456,15 @@ def threaded_worker(
     queues: Iterable[str] | None = None,
     concurrency: int = 4,
     install_signal_handlers: bool = False,
+    replica: str | None = None,
 ) -> ThreadedWorker:
     """Start a :class:`ThreadedWorker` and make ``backend`` this process's default backend."""
     if backend is not None:
         registry.configure(backend)
     return ThreadedWorker(
-        backend, queues=queues, concurrency=concurrency, install_signal_handlers=install_signal_handlers
+        backend,
+        queues=queues,
+        concurrency=concurrency,
+        install_signal_handlers=install_signal_handlers,
+        replica=replica,
     ).start()

@@ -1,0 +1,181 @@
+"""Journaled tasks and an outcome checker, shared by the demo, the replica command and the
+failure tests: every execution appends a line to a journal file, and ``check`` proves from it
+that nothing was lost, order held, and executions of one queue never overlapped unless a
+lapsed (lower-fenced) lease explains it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .registry import FifoFunction, fifo
+from .task import current_task
+
+JOURNAL_ENV = "PYFIQ_JOURNAL"
+ECHO_ENV = "PYFIQ_ECHO"
+QUEUES = ("scenario-a", "scenario-b", "scenario-c", "scenario-d")
+
+
+def _journal(event: str, seq: int, extra: Mapping[str, Any] | None = None) -> None:
+    path = os.environ.get(JOURNAL_ENV)
+    if not path and not os.environ.get(ECHO_ENV):
+        return
+    ctx = current_task()
+    line = {
+        "event": event,
+        "queue": ctx.stream,
+        "seq": seq,
+        "task_id": ctx.id,
+        "replica": ctx.replica,
+        "pid": os.getpid(),
+        "fence": ctx.fencing_token,
+        "deliveries": ctx.deliveries,
+        "attempt": ctx.attempt,
+        "t": time.time(),
+        **(extra or {}),
+    }
+    if path:
+        # One write() of one short line with O_APPEND: concurrent writers never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+    if os.environ.get(ECHO_ENV) and event != "end":
+        print(
+            f"  {ctx.replica:<10} {ctx.stream:<12} #{seq:02d} {event:<6} "
+            f"delivery {ctx.deliveries} attempt {ctx.attempt} fence ...{str(ctx.fencing_token)[-5:]}",
+            flush=True,
+        )
+
+
+def step(seq: int, hold: float = 0.0, fail_attempts: int = 0, exit_deliveries: int = 0) -> int:
+    """One journaled unit of ordered work.
+
+    ``hold``: seconds of simulated I/O. ``fail_attempts``: raise on this many first attempts
+    (``-1``: always). ``exit_deliveries``: kill the whole process (``os._exit``) on this many
+    first deliveries (``-1``: always, a poison task).
+    """
+    ctx = current_task()
+    _journal("start", seq)
+    if exit_deliveries == -1 or ctx.deliveries <= exit_deliveries:
+        os._exit(17)
+    if hold:
+        time.sleep(hold)
+    if fail_attempts == -1 or ctx.attempt <= fail_attempts:
+        _journal("fail", seq)
+        raise RuntimeError(f"simulated failure of #{seq} on attempt {ctx.attempt}")
+    _journal("end", seq)
+    return seq
+
+
+STEPS: dict[str, FifoFunction[..., int]] = {
+    q: fifo(queue=q, name=f"pyfiq.scenario.step.{q}", max_retries=2, retry_wait=0.05)(step)
+    for q in QUEUES
+}
+
+
+def read_journal(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Report:
+    lost: dict[str, list[int]] = field(default_factory=dict)
+    order_violations: dict[str, list[int]] = field(default_factory=dict)
+    overlaps_unexplained: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    overlaps_explained: int = 0
+    reexecutions: int = 0
+    executions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.order_violations or self.overlaps_unexplained)
+
+    def lines(self) -> list[str]:
+        return [
+            f"executions: {self.executions} (re-executions after a crash or lease loss: {self.reexecutions})",
+            f"lost tasks: {sum(len(v) for v in self.lost.values())}",
+            f"queues whose first executions broke acceptance order: {len(self.order_violations)}",
+            f"overlapping executions of one queue: {len(self.overlaps_unexplained)} unexplained, "
+            f"{self.overlaps_explained} explained by a lapsed lease with a lower fencing token",
+        ]
+
+
+def check(
+    journal: Iterable[Mapping[str, Any]],
+    accepted: Mapping[str, list[int]],
+    dead: Mapping[str, Iterable[int]] | None = None,
+) -> Report:
+    """Check a journal against the sequence numbers accepted per stream, in acceptance order.
+
+    ``dead``: sequence numbers that ended in the dead-letter list (they need not succeed).
+    """
+    report = Report()
+    starts: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    ended: dict[str, set[int]] = defaultdict(set)
+    for e in journal:
+        if e["event"] == "start":
+            starts[e["queue"]].append(e)
+        elif e["event"] == "end":
+            ended[e["queue"]].add(e["seq"])
+    for stream, seqs in accepted.items():
+        gone = set(dead.get(stream, ())) if dead else set()
+        missing = [s for s in seqs if s not in ended[stream] and s not in gone]
+        if missing:
+            report.lost[stream] = missing
+        first: list[int] = []
+        seen: set[int] = set()
+        for e in sorted(starts[stream], key=lambda e: e["t"]):
+            report.executions += 1
+            if e["seq"] in seen:
+                if e["attempt"] == 1:  # a retry in place is not a re-execution
+                    report.reexecutions += 1
+            else:
+                seen.add(e["seq"])
+                first.append(e["seq"])
+        expected = [s for s in seqs if s in seen]
+        if first != expected:
+            report.order_violations[stream] = first
+    report.overlaps_unexplained, report.overlaps_explained = _overlaps(journal)
+    return report
+
+
+def _overlaps(journal: Iterable[Mapping[str, Any]]) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int]:
+    # An execution runs from its start to its end/fail line, or (killed) to the next start in
+    # the same process, or forever; intervals of one stream must not overlap.
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    open_: dict[tuple[int, str], dict[str, Any]] = {}
+    for e in sorted(journal, key=lambda e: e["t"]):
+        key = (e["pid"], e["task_id"])
+        if e["event"] == "start":
+            run = {**e, "until": float("inf")}
+            runs[e["queue"]].append(run)
+            open_[key] = run
+        elif key in open_:
+            open_.pop(key)["until"] = e["t"]
+    unexplained: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    explained = 0
+    for stream_runs in runs.values():
+        stream_runs.sort(key=lambda r: r["t"])
+        for i, a in enumerate(stream_runs):
+            for b in stream_runs[i + 1 :]:
+                if b["t"] >= a["until"]:
+                    break
+                if a["pid"] != b["pid"] and a["until"] == float("inf"):
+                    continue  # a's process died mid-task: nothing of it ran on
+                if a["fence"] < b["fence"]:
+                    explained += 1
+                else:
+                    unexplained.append((a, b))
+    return unexplained, explained

@@ -1,0 +1,151 @@
+"""Test harness: real redis-server processes on free ports, and per-test backends.
+
+The suite never touches a Redis it did not start: every server here runs on a free port
+with its own directory and is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pyfiq import RedisQueueBackend
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process the tests own: start, stop (gracefully or SIGKILL), restart."""
+
+    def __init__(self, directory: Path, *, appendfsync: str | None = None) -> None:
+        if REDIS_SERVER is None:
+            pytest.fail("redis-server is not installed: run scripts/test.sh, which installs it")
+        self.port = free_port()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.appendfsync = appendfsync
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--logfile", "redis.log",
+        ]
+        if self.appendfsync:
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        else:
+            args += ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, *, kill: bool = False, downtime: float = 0.0) -> None:
+        self.stop(kill=kill)
+        time.sleep(downtime)
+        self.start()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for one test that restarts or kills it (AOF everysec)."""
+    server = RedisServer(tmp_path / "redis", appendfsync="everysec").start()
+    yield server
+    server.stop(kill=True)
+
+
+def unique_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+FAST = {"lease_ttl": 1.5, "poll_interval": 0.2, "shards": 4}
+
+
+@pytest.fixture
+def redis_backend(redis_server: RedisServer) -> Iterator[RedisQueueBackend]:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **FAST)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def backend(request: pytest.FixtureRequest) -> Iterator[RedisQueueBackend]:
+    """The same behaviour suite against a real redis-server and the embedded memory:// one."""
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        b = RedisQueueBackend(server.url, prefix=unique_prefix(), **FAST)
+    else:
+        b = RedisQueueBackend(f"memory://{uuid.uuid4().hex}", prefix=unique_prefix(), **FAST)
+    yield b
+    b.close()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for: {message or predicate}")
+        time.sleep(interval)
+
+
+def drained(backend: RedisQueueBackend, *streams: str) -> bool:
+    for s in streams:
+        info = backend.queue_info(s)
+        if info["pending"] or info["inflight"]:
+            return False
+    return True
+
+
+os.environ.setdefault("PYFIQ_TEST", "1")
