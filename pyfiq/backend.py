@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from .config import Settings
@@ -178,7 +180,9 @@ class RedisQueueBackend:
         Encoding happens before any I/O, so a task whose arguments cannot be serialized fails
         at once and nothing of the batch is enqueued.
         """
-        ttl_ms = int(expires_in * 1000) if expires_in else 0
+        if expires_in is not None and expires_in <= 0:
+            raise ConfigurationError(f"expires_in must be positive seconds, got {expires_in!r}")
+        ttl_ms = math.ceil(expires_in * 1000) if expires_in else 0
         items = [(task_id, ttl_ms, rec.encode(self.settings.serializer)) for task_id, rec in records]
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
@@ -197,7 +201,7 @@ class RedisQueueBackend:
         return Retrying(
             stop=stop_after_attempt(self.settings.enqueue_attempts)
             | stop_after_delay(self.settings.enqueue_timeout),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             retry=retry_if_exception_type(TRANSIENT),
             reraise=False,
         )

@@ -9,6 +9,10 @@ from .errors import ConfigurationError
 from .serializers import JSONSerializer, Serializer
 
 
+#: Lua's unpack() and one script's run time bound how many tasks one call may carry.
+MAX_PREFETCH = 1000
+
+
 @dataclass(frozen=True)
 class Settings:
     """pyfiq's configuration. Times are in seconds.
@@ -31,6 +35,9 @@ class Settings:
     prefetch: int = 1
     #: Tasks a holder runs before it yields the stream so other streams get a turn.
     batch_limit: int = 100
+    #: How long a replica hands a task it has no function for back to others (rolling deploys)
+    #: before dead-lettering it as ``unknown-task``.
+    unknown_task_grace: float = 30.0
     #: Window in which a repeated dedup key returns the first task instead of enqueuing.
     dedup_window: float = 300.0
     #: Bounded retries of an enqueue while Redis is unreachable.
@@ -51,6 +58,10 @@ class Settings:
         for name in ("poll_interval", "dedup_window", "enqueue_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.unknown_task_grace < 0:
+            raise ConfigurationError("unknown_task_grace must be >= 0")
+        if self.prefetch > MAX_PREFETCH:
+            raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")

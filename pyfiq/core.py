@@ -51,6 +51,8 @@ class Lease:
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
     lost_reason: str = ""
+    #: A call that may end the lease is in flight: a refused renewal then means "released".
+    ending: bool = False
 
     def mark_lost(self, reason: str) -> None:
         if not self.lost:
@@ -60,6 +62,10 @@ class Lease:
 
 def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+#: Due entries one ``due`` call scans at most (it pages on from there in later calls).
+DUE_SCAN = 200
 
 
 class Ops:
@@ -92,15 +98,15 @@ class Ops:
     def parse_enqueue(reply: list[Any]) -> list[tuple[str, bool]]:
         return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
-    def due(self, shard: int, want: int, queues: Sequence[str] | None) -> Call:
-        scan = max(100, 4 * want)
-        return Call("due", [self.keys.ready(shard)], [want, scan, *(queues or ())])
+    def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:
+        return Call("due", [self.keys.ready(shard)], [want, DUE_SCAN, offset, *(queues or ())])
 
     @staticmethod
-    def parse_due(reply: list[Any]) -> tuple[float | None, list[str]]:
-        """(seconds until the shard's next stream falls due or None, due streams)."""
+    def parse_due(reply: list[Any]) -> tuple[float | None, int, list[str]]:
+        """(seconds until the shard's next stream falls due or None, offset to continue the
+        scan from or 0, due streams)."""
         nxt = int(reply[0])
-        return (nxt / 1000 if nxt >= 0 else None), [_text(s) for s in reply[1:]]
+        return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), [_text(s) for s in reply[2:]]
 
     def acquire(self, stream: str) -> Call:
         k = self.keys.stream(stream)
@@ -187,7 +193,15 @@ class Fenced:
     """The lease was lost: drop the result, change nothing."""
 
 
-Outcome = Acked | DeadLettered | Aborted | Fenced
+@dataclass(frozen=True)
+class Deferred:
+    """This replica cannot run the task (its function is not registered here, as during a
+    rolling deploy): hand the stream over untouched so a replica that can run it takes it."""
+
+    task_id: str
+
+
+Outcome = Acked | DeadLettered | Aborted | Fenced | Deferred
 
 
 def dead_letter_header(
@@ -232,8 +246,14 @@ def prepare(
     lookup: Callable[[str], Any],
     settings: Settings,
     replica: str,
-) -> Prepared | DeadLettered:
-    """Decode a taken task and find its function, or say why it must be dead-lettered."""
+    unknown_for: Callable[[str], float] = lambda task_id: float("inf"),
+) -> Prepared | DeadLettered | Deferred:
+    """Decode a taken task and find its function, or say why it must be dead-lettered.
+
+    ``unknown_for(task_id)`` tells how long this replica has been meeting a task whose
+    function it lacks; within ``settings.unknown_task_grace`` the task is deferred to other
+    replicas (a rolling deploy may not have reached this one), after it dead-lettered.
+    """
     try:
         record = TaskRecord.decode(entry.payload, settings.serializer)
     except DecodeError as exc:
@@ -241,6 +261,8 @@ def prepare(
             dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc)
         )
     func = lookup(record.name)
+    if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
+        return Deferred(entry.id)
     if func is None:
         return DeadLettered(
             dead_letter_header(
@@ -248,7 +270,10 @@ def prepare(
                 replica=replica,
                 deliveries=deliveries,
                 name=record.name,
-                error=LookupError(f"no @fifo function named {record.name!r} in this replica"),
+                error=LookupError(
+                    f"no replica ran a @fifo function named {record.name!r} within "
+                    f"{settings.unknown_task_grace}s"
+                ),
             )
         )
     context = TaskContext(
@@ -309,6 +334,8 @@ class StreamRun:
         self.acks: list[str] = []
         self.buffer: deque[tuple[Entry, int]] = deque()
         self.processed = 0
+        #: Set when the run ended by handing the stream over for a task it cannot run.
+        self.deferred: str | None = None
         self._waiting: str | None = None
 
     def start(self) -> Step:
@@ -316,6 +343,8 @@ class StreamRun:
 
     def _call(self, call: Call) -> Call:
         self._waiting = call.script
+        # take may release an empty stream, release always does.
+        self.lease.ending = call.script in ("take", "release")
         return call
 
     def _next(self) -> Step:
@@ -346,6 +375,7 @@ class StreamRun:
             self.acks = []
             if status == 0:
                 return Finished("empty")
+            self.lease.ending = False
             for i in range(1, len(result), 2):
                 self.buffer.append((Entry.parse(result[i]), int(result[i + 1])))
             if not self.buffer:
@@ -380,13 +410,16 @@ class StreamRun:
             entry, _ = self.buffer[0]
             self.processed += 1
             return self._call(self.ops.dead_letter(self.lease, self.acks, entry.id, outcome.header))
-        # Aborted: the interrupted task stays in flight; only the ones behind it go back.
+        if isinstance(outcome, Deferred):
+            self.deferred = outcome.task_id
+        # Aborted or deferred: the task stays in flight; only the ones behind it go back.
         return self._call(self.ops.release(self.lease, self.acks, len(self.buffer) - 1))
 
     def fail(self) -> Call | None:
         """After an I/O error the state of the last call is unknown: give the lease up without
         acknowledging anything, so the next holder re-runs whatever is still in flight."""
         self._waiting = "release"
+        self.lease.ending = True
         self.acks = []
         self.buffer.clear()
         return None if self.lease.lost else self.ops.release(self.lease, [], 0)

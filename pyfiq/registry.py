@@ -13,7 +13,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
     wait_fixed,
 )
 from tenacity.retry import retry_base
@@ -88,7 +89,7 @@ class RetryPolicy:
             raise ConfigurationError(f"retry_wait must be >= 0, got {retry_wait!r}")
         retries = 3 if max_retries is None else max_retries
         wait: wait_base = (
-            wait_exponential_jitter(initial=1, max=30) if retry_wait is None else wait_fixed(retry_wait)
+            wait_exponential(multiplier=1, max=30) + wait_random(0, 1) if retry_wait is None else wait_fixed(retry_wait)
         )
         stop: stop_base = stop_never if retries == -1 else stop_after_attempt(retries + 1)
         return cls(stop, wait, retry_if_exception_type(Exception), retries == -1)

@@ -22,6 +22,7 @@ from .core import (
     Aborted,
     Acked,
     DeadLettered,
+    Deferred,
     Fenced,
     Finished,
     Lease,
@@ -43,6 +44,14 @@ log = structlog.get_logger("pyfiq")
 class _Interrupted(BaseException):
     """Raised inside a retry loop when the lease was lost or the worker stops; a
     BaseException so no retry predicate ever retries it."""
+
+
+class TaskExit(Exception):
+    """A task raised SystemExit or another BaseException: recorded as its failure."""
+
+
+#: Pause between exhausted rounds of an ``on_exhausted="block"`` task whose policy has no wait.
+BLOCK_MIN_PAUSE = 0.1
 
 
 def call_hook(hook: Any, *args: Any, event: str, ctx: TaskContext) -> None:
@@ -67,6 +76,7 @@ def run_sync_task(prepared: Prepared, lease: Lease, sleep: Any) -> Outcome:
     )
     attempts = 0
     policy = fn.policy
+    state: RetryCallState | None = None
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -84,6 +94,7 @@ def run_sync_task(prepared: Prepared, lease: Lease, sleep: Any) -> Outcome:
         )
         try:
             for attempt in retrying:
+                state = attempt.retry_state
                 with attempt:
                     if lease.abort.is_set():
                         raise _Interrupted
@@ -92,8 +103,14 @@ def run_sync_task(prepared: Prepared, lease: Lease, sleep: Any) -> Outcome:
                     token = set_current(ctx)
                     try:
                         result = fn.func(*record.args, **record.kwargs)
-                    except Exception as exc:
+                    except _Interrupted:
+                        raise
+                    except BaseException as exc:
+                        # SystemExit and friends from a task are the task's failure; they
+                        # must not end this worker thread.
                         call_hook(fn.on_error, exc, ctx, fn, event="on_error", ctx=ctx)
+                        if not isinstance(exc, Exception):
+                            raise TaskExit(repr(exc)) from exc
                         raise
                     finally:
                         reset_current(token)
@@ -103,7 +120,10 @@ def run_sync_task(prepared: Prepared, lease: Lease, sleep: Any) -> Outcome:
             if lease.abort.is_set():
                 return _interrupted(lease, logger)
             if fn.on_exhausted == "block":
-                logger.error("pyfiq.task_blocking_queue", attempts=attempts, error=repr(exc))
+                pause = max(float(policy.wait(state)) if state else 0.0, BLOCK_MIN_PAUSE)
+                logger.error("pyfiq.task_blocking_queue", attempts=attempts, error=repr(exc), retry_in=pause)
+                if sleep(pause) or lease.abort.is_set():
+                    return _interrupted(lease, logger)
                 continue
             logger.error("pyfiq.task_dead_lettered", reason="exhausted", attempts=attempts, error=repr(exc))
             return DeadLettered(
@@ -170,7 +190,12 @@ class ThreadedWorker:
         # Shards named by wake-up messages; swapped out by the dispatcher before it looks, so
         # a message that arrives while it looks is kept for the next round, never overwritten.
         self._woken: set[int] = set()
+        self._scan_offset = [0] * self.backend.keys.shards
+        # Streams handed back for a task this replica cannot run: left to others for a while.
+        self._avoid: dict[str, float] = {}
+        self._unknown_since: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
+        self._dispatcher: threading.Thread | None = None
         self._control: list[threading.Thread] = []
         self._started = False
         self._stop_lock = threading.Lock()
@@ -195,6 +220,7 @@ class ThreadedWorker:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._control.append(t)
+        self._dispatcher = self._control[-1]
         if self._install_signals:
             self._install_signal_handlers()
         self.log.info("pyfiq.worker_started", concurrency=self.concurrency, queues=self._queues)
@@ -212,10 +238,14 @@ class ThreadedWorker:
                 return True
             deadline = time.monotonic() + timeout
             self._stopping.set()
+            self._nudge.set()
+            # The dispatcher first: a lease it is acquiring right now must reach an executor
+            # (which releases it) before the executors are told to exit.
+            assert self._dispatcher is not None
+            self._dispatcher.join(max(0.0, deadline - time.monotonic()))
             with self._lock:
                 for lease in self._held.values():
                     lease.abort.set()  # end retry back-offs; running attempts finish
-            self._nudge.set()
             for _ in self._threads:
                 self._work.put(None)
             clean = True
@@ -285,7 +315,7 @@ class ThreadedWorker:
             with self._lock:
                 full = len(self._held) >= self.concurrency
             wait = self.settings.poll_interval
-            if not full:
+            if not full and self._consumed_queues():
                 with self._lock:
                     woken = bool(self._woken)
                 wait = 0.0 if woken else min(wait, max(0.0, min(self._shard_due) - time.monotonic()))
@@ -295,31 +325,37 @@ class ThreadedWorker:
     def _claim(self) -> None:
         with self._lock:
             free = self.concurrency - len(self._held)
+            woken, self._woken = self._woken, set()
         queues = self._consumed_queues()
         if free <= 0 or not queues:
             return
-        with self._lock:
-            woken, self._woken = self._woken, set()
         now = time.monotonic()
+        for stream, until in list(self._avoid.items()):
+            if until <= now:
+                del self._avoid[stream]
         shards = [s for s, due in enumerate(self._shard_due) if due <= now or s in woken]
         if not shards:
             return
-        replies = self.backend.call_many([self.ops.due(s, free, queues) for s in shards])
-        candidates: list[str] = []
+        want = free + len(self._avoid)
+        replies = self.backend.call_many(
+            [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
+        )
+        candidates: list[tuple[int, str]] = []
         for shard, reply in zip(shards, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            nxt, streams = self.ops.parse_due(reply)
+            nxt, offset, streams = self.ops.parse_due(reply)
+            self._scan_offset[shard] = offset
             wait = self.settings.poll_interval if nxt is None else min(nxt, self.settings.poll_interval)
-            # A shard that filled the whole answer may hold more due streams: look again soon.
-            self._shard_due[shard] = now if len(streams) >= free else now + wait
-            candidates += streams
+            # Page on at once past streams of queues this replica does not consume.
+            self._shard_due[shard] = now if offset else now + wait
+            candidates += [(shard, s) for s in streams]
         random.shuffle(candidates)  # replicas racing for the same streams spread out
-        for stream in candidates:
+        for shard, stream in candidates:
             if free <= 0 or self._stopping.is_set():
                 break
             with self._lock:
-                if stream in self._held:
+                if stream in self._held or stream in self._avoid:
                     continue
             lease = self.ops.parse_acquire(
                 stream, self.backend.call(self.ops.acquire(stream)), threading.Event()
@@ -329,6 +365,8 @@ class ThreadedWorker:
             with self._lock:
                 self._held[stream] = lease
             free -= 1
+            # It may hold more due streams than it returned: look at this shard again soon.
+            self._shard_due[shard] = now
             self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
             self._work.put(lease)
 
@@ -390,6 +428,8 @@ class ThreadedWorker:
                         self.log.error("pyfiq.lease_lost", stream=lease.stream, reason=lease.lost_reason)
                 elif int(reply) == 1:
                     lease.renewed_at = now
+                elif lease.ending:
+                    pass  # released (or drained) by its executor a moment ago
                 else:
                     lease.mark_lost("renewal refused: the lease lapsed or was taken over")
                     self.log.error(
@@ -422,7 +462,7 @@ class ThreadedWorker:
                     step = run.feed(self._execute(lease, step))
                 else:
                     step = run.feed(self.backend.call(step))
-        except Exception as exc:
+        except BaseException as exc:
             level = "warning" if isinstance(exc, TRANSIENT) else "error"
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
             call = run.fail()
@@ -431,16 +471,39 @@ class ThreadedWorker:
                     self.backend.call(call)
                 except Exception:
                     lease.mark_lost("release failed after an error; the lease will lapse")
+            if not isinstance(exc, Exception):
+                raise
             return
+        if run.deferred is not None:
+            self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
+            self.log.warning(
+                "pyfiq.task_deferred_unknown", stream=lease.stream, task_id=run.deferred,
+                grace=self.settings.unknown_task_grace,
+            )
         if step.reason == "fenced":
             self.log.error(
                 "pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason
             )
 
+    def _unknown_for(self, task_id: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._unknown_since) > 10_000:  # bounded: forget the oldest sightings
+                self._unknown_since.clear()
+            return now - self._unknown_since.setdefault(task_id, now)
+
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = prepare(
-            step.entry, step.deliveries, lease, registry.lookup, self.settings, self.replica
+            step.entry,
+            step.deliveries,
+            lease,
+            registry.lookup,
+            self.settings,
+            self.replica,
+            unknown_for=self._unknown_for,
         )
+        if isinstance(prepared, Deferred):
+            return prepared
         if isinstance(prepared, DeadLettered):
             self.log.error("pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id,
                            header=prepared.header)

@@ -16,8 +16,8 @@
     { 0 } when the stream is not claimable (leased, not due, or empty and now forgotten)
     { 1, token, fencing token, pending length, in-flight length } on success
 
-  The fencing token is max(previous + 1, now in ms): it keeps rising even when a failover
-  loses the counter. The lease token is "<fencing token>:<nonce>" and scripts compare it
+  The fencing token is max(previous + 1, Redis time in microseconds): it keeps rising even
+  when a failover loses the counter. The lease token is "<fencing token>:<nonce>" and scripts compare it
   whole, so two holders can never share one.
 ]]
 local now = now_ms()
@@ -38,8 +38,10 @@ if npending + ninflight == 0 then
   redis.call('DEL', KEYS[4])
   return { 0 }
 end
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local epoch = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
-if epoch < now then epoch = now end
+if epoch < now_us then epoch = now_us end
 local fence = string.format('%.0f', epoch)
 redis.call('SET', KEYS[2], fence)
 local token = fence .. ':' .. ARGV[3]

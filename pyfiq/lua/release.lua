@@ -20,6 +20,8 @@
 
   Never-started tasks go back to the head of pending, in order, so the next holder takes them
   as first deliveries. A task handed out more than once stays in flight so its count is kept.
+  A hand-off is not a crash: the tasks this holder was handed and leaves in flight get their
+  delivery count back, so graceful stops never push a healthy task towards "poison".
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
@@ -29,11 +31,20 @@ end
 local handed = handed_after(KEYS[4], nack)
 local unstarted = tonumber(ARGV[4])
 if unstarted > handed or handed ~= redis.call('LLEN', KEYS[3]) then unstarted = 0 end
+local moved = 0
 for _ = 1, unstarted do
   local entry = redis.call('LINDEX', KEYS[3], -1)
   if redis.call('HEXISTS', KEYS[4], 'd:' .. task_id(entry)) == 1 then break end
   redis.call('RPOP', KEYS[3])
   redis.call('LPUSH', KEYS[2], entry)
+  moved = moved + 1
+end
+local kept = {}
+if handed - moved > 0 then kept = redis.call('LRANGE', KEYS[3], 0, handed - moved - 1) end
+for _, entry in ipairs(kept) do
+  -- The next holder's hand-over adds one back (an absent count means one delivery).
+  local field = 'd:' .. task_id(entry)
+  redis.call('HSET', KEYS[4], field, tonumber(redis.call('HGET', KEYS[4], field) or '1') - 1)
 end
 redis.call('DEL', KEYS[1])
 if redis.call('LLEN', KEYS[3]) == 0 then
