@@ -199,8 +199,7 @@ class RedisQueueBackend:
 
     def _retrying(self) -> Retrying:
         return Retrying(
-            stop=stop_after_attempt(self.settings.enqueue_attempts)
-            | stop_after_delay(self.settings.enqueue_timeout),
+            stop=stop_after_attempt(self.settings.enqueue_attempts) | stop_after_delay(self.settings.enqueue_timeout),
             wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             retry=retry_if_exception_type(TRANSIENT),
             reraise=False,

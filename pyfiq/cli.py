@@ -33,15 +33,21 @@ def _backend(url: str, prefix: str, shards: int, **settings: Any) -> RedisQueueB
 
 
 redis_option = click.option(
-    "--redis", "url", default=lambda: os.environ.get("PYFIQ_REDIS_URL", "redis://localhost:6379/0"),
-    show_default="$PYFIQ_REDIS_URL or redis://localhost:6379/0", help="Redis URL (memory:// for embedded).",
+    "--redis",
+    "url",
+    default=lambda: os.environ.get("PYFIQ_REDIS_URL", "redis://localhost:6379/0"),
+    show_default="$PYFIQ_REDIS_URL or redis://localhost:6379/0",
+    help="Redis URL (memory:// for embedded).",
 )
 
 
 def backend_options(f: Any) -> Any:
     """--redis, --prefix and --shards: every replica and tool of one deployment must agree."""
     f = click.option(
-        "--shards", default=Settings.shards, show_default=True, type=click.IntRange(1, 16384),
+        "--shards",
+        default=Settings.shards,
+        show_default=True,
+        type=click.IntRange(1, 16384),
         help="Shard count of the deployment.",
     )(f)
     f = click.option("--prefix", default="pyfiq", show_default=True, help="Key prefix.")(f)
@@ -119,11 +125,15 @@ def replica(
     )
     done = threading.Event()
 
+    def stop() -> None:
+        worker.stop()
+        done.set()
+
     def on_signal(signum: int, frame: Any) -> None:
         # First signal: graceful stop; a second one exits at once.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        threading.Thread(target=lambda: (worker.stop(), done.set()), daemon=True).start()
+        threading.Thread(target=stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

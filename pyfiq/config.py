@@ -8,7 +8,6 @@ from typing import Any
 from .errors import ConfigurationError
 from .serializers import JSONSerializer, Serializer
 
-
 #: Lua's unpack() and one script's run time bound how many tasks one call may carry.
 MAX_PREFETCH = 1000
 

@@ -257,9 +257,7 @@ def prepare(
     try:
         record = TaskRecord.decode(entry.payload, settings.serializer)
     except DecodeError as exc:
-        return DeadLettered(
-            dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc)
-        )
+        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc))
     func = lookup(record.name)
     if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
         return Deferred(entry.id)
@@ -271,8 +269,7 @@ def prepare(
                 deliveries=deliveries,
                 name=record.name,
                 error=LookupError(
-                    f"no replica ran a @fifo function named {record.name!r} within "
-                    f"{settings.unknown_task_grace}s"
+                    f"no replica ran a @fifo function named {record.name!r} within {settings.unknown_task_grace}s"
                 ),
             )
         )

@@ -76,10 +76,30 @@ def run_demo(url: str | None, *, replicas: int = 3, tasks: int = 12) -> bool:
         procs = {
             name: subprocess.Popen(
                 [
-                    sys.executable, "-m", "pyfiq", "replica", "--redis", url, "--prefix", prefix, "--shards", str(settings.shards),
-                    "--queues", ",".join(queues), "--name", name, "--concurrency", "2",
-                    "--lease-ttl", str(settings.lease_ttl), "--poll-interval", str(settings.poll_interval),
-                    "--max-deliveries", str(settings.max_deliveries), "--log-level", "error",
+                    sys.executable,
+                    "-m",
+                    "pyfiq",
+                    "replica",
+                    "--redis",
+                    url,
+                    "--prefix",
+                    prefix,
+                    "--shards",
+                    str(settings.shards),
+                    "--queues",
+                    ",".join(queues),
+                    "--name",
+                    name,
+                    "--concurrency",
+                    "2",
+                    "--lease-ttl",
+                    str(settings.lease_ttl),
+                    "--poll-interval",
+                    str(settings.poll_interval),
+                    "--max-deliveries",
+                    str(settings.max_deliveries),
+                    "--log-level",
+                    "error",
                 ],
                 env=os.environ.copy(),
             )
@@ -116,10 +136,13 @@ def run_demo(url: str | None, *, replicas: int = 3, tasks: int = 12) -> bool:
                 if running:
                     victim = running[-1]
                     killed = victim
-                    say(click.style(
-                        f"\n>>> killing {victim['replica']} while it runs {victim['queue']} #{victim['seq']:02d}\n",
-                        fg="red", bold=True,
-                    ))
+                    say(
+                        click.style(
+                            f"\n>>> killing {victim['replica']} while it runs {victim['queue']} #{victim['seq']:02d}\n",
+                            fg="red",
+                            bold=True,
+                        )
+                    )
                     kill(victim["replica"])
                     break
             time.sleep(0.01)
@@ -148,15 +171,16 @@ def run_demo(url: str | None, *, replicas: int = 3, tasks: int = 12) -> bool:
         say(f"  {q}: first runs {' '.join(f'{s:02d}' for s in firsts)}  {mark}")
     for q in queues:
         for d in producer.dead_letters(q):
-            seq = d.record.args[0] if d.record else "?"
+            label = f"#{d.record.args[0]:02d}" if d.record else "?"
             say(
-                f"  dead letter: {q} #{seq:02d} reason={d.reason} attempts={d.header.get('attempts')} "
+                f"  dead letter: {q} {label} reason={d.reason} attempts={d.header.get('attempts')} "
                 f"error={d.header.get('error_type', '').rsplit('.', 1)[-1]}: {d.header.get('error')}"
             )
     rerun_ok = True
     if killed is not None:
         reruns = [
-            e for e in journal
+            e
+            for e in journal
             if e["event"] == "start" and e["task_id"] == killed["task_id"] and e["replica"] != killed["replica"]
         ]
         rerun_ok = bool(reruns) and reruns[0]["deliveries"] >= 2

@@ -26,7 +26,3 @@ class DecodeError(PyfiqError, ValueError):
 class BackendUnavailableError(PyfiqError, ConnectionError):
     """Redis could not be reached within the enqueue retry budget. Nothing was enqueued
     unless Redis accepted the task before the connection failed (enqueue is at-least-once)."""
-
-
-class LeaseLostError(PyfiqError):
-    """The worker's lease on a stream lapsed or was taken over: it is fenced out."""

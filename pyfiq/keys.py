@@ -36,9 +36,7 @@ STREAM_SEPARATOR = "#"
 
 def validate_queue_name(queue: str) -> str:
     if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
-        raise ConfigurationError(
-            f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-"
-        )
+        raise ConfigurationError(f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-")
     return queue
 
 

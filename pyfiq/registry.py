@@ -14,10 +14,9 @@ from tenacity import (
     stop_after_attempt,
     stop_never,
     wait_exponential,
-    wait_random,
     wait_fixed,
+    wait_random,
 )
-from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
@@ -64,7 +63,8 @@ def registered_queues() -> list[str]:
 class RetryPolicy:
     """The tenacity stop/wait/retry triple a task runs under."""
 
-    def __init__(self, stop: stop_base, wait: wait_base, retry: retry_base, forever: bool) -> None:
+    # tenacity accepts its policy objects or plain callables of a RetryCallState.
+    def __init__(self, stop: Any, wait: Any, retry: Any, forever: bool) -> None:
         self.stop, self.wait, self.retry, self.forever = stop, wait, retry, forever
 
     @classmethod
@@ -122,7 +122,7 @@ class FifoFunction(Generic[P, R]):
         self.on_exhausted = on_exhausted
         self.expires_in = expires_in
         self.key = key
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
         return f"<fifo {self.name} queue={self.queue!r}>"
@@ -144,10 +144,8 @@ class FifoFunction(Generic[P, R]):
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
         seconds after which the task is dead-lettered as expired instead of run."""
         kwargs = kwargs or {}
-        if key is None and self.key is not None:
-            key = self.key(*args, **kwargs)
-        if key is not None and not isinstance(key, str):
-            key = str(key)
+        raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
+        key = None if raw_key is None else str(raw_key)
         stream = stream_name(self.queue, key)
         backend = backend or get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key)

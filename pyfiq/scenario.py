@@ -77,8 +77,7 @@ def step(seq: int, hold: float = 0.0, fail_attempts: int = 0, exit_deliveries: i
 
 
 STEPS: dict[str, FifoFunction[..., int]] = {
-    q: fifo(queue=q, name=f"pyfiq.scenario.step.{q}", max_retries=2, retry_wait=0.05)(step)
-    for q in QUEUES
+    q: fifo(queue=q, name=f"pyfiq.scenario.step.{q}", max_retries=2, retry_wait=0.05)(step) for q in QUEUES
 }
 
 
@@ -126,7 +125,7 @@ def check(
     ended: dict[str, set[int]] = defaultdict(set)
     for e in journal:
         if e["event"] == "start":
-            starts[e["queue"]].append(e)
+            starts[e["queue"]].append(dict(e))
         elif e["event"] == "end":
             ended[e["queue"]].add(e["seq"])
     for stream, seqs in accepted.items():
@@ -151,7 +150,9 @@ def check(
     return report
 
 
-def _overlaps(journal: Iterable[Mapping[str, Any]]) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int]:
+def _overlaps(
+    journal: Iterable[Mapping[str, Any]],
+) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int]:
     # An execution runs from its start to its end/fail line, or (killed) to the next start in
     # the same process, or forever; intervals of one stream must not overlap.
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)

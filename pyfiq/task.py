@@ -56,8 +56,7 @@ class TaskRecord:
             return serializer.dumps(body)
         except (TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(
-                f"cannot serialize the arguments of task {self.name!r} with "
-                f"{type(serializer).__name__}: {exc}"
+                f"cannot serialize the arguments of task {self.name!r} with {type(serializer).__name__}: {exc}"
             ) from exc
 
     @classmethod

@@ -3,6 +3,7 @@ driving the shared core (``core.StreamRun``)."""
 
 from __future__ import annotations
 
+import contextlib
 import queue as queue_mod
 import random
 import signal
@@ -14,7 +15,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from tenacity import Retrying, RetryCallState, stop_when_event_set
+from tenacity import RetryCallState, Retrying, stop_when_event_set
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
@@ -337,9 +338,7 @@ class ThreadedWorker:
         if not shards:
             return
         want = free + len(self._avoid)
-        replies = self.backend.call_many(
-            [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
-        )
+        replies = self.backend.call_many([self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards])
         candidates: list[tuple[int, str]] = []
         for shard, reply in zip(shards, replies, strict=True):
             if isinstance(reply, Exception):
@@ -357,9 +356,7 @@ class ThreadedWorker:
             with self._lock:
                 if stream in self._held or stream in self._avoid:
                     continue
-            lease = self.ops.parse_acquire(
-                stream, self.backend.call(self.ops.acquire(stream)), threading.Event()
-            )
+            lease = self.ops.parse_acquire(stream, self.backend.call(self.ops.acquire(stream)), threading.Event())
             if lease is None:
                 continue
             with self._lock:
@@ -385,17 +382,13 @@ class ThreadedWorker:
             except Exception as exc:
                 self.log.debug("pyfiq.wake_listener_reconnecting", error=repr(exc))
                 if pubsub is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         pubsub.close()
-                    except Exception:
-                        pass
                 pubsub = None
                 self._stopped.wait(min(1.0, self.settings.poll_interval))
         if pubsub is not None:
-            try:
+            with contextlib.suppress(Exception):
                 pubsub.close()
-            except Exception:
-                pass
 
     def _wake(self, shards: Iterable[int]) -> None:
         with self._lock:
@@ -452,9 +445,7 @@ class ThreadedWorker:
                 self._nudge.set()
 
     def _run_stream(self, lease: Lease) -> None:
-        run = StreamRun(
-            self.ops, lease, stopping=self._stopping.is_set, abandoned=self._abandoned.is_set
-        )
+        run = StreamRun(self.ops, lease, stopping=self._stopping.is_set, abandoned=self._abandoned.is_set)
         try:
             step = run.start()
             while not isinstance(step, Finished):
@@ -477,13 +468,13 @@ class ThreadedWorker:
         if run.deferred is not None:
             self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
             self.log.warning(
-                "pyfiq.task_deferred_unknown", stream=lease.stream, task_id=run.deferred,
+                "pyfiq.task_deferred_unknown",
+                stream=lease.stream,
+                task_id=run.deferred,
                 grace=self.settings.unknown_task_grace,
             )
         if step.reason == "fenced":
-            self.log.error(
-                "pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason
-            )
+            self.log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
 
     def _unknown_for(self, task_id: str) -> float:
         now = time.monotonic()
@@ -505,8 +496,9 @@ class ThreadedWorker:
         if isinstance(prepared, Deferred):
             return prepared
         if isinstance(prepared, DeadLettered):
-            self.log.error("pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id,
-                           header=prepared.header)
+            self.log.error(
+                "pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header
+            )
             return prepared
         if self._abandoned.is_set():
             return Fenced()

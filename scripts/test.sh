@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: prepares everything it needs on a fresh machine, then lints, type-checks
+# and runs the suite. Extra arguments go to pytest (e.g. scripts/test.sh -k fencing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "redis-server not found: installing it with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is required by the test suite (the tests start their own servers)." >&2
+    echo "Install it first, e.g. 'sudo apt-get install redis-server' or 'brew install redis'." >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+.venv/bin/ruff check pyfiq tests scripts
+.venv/bin/ruff format --check pyfiq tests scripts
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"
