@@ -175,15 +175,27 @@ class RedisQueueBackend:
         expires_in: float | None = None,
         dedup_keys: Sequence[str] | None = None,
     ) -> list[tuple[str, bool]]:
-        """Append encoded tasks to a stream, atomically and in order; returns (id, new) pairs.
+        """Append tasks to a stream, atomically and in order; returns (id, new) pairs.
 
         Encoding happens before any I/O, so a task whose arguments cannot be serialized fails
         at once and nothing of the batch is enqueued.
         """
+        return self.enqueue_encoded(stream, self.encode(records, expires_in), dedup_keys)
+
+    def encode(
+        self, records: Sequence[tuple[str, TaskRecord]], expires_in: float | None = None
+    ) -> list[tuple[str, int, bytes]]:
         if expires_in is not None and expires_in <= 0:
             raise ConfigurationError(f"expires_in must be positive seconds, got {expires_in!r}")
         ttl_ms = math.ceil(expires_in * 1000) if expires_in else 0
-        items = [(task_id, ttl_ms, rec.encode(self.settings.serializer)) for task_id, rec in records]
+        return [(task_id, ttl_ms, rec.encode(self.settings.serializer)) for task_id, rec in records]
+
+    def enqueue_encoded(
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None = None,
+    ) -> list[tuple[str, bool]]:
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
             if not self._layout_checked:

@@ -533,3 +533,20 @@ def test_replicas_with_different_shard_counts_are_refused(redis_server) -> None:
 
 
 _ = FAST
+
+
+def test_enqueue_many_keeps_order_and_rejects_the_whole_batch_on_a_bad_argument(backend, start_worker) -> None:  # type: ignore[no-untyped-def]
+    q, log = qname(), Journal()
+
+    @fifo(queue=q, name=f"{q}.work")
+    def work(i: Any) -> None:
+        log.add(q, i, "start")
+
+    with pytest.raises(SerializationError):
+        work.enqueue_many([(1,), (object(),)])
+    assert backend.queue_info(q)["pending"] == 0
+    handles = work.enqueue_many([(i,) for i in range(1200)])
+    assert len({h.id for h in handles}) == 1200
+    start_worker([q])
+    wait_until(lambda: drained(backend, q), timeout=30)
+    assert log.items(q) == list(range(1200))
