@@ -1,5 +1,6 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
+from .aio import AsyncWorker, async_worker
 from .backend import DeadLetter, RedisQueueBackend, TaskHandle
 from .config import Settings
 from .errors import (
@@ -16,6 +17,7 @@ from .task import TaskContext, current_task
 from .threaded import ThreadedWorker, threaded_worker
 
 __all__ = [
+    "AsyncWorker",
     "BackendUnavailableError",
     "ConfigurationError",
     "DeadLetter",
@@ -33,6 +35,7 @@ __all__ = [
     "TaskContext",
     "TaskHandle",
     "ThreadedWorker",
+    "async_worker",
     "configure",
     "current_task",
     "fifo",

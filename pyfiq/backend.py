@@ -7,14 +7,17 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import redis
+import redis.asyncio
 import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import (
+    AsyncRetrying,
+    BaseRetrying,
     RetryError,
     Retrying,
     retry_if_exception_type,
@@ -32,6 +35,7 @@ from .scripts import Scripts
 from .task import Entry, TaskRecord
 
 log = structlog.get_logger("pyfiq")
+R = TypeVar("R", bound=BaseRetrying)
 
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
@@ -40,14 +44,14 @@ _memory_lock = threading.Lock()
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
-def _memory_client(name: str) -> Any:
+def _memory_client(name: str, *, asynchronous: bool = False) -> Any:
     try:
         import fakeredis
     except ImportError as exc:  # pragma: no cover - fakeredis is a dependency
         raise ConfigurationError("memory:// needs fakeredis[lua]: pip install 'fakeredis[lua]'") from exc
     with _memory_lock:
         server = _memory_servers.setdefault(name, fakeredis.FakeServer())
-    return fakeredis.FakeRedis(server=server)
+    return fakeredis.FakeAsyncRedis(server=server) if asynchronous else fakeredis.FakeRedis(server=server)
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,12 @@ class RedisQueueBackend:
         self.keys = KeySchema(settings.prefix, settings.shards)
         self.ops = Ops(self.keys, settings)
         self.is_memory = url.startswith("memory://")
+        self._memory_name = urlparse(url).netloc or "default"
+        self._client_options: dict[str, Any] = {}
         if client is not None:
             self.client = client
         elif self.is_memory:
-            self.client = _memory_client(urlparse(url).netloc or "default")
+            self.client = _memory_client(self._memory_name)
         else:
             options: dict[str, Any] = {
                 "socket_timeout": 5.0,
@@ -117,8 +123,10 @@ class RedisQueueBackend:
                 "max_connections": 64,
             }
             options.update(settings.redis_options)
+            self._client_options = options
             self.client = redis.Redis.from_url(url, **options)
         self.scripts = Scripts(self.client)
+        self._async: tuple[Any, Scripts] | None = None
         self._layout_checked = False
 
     def __repr__(self) -> str:
@@ -140,6 +148,60 @@ class RedisQueueBackend:
             self.call(c, client=pipe)
         return list(pipe.execute(raise_on_error=False))
 
+    # -- the asyncio side: a redis.asyncio client and the same scripts, created on first use --
+
+    def _async_side(self) -> tuple[Any, Scripts]:
+        if self._async is None:
+            if self.is_memory:
+                client = _memory_client(self._memory_name, asynchronous=True)
+            else:
+                client = redis.asyncio.Redis.from_url(self.url, **self._client_options)
+            self._async = (client, Scripts(client))
+        return self._async
+
+    @property
+    def async_client(self) -> Any:
+        return self._async_side()[0]
+
+    async def acall(self, call: Call, client: Any = None) -> Any:
+        script = getattr(self._async_side()[1], call.script)
+        return await script(keys=call.keys, args=call.args, client=client)
+
+    async def acall_many(self, calls: Sequence[Call]) -> list[Any]:
+        if not calls:
+            return []
+        pipe = self.async_client.pipeline(transaction=False)
+        for c in calls:
+            # Queued in the pipeline, sent by execute(); the coroutine only resolves the SHA.
+            await self.acall(c, client=pipe)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def aenqueue_encoded(
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None = None,
+    ) -> list[tuple[str, bool]]:
+        """``enqueue_encoded`` without blocking the event loop."""
+        call = self.ops.enqueue(stream, items, dedup_keys)
+        try:
+            if not self._layout_checked:
+                await self._retrying(AsyncRetrying)(self.acheck_layout)
+            reply: Any = await self._retrying(AsyncRetrying)(self.acall, call)
+        except RetryError as exc:
+            raise self._unavailable(stream, exc) from exc.last_attempt.exception()
+        return Ops.parse_enqueue(reply)
+
+    async def acheck_layout(self) -> None:
+        client = self.async_client
+        await client.set(self.keys.layout_key, self.keys.shards, nx=True)
+        self._verify_layout(await client.get(self.keys.layout_key))
+
+    async def aclose(self) -> None:
+        if self._async is not None and not self.is_memory:
+            await self._async[0].aclose()
+        self._async = None
+
     def pubsub(self) -> Any:
         return self.client.pubsub(ignore_subscribe_messages=True)
 
@@ -148,9 +210,10 @@ class RedisQueueBackend:
         would not meet, and tasks would wait forever. Checked once per backend."""
         if self._layout_checked:
             return
-        key = self.keys.layout_key
-        self.client.set(key, self.keys.shards, nx=True)
-        stored = self.client.get(key)
+        self.client.set(self.keys.layout_key, self.keys.shards, nx=True)
+        self._verify_layout(self.client.get(self.keys.layout_key))
+
+    def _verify_layout(self, stored: Any) -> None:
         if stored is not None and int(stored) != self.keys.shards:
             raise ConfigurationError(
                 f"prefix {self.keys.prefix!r} on {self.url} is laid out with {int(stored)} shards, "
@@ -199,18 +262,20 @@ class RedisQueueBackend:
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
             if not self._layout_checked:
-                self._retrying()(self.check_layout)
-            reply = self._retrying()(self.call, call)
+                self._retrying(Retrying)(self.check_layout)
+            reply = self._retrying(Retrying)(self.call, call)
         except RetryError as exc:
-            cause = exc.last_attempt.exception()
-            raise BackendUnavailableError(
-                f"could not enqueue to {stream!r} on {self.url}: Redis unreachable after "
-                f"{exc.last_attempt.attempt_number} attempts ({cause})"
-            ) from cause
+            raise self._unavailable(stream, exc) from exc.last_attempt.exception()
         return Ops.parse_enqueue(reply)
 
-    def _retrying(self) -> Retrying:
-        return Retrying(
+    def _unavailable(self, stream: str, exc: RetryError) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"could not enqueue to {stream!r} on {self.url}: Redis unreachable after "
+            f"{exc.last_attempt.attempt_number} attempts ({exc.last_attempt.exception()})"
+        )
+
+    def _retrying(self, kind: type[R]) -> R:
+        return kind(
             stop=stop_after_attempt(self.settings.enqueue_attempts) | stop_after_delay(self.settings.enqueue_timeout),
             wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             retry=retry_if_exception_type(TRANSIENT),

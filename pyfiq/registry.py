@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
@@ -50,6 +52,14 @@ def get_backend() -> RedisQueueBackend:
             "start a worker with threaded_worker(backend=...) before enqueuing"
         )
     return _default_backend
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def lookup(name: str) -> FifoFunction[Any, Any] | None:
@@ -122,12 +132,18 @@ class FifoFunction(Generic[P, R]):
         self.on_exhausted = on_exhausted
         self.expires_in = expires_in
         self.key = key
+        self.is_async = inspect.iscoroutinefunction(func)
         functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
         return f"<fifo {self.name} queue={self.queue!r}>"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Enqueue a call. For an ``async def`` function called inside a running event loop
+        this returns an awaitable (``await deliver(...)``) that enqueues without blocking the
+        loop; everywhere else it enqueues at once and returns the ``TaskHandle``."""
+        if self.is_async and _loop_running():
+            return self.asend_with_options(args=args, kwargs=kwargs)
         return self.send_with_options(args=args, kwargs=kwargs)
 
     def send_with_options(
@@ -143,20 +159,42 @@ class FifoFunction(Generic[P, R]):
         """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
         seconds after which the task is dead-lettered as expired instead of run."""
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        ((task_id, new),) = backend.enqueue_encoded(stream, items, dedup)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+
+    async def asend_with_options(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        key: str | None = None,
+        dedup_key: str | None = None,
+        expires_in: float | None = None,
+        backend: RedisQueueBackend | None = None,
+    ) -> TaskHandle:
+        """``send_with_options`` on the backend's ``redis.asyncio`` client."""
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        ((task_id, new),) = await backend.aenqueue_encoded(stream, items, dedup)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+
+    def _encode(
+        self,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        key: str | None,
+        dedup_key: str | None,
+        expires_in: float | None,
+        backend: RedisQueueBackend | None,
+    ) -> tuple[RedisQueueBackend, str, list[tuple[str, int, bytes]], list[str] | None]:
         kwargs = kwargs or {}
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
         key = None if raw_key is None else str(raw_key)
-        stream = stream_name(self.queue, key)
         backend = backend or get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key)
         expires = expires_in if expires_in is not None else self.expires_in
-        ((task_id, new),) = backend.enqueue(
-            stream,
-            [(new_task_id(), record)],
-            expires_in=expires,
-            dedup_keys=[dedup_key] if dedup_key is not None else None,
-        )
-        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+        items = backend.encode([(new_task_id(), record)], expires)
+        return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
 
     def enqueue_many(
         self, calls: Iterable[Sequence[Any]], *, backend: RedisQueueBackend | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -13,6 +14,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 import pyfiq
 from pyfiq import (
+    AsyncWorker,
     BackendUnavailableError,
     ConfigurationError,
     NotConfiguredError,
@@ -41,12 +43,52 @@ class Journal:
         return [i for q, i, e, _ in list(self.events) if q == queue and e == event]
 
 
-@pytest.fixture
-def start_worker(backend: RedisQueueBackend) -> Iterator[Callable[..., ThreadedWorker]]:
-    workers: list[ThreadedWorker] = []
+class AsyncWorkerInThread:
+    """Drives an AsyncWorker on its own event loop so the same tests run against both drivers."""
 
-    def start(queues: list[str], b: RedisQueueBackend | None = None, **kw: Any) -> ThreadedWorker:
-        w = ThreadedWorker(b or backend, queues=queues, **kw).start()
+    def __init__(self, backend: RedisQueueBackend, **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.worker = self._run(self._make(backend, kw))
+
+    async def _make(self, backend: RedisQueueBackend, kw: dict[str, Any]) -> AsyncWorker:
+        return AsyncWorker(backend, **kw)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def start(self) -> AsyncWorkerInThread:
+        self._run(self.worker.start())
+        return self
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        result = bool(self._run(self.worker.stop(timeout)))
+        return result
+
+    def close(self) -> None:
+        self._run(self.worker.backend.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    @property
+    def held_streams(self) -> list[str]:
+        return self.worker.held_streams
+
+
+@pytest.fixture(params=["threaded", "asyncio"])
+def start_worker(request: pytest.FixtureRequest, backend: RedisQueueBackend) -> Iterator[Callable[..., Any]]:
+    """Starts workers of the parametrized driver; the behaviour suite runs against both."""
+    workers: list[Any] = []
+
+    def start(queues: list[str], b: RedisQueueBackend | None = None, **kw: Any) -> Any:
+        if request.param == "threaded":
+            w: Any = ThreadedWorker(b or backend, queues=queues, **kw).start()
+        else:
+            kw.pop("concurrency", None)
+            w = AsyncWorkerInThread(
+                RedisQueueBackend((b or backend).url, (b or backend).settings), queues=queues, **kw
+            ).start()
         workers.append(w)
         return w
 
@@ -54,6 +96,8 @@ def start_worker(backend: RedisQueueBackend) -> Iterator[Callable[..., ThreadedW
     yield start
     for w in workers:
         w.stop(timeout=5)
+        if isinstance(w, AsyncWorkerInThread):
+            w.close()
 
 
 def qname() -> str:

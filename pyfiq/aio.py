@@ -1,0 +1,302 @@
+"""The asyncio worker: the same core as the threaded one (``Scheduler``, ``StreamRun``,
+``TaskRun``, the same scripts), driven by tasks in the application's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying
+
+from . import registry
+from .backend import TRANSIENT, RedisQueueBackend
+from .core import DeadLettered, Deferred, Finished, Lease, Outcome, RunTask, StreamRun, prepare, replica_id
+from .errors import ConfigurationError
+from .execution import Interrupted, TaskRun
+from .keys import validate_queue_name
+from .scheduler import Scheduler
+from .task import TaskContext, reset_current, set_current
+
+log = structlog.get_logger("pyfiq")
+
+
+async def run_task_async(
+    task: TaskRun, invoke: Callable[[TaskContext], Awaitable[Any]], sleep: Callable[[float], Awaitable[bool]]
+) -> Outcome:
+    """Run one task under its retry policy, awaiting it."""
+    while True:
+        try:
+            async for attempt in AsyncRetrying(**task.retrying_kwargs(sleep)):
+                with attempt:
+                    ctx = task.begin(attempt.retry_state)
+                    try:
+                        result = await invoke(ctx)
+                    except BaseException as exc:
+                        failure = task.failed(exc)
+                        if failure is exc:
+                            raise
+                        raise failure from exc
+        except Interrupted:
+            return task.interrupted()
+        except Exception as exc:
+            decision = task.exhausted(exc)
+            if not isinstance(decision, float):
+                return decision
+            if await sleep(decision) or task.lease.abort.is_set():
+                return task.interrupted()
+            continue
+        return task.succeeded(result)
+
+
+class AsyncWorker:
+    """Consumes pyfiq queues in the running event loop (FastAPI lifespan, ``async with``).
+
+    ``async def`` tasks are awaited on this loop; plain functions run in the default thread
+    pool so they never block it. A graceful ``stop()`` cancels nothing until its deadline;
+    past it, running tasks are cancelled and stay in Redis for redelivery.
+    """
+
+    def __init__(
+        self,
+        backend: RedisQueueBackend | None = None,
+        *,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 16,
+        replica: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        self.backend = backend or registry.get_backend()
+        self.settings = self.backend.settings
+        self.ops = self.backend.ops
+        self.concurrency = concurrency
+        self.replica = replica or replica_id()
+        consumed = sorted({validate_queue_name(q) for q in queues}) if queues is not None else None
+        self.scheduler = Scheduler(self.ops, concurrency, consumed, registry.registered_queues)
+        self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
+        self._nudge = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._executors: list[asyncio.Task[None]] = []
+        self._control: list[asyncio.Task[None]] = []
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._started = False
+        self.log = log.bind(replica=self.replica)
+
+    async def start(self) -> AsyncWorker:
+        if self._started:
+            return self
+        self._started = True
+        await self.backend.acheck_layout()
+        self._executors = [
+            asyncio.create_task(self._executor(), name=f"pyfiq-exec-{i}") for i in range(self.concurrency)
+        ]
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="pyfiq-dispatch")
+        self._control = [
+            asyncio.create_task(self._heartbeat(), name="pyfiq-heartbeat"),
+            asyncio.create_task(self._listen(), name="pyfiq-wake"),
+            self._dispatcher,
+        ]
+        self.log.info("pyfiq.worker_started", concurrency=self.concurrency, driver="asyncio")
+        return self
+
+    async def stop(self, timeout: float = 30.0) -> bool:
+        """Finish running tasks, release every lease and return; idempotent. Returns False if
+        tasks had to be cancelled at ``timeout`` (they stay in Redis for redelivery)."""
+        if self._stopped.is_set() or not self._started:
+            self._stopped.set()
+            return True
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._nudge.set()
+        # The dispatcher first, so a lease being acquired reaches an executor that releases it.
+        assert self._dispatcher is not None
+        await asyncio.wait([self._dispatcher], timeout=max(0.0, deadline - time.monotonic()))
+        self.scheduler.abort_all()
+        for _ in self._executors:
+            self._work.put_nowait(None)
+        _, pending = await asyncio.wait(self._executors, timeout=max(0.01, deadline - time.monotonic()))
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        # Heartbeats last: leases stay renewed while running tasks finish.
+        self._stopped.set()
+        for t in self._control:
+            t.cancel()
+        await asyncio.gather(*self._control, return_exceptions=True)
+        self.log.info("pyfiq.worker_stopped", clean=not pending)
+        return not pending
+
+    async def __aenter__(self) -> AsyncWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def held_streams(self) -> list[str]:
+        return sorted(lease.stream for lease in self.scheduler.held_leases())
+
+    async def _dispatch(self) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            self._nudge.clear()
+            try:
+                await self._claim()
+                backoff = 0.0
+            except Exception as exc:
+                backoff = min(max(backoff * 2, 0.1), self.settings.poll_interval)
+                self.log.warning("pyfiq.claim_failed", error=repr(exc), retry_in=backoff)
+                await _wait(self._nudge, backoff)
+                continue
+            wait = self.scheduler.idle_wait(time.monotonic())
+            if wait > 0:
+                await _wait(self._nudge, wait)
+
+    async def _claim(self) -> None:
+        now = time.monotonic()
+        shards, calls = self.scheduler.due_calls(now)
+        if not calls:
+            return
+        candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
+        for shard, stream in candidates:
+            if self.scheduler.free() <= 0 or self._stopping.is_set():
+                break
+            reply = await self.backend.acall(self.ops.acquire(stream))
+            lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), now)
+            if lease is not None:
+                self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
+                self._work.put_nowait(lease)
+
+    async def _listen(self) -> None:
+        while not self._stopped.is_set():
+            pubsub = self.backend.async_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.backend.keys.wake_channel)
+                self.scheduler.wake_all()
+                self._nudge.set()
+                while not self._stopped.is_set():
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message and message.get("type") == "message":
+                        self.scheduler.wake([int(message["data"])])
+                        self._nudge.set()
+            except Exception as exc:
+                self.log.debug("pyfiq.wake_listener_reconnecting", error=repr(exc))
+                await _wait(self._stopped, min(1.0, self.settings.poll_interval))
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat
+        expected = time.monotonic() + interval
+        while not await _wait(self._stopped, max(0.0, expected - time.monotonic())):
+            now = time.monotonic()
+            if now - expected > interval:
+                self.log.warning("pyfiq.heartbeat_late", late_by=round(now - expected, 3), interval=interval)
+            expected = now + interval
+            leases, calls = self.scheduler.renew_calls()
+            if not calls:
+                continue
+            try:
+                replies: list[Any] = await self.backend.acall_many(calls)
+            except Exception as exc:
+                replies = [exc] * len(calls)
+            for lease in self.scheduler.on_renewed(leases, replies, now):
+                self.log.error(
+                    "pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason
+                )
+
+    async def _executor(self) -> None:
+        while (lease := await self._work.get()) is not None:
+            run = StreamRun(self.ops, lease, stopping=self._stopping.is_set, abandoned=lambda: False)
+            try:
+                await self._run_stream(run)
+            finally:
+                self.scheduler.finished(lease, run)
+                self._nudge.set()
+
+    async def _run_stream(self, run: StreamRun) -> None:
+        lease = run.lease
+        try:
+            step = run.start()
+            while not isinstance(step, Finished):
+                if isinstance(step, RunTask):
+                    step = run.feed(await self._execute(lease, step))
+                else:
+                    step = run.feed(await self.backend.acall(step))
+        except BaseException as exc:
+            level = "warning" if isinstance(exc, TRANSIENT | asyncio.CancelledError) else "error"
+            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
+            call = run.fail()
+            if call is not None:
+                try:
+                    # Shielded: a cancelled stop still hands the stream over.
+                    await asyncio.shield(self.backend.acall(call))
+                except BaseException:
+                    lease.mark_lost("release failed after an error; the lease will lapse")
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if run.deferred is not None:
+            self.log.warning("pyfiq.task_deferred_unknown", stream=lease.stream, task_id=run.deferred)
+        if step.reason == "fenced":
+            self.log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
+
+    async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
+        prepared = prepare(
+            step.entry,
+            step.deliveries,
+            lease,
+            registry.lookup,
+            self.settings,
+            self.replica,
+            unknown_for=self.scheduler.unknown_for,
+        )
+        if isinstance(prepared, Deferred):
+            return prepared
+        if isinstance(prepared, DeadLettered):
+            self.log.error(
+                "pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header
+            )
+            return prepared
+        func, record = prepared.func.func, prepared.record
+        abort: asyncio.Event = lease.abort  # type: ignore[assignment]
+
+        async def invoke(ctx: TaskContext) -> Any:
+            token = set_current(ctx)
+            try:
+                if inspect.iscoroutinefunction(func):
+                    return await func(*record.args, **record.kwargs)
+                # asyncio.to_thread copies the context, so current_task() works in the thread.
+                return await asyncio.to_thread(func, *record.args, **record.kwargs)
+            finally:
+                reset_current(token)
+
+        return await run_task_async(TaskRun(prepared, lease), invoke, lambda s: _wait(abort, s))
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    return event.is_set()
+
+
+async def async_worker(
+    backend: RedisQueueBackend | None = None,
+    *,
+    queues: Iterable[str] | None = None,
+    concurrency: int = 16,
+    replica: str | None = None,
+) -> AsyncWorker:
+    """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the default."""
+    if backend is not None:
+        registry.configure(backend)
+    return await AsyncWorker(backend, queues=queues, concurrency=concurrency, replica=replica).start()

@@ -1,0 +1,153 @@
+"""What a worker claims and when, and what its heartbeats mean, without I/O.
+
+Both drivers (threads and asyncio) own one ``Scheduler``: they ask it which script calls to
+make, hand it the replies, and wait as long as it says. It is guarded by a lock because the
+threaded driver touches it from several threads; under asyncio the lock is never contended.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .config import Settings
+from .core import Call, Flag, Lease, Ops, StreamRun
+
+#: At most this many task ids whose function is unknown are remembered per worker.
+UNKNOWN_MEMORY = 10_000
+
+
+class Scheduler:
+    def __init__(
+        self, ops: Ops, concurrency: int, queues: Sequence[str] | None, registered: Callable[[], list[str]]
+    ) -> None:
+        self.ops = ops
+        self.settings: Settings = ops.settings
+        self.concurrency = concurrency
+        self._queues = list(queues) if queues is not None else None
+        self._registered = registered
+        shards = ops.keys.shards
+        self.held: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+        self._shard_due = [0.0] * shards
+        self._scan_offset = [0] * shards
+        # Shards named by wake-up messages; swapped out before a look, so a message arriving
+        # during the look is kept for the next one, never overwritten.
+        self._woken: set[int] = set()
+        # Streams handed back for a task this replica cannot run: left to others for a while.
+        self._avoid: dict[str, float] = {}
+        self._unknown_since: dict[str, float] = {}
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def consumed_queues(self) -> list[str]:
+        return self._queues if self._queues is not None else self._registered()
+
+    def free(self) -> int:
+        with self._lock:
+            return self.concurrency - len(self.held)
+
+    def held_leases(self) -> list[Lease]:
+        with self._lock:
+            return list(self.held.values())
+
+    def wake(self, shards: Iterable[int]) -> None:
+        with self._lock:
+            self._woken.update(s for s in shards if 0 <= s < len(self._shard_due))
+
+    def wake_all(self) -> None:
+        self.wake(range(len(self._shard_due)))
+
+    def due_calls(self, now: float) -> tuple[list[int], list[Call]]:
+        """The shards worth a look now, and the calls that look."""
+        with self._lock:
+            woken, self._woken = self._woken, set()
+            free = self.concurrency - len(self.held)
+            for stream, until in list(self._avoid.items()):
+                if until <= now:
+                    del self._avoid[stream]
+            want = free + len(self._avoid)
+        queues = self.consumed_queues()
+        if free <= 0 or not queues:
+            return [], []
+        shards = [s for s, due in enumerate(self._shard_due) if due <= now or s in woken]
+        return shards, [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
+
+    def candidates(self, shards: Sequence[int], replies: Sequence[Any], now: float) -> list[tuple[int, str]]:
+        found: list[tuple[int, str]] = []
+        for shard, reply in zip(shards, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            nxt, offset, streams = self.ops.parse_due(reply)
+            self._scan_offset[shard] = offset
+            wait = self.settings.poll_interval if nxt is None else min(nxt, self.settings.poll_interval)
+            # Page on at once past streams of queues this replica does not consume.
+            self._shard_due[shard] = now if offset else now + wait
+            found += [(shard, s) for s in streams]
+        random.shuffle(found)  # replicas racing for the same streams spread out
+        with self._lock:
+            return [(sh, s) for sh, s in found if s not in self.held and s not in self._avoid]
+
+    def on_acquired(self, shard: int, stream: str, reply: Any, abort: Flag, now: float) -> Lease | None:
+        lease = self.ops.parse_acquire(stream, reply, abort)
+        if lease is None:
+            return None
+        with self._lock:
+            self.held[stream] = lease
+        # The shard may hold more due streams than it returned: look again soon.
+        self._shard_due[shard] = now
+        return lease
+
+    def finished(self, lease: Lease, run: StreamRun | None) -> None:
+        with self._lock:
+            self.held.pop(lease.stream, None)
+            if run is not None and run.deferred is not None:
+                self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
+
+    def idle_wait(self, now: float) -> float:
+        """How long the dispatcher may sleep unless woken."""
+        with self._lock:
+            full = len(self.held) >= self.concurrency
+            woken = bool(self._woken)
+        if full or not self.consumed_queues():
+            return self.settings.poll_interval
+        if woken:
+            return 0.0
+        return min(self.settings.poll_interval, max(0.0, min(self._shard_due) - now))
+
+    def unknown_for(self, task_id: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._unknown_since) > UNKNOWN_MEMORY:
+                self._unknown_since.clear()
+            return now - self._unknown_since.setdefault(task_id, now)
+
+    # -- heartbeats -----------------------------------------------------------------------
+
+    def renew_calls(self) -> tuple[list[Lease], list[Call]]:
+        leases = [lease for lease in self.held_leases() if not lease.lost]
+        return leases, [self.ops.renew(lease) for lease in leases]
+
+    def on_renewed(self, leases: Sequence[Lease], replies: Sequence[Any], now: float) -> list[Lease]:
+        """Apply renewal replies (an exception stands for a failed call); returns the leases
+        found lost by this round."""
+        lost: list[Lease] = []
+        for lease, reply in zip(leases, replies, strict=True):
+            if isinstance(reply, Exception):
+                # Unknown whether Redis still holds it: assume lost once it must have lapsed.
+                if now - lease.renewed_at >= self.settings.lease_ttl:
+                    lease.mark_lost(f"renewal failed for a whole TTL: {reply!r}")
+                    lost.append(lease)
+            elif int(reply) == 1:
+                lease.renewed_at = now
+            elif not lease.ending:  # a lease released a moment ago is not lost
+                lease.mark_lost("renewal refused: the lease lapsed or was taken over")
+                lost.append(lease)
+        return lost
+
+    def abort_all(self) -> None:
+        for lease in self.held_leases():
+            lease.abort.set()
