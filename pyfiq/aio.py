@@ -232,7 +232,7 @@ class AsyncWorker:
                 else:
                     step = run.feed(await self.backend.acall(step))
         except BaseException as exc:
-            level = "warning" if isinstance(exc, TRANSIENT | asyncio.CancelledError) else "error"
+            level = "warning" if isinstance(exc, (*TRANSIENT, asyncio.CancelledError)) else "error"
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
             call = run.fail()
             if call is not None:

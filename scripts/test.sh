@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 
-.venv/bin/ruff check pyfiq tests scripts
-.venv/bin/ruff format --check pyfiq tests scripts
+.venv/bin/ruff check pyfiq tests scripts examples
+.venv/bin/ruff format --check pyfiq tests scripts examples
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,57 @@
+"""A FastAPI app that enqueues ordered webhook deliveries and runs an AsyncWorker in its lifespan.
+
+    PYFIQ_REDIS_URL=redis://localhost:6379/0 uvicorn examples.fastapi_app:app
+
+Without PYFIQ_REDIS_URL it uses the embedded memory:// backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+import pyfiq
+from pyfiq import AsyncWorker, RedisQueueBackend, current_task, fifo
+
+backend = RedisQueueBackend(os.environ.get("PYFIQ_REDIS_URL", "memory://fastapi-example"))
+pyfiq.configure(backend)
+
+#: What the example's task did, in order (a real app would call the customer's endpoint).
+delivered: list[dict[str, object]] = []
+
+
+@fifo(queue="webhooks", name="examples.deliver_webhook", key=lambda event: event["customer_id"])
+async def deliver_webhook(event: dict[str, object]) -> None:
+    task = current_task()
+    delivered.append({**event, "task_id": task.id, "fencing_token": task.fencing_token})
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with AsyncWorker(backend, concurrency=8):
+        yield
+    await backend.aclose()
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+class Event(BaseModel):
+    customer_id: str
+    kind: str
+    seq: int
+
+
+@app.post("/events", status_code=202)
+async def post_event(event: Event) -> dict[str, str]:
+    handle = await deliver_webhook(event.model_dump())
+    return {"task_id": handle.id, "stream": handle.stream}
+
+
+@app.get("/delivered")
+async def get_delivered() -> list[dict[str, object]]:
+    return delivered
