@@ -15,7 +15,7 @@ from tenacity import AsyncRetrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import DeadLettered, Deferred, Finished, Lease, Outcome, RunTask, StreamRun, prepare, replica_id
+from .core import Finished, Lease, Outcome, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
 from .execution import Interrupted, TaskRun
 from .keys import validate_queue_name
@@ -244,27 +244,11 @@ class AsyncWorker:
             if not isinstance(exc, Exception):
                 raise
             return
-        if run.deferred is not None:
-            self.log.warning("pyfiq.task_deferred_unknown", stream=lease.stream, task_id=run.deferred)
-        if step.reason == "fenced":
-            self.log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
+        self.scheduler.report(run, step)
 
     async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
-        prepared = prepare(
-            step.entry,
-            step.deliveries,
-            lease,
-            registry.lookup,
-            self.settings,
-            self.replica,
-            unknown_for=self.scheduler.unknown_for,
-        )
-        if isinstance(prepared, Deferred):
-            return prepared
-        if isinstance(prepared, DeadLettered):
-            self.log.error(
-                "pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header
-            )
+        prepared = self.scheduler.prepare(lease, step, self.replica)
+        if not isinstance(prepared, Prepared):
             return prepared
         func, record = prepared.func.func, prepared.record
         abort: asyncio.Event = lease.abort  # type: ignore[assignment]

@@ -13,8 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import structlog
+
+from . import registry
 from .config import Settings
-from .core import Call, Flag, Lease, Ops, StreamRun
+from .core import Call, DeadLettered, Deferred, Finished, Flag, Lease, Ops, Prepared, RunTask, StreamRun, prepare
+
+log = structlog.get_logger("pyfiq")
 
 #: At most this many task ids whose function is unknown are remembered per worker.
 UNKNOWN_MEMORY = 10_000
@@ -117,6 +122,29 @@ class Scheduler:
         if woken:
             return 0.0
         return min(self.settings.poll_interval, max(0.0, min(self._shard_due) - now))
+
+    def prepare(self, lease: Lease, step: RunTask, replica: str) -> Prepared | DeadLettered | Deferred:
+        """Decode a taken task and find its function (see ``core.prepare``), logging why a task
+        is dead-lettered instead."""
+        prepared = prepare(
+            step.entry, step.deliveries, lease, registry.lookup, self.settings, replica, unknown_for=self.unknown_for
+        )
+        if isinstance(prepared, DeadLettered):
+            log.error("pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header)
+        return prepared
+
+    def report(self, run: StreamRun, step: Finished) -> None:
+        """Say loudly how a lease ended when it did not end well."""
+        lease = run.lease
+        if run.deferred is not None:
+            log.warning(
+                "pyfiq.task_deferred_unknown",
+                stream=lease.stream,
+                task_id=run.deferred,
+                grace=self.settings.unknown_task_grace,
+            )
+        if step.reason == "fenced":
+            log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
 
     def unknown_for(self, task_id: str) -> float:
         now = time.monotonic()

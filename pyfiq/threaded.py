@@ -19,7 +19,7 @@ from tenacity import Retrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import DeadLettered, Deferred, Fenced, Finished, Lease, Outcome, RunTask, StreamRun, prepare, replica_id
+from .core import Fenced, Finished, Lease, Outcome, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
 from .execution import Interrupted, TaskRun
 from .keys import validate_queue_name
@@ -309,21 +309,8 @@ class ThreadedWorker:
         return run
 
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
-        prepared = prepare(
-            step.entry,
-            step.deliveries,
-            lease,
-            registry.lookup,
-            self.settings,
-            self.replica,
-            unknown_for=self.scheduler.unknown_for,
-        )
-        if isinstance(prepared, Deferred):
-            return prepared
-        if isinstance(prepared, DeadLettered):
-            self.log.error(
-                "pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header
-            )
+        prepared = self.scheduler.prepare(lease, step, self.replica)
+        if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():
             return Fenced()
