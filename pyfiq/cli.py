@@ -5,6 +5,7 @@ The only place in pyfiq that installs signal handlers or configures logging.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -83,6 +84,13 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
 @click.option("--poll-interval", default=1.0, show_default=True, type=float)
 @click.option("--max-deliveries", default=5, show_default=True, type=int)
 @click.option("--prefetch", default=1, show_default=True, type=int)
+@click.option(
+    "--driver",
+    type=click.Choice(["threaded", "asyncio"]),
+    default="threaded",
+    show_default=True,
+    help="Run the ThreadedWorker or the AsyncWorker.",
+)
 @click.option("--log-level", type=click.Choice(list(LEVELS)), default="info", show_default=True)
 def replica(
     url: str,
@@ -96,6 +104,7 @@ def replica(
     poll_interval: float,
     max_deliveries: int,
     prefetch: int,
+    driver: str,
     log_level: str,
 ) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM (graceful: hand leases over)."""
@@ -117,9 +126,13 @@ def replica(
         prefetch=prefetch,
         batch_limit=max(100, prefetch),
     )
+    consumed = queues.split(",") if queues else None
+    if driver == "asyncio":
+        asyncio.run(_serve_async(backend, consumed, concurrency, name))
+        return
     worker = threaded_worker(
         backend=backend,
-        queues=queues.split(",") if queues else None,
+        queues=consumed,
         concurrency=concurrency,
         replica=name,
     )
@@ -139,6 +152,24 @@ def replica(
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"replica {worker.replica} ready", err=True)
     done.wait()
+
+
+async def _serve_async(
+    backend: RedisQueueBackend, queues: list[str] | None, concurrency: int, name: str | None
+) -> None:
+    from .aio import async_worker
+
+    worker = await async_worker(backend, queues=queues, concurrency=concurrency, replica=name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    click.echo(f"replica {worker.replica} ready", err=True)
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal exits at once
+        loop.remove_signal_handler(sig)
+    await worker.stop()
+    await backend.aclose()
 
 
 @main.group()

@@ -53,9 +53,17 @@ class Fleet:
     """
 
     def __init__(
-        self, url: str, prefix: str, queues: list[str], journal: Path, logdir: Path, *, lease_ttl: float
+        self,
+        url: str,
+        prefix: str,
+        queues: list[str],
+        journal: Path,
+        logdir: Path,
+        *,
+        lease_ttl: float,
+        driver: str = "threaded",
     ) -> None:
-        self.url, self.prefix, self.queues = url, prefix, queues
+        self.url, self.prefix, self.queues, self.driver = url, prefix, queues, driver
         self.journal, self.logdir, self.lease_ttl = journal, logdir, lease_ttl
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.every: list[subprocess.Popen[bytes]] = []
@@ -71,6 +79,7 @@ class Fleet:
             "--queues", ",".join(self.queues), "--name", name,
             "--lease-ttl", str(self.lease_ttl), "--poll-interval", str(POLL),
             "--max-deliveries", str(MAX_DELIVERIES), "--concurrency", "2", "--log-level", "warning",
+            "--driver", self.driver,
         ]  # fmt: skip
 
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
@@ -193,12 +202,14 @@ def deploy(tmp_path: Path) -> Iterator[Any]:
     Teardown SIGKILLs every process started and closes the producer."""
     made: list[Deployment] = []
 
-    def make(url: str, queues: list[str], replicas: int, *, lease_ttl: float = TTL) -> Deployment:
+    def make(
+        url: str, queues: list[str], replicas: int, *, lease_ttl: float = TTL, driver: str = "threaded"
+    ) -> Deployment:
         prefix = unique_prefix()
         n = len(made)
         logdir = tmp_path / f"logs{n}"
         logdir.mkdir()
-        fleet = Fleet(url, prefix, queues, tmp_path / f"journal{n}.jsonl", logdir, lease_ttl=lease_ttl)
+        fleet = Fleet(url, prefix, queues, tmp_path / f"journal{n}.jsonl", logdir, lease_ttl=lease_ttl, driver=driver)
         backend = RedisQueueBackend(
             url,
             Settings(
@@ -281,11 +292,13 @@ def explain(report: Any, journal: list[Event]) -> str:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_task_no_loss_order_kept_and_rerun_first(redis_server: Any, deploy: Any) -> None:
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
+def test_sigkill_mid_task_no_loss_order_kept_and_rerun_first(redis_server: Any, deploy: Any, driver: str) -> None:
     """G3/G4: a replica SIGKILLed mid-task loses nothing; its task runs again first, elsewhere,
-    with a raised delivery count, within the lease TTL plus a poll (and some CPU slack)."""
+    with a raised delivery count, within the lease TTL plus a poll (and some CPU slack). Runs
+    with threaded and with asyncio replicas."""
     queues = list(QUEUES[:3])
-    d: Deployment = deploy(redis_server.url, queues, replicas=3)
+    d: Deployment = deploy(redis_server.url, queues, replicas=3, driver=driver)
     accepted = {q: d.enqueue(q, range(15), hold=0.05) for q in queues}
 
     victims: list[Event] = []
