@@ -68,16 +68,16 @@ class Scheduler:
 
     def due_calls(self, now: float) -> tuple[list[int], list[Call]]:
         """The shards worth a look now, and the calls that look."""
+        queues = self.consumed_queues()
         with self._lock:
-            woken, self._woken = self._woken, set()
             free = self.concurrency - len(self.held)
+            if free <= 0 or not queues:
+                return [], []  # wake-ups stay pending until there is room to act on them
+            woken, self._woken = self._woken, set()
             for stream, until in list(self._avoid.items()):
                 if until <= now:
                     del self._avoid[stream]
             want = free + len(self._avoid)
-        queues = self.consumed_queues()
-        if free <= 0 or not queues:
-            return [], []
         shards = [s for s, due in enumerate(self._shard_due) if due <= now or s in woken]
         return shards, [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
 
