@@ -15,10 +15,10 @@ from tenacity import AsyncRetrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import Finished, Lease, Outcome, Prepared, RunTask, StreamRun, replica_id
+from .core import Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
 from .execution import Interrupted, TaskRun
-from .keys import validate_queue_name
+from .keys import queue_of, validate_queue_name
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
 
@@ -215,7 +215,13 @@ class AsyncWorker:
 
     async def _executor(self) -> None:
         while (lease := await self._work.get()) is not None:
-            run = StreamRun(self.ops, lease, stopping=self._stopping.is_set, abandoned=lambda: False)
+            run = StreamRun(
+                self.ops,
+                lease,
+                stopping=self._stopping.is_set,
+                abandoned=lambda: False,
+                rate_limit=registry.rate_limit_of(queue_of(lease.stream)),
+            )
             try:
                 await self._run_stream(run)
             finally:
@@ -229,6 +235,9 @@ class AsyncWorker:
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
                     step = run.feed(await self._execute(lease, step))
+                elif isinstance(step, Pause):
+                    await _wait(lease.abort, step.seconds)  # type: ignore[arg-type]
+                    step = run.feed(None)
                 else:
                     step = run.feed(await self.backend.acall(step))
         except BaseException as exc:

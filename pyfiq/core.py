@@ -102,11 +102,12 @@ class Ops:
         return Call("due", [self.keys.ready(shard)], [want, DUE_SCAN, offset, *(queues or ())])
 
     @staticmethod
-    def parse_due(reply: list[Any]) -> tuple[float | None, int, list[str]]:
+    def parse_due(reply: list[Any]) -> tuple[float | None, int, list[tuple[str, float]]]:
         """(seconds until the shard's next stream falls due or None, offset to continue the
-        scan from or 0, due streams)."""
+        scan from or 0, [(due stream, due since in ms)] oldest first)."""
         nxt = int(reply[0])
-        return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), [_text(s) for s in reply[2:]]
+        due = [(_text(reply[i]), float(reply[i + 1])) for i in range(2, len(reply), 2)]
+        return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), due
 
     def acquire(self, stream: str) -> Call:
         k = self.keys.stream(stream)
@@ -157,6 +158,9 @@ class Ops:
             ],
         )
 
+    def rate(self, queue: str, limit: RateLimit) -> Call:
+        return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
+
     def requeue(self, stream: str, count: int, front: bool, task_id: str | None) -> Call:
         k = self.keys.stream(stream)
         return Call(
@@ -168,6 +172,15 @@ class Ops:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``per_second`` task starts per second on a queue, across the fleet; ``burst``
+    starts may follow each other without spacing."""
+
+    per_second: float
+    burst: int = 1
 
 
 # -- outcomes of running one task --------------------------------------------------------
@@ -299,12 +312,19 @@ class RunTask:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """Wait this long (abortably), then feed ``None``: the queue's rate limit says not yet."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Finished:
     #: 'empty' (stream drained and forgotten), 'released', 'fenced', 'abandoned'
     reason: str
 
 
-Step = Call | RunTask | Finished
+Step = Call | RunTask | Pause | Finished
 
 
 class StreamRun:
@@ -322,9 +342,12 @@ class StreamRun:
         *,
         stopping: Callable[[], bool],
         abandoned: Callable[[], bool],
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.ops = ops
         self.lease = lease
+        self.rate_limit = rate_limit
+        self._permit = False
         self.settings = ops.settings
         self._stopping = stopping
         self._abandoned = abandoned
@@ -353,6 +376,9 @@ class StreamRun:
             # Graceful stop or fair yield: give back what was taken but not started.
             return self._call(self.ops.release(self.lease, self.acks, len(self.buffer)))
         if self.buffer:
+            if self.rate_limit is not None and not self._permit:
+                return self._call(self.ops.rate(queue_of(self.lease.stream), self.rate_limit))
+            self._permit = False
             self._waiting = "run"
             entry, deliveries = self.buffer[0]
             return RunTask(entry, deliveries)
@@ -364,6 +390,15 @@ class StreamRun:
         waiting, self._waiting = self._waiting, None
         if waiting == "run":
             return self._on_outcome(result)
+        if waiting == "pause":
+            return self._next()
+        if waiting == "rate":
+            wait_ms = int(result)
+            if wait_ms <= 0:
+                self._permit = True
+                return self._next()
+            self._waiting = "pause"
+            return Pause(wait_ms / 1000)
         if waiting == "take":
             status = int(result[0])
             if status == -1:

@@ -14,6 +14,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
     {prefix}:shards                    the shard count the prefix is laid out with
+    {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
 
 A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
 (``"webhooks#c-42"``). Because a stream's keys and its shard's ready set and epoch live in one
@@ -86,6 +87,9 @@ class KeySchema:
 
     def _tag(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"
+
+    def rate(self, queue: str) -> str:
+        return f"{self.prefix}:{{rl:{queue}}}:rate"
 
     def ready(self, shard: int) -> str:
         return f"{self._tag(shard)}:ready"

@@ -23,6 +23,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .backend import RedisQueueBackend, TaskHandle
+from .core import RateLimit
 from .errors import ConfigurationError, NotConfiguredError
 from .keys import stream_name, validate_queue_name
 from .task import TaskRecord, new_task_id
@@ -68,6 +69,12 @@ def lookup(name: str) -> FifoFunction[Any, Any] | None:
 
 def registered_queues() -> list[str]:
     return sorted({f.queue for f in list(_registry.values())})
+
+
+def rate_limit_of(queue: str) -> RateLimit | None:
+    """The strictest rate limit any function of ``queue`` declares."""
+    limits = [f.rate_limit for f in list(_registry.values()) if f.queue == queue and f.rate_limit]
+    return min(limits, key=lambda r: (r.per_second, r.burst)) if limits else None
 
 
 class RetryPolicy:
@@ -120,8 +127,10 @@ class FifoFunction(Generic[P, R]):
         on_exhausted: OnExhausted,
         expires_in: float | None,
         key: Callable[..., Any] | None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.func = func
+        self.rate_limit = rate_limit
         self.queue = validate_queue_name(queue)
         self.name = name or f"{func.__module__}.{func.__qualname__}"
         self.policy = policy
@@ -240,6 +249,8 @@ def fifo(
     on_exhausted: OnExhausted = "dead-letter",
     expires_in: float | None = None,
     key: Callable[..., Any] | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int = 1,
 ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
 
 
@@ -255,6 +266,8 @@ def fifo(
     on_exhausted: OnExhausted = "dead-letter",
     expires_in: float | None = None,
     key: Callable[..., Any] | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int = 1,
 ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
     """Bind a function to an ordered queue; calling it then enqueues a task.
 
@@ -268,10 +281,17 @@ def fifo(
       policy's waits, holding the queue, until the task succeeds or an operator steps in.
     - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
     - ``key``: a function of the call's arguments naming the ordered stream within the queue.
+    - ``rate_limit``: at most this many task starts per second on the queue, across every
+      replica and stream; ``rate_burst`` starts may follow each other without spacing.
     """
     if queue is None:
         raise ConfigurationError("@fifo needs a queue name: @fifo(queue='billing')")
     policy = RetryPolicy.build(retry, max_retries, retry_wait)
+    limit = None
+    if rate_limit is not None:
+        if not rate_limit > 0 or rate_burst < 1:
+            raise ConfigurationError(f"rate_limit must be > 0 and rate_burst >= 1, got {rate_limit}, {rate_burst}")
+        limit = RateLimit(float(rate_limit), int(rate_burst))
 
     def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
         binding = FifoFunction(
@@ -284,6 +304,7 @@ def fifo(
             on_exhausted=on_exhausted,
             expires_in=expires_in,
             key=key,
+            rate_limit=limit,
         )
         with _registry_lock:
             existing = _registry.get(binding.name)

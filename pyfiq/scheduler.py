@@ -7,7 +7,6 @@ threaded driver touches it from several threads; under asyncio the lock is never
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -82,7 +81,7 @@ class Scheduler:
         return shards, [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
 
     def candidates(self, shards: Sequence[int], replies: Sequence[Any], now: float) -> list[tuple[int, str]]:
-        found: list[tuple[int, str]] = []
+        found: list[tuple[float, int, str]] = []
         for shard, reply in zip(shards, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
@@ -91,10 +90,12 @@ class Scheduler:
             wait = self.settings.poll_interval if nxt is None else min(nxt, self.settings.poll_interval)
             # Page on at once past streams of queues this replica does not consume.
             self._shard_due[shard] = now if offset else now + wait
-            found += [(shard, s) for s in streams]
-        random.shuffle(found)  # replicas racing for the same streams spread out
+            found += [(since, shard, s) for s, since in streams]
+        # Oldest due first, across shards: a stream that yielded after its batch queues up
+        # behind streams that have waited longer, which is what makes the yield fair.
+        found.sort()
         with self._lock:
-            return [(sh, s) for sh, s in found if s not in self.held and s not in self._avoid]
+            return [(sh, s) for _, sh, s in found if s not in self.held and s not in self._avoid]
 
     def on_acquired(self, shard: int, stream: str, reply: Any, abort: Flag, now: float) -> Lease | None:
         lease = self.ops.parse_acquire(stream, reply, abort)

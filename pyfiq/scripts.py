@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue")
+NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate")
 
 
 @cache
@@ -32,3 +32,4 @@ class Scripts:
     dead_letter: Any
     release: Any
     requeue: Any
+    rate: Any

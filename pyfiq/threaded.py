@@ -19,10 +19,10 @@ from tenacity import Retrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import Fenced, Finished, Lease, Outcome, Prepared, RunTask, StreamRun, replica_id
+from .core import Fenced, Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
 from .execution import Interrupted, TaskRun
-from .keys import validate_queue_name
+from .keys import queue_of, validate_queue_name
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
 
@@ -277,12 +277,21 @@ class ThreadedWorker:
                 self._nudge.set()
 
     def _run_stream(self, lease: Lease) -> StreamRun:
-        run = StreamRun(self.ops, lease, stopping=self._stopping.is_set, abandoned=self._abandoned.is_set)
+        run = StreamRun(
+            self.ops,
+            lease,
+            stopping=self._stopping.is_set,
+            abandoned=self._abandoned.is_set,
+            rate_limit=registry.rate_limit_of(queue_of(lease.stream)),
+        )
         try:
             step = run.start()
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
                     step = run.feed(self._execute(lease, step))
+                elif isinstance(step, Pause):
+                    lease.abort.wait(step.seconds)  # type: ignore[attr-defined]
+                    step = run.feed(None)
                 else:
                     step = run.feed(self.backend.call(step))
         except BaseException as exc:

@@ -230,8 +230,9 @@ def test_due_filters_streams_by_consumed_queue(redis_backend: RedisQueueBackend)
     enqueue(b, "mine", 1)
     enqueue(b, "theirs", 1)
     enqueue(b, "mine#k1", 1)
-    _, offset, streams = Ops.parse_due(b.call(b.ops.due(0, 10, ["mine"])))
-    assert sorted(streams) == ["mine", "mine#k1"] and offset == 0
+    _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 10, ["mine"])))
+    assert [s for s, _ in due] == ["mine", "mine#k1"] and offset == 0
+    assert due[0][1] <= due[1][1], "oldest first"
 
 
 def test_due_pages_past_any_number_of_foreign_streams(redis_backend: RedisQueueBackend) -> None:
@@ -244,8 +245,8 @@ def test_due_pages_past_any_number_of_foreign_streams(redis_backend: RedisQueueB
     offset, found, calls = 0, [], 0
     while True:
         calls += 1
-        _, offset, streams = Ops.parse_due(b.call(b.ops.due(0, 4, ["mine"], offset)))
-        found += streams
+        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, ["mine"], offset)))
+        found += [s for s, _ in due]
         if not offset:
             break
     assert found == ["mine"] and calls == 3
