@@ -1,0 +1,210 @@
+"""Keyed-stream benchmark: aggregate throughput over many ordered streams and replicas, and
+enqueue-to-start latency at a steady moderate load.
+
+    python scripts/bench_streams.py [--tasks 20000] [--json bench-streams.json] [--quick]
+
+Starts its own redis-server (no persistence) on a free port; replicas are real processes
+(`python -m pyfiq replica`) importing this file for their task. Throughput is counted from the
+first task start to the last task end across replicas, so process start-up is not included.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+HERE = Path(__file__).resolve().parent
+QUEUE = "bench-streams"
+OUT_ENV = "PYFIQ_BENCH_OUT"
+
+# -- the task, as run inside each replica process -----------------------------------------
+
+_first = _last = 0.0
+_count = 0
+_latency_ms: list[float] = []
+
+
+def _dump() -> None:
+    out = os.environ.get(OUT_ENV)
+    if out and _count:
+        data = {"first": _first, "last": _last, "count": _count, "latency_ms": _latency_ms}
+        Path(out, f"{os.getpid()}.json").write_text(json.dumps(data))
+
+
+if os.environ.get(OUT_ENV):
+    import pyfiq
+
+    atexit.register(_dump)
+
+    @pyfiq.fifo(queue=QUEUE, name="bench.streams.noop", key=lambda key, seq: key)
+    def noop(key: str, seq: int) -> None:
+        global _first, _last, _count
+        now = time.time()
+        if not _count:
+            _first = now
+        _count += 1
+        _latency_ms.append(now * 1000 - pyfiq.current_task().enqueued_ms)
+        _last = time.time()
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Bench:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.client = client
+
+    def close(self) -> None:
+        self.redis.terminate()
+        self.redis.wait(10)
+
+    def run(self, replicas: int, streams: int, tasks: int, *, rate: float | None = None) -> dict[str, Any]:
+        """Enqueue ``tasks`` over ``streams`` keys (all first, or at ``rate`` per second while
+        the replicas run) and return throughput and latency figures."""
+        from pyfiq import RedisQueueBackend, Settings
+
+        self.client.flushall()
+        out = Path(tempfile.mkdtemp(dir=self.workdir))
+        settings = Settings(prefix="bench", shards=16, lease_ttl=10, poll_interval=0.2, prefetch=10)
+        backend = RedisQueueBackend(self.url, settings)
+        env = {**os.environ, OUT_ENV: str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        calls = [(f"k{i % streams}", i // streams) for i in range(tasks)]
+        noop = _load_task(env)
+        if rate is None:
+            noop.enqueue_many(calls, backend=backend)
+        argv = [
+            sys.executable, "-m", "pyfiq", "replica", "--redis", self.url, "--prefix", "bench", "--shards", "16",
+            "--import", "bench_streams", "--queues", QUEUE, "--concurrency", "8", "--prefetch", "10",
+            "--lease-ttl", "10", "--poll-interval", "0.2", "--log-level", "error",
+        ]  # fmt: skip
+        procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(replicas)]
+        try:
+            for p in procs:  # wait until every replica is up before a paced load starts
+                assert p.stderr is not None
+                p.stderr.readline()
+            if rate is not None:
+                started = time.monotonic()
+                for n, (key, seq) in enumerate(calls):
+                    delay = started + n / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    noop.send_with_options(args=(key, seq), backend=backend)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                if not backend.active_streams():
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(60)
+        parts = [json.loads(f.read_text()) for f in out.glob("*.json")]
+        count = sum(p["count"] for p in parts)
+        span = max(p["last"] for p in parts) - min(p["first"] for p in parts)
+        latency = sorted(x for p in parts for x in p["latency_ms"])
+        backend.close()
+        return {
+            "replicas": replicas,
+            "streams": streams,
+            "tasks": tasks,
+            "executed": count,
+            "tasks_per_s": count / span if span > 0 else float("nan"),
+            "latency_p50_ms": statistics.median(latency) if latency else None,
+            "latency_p99_ms": latency[int(len(latency) * 0.99) - 1] if latency else None,
+        }
+
+
+def _load_task(env: dict[str, str]) -> Any:
+    os.environ[OUT_ENV] = env[OUT_ENV]
+    sys.path.insert(0, str(HERE))
+    import bench_streams
+
+    return bench_streams.noop
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
+    version = next((w.split("=")[1] for w in server if w.startswith("v=")), "?")
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, redis-server {version}"
+
+
+@click.command()
+@click.option("--tasks", default=20_000, show_default=True)
+@click.option("--quick", is_flag=True, help="Tiny sizes, for a smoke run.")
+@click.option("--json", "json_path", default="bench-streams.json", show_default=True)
+def main(tasks: int, quick: bool, json_path: str) -> None:
+    if shutil.which("redis-server") is None:
+        raise click.ClickException("redis-server is needed")
+    replica_counts = [1, 2] if quick else [1, 2, 4]
+    stream_counts = [1, 10, 100] if quick else [1, 10, 100, 1_000, 10_000]
+    if quick:
+        tasks = 300
+    workdir = Path(tempfile.mkdtemp(prefix="pyfiq-bench-streams-"))
+    bench = Bench(workdir)
+    results: dict[str, Any] = {"machine": machine(), "throughput": [], "latency": None}
+    try:
+        click.echo(results["machine"])
+        click.echo(f"{'replicas':>8} {'streams':>8} {'tasks/s':>10}")
+        for replicas in replica_counts:
+            for streams in stream_counts:
+                n = max(tasks, 2 * streams)
+                r = bench.run(replicas, streams, n)
+                results["throughput"].append(r)
+                click.echo(f"{replicas:>8} {streams:>8} {r['tasks_per_s']:>10.0f}")
+        load = bench.run(2, 100, 100 if quick else 1500, rate=50 if quick else 300)
+        results["latency"] = load
+        click.echo(
+            f"latency enqueue->start at {50 if quick else 300} tasks/s over 100 streams, 2 replicas: "
+            f"p50 {load['latency_p50_ms']:.1f} ms, p99 {load['latency_p99_ms']:.1f} ms"
+        )
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    Path(json_path).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The streams benchmark must keep running (tiny sizes; no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_streams_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_streams.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["throughput"] and all(r["executed"] == r["tasks"] for r in data["throughput"])
+    assert all(r["tasks_per_s"] > 0 for r in data["throughput"])
+    assert data["latency"]["latency_p99_ms"] >= data["latency"]["latency_p50_ms"] > 0
