@@ -1,0 +1,36 @@
+"""The benchmark at a tiny size, so that it cannot rot. No timing assertions: only that it
+runs to the end and reports positive figures for the ceiling, the drain and the enqueue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--skip-peers", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads(out.read_text())
+
+    assert data["ceiling"]["evalsha_per_s"] > 0
+    for aof in ("drain", "drain_aof"):
+        assert set(data[aof]) == {"prefetch_1", "prefetch_10", "prefetch_100"}
+        for run in data[aof].values():
+            assert run["complete"]
+            assert run["tasks"] == data["tasks"]
+            assert run["tasks_per_s"] > 0
+            assert run["ratio_to_ceiling"] > 0
+    for kind in ("single", "enqueue_many_100", "rpush_pipeline_100"):
+        assert data["enqueue"][kind]["tasks_per_s"] > 0
+    assert "machine:" in proc.stdout
