@@ -11,13 +11,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
 from .core import Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
-from .execution import Interrupted, TaskRun
+from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
@@ -28,29 +27,20 @@ log = structlog.get_logger("pyfiq")
 async def run_task_async(
     task: TaskRun, invoke: Callable[[TaskContext], Awaitable[Any]], sleep: Callable[[float], Awaitable[bool]]
 ) -> Outcome:
-    """Run one task under its retry policy, awaiting it."""
-    while True:
+    """Run one task under its retry policy, awaiting it; ``sleep`` returns True when the wait
+    was cut short by the lease's abort flag."""
+    while (ctx := task.begin()) is not None:
         try:
-            async for attempt in AsyncRetrying(**task.retrying_kwargs(sleep)):
-                with attempt:
-                    ctx = task.begin(attempt.retry_state)
-                    try:
-                        result = await invoke(ctx)
-                    except BaseException as exc:
-                        failure = task.failed(exc)
-                        if failure is exc:
-                            raise
-                        raise failure from exc
-        except Interrupted:
-            return task.interrupted()
-        except Exception as exc:
-            decision = task.exhausted(exc)
+            result = await invoke(ctx)
+        except BaseException as exc:
+            decision = task.after_failure(exc)
             if not isinstance(decision, float):
                 return decision
-            if await sleep(decision) or task.lease.abort.is_set():
-                return task.interrupted()
+            if await sleep(decision):
+                break
             continue
         return task.succeeded(result)
+    return task.interrupted()
 
 
 class AsyncWorker:

@@ -356,6 +356,8 @@ class StreamRun:
         self.processed = 0
         #: Set when the run ended by handing the stream over for a task it cannot run.
         self.deferred: str | None = None
+        #: Set when the run gave the stream up after ``batch_limit`` tasks to let others run.
+        self.yielded = False
         self._waiting: str | None = None
 
     def start(self) -> Step:
@@ -374,6 +376,7 @@ class StreamRun:
             return Finished("fenced")
         if self._stopping() or (not self.buffer and self.processed >= self.settings.batch_limit):
             # Graceful stop or fair yield: give back what was taken but not started.
+            self.yielded = not self._stopping()
             return self._call(self.ops.release(self.lease, self.acks, len(self.buffer)))
         if self.buffer:
             if self.rate_limit is not None and not self._permit:

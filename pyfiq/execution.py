@@ -1,8 +1,7 @@
 """Running one task under its retry policy: the decisions both drivers share.
 
-The drivers keep only the loop itself (tenacity's ``for attempt in Retrying`` or
-``async for attempt in AsyncRetrying``) and how the function is invoked; what an attempt,
-a failure, an exhausted policy or an interruption means is decided here.
+The drivers keep only the loop itself and how the function is invoked and how they wait;
+what an attempt, a failure, an exhausted policy or an interruption means is decided here.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, stop_when_event_set
+from tenacity import DoSleep, RetryCallState, Retrying, stop_when_event_set
 
 from .core import Aborted, Acked, DeadLettered, Fenced, Lease, Outcome, Prepared, dead_letter_header
 from .task import TaskContext
@@ -21,11 +20,6 @@ log = structlog.get_logger("pyfiq")
 
 #: Pause between exhausted rounds of an ``on_exhausted="block"`` task whose policy has no wait.
 BLOCK_MIN_PAUSE = 0.1
-
-
-class Interrupted(BaseException):
-    """Raised inside a retry loop when the lease was lost or the worker stops; a
-    BaseException so no retry predicate ever retries it."""
 
 
 class TaskExit(Exception):
@@ -42,6 +36,10 @@ def call_hook(hook: Any, *args: Any, event: str, ctx: TaskContext) -> None:
 
 
 class TaskRun:
+    """One task's attempts. Tenacity is consulted only after a failure, through its decision
+    core (``Retrying.iter``): a task that succeeds at once, as most do, costs no retry
+    bookkeeping at all."""
+
     def __init__(self, prepared: Prepared, lease: Lease) -> None:
         self.fn = prepared.func
         self.record = prepared.record
@@ -49,58 +47,74 @@ class TaskRun:
         self.lease = lease
         self.policy = self.fn.policy
         self.attempts = 0
-        self.state: RetryCallState | None = None
-        self.logger = log.bind(
-            queue=self.ctx.queue,
-            stream=self.ctx.stream,
-            task_id=self.ctx.id,
-            task=self.ctx.name,
-            deliveries=self.ctx.deliveries,
-            fencing_token=self.ctx.fencing_token,
-        )
+        self._retrying: Retrying | None = None
+        self._state: RetryCallState | None = None
+        self._logger: Any = None
 
-    def retrying_kwargs(self, sleep: Any) -> dict[str, Any]:
-        """Arguments for tenacity's Retrying/AsyncRetrying: the task's policy, stopped early by
-        the lease's abort flag, sleeping with ``sleep`` so a stop ends a back-off at once."""
-        return {
-            "stop": self.policy.stop | stop_when_event_set(self.lease.abort),  # type: ignore[arg-type]
-            "wait": self.policy.wait,
-            "retry": self.policy.retry,
-            "sleep": sleep,
-            "before_sleep": self._before_sleep,
-            "reraise": True,
-        }
+    @property
+    def logger(self) -> Any:
+        # Bound on first use: binding costs more than a no-op task.
+        if self._logger is None:
+            self._logger = log.bind(
+                queue=self.ctx.queue,
+                stream=self.ctx.stream,
+                task_id=self.ctx.id,
+                task=self.ctx.name,
+                deliveries=self.ctx.deliveries,
+                fencing_token=self.ctx.fencing_token,
+            )
+        return self._logger
 
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        self.logger.warning("pyfiq.task_retry_scheduled", attempt=self.attempts, wait=wait, error=repr(exc))
-
-    def begin(self, state: RetryCallState) -> TaskContext:
-        """Start an attempt: the context the function runs with."""
-        self.state = state
+    def begin(self) -> TaskContext | None:
+        """Start an attempt: the context the function runs with, or None if the lease was
+        lost or the worker is stopping."""
         if self.lease.abort.is_set():
-            raise Interrupted
+            return None
         self.attempts += 1
-        self.ctx = replace(self.ctx, attempt=self.attempts)
+        if self.attempts > 1:
+            self.ctx = replace(self.ctx, attempt=self.attempts)
         return self.ctx
 
-    def failed(self, exc: BaseException) -> BaseException:
-        """Record a failed attempt; returns what the retry loop should see. SystemExit and
-        friends from a task are the task's failure: they must not end the worker."""
-        if isinstance(exc, Interrupted | asyncio.CancelledError):
-            return exc  # the worker's own control flow, not the task's failure
+    def after_failure(self, exc: BaseException) -> Outcome | float:
+        """Record a failed attempt; returns seconds to wait before the next attempt, or the
+        final outcome. The worker's own control flow (cancellation) is re-raised."""
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
         call_hook(self.fn.on_error, exc, self.ctx, self.fn, event="on_error", ctx=self.ctx)
-        return exc if isinstance(exc, Exception) else TaskExit(repr(exc))
+        # SystemExit and friends from a task are the task's failure, not the worker's end.
+        failure = exc if isinstance(exc, Exception) else TaskExit(repr(exc))
+        if self._retrying is None:
+            self._retrying = Retrying(
+                stop=self.policy.stop | stop_when_event_set(self.lease.abort),  # type: ignore[arg-type]
+                wait=self.policy.wait,
+                retry=self.policy.retry,
+                reraise=True,
+            )
+            self._retrying.begin()
+            self._state = RetryCallState(self._retrying, fn=None, args=(), kwargs={})
+        else:
+            assert self._state is not None
+            self._state.prepare_for_next_attempt()
+        assert self._state is not None
+        self._state.set_exception((type(failure), failure, failure.__traceback__))
+        try:
+            action = self._retrying.iter(self._state)
+        except Exception as final:  # stop reached or not retryable: tenacity re-raises it
+            return self._exhausted(final)
+        if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
+            raise RuntimeError(f"unexpected retry action {action!r}")
+        self.logger.warning(
+            "pyfiq.task_retry_scheduled", attempt=self.attempts, wait=float(action), error=repr(failure)
+        )
+        return float(action)
 
-    def exhausted(self, exc: Exception) -> Outcome | float:
-        """The policy gave up: an outcome, or (``on_exhausted="block"``) seconds to pause
-        before another round."""
+    def _exhausted(self, exc: Exception) -> Outcome | float:
         if self.lease.abort.is_set():
             return self.interrupted()
         if self.fn.on_exhausted == "block":
-            pause = max(float(self.policy.wait(self.state)) if self.state else 0.0, BLOCK_MIN_PAUSE)
+            pause = max(float(self.policy.wait(self._state)) if self._state else 0.0, BLOCK_MIN_PAUSE)
             self.logger.error("pyfiq.task_blocking_queue", attempts=self.attempts, error=repr(exc), retry_in=pause)
+            self._retrying = None  # a fresh round of the policy after the pause
             return pause
         self.logger.error("pyfiq.task_dead_lettered", reason="exhausted", attempts=self.attempts, error=repr(exc))
         return DeadLettered(
@@ -125,5 +139,6 @@ class TaskRun:
         if self.lease.lost:
             self.logger.error("pyfiq.result_dropped", reason=self.lease.lost_reason)
             return Fenced()
-        call_hook(self.fn.on_success, result, self.ctx, self.fn, event="on_success", ctx=self.ctx)
+        if self.fn.on_success is not None:
+            call_hook(self.fn.on_success, result, self.ctx, self.fn, event="on_success", ctx=self.ctx)
         return Acked()

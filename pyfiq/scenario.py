@@ -80,6 +80,31 @@ STEPS: dict[str, FifoFunction[..., int]] = {
     q: fifo(queue=q, name=f"pyfiq.scenario.step.{q}", max_retries=2, retry_wait=0.05)(step) for q in QUEUES
 }
 
+#: Comma-separated scenario queues beyond ``QUEUES`` that a replica process registers at import
+#: (the scenario runner sets it for more than four queues).
+EXTRA_QUEUES_ENV = "PYFIQ_SCENARIO_QUEUES"
+
+
+def queue_names(count: int) -> list[str]:
+    """The first ``count`` scenario queues: ``QUEUES``, then ``scenario-e``, ``scenario-f``..."""
+    names = list(QUEUES[:count])
+    i = len(QUEUES)
+    while len(names) < count:
+        names.append(f"scenario-{chr(ord('a') + i)}" if i < 26 else f"scenario-{i}")
+        i += 1
+    return names
+
+
+def step_for(queue: str) -> FifoFunction[..., int]:
+    """The journaled step of a scenario queue, registered in this process on first use."""
+    if queue not in STEPS:
+        STEPS[queue] = fifo(queue=queue, name=f"pyfiq.scenario.step.{queue}", max_retries=2, retry_wait=0.05)(step)
+    return STEPS[queue]
+
+
+for _extra in filter(None, os.environ.get(EXTRA_QUEUES_ENV, "").split(",")):
+    step_for(_extra.strip())
+
 
 def read_journal(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)

@@ -100,6 +100,8 @@ class Scheduler:
     def on_acquired(self, shard: int, stream: str, reply: Any, abort: Flag, now: float) -> Lease | None:
         lease = self.ops.parse_acquire(stream, reply, abort)
         if lease is None:
+            if len(reply) > 1:  # still leased for a moment: look again right when it lapses
+                self._shard_due[shard] = min(self._shard_due[shard], now + int(reply[1]) / 1000)
             return None
         with self._lock:
             self.held[stream] = lease
@@ -112,6 +114,10 @@ class Scheduler:
             self.held.pop(lease.stream, None)
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
+            if run is not None and run.yielded:
+                # Look at every shard before claiming again, so the stream that has waited
+                # longest wins even if its wake-up message has not arrived yet.
+                self._woken.update(range(len(self._shard_due)))
 
     def idle_wait(self, now: float) -> float:
         """How long the dispatcher may sleep unless woken."""

@@ -15,13 +15,12 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from tenacity import Retrying
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
 from .core import Fenced, Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
 from .errors import ConfigurationError
-from .execution import Interrupted, TaskRun
+from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
@@ -30,29 +29,20 @@ log = structlog.get_logger("pyfiq")
 
 
 def run_task_sync(task: TaskRun, invoke: Callable[[TaskContext], Any], sleep: Callable[[float], Any]) -> Outcome:
-    """Run one task under its retry policy in this thread."""
-    while True:
+    """Run one task under its retry policy in this thread; ``sleep`` returns True when the
+    wait was cut short by the lease's abort flag."""
+    while (ctx := task.begin()) is not None:
         try:
-            for attempt in Retrying(**task.retrying_kwargs(sleep)):
-                with attempt:
-                    ctx = task.begin(attempt.retry_state)
-                    try:
-                        result = invoke(ctx)
-                    except BaseException as exc:
-                        failure = task.failed(exc)
-                        if failure is exc:
-                            raise
-                        raise failure from exc
-        except Interrupted:
-            return task.interrupted()
-        except Exception as exc:
-            decision = task.exhausted(exc)
+            result = invoke(ctx)
+        except BaseException as exc:
+            decision = task.after_failure(exc)
             if not isinstance(decision, float):
                 return decision
-            if sleep(decision) or task.lease.abort.is_set():
-                return task.interrupted()
+            if sleep(decision):
+                break
             continue
         return task.succeeded(result)
+    return task.interrupted()
 
 
 class ThreadedWorker:

@@ -97,11 +97,14 @@ def test_a_deep_backlog_on_one_key_delays_another_key_by_at_most_one_batch(rb: R
     work.enqueue_many([("hot", i) for i in range(10_000)], backend=backend)
     with ThreadedWorker(backend, queues=[q], concurrency=1):
         wait_until(lambda: len(rec.starts("hot")) >= 120, timeout=30)
-        before = len(rec.starts("hot"))
         work("cold", 0)
+        before = len(rec.starts("hot"))  # once Redis has accepted the cold task
         wait_until(lambda: rec.starts("cold") == [0], timeout=30)
-        overtaken = len(rec.starts("hot")) - before
-    assert overtaken <= 50 + 1, f"{overtaken} hot tasks ran before the cold one (batch limit 50)"
+    order = [key for key, *_ in rec.events]
+    overtaken = order.index("cold") - before  # hot tasks that started after cold was enqueued
+    # One batch, plus a few starts that race the enqueue's reply; unfair claiming would let
+    # whole further batches (or the entire backlog) through.
+    assert overtaken <= 50 + 5, f"{overtaken} hot tasks ran before the cold one (batch limit 50)"
     assert rec.starts("hot") == list(range(len(rec.starts("hot"))))
 
 

@@ -13,7 +13,8 @@
     ARGV[3]      random nonce of the caller
 
   Output:
-    { 0 } when the stream is not claimable (leased, not due, or empty and now forgotten)
+    { 0 } when the stream is not claimable (not due, or empty and now forgotten)
+    { 0, ms } when its lease is still held for ms more (e.g. it lapses within this millisecond)
     { 1, token, fencing token, pending length, in-flight length } on success
 
   The fencing token is max(previous + 1, Redis time in microseconds): it keeps rising even
@@ -29,7 +30,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   local left = redis.call('PTTL', KEYS[3])
   if left < 0 then left = ttl end
   redis.call('ZADD', KEYS[1], now + left, ARGV[1])
-  return { 0 }
+  return { 0, left }
 end
 local npending = redis.call('LLEN', KEYS[5])
 local ninflight = redis.call('LLEN', KEYS[6])
