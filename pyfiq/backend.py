@@ -140,14 +140,26 @@ class RedisQueueBackend:
         return script(keys=call.keys, args=call.args, client=client)
 
     def call_many(self, calls: Sequence[Call]) -> list[Any]:
-        """Run several script calls in one round trip (not a transaction); errors are returned
-        in place of their reply."""
+        """Run several calls of idempotent scripts (``due``, ``renew``) in one round trip, not
+        a transaction; errors are returned in place of their reply.
+
+        EVALSHA goes straight into the pipeline: redis-py would otherwise ask SCRIPT EXISTS
+        before every pipeline, an extra round trip per poll and heartbeat. If Redis lost its
+        script cache (a restart), the scripts are loaded and the batch is sent again, which
+        is why only idempotent scripts belong here."""
         if not calls:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for c in calls:
-            self.call(c, client=pipe)
-        return list(pipe.execute(raise_on_error=False))
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for c in calls:
+                script = getattr(self.scripts, c.script)
+                pipe.evalsha(script.sha, len(c.keys), *c.keys, *c.args)
+            replies = list(pipe.execute(raise_on_error=False))
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                return replies
+            for name in {c.script for c in calls}:
+                self.client.script_load(getattr(self.scripts, name).script)
+        return replies
 
     # -- the asyncio side: a redis.asyncio client and the same scripts, created on first use --
 

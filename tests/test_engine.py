@@ -261,3 +261,11 @@ def test_graceful_hand_off_does_not_count_as_a_delivery(redis_backend: RedisQueu
         assert ids_of(reply) == [task] and reply[2] == 1
         # Stopped mid-retry: the started task stays in flight, the lease is handed over.
         assert redis_backend.call(redis_backend.ops.release(lease, [], 0)) == 1
+
+
+def test_pipelined_calls_survive_a_lost_script_cache(redis_backend: RedisQueueBackend) -> None:
+    enqueue(redis_backend, "q", 1)
+    redis_backend.client.script_flush()  # as after a Redis restart
+    shard = redis_backend.keys.shard_of("q")
+    (reply,) = redis_backend.call_many([redis_backend.ops.due(shard, 5, None)])
+    assert Ops.parse_due(reply)[2][0][0] == "q"
