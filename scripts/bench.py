@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark pyfiq against the Redis round-trip ceiling and against peer task queues.
 
-Starts its own redis-server processes on free ports (never 6379 or 7777) in a temporary
+Starts its own redis-server processes on free ports in a temporary
 directory, measures, prints a table and writes JSON. Every figure comes with its ratio to a
 baseline measured in the same run: absolute numbers on a shared machine mean little. The
 "ceiling" is the round-trip rate of one redis-py connection running a trivial EVALSHA; since a
@@ -58,7 +58,6 @@ from pyfiq.registry import FifoFunction
 SECTIONS = ("ceiling", "drain", "enqueue", "peers", "takeover", "idle", "memory", "latency")
 PEERS = ("rq", "dramatiq", "huey")
 DRAIN_PREFETCH = (1, 10, 100)
-AVOID_PORTS = {6379, 7777}
 SCRIPT = Path(__file__).resolve()
 
 # -- child processes -------------------------------------------------------------------------
@@ -152,12 +151,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 
 def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in AVOID_PORTS:
-            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RedisServer:
