@@ -158,7 +158,7 @@ class AsyncWorker:
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            reply = await self.backend.acall(self.ops.acquire(stream))
+            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take))
             lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), now)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)

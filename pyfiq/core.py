@@ -53,6 +53,8 @@ class Lease:
     lost_reason: str = ""
     #: A call that may end the lease is in flight: a refused renewal then means "released".
     ending: bool = False
+    #: Tasks taken together with the lease, for the holder's first batch.
+    initial: list[tuple[Entry, int]] = field(default_factory=list)
 
     def mark_lost(self, reason: str) -> None:
         if not self.lost:
@@ -109,18 +111,21 @@ class Ops:
         due = [(_text(reply[i]), float(reply[i + 1])) for i in range(2, len(reply), 2)]
         return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), due
 
-    def acquire(self, stream: str) -> Call:
+    def acquire(self, stream: str, want: int = 0) -> Call:
+        """Claim a stream and, with ``want``, take its first tasks in the same round trip."""
         k = self.keys.stream(stream)
         return Call(
             "acquire",
-            [k.ready, k.epoch, k.lease, k.meta, k.pending, k.inflight],
-            [stream, self.settings.lease_ttl_ms, secrets.token_hex(8)],
+            [k.ready, k.epoch, k.lease, k.meta, k.pending, k.inflight, k.dlq, k.dlq_index],
+            [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries],
         )
 
     def parse_acquire(self, stream: str, reply: list[Any], abort: Flag) -> Lease | None:
         if int(reply[0]) != 1:
             return None
-        return Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort)
+        lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort)
+        lease.initial = [(Entry.parse(reply[i]), int(reply[i + 1])) for i in range(3, len(reply), 2)]
+        return lease
 
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
@@ -361,6 +366,8 @@ class StreamRun:
         self._waiting: str | None = None
 
     def start(self) -> Step:
+        self.buffer.extend(self.lease.initial)
+        self.lease.initial = []
         return self._next()
 
     def _call(self, call: Call) -> Call:

@@ -44,6 +44,8 @@ class Scheduler:
         # Streams handed back for a task this replica cannot run: left to others for a while.
         self._avoid: dict[str, float] = {}
         self._unknown_since: dict[str, float] = {}
+        #: Tasks taken together with a lease: a claim and the first batch in one round trip.
+        self.first_take = min(self.settings.prefetch, self.settings.batch_limit)
 
     # -- claiming -------------------------------------------------------------------------
 

@@ -206,7 +206,7 @@ class ThreadedWorker:
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            reply = self.backend.call(self.ops.acquire(stream))
+            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take))
             lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), now)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)

@@ -269,3 +269,23 @@ def test_pipelined_calls_survive_a_lost_script_cache(redis_backend: RedisQueueBa
     shard = redis_backend.keys.shard_of("q")
     (reply,) = redis_backend.call_many([redis_backend.ops.due(shard, 5, None)])
     assert Ops.parse_due(reply)[2][0][0] == "q"
+
+
+def test_acquire_takes_the_first_tasks_in_the_same_round_trip(redis_backend: RedisQueueBackend) -> None:
+    ops = redis_backend.ops
+    ids = enqueue(redis_backend, "q", 3)
+    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event())
+    assert lease is not None and [(e.id, d) for e, d in lease.initial] == [(ids[0], 1), (ids[1], 1)]
+    expire_lease(redis_backend, lease)  # crashed with both in flight
+    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event())
+    assert again is not None and [(e.id, d) for e, d in again.initial] == [(ids[0], 2)], "recovery: one at a time"
+    assert ids_of(take(redis_backend, again, [ids[0]], 2)) == [ids[1]]
+
+
+def test_acquire_of_a_stream_holding_only_expired_tasks_forgets_it(redis_backend: RedisQueueBackend) -> None:
+    (stale,) = enqueue(redis_backend, "q", 1, expires_in=0.01)
+    time.sleep(0.05)
+    ops = redis_backend.ops
+    assert ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 5)), threading.Event()) is None
+    assert [d.task_id for d in redis_backend.dead_letters("q")] == [stale]
+    assert redis_backend.queue_info("q")["lease"] is None and "q" not in redis_backend.active_streams()

@@ -23,10 +23,8 @@
     { 0 }                        the stream is empty: the lease was released and forgotten
     { 1, entry, deliveries, ...} the tasks handed over, in order (possibly none)
 
-  In-flight entries an earlier holder left behind (it crashed or lost its lease) are handed
-  over one at a time, each with its delivery count raised, so a task that kills its consumer
-  is the only one whose count rises, and it is dead-lettered as poison past the limit.
-  Entries past their deadline are dead-lettered as expired instead of being handed over.
+  Which tasks are handed over, and which are dead-lettered as poison or expired instead, is
+  hand_out() in lib.lua.
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return { -1 } end
 local nack = tonumber(ARGV[3])
@@ -39,51 +37,9 @@ if want == 0 then
   redis.call('HSET', KEYS[4], 'handed', handed)
   return { 2 }
 end
-local maxd = tonumber(ARGV[5])
 local out = { 1 }
-local now = nil
-
-while #out == 1 do
-  local entry = redis.call('LINDEX', KEYS[3], handed)
-  if not entry then break end
-  local id = task_id(entry)
-  local deliveries = tonumber(redis.call('HGET', KEYS[4], 'd:' .. id) or '1') + 1
-  if deliveries > maxd then
-    now = now or now_ms()
-    redis.call('LREM', KEYS[3], 1, entry)
-    redis.call('HDEL', KEYS[4], 'd:' .. id)
-    redis.call('RPUSH', KEYS[6], string.format(
-      '{"reason":"poison","deliveries":%d,"at_ms":%.0f}\n', deliveries - 1, now) .. entry)
-    redis.call('SADD', KEYS[7], ARGV[2])
-  else
-    redis.call('HSET', KEYS[4], 'd:' .. id, deliveries)
-    handed = handed + 1
-    out[#out + 1] = entry
-    out[#out + 1] = deliveries
-  end
-end
-
-if #out == 1 then
-  while #out < 2 * want + 1 do
-    local entry = redis.call('LPOP', KEYS[2])
-    if not entry then break end
-    local p1 = string.find(entry, '|', 34, true)
-    local p2 = string.find(entry, '|', p1 + 1, true)
-    local expires = tonumber(string.sub(entry, p1 + 1, p2 - 1))
-    now = now or now_ms()
-    if expires > 0 and expires <= now then
-      redis.call('RPUSH', KEYS[6], string.format(
-        '{"reason":"expired","deliveries":0,"at_ms":%.0f}\n', now) .. entry)
-      redis.call('SADD', KEYS[7], ARGV[2])
-    else
-      redis.call('RPUSH', KEYS[3], entry)
-      handed = handed + 1
-      out[#out + 1] = entry
-      out[#out + 1] = 1
-    end
-  end
-end
-
+handed = hand_out({ pending = KEYS[2], inflight = KEYS[3], meta = KEYS[4], dlq = KEYS[6],
+                    dlq_index = KEYS[7], stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), out)
 if #out == 1 and redis.call('LLEN', KEYS[3]) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
   redis.call('DEL', KEYS[1], KEYS[4])
