@@ -14,7 +14,7 @@ import structlog
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
+from .core import Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, release_retry_delays, replica_id
 from .errors import ConfigurationError
 from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
@@ -82,7 +82,10 @@ class AsyncWorker:
         if self._started:
             return self
         self._started = True
-        await self.backend.acheck_layout()
+        try:
+            await self.backend.acheck_layout()
+        except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
         self._executors = [
             asyncio.create_task(self._executor(), name=f"pyfiq-exec-{i}") for i in range(self.concurrency)
         ]
@@ -150,6 +153,7 @@ class AsyncWorker:
                 await _wait(self._nudge, wait)
 
     async def _claim(self) -> None:
+        await self.backend.acheck_layout()  # once: refuses a deployment with another shard count
         now = time.monotonic()
         shards, calls = self.scheduler.due_calls(now)
         if not calls:
@@ -235,10 +239,18 @@ class AsyncWorker:
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
             call = run.fail()
             if call is not None:
-                try:
-                    # Shielded: a cancelled stop still hands the stream over.
-                    await asyncio.shield(self.backend.acall(call))
-                except BaseException:
+                # Shielded: a cancelled stop still hands the stream over; retried because Redis
+                # may be back in a moment, and a repeated release is refused, not doubled.
+                for delay in release_retry_delays(self.settings.lease_ttl):
+                    try:
+                        await asyncio.sleep(delay)
+                        await asyncio.shield(self.backend.acall(call))
+                        break
+                    except asyncio.CancelledError:
+                        break
+                    except Exception:
+                        continue
+                else:
                     lease.mark_lost("release failed after an error; the lease will lapse")
             if not isinstance(exc, Exception):
                 raise

@@ -206,6 +206,8 @@ class RedisQueueBackend:
         return Ops.parse_enqueue(reply)
 
     async def acheck_layout(self) -> None:
+        if self._layout_checked:
+            return
         client = self.async_client
         await client.set(self.keys.layout_key, self.keys.shards, nx=True)
         self._verify_layout(await client.get(self.keys.layout_key))

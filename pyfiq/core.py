@@ -55,11 +55,30 @@ class Lease:
     ending: bool = False
     #: Tasks taken together with the lease, for the holder's first batch.
     initial: list[tuple[Entry, int]] = field(default_factory=list)
+    ttl: float = 0.0
+
+    def lapsed(self) -> bool:
+        """True once no renewal has been confirmed for a whole TTL: the lease may be gone even
+        if no heartbeat said so yet (this process was paused), so start nothing new."""
+        if not self.lost and time.monotonic() - self.renewed_at >= self.ttl:
+            self.mark_lost("no renewal confirmed within the lease TTL")
+        return self.lost
 
     def mark_lost(self, reason: str) -> None:
         if not self.lost:
             self.lost, self.lost_reason = True, reason
         self.abort.set()
+
+
+def release_retry_delays(lease_ttl: float) -> list[float]:
+    """Pauses before each attempt to release a lease after an I/O error: quick at first, and
+    all within half the TTL, after which letting the lease lapse is as fast."""
+    delays, total, step = [0.0], 0.0, 0.05
+    while total + step <= lease_ttl / 2:
+        delays.append(step)
+        total += step
+        step *= 2
+    return delays
 
 
 def replica_id() -> str:
@@ -124,6 +143,7 @@ class Ops:
         if int(reply[0]) != 1:
             return None
         lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort)
+        lease.ttl = self.settings.lease_ttl
         lease.initial = [(Entry.parse(reply[i]), int(reply[i + 1])) for i in range(3, len(reply), 2)]
         return lease
 
@@ -147,7 +167,9 @@ class Ops:
             [lease.token, k.stream, len(acks), task_id, header, *acks],
         )
 
-    def release(self, lease: Lease, acks: Sequence[str], unstarted: int) -> Call:
+    def release(self, lease: Lease, acks: Sequence[str], unstarted: int, *, hand_off: bool = True) -> Call:
+        """Give the lease up. ``hand_off=False`` after an error: tasks left in flight may have
+        run, so they keep their raised delivery counts."""
         k = lease.keys
         return Call(
             "release",
@@ -159,6 +181,7 @@ class Ops:
                 unstarted,
                 self.keys.wake_channel,
                 k.shard,
+                "1" if hand_off else "0",
                 *acks,
             ],
         )
@@ -464,4 +487,4 @@ class StreamRun:
         self.lease.ending = True
         self.acks = []
         self.buffer.clear()
-        return None if self.lease.lost else self.ops.release(self.lease, [], 0)
+        return None if self.lease.lost else self.ops.release(self.lease, [], 0, hand_off=False)

@@ -68,7 +68,7 @@ class TaskRun:
     def begin(self) -> TaskContext | None:
         """Start an attempt: the context the function runs with, or None if the lease was
         lost or the worker is stopping."""
-        if self.lease.abort.is_set():
+        if self.lease.abort.is_set() or self.lease.lapsed():
             return None
         self.attempts += 1
         if self.attempts > 1:

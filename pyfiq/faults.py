@@ -8,7 +8,8 @@ connection to the target. It can then:
 - ``blackhole()``: keep accepting, but silently drop every byte in both directions (a network
   partition); clients see timeouts. Connections that dropped bytes are out of step with the
   protocol, so ``heal()`` resets them, as a real partition ends in timed-out connections;
-- ``delay(seconds)``: deliver every chunk ``seconds`` late, in order (a slow link);
+- ``delay(seconds)``: deliver every chunk ``seconds`` late, in order, in each direction (a slow
+  link: a request-reply round trip takes ``2 * seconds`` longer);
 - ``heal()``: back to plain forwarding.
 
 It runs an asyncio loop in one daemon thread of the calling process; every public method is

@@ -463,8 +463,9 @@ class Fleet:
         counts: Counter[str] = Counter()
         for p in self.every:
             text = self.log(p.pid)
-            for marker in ("pyfiq.lease_lost", "pyfiq.result_dropped", "pyfiq.stream_failed", "Traceback"):
+            for marker in ("pyfiq.lease_lost", "pyfiq.result_dropped", "pyfiq.stream_failed"):
                 counts[marker] += text.count(marker)
+            counts["logs with a traceback"] += "Traceback" in text
         return dict(counts)
 
 
@@ -720,6 +721,19 @@ class Injector:
                     return name, False
             time.sleep(0.002)
 
+    def _mid_task(self, name: str, wait: float = 2.0) -> bool:
+        """Wait (up to ``wait`` seconds) until replica ``name`` has just started a task."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._tail_lock:
+                self.tail.poll()
+                runs = self.tail.open_runs()
+            pid = self.fleet.procs[name].pid
+            if any(r["pid"] == pid and time.time() - r["t"] < max(0.01, self.p.hold * 0.6) for r in runs):
+                return True
+            time.sleep(0.002)
+        return False
+
     def _release(self, name: str) -> None:
         with self._lock:
             self.gate.busy.discard(name)
@@ -750,6 +764,10 @@ class Injector:
         self.fleet.kill(name)
         event["t"] = time.time()  # the moment it was certainly dead
         self.fleet.spawn(name)
+        # Ready before another fault may pick it: a replica that starts while its link is cut
+        # exits at once (see the report of the first soak run), which is a finding of its own,
+        # not something every kill should stumble into.
+        self.fleet.wait_ready([name])
         event["t_end"] = time.time()
         self.record(event)
 
@@ -810,8 +828,7 @@ class Injector:
     def _rolling_restart(self) -> None:
         event: Event = {"kind": "rolling-restart", "target": "all", "t": time.time(), "stops": []}
         for name in self.names:
-            with self._tail_lock:
-                self.tail.poll()
+            self._mid_task(name)  # so the stop has a running task to finish and a queue to hand over
             pid = self.fleet.procs[name].pid
             t = time.time()
             rc, took = self.fleet.terminate(name, timeout=max(15.0, self.p.lease_ttl * 5))
@@ -960,8 +977,29 @@ def verify(
     # Re-executions: each must follow a fault on the replica that ran the task before (or on
     # Redis), or a graceful stop during the task's retry back-off.
     by_task: dict[str, list[Event]] = defaultdict(list)
+    first_seen: dict[int, float] = {}
     for e in journal:
         by_task[e["task_id"]].append(e)
+        first_seen[e["pid"]] = min(first_seen.get(e["pid"], e["t"]), e["t"])
+
+    def explains(f: Event, culprit: Event, since: float, until: float) -> bool | None:
+        """Whether fault ``f`` can explain a lease or acknowledgement lost by ``culprit``'s
+        process between ``since`` and ``until``: None if not, True if only as a connection the
+        fault reset and the process found dead on its next use, which can be much later (a
+        pooled connection, with no retry on connection errors)."""
+        if f["kind"] not in REPLICA_FAULTS + REDIS_FAULTS or f["t"] > until:
+            return None
+        if f["target"] not in (culprit["replica"], "redis"):
+            return None
+        if _fault_window(f, lease_ttl, poll_interval)[1] >= since:
+            return False
+        same_process = f.get("pid") == culprit["pid"] if f["target"] != "redis" else None
+        if f["kind"] in ("cut", "blackhole") and same_process:
+            return True
+        if f["kind"] in REDIS_FAULTS and first_seen.get(culprit["pid"], float("inf")) < f["t"]:
+            return True
+        return None
+
     stops = [dict(s, kind="graceful-stop") for f in faults if f["kind"] == "rolling-restart" for s in f["stops"]]
     reexec_by_kind: Counter[str] = Counter()
     unexplained_reexec: list[Event] = []
@@ -976,18 +1014,27 @@ def verify(
             prev = starts_[i - 1]
             prev_last = [e for e in events if e["pid"] == prev["pid"] and e["t"] < rerun["t"]][-1]
             cause = None
+            # Usually the earlier run was interrupted (a fault on its replica, or on Redis). A
+            # re-run under an *older* fence is the other way round: a holder paused or cut off
+            # after it was handed the task wakes up and runs it although the new holder already
+            # has; fencing keeps it from acknowledging, not from running (README: "Fencing
+            # protects the queue, not your side effects").
+            stale = rerun["fence"] < prev["fence"]
+            culprit = rerun if stale else prev
             candidates = [
-                f
+                (f, late)
                 for f in faults
-                if f["kind"] in REPLICA_FAULTS + REDIS_FAULTS
-                and f["target"] in (prev["replica"], "redis")
-                and f["t"] <= rerun["t"]
-                and _fault_window(f, lease_ttl, poll_interval)[1] >= prev["t"]
+                if (late := explains(f, culprit, min(prev["t"], rerun["t"]), rerun["t"])) is not None
             ]
             if candidates:
                 # The first fault after the interrupted run began, else one already under way.
-                later = [f for f in candidates if f["t"] >= prev["t"]]
-                cause = (min(later, key=lambda f: f["t"]) if later else max(candidates, key=lambda f: f["t"]))["kind"]
+                later = [c for c in candidates if c[0]["t"] >= prev["t"]]
+                f, late = min(later, key=lambda c: c[0]["t"]) if later else max(candidates, key=lambda c: c[0]["t"])
+                cause = (
+                    f["kind"]
+                    + (" (stale holder)" if stale else "")
+                    + (" (connection found dead later)" if late else "")
+                )
             if cause is None:
                 for s in stops:
                     if s["pid"] == prev["pid"] and prev_last["event"] == "fail" and s["t"] <= rerun["t"]:
@@ -1003,11 +1050,21 @@ def verify(
             + "; ".join(f"{e['queue']} #{e['seq']} on {e['replica']} at {e['t']:.3f}" for e in unexplained_reexec[:3])
         )
 
-    # Overlaps: none unexplained; the fence-explained ones only around a fault.
-    if overlaps.overlaps_unexplained:
-        a, b = overlaps.overlaps_unexplained[0]
+    # Overlaps: none unexplained; the fence-explained ones only around a fault. check() takes
+    # the earlier-started run as the one whose lease lapsed; a stale holder can also *start*
+    # late (paused after it was handed a task, before it began it): the later-started run then
+    # has the lower fence, and a fault on its replica explains it.
+    unexplained_overlaps = []
+    stale_overlaps = 0
+    for a, b in overlaps.overlaps_unexplained:
+        if b["fence"] < a["fence"] and any(explains(f, b, b["t"], b["t"]) is not None for f in faults):
+            stale_overlaps += 1
+        else:
+            unexplained_overlaps.append((a, b))
+    if unexplained_overlaps:
+        a, b = unexplained_overlaps[0]
         breaches.append(
-            f"{len(overlaps.overlaps_unexplained)} overlapping executions of one queue not explained by a lapsed "
+            f"{len(unexplained_overlaps)} overlapping executions of one queue not explained by a lapsed "
             f"lease, e.g. {a['queue']} #{a['seq']} on {a['replica']} (fence {a['fence']}) and #{b['seq']} on "
             f"{b['replica']} (fence {b['fence']})"
         )
@@ -1026,7 +1083,7 @@ def verify(
             ends_by_pid_queue[(e["pid"], e["queue"])].append(e["t"])
     open_at = _open_runs_at(journal)
     takeovers: dict[str, list[float]] = defaultdict(list)
-    mid_task_faults = rerun_first = 0
+    mid_task_faults = rerun_first = interrupted = raised = 0
     bound = lease_ttl + poll_interval + TAKEOVER_SLACK
     for f in faults:
         if f["kind"] not in TAKEOVER_FAULTS:
@@ -1035,15 +1092,22 @@ def verify(
         mid_task_faults += bool(held)
         for run in held:
             q = run["queue"]
-            nxt = next((e for e in starts_by_queue[q] if e["t"] > f["t"]), None)
+            reruns = [e for e in by_task[run["task_id"]] if e["event"] == "start" and e["fence"] > run["fence"]]
+            if not [e for e in reruns if e["t"] > f["t"]]:
+                continue  # it finished and was acknowledged before the fault took hold
+            interrupted += 1
+            # The next start on the queue under a newer lease (a stale holder's late start is
+            # not a takeover).
+            nxt = next((e for e in starts_by_queue[q] if e["t"] > f["t"] and e["fence"] > run["fence"]), None)
             if nxt is None:
                 breaches.append(f"{q}: nothing ran after the {f['kind']} of {f['target']} at {f['t']:.3f}")
                 continue
-            # G3: the task interrupted mid-run (or whose acknowledgement could not reach Redis)
-            # runs again first, before anything behind it, with its delivery count raised.
-            if nxt["task_id"] == run["task_id"] and nxt["deliveries"] > run["deliveries"]:
+            # G3: the interrupted task (or the one whose acknowledgement could not reach Redis)
+            # runs again first, before anything behind it.
+            if nxt["task_id"] == run["task_id"]:
                 rerun_first += 1
-            elif nxt["task_id"] != run["task_id"]:
+                raised += nxt["deliveries"] > run["deliveries"]
+            else:
                 breaches.append(
                     f"{q}: after the {f['kind']} of {f['target']}, #{nxt['seq']} ran before the "
                     f"interrupted #{run['seq']}"
@@ -1124,11 +1188,13 @@ def verify(
             "lost_to_redis_durability": len(durability_lost),
             "dead_lettered": sum(len(v) for v in dead.values()),
             "order_violations": len(report.order_violations),
-            "overlaps_unexplained": len(overlaps.overlaps_unexplained),
-            "overlaps_explained_by_fencing": overlaps.overlaps_explained,
+            "overlaps_unexplained": len(unexplained_overlaps),
+            "overlaps_explained_by_fencing": overlaps.overlaps_explained + stale_overlaps,
             "faults": dict(fault_counts),
             "faults_mid_task": mid_task_faults,
+            "interrupted": interrupted,
             "interrupted_rerun_first": rerun_first,
+            "interrupted_rerun_delivery_raised": raised,
             "takeover_max": _max(all_takeovers),
             "takeover_median": _median(all_takeovers),
             "takeover_by_kind": {k: {"n": len(v), "max": _max(v), "median": _median(v)} for k, v in takeovers.items()},
@@ -1149,14 +1215,14 @@ def verify(
         f"place unknown; {failed_enqueues} enqueues given up)",
         "faults: "
         + (", ".join(f"{k}={v}" for k, v in sorted(fault_counts.items())) or "none")
-        + f" ({mid_task_faults} replica faults hit a task mid-run; {rerun_first} interrupted tasks ran again "
-        "first, with a raised delivery count)",
+        + f" ({mid_task_faults} replica faults hit a task mid-run; {interrupted} running tasks were "
+        f"interrupted; {rerun_first} of them ran again first, {raised} with a raised delivery count)",
         *report.lines(),
         f"lost tasks (every accepted task): {len(pyfiq_lost)}; lost to Redis AOF everysec in a crash: "
         f"{len(durability_lost)}; dead-lettered: {stats['dead_lettered']}",
         f"re-executions: {reexecutions} ({dict(reexec_by_kind)}), unexplained: {len(unexplained_reexec)}",
-        f"overlaps: {len(overlaps.overlaps_unexplained)} unexplained, {overlaps.overlaps_explained} explained by a "
-        "lapsed lease with a lower fencing token",
+        f"overlaps: {len(unexplained_overlaps)} unexplained, {overlaps.overlaps_explained + stale_overlaps} explained "
+        f"by a lapsed lease with a lower fencing token ({stale_overlaps} of them a stale holder starting late)",
         f"takeover after kill/stop/cut/blackhole: max {stats['takeover_max']}s, median {stats['takeover_median']}s "
         f"(lease TTL {lease_ttl}s, bound {bound:.2f}s) {stats['takeover_by_kind']}",
         f"graceful hand-off: max {stats['handoff_max']}s, median {stats['handoff_median']}s; "
@@ -1164,9 +1230,8 @@ def verify(
         "Redis restarts: "
         + (
             "; ".join(
-                f"{r['kind']} (appendfsync={r['appendfsync']}): {r['lost_tasks']} tasks and "
-                f"{r['acknowledged_writes_lost']} acknowledged writes lost"
-                for r in redis_loss
+                f"{n}x {kind} (appendfsync={mode}): {lost_n} tasks and {writes} acknowledged writes lost"
+                for (kind, mode), (n, lost_n, writes) in sorted(_redis_summary(redis_loss).items())
             )
             or "none"
         ),
@@ -1175,6 +1240,15 @@ def verify(
     if log_counts:
         out.append("replica logs: " + ", ".join(f"{k}={v}" for k, v in sorted(log_counts.items())))
     return Verdict(ok=not breaches, breaches=breaches, lines=out, stats=stats)
+
+
+def _redis_summary(losses: list[Event]) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(kind, appendfsync) -> (restarts, tasks lost, acknowledged writes lost)."""
+    out: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for r in losses:
+        n, lost, writes = out.get((r["kind"], r["appendfsync"]), (0, 0, 0))
+        out[(r["kind"], r["appendfsync"])] = (n + 1, lost + r["lost_tasks"], writes + r["acknowledged_writes_lost"])
+    return out
 
 
 def _open_runs_at(journal: list[Event]) -> Callable[[int, float], list[Event]]:
@@ -1422,6 +1496,11 @@ def run_scenario(
             dead[q] = [int(d.record.args[0]) for d in observer.dead_letters(q, limit=100_000) if d.record]
         log_counts = fleet.log_counts()
         unexpected = list(fleet.unexpected)
+        if redis_url is not None:  # someone else's Redis: leave nothing of this run behind
+            with contextlib.suppress(redis.RedisError):
+                keys = list(observer.client.scan_iter(match=f"{prefix}:*", count=1000))
+                for i in range(0, len(keys), 500):
+                    observer.client.delete(*keys[i : i + 500])
 
     verdict = verify(
         run_dir,

@@ -18,7 +18,18 @@ import structlog
 
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import Fenced, Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, replica_id
+from .core import (
+    Fenced,
+    Finished,
+    Lease,
+    Outcome,
+    Pause,
+    Prepared,
+    RunTask,
+    StreamRun,
+    release_retry_delays,
+    replica_id,
+)
 from .errors import ConfigurationError
 from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
@@ -94,7 +105,10 @@ class ThreadedWorker:
     def start(self) -> ThreadedWorker:
         if self._started:
             return self
-        self.backend.check_layout()
+        try:
+            self.backend.check_layout()
+        except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
         self._started = True
         for i in range(self.concurrency):
             self._threads.append(self._spawn(self._executor, f"pyfiq-exec-{i}"))
@@ -198,6 +212,7 @@ class ThreadedWorker:
                 self._nudge.wait(wait)
 
     def _claim(self) -> None:
+        self.backend.check_layout()  # once: refuses a deployment with another shard count
         now = time.monotonic()
         shards, calls = self.scheduler.due_calls(now)
         if not calls:
@@ -289,9 +304,16 @@ class ThreadedWorker:
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
             call = run.fail()
             if call is not None and not self._abandoned.is_set():
-                try:
-                    self.backend.call(call)
-                except Exception:
+                # Redis may be back in a moment (a restart): hand over now rather than let
+                # the stream wait out the lease TTL. A repeated release is refused, not doubled.
+                for delay in release_retry_delays(self.settings.lease_ttl):
+                    time.sleep(delay)
+                    try:
+                        self.backend.call(call)
+                        break
+                    except Exception:
+                        continue
+                else:
                     lease.mark_lost("release failed after an error; the lease will lapse")
             if not isinstance(exc, Exception):
                 raise

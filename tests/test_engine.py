@@ -289,3 +289,14 @@ def test_acquire_of_a_stream_holding_only_expired_tasks_forgets_it(redis_backend
     assert ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 5)), threading.Event()) is None
     assert [d.task_id for d in redis_backend.dead_letters("q")] == [stale]
     assert redis_backend.queue_info("q")["lease"] is None and "q" not in redis_backend.active_streams()
+
+
+def test_release_after_an_error_keeps_delivery_counts(redis_backend: RedisQueueBackend) -> None:
+    (task,) = enqueue(redis_backend, "q", 1)
+    ops = redis_backend.ops
+    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event())
+    assert lease is not None and lease.initial[0][1] == 1
+    # The worker lost track of the last call (a connection error): the task may have run.
+    assert redis_backend.call(ops.release(lease, [], 0, hand_off=False)) == 1
+    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event())
+    assert again is not None and [(e.id, d) for e, d in again.initial] == [(task, 2)]

@@ -13,7 +13,9 @@
     ARGV[4]      number of taken tasks the holder never started (at the tail of in-flight)
     ARGV[5]      wake-up channel
     ARGV[6]      shard number
-    ARGV[7..]    k task ids, oldest first
+    ARGV[7]      '1' for a hand-off (stop, yield, defer), '0' after an error: the tasks left in
+                 flight may have run, so their delivery counts stand
+    ARGV[8..]    k task ids, oldest first
 
   Output:
     -1 if the caller's lease is gone (nothing changed), 1 when released
@@ -25,7 +27,7 @@
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-if not ack_head(KEYS[3], KEYS[4], argv_slice(7, nack)) then
+if not ack_head(KEYS[3], KEYS[4], argv_slice(8, nack)) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
 local handed = handed_after(KEYS[4], nack)
@@ -40,7 +42,7 @@ for _ = 1, unstarted do
   moved = moved + 1
 end
 local kept = {}
-if handed - moved > 0 then kept = redis.call('LRANGE', KEYS[3], 0, handed - moved - 1) end
+if ARGV[7] == '1' and handed - moved > 0 then kept = redis.call('LRANGE', KEYS[3], 0, handed - moved - 1) end
 for _, entry in ipairs(kept) do
   -- The next holder's hand-over adds one back (an absent count means one delivery).
   local field = 'd:' .. task_id(entry)
