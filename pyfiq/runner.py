@@ -277,9 +277,11 @@ class JournalTail:
 
 
 class RedisProcess:
-    """A redis-server the runner owns: loopback, a free port, AOF, its own directory."""
+    """A redis-server the runner (and the test suite) owns: loopback, a free port, its own
+    directory, AOF with ``appendfsync`` (``None``: no persistence). It keeps its port across
+    restarts."""
 
-    def __init__(self, directory: Path, *, appendfsync: str = "everysec", port: int | None = None) -> None:
+    def __init__(self, directory: Path, *, appendfsync: str | None = "everysec", port: int | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -296,9 +298,11 @@ class RedisProcess:
         argv = [
             "redis-server",
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "yes", "--appendfsync", self.appendfsync,
-            "--logfile", "redis.log",
+            "--save", "", "--logfile", "redis.log",
         ]  # fmt: skip
+        argv += (
+            ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendfsync else ["--appendonly", "no"]
+        )
         self.proc = popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 15

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend
+from pyfiq.runner import RedisProcess
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -29,63 +29,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RedisServer:
-    """One redis-server process the tests own: start, stop (gracefully or SIGKILL), restart."""
+class RedisServer(RedisProcess):
+    """A redis-server the tests own (see ``RedisProcess``), with what tests add: a restart
+    that keeps the port, a client, and a clear failure when redis-server is missing."""
 
     def __init__(self, directory: Path, *, appendfsync: str | None = None) -> None:
         if REDIS_SERVER is None:
             pytest.fail("redis-server is not installed: run scripts/test.sh, which installs it")
-        self.port = free_port()
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.appendfsync = appendfsync
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--logfile",
-            "redis.log",
-        ]
-        if self.appendfsync:
-            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
-        else:
-            args += ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
-        client.close()
-        return self
-
-    def stop(self, *, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        self.proc.wait(10)
-        self.proc = None
+        super().__init__(directory, appendfsync=appendfsync)
 
     def restart(self, *, kill: bool = False, downtime: float = 0.0) -> None:
         self.stop(kill=kill)
