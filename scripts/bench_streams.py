@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,13 @@ class Bench:
             "--import", "bench_streams", "--queues", QUEUE, "--concurrency", "8", "--prefetch", "10",
             "--lease-ttl", "10", "--poll-interval", "0.2", "--log-level", "error",
         ]  # fmt: skip
-        procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(replicas)]
+        logs = [out / f"replica-{i}.log" for i in range(replicas)]
+        procs = []
+        for log in logs:
+            with open(log, "w") as sink:  # a file, not a pipe: a replica never blocks on its log
+                procs.append(subprocess.Popen(argv, env=env, stderr=sink))
         try:
-            for p in procs:  # wait until every replica is up before a paced load starts
-                assert p.stderr is not None
-                p.stderr.readline()
+            _wait_for(lambda: all("ready" in log.read_text() for log in logs), 30, "replicas to start", logs)
             if rate is not None:
                 started = time.monotonic()
                 for n, (key, seq) in enumerate(calls):
@@ -125,16 +128,17 @@ class Bench:
                     if delay > 0:
                         time.sleep(delay)
                     noop.send_with_options(args=(key, seq), backend=backend)
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                if not backend.active_streams():
-                    break
-                time.sleep(0.05)
+            _wait_for(lambda: not backend.active_streams(), 60 + tasks / 100, "the streams to drain", logs)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
             for p in procs:
-                p.wait(60)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    raise RuntimeError(f"a replica did not stop within 20 s; see {out}") from None
         parts = [json.loads(f.read_text()) for f in out.glob("*.json")]
         count = sum(p["count"] for p in parts)
         span = max(p["last"] for p in parts) - min(p["first"] for p in parts)
@@ -149,6 +153,15 @@ class Bench:
             "latency_p50_ms": statistics.median(latency) if latency else None,
             "latency_p99_ms": latency[int(len(latency) * 0.99) - 1] if latency else None,
         }
+
+
+def _wait_for(done: Callable[[], bool], seconds: float, what: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in logs)
+            raise RuntimeError(f"timed out after {seconds:.0f}s waiting for {what}\n{tails}")
+        time.sleep(0.05)
 
 
 def _load_task(env: dict[str, str]) -> Any:
