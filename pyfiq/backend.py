@@ -183,11 +183,18 @@ class RedisQueueBackend:
     async def acall_many(self, calls: Sequence[Call]) -> list[Any]:
         if not calls:
             return []
-        pipe = self.async_client.pipeline(transaction=False)
-        for c in calls:
-            # Queued in the pipeline, sent by execute(); the coroutine only resolves the SHA.
-            await self.acall(c, client=pipe)
-        return list(await pipe.execute(raise_on_error=False))
+        # As call_many: EVALSHA straight into the pipeline, scripts reloaded if Redis lost them.
+        scripts = self._async_side()[1]
+        for _ in range(2):
+            pipe = self.async_client.pipeline(transaction=False)
+            for c in calls:
+                pipe.evalsha(getattr(scripts, c.script).sha, len(c.keys), *c.keys, *c.args)
+            replies = list(await pipe.execute(raise_on_error=False))
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                return replies
+            for name in {c.script for c in calls}:
+                await self.async_client.script_load(getattr(scripts, name).script)
+        return replies
 
     async def aenqueue_encoded(
         self,
@@ -198,7 +205,11 @@ class RedisQueueBackend:
         """``enqueue_encoded`` without blocking the event loop."""
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
-            if not self._layout_checked:
+            if self._layout_checked:
+                # One plain attempt first, as in enqueue_encoded.
+                with contextlib.suppress(*TRANSIENT):
+                    return Ops.parse_enqueue(await self.acall(call))
+            else:
                 await self._retrying(AsyncRetrying)(self.acheck_layout)
             reply: Any = await self._retrying(AsyncRetrying)(self.acall, call)
         except RetryError as exc:

@@ -784,16 +784,15 @@ class Injector:
         self.record(event)
 
     def _cut(self, name: str, mid: bool) -> None:
-        event = self._base("cut", name, mid)
-        self.proxies[name].cut()
-        time.sleep(self.p.lease_ttl * 1.3)
-        self.proxies[name].heal()
-        event["t_end"] = time.time()
-        self.record(event)
+        self._partition("cut", name, mid)
 
     def _blackhole(self, name: str, mid: bool) -> None:
-        event = self._base("blackhole", name, mid)
-        self.proxies[name].blackhole()
+        self._partition("blackhole", name, mid)
+
+    def _partition(self, kind: str, name: str, mid: bool) -> None:
+        """Cut or blackhole one replica's Redis connection past its lease TTL, then heal it."""
+        event = self._base(kind, name, mid)
+        getattr(self.proxies[name], kind)()
         time.sleep(self.p.lease_ttl * 1.3)
         self.proxies[name].heal()
         event["t_end"] = time.time()
