@@ -8,6 +8,7 @@ from .errors import (
     ConfigurationError,
     DecodeError,
     NotConfiguredError,
+    PartialEnqueueError,
     PyfiqError,
     SerializationError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "JSONSerializer",
     "MsgpackSerializer",
     "NotConfiguredError",
+    "PartialEnqueueError",
     "PickleSerializer",
     "PyfiqError",
     "RedisQueueBackend",

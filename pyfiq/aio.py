@@ -5,30 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import structlog
-
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
-from .core import Finished, Lease, Outcome, Pause, Prepared, RunTask, StreamRun, release_retry_delays, replica_id
+from .core import (
+    Finished,
+    Lease,
+    Outcome,
+    Pause,
+    Prepared,
+    RateLimit,
+    RunTask,
+    StreamRun,
+    describe_error,
+    release_retry_delays,
+    replica_id,
+)
 from .errors import ConfigurationError
 from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
+from .logs import log
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
 
-log = structlog.get_logger("pyfiq")
-
 
 async def run_task_async(
-    task: TaskRun, invoke: Callable[[TaskContext], Awaitable[Any]], sleep: Callable[[float], Awaitable[bool]]
+    task: TaskRun,
+    invoke: Callable[[TaskContext], Awaitable[Any]],
+    sleep: Callable[[float], Awaitable[bool]],
+    permit: Callable[[], Awaitable[bool]] | None = None,
 ) -> Outcome:
     """Run one task under its retry policy, awaiting it; ``sleep`` returns True when the wait
-    was cut short by the lease's abort flag."""
+    was cut short by the lease's abort flag; ``permit`` as in ``run_task_sync``."""
     while (ctx := task.begin()) is not None:
         try:
             result = await invoke(ctx)
@@ -36,11 +50,31 @@ async def run_task_async(
             decision = task.after_failure(exc)
             if not isinstance(decision, float):
                 return decision
-            if await sleep(decision):
+            if await sleep(decision) or (permit is not None and not await permit()):
                 break
             continue
         return task.succeeded(result)
     return task.interrupted()
+
+
+async def run_in_thread(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread``, except that cancellation waits for the thread: a function running
+    in a thread cannot be stopped, and its stream's lease must stay held (renewed) until it
+    really ends, or another replica would run the same task alongside it. The result is
+    returned as usual, so a task that completes after a cancelled stop is still acknowledged."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+    future = loop.run_in_executor(None, call)
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            task = asyncio.current_task()
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
 
 
 class AsyncWorker:
@@ -75,7 +109,10 @@ class AsyncWorker:
         self._executors: list[asyncio.Task[None]] = []
         self._control: list[asyncio.Task[None]] = []
         self._dispatcher: asyncio.Task[None] | None = None
+        self._finisher: asyncio.Task[None] | None = None
         self._started = False
+        #: Why the worker went down on its own (a task of it died), if it did.
+        self.failure: BaseException | None = None
         self.log = log.bind(replica=self.replica)
 
     async def start(self) -> AsyncWorker:
@@ -86,24 +123,63 @@ class AsyncWorker:
             await self.backend.acheck_layout()
         except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
             self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
-        self._executors = [
-            asyncio.create_task(self._executor(), name=f"pyfiq-exec-{i}") for i in range(self.concurrency)
-        ]
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="pyfiq-dispatch")
+        self._executors = [self._spawn(self._executor(), f"pyfiq-exec-{i}") for i in range(self.concurrency)]
+        self._dispatcher = self._spawn(self._dispatch(), "pyfiq-dispatch")
         self._control = [
-            asyncio.create_task(self._heartbeat(), name="pyfiq-heartbeat"),
-            asyncio.create_task(self._listen(), name="pyfiq-wake"),
+            self._spawn(self._heartbeat(), "pyfiq-heartbeat"),
+            self._spawn(self._listen(), "pyfiq-wake"),
             self._dispatcher,
         ]
         self.log.info("pyfiq.worker_started", concurrency=self.concurrency, driver="asyncio")
         return self
 
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task of this worker ended. Before a stop that is a failure: never leave a worker
+        that looks alive and consumes nothing; stop it, loudly."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception() or RuntimeError(f"{task.get_name()} ended unexpectedly")
+        if self.failure is None:
+            self.failure = exc
+        with contextlib.suppress(BaseException):  # logging may be what failed
+            self.log.critical("pyfiq.worker_task_died", task=task.get_name(), error=describe_error(exc), exc_info=exc)
+        self._finisher = asyncio.ensure_future(self._stop_after_failure())
+
+    async def _stop_after_failure(self) -> None:
+        await self.stop()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the worker runs as it should: started, not stopping, no task of it died."""
+        return (
+            self._started
+            and self.failure is None
+            and not self._stopping.is_set()
+            and not any(t.done() for t in (*self._executors, *self._control))
+        )
+
     async def stop(self, timeout: float = 30.0) -> bool:
-        """Finish running tasks, release every lease and return; idempotent. Returns False if
-        tasks had to be cancelled at ``timeout`` (they stay in Redis for redelivery)."""
-        if self._stopped.is_set() or not self._started:
+        """Finish running tasks, release every lease and return; idempotent.
+
+        Returns False if tasks were still running at ``timeout``. ``async def`` tasks are then
+        cancelled (they stay in Redis for redelivery). A plain function running in a thread
+        cannot be cancelled: its lease stays renewed until it really ends, then its stream is
+        handed over (acknowledged first if it succeeded), in the background of this loop. If
+        the loop or the process ends first, the lease lapses after ``lease_ttl`` and the next
+        holder runs the task again: two live runs of one task never overlap."""
+        if not self._started:
             self._stopped.set()
             return True
+        if self._stopping.is_set():
+            if self._finisher is not None and self._finisher is not asyncio.current_task():
+                await asyncio.wait([self._finisher], timeout=max(0.0, timeout))
+            return self._stopped.is_set()
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._nudge.set()
@@ -117,14 +193,28 @@ class AsyncWorker:
         for t in pending:
             t.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            # Cancelled coroutines release their streams; tasks in threads run on.
+            await asyncio.wait(pending, timeout=1.0)
+        running = [t for t in self._executors if not t.done()]
+        if running:
+            self.log.warning("pyfiq.worker_stop_timed_out", running=len(running))
+            if self._finisher is None or self._finisher.done():
+                self._finisher = asyncio.ensure_future(self._finish(running))
+            return False
+        await self._shut_down()
+        return not pending
+
+    async def _finish(self, running: list[asyncio.Task[None]]) -> None:
+        await asyncio.wait(running)
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
         # Heartbeats last: leases stay renewed while running tasks finish.
         self._stopped.set()
         for t in self._control:
             t.cancel()
         await asyncio.gather(*self._control, return_exceptions=True)
-        self.log.info("pyfiq.worker_stopped", clean=not pending)
-        return not pending
+        self.log.info("pyfiq.worker_stopped")
 
     async def __aenter__(self) -> AsyncWorker:
         return await self.start()
@@ -145,7 +235,7 @@ class AsyncWorker:
                 backoff = 0.0
             except Exception as exc:
                 backoff = min(max(backoff * 2, 0.1), self.settings.poll_interval)
-                self.log.warning("pyfiq.claim_failed", error=repr(exc), retry_in=backoff)
+                self.log.warning("pyfiq.claim_failed", error=describe_error(exc), retry_in=backoff)
                 await _wait(self._nudge, backoff)
                 continue
             wait = self.scheduler.idle_wait(time.monotonic())
@@ -162,8 +252,9 @@ class AsyncWorker:
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take))
-            lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), now)
+            sent = time.monotonic()
+            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
                 self._work.put_nowait(lease)
@@ -181,7 +272,7 @@ class AsyncWorker:
                         self.scheduler.wake([int(message["data"])])
                         self._nudge.set()
             except Exception as exc:
-                self.log.debug("pyfiq.wake_listener_reconnecting", error=repr(exc))
+                self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
                 await _wait(self._stopped, min(1.0, self.settings.poll_interval))
             finally:
                 with contextlib.suppress(Exception):
@@ -236,7 +327,7 @@ class AsyncWorker:
                     step = run.feed(await self.backend.acall(step))
         except BaseException as exc:
             level = "warning" if isinstance(exc, (*TRANSIENT, asyncio.CancelledError)) else "error"
-            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
+            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
             call = run.fail()
             if call is not None:
                 # Shielded: a cancelled stop still hands the stream over; retried because Redis
@@ -269,12 +360,21 @@ class AsyncWorker:
             try:
                 if inspect.iscoroutinefunction(func):
                     return await func(*record.args, **record.kwargs)
-                # asyncio.to_thread copies the context, so current_task() works in the thread.
-                return await asyncio.to_thread(func, *record.args, **record.kwargs)
+                # The context is copied into the thread, so current_task() works there.
+                return await run_in_thread(func, *record.args, **record.kwargs)
             finally:
                 reset_current(token)
 
-        return await run_task_async(TaskRun(prepared, lease), invoke, lambda s: _wait(abort, s))
+        limit = registry.rate_limit_of(queue_of(lease.stream))
+        permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
+        return await run_task_async(TaskRun(prepared, lease), invoke, lambda s: _wait(abort, s), permit)
+
+    async def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
+        call = self.ops.rate(queue_of(lease.stream), limit)
+        while (wait_ms := int(await self.backend.acall(call))) > 0:
+            if await _wait(lease.abort, wait_ms / 1000):  # type: ignore[arg-type]
+                return False
+        return True
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
 
 import redis
 import redis.asyncio
-import structlog
+import redis.asyncio.connection
+import redis.asyncio.retry
+import redis.connection
+import redis.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import (
@@ -28,14 +33,13 @@ from tenacity import (
     wait_random,
 )
 
-from .config import Settings
+from .config import Settings, validate_seconds
 from .core import Call, Ops
 from .errors import BackendUnavailableError, ConfigurationError, DecodeError
 from .keys import KeySchema
 from .scripts import Scripts
 from .task import Entry, TaskRecord
 
-log = structlog.get_logger("pyfiq")
 R = TypeVar("R", bound=BaseRetrying)
 
 _memory_servers: dict[str, Any] = {}
@@ -53,6 +57,189 @@ def _memory_client(name: str, *, asynchronous: bool = False) -> Any:
     with _memory_lock:
         server = _memory_servers.setdefault(name, fakeredis.FakeServer())
     return fakeredis.FakeAsyncRedis(server=server) if asynchronous else fakeredis.FakeRedis(server=server)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password (in the authority or a ``password=`` query) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+        query = parts.query
+        if "password" in query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    except ValueError:
+        return "<unparsable url>"
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+# A client handed to the backend serves one side (sync or asyncio); the other side is built from
+# the same connection description, so that both always reach the same server.
+_SYNC_TO_ASYNC_CONNECTIONS: dict[type[Any], type[Any]] = {
+    redis.connection.Connection: redis.asyncio.connection.Connection,
+    redis.connection.SSLConnection: redis.asyncio.connection.SSLConnection,
+    redis.connection.UnixDomainSocketConnection: redis.asyncio.connection.UnixDomainSocketConnection,
+}
+_SYNC_TO_ASYNC_POOLS: dict[type[Any], type[Any]] = {
+    redis.ConnectionPool: redis.asyncio.ConnectionPool,
+    redis.BlockingConnectionPool: redis.asyncio.BlockingConnectionPool,
+}
+_ASYNC_TO_SYNC_CONNECTIONS = {v: k for k, v in _SYNC_TO_ASYNC_CONNECTIONS.items()}
+_ASYNC_TO_SYNC_POOLS = {v: k for k, v in _SYNC_TO_ASYNC_POOLS.items()}
+
+#: Connection arguments that redis-py fills in for each pool itself (handlers bound to the
+#: pool's side, the parser of its side): the twin pool makes its own.
+_POOL_BOOKKEEPING = frozenset(
+    {
+        "command_packer",
+        "encoder_class",
+        "event_dispatcher",
+        "himport_registry",
+        "maint_notifications_config",
+        "maint_notifications_pool_handler",
+        "maintenance_notification_hash",
+        "maintenance_state",
+        "orig_host_address",
+        "orig_socket_connect_timeout",
+        "orig_socket_timeout",
+        "oss_cluster_maint_notifications_handler",
+        "parser_class",
+    }
+)
+
+#: What names a fakeredis server (a client finds its server by these) and how it is spoken to.
+_FAKE_KEYS = (
+    "server",
+    "host",
+    "port",
+    "path",
+    "db",
+    "version",
+    "server_type",
+    "lua_modules",
+    "username",
+    "password",
+    "client_name",
+    "decode_responses",
+    "encoding",
+    "encoding_errors",
+)
+
+
+def _init_parameters(cls: type[Any]) -> frozenset[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in list(inspect.signature(init).parameters.values())[1:]:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                names.add(p.name)
+    return frozenset(names)
+
+
+def _pool_of(client: Any) -> tuple[Any, type[Any], dict[str, Any]] | None:
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    connection_class = getattr(pool, "connection_class", None)
+    if not isinstance(kwargs, dict) or not isinstance(connection_class, type):
+        return None
+    return pool, connection_class, kwargs
+
+
+def describe_client(client: Any) -> str:
+    """Where ``client`` connects, as a URL without credentials (for messages and repr)."""
+    found = _pool_of(client)
+    if found is None:
+        return f"<{type(client).__name__}>"
+    _, connection_class, kw = found
+    db = kw.get("db", 0)
+    if connection_class.__module__.startswith("fakeredis"):
+        return f"fakeredis://{kw.get('host') or kw.get('path')}/{db}"
+    if kw.get("path"):
+        return f"unix://{kw['path']}?db={db}"
+    tls = issubclass(connection_class, (redis.connection.SSLConnection, redis.asyncio.connection.SSLConnection))
+    return f"{'rediss' if tls else 'redis'}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{db}"
+
+
+def twin_client(client: Any, *, asynchronous: bool) -> Any:
+    """A client of the other kind (``redis.asyncio`` for a sync ``client``, or the reverse)
+    built from ``client``'s connection pool: the same server, database, credentials, TLS
+    options, timeouts, retry policy and pool size. Raises ``ConfigurationError`` when that
+    description cannot be carried over (a cluster or Sentinel client, a custom connection
+    class, a callback of the wrong kind), never guessing a server instead."""
+    target = "redis.asyncio" if asynchronous else "sync redis"
+    wanted = "async_client" if asynchronous else "client"
+
+    def refuse(reason: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"cannot derive a {target} client from {type(client).__name__} "
+            f"({describe_client(client)}): {reason}; pass {wanted}= (a {target} client for the same "
+            f"server) to RedisQueueBackend as well"
+        )
+
+    found = _pool_of(client)
+    if found is None:
+        raise refuse("it has no single connection pool to copy (a cluster client?)")
+    pool, connection_class, kwargs = found
+    if connection_class.__module__.startswith("fakeredis"):
+        import fakeredis
+
+        fake = fakeredis.FakeAsyncRedis if asynchronous else fakeredis.FakeRedis
+        return fake(**{k: kwargs[k] for k in _FAKE_KEYS if k in kwargs})
+    connections = _SYNC_TO_ASYNC_CONNECTIONS if asynchronous else _ASYNC_TO_SYNC_CONNECTIONS
+    pools = _SYNC_TO_ASYNC_POOLS if asynchronous else _ASYNC_TO_SYNC_POOLS
+    twin_connection = connections.get(connection_class)
+    if twin_connection is None:
+        raise refuse(f"its connections are {connection_class.__module__}.{connection_class.__qualname__}")
+    twin_pool = pools.get(type(pool))
+    if twin_pool is None:
+        raise refuse(f"its pool is {type(pool).__module__}.{type(pool).__qualname__}")
+    accepted = _init_parameters(twin_connection)
+    options: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in _POOL_BOOKKEEPING:
+            continue
+        if name == "retry" and value is not None:
+            value = _twin_retry(value, asynchronous, refuse)
+        elif name == "redis_connect_func" and value is not None:
+            raise refuse("its redis_connect_func callback cannot run on the other side")
+        elif name not in accepted:
+            if value is None or value is False:
+                continue
+            raise refuse(f"its connection option {name!r} has no {target} equivalent")
+        # Connections extend some lists they are given (retry_on_error): never share one.
+        options[name] = list(value) if isinstance(value, list) else value
+    pool_options: dict[str, Any] = {"max_connections": pool.max_connections}
+    if "timeout" in _init_parameters(twin_pool):
+        pool_options["timeout"] = pool.timeout
+    twin = twin_pool(connection_class=twin_connection, **pool_options, **options)
+    return (redis.asyncio.Redis if asynchronous else redis.Redis)(connection_pool=twin)
+
+
+def _twin_retry(retry: Any, asynchronous: bool, refuse: Callable[[str], ConfigurationError]) -> Any:
+    kind: type[Any] = redis.asyncio.retry.Retry if asynchronous else redis.retry.Retry
+    if type(retry) is kind:
+        return copy.deepcopy(retry)
+    try:
+        backoff, retries, errors = retry._backoff, retry.get_retries(), retry._supported_errors
+    except AttributeError:
+        raise refuse(f"its retry policy {type(retry).__qualname__} cannot be carried over") from None
+    return kind(copy.deepcopy(backoff), retries, tuple(errors))
+
+
+def _layout_error(exc: redis.ResponseError) -> ConfigurationError | None:
+    text = str(exc)
+    if "PYFIQLAYOUT" not in text:
+        return None
+    return ConfigurationError(
+        f"{text.split('PYFIQLAYOUT ', 1)[-1]}: give every replica and producer of this prefix the same shards setting"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +276,14 @@ class RedisQueueBackend:
     ``url`` is any redis-py URL (``redis://``, ``rediss://``, ``unix://``), or ``memory://`` /
     ``memory://<name>`` for an embedded in-process Redis (fakeredis with Lua): backends with
     the same name share one dataset, which is enough for demos and unit tests.
+
+    ``client`` (a ``redis.Redis``) and ``async_client`` (a ``redis.asyncio.Redis``) replace
+    ``url``; given both, they must reach the same server. Given one, the other side (async
+    enqueue and ``AsyncWorker``, or sync enqueue and ``ThreadedWorker``) is built from its
+    connection pool: the same host, port or socket path, database, credentials, TLS options,
+    timeouts and pool size. A client whose pool cannot be carried over (cluster, Sentinel, a
+    custom connection class) raises ``ConfigurationError`` when that side is first needed;
+    pyfiq never falls back to the default URL.
     """
 
     def __init__(
@@ -97,6 +292,7 @@ class RedisQueueBackend:
         settings: Settings | None = None,
         *,
         client: Any = None,
+        async_client: Any = None,
         **overrides: Any,
     ) -> None:
         settings = settings or Settings()
@@ -108,9 +304,18 @@ class RedisQueueBackend:
         self.ops = Ops(self.keys, settings)
         self.is_memory = url.startswith("memory://")
         self._memory_name = urlparse(url).netloc or "default"
-        self._client_options: dict[str, Any] = {}
+        self._given_async = async_client
+        self._memory_async = client is None and async_client is None and self.is_memory
+        #: Where this backend connects, without credentials: for messages and repr.
+        self.address = redact(url)
+        self._owns_sync_pool = False
         if client is not None:
             self.client = client
+            self.address = describe_client(client)
+        elif async_client is not None:
+            self.client = twin_client(async_client, asynchronous=False)
+            self.address = describe_client(async_client)
+            self._owns_sync_pool = True
         elif self.is_memory:
             self.client = _memory_client(self._memory_name)
         else:
@@ -124,20 +329,22 @@ class RedisQueueBackend:
                 "max_connections": 64,
             }
             options.update(settings.redis_options)
-            self._client_options = options
             self.client = redis.Redis.from_url(url, **options)
         self.scripts = Scripts(self.client)
         self._async: tuple[Any, Scripts] | None = None
         self._layout_checked = False
 
     def __repr__(self) -> str:
-        return f"RedisQueueBackend({self.url!r})"
+        return f"RedisQueueBackend({self.address!r})"
 
     # -- plumbing used by the workers -----------------------------------------------------
 
     def call(self, call: Call, client: Any = None) -> Any:
         script = getattr(self.scripts, call.script)
-        return script(keys=call.keys, args=call.args, client=client)
+        try:
+            return script(keys=call.keys, args=call.args, client=client)
+        except redis.ResponseError as exc:
+            raise _layout_error(exc) or exc from None
 
     def call_many(self, calls: Sequence[Call]) -> list[Any]:
         """Run several calls of idempotent scripts (``due``, ``renew``) in one round trip, not
@@ -165,10 +372,14 @@ class RedisQueueBackend:
 
     def _async_side(self) -> tuple[Any, Scripts]:
         if self._async is None:
-            if self.is_memory:
+            if self._given_async is not None:
+                client = self._given_async
+            elif self._memory_async:
                 client = _memory_client(self._memory_name, asynchronous=True)
             else:
-                client = redis.asyncio.Redis.from_url(self.url, **self._client_options)
+                # From the sync client's pool, not from self.url: a client= given without a
+                # URL must not send async work to the default localhost server.
+                client = twin_client(self.client, asynchronous=True)
             self._async = (client, Scripts(client))
         return self._async
 
@@ -178,7 +389,10 @@ class RedisQueueBackend:
 
     async def acall(self, call: Call, client: Any = None) -> Any:
         script = getattr(self._async_side()[1], call.script)
-        return await script(keys=call.keys, args=call.args, client=client)
+        try:
+            return await script(keys=call.keys, args=call.args, client=client)
+        except redis.ResponseError as exc:
+            raise _layout_error(exc) or exc from None
 
     async def acall_many(self, calls: Sequence[Call]) -> list[Any]:
         if not calls:
@@ -224,8 +438,12 @@ class RedisQueueBackend:
         self._verify_layout(await client.get(self.keys.layout_key))
 
     async def aclose(self) -> None:
-        if self._async is not None and not self.is_memory:
-            await self._async[0].aclose()
+        if self._async is not None and not self._memory_async:
+            if self._given_async is not None:
+                await self._async[0].aclose()
+            else:
+                # A client made on a pool it was handed leaves the pool open on aclose().
+                await self._async[0].aclose(close_connection_pool=True)
         self._async = None
 
     def pubsub(self) -> Any:
@@ -242,7 +460,7 @@ class RedisQueueBackend:
     def _verify_layout(self, stored: Any) -> None:
         if stored is not None and int(stored) != self.keys.shards:
             raise ConfigurationError(
-                f"prefix {self.keys.prefix!r} on {self.url} is laid out with {int(stored)} shards, "
+                f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(stored)} shards, "
                 f"this backend uses {self.keys.shards}: give every replica the same shards setting"
             )
         self._layout_checked = True
@@ -253,6 +471,8 @@ class RedisQueueBackend:
     def close(self) -> None:
         if not self.is_memory:
             self.client.close()
+        if self._owns_sync_pool:
+            self.client.connection_pool.disconnect()
 
     # -- enqueue ----------------------------------------------------------------------------
 
@@ -274,8 +494,9 @@ class RedisQueueBackend:
     def encode(
         self, records: Sequence[tuple[str, TaskRecord]], expires_in: float | None = None
     ) -> list[tuple[str, int, bytes]]:
-        if expires_in is not None and expires_in <= 0:
-            raise ConfigurationError(f"expires_in must be positive seconds, got {expires_in!r}")
+        if expires_in is not None:
+            # Rounded up, so any positive value is at least the 1 ms Redis can express.
+            validate_seconds("expires_in", expires_in)
         ttl_ms = math.ceil(expires_in * 1000) if expires_in else 0
         return [(task_id, ttl_ms, rec.encode(self.settings.serializer)) for task_id, rec in records]
 
@@ -300,7 +521,7 @@ class RedisQueueBackend:
 
     def _unavailable(self, stream: str, exc: RetryError) -> BackendUnavailableError:
         return BackendUnavailableError(
-            f"could not enqueue to {stream!r} on {self.url}: Redis unreachable after "
+            f"could not enqueue to {stream!r} on {self.address}: Redis unreachable after "
             f"{exc.last_attempt.attempt_number} attempts ({exc.last_attempt.exception()})"
         )
 
@@ -317,7 +538,7 @@ class RedisQueueBackend:
     def queue_info(self, stream: str) -> dict[str, Any]:
         k = self.keys.stream(stream)
         pipe = self.client.pipeline(transaction=False)
-        pipe.llen(k.pending).llen(k.inflight).llen(k.dlq).get(k.lease).pttl(k.lease)
+        pipe.llen(k.pending).llen(k.inflight).zcard(k.dead).get(k.lease).pttl(k.lease)
         pending, inflight, dead, lease, ttl = pipe.execute()
         return {
             "stream": stream,
@@ -332,7 +553,11 @@ class RedisQueueBackend:
         """Streams with work or a lease (the ready sets); idle streams are not tracked."""
         pipe = self.client.pipeline(transaction=False)
         for shard in range(self.keys.shards):
-            pipe.zrange(self.keys.ready(shard), 0, -1)
+            pipe.zrange(self.keys.queues(shard), 0, -1)
+        queues = [(shard, q.decode()) for shard, members in enumerate(pipe.execute()) for q in members]
+        pipe = self.client.pipeline(transaction=False)
+        for shard, queue in queues:
+            pipe.zrange(self.keys.ready(shard, queue), 0, -1)
         return sorted(m.decode() for members in pipe.execute() for m in members)
 
     def dead_letter_streams(self) -> list[str]:
@@ -341,13 +566,17 @@ class RedisQueueBackend:
             pipe.smembers(self.keys.dlq_index(shard))
         return sorted(m.decode() for members in pipe.execute() for m in members)
 
-    def dead_letters(self, stream: str, limit: int = 100) -> list[DeadLetter]:
-        raw_items = self.client.lrange(self.keys.stream(stream).dlq, 0, limit - 1)
+    def dead_letters(self, stream: str, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        """Dead letters of a stream, oldest first, one bounded page at a time."""
+        raw_items = self.client.zrange(self.keys.stream(stream).dead, offset, offset + limit - 1)
         return [self._parse_dead_letter(stream, raw) for raw in raw_items]
 
     def _parse_dead_letter(self, stream: str, raw: bytes) -> DeadLetter:
         head, _, body = raw.partition(b"\n")
-        header: dict[str, Any] = json.loads(head)
+        try:
+            header: dict[str, Any] = json.loads(head)
+        except ValueError:
+            header = {"reason": "unknown", "error": f"unreadable dead-letter header {head[:80]!r}"}
         entry = record = None
         try:
             entry = Entry.parse(body)
@@ -357,14 +586,45 @@ class RedisQueueBackend:
         return DeadLetter(stream, str(header.get("reason")), header, entry, record, raw)
 
     def requeue_dead_letters(
-        self, stream: str, *, count: int = 1_000_000, task_id: str | None = None, front: bool = False
+        self, stream: str, *, count: int | None = None, task_id: str | None = None, front: bool = False
     ) -> int:
-        """Move dead letters (oldest first, or the one ``task_id``) back to pending; ``front``
-        puts them before the stream's pending work."""
-        return int(self.call(self.ops.requeue(stream, count, front, task_id)))
+        """Move dead letters back to pending: the one ``task_id``, or the ``count`` oldest (all
+        by default); ``front`` puts them before the stream's pending work, in order. Returns
+        how many moved; records whose task entry is malformed stay dead letters.
+
+        Each script call looks at no more than ``REQUEUE_STEP`` records, so a requeue from a
+        dead-letter set of any size never stalls Redis for its other clients."""
+        if task_id is not None:
+            moved, _, _ = self.call(self.ops.requeue(stream, front=front, limit=1, task_id=task_id))
+            return int(moved)
+        k = self.keys.stream(stream)
+        low, high = "-inf", "+inf"
+        if count is not None:
+            if count <= 0:
+                return 0
+            nth = self.client.zrange(k.dead, count - 1, count - 1, withscores=True)
+            if nth:
+                high = str(int(nth[0][1]))
+        total = 0
+        while True:
+            call = self.ops.requeue(stream, front=front, limit=REQUEUE_STEP, low=low, high=high)
+            moved, skipped, last = (int(x) for x in self.call(call))
+            total += moved
+            if moved + skipped < REQUEUE_STEP:
+                return total
+            # Page on past what this call looked at: downwards for 'front', upwards otherwise.
+            if front:
+                high = f"({last}"
+            else:
+                low = f"({last}"
 
     def purge_dead_letters(self, stream: str) -> int:
         k = self.keys.stream(stream)
         pipe = self.client.pipeline(transaction=True)
-        pipe.llen(k.dlq).delete(k.dlq).srem(k.dlq_index, stream)
+        # UNLINK frees a large set in the background instead of blocking Redis.
+        pipe.zcard(k.dead).unlink(k.dead, k.dead_ids).srem(k.dlq_index, stream)
         return int(pipe.execute()[0])
+
+
+#: Dead-letter records one requeue script call looks at, at most.
+REQUEUE_STEP = 500

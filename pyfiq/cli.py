@@ -14,7 +14,6 @@ import threading
 from typing import Any
 
 import click
-import structlog
 
 from .backend import RedisQueueBackend
 from .config import Settings
@@ -23,10 +22,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def configure_logging(level: str) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    # The command is the application here, so it may configure logging: pyfiq's events go
+    # through the standard library logger 'pyfiq', to stderr.
+    logging.basicConfig(stream=sys.stderr, level=LEVELS[level], format="%(asctime)s %(levelname)s %(message)s")
 
 
 def _backend(url: str, prefix: str, shards: int, **settings: Any) -> RedisQueueBackend:

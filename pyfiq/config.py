@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -10,6 +11,39 @@ from .serializers import JSONSerializer, Serializer
 
 #: Lua's unpack() and one script's run time bound how many tasks one call may carry.
 MAX_PREFETCH = 1000
+
+#: The longest time setting (about 31 years). Redis's clock plus a window this long stays an
+#: exact integer in Lua's doubles and far below the 64-bit bound past which Redis refuses an
+#: expire time.
+MAX_SECONDS = 1_000_000_000
+
+
+def validate_seconds(name: str, value: Any, *, redis_ms: bool = False, zero_ok: bool = False) -> float:
+    """Return ``value`` if it is a usable number of seconds for setting ``name``, else raise.
+
+    ``redis_ms``: the value goes to Redis as whole milliseconds (``PX``, script windows), and
+    Redis refuses 0 there (``invalid expire time``), so it must come to at least 1 ms after
+    the truncation pyfiq applies. Infinite and NaN values are refused everywhere: they turn
+    into no timeout at all, a comparison that is always false, or an error deep in a worker.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value > MAX_SECONDS:
+        raise ConfigurationError(f"{name} must be at most {MAX_SECONDS} seconds, got {value!r}")
+    if redis_ms:
+        if int(value * 1000) < 1:
+            raise ConfigurationError(
+                f"{name} must be at least 0.001 seconds, got {value!r}: Redis takes it as whole "
+                f"milliseconds and refuses {int(value * 1000)} ms"
+            )
+    elif zero_ok:
+        if value < 0:
+            raise ConfigurationError(f"{name} must be >= 0 seconds, got {value!r}")
+    elif value <= 0:
+        raise ConfigurationError(f"{name} must be positive seconds, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -47,18 +81,18 @@ class Settings:
     redis_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.lease_ttl <= 0:
-            raise ConfigurationError(f"lease_ttl must be positive, got {self.lease_ttl}")
+        validate_seconds("lease_ttl", self.lease_ttl, redis_ms=True)
+        validate_seconds("dedup_window", self.dedup_window, redis_ms=True)
+        for name in ("poll_interval", "enqueue_timeout"):
+            validate_seconds(name, getattr(self, name))
+        validate_seconds("unknown_task_grace", self.unknown_task_grace, zero_ok=True)
+        if self.heartbeat_interval is not None:
+            validate_seconds("heartbeat_interval", self.heartbeat_interval)
         if not 0 < self.heartbeat <= self.lease_ttl / 3:
             raise ConfigurationError(
                 f"heartbeat_interval ({self.heartbeat}) must be positive and at most "
                 f"lease_ttl / 3 ({self.lease_ttl / 3:.3f}) so one late renewal does not lose a lease"
             )
-        for name in ("poll_interval", "dedup_window", "enqueue_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.unknown_task_grace < 0:
-            raise ConfigurationError("unknown_task_grace must be >= 0")
         if self.prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):

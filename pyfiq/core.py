@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .config import Settings
+from .config import MAX_PREFETCH, Settings
 from .errors import DecodeError
 from .keys import KeySchema, StreamKeys, queue_of
 from .task import Entry, TaskContext, TaskRecord
@@ -40,6 +40,12 @@ class Call:
     args: list[Any]
 
 
+def lease_margin(ttl: float) -> float:
+    """How much earlier than Redis a holder counts its lease as gone: room for the time a
+    request spends before Redis runs it and for clock-rate differences."""
+    return min(0.1 * ttl, 1.0)
+
+
 @dataclass
 class Lease:
     stream: str
@@ -48,26 +54,44 @@ class Lease:
     fence: int
     #: Set when the lease is lost (refused renewal) or the worker stops: ends retry back-offs.
     abort: Flag
-    renewed_at: float = field(default_factory=time.monotonic)
+    ttl: float = 0.0
+    #: Monotonic time until which the lease is surely held. Every deadline counts from the
+    #: moment the acquiring or renewing request was *sent*: Redis may have run it at any
+    #: point after that, so a slow reply must never extend the lease in the holder's eyes.
+    valid_until: float = 0.0
     lost: bool = False
     lost_reason: str = ""
     #: A call that may end the lease is in flight: a refused renewal then means "released".
     ending: bool = False
     #: Tasks taken together with the lease, for the holder's first batch.
     initial: list[tuple[Entry, int]] = field(default_factory=list)
-    ttl: float = 0.0
+    #: Redis's clock (ms) when it ran the last take or acquire, and when that request was sent.
+    redis_ms: int = 0
+    redis_at: float = 0.0
+
+    def confirm(self, sent_at: float) -> None:
+        """A renewal sent at ``sent_at`` succeeded."""
+        self.valid_until = max(self.valid_until, sent_at + self.ttl - lease_margin(self.ttl))
 
     def lapsed(self) -> bool:
-        """True once no renewal has been confirmed for a whole TTL: the lease may be gone even
-        if no heartbeat said so yet (this process was paused), so start nothing new."""
-        if not self.lost and time.monotonic() - self.renewed_at >= self.ttl:
-            self.mark_lost("no renewal confirmed within the lease TTL")
+        """True once the lease may be gone even if no heartbeat said so yet (this process was
+        paused, or replies are slow): start nothing new."""
+        if not self.lost and time.monotonic() >= self.valid_until:
+            self.mark_lost("no renewal confirmed within the lease TTL (counted from when it was sent)")
         return self.lost
 
     def mark_lost(self, reason: str) -> None:
         if not self.lost:
             self.lost, self.lost_reason = True, reason
         self.abort.set()
+
+    def clock(self, redis_ms: int, sent_at: float) -> None:
+        self.redis_ms, self.redis_at = redis_ms, sent_at
+
+    def redis_now_ms(self) -> float:
+        """Redis's clock now, estimated from the last reply: counted from the request's send
+        time, so it errs late by at most a round trip (a deadline is never passed unseen)."""
+        return self.redis_ms + (time.monotonic() - self.redis_at) * 1000
 
 
 def release_retry_delays(lease_ttl: float) -> list[float]:
@@ -85,8 +109,12 @@ def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
 
 
-#: Due entries one ``due`` call scans at most (it pages on from there in later calls).
+#: Due queues of a shard's index one ``due`` call scans at most (it pages on in later calls).
 DUE_SCAN = 200
+
+#: A rate-limited stream whose permit is further away than this hands its lease back (parked
+#: until then) instead of holding a worker slot while it waits.
+PARK_AFTER_MS = 50
 
 
 class Ops:
@@ -101,7 +129,7 @@ class Ops:
         dedup_keys: Sequence[str] | None = None,
     ) -> Call:
         k = self.keys.stream(stream)
-        keys = [k.pending, k.ready]
+        keys = [k.pending, k.ready, k.queues, k.layout]
         if dedup_keys is not None:
             keys += [k.dedup(d) for d in dedup_keys]
         args: list[Any] = [
@@ -109,6 +137,7 @@ class Ops:
             self.keys.wake_channel,
             k.shard,
             int(self.settings.dedup_window * 1000),
+            self.keys.shards,
             len(items),
         ]
         for task_id, expires_in_ms, payload in items:
@@ -120,7 +149,11 @@ class Ops:
         return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
     def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:
-        return Call("due", [self.keys.ready(shard)], [want, DUE_SCAN, offset, *(queues or ())])
+        return Call(
+            "due",
+            [self.keys.queues(shard), self.keys.layout(shard)],
+            [want, self.keys.shards, DUE_SCAN, offset, *(queues or ())],
+        )
 
     @staticmethod
     def parse_due(reply: list[Any]) -> tuple[float | None, int, list[tuple[str, float]]]:
@@ -135,66 +168,80 @@ class Ops:
         k = self.keys.stream(stream)
         return Call(
             "acquire",
-            [k.ready, k.epoch, k.lease, k.meta, k.pending, k.inflight, k.dlq, k.dlq_index],
+            [k.queues, k.ready, k.epoch, k.lease, k.meta, k.pending, k.inflight, k.dead, k.dead_ids, k.dlq_index],
             [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries],
         )
 
-    def parse_acquire(self, stream: str, reply: list[Any], abort: Flag) -> Lease | None:
+    def parse_acquire(self, stream: str, reply: list[Any], abort: Flag, sent_at: float) -> Lease | None:
+        """The lease a successful ``acquire`` reply grants; ``sent_at`` is the monotonic time the
+        request was sent, from which the lease's validity is counted."""
         if int(reply[0]) != 1:
             return None
-        lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort)
-        lease.ttl = self.settings.lease_ttl
-        lease.initial = [(Entry.parse(reply[i]), int(reply[i + 1])) for i in range(3, len(reply), 2)]
+        ttl = self.settings.lease_ttl
+        lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort, ttl=ttl)
+        lease.confirm(sent_at)
+        lease.clock(int(reply[3]), sent_at)
+        lease.initial = [(Entry.load(reply[i]), int(reply[i + 1])) for i in range(4, len(reply), 2)]
         return lease
 
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
-        return Call("renew", [k.lease, k.ready], [lease.token, self.settings.lease_ttl_ms, k.stream])
+        return Call("renew", [k.lease, k.ready, k.queues], [lease.token, self.settings.lease_ttl_ms, k.stream])
 
     def take(self, lease: Lease, acks: Sequence[str], want: int) -> Call:
         k = lease.keys
         return Call(
             "take",
-            [k.lease, k.pending, k.inflight, k.meta, k.ready, k.dlq, k.dlq_index],
+            [k.lease, k.pending, k.inflight, k.meta, k.ready, k.queues, k.dead, k.dead_ids, k.dlq_index],
             [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, *acks],
         )
 
-    def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str, header: str) -> Call:
+    def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
         k = lease.keys
         return Call(
             "dead_letter",
-            [k.lease, k.inflight, k.meta, k.dlq, k.dlq_index],
+            [k.lease, k.inflight, k.meta, k.dead, k.dead_ids, k.dlq_index],
             [lease.token, k.stream, len(acks), task_id, header, *acks],
         )
 
-    def release(self, lease: Lease, acks: Sequence[str], unstarted: int, *, hand_off: bool = True) -> Call:
-        """Give the lease up. ``hand_off=False`` after an error: tasks left in flight may have
-        run, so they keep their raised delivery counts."""
+    def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
+        """Give the lease up. ``started``: tasks this holder started and did not finish (they
+        may have run); every other task it was handed goes back as never delivered here.
+        ``delay_ms``: the stream may not be claimed again before then (a parked stream)."""
         k = lease.keys
         return Call(
             "release",
-            [k.lease, k.pending, k.inflight, k.meta, k.ready],
+            [k.lease, k.pending, k.inflight, k.meta, k.ready, k.queues],
             [
                 lease.token,
                 k.stream,
                 len(acks),
-                unstarted,
+                len(started),
                 self.keys.wake_channel,
                 k.shard,
-                "1" if hand_off else "0",
+                max(0, int(delay_ms)),
                 *acks,
+                *started,
             ],
         )
+
+    def lost(self, lease: Lease, entry: Entry) -> Call:
+        """Note that ``entry`` ran past this holder's lease while the holder was alive."""
+        k = lease.keys
+        return Call("lost", [k.inflight, k.meta], [entry.raw, MAX_PREFETCH + 1])
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
         return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
 
-    def requeue(self, stream: str, count: int, front: bool, task_id: str | None) -> Call:
+    def requeue(
+        self, stream: str, *, front: bool, limit: int, low: str = "-inf", high: str = "+inf", task_id: str | None = None
+    ) -> Call:
+        """One bounded step of moving dead letters back to pending; see ``requeue.lua``."""
         k = self.keys.stream(stream)
         return Call(
             "requeue",
-            [k.dlq, k.pending, k.ready, k.dlq_index],
-            [stream, self.keys.wake_channel, k.shard, count, "front" if front else "back", task_id or ""],
+            [k.dead, k.dead_ids, k.pending, k.ready, k.queues, k.dlq_index],
+            [stream, self.keys.wake_channel, k.shard, "front" if front else "back", limit, low, high, task_id or ""],
         )
 
 
@@ -231,7 +278,10 @@ class Aborted:
 
 @dataclass(frozen=True)
 class Fenced:
-    """The lease was lost: drop the result, change nothing."""
+    """The lease was lost: drop the result, change nothing. ``ran``: the task ran (at least
+    partly) on this holder after or while its lease went, which the holder reports."""
+
+    ran: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,6 +293,27 @@ class Deferred:
 
 
 Outcome = Acked | DeadLettered | Aborted | Fenced | Deferred
+
+
+def safe_text(value: object) -> str:
+    """``str(value)``, or a fallback when that raises: whatever a task raises is hostile input,
+    and the bookkeeping around it must survive it."""
+    try:
+        return str(value)
+    except BaseException as exc:
+        return f"<{type(value).__qualname__} object: str() raised {type(exc).__qualname__}>"
+
+
+def safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except BaseException as exc:
+        return f"<{type(value).__qualname__} object: repr() raised {type(exc).__qualname__}>"
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message``, safely: how errors appear in logs and dead letters."""
+    return f"{type(error).__qualname__}: {safe_text(error)}"
 
 
 def dead_letter_header(
@@ -265,10 +336,13 @@ def dead_letter_header(
         header["name"] = name
     if error is not None:
         header["error_type"] = f"{type(error).__module__}.{type(error).__qualname__}"
-        header["error"] = str(error)
-        header["traceback"] = "".join(traceback.format_exception(error))
+        header["error"] = safe_text(error)
+        try:
+            header["traceback"] = "".join(traceback.format_exception(error))
+        except BaseException:
+            header["traceback"] = ""
     # One line: the stored record is "<header>\n<entry>".
-    return json.dumps(header, separators=(",", ":"), default=str)
+    return json.dumps(header, separators=(",", ":"), default=safe_text)
 
 
 @dataclass(frozen=True)
@@ -294,11 +368,26 @@ def prepare(
     ``unknown_for(task_id)`` tells how long this replica has been meeting a task whose
     function it lacks; within ``settings.unknown_task_grace`` the task is deferred to other
     replicas (a rolling deploy may not have reached this one), after it dead-lettered.
+    A task whose deadline has passed by Redis's clock (estimated from the last reply) is
+    dead-lettered as expired, however long it waited in this holder's buffer.
     """
+    if entry.malformed:
+        error = DecodeError(f"malformed task entry {entry.raw[:80]!r}")
+        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=error))
     try:
         record = TaskRecord.decode(entry.payload, settings.serializer)
     except DecodeError as exc:
         return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc))
+    if entry.expires_ms and entry.expires_ms <= lease.redis_now_ms():
+        return DeadLettered(
+            dead_letter_header(
+                "expired",
+                replica=replica,
+                deliveries=deliveries,
+                name=record.name,
+                error=TimeoutError(f"the task's deadline passed before it could start (expires_ms={entry.expires_ms})"),
+            )
+        )
     func = lookup(record.name)
     if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
         return Deferred(entry.id)
@@ -348,7 +437,8 @@ class Pause:
 
 @dataclass(frozen=True)
 class Finished:
-    #: 'empty' (stream drained and forgotten), 'released', 'fenced', 'abandoned'
+    #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
+    #: permit), 'fenced', 'abandoned'
     reason: str
 
 
@@ -360,7 +450,10 @@ class StreamRun:
 
     Acknowledgements are carried on the next call (take, dead-letter or release), so a
     stream costs one round trip per ``prefetch`` tasks. A crash re-runs the tasks taken but
-    not yet acknowledged: at most ``prefetch`` of them.
+    not yet acknowledged: at most ``prefetch`` of them. A rate-limited stream asks its permit
+    before each task starts, and before the take that hands the next one over, so Redis's
+    'started' mark on a handed task is true; a permit further away than ``PARK_AFTER_MS``
+    parks the stream (its lease handed back until then) instead of holding a worker slot.
     """
 
     def __init__(
@@ -371,6 +464,7 @@ class StreamRun:
         stopping: Callable[[], bool],
         abandoned: Callable[[], bool],
         rate_limit: RateLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ops = ops
         self.lease = lease
@@ -379,6 +473,7 @@ class StreamRun:
         self.settings = ops.settings
         self._stopping = stopping
         self._abandoned = abandoned
+        self._clock = clock
         self.acks: list[str] = []
         self.buffer: deque[tuple[Entry, int]] = deque()
         self.processed = 0
@@ -386,7 +481,12 @@ class StreamRun:
         self.deferred: str | None = None
         #: Set when the run gave the stream up after ``batch_limit`` tasks to let others run.
         self.yielded = False
+        #: Set when the run handed the stream back to wait for its rate permit.
+        self.parked = False
         self._waiting: str | None = None
+        self._head_started = False
+        self._sent_at = 0.0
+        self._final = "released"
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
@@ -395,9 +495,14 @@ class StreamRun:
 
     def _call(self, call: Call) -> Call:
         self._waiting = call.script
+        self._sent_at = self._clock()
         # take may release an empty stream, release always does.
         self.lease.ending = call.script in ("take", "release")
         return call
+
+    def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Call:
+        self._final = final
+        return self._call(self.ops.release(self.lease, self.acks, started, delay_ms))
 
     def _next(self) -> Step:
         if self._abandoned():
@@ -407,15 +512,18 @@ class StreamRun:
         if self._stopping() or (not self.buffer and self.processed >= self.settings.batch_limit):
             # Graceful stop or fair yield: give back what was taken but not started.
             self.yielded = not self._stopping()
-            return self._call(self.ops.release(self.lease, self.acks, len(self.buffer)))
+            return self._release([])
+        if self.rate_limit is not None and not self._permit:
+            return self._call(self.ops.rate(queue_of(self.lease.stream), self.rate_limit))
         if self.buffer:
-            if self.rate_limit is not None and not self._permit:
-                return self._call(self.ops.rate(queue_of(self.lease.stream), self.rate_limit))
             self._permit = False
+            self._head_started = True
             self._waiting = "run"
             entry, deliveries = self.buffer[0]
             return RunTask(entry, deliveries)
         want = min(self.settings.prefetch, self.settings.batch_limit - self.processed)
+        if self.rate_limit is not None:
+            want = 1  # one permit, one task: each start is asked for when it happens
         return self._call(self.ops.take(self.lease, self.acks, want))
 
     def feed(self, result: Any) -> Step:
@@ -430,6 +538,9 @@ class StreamRun:
             if wait_ms <= 0:
                 self._permit = True
                 return self._next()
+            if wait_ms > PARK_AFTER_MS:
+                self.parked = True
+                return self._release([], wait_ms, final="parked")
             self._waiting = "pause"
             return Pause(wait_ms / 1000)
         if waiting == "take":
@@ -441,10 +552,11 @@ class StreamRun:
             if status == 0:
                 return Finished("empty")
             self.lease.ending = False
-            for i in range(1, len(result), 2):
-                self.buffer.append((Entry.parse(result[i]), int(result[i + 1])))
+            self.lease.clock(int(result[1]), self._sent_at)
+            for i in range(2, len(result), 2):
+                self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
             if not self.buffer:
-                return self._call(self.ops.release(self.lease, [], 0))
+                return self._release([])
             return self._next()
         if waiting == "dead_letter":
             if int(result) == -1:
@@ -452,39 +564,53 @@ class StreamRun:
                 return Finished("fenced")
             self.acks = []
             self.buffer.popleft()
+            self._head_started = False
             return self._next()
         if waiting == "release":
             if int(result) == -1:
                 self.lease.mark_lost("release refused")
                 return Finished("fenced")
             self.acks = []
-            return Finished("released")
+            return Finished(self._final)
+        if waiting == "lost":
+            return Finished("fenced")
         raise RuntimeError(f"StreamRun fed while waiting for {waiting!r}")
 
     def _on_outcome(self, outcome: Outcome) -> Step:
         if isinstance(outcome, Fenced) or self.lease.lost:
+            if isinstance(outcome, Fenced) and outcome.ran and self.buffer:
+                # Say so in Redis (unfenced, changes no queue state): if this keeps happening
+                # the task is dead-lettered as 'lease-lost', not as a task that kills workers.
+                self._waiting = "lost"
+                return self.ops.lost(self.lease, self.buffer[0][0])
             return Finished("fenced")
         if self._abandoned():
             return Finished("abandoned")
         if isinstance(outcome, Acked):
             entry, _ = self.buffer.popleft()
+            self._head_started = False
             self.acks.append(entry.id)
             self.processed += 1
             return self._next()
         if isinstance(outcome, DeadLettered):
             entry, _ = self.buffer[0]
             self.processed += 1
-            return self._call(self.ops.dead_letter(self.lease, self.acks, entry.id, outcome.header))
+            task_id: str | bytes = entry.raw[:32] if entry.malformed else entry.id
+            return self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header))
         if isinstance(outcome, Deferred):
             self.deferred = outcome.task_id
-        # Aborted or deferred: the task stays in flight; only the ones behind it go back.
-        return self._call(self.ops.release(self.lease, self.acks, len(self.buffer) - 1))
+            return self._release([])
+        # Aborted by a stop mid-retry: the task ran, so it may not go back as never delivered.
+        return self._release([self.buffer[0][0].id])
 
     def fail(self) -> Call | None:
-        """After an I/O error the state of the last call is unknown: give the lease up without
-        acknowledging anything, so the next holder re-runs whatever is still in flight."""
-        self._waiting = "release"
+        """After an I/O error the state of the last call is unknown: give the lease up, resending
+        the acknowledgements (applied tolerantly) and naming only the task that may have run,
+        so tasks this holder never started are not charged a delivery."""
+        started = [self.buffer[0][0].id] if self._head_started and self.buffer else []
         self.lease.ending = True
-        self.acks = []
+        self._final = "released"
+        self._waiting = "release"
+        call = None if self.lease.lost else self.ops.release(self.lease, self.acks, started)
         self.buffer.clear()
-        return None if self.lease.lost else self.ops.release(self.lease, [], 0, hand_off=False)
+        return call

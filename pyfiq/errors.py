@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import TaskHandle
+
 
 class PyfiqError(Exception):
     """Base class of pyfiq's errors."""
@@ -26,3 +32,39 @@ class DecodeError(PyfiqError, ValueError):
 class BackendUnavailableError(PyfiqError, ConnectionError):
     """Redis could not be reached within the enqueue retry budget. Nothing was enqueued
     unless Redis accepted the task before the connection failed (enqueue is at-least-once)."""
+
+
+class PartialEnqueueError(BackendUnavailableError):
+    """``enqueue_many`` stopped part-way; says exactly which calls Redis holds.
+
+    Every list is of indexes into the calls given, ascending:
+
+    - ``accepted``: Redis confirmed them; ``handles[i]`` is each one's handle (``duplicate``
+      when a ``batch_id`` found it stored already);
+    - ``unknown``: sent, but no reply came back: maybe stored (without a ``batch_id``, maybe
+      more than once, as a chunk's send is retried); re-sending the whole batch with the same
+      ``batch_id`` settles them without storing any twice;
+    - ``unsent``: never sent, certainly not stored; ``handles[i].id`` was never used.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        handles: Sequence[TaskHandle],
+        accepted: Sequence[int],
+        unknown: Sequence[int],
+        unsent: Sequence[int],
+    ) -> None:
+        super().__init__(message)
+        self.handles = list(handles)
+        self.accepted = list(accepted)
+        self.unknown = list(unknown)
+        self.unsent = list(unsent)
+
+    @property
+    def accepted_handles(self) -> list[TaskHandle]:
+        return [self.handles[i] for i in self.accepted]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds from args (the message only), which this __init__ refuses.
+        return type(self), (str(self), self.handles, self.accepted, self.unknown, self.unsent)

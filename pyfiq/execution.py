@@ -10,13 +10,11 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-import structlog
 from tenacity import DoSleep, RetryCallState, Retrying, stop_when_event_set
 
-from .core import Aborted, Acked, DeadLettered, Fenced, Lease, Outcome, Prepared, dead_letter_header
+from .core import Aborted, Acked, DeadLettered, Fenced, Lease, Outcome, Prepared, dead_letter_header, describe_error
+from .logs import log
 from .task import TaskContext
-
-log = structlog.get_logger("pyfiq")
 
 #: Pause between exhausted rounds of an ``on_exhausted="block"`` task whose policy has no wait.
 BLOCK_MIN_PAUSE = 0.1
@@ -82,7 +80,7 @@ class TaskRun:
             raise exc
         call_hook(self.fn.on_error, exc, self.ctx, self.fn, event="on_error", ctx=self.ctx)
         # SystemExit and friends from a task are the task's failure, not the worker's end.
-        failure = exc if isinstance(exc, Exception) else TaskExit(repr(exc))
+        failure = exc if isinstance(exc, Exception) else TaskExit(describe_error(exc))
         if self._retrying is None:
             self._retrying = Retrying(
                 stop=self.policy.stop | stop_when_event_set(self.lease.abort),  # type: ignore[arg-type]
@@ -104,7 +102,7 @@ class TaskRun:
         if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
             raise RuntimeError(f"unexpected retry action {action!r}")
         self.logger.warning(
-            "pyfiq.task_retry_scheduled", attempt=self.attempts, wait=float(action), error=repr(failure)
+            "pyfiq.task_retry_scheduled", attempt=self.attempts, wait=float(action), error=describe_error(failure)
         )
         return float(action)
 
@@ -113,10 +111,14 @@ class TaskRun:
             return self.interrupted()
         if self.fn.on_exhausted == "block":
             pause = max(float(self.policy.wait(self._state)) if self._state else 0.0, BLOCK_MIN_PAUSE)
-            self.logger.error("pyfiq.task_blocking_queue", attempts=self.attempts, error=repr(exc), retry_in=pause)
+            self.logger.error(
+                "pyfiq.task_blocking_queue", attempts=self.attempts, error=describe_error(exc), retry_in=pause
+            )
             self._retrying = None  # a fresh round of the policy after the pause
             return pause
-        self.logger.error("pyfiq.task_dead_lettered", reason="exhausted", attempts=self.attempts, error=repr(exc))
+        self.logger.error(
+            "pyfiq.task_dead_lettered", reason="exhausted", attempts=self.attempts, error=describe_error(exc)
+        )
         return DeadLettered(
             dead_letter_header(
                 "exhausted",
@@ -128,17 +130,26 @@ class TaskRun:
             )
         )
 
+    def _fenced(self) -> Outcome:
+        if self.attempts:
+            self.logger.error(
+                "pyfiq.task_outlived_lease",
+                reason=self.lease.lost_reason,
+                attempts=self.attempts,
+                hint="the result is dropped and the task runs again on the new holder; if the task holds "
+                "the GIL or blocks the event loop longer than lease_ttl, raise lease_ttl",
+            )
+        return Fenced(ran=self.attempts > 0)
+
     def interrupted(self) -> Outcome:
         if self.lease.lost:
-            self.logger.error("pyfiq.result_dropped", reason=self.lease.lost_reason)
-            return Fenced()
+            return self._fenced()
         self.logger.info("pyfiq.task_interrupted_by_stop")
         return Aborted()
 
     def succeeded(self, result: Any) -> Outcome:
-        if self.lease.lost:
-            self.logger.error("pyfiq.result_dropped", reason=self.lease.lost_reason)
-            return Fenced()
+        if self.lease.lost or self.lease.lapsed():
+            return self._fenced()
         if self.fn.on_success is not None:
             call_hook(self.fn.on_success, result, self.ctx, self.fn, event="on_success", ctx=self.ctx)
         return Acked()

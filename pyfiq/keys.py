@@ -2,14 +2,19 @@
 
 Every key of a stream shares the hash tag of the stream's *shard*::
 
-    {prefix}:{s<N>}:ready              sorted set: stream -> claimable-at (ms, Redis clock)
+    {prefix}:{s<N>}:queues             sorted set: queue -> earliest claimable-at of its streams
+    {prefix}:{s<N>}:r:<queue>          sorted set: stream -> claimable-at (ms, Redis clock)
     {prefix}:{s<N>}:epoch              fencing counter of the shard
+    {prefix}:{s<N>}:layout             the shard count (re-asserted by every poll and enqueue)
     {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
     {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
     {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
-    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed', 'd:<task id>' delivery counts
-    {prefix}:{s<N>}:q:<stream>:dlq     list of "<header json>\\n<encoded task>"
+    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; per task id: 'd:' deliveries, 's:' started
+                                       by the holder, 'x:' holders lost while it ran, 'l:' runs
+                                       that outlived their lease
+    {prefix}:{s<N>}:q:<stream>:dead    sorted set: "<header json>\\n<encoded task>" by sequence
+    {prefix}:{s<N>}:q:<stream>:deadids hash: task id -> its dead letter's sequence
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
@@ -17,7 +22,9 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
 
 A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
-(``"webhooks#c-42"``). Because a stream's keys and its shard's ready set and epoch live in one
+(``"webhooks#c-42"``). The ready sets are per queue and shard, indexed by the shard's ``queues``
+set, so a worker looks only at the queues it consumes, whatever backlog other queues hold.
+Because a stream's keys and its shard's ready sets and epoch live in one
 slot, every script touches one slot, so the same scripts run on one Redis, under Sentinel and
 on Redis Cluster, and the shards spread over the cluster's nodes.
 """
@@ -58,8 +65,11 @@ class StreamKeys:
     inflight: str
     lease: str
     meta: str
-    dlq: str
+    dead: str
+    dead_ids: str
     ready: str
+    queues: str
+    layout: str
     epoch: str
     dlq_index: str
     _dedup_prefix: str
@@ -91,8 +101,14 @@ class KeySchema:
     def rate(self, queue: str) -> str:
         return f"{self.prefix}:{{rl:{queue}}}:rate"
 
-    def ready(self, shard: int) -> str:
-        return f"{self._tag(shard)}:ready"
+    def queues(self, shard: int) -> str:
+        return f"{self._tag(shard)}:queues"
+
+    def ready(self, shard: int, queue: str) -> str:
+        return f"{self._tag(shard)}:r:{queue}"
+
+    def layout(self, shard: int) -> str:
+        return f"{self._tag(shard)}:layout"
 
     def epoch(self, shard: int) -> str:
         return f"{self._tag(shard)}:epoch"
@@ -110,8 +126,11 @@ class KeySchema:
             inflight=base + "inflight",
             lease=base + "lease",
             meta=base + "meta",
-            dlq=base + "dlq",
-            ready=self.ready(shard),
+            dead=base + "dead",
+            dead_ids=base + "deadids",
+            ready=self.ready(shard, queue_of(stream)),
+            queues=self.queues(shard),
+            layout=self.layout(shard),
             epoch=self.epoch(shard),
             dlq_index=self.dlq_index(shard),
             _dedup_prefix=base + "dedup:",

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
-import structlog
+import redis
 from tenacity import (
     BaseRetrying,
     retry_if_exception_type,
@@ -24,14 +24,14 @@ from tenacity.wait import wait_base
 
 from .backend import RedisQueueBackend, TaskHandle
 from .core import RateLimit
-from .errors import ConfigurationError, NotConfiguredError
+from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
 from .keys import stream_name, validate_queue_name
+from .logs import log
 from .task import TaskRecord, new_task_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-log = structlog.get_logger("pyfiq")
 
 OnExhausted = Literal["dead-letter", "block"]
 
@@ -206,26 +206,86 @@ class FifoFunction(Generic[P, R]):
         return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
 
     def enqueue_many(
-        self, calls: Iterable[Sequence[Any]], *, backend: RedisQueueBackend | None = None
+        self,
+        calls: Iterable[Sequence[Any]],
+        *,
+        backend: RedisQueueBackend | None = None,
+        batch_id: str | None = None,
     ) -> list[TaskHandle]:
         """Enqueue one task per positional-argument tuple, in order, in as few round trips as
         possible (one per stream and ``ENQUEUE_CHUNK`` tasks). Every call is encoded before
-        anything is sent, so one bad argument enqueues nothing."""
+        anything is sent, so one bad argument enqueues nothing.
+
+        Each round trip is atomic, the batch as a whole is not. If Redis becomes unreachable
+        (or refuses a chunk) part-way, sending stops at once, so no stream gets a later chunk
+        without an earlier one, and ``PartialEnqueueError`` (a ``BackendUnavailableError``)
+        lists, by index into ``calls``, which calls Redis confirmed (``accepted``, with their
+        handles), which were sent without a reply and may be stored (``unknown``) and which
+        were never sent (``unsent``).
+
+        ``batch_id`` makes re-sending safe. Call ``i`` is enqueued under the dedup key
+        ``f"{batch_id}:{i}"`` (the keys of ``send_with_options(dedup_key=...)``, per stream),
+        so calling ``enqueue_many`` again with the same calls, in the same order, and the same
+        ``batch_id`` within the backend's ``dedup_window`` stores only the calls Redis does not
+        hold yet, and returns the others' handles with ``duplicate=True``. It also keeps the
+        automatic retry of a chunk whose reply was lost from storing it twice. It costs Redis
+        a key per task for ``dedup_window``, so it is off by default; without it, only the
+        ``unsent`` calls can be sent again without risk of running twice.
+        """
         backend = backend or get_backend()
-        by_stream: dict[str, list[tuple[str, TaskRecord]]] = {}
-        order: list[tuple[str, str]] = []
-        for args in calls:
+        if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
+            raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        by_stream: dict[str, list[int]] = {}
+        records: list[tuple[str, TaskRecord]] = []
+        handles: list[TaskHandle] = []
+        for index, args in enumerate(calls):
             raw_key = self.key(*args) if self.key is not None else None
             key = None if raw_key is None else str(raw_key)
             stream = stream_name(self.queue, key)
             task_id = new_task_id()
-            by_stream.setdefault(stream, []).append((task_id, TaskRecord(self.name, list(args), {}, key)))
-            order.append((stream, task_id))
-        encoded = {stream: backend.encode(records, self.expires_in) for stream, records in by_stream.items()}
-        for stream, items in encoded.items():
-            for i in range(0, len(items), ENQUEUE_CHUNK):
-                backend.enqueue_encoded(stream, items[i : i + ENQUEUE_CHUNK])
-        return [TaskHandle(task_id, self.queue, stream, self.name) for stream, task_id in order]
+            by_stream.setdefault(stream, []).append(index)
+            records.append((task_id, TaskRecord(self.name, list(args), {}, key)))
+            handles.append(TaskHandle(task_id, self.queue, stream, self.name))
+        encoded = {
+            stream: backend.encode([records[i] for i in indexes], self.expires_in)
+            for stream, indexes in by_stream.items()
+        }
+        accepted: list[int] = []
+        for stream, indexes in by_stream.items():
+            items = encoded[stream]
+            for start in range(0, len(items), ENQUEUE_CHUNK):
+                chunk = indexes[start : start + ENQUEUE_CHUNK]
+                dedup = None if batch_id is None else [f"{batch_id}:{i}" for i in chunk]
+                try:
+                    reply = backend.enqueue_encoded(stream, items[start : start + ENQUEUE_CHUNK], dedup)
+                except (BackendUnavailableError, redis.RedisError) as exc:
+                    raise _partial(exc, handles, accepted, chunk, batch_id) from exc
+                for i, (task_id, new) in zip(chunk, reply, strict=True):
+                    if not new:
+                        handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True)
+                accepted.extend(chunk)
+        return handles
+
+
+def _partial(
+    exc: Exception, handles: list[TaskHandle], accepted: list[int], failed: list[int], batch_id: str | None
+) -> PartialEnqueueError:
+    done = set(accepted) | set(failed)
+    unsent = [i for i in range(len(handles)) if i not in done]
+    advice = (
+        f"call enqueue_many again with the same calls and batch_id={batch_id!r} to store exactly the rest"
+        if batch_id is not None
+        else "re-send only the unsent calls, or pass batch_id= to make re-sending the whole batch safe"
+    )
+    return PartialEnqueueError(
+        f"enqueue_many stopped: Redis confirmed {len(accepted)} of {len(handles)} calls, "
+        f"{len(failed)} were sent without a reply (maybe stored), {len(unsent)} were not sent; "
+        f"{advice}. Cause: {exc}",
+        handles,
+        sorted(accepted),
+        sorted(failed),
+        unsent,
+    )
 
 
 #: Tasks per enqueue script call in ``enqueue_many``: keeps each call short for Redis.

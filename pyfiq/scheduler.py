@@ -12,13 +12,24 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import structlog
-
 from . import registry
 from .config import Settings
-from .core import Call, DeadLettered, Deferred, Finished, Flag, Lease, Ops, Prepared, RunTask, StreamRun, prepare
-
-log = structlog.get_logger("pyfiq")
+from .core import (
+    Call,
+    DeadLettered,
+    Deferred,
+    Finished,
+    Flag,
+    Lease,
+    Ops,
+    Prepared,
+    RunTask,
+    StreamRun,
+    describe_error,
+    prepare,
+)
+from .keys import queue_of
+from .logs import log
 
 #: At most this many task ids whose function is unknown are remembered per worker.
 UNKNOWN_MEMORY = 10_000
@@ -45,7 +56,7 @@ class Scheduler:
         self._avoid: dict[str, float] = {}
         self._unknown_since: dict[str, float] = {}
         #: Tasks taken together with a lease: a claim and the first batch in one round trip.
-        self.first_take = min(self.settings.prefetch, self.settings.batch_limit)
+        self.first_batch = min(self.settings.prefetch, self.settings.batch_limit)
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -85,6 +96,17 @@ class Scheduler:
     def candidates(self, shards: Sequence[int], replies: Sequence[Any], now: float) -> list[tuple[int, str]]:
         found: list[tuple[float, int, str]] = []
         for shard, reply in zip(shards, replies, strict=True):
+            if isinstance(reply, Exception) and "PYFIQLAYOUT" in str(reply):
+                # Another shard count wrote this shard's layout (a misconfigured replica or
+                # producer after an empty restart): say so loudly, keep serving other shards.
+                self._shard_due[shard] = now + self.settings.poll_interval
+                log.error(
+                    "pyfiq.layout_mismatch",
+                    shard=shard,
+                    shards=self.ops.keys.shards,
+                    error=str(reply).split("PYFIQLAYOUT ", 1)[-1],
+                )
+                continue
             if isinstance(reply, Exception):
                 raise reply
             nxt, offset, streams = self.ops.parse_due(reply)
@@ -99,8 +121,14 @@ class Scheduler:
         with self._lock:
             return [(sh, s) for _, sh, s in found if s not in self.held and s not in self._avoid]
 
+    def first_take(self, stream: str) -> int:
+        """Tasks to take together with the lease. None for a rate-limited queue: its holder
+        asks the permit first, so a task is only taken when it can start."""
+        return 0 if registry.rate_limit_of(queue_of(stream)) is not None else self.first_batch
+
     def on_acquired(self, shard: int, stream: str, reply: Any, abort: Flag, now: float) -> Lease | None:
-        lease = self.ops.parse_acquire(stream, reply, abort)
+        """``now``: the monotonic time the acquire request was sent."""
+        lease = self.ops.parse_acquire(stream, reply, abort, now)
         if lease is None:
             if len(reply) > 1:  # still leased for a moment: look again right when it lapses
                 self._shard_due[shard] = min(self._shard_due[shard], now + int(reply[1]) / 1000)
@@ -138,6 +166,9 @@ class Scheduler:
         prepared = prepare(
             step.entry, step.deliveries, lease, registry.lookup, self.settings, replica, unknown_for=self.unknown_for
         )
+        if not isinstance(prepared, Deferred):
+            # The grace starts again at the task's next meeting (say, after a requeue).
+            self.forget_unknown(step.entry.id)
         if isinstance(prepared, DeadLettered):
             log.error("pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header)
         return prepared
@@ -155,6 +186,11 @@ class Scheduler:
         if step.reason == "fenced":
             log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
 
+    def forget_unknown(self, task_id: str) -> None:
+        if self._unknown_since:
+            with self._lock:
+                self._unknown_since.pop(task_id, None)
+
     def unknown_for(self, task_id: str) -> float:
         now = time.monotonic()
         with self._lock:
@@ -168,18 +204,18 @@ class Scheduler:
         leases = [lease for lease in self.held_leases() if not lease.lost]
         return leases, [self.ops.renew(lease) for lease in leases]
 
-    def on_renewed(self, leases: Sequence[Lease], replies: Sequence[Any], now: float) -> list[Lease]:
-        """Apply renewal replies (an exception stands for a failed call); returns the leases
-        found lost by this round."""
+    def on_renewed(self, leases: Sequence[Lease], replies: Sequence[Any], sent_at: float) -> list[Lease]:
+        """Apply renewal replies (an exception stands for a failed call) of the round sent at
+        ``sent_at``; returns the leases found lost by this round."""
         lost: list[Lease] = []
         for lease, reply in zip(leases, replies, strict=True):
             if isinstance(reply, Exception):
-                # Unknown whether Redis still holds it: assume lost once it must have lapsed.
-                if now - lease.renewed_at >= self.settings.lease_ttl:
-                    lease.mark_lost(f"renewal failed for a whole TTL: {reply!r}")
+                # Unknown whether Redis still holds it: assume lost once it may have lapsed.
+                if time.monotonic() >= lease.valid_until:
+                    lease.mark_lost(f"renewal failed until the lease may have lapsed: {describe_error(reply)}")
                     lost.append(lease)
             elif int(reply) == 1:
-                lease.renewed_at = now
+                lease.confirm(sent_at)
             elif not lease.ending:  # a lease released a moment ago is not lost
                 lease.mark_lost("renewal refused: the lease lapsed or was taken over")
                 lost.append(lease)

@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate")
+NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate", "lost")
 
 
 @cache
@@ -33,3 +33,4 @@ class Scripts:
     release: Any
     requeue: Any
     rate: Any
+    lost: Any

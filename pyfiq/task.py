@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,23 +21,39 @@ def new_task_id() -> str:
     return uuid.uuid4().hex
 
 
+#: Exactly what ``parse_entry`` in lua/lib.lua accepts: the scripts and Python must agree, or an
+#: entry the scripts hand out could fail here, where it is too late to dead-letter it cheaply.
+_ENTRY = re.compile(rb"([0-9a-f]{32})\|([0-9]{1,15})\|([0-9]{1,15})\|")
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One stored task as the scripts see it: ``<id>|<enqueued ms>|<expires ms>|<payload>``."""
+    """One stored task as the scripts see it: ``<id>|<enqueued ms>|<expires ms>|<payload>``.
+
+    ``malformed`` marks raw bytes that are not such an entry (see ``load``)."""
 
     raw: bytes
     id: str
     enqueued_ms: int
     expires_ms: int
     payload: bytes
+    malformed: bool = False
 
     @classmethod
     def parse(cls, raw: bytes) -> Entry:
+        m = _ENTRY.match(raw)
+        if m is None:
+            raise DecodeError(f"malformed task entry {raw[:80]!r}")
+        return cls(raw, m.group(1).decode("ascii"), int(m.group(2)), int(m.group(3)), raw[m.end() :])
+
+    @classmethod
+    def load(cls, raw: bytes) -> Entry:
+        """``parse``, or for bytes that are not an entry, one marked ``malformed`` whose id is
+        what the scripts take as one (the first 32 bytes), so it can still be dead-lettered."""
         try:
-            head, enq, exp, payload = raw.split(b"|", 3)
-            return cls(raw, head.decode("ascii"), int(enq), int(exp), payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"malformed task entry {raw[:80]!r}") from exc
+            return cls.parse(raw)
+        except DecodeError:
+            return cls(raw, raw[:32].decode("latin-1"), 0, 0, raw, malformed=True)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-import structlog
-
 from . import registry
 from .backend import TRANSIENT, RedisQueueBackend
 from .core import (
@@ -25,23 +23,30 @@ from .core import (
     Outcome,
     Pause,
     Prepared,
+    RateLimit,
     RunTask,
     StreamRun,
+    describe_error,
     release_retry_delays,
     replica_id,
 )
 from .errors import ConfigurationError
 from .execution import TaskRun
 from .keys import queue_of, validate_queue_name
+from .logs import log
 from .scheduler import Scheduler
 from .task import TaskContext, reset_current, set_current
 
-log = structlog.get_logger("pyfiq")
 
-
-def run_task_sync(task: TaskRun, invoke: Callable[[TaskContext], Any], sleep: Callable[[float], Any]) -> Outcome:
+def run_task_sync(
+    task: TaskRun,
+    invoke: Callable[[TaskContext], Any],
+    sleep: Callable[[float], Any],
+    permit: Callable[[], bool] | None = None,
+) -> Outcome:
     """Run one task under its retry policy in this thread; ``sleep`` returns True when the
-    wait was cut short by the lease's abort flag."""
+    wait was cut short by the lease's abort flag. ``permit`` (rate-limited queues) waits for
+    the queue's permit before every retry, False if aborted: retries hit the same downstream."""
     while (ctx := task.begin()) is not None:
         try:
             result = invoke(ctx)
@@ -49,7 +54,7 @@ def run_task_sync(task: TaskRun, invoke: Callable[[TaskContext], Any], sleep: Ca
             decision = task.after_failure(exc)
             if not isinstance(decision, float):
                 return decision
-            if sleep(decision):
+            if sleep(decision) or (permit is not None and not permit()):
                 break
             continue
         return task.succeeded(result)
@@ -98,6 +103,8 @@ class ThreadedWorker:
         self._loop_lock = threading.Lock()
         self._started = False
         self._stop_lock = threading.Lock()
+        #: Why the worker went down on its own (a thread of it died), if it did.
+        self.failure: BaseException | None = None
         self.log = log.bind(replica=self.replica)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -121,22 +128,54 @@ class ThreadedWorker:
         self.log.info("pyfiq.worker_started", concurrency=self.concurrency)
         return self
 
-    @staticmethod
-    def _spawn(target: Callable[[], None], name: str) -> threading.Thread:
-        t = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        def supervised() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self._crashed(name, exc)
+
+        t = threading.Thread(target=supervised, name=name, daemon=True)
         t.start()
         return t
+
+    def _crashed(self, name: str, exc: BaseException) -> None:
+        """A thread of this worker died of something other than stop: never leave a replica
+        that looks alive and consumes nothing. Stop the whole worker, loudly."""
+        if self.failure is None:
+            self.failure = exc
+        with contextlib.suppress(BaseException):  # logging may be what failed
+            self.log.critical("pyfiq.worker_thread_died", thread=name, error=describe_error(exc), exc_info=exc)
+        if not self._stopping.is_set():
+            threading.Thread(target=self.stop, name="pyfiq-stop", daemon=True).start()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the worker runs as it should: started, not stopping, no thread of it
+        died. For health checks (a liveness probe can restart a replica that is not)."""
+        return (
+            self._started
+            and self.failure is None
+            and not self._stopping.is_set()
+            and all(t.is_alive() for t in (*self._threads, *self._control))
+        )
+
+    def _busy(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Finish running tasks, release every lease (hand-off) and return. Idempotent.
 
-        Returns False if a task was still running at ``timeout``: its lease is then left to
-        lapse, and the next holder runs that task again.
+        Returns False if a task was still running at ``timeout``. A running function cannot be
+        stopped from outside, so its lease is *not* given up: heartbeats go on until the task
+        really ends, and then its stream is handed over (acknowledged first if it succeeded).
+        If the process exits before that, the lease lapses after ``lease_ttl`` and the next
+        holder runs the task again: at no point do two live runs of one task overlap.
         """
         with self._stop_lock:
             if self._stopped.is_set() or not self._started:
                 self._stopped.set()
-                return True
+                return not self._busy()
             deadline = time.monotonic() + timeout
             self._stopping.set()
             self._nudge.set()
@@ -155,10 +194,19 @@ class ThreadedWorker:
             self._stopped.set()
             for t in self._control:
                 t.join(max(0.0, min(2.0, deadline - time.monotonic())))
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._loop.stop)
+            if clean:
+                self._stop_loop()
+            else:
+                self.log.warning("pyfiq.worker_stop_timed_out", running=sum(t.is_alive() for t in self._threads))
             self.log.info("pyfiq.worker_stopped", clean=clean)
             return clean
+
+    def _stop_loop(self) -> None:
+        # Only once no executor waits on it: stopping the loop under a running async task would
+        # freeze that task and keep its lease renewed forever.
+        with self._loop_lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
 
     def abandon(self) -> None:
         """Stop as if the process had died: no acknowledgement, no release, no more heartbeats.
@@ -204,7 +252,7 @@ class ThreadedWorker:
                 backoff = 0.0
             except Exception as exc:
                 backoff = min(max(backoff * 2, 0.1), self.settings.poll_interval)
-                self.log.warning("pyfiq.claim_failed", error=repr(exc), retry_in=backoff)
+                self.log.warning("pyfiq.claim_failed", error=describe_error(exc), retry_in=backoff)
                 self._nudge.wait(backoff)
                 continue
             wait = self.scheduler.idle_wait(time.monotonic())
@@ -221,8 +269,9 @@ class ThreadedWorker:
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take))
-            lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), now)
+            sent = time.monotonic()
+            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
                 self._work.put(lease)
@@ -242,7 +291,7 @@ class ThreadedWorker:
                     self.scheduler.wake([int(message["data"])])
                     self._nudge.set()
             except Exception as exc:
-                self.log.debug("pyfiq.wake_listener_reconnecting", error=repr(exc))
+                self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()
@@ -255,7 +304,12 @@ class ThreadedWorker:
     def _heartbeat(self) -> None:
         interval = self.settings.heartbeat
         expected = time.monotonic() + interval
-        while not self._stopped.wait(max(0.0, expected - time.monotonic())):
+        while True:
+            self._stopped.wait(max(0.0, expected - time.monotonic()))
+            # Past a stop, heartbeats go on while a task still runs: its lease must not lapse
+            # under a live execution (another replica would run the same task meanwhile).
+            if self._abandoned.is_set() or (self._stopped.is_set() and not self._busy()):
+                break
             now = time.monotonic()
             if now - expected > interval:
                 self.log.warning("pyfiq.heartbeat_late", late_by=round(now - expected, 3), interval=interval)
@@ -271,6 +325,8 @@ class ThreadedWorker:
                 self.log.error(
                     "pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason
                 )
+        if self._stopped.is_set() and not self._abandoned.is_set():
+            self._stop_loop()
 
     def _executor(self) -> None:
         while (lease := self._work.get()) is not None:
@@ -301,7 +357,7 @@ class ThreadedWorker:
                     step = run.feed(self.backend.call(step))
         except BaseException as exc:
             level = "warning" if isinstance(exc, TRANSIENT) else "error"
-            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=repr(exc))
+            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
             call = run.fail()
             if call is not None and not self._abandoned.is_set():
                 # Redis may be back in a moment (a restart): hand over now rather than let
@@ -318,15 +374,7 @@ class ThreadedWorker:
             if not isinstance(exc, Exception):
                 raise
             return run
-        if run.deferred is not None:
-            self.log.warning(
-                "pyfiq.task_deferred_unknown",
-                stream=lease.stream,
-                task_id=run.deferred,
-                grace=self.settings.unknown_task_grace,
-            )
-        if step.reason == "fenced":
-            self.log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
+        self.scheduler.report(run, step)
         return run
 
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
@@ -347,7 +395,16 @@ class ThreadedWorker:
             finally:
                 reset_current(token)
 
-        return run_task_sync(TaskRun(prepared, lease), invoke, abort.wait)
+        limit = registry.rate_limit_of(queue_of(lease.stream))
+        permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
+        return run_task_sync(TaskRun(prepared, lease), invoke, abort.wait, permit)
+
+    def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
+        call = self.ops.rate(queue_of(lease.stream), limit)
+        while (wait_ms := int(self.backend.call(call))) > 0:
+            if lease.abort.wait(wait_ms / 1000):  # type: ignore[attr-defined]
+                return False
+        return True
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The loop ``async def`` tasks run on: started on first use, in its own thread."""

@@ -20,7 +20,9 @@ def enqueue(backend: RedisQueueBackend, stream: str, n: int, **kw) -> list[str]:
 
 
 def acquire(backend: RedisQueueBackend, stream: str) -> Lease | None:
-    return backend.ops.parse_acquire(stream, backend.call(backend.ops.acquire(stream)), threading.Event())
+    return backend.ops.parse_acquire(
+        stream, backend.call(backend.ops.acquire(stream)), threading.Event(), time.monotonic()
+    )
 
 
 def take(backend: RedisQueueBackend, lease: Lease, acks: list[str], want: int) -> list:  # type: ignore[type-arg]
@@ -28,7 +30,7 @@ def take(backend: RedisQueueBackend, lease: Lease, acks: list[str], want: int) -
 
 
 def ids_of(reply: list) -> list[str]:  # type: ignore[type-arg]
-    return [Entry.parse(reply[i]).id for i in range(1, len(reply), 2)]
+    return [Entry.parse(reply[i]).id for i in range(2, len(reply), 2)]
 
 
 def expire_lease(backend: RedisQueueBackend, lease: Lease) -> None:
@@ -73,13 +75,13 @@ def test_stale_holder_is_fenced_from_every_state_change(redis_backend: RedisQueu
     ops = redis_backend.ops
     assert take(redis_backend, old, [ids[0]], 1) == [-1]
     assert redis_backend.call(ops.dead_letter(old, [], ids[0], '{"reason":"x"}')) == -1
-    assert redis_backend.call(ops.release(old, [ids[0]], 0)) == -1
+    assert redis_backend.call(ops.release(old, [ids[0]], [])) == -1
     assert redis_backend.call(ops.renew(old)) == 0
     info = redis_backend.queue_info("q")
     assert (info["pending"], info["inflight"], info["dead"]) == (2, 1, 0)
     # The new holder gets the in-flight task first, as a second delivery.
     reply = take(redis_backend, new, [], 5)
-    assert ids_of(reply) == ids[:1] and reply[2] == 2
+    assert ids_of(reply) == ids[:1] and reply[3] == 2
 
 
 def test_fencing_token_keeps_rising_when_the_counter_is_lost(redis_backend: RedisQueueBackend) -> None:
@@ -106,7 +108,7 @@ def test_recovery_hands_earlier_in_flight_tasks_one_at_a_time(redis_backend: Red
     acks: list[str] = []
     while (reply := take(redis_backend, new, acks, 3))[0] == 1:
         batch = ids_of(reply)
-        seen.append((batch, reply[2::2]))
+        seen.append((batch, reply[3::2]))
         acks = batch
     # Each in-flight task comes back alone with its delivery count raised, then fresh work.
     assert seen == [([ids[0]], [2]), ([ids[1]], [2]), ([ids[2]], [2]), ([ids[3]], [1])]
@@ -121,12 +123,12 @@ def test_poison_task_is_dead_lettered_after_max_deliveries(redis_server) -> None
         lease = acquire(backend, "q")
         assert lease is not None
         reply = take(backend, lease, [], 1)
-        assert ids_of(reply) == ids[:1] and reply[2] == delivery
+        assert ids_of(reply) == ids[:1] and reply[3] == delivery
         expire_lease(backend, lease)  # the consumer died running it
     lease = acquire(backend, "q")
     assert lease is not None
     reply = take(backend, lease, [], 1)
-    assert ids_of(reply) == ids[1:] and reply[2] == 1  # the task behind it was not counted
+    assert ids_of(reply) == ids[1:] and reply[3] == 1  # the task behind it was not counted
     (dead,) = backend.dead_letters("q")
     assert dead.reason == "poison" and dead.task_id == ids[0] and dead.header["deliveries"] == 3
     assert backend.dead_letter_streams() == ["q"]
@@ -138,14 +140,14 @@ def test_release_returns_unstarted_tasks_to_the_front_in_order(redis_backend: Re
     assert lease is not None
     assert ids_of(take(redis_backend, lease, [], 3)) == ids[:3]
     # ids[0] done, ids[1] and ids[2] never started.
-    assert redis_backend.call(redis_backend.ops.release(lease, [ids[0]], 2)) == 1
+    assert redis_backend.call(redis_backend.ops.release(lease, [ids[0]], [])) == 1
     assert redis_backend.client.lrange(lease.keys.inflight, 0, -1) == []
     pending = [Entry.parse(e).id for e in redis_backend.client.lrange(lease.keys.pending, 0, -1)]
     assert pending == ids[1:]
     nxt = acquire(redis_backend, "q")
     assert nxt is not None
     reply = take(redis_backend, nxt, [], 1)
-    assert ids_of(reply) == ids[1:2] and reply[2] == 1  # a first delivery, not a redelivery
+    assert ids_of(reply) == ids[1:2] and reply[3] == 1  # a first delivery, not a redelivery
 
 
 def test_ack_out_of_order_is_refused_without_changes(redis_backend: RedisQueueBackend) -> None:
@@ -204,7 +206,7 @@ def test_requeue_moves_dead_letters_back_with_deadline_cleared(redis_backend: Re
     assert lease is not None
     reply = take(redis_backend, lease, [], 1)
     assert ids_of(reply) == [stale]
-    assert Entry.parse(reply[1]).expires_ms == 0
+    assert Entry.parse(reply[2]).expires_ms == 0
 
 
 def test_enqueue_wakes_idle_workers_only_when_a_stream_becomes_claimable(
@@ -235,32 +237,57 @@ def test_due_filters_streams_by_consumed_queue(redis_backend: RedisQueueBackend)
     assert due[0][1] <= due[1][1], "oldest first"
 
 
-def test_due_pages_past_any_number_of_foreign_streams(redis_backend: RedisQueueBackend) -> None:
+def test_due_cost_does_not_grow_with_foreign_backlog(redis_backend: RedisQueueBackend) -> None:
+    """An idle worker of queue 'mine' pays the same per poll whether another queue has 5 or
+    5,000 due streams: it never reads them (it paged through all of them before)."""
+    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "p", shards=1)
+    enqueue(b, "mine", 1)
+
+    def commands_per_poll() -> int:
+        before = int(b.client.info("stats")["total_commands_processed"])
+        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, ["mine"])))
+        assert [s for s, _ in due] == ["mine"] and offset == 0
+        return int(b.client.info("stats")["total_commands_processed"]) - before
+
+    for i in range(5):
+        enqueue(b, f"theirs#{i}", 1)
+    small = commands_per_poll()
+    rec = TaskRecord("t", [], {})
+    for chunk in range(50):
+        for i in range(100):
+            b.enqueue(f"theirs#{5 + chunk * 100 + i}", [(new_task_id(), rec)])
+    assert commands_per_poll() == small
+
+
+def test_due_with_many_consumed_queues_pages_the_queue_index(redis_backend: RedisQueueBackend) -> None:
     from pyfiq.core import DUE_SCAN
 
-    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "p", shards=1)
-    for i in range(DUE_SCAN * 2 + 5):
-        enqueue(b, f"theirs#{i}", 1)
+    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "m", shards=1)
+    for i in range(DUE_SCAN + 5):
+        enqueue(b, f"theirs{i}", 1)
     enqueue(b, "mine", 1)
+    consumed = ["mine", *[f"other{i}" for i in range(100)]]  # more than are looked up one by one
     offset, found, calls = 0, [], 0
     while True:
         calls += 1
-        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, ["mine"], offset)))
+        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, consumed, offset)))
         found += [s for s, _ in due]
         if not offset:
             break
-    assert found == ["mine"] and calls == 3
+    assert found == ["mine"] and calls == 2
 
 
-def test_graceful_hand_off_does_not_count_as_a_delivery(redis_backend: RedisQueueBackend) -> None:
+def test_graceful_hand_off_never_counts_as_a_lost_consumer(redis_backend: RedisQueueBackend) -> None:
     (task,) = enqueue(redis_backend, "q", 1)
-    for _ in range(3):
+    for round_ in range(redis_backend.settings.max_deliveries + 3):
         lease = acquire(redis_backend, "q")
         assert lease is not None
         reply = take(redis_backend, lease, [], 1)
-        assert ids_of(reply) == [task] and reply[2] == 1
+        # It ran on each holder, so its deliveries rise; but no holder died running it.
+        assert ids_of(reply) == [task] and reply[3] == round_ + 1
         # Stopped mid-retry: the started task stays in flight, the lease is handed over.
-        assert redis_backend.call(redis_backend.ops.release(lease, [], 0)) == 1
+        assert redis_backend.call(redis_backend.ops.release(lease, [], [task])) == 1
+    assert redis_backend.dead_letters("q") == []
 
 
 def test_pipelined_calls_survive_a_lost_script_cache(redis_backend: RedisQueueBackend) -> None:
@@ -274,10 +301,10 @@ def test_pipelined_calls_survive_a_lost_script_cache(redis_backend: RedisQueueBa
 def test_acquire_takes_the_first_tasks_in_the_same_round_trip(redis_backend: RedisQueueBackend) -> None:
     ops = redis_backend.ops
     ids = enqueue(redis_backend, "q", 3)
-    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event())
+    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event(), time.monotonic())
     assert lease is not None and [(e.id, d) for e, d in lease.initial] == [(ids[0], 1), (ids[1], 1)]
     expire_lease(redis_backend, lease)  # crashed with both in flight
-    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event())
+    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 2)), threading.Event(), time.monotonic())
     assert again is not None and [(e.id, d) for e, d in again.initial] == [(ids[0], 2)], "recovery: one at a time"
     assert ids_of(take(redis_backend, again, [ids[0]], 2)) == [ids[1]]
 
@@ -286,7 +313,7 @@ def test_acquire_of_a_stream_holding_only_expired_tasks_forgets_it(redis_backend
     (stale,) = enqueue(redis_backend, "q", 1, expires_in=0.01)
     time.sleep(0.05)
     ops = redis_backend.ops
-    assert ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 5)), threading.Event()) is None
+    assert ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 5)), threading.Event(), time.monotonic()) is None
     assert [d.task_id for d in redis_backend.dead_letters("q")] == [stale]
     assert redis_backend.queue_info("q")["lease"] is None and "q" not in redis_backend.active_streams()
 
@@ -294,9 +321,9 @@ def test_acquire_of_a_stream_holding_only_expired_tasks_forgets_it(redis_backend
 def test_release_after_an_error_keeps_delivery_counts(redis_backend: RedisQueueBackend) -> None:
     (task,) = enqueue(redis_backend, "q", 1)
     ops = redis_backend.ops
-    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event())
+    lease = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event(), time.monotonic())
     assert lease is not None and lease.initial[0][1] == 1
     # The worker lost track of the last call (a connection error): the task may have run.
-    assert redis_backend.call(ops.release(lease, [], 0, hand_off=False)) == 1
-    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event())
+    assert redis_backend.call(ops.release(lease, [], [task])) == 1
+    again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event(), time.monotonic())
     assert again is not None and [(e.id, d) for e, d in again.initial] == [(task, 2)]

@@ -257,7 +257,8 @@ def test_unknown_task_is_left_to_other_replicas_then_dead_lettered_in_order(back
     start_worker([q], b=graced)
     time.sleep(0.3)
     assert log.items(q) == [], "the task behind an unknown one must wait for it"
-    assert backend.queue_info(q)["inflight"] == 1
+    info = backend.queue_info(q)
+    assert info["pending"] + info["inflight"] == 2, "both wait; the unknown one was never started here"
     wait_until(lambda: drained(backend, q), timeout=10)
     (dead,) = backend.dead_letters(q)
     assert dead.reason == "unknown-task" and dead.header["name"] == "somewhere.removed_function"

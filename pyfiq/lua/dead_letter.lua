@@ -1,17 +1,18 @@
 --[[
-  Acknowledge finished tasks, then move the next in-flight task to the dead-letter list.
+  Acknowledge finished tasks, then move the next in-flight task to the dead letters.
 
   Input:
     KEYS[1]      lease key of the stream
     KEYS[2]      in-flight list
     KEYS[3]      meta hash
-    KEYS[4]      dead-letter list of the stream
-    KEYS[5]      dead-letter index set of the shard
+    KEYS[4]      dead letters of the stream
+    KEYS[5]      dead letter ids of the stream
+    KEYS[6]      dead-letter index set of the shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
     ARGV[4]      id of the task to dead-letter (must follow the k acknowledged ones)
-    ARGV[5]      dead-letter record header (JSON, one line)
+    ARGV[5]      dead-letter record header (a JSON object on one line)
     ARGV[6..]    k task ids, oldest first
 
   Output:
@@ -19,14 +20,16 @@
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-local ids = argv_slice(6, nack)
 local entry = redis.call('LINDEX', KEYS[2], nack)
-if not entry or task_id(entry) ~= ARGV[4] or not ack_head(KEYS[2], KEYS[3], ids) then
+if not entry or task_id(entry) ~= ARGV[4] or string.sub(ARGV[5], 1, 1) ~= '{' then
   return redis.error_reply('ERR pyfiq: dead-lettered task is not next in the in-flight list')
 end
+if not ack_head(KEYS[2], KEYS[3], argv_slice(6, nack), false) then
+  return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
+end
 redis.call('LPOP', KEYS[2])
-redis.call('HDEL', KEYS[3], 'd:' .. ARGV[4])
+clear_marks(KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[3], 'handed', handed_after(KEYS[3], nack + 1))
-redis.call('RPUSH', KEYS[4], ARGV[5] .. '\n' .. entry)
-redis.call('SADD', KEYS[5], ARGV[2])
+dead_add({ dead = KEYS[4], dead_ids = KEYS[5], dlq_index = KEYS[6], stream = ARGV[2] }, ARGV[5], entry,
+         parse_entry(entry))
 return 1

@@ -1,48 +1,70 @@
 --[[
-  List streams of one shard that are claimable now (read only).
+  List streams of one shard that are claimable now, among the queues the caller consumes.
 
   Input:
-    KEYS[1]      ready sorted set of the shard
+    KEYS[1]      queue index of the shard (queue -> earliest claimable-at of its streams)
+    KEYS[2]      layout key of the shard
     ARGV[1]      how many candidates to return at most
-    ARGV[2]      how many due entries to scan at most in this call
-    ARGV[3]      offset into the due entries where this scan starts
-    ARGV[4..]    logical queue names the caller consumes (none: every queue)
+    ARGV[2]      the caller's shard count
+    ARGV[3]      how many due queues of the index to scan at most in this call
+    ARGV[4]      offset into the due queues where this scan starts
+    ARGV[5..]    logical queue names the caller consumes (none: every queue)
 
   Output:
-    { ms until the earliest not-yet-due stream falls due (-1 if none),
+    { ms until the earliest not-yet-due stream falls due (-1 if none known),
       offset to continue scanning from (0: the scan reached the end),
       stream, due-since ms, stream, due-since ms, ... } oldest first
 
-  A stream's logical queue is its name up to the first '#'. Filtering here keeps a replica that
-  consumes a few queues from being handed other replicas' streams; the offset lets it page past
-  any number of due streams of queues it does not consume, one bounded call at a time.
+  The cost follows the queues the caller consumes, never the backlog of other queues: a few
+  consumed queues are looked up one by one in the index; many are matched against one bounded
+  page of the index's due queues. Each queue's ready set ("<tag>:r:<queue>", same slot) is read
+  only for a consumed queue with due streams. The shard's layout is asserted on the way (a
+  write only when it is missing, as after an empty restart).
 ]]
+local refused = check_layout(KEYS[2], ARGV[2])
+if refused then return refused end
 local now = now_ms()
 local want = tonumber(ARGV[1])
-local budget = tonumber(ARGV[2])
-local offset = tonumber(ARGV[3])
-local accept = nil
-if #ARGV > 3 then
-  accept = {}
-  for i = 4, #ARGV do accept[ARGV[i]] = true end
+local tag = string.sub(KEYS[1], 1, #KEYS[1] - #':queues')
+local nxt = -1
+local function later(ms)
+  if nxt < 0 or ms < nxt then nxt = ms end
 end
-local out = { -1, 0 }
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', offset, budget)
-local found = 0
-local scanned = #due / 2
-for i = 1, #due, 2 do
-  local stream = due[i]
-  local cut = string.find(stream, '#', 1, true)
-  local queue = stream
-  if cut then queue = string.sub(stream, 1, cut - 1) end
-  if accept == nil or accept[queue] then
-    out[#out + 1] = stream
-    out[#out + 1] = due[i + 1]
-    found = found + 1
-    if found >= want then break end
+local found = {}
+local function collect(queue)
+  local due = redis.call('ZRANGEBYSCORE', tag .. ':r:' .. queue, '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
+  for i = 1, #due, 2 do found[#found + 1] = { tonumber(due[i + 1]), due[i] } end
+end
+local offset = 0
+local direct = #ARGV - 4
+if direct > 0 and direct <= 64 then
+  for i = 5, #ARGV do
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score then
+      score = tonumber(score)
+      if score <= now then collect(ARGV[i]) else later(score - now) end
+    end
   end
-  if i + 1 == #due and scanned == budget then out[2] = offset + budget end
+else
+  local accept = nil
+  if direct > 0 then
+    accept = {}
+    for i = 5, #ARGV do accept[ARGV[i]] = true end
+  end
+  local budget = tonumber(ARGV[3])
+  local start = tonumber(ARGV[4])
+  local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', start, budget)
+  for _, queue in ipairs(queues) do
+    if accept == nil or accept[queue] then collect(queue) end
+  end
+  if #queues == budget then offset = start + budget end
+  local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first > 0 then later(tonumber(first[2]) - now) end
 end
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if #later > 0 then out[1] = tonumber(later[2]) - now end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+local out = { nxt, offset }
+for i = 1, math.min(want, #found) do
+  out[#out + 1] = found[i][2]
+  out[#out + 1] = found[i][1]
+end
 return out

@@ -4,35 +4,41 @@
 
   Input:
     KEYS[1]      pending list of the stream
-    KEYS[2]      ready sorted set of the stream's shard (member: stream, score: claimable-at ms)
-    KEYS[3..]    one dedup key per task, only when deduplication is asked for
+    KEYS[2]      ready set of the stream's queue in this shard (member: stream, score: ms)
+    KEYS[3]      queue index of the shard
+    KEYS[4]      layout key of the shard (its shard count)
+    KEYS[5..]    one dedup key per task, only when deduplication is asked for
     ARGV[1]      stream name
     ARGV[2]      wake-up channel
     ARGV[3]      shard number (published on the wake-up channel)
-    ARGV[4]      dedup window in ms (used when KEYS[3..] are given)
-    ARGV[5]      number of tasks n
-    ARGV[6..]    n triples: task id (32 hex chars), expires-in ms (0: never), payload
+    ARGV[4]      dedup window in ms (used when KEYS[5..] are given)
+    ARGV[5]      the caller's shard count
+    ARGV[6]      number of tasks n
+    ARGV[7..]    n triples: task id (32 hex chars), expires-in ms (0: never), payload
 
   Output:
     a flat list of n pairs: task id, 1 if appended or 0 if a duplicate (the id is then the
-    id of the task already accepted under that dedup key)
+    id of the task already accepted under that dedup key); an error reply, with nothing
+    stored, when the shard is laid out with another shard count.
 
   Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
   read the id and the deadline without decoding the payload; both times are Redis's clock.
 ]]
+local refused = check_layout(KEYS[4], ARGV[5])
+if refused then return refused end
 local now = now_ms()
-local n = tonumber(ARGV[5])
-local dedup = #KEYS > 2
+local n = tonumber(ARGV[6])
+local dedup = #KEYS > 4
 local out = {}
 local added = 0
 for i = 1, n do
-  local base = 5 + (i - 1) * 3
+  local base = 6 + (i - 1) * 3
   local id = ARGV[base + 1]
   local ttl = tonumber(ARGV[base + 2])
   local existing = false
   if dedup then
-    if not redis.call('SET', KEYS[2 + i], id, 'NX', 'PX', ARGV[4]) then
-      existing = redis.call('GET', KEYS[2 + i])
+    if not redis.call('SET', KEYS[4 + i], id, 'NX', 'PX', ARGV[4]) then
+      existing = redis.call('GET', KEYS[4 + i])
     end
   end
   if existing then
@@ -50,7 +56,7 @@ end
 -- A leased stream already has a ready entry (scored at its lease expiry): NX leaves it alone,
 -- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
 -- idle workers.
-if added > 0 and redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1]) == 1 then
+if added > 0 and ready_set({ ready = KEYS[2], queues = KEYS[3], queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return out

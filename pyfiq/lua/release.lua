@@ -1,52 +1,63 @@
 --[[
-  Acknowledge finished tasks and give the lease up at once (graceful stop, or a fair yield).
+  Acknowledge finished tasks and give the lease up at once (graceful stop, a fair yield, a
+  stream parked until its rate permit, or the hand-over after an I/O error).
 
   Input:
     KEYS[1]      lease key of the stream
     KEYS[2]      pending list
     KEYS[3]      in-flight list
     KEYS[4]      meta hash
-    KEYS[5]      ready sorted set of the shard
+    KEYS[5]      ready set of the stream's queue in this shard
+    KEYS[6]      queue index of the shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
-    ARGV[4]      number of taken tasks the holder never started (at the tail of in-flight)
+    ARGV[4]      number of started task ids m
     ARGV[5]      wake-up channel
     ARGV[6]      shard number
-    ARGV[7]      '1' for a hand-off (stop, yield, defer), '0' after an error: the tasks left in
-                 flight may have run, so their delivery counts stand
-    ARGV[8..]    k task ids, oldest first
+    ARGV[7]      ms before the stream may be claimed again (0: at once)
+    ARGV[8..]    k acknowledged task ids, oldest first, then m ids of tasks the holder started
+                 and did not finish (they may have run)
 
   Output:
     -1 if the caller's lease is gone (nothing changed), 1 when released
 
-  Never-started tasks go back to the head of pending, in order, so the next holder takes them
-  as first deliveries. A task handed out more than once stays in flight so its count is kept.
-  A hand-off is not a crash: the tasks this holder was handed and leaves in flight get their
-  delivery count back, so graceful stops never push a healthy task towards "poison".
+  The holder is alive, so no task it leaves behind killed its consumer: their 'started' marks
+  are cleared. Tasks it was handed but never started get their delivery back, and those at the
+  tail of the in-flight list that were never delivered before go back to the head of pending,
+  in order, as fresh tasks. Acknowledgements are applied tolerantly: after a lost reply the
+  holder cannot know whether its last call acknowledged them.
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-if not ack_head(KEYS[3], KEYS[4], argv_slice(8, nack)) then
-  return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
-end
-local handed = handed_after(KEYS[4], nack)
-local unstarted = tonumber(ARGV[4])
-if unstarted > handed or handed ~= redis.call('LLEN', KEYS[3]) then unstarted = 0 end
+local applied = ack_head(KEYS[3], KEYS[4], argv_slice(8, nack), true)
+local handed = handed_after(KEYS[4], applied)
+local started = {}
+for _, id in ipairs(argv_slice(8 + nack, tonumber(ARGV[4]))) do started[id] = true end
+local total = redis.call('LLEN', KEYS[3])
+if handed > total then handed = total end
+local mine = {}
+if handed > 0 then mine = redis.call('LRANGE', KEYS[3], 0, handed - 1) end
 local moved = 0
-for _ = 1, unstarted do
-  local entry = redis.call('LINDEX', KEYS[3], -1)
-  if redis.call('HEXISTS', KEYS[4], 'd:' .. task_id(entry)) == 1 then break end
-  redis.call('RPOP', KEYS[3])
-  redis.call('LPUSH', KEYS[2], entry)
-  moved = moved + 1
+if handed == total then
+  for i = #mine, 1, -1 do
+    local id = task_id(mine[i])
+    if started[id] or redis.call('HEXISTS', KEYS[4], 'd:' .. id) == 1 then break end
+    redis.call('RPOP', KEYS[3])
+    redis.call('LPUSH', KEYS[2], mine[i])
+    clear_marks(KEYS[4], id)
+    moved = moved + 1
+  end
 end
-local kept = {}
-if ARGV[7] == '1' and handed - moved > 0 then kept = redis.call('LRANGE', KEYS[3], 0, handed - moved - 1) end
-for _, entry in ipairs(kept) do
-  -- The next holder's hand-over adds one back (an absent count means one delivery).
-  local field = 'd:' .. task_id(entry)
-  redis.call('HSET', KEYS[4], field, tonumber(redis.call('HGET', KEYS[4], field) or '1') - 1)
+for i = 1, #mine - moved do
+  local id = task_id(mine[i])
+  redis.call('HDEL', KEYS[4], 's:' .. id)
+  if not started[id] then
+    -- Never started here: the next holder's hand-over adds this delivery back.
+    local d = tonumber(redis.call('HGET', KEYS[4], 'd:' .. id) or '1') - 1
+    if d < 0 then d = 0 end
+    redis.call('HSET', KEYS[4], 'd:' .. id, d)
+  end
 end
 redis.call('DEL', KEYS[1])
 if redis.call('LLEN', KEYS[3]) == 0 then
@@ -54,10 +65,12 @@ if redis.call('LLEN', KEYS[3]) == 0 then
 else
   redis.call('HSET', KEYS[4], 'handed', 0)
 end
+local r = { ready = KEYS[5], queues = KEYS[6], queue = queue_of(ARGV[2]) }
 if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) > 0 then
-  redis.call('ZADD', KEYS[5], now_ms(), ARGV[2])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  local delay = tonumber(ARGV[7])
+  ready_set(r, ARGV[2], now_ms() + delay)
+  if delay == 0 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 else
-  redis.call('ZREM', KEYS[5], ARGV[2])
+  ready_remove(r, ARGV[2])
 end
 return 1

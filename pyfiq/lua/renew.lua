@@ -3,7 +3,8 @@
 
   Input:
     KEYS[1]      lease key of the stream
-    KEYS[2]      ready sorted set of the shard
+    KEYS[2]      ready set of the stream's queue in this shard
+    KEYS[3]      queue index of the shard
     ARGV[1]      lease token
     ARGV[2]      lease TTL in ms
     ARGV[3]      stream name
@@ -14,5 +15,5 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local now = now_ms()
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[3])
+ready_set({ ready = KEYS[2], queues = KEYS[3], queue = queue_of(ARGV[3]) }, ARGV[3], now + tonumber(ARGV[2]), 'XX')
 return 1

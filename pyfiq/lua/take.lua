@@ -6,29 +6,30 @@
     KEYS[2]      pending list
     KEYS[3]      in-flight list
     KEYS[4]      meta hash ('handed': how many leading in-flight entries the holder has been
-                 given; 'd:<id>': delivery count of a task handed out more than once)
-    KEYS[5]      ready sorted set of the shard
-    KEYS[6]      dead-letter list of the stream
-    KEYS[7]      dead-letter index set of the shard
+                 given; per-task marks, see keys.py)
+    KEYS[5]      ready set of the stream's queue in this shard
+    KEYS[6]      queue index of the shard
+    KEYS[7]      dead letters of the stream
+    KEYS[8]      dead letter ids of the stream
+    KEYS[9]      dead-letter index set of the shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
     ARGV[4]      how many tasks to take at most (0: acknowledge only)
-    ARGV[5]      max deliveries before a task counts as poison
+    ARGV[5]      lost consumers after which a task is dead-lettered
     ARGV[6..]    k task ids, oldest first
 
   Output:
     { -1 }                       the caller's lease is gone: nothing was changed
     { 2 }                        acknowledged, nothing taken (ARGV[4] was 0)
     { 0 }                        the stream is empty: the lease was released and forgotten
-    { 1, entry, deliveries, ...} the tasks handed over, in order (possibly none)
+    { 1, Redis ms, entry, deliveries, ...} the tasks handed over, in order (possibly none)
 
-  Which tasks are handed over, and which are dead-lettered as poison or expired instead, is
-  hand_out() in lib.lua.
+  Which tasks are handed over, and which are dead-lettered instead, is hand_out() in lib.lua.
 ]]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return { -1 } end
 local nack = tonumber(ARGV[3])
-if not ack_head(KEYS[3], KEYS[4], argv_slice(6, nack)) then
+if not ack_head(KEYS[3], KEYS[4], argv_slice(6, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
 local handed = handed_after(KEYS[4], nack)
@@ -37,13 +38,14 @@ if want == 0 then
   redis.call('HSET', KEYS[4], 'handed', handed)
   return { 2 }
 end
-local out = { 1 }
-handed = hand_out({ pending = KEYS[2], inflight = KEYS[3], meta = KEYS[4], dlq = KEYS[6],
-                    dlq_index = KEYS[7], stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), out)
-if #out == 1 and redis.call('LLEN', KEYS[3]) == 0 then
+local now = now_ms()
+local out = { 1, now }
+handed = hand_out({ pending = KEYS[2], inflight = KEYS[3], meta = KEYS[4], dead = KEYS[7], dead_ids = KEYS[8],
+                    dlq_index = KEYS[9], stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), now, out)
+if #out == 2 and redis.call('LLEN', KEYS[3]) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
   redis.call('DEL', KEYS[1], KEYS[4])
-  redis.call('ZREM', KEYS[5], ARGV[2])
+  ready_remove({ ready = KEYS[5], queues = KEYS[6], queue = queue_of(ARGV[2]) }, ARGV[2])
   return { 0 }
 end
 redis.call('HSET', KEYS[4], 'handed', handed)

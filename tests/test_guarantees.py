@@ -1,0 +1,477 @@
+"""Regression tests for holes an outside review found in the guarantees (G1-G5): each one
+failed on the code before its fix. Script-level tests drive the Lua scripts through ``Ops``
+against a real redis-server; worker-level ones run real workers (and real loopback faults)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import pyfiq
+from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq.core import Lease, Ops
+from pyfiq.faults import FaultProxy
+from pyfiq.task import Entry, TaskRecord, new_task_id
+from tests.conftest import FAST, unique_prefix, wait_until
+
+
+def enqueue(backend: RedisQueueBackend, stream: str, n: int, **kw: Any) -> list[str]:
+    ids = [new_task_id() for _ in range(n)]
+    backend.enqueue(stream, [(i, TaskRecord("t", [k], {})) for k, i in enumerate(ids)], **kw)
+    return ids
+
+
+def acquire(backend: RedisQueueBackend, stream: str, want: int = 0) -> Lease | None:
+    call = backend.ops.acquire(stream, want)
+    return backend.ops.parse_acquire(stream, backend.call(call), threading.Event(), time.monotonic())
+
+
+def expire_lease(backend: RedisQueueBackend, lease: Lease) -> None:
+    backend.client.delete(lease.keys.lease)
+    backend.client.zadd(lease.keys.ready, {lease.stream: 0})
+
+
+def qname() -> str:
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
+# -- bad data already in Redis (G3, G5) ------------------------------------------------------
+
+
+def test_malformed_pending_entry_is_dead_lettered_at_once_and_the_stream_goes_on(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    first = enqueue(redis_backend, "q", 1)
+    k = redis_backend.keys.stream("q")
+    redis_backend.client.rpush(k.pending, b"hello-not-a-task")
+    second = enqueue(redis_backend, "q", 1)
+    lease = acquire(redis_backend, "q", want=10)
+    assert lease is not None, "the claim must not fail half-way and strand the lease"
+    assert [e.id for e, _ in lease.initial] == first + second
+    (dead,) = redis_backend.dead_letters("q")
+    assert dead.reason == "undecodable" and dead.raw.endswith(b"\nhello-not-a-task")
+    info = redis_backend.queue_info("q")
+    assert info["lease"] == lease.token and (info["pending"], info["inflight"]) == (0, 2)
+
+
+def test_entry_the_scripts_used_to_accept_but_python_rejected_is_undecodable_at_once(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    k = redis_backend.keys.stream("q")
+    payload = TaskRecord("t", [], {}).encode(redis_backend.settings.serializer)
+    bad = b"a" * 32 + b"|zz|0|" + payload
+    redis_backend.client.rpush(k.pending, bad)
+    (good,) = enqueue(redis_backend, "q", 1)
+    lease = acquire(redis_backend, "q", want=1)
+    assert lease is not None and [e.id for e, _ in lease.initial] == [good]
+    (dead,) = redis_backend.dead_letters("q")
+    assert dead.reason == "undecodable" and dead.raw.endswith(bad)
+    # Python parses exactly what the scripts accept.
+    with pytest.raises(pyfiq.DecodeError):
+        Entry.parse(bad)
+
+
+def test_requeue_keeps_a_malformed_record_and_moves_the_good_ones_in_order(redis_backend: RedisQueueBackend) -> None:
+    k = redis_backend.keys.stream("q")
+    (good1,) = enqueue(redis_backend, "q", 1, expires_in=0.01)
+    redis_backend.client.rpush(k.pending, b"garbage")
+    (good2,) = enqueue(redis_backend, "q", 1, expires_in=0.01)
+    time.sleep(0.05)
+    assert acquire(redis_backend, "q", want=5) is None  # all three dead-lettered, nothing to hold
+    assert [d.reason for d in redis_backend.dead_letters("q")] == ["expired", "undecodable", "expired"]
+    assert redis_backend.requeue_dead_letters("q") == 2
+    (left,) = redis_backend.dead_letters("q")
+    assert left.reason == "undecodable" and left.raw.endswith(b"\ngarbage")
+    pending = [Entry.parse(e).id for e in redis_backend.client.lrange(k.pending, 0, -1)]
+    assert pending == [good1, good2]
+
+
+def _fill_dead_letters(backend: RedisQueueBackend, stream: str, n: int) -> list[str]:
+    """n dead letters in the stored format, written directly (a benchmark-sized set fast)."""
+    k = backend.keys.stream(stream)
+    ids = [new_task_id() for _ in range(n)]
+    payload = TaskRecord("t", [], {}).encode(backend.settings.serializer)
+    pipe = backend.client.pipeline(transaction=False)
+    for seq, task_id in enumerate(ids, 1):
+        record = b'{"seq":%d,"reason":"exhausted","deliveries":1,"at_ms":1}\n' % seq
+        pipe.zadd(k.dead, {record + task_id.encode() + b"|1|0|" + payload: seq})
+        pipe.hset(k.dead_ids, task_id, seq)
+    pipe.sadd(k.dlq_index, stream)
+    pipe.execute()
+    return ids
+
+
+def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyfiq.backend
+
+    ids = _fill_dead_letters(redis_backend, "q", 1050)
+    calls: list[Any] = []
+    real = redis_backend.call
+
+    def counting(call: Any, client: Any = None) -> Any:
+        calls.append(call)
+        return real(call, client)
+
+    monkeypatch.setattr(redis_backend, "call", counting)
+    monkeypatch.setattr(pyfiq.backend, "REQUEUE_STEP", 100)
+    # By id: one call that looks at one record, wherever it sits.
+    assert redis_backend.requeue_dead_letters("q", task_id=ids[700]) == 1
+    assert len(calls) == 1
+    # All, to the front: every call looks at no more than 100 records, order is kept.
+    (existing,) = enqueue(redis_backend, "q", 1)
+    calls.clear()
+    assert redis_backend.requeue_dead_letters("q", front=True) == 1049
+    assert len(calls) == 11 and all(c.args[4] == 100 for c in calls)
+    k = redis_backend.keys.stream("q")
+    pending = [Entry.parse(e).id for e in redis_backend.client.lrange(k.pending, 0, -1)]
+    assert pending == [i for i in ids if i != ids[700]] + [ids[700], existing]
+    assert redis_backend.dead_letters("q") == [] and redis_backend.dead_letter_streams() == []
+
+
+def test_requeue_count_takes_the_oldest(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyfiq.backend
+
+    monkeypatch.setattr(pyfiq.backend, "REQUEUE_STEP", 7)
+    ids = _fill_dead_letters(redis_backend, "q", 30)
+    assert redis_backend.requeue_dead_letters("q", count=20) == 20
+    k = redis_backend.keys.stream("q")
+    assert [Entry.parse(e).id for e in redis_backend.client.lrange(k.pending, 0, -1)] == ids[:20]
+    assert [d.task_id for d in redis_backend.dead_letters("q")] == ids[20:]
+
+
+# -- delivery accounting (G3, G4) -------------------------------------------------------------
+
+
+def test_tasks_a_holder_never_started_are_never_charged(redis_backend: RedisQueueBackend) -> None:
+    """A worker whose call failed (a network blip) releases saying nothing started: however
+    often that happens, the tasks stay first deliveries and never become poison."""
+    ids = enqueue(redis_backend, "q", 3)
+    ops = redis_backend.ops
+    for _ in range(redis_backend.settings.max_deliveries * 2):
+        lease = acquire(redis_backend, "q")
+        assert lease is not None
+        redis_backend.call(ops.take(lease, [], 3))  # the reply is "lost"
+        assert redis_backend.call(ops.release(lease, [], [])) == 1
+    assert redis_backend.dead_letters("q") == []
+    lease = acquire(redis_backend, "q", want=3)
+    assert lease is not None and [(e.id, d) for e, d in lease.initial] == [(i, 1) for i in ids]
+
+
+def test_a_vanished_holder_charges_only_the_task_it_had_started(redis_backend: RedisQueueBackend) -> None:
+    ids = enqueue(redis_backend, "q", 3)
+    k = redis_backend.keys.stream("q")
+    lease = acquire(redis_backend, "q", want=3)
+    assert lease is not None
+    expire_lease(redis_backend, lease)  # died right after taking: only the head was starting
+    lease = acquire(redis_backend, "q", want=1)
+    assert lease is not None and [(e.id, d) for e, d in lease.initial] == [(ids[0], 2)]
+    lost = {f.decode(): v for f, v in redis_backend.client.hgetall(k.meta).items() if f.startswith(b"x:")}
+    assert lost == {f"x:{ids[0]}": b"1"}
+
+
+def test_a_task_that_outlives_its_lease_is_dead_lettered_as_lease_lost_not_poison(redis_server: Any) -> None:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), max_deliveries=2, shards=2)
+    (task,) = enqueue(backend, "q", 1)
+    for _ in range(2):
+        lease = acquire(backend, "q", want=1)
+        assert lease is not None and [e.id for e, _ in lease.initial] == [task]
+        entry = lease.initial[0][0]
+        expire_lease(backend, lease)  # its heartbeat starved (the task held the GIL) ...
+        assert backend.call(backend.ops.lost(lease, entry)) == 1  # ... and it said so when it woke
+    assert acquire(backend, "q", want=1) is None
+    (dead,) = backend.dead_letters("q")
+    assert dead.reason == "lease-lost" and dead.task_id == task
+    assert "lease_ttl" in dead.header["error"] and dead.header["outlived"] == 2
+    backend.close()
+
+
+# -- the shard layout guard (G5) --------------------------------------------------------------
+
+
+def test_layout_guard_survives_an_empty_restart(redis_server: Any) -> None:
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=16)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    enqueue(fleet, "q", 1)
+    for key in fleet.client.scan_iter(f"{prefix}:*"):  # the data is gone, as after an empty restart
+        fleet.client.delete(key)
+    # The fleet's idle polls write the layout again ...
+    fleet.call_many([fleet.ops.due(s, 1, ["q"]) for s in range(16)])
+    # ... so a producer with another shard count is refused, loudly, storing nothing.
+    for stream in ("q", "other", "q#k1"):
+        with pytest.raises(ConfigurationError, match="16 shards"):
+            stray.enqueue(stream, [(new_task_id(), TaskRecord("t", [], {}))])
+    assert not list(fleet.client.scan_iter(f"{prefix}:*:pending"))
+    # And a fleet finds a shard laid out by a stray producer first.
+    for key in fleet.client.scan_iter(f"{prefix}:*"):
+        fleet.client.delete(key)
+    enqueue(stray, "q", 1)
+    shard = stray.keys.shard_of("q")
+    (reply,) = fleet.call_many([fleet.ops.due(shard, 1, ["q"])])
+    assert isinstance(reply, Exception) and "PYFIQLAYOUT" in str(reply)
+    fleet.close()
+    stray.close()
+
+
+# -- worker-level -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rbackend(redis_server: Any) -> Any:
+    b = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **FAST)
+    pyfiq.configure(b)
+    yield b
+    b.close()
+
+
+def test_expiry_is_checked_right_before_a_buffered_task_starts(redis_server: Any) -> None:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **{**FAST, "prefetch": 10})
+    pyfiq.configure(backend)
+    q, ran = qname(), []
+
+    @fifo(queue=q, name=f"{q}.slow")
+    def slow(i: int) -> None:
+        ran.append(i)
+        time.sleep(0.8 if i == 0 else 0)
+
+    slow(0)
+    slow.send_with_options(args=(1,), expires_in=0.3)
+    slow(2)
+    with ThreadedWorker(backend, queues=[q]):
+        wait_until(lambda: ran == [0, 2], timeout=10, message="the expired task is skipped")
+        wait_until(lambda: len(backend.dead_letters(q)) == 1, timeout=5)
+    (dead,) = backend.dead_letters(q)
+    assert dead.reason == "expired" and dead.record is not None and dead.record.args == [1]
+    backend.close()
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def test_an_exception_whose_str_raises_follows_the_retry_policy(rbackend: RedisQueueBackend) -> None:
+    q, attempts = qname(), []
+
+    @fifo(queue=q, name=f"{q}.bad", max_retries=1, retry_wait=0)
+    def bad() -> None:
+        attempts.append(1)
+        raise Unprintable()
+
+    bad()
+    with ThreadedWorker(rbackend, queues=[q]):
+        wait_until(lambda: rbackend.dead_letters(q), timeout=10)
+    (dead,) = rbackend.dead_letters(q)
+    assert dead.reason == "exhausted" and len(attempts) == 2 and dead.header["attempts"] == 2
+    assert "Unprintable" in dead.header["error"] and "str() raised RuntimeError" in dead.header["error"]
+
+
+def test_unknown_task_grace_starts_again_after_a_requeue(redis_server: Any) -> None:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **{**FAST, "unknown_task_grace": 1.0})
+    q = qname()
+    backend.enqueue(q, [(new_task_id(), TaskRecord("nobody.has.this", [], {}))])
+    with ThreadedWorker(backend, queues=[q]):
+        wait_until(lambda: backend.dead_letters(q), timeout=10)
+        requeued = time.monotonic()
+        assert backend.requeue_dead_letters(q) == 1
+        wait_until(lambda: backend.dead_letters(q), timeout=10)
+        waited = time.monotonic() - requeued
+    assert waited >= 0.9, f"dead-lettered again {waited:.2f}s after the requeue, within its grace"
+    backend.close()
+
+
+def test_every_retry_takes_a_rate_permit(rbackend: RedisQueueBackend) -> None:
+    q, times = qname(), []
+
+    @fifo(queue=q, name=f"{q}.flaky", rate_limit=4, max_retries=5, retry_wait=0)
+    def flaky() -> None:
+        times.append(time.monotonic())
+        if len(times) < 4:
+            raise RuntimeError("downstream is failing")
+
+    flaky()
+    with ThreadedWorker(rbackend, queues=[q]):
+        wait_until(lambda: len(times) == 4, timeout=10)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.2, f"attempts closer than the 4/s limit allows: {gaps}"
+
+
+def test_a_stream_waiting_for_its_rate_permit_holds_no_worker_slot(rbackend: RedisQueueBackend) -> None:
+    limited, free, started = qname(), qname(), {}
+
+    @fifo(queue=limited, name=f"{limited}.t", key=lambda k, i: k, rate_limit=1)
+    def slow_lane(k: str, i: int) -> None:
+        pass
+
+    @fifo(queue=free, name=f"{free}.t")
+    def fast_lane() -> None:
+        started["free"] = time.monotonic()
+
+    for i in range(4):
+        for k in ("a", "b"):
+            slow_lane(k, i)
+    with ThreadedWorker(rbackend, queues=[limited, free], concurrency=2):
+        time.sleep(0.5)  # both slots busy with the limited queue's streams
+        enqueued = time.monotonic()
+        fast_lane()
+        wait_until(lambda: "free" in started, timeout=10)
+    assert started["free"] - enqueued < 1.0, "an unlimited queue waited behind rate-limited streams"
+
+
+class _Flaky:
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, float, float]] = []
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
+def test_stop_timeout_never_lets_another_replica_run_the_task_alongside(
+    rbackend: RedisQueueBackend, driver: str
+) -> None:
+    """stop(timeout) while a plain function runs: the lease stays renewed until the function
+    really ends (past the TTL), so the other replica never runs the task at the same time;
+    the finished task is acknowledged and runs once."""
+    q, runs, lock = qname(), [], threading.Lock()
+
+    @fifo(queue=q, name=f"{q}.slow")
+    def slow() -> None:
+        start = time.monotonic()
+        time.sleep(2.5)  # well past the 1.5 s lease TTL
+        with lock:
+            runs.append((threading.current_thread().name, start, time.monotonic()))
+
+    slow()
+    if driver == "threaded":
+        first = ThreadedWorker(rbackend, queues=[q]).start()
+        wait_until(lambda: first.held_streams == [q], timeout=5)
+        time.sleep(0.3)
+        assert first.stop(timeout=0.2) is False
+    else:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+
+        async def make() -> AsyncWorker:
+            return await AsyncWorker(RedisQueueBackend(rbackend.url, rbackend.settings), queues=[q]).start()
+
+        aw = asyncio.run_coroutine_threadsafe(make(), loop).result(10)
+        wait_until(lambda: aw.held_streams == [q], timeout=5)
+        time.sleep(0.3)
+        assert asyncio.run_coroutine_threadsafe(aw.stop(timeout=0.2), loop).result(10) is False
+    with ThreadedWorker(rbackend, queues=[q]):
+        time.sleep(4.0)
+    if driver == "asyncio":
+        loop.call_soon_threadsafe(loop.stop)
+    assert len(runs) == 1, f"the task ran {len(runs)} times: {runs}"
+    assert rbackend.queue_info(q)["inflight"] == 0 and rbackend.queue_info(q)["pending"] == 0
+
+
+def test_network_blips_never_turn_tasks_that_never_ran_into_poison(redis_server: Any) -> None:
+    with FaultProxy(redis_server.port) as proxy:
+        settings = {**FAST, "max_deliveries": 2}
+        backend = RedisQueueBackend(proxy.url, prefix=unique_prefix(), **settings)
+        producer = RedisQueueBackend(redis_server.url, backend.settings)
+        pyfiq.configure(producer)
+        q, ran = qname(), []
+
+        @fifo(queue=q, name=f"{q}.t", key=lambda k, i: k, rate_limit=2, retry_wait=0.05)
+        def task(k: str, i: int) -> None:
+            ran.append((k, i))
+
+        for i in range(4):
+            for k in ("a", "b", "c"):
+                task(k, i)
+        with ThreadedWorker(backend, queues=[q], concurrency=3):
+            for _ in range(8):
+                time.sleep(0.4)
+                proxy.cut()
+                time.sleep(0.3)
+                proxy.heal()
+            wait_until(lambda: len(set(ran)) == 12 or producer.dead_letters(q), timeout=30)
+        assert producer.dead_letters(q) == []
+        assert len(set(ran)) == 12
+        for k in ("a", "b", "c"):
+            firsts = list(dict.fromkeys(i for kk, i in ran if kk == k))
+            assert firsts == [0, 1, 2, 3]
+        backend.close()
+        producer.close()
+
+
+def test_a_raising_log_handler_cannot_kill_a_worker_thread(rbackend: RedisQueueBackend) -> None:
+    class Broken(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise BrokenPipeError("stdout is a closed pipe")
+
+    logger = logging.getLogger("pyfiq")
+    handler, level = Broken(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        q, done = qname(), []
+
+        @fifo(queue=q, name=f"{q}.t", max_retries=1, retry_wait=0)
+        def t(i: int) -> None:
+            if i == 0:
+                raise ValueError("logged as a retry and a dead letter")
+            done.append(i)
+
+        for i in range(3):
+            t(i)
+        with ThreadedWorker(rbackend, queues=[q]) as w:
+            wait_until(lambda: done == [1, 2], timeout=10)
+            assert w.healthy
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_worker_thread_that_dies_takes_the_worker_down_loudly(
+    rbackend: RedisQueueBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Fatal(BaseException):
+        pass
+
+    w = ThreadedWorker(rbackend, queues=[qname()])
+
+    def explode(now: float) -> float:
+        raise Fatal("boom")
+
+    w.scheduler.idle_wait = explode  # type: ignore[method-assign]
+    with caplog.at_level(logging.CRITICAL, logger="pyfiq"):
+        w.start()
+        wait_until(lambda: not w.healthy and w._stopped.is_set(), timeout=10)
+    assert isinstance(w.failure, Fatal)
+    assert any("pyfiq.worker_thread_died" in r.getMessage() for r in caplog.records)
+
+
+def test_pyfiq_prints_nothing_unless_the_application_configures_logging(
+    rbackend: RedisQueueBackend, capfd: pytest.CaptureFixture[str]
+) -> None:
+    q, done = qname(), []
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t() -> None:
+        done.append(1)
+        raise ValueError("dead-lettered, logged at error level")
+
+    t()
+    with ThreadedWorker(rbackend, queues=[q]):
+        wait_until(lambda: rbackend.dead_letters(q), timeout=10)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_ops_release_signature_names_started_tasks() -> None:
+    from pyfiq.keys import KeySchema
+
+    ops = Ops(KeySchema("p", 1), pyfiq.Settings())
+    lease = Lease("s", ops.keys.stream("s"), "1:x", 1, threading.Event())
+    call = ops.release(lease, ["a" * 32], ["b" * 32], delay_ms=250)
+    assert call.args[2:4] == [1, 1] and call.args[6] == 250 and call.args[7:] == ["a" * 32, "b" * 32]
