@@ -11,9 +11,13 @@ mean of two short ceiling runs taken right before and right after it, on the sam
     python scripts/bench.py                                   # everything, 20000 tasks
     python scripts/bench.py --only ceiling,drain --tasks 50000
     python scripts/bench.py --quick --skip-peers --json /tmp/bench.json   # the smoke run
+    python scripts/bench.py --only requeue,idle-foreign            # operator and idle cost at scale
 
 Sections: ceiling (always measured: it is the baseline), drain (also on an AOF everysec server),
-enqueue, peers (RQ, Dramatiq, Huey when installed), takeover, idle, memory, latency.
+enqueue, peers (RQ, Dramatiq, Huey when installed), takeover, idle, memory, latency, requeue
+(the longest single Redis call of dead-letter operations on 1,000,000 records, by SLOWLOG,
+against the median PING round trip), idle-foreign (an idle worker beside another queue's
+60,000 due streams, against none).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import gc
 import importlib.metadata
 import importlib.util
 import itertools
@@ -53,9 +58,11 @@ import structlog
 
 import pyfiq
 from pyfiq import RedisQueueBackend, Settings, ThreadedWorker, current_task, fifo
+from pyfiq.core import dead_letter_header
 from pyfiq.registry import FifoFunction
+from pyfiq.task import TaskRecord, new_task_id
 
-SECTIONS = ("ceiling", "drain", "enqueue", "peers", "takeover", "idle", "memory", "latency")
+SECTIONS = ("ceiling", "drain", "enqueue", "peers", "takeover", "idle", "memory", "latency", "requeue", "idle-foreign")
 PEERS = ("rq", "dramatiq", "huey")
 DRAIN_PREFETCH = (1, 10, 100)
 SCRIPT = Path(__file__).resolve()
@@ -338,8 +345,8 @@ def times(x: float, what: str) -> str:
     return f"{x:.2f}x {what}"
 
 
-def ms(x: float) -> str:
-    return f"{x * 1000:.1f} ms"
+def ms(x: float, digits: int = 1) -> str:
+    return f"{x * 1000:.{digits}f} ms"
 
 
 # -- machine -----------------------------------------------------------------------------------
@@ -931,6 +938,354 @@ def measure_latency(server: RedisServer, count: int, gap: float) -> dict[str, An
     }
 
 
+# -- 9. dead letters at scale --------------------------------------------------------------
+
+
+#: Client name of the connection under test. SLOWLOG also holds the probe's PINGs and this
+#: script's own bookkeeping; the name is how the operator's calls are told apart.
+OPERATOR = "bench-operator"
+#: SLOWLOG threshold (µs). Not 0: Redis 7 also logs every command a script runs as an entry of
+#: its own, about six per dead letter moved, and logging them made the measured scripts 15-45 %
+#: slower in trials. Those inner commands take a µs or two, so 10 µs leaves them out; a call of
+#: the operation shorter than that is reported as under 10 µs.
+SLOWLOG_THRESHOLD_US = 10
+SLOWLOG_ENTRIES = 100_000
+
+
+def fill_dead_letters(client: redis.Redis, backend: RedisQueueBackend, stream: str, n: int) -> Callable[[int], str]:
+    """``n`` dead letters of one stream in the stored format (the record ``dead_add`` in
+    lib.lua writes, with a real header and traceback), written directly: through the scripts
+    a million would take minutes. Returns the task id of a given sequence number."""
+    k = backend.keys.stream(stream)
+    tag = uuid.uuid4().hex[:16]
+
+    def task_id(seq: int) -> str:
+        return f"{tag}{seq:016x}"
+
+    try:
+        raise RuntimeError("downstream refused the request")
+    except RuntimeError as exc:
+        header = dead_letter_header(
+            "exhausted", replica="bench", deliveries=3, attempts=3, name="bench.dead", error=exc
+        )
+    tail = b"," + header[1:].encode() + b"\n"  # dead_add puts "seq" first in the header
+    entry_tail = b"|%d|0|" % int(time.time() * 1000) + TaskRecord("bench.dead", [0], {}).encode(
+        backend.settings.serializer
+    )
+    pipe = client.pipeline(transaction=False)
+    chunk = 1000  # members per ZADD/HSET: big enough to be quick, small enough to never stall Redis
+    for start in range(1, n + 1, chunk):
+        seqs = range(start, min(n + 1, start + chunk))
+        ids = [task_id(seq).encode() for seq in seqs]
+        pipe.zadd(k.dead, {b'{"seq":%d' % seq + tail + i + entry_tail: seq for seq, i in zip(seqs, ids, strict=True)})
+        pipe.hset(k.dead_ids, mapping=dict(zip(ids, seqs, strict=True)))
+        if len(pipe) >= 40:
+            pipe.execute()
+    pipe.sadd(k.dlq_index, stream)
+    pipe.execute()
+    if client.zcard(k.dead) != n or client.hlen(k.dead_ids) != n:
+        raise RuntimeError(f"the dead-letter fill did not store {n} records")
+    return task_id
+
+
+class PingProbe:
+    """Another client of the same Redis, in a process of its own, doing PING in a loop: its
+    worst round trip during an operation is how long Redis made everyone else wait. Its own
+    process, so that this one's GIL and garbage collector do not show up as Redis stalls.
+    Round trips are kept in segments; ``segment()`` starts the next one."""
+
+    def __init__(self, url: str, logdir: Path) -> None:
+        argv = [sys.executable, str(SCRIPT), "--child", "probe", "--url", url]
+        with open(logdir / "probe.log", "wb") as err:
+            self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        assert self.proc.stdout is not None
+        if not read_until(self.proc.stdout, b"ready", 60):
+            raise RuntimeError("the PING probe did not start")
+        self.segments = 1
+
+    def segment(self) -> int:
+        """Start a new segment, once the probe has switched to it; returns its index."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"\n")
+        self.proc.stdin.flush()
+        if not read_until(self.proc.stdout, b"segment", 10):
+            raise RuntimeError("the PING probe stopped answering")
+        self.segments += 1
+        return self.segments - 1
+
+    def finish(self) -> list[dict[str, Any]]:
+        try:
+            stdout, _ = self.proc.communicate(timeout=30)  # closes its stdin: it stops
+            result: list[dict[str, Any]] = json.loads(stdout.decode().strip().splitlines()[-1])
+        finally:
+            end(self.proc, kill=True)
+        if len(result) != self.segments:
+            raise RuntimeError(f"the PING probe reported {len(result)} segments, not {self.segments}")
+        return result
+
+
+def child_probe(args: argparse.Namespace) -> None:
+    gc.disable()  # a collection pause here would read as a Redis stall; it allocates little
+    client = redis.Redis.from_url(args.url)
+    client.ping()
+    segments: list[list[float]] = [[]]
+    stop = threading.Event()
+
+    def follow_stdin() -> None:
+        for _ in sys.stdin.buffer:
+            segments.append([])
+            print("segment", flush=True)
+        stop.set()
+
+    threading.Thread(target=follow_stdin, daemon=True).start()
+    print("ready", flush=True)
+    while not stop.is_set():
+        t0 = perf_counter()
+        client.ping()
+        segments[-1].append(perf_counter() - t0)
+    summary = []
+    for rtts in segments:
+        rtts.sort()
+        summary.append(
+            {
+                "pings": len(rtts),
+                "median_s": statistics.median(rtts) if rtts else None,
+                "p99_s": percentile(rtts, 99) if rtts else None,
+                "max_s": rtts[-1] if rtts else None,
+            }
+        )
+    print(json.dumps(summary), flush=True)
+
+
+def timed_by_redis(client: redis.Redis, operation: Callable[[], Any]) -> dict[str, Any]:
+    """Run one operator action and read back from SLOWLOG what its calls cost Redis."""
+    client.slowlog_reset()
+    scripts0 = command_stats(client).get("evalsha", (0, 0))[0]
+    t0 = perf_counter()
+    result = operation()
+    elapsed = perf_counter() - t0
+    scripts = command_stats(client).get("evalsha", (0, 0))[0] - scripts0
+    length = int(client.slowlog_len())
+    if length >= SLOWLOG_ENTRIES:
+        raise RuntimeError("SLOWLOG overflowed: the longest call may have been dropped")
+    logged = [
+        (e["command"].split(b" ", 1)[0].decode().lower(), int(e["duration"]))
+        for e in client.slowlog_get(length)
+        if e.get("client_name") == OPERATOR.encode()
+    ]
+    command, longest = max(logged, key=lambda c: c[1]) if logged else ("", None)
+    return {
+        "result": result,
+        "seconds": elapsed,
+        "script_calls": scripts,
+        "logged_calls": len(logged),
+        "redis_usec_logged": sum(u for _, u in logged),
+        "longest_call_s": None if longest is None else longest / 1e6,
+        "longest_command": command,
+    }
+
+
+def measure_requeue(server: RedisServer, n: int, count: int, ping_seconds: float, logdir: Path) -> dict[str, Any]:
+    """One stream with ``n`` dead letters: what the longest single call costs Redis when an
+    operator requeues one by id, requeues ``count`` of them, and reads a page in the middle."""
+    server.flush()
+    backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix(), redis_options={"client_name": OPERATOR}))
+    client = server.client()
+    stream = "bench-dead"
+    saved = client.config_get("slowlog-*")
+    probe: PingProbe | None = None
+    try:
+        log(f"requeue: writing {n:,} dead letters")
+        t0 = perf_counter()
+        task_id = fill_dead_letters(client, backend, stream, n)
+        fill_s = perf_counter() - t0
+        used_memory = int(client.info("memory")["used_memory"])
+        # Connect and load the script now, so that the measured calls are the operation's own.
+        backend.requeue_dead_letters(stream, task_id="0" * 32)
+        client.config_set("slowlog-max-len", SLOWLOG_ENTRIES)
+        client.config_set("slowlog-log-slower-than", SLOWLOG_THRESHOLD_US)
+
+        probe = PingProbe(server.url, logdir)
+        idle_segment = probe.segment()
+        time.sleep(ping_seconds)
+        probe.segment()
+        middle = n // 2
+        log(f"requeue: by task id (sequence {middle:,} of {n:,})")
+        by_id = timed_by_redis(client, lambda: backend.requeue_dead_letters(stream, task_id=task_id(middle)))
+        log(f"requeue: count={count:,}, with a PING probe")
+        busy_segment = probe.segment()
+        many = timed_by_redis(client, lambda: backend.requeue_dead_letters(stream, count=count))
+        probe.segment()
+        offset = n // 2
+        log(f"requeue: dead_letters(limit=100, offset={offset:,})")
+        page = timed_by_redis(client, lambda: len(backend.dead_letters(stream, limit=100, offset=offset)))
+        left = backend.queue_info(stream)
+        segments = probe.finish()
+    finally:
+        if probe is not None:
+            end(probe.proc, kill=True)
+        with contextlib.suppress(redis.RedisError):
+            for name in ("slowlog-log-slower-than", "slowlog-max-len"):
+                client.config_set(name, str(saved[name]))
+            client.slowlog_reset()
+        backend.close()
+        client.close()
+        server.flush()
+    if (by_id["result"], many["result"], page["result"]) != (1, count, 100):
+        raise RuntimeError(f"requeue moved {by_id['result']} / {many['result']}, the page held {page['result']}")
+    ping, busy = segments[idle_segment], segments[busy_segment]
+    if not ping["pings"] or not busy["pings"]:
+        raise RuntimeError("the PING probe did no round trip in a measured segment")
+    out: dict[str, Any] = {
+        "dead_letters": n,
+        "fill_seconds": fill_s,
+        "used_memory_bytes": used_memory,
+        "slowlog_threshold_us": SLOWLOG_THRESHOLD_US,
+        "ping": ping,
+        "by_id": {**by_id, "sequence": middle},
+        "count": {**many, "count": count, "probe": busy},
+        "page": {**page, "limit": 100, "offset": offset},
+        "left": {"dead": left["dead"], "pending": left["pending"]},
+    }
+    for key in ("by_id", "count", "page"):
+        longest = out[key]["longest_call_s"]
+        out[key]["ratio_to_median_ping"] = None if longest is None else longest / ping["median_s"]
+    busy["ratio_to_median_ping"] = busy["max_s"] / ping["median_s"]
+    return out
+
+
+def report_requeue(report: Report, r: dict[str, Any]) -> None:
+    n, ping = r["dead_letters"], r["ping"]
+    report.row(
+        "requeue",
+        f"fill: {n:,} dead letters, pipelined ZADD/HSET",
+        f"{r['fill_seconds']:.1f} s",
+        f"{r['used_memory_bytes'] / 2**20:,.0f} MiB used_memory",
+    )
+    report.row(
+        "requeue",
+        f"baseline: PING round trip, median of {ping['pings']:,}",
+        ms(ping["median_s"], 3),
+        f"baseline; max {ms(ping['max_s'], 3)}",
+    )
+    for key, what in (
+        ("by_id", f"requeue by task id, sequence {r['by_id']['sequence']:,}"),
+        ("count", f"requeue count={r['count']['count']:,}"),
+        ("page", f"dead_letters(limit=100, offset={r['page']['offset']:,})"),
+    ):
+        x = r[key]
+        plural = "" if x["script_calls"] == 1 else "s"
+        calls = f"{x['script_calls']} script call{plural}, {ms(x['seconds'])} in all"
+        if x["longest_call_s"] is None:
+            value, ratio = f"< {ms(r['slowlog_threshold_us'] / 1e6, 3)}", calls
+        else:
+            value = ms(x["longest_call_s"], 3)
+            ratio = f"{x['ratio_to_median_ping']:.1f}x median PING ({x['longest_command']}); {calls}"
+        report.row("requeue", f"longest call: {what}", value, ratio)
+    p = r["count"]["probe"]
+    report.row(
+        "requeue",
+        f"probe PING worst round trip during requeue count={r['count']['count']:,}",
+        ms(p["max_s"], 3),
+        f"{p['ratio_to_median_ping']:.1f}x median PING, {p['pings']:,} pings",
+    )
+
+
+# -- 10. idle beside another queue's backlog -------------------------------------------------
+
+
+def fill_due_streams(backend: RedisQueueBackend, queue: str, n: int) -> None:
+    """``n`` keyed streams of ``queue`` with one task each, all due now, through the enqueue
+    script (pipelined: one round trip per stream would take a minute at 60,000)."""
+    if n == 0:
+        return
+    record = TaskRecord("bench.foreign", [0], {})
+    backend.enqueue(f"{queue}#0", [(new_task_id(), record)])  # layout checked, script loaded
+    sha = backend.scripts.enqueue.sha
+    for start in range(1, n, 1000):
+        pipe = backend.client.pipeline(transaction=False)
+        for i in range(start, min(n, start + 1000)):
+            call = backend.ops.enqueue(f"{queue}#{i}", backend.encode([(new_task_id(), record)]))
+            pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
+        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                raise reply
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    cpu: dict[str, Any] = client.info("cpu")
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
+def measure_idle_foreign(server: RedisServer, counts: list[int], warmup: float, window: float) -> dict[str, Any]:
+    """One idle worker of queue ``b`` while queue ``a`` holds N due streams nobody consumes: the
+    worker's command rate and Redis's CPU should not depend on N."""
+    out: dict[str, Any] = {}
+    client = server.client()
+    try:
+        for count in counts:
+            server.flush()
+            settings = Settings(prefix=new_prefix())
+            producer, worker_backend = RedisQueueBackend(server.url, settings), RedisQueueBackend(server.url, settings)
+            try:
+                log(f"idle-foreign: {count:,} due streams of queue a")
+                t0 = perf_counter()
+                fill_due_streams(producer, "a", count)
+                fill_s = perf_counter() - t0
+                log(f"idle-foreign: one ThreadedWorker of queue b, {window:.0f} s window")
+                worker = ThreadedWorker(worker_backend, queues=["b"]).start()
+                try:
+                    time.sleep(warmup)
+                    s0, c0, t0 = command_stats(client), redis_cpu_seconds(client), perf_counter()
+                    time.sleep(window)
+                    s1, c1, t1 = command_stats(client), redis_cpu_seconds(client), perf_counter()
+                finally:
+                    worker.stop(timeout=10)
+                due = sum(int(client.zcard(producer.keys.ready(s, "a"))) for s in range(producer.keys.shards))
+            finally:
+                producer.close()
+                worker_backend.close()
+            secs = t1 - t0
+            delta = stats_delta(s0, s1)
+            evalsha, usec = delta.get("evalsha", (0, 0))
+            out[f"streams_{count}"] = {
+                "foreign_due_streams": count,
+                "still_due_after": due,
+                "fill_seconds": fill_s,
+                "commands_per_s": sum(c for c, _ in delta.values()) / secs,
+                "evalsha_per_s": evalsha / secs,
+                "redis_script_usec_per_s": usec / secs,
+                "redis_cpu_percent": 100 * (c1 - c0) / secs,
+                "by_command_per_s": {cmd: c / secs for cmd, (c, _) in sorted(delta.items())},
+            }
+    finally:
+        client.close()
+        server.flush()
+    base = out[f"streams_{counts[0]}"]
+    for r in out.values():
+        r["ratio_commands_to_first"] = r["commands_per_s"] / base["commands_per_s"]
+        r["ratio_cpu_to_first"] = (
+            r["redis_cpu_percent"] / base["redis_cpu_percent"] if base["redis_cpu_percent"] else None
+        )
+    return out
+
+
+def report_idle_foreign(report: Report, counts: list[int], r: dict[str, Any]) -> None:
+    for count in counts:
+        x = r[f"streams_{count}"]
+        ratio = "baseline" if count == counts[0] else times(x["ratio_commands_to_first"], f"N={counts[0]:,}")
+        cpu = f"Redis CPU {x['redis_cpu_percent']:.2f}%"
+        if count != counts[0] and x["ratio_cpu_to_first"] is not None:
+            cpu += f" ({times(x['ratio_cpu_to_first'], f'N={counts[0]:,}')})"
+        stale = "" if x["still_due_after"] == count else f", ONLY {x['still_due_after']:,} STILL DUE"
+        report.row(
+            "idle-foreign",
+            f"1 idle worker of queue b, N={count:,} due streams of queue a",
+            f"{x['commands_per_s']:,.1f} cmd/s",
+            f"{ratio}; {x['evalsha_per_s']:.1f} EVALSHA/s, {cpu}{stale}",
+        )
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -941,8 +1296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-peers", action="store_true", help="do not run RQ, Dramatiq, Huey")
     p.add_argument("--only", default=None, help=f"comma-separated sections among {','.join(SECTIONS)}")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
-    # Internal: this file re-runs itself as a child for the peers and the idle worker.
-    p.add_argument("--child", choices=("peer", "idle"), help=argparse.SUPPRESS)
+    # Internal: this file re-runs itself as a child for the peers, the idle worker and the probe.
+    p.add_argument("--child", choices=("peer", "idle", "probe"), help=argparse.SUPPRESS)
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -1090,6 +1445,18 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
                 f"max {ms(lat['max_s'])}; enqueue call p50 {ms(lat['enqueue_call_p50_s'])}",
             )
 
+        if "requeue" in selected:
+            n_dead, count = (20_000, 2_000) if quick else (1_000_000, 10_000)
+            r = measure_requeue(server, n_dead, count, 0.2 if quick else 1.0, workdir)
+            report.data["requeue"] = r
+            report_requeue(report, r)
+
+        if "idle-foreign" in selected:
+            foreign = [0, 2_000] if quick else [0, 10_000, 60_000]
+            f = measure_idle_foreign(server, foreign, 0.3 if quick else 2.0, 1.0 if quick else 5.0)
+            report.data["idle_foreign"] = f
+            report_idle_foreign(report, foreign, f)
+
         if not quick and selected - {"ceiling"}:
             log("ceiling again (drift check)")
             c_end = measure_ceiling(server, ceiling_seconds, 1, 0)
@@ -1117,6 +1484,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child == "idle":
         child_idle(args)
+        return 0
+    if args.child == "probe":
+        child_probe(args)
         return 0
 
     def on_term(signum: int, frame: object) -> None:

@@ -1,5 +1,6 @@
 """The benchmark at a tiny size, so that it cannot rot. No timing assertions: only that it
-runs to the end and reports positive figures for the ceiling, the drain and the enqueue."""
+runs to the end and reports positive figures for the ceiling, the drain, the enqueue, the
+dead-letter requeue at scale and the idle worker beside another queue's backlog."""
 
 from __future__ import annotations
 
@@ -33,4 +34,16 @@ def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
             assert run["ratio_to_ceiling"] > 0
     for kind in ("single", "enqueue_many_100", "rpush_pipeline_100"):
         assert data["enqueue"][kind]["tasks_per_s"] > 0
+    requeue = data["requeue"]
+    assert requeue["by_id"]["result"] == 1 and requeue["page"]["result"] == 100
+    assert requeue["count"]["result"] == requeue["count"]["count"]
+    assert requeue["count"]["script_calls"] > 1, "a requeue of many is cut into bounded script calls"
+    assert requeue["count"]["longest_call_s"] > 0 and requeue["ping"]["median_s"] > 0
+    assert requeue["count"]["probe"]["pings"] > 0
+    assert requeue["left"]["dead"] == requeue["dead_letters"] - 1 - requeue["count"]["count"]
+    foreign = data["idle_foreign"]
+    assert len(foreign) >= 2
+    for run in foreign.values():
+        assert run["still_due_after"] == run["foreign_due_streams"], "nobody consumes queue a"
+        assert run["evalsha_per_s"] > 0
     assert "machine:" in proc.stdout
