@@ -9,7 +9,9 @@ connection to the target. It can then:
   partition); clients see timeouts. Connections that dropped bytes are out of step with the
   protocol, so ``heal()`` resets them, as a real partition ends in timed-out connections;
 - ``delay(seconds)``: deliver every chunk ``seconds`` late, in order, in each direction (a slow
-  link: a request-reply round trip takes ``2 * seconds`` longer);
+  link: a request-reply round trip takes ``2 * seconds`` longer); ``direction="replies"`` delays
+  only what Redis sends back, so requests (lease renewals included) still reach Redis on time
+  while their replies come late, and ``"requests"`` the other way round;
 - ``heal()``: back to plain forwarding.
 
 It runs an asyncio loop in one daemon thread of the calling process; every public method is
@@ -33,6 +35,8 @@ T = TypeVar("T")
 
 #: Modes of the proxy.
 PASS, CUT, BLACKHOLE = "pass", "cut", "blackhole"
+#: Directions a delay applies to: client to Redis, Redis to client.
+REQUESTS, REPLIES = "requests", "replies"
 CHUNK = 65536
 
 
@@ -87,7 +91,7 @@ class FaultProxy:
         self.port = 0
         self.stats = ProxyStats()
         self._mode = PASS
-        self._delay = 0.0
+        self._delays = {REQUESTS: 0.0, REPLIES: 0.0}
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -143,7 +147,12 @@ class FaultProxy:
 
     @property
     def delay_seconds(self) -> float:
-        return self._delay
+        return max(self._delays.values())
+
+    @property
+    def delays(self) -> dict[str, float]:
+        """Seconds of delay per direction (``requests``, ``replies``)."""
+        return dict(self._delays)
 
     @property
     def connections(self) -> int:
@@ -169,13 +178,18 @@ class FaultProxy:
 
         self._run(apply())
 
-    def delay(self, seconds: float) -> None:
-        """Deliver every chunk, both ways, ``seconds`` after it arrived (order is kept)."""
+    def delay(self, seconds: float, *, direction: str = "both") -> None:
+        """Deliver every chunk ``seconds`` after it arrived (order is kept), in ``direction``:
+        ``"both"``, ``"requests"`` (to Redis) or ``"replies"`` (from Redis); the other
+        direction keeps its current delay."""
         if seconds < 0:
             raise ValueError("delay must be >= 0")
+        if direction not in ("both", REQUESTS, REPLIES):
+            raise ValueError(f"direction must be 'both', 'requests' or 'replies', not {direction!r}")
 
         async def apply() -> None:
-            self._delay = seconds
+            for d in (REQUESTS, REPLIES) if direction == "both" else (direction,):
+                self._delays[d] = seconds
 
         self._run(apply())
 
@@ -184,7 +198,7 @@ class FaultProxy:
 
         async def apply() -> None:
             self._mode = PASS
-            self._delay = 0.0
+            self._delays = {REQUESTS: 0.0, REPLIES: 0.0}
             self._reset_links(lambda link: link.dirty)
 
         self._run(apply())
@@ -237,11 +251,11 @@ class FaultProxy:
             return
         link.upstream = up_writer
         link.tasks = [
-            asyncio.ensure_future(self._pump(link, reader, up_writer)),
-            asyncio.ensure_future(self._pump(link, up_reader, writer)),
+            asyncio.ensure_future(self._pump(link, reader, up_writer, REQUESTS)),
+            asyncio.ensure_future(self._pump(link, up_reader, writer, REPLIES)),
         ]
 
-    async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str) -> None:
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         sender = asyncio.ensure_future(self._send(link, outbox, dst))
@@ -255,7 +269,7 @@ class FaultProxy:
                     link.dirty = True
                     self.stats.bytes_dropped += len(data)
                     continue
-                outbox.put_nowait((loop.time() + self._delay, data))
+                outbox.put_nowait((loop.time() + self._delays[direction], data))
             # Deliver what is still delayed, then close both sides.
             await outbox.join()
         except (OSError, asyncio.IncompleteReadError):

@@ -11,7 +11,14 @@ outcome from the journals:
 - ``accepted-<producer>.jsonl``: every task Redis accepted, with its place in Redis's own
   order (a counter and Redis's clock read in the same MULTI/EXEC as the enqueue, so the
   acceptance order across concurrent producers is exact, not guessed from client clocks);
-- ``faults.jsonl``: every fault the runner injected, with its target and its time span.
+- ``faults.jsonl``: every fault the runner injected, with its target and its time span;
+- ``dead-letters.jsonl``: every dead letter left at the end (reason, raw bytes).
+
+Faults: SIGKILL, SIGSTOP, a cut, blackholed, delayed or reply-delayed (``slow-reply``) link of
+one replica; Redis restarted, crashed, or restarted with its wall clock shifted (``clock``,
+through the ``chaos_clock.c`` LD_PRELOAD shim); malformed entries pushed into a live queue
+(``vandal``); an asyncio worker stopped with a short timeout mid-task in a process that lives
+on (``async-stop``); a task holding the GIL past the lease TTL (``gil``); a rolling restart.
 
 ``verify`` turns them into a :class:`Verdict`; the docker-compose ``checker`` service runs
 the same function through ``python -m pyfiq.runner check``, its ``producer`` service the same
@@ -27,6 +34,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -51,28 +59,53 @@ from .backend import RedisQueueBackend
 from .config import Settings
 from .core import Ops
 from .faults import FaultProxy, free_port, require_loopback
-from .scenario import EXTRA_QUEUES_ENV, JOURNAL_ENV, QUEUES, check, queue_names, read_journal
+from .scenario import (
+    DRILL_ENV,
+    EXTRA_QUEUES_ENV,
+    JOURNAL_ENV,
+    QUEUES,
+    STOP_DRILL_TIMEOUT,
+    check,
+    queue_names,
+    read_journal,
+)
 from .task import TaskRecord, new_task_id
 
 Event = dict[str, Any]
 
 EXECUTIONS = "executions.jsonl"
 FAULTS = "faults.jsonl"
+DEAD_LETTERS = "dead-letters.jsonl"
 ACCEPTED_GLOB = "accepted-*.jsonl"
 #: Sequence numbers of one producer run: ``producer number * SEQ_BLOCK + n``.
 SEQ_BLOCK = 10_000_000
 
-REPLICA_FAULTS = ("kill", "stop", "cut", "blackhole", "delay")
-NETWORK_FAULTS = ("cut", "blackhole", "delay")
-REDIS_FAULTS = ("redis-restart", "redis-crash")
-FAULT_KINDS = (*REPLICA_FAULTS, *REDIS_FAULTS, "rolling-restart")
+#: Faults on one replica, chosen (mid-task if possible) by the injector.
+REPLICA_FAULTS = ("kill", "stop", "cut", "blackhole", "delay", "slow-reply")
+NETWORK_FAULTS = ("cut", "blackhole", "delay", "slow-reply")
+#: Faults that restart Redis (``clock``: with its wall clock shifted).
+REDIS_FAULTS = ("redis-restart", "redis-crash", "clock")
+#: Faults that pick their own target: a queue (``vandal``) or whichever replica runs the task
+#: they enqueue (``async-stop``, ``gil``).
+TASK_FAULTS = ("vandal", "async-stop", "gil")
+FAULT_KINDS = (*REPLICA_FAULTS, *REDIS_FAULTS, *TASK_FAULTS, "rolling-restart")
 #: Faults after which another replica must take the victim's queues over (lease lapse).
 TAKEOVER_FAULTS = ("kill", "stop", "cut", "blackhole")
+#: Whole-process freezes (SIGSTOP; a task holding the GIL, derived from the journal): the one
+#: excuse for starting a task on a lease that lapsed meanwhile, since no check made before the
+#: freeze can see it coming.
+PAUSE_FAULTS = ("stop", "gil-hold")
+#: Faults that can explain a lost lease or acknowledgement (hence a re-execution).
+EXPLAINING_FAULTS = (*REPLICA_FAULTS, *REDIS_FAULTS, "async-stop", "gil-hold")
+#: How far back each ``clock`` fault sets Redis's wall clock (they alternate with a true clock).
+CLOCK_LAG_MS = -3000
 #: Slack on top of lease TTL + poll interval for a takeover on a busy 2-core machine.
 TAKEOVER_SLACK = 2.0
 #: Window of writes before a Redis crash that appendfsync=everysec may lose (Redis docs: 1 s,
 #: up to 2 s when a background fsync is slow).
 EVERYSEC_WINDOW = 2.0
+#: Producer name of the tasks the injector enqueues for its own faults.
+INJECTOR = "injector"
 
 
 # -- profiles ----------------------------------------------------------------------------------
@@ -104,17 +137,25 @@ class Profile:
     lanes: int = 1
     drain_timeout: float = 30.0
     max_deliveries: int = 10
+    #: Replica drivers: ``threaded``, ``asyncio``, or ``mixed`` (alternating).
+    driver: str = "mixed"
     shards: int = 4
     #: Every this-many-th task fails its first attempt (a retry in place).
     fail_every: int = 97
+    #: Relative weights of random faults; a kind missing here is left out of the random mix
+    #: unless asked for by name.
     weights: tuple[tuple[str, float], ...] = (
         ("kill", 3.0),
         ("stop", 2.0),
         ("cut", 2.0),
         ("blackhole", 2.0),
         ("delay", 1.0),
+        ("slow-reply", 1.0),
+        ("vandal", 0.5),
+        ("async-stop", 0.3),
         ("redis-restart", 0.3),
         ("redis-crash", 0.3),
+        ("clock", 0.2),
         ("rolling-restart", 0.1),
     )
 
@@ -163,8 +204,46 @@ PROFILES: dict[str, Profile] = {
         gap=0.3,
         lanes=2,
         drain_timeout=90.0,
+        # The GIL drill too: each one freezes a replica for 2.5 TTLs, so it stays rare.
+        weights=(*Profile.weights, ("gil", 0.05)),
     ),
 }
+
+
+def _drill(kind: str, count: int, **changes: Any) -> Profile:
+    """A short run of one fault kind, ``count`` times, on a small fleet (the per-fault tests)."""
+    base = Profile(
+        name=kind,
+        replicas=3,
+        queues=2,
+        producers=1,
+        rate=24.0,
+        hold=0.02,
+        lease_ttl=1.0,
+        poll_interval=0.2,
+        concurrency=2,
+        schedule=(kind,) * count,
+        duration=60.0,
+        max_faults=count,
+        gap=0.5,
+        drain_timeout=20.0,
+    )
+    return replace(base, **changes)
+
+
+PROFILES.update(
+    {
+        "vandal": _drill("vandal", 3),
+        # More queues than the other replicas have slots, so the drill can keep them all busy;
+        # few producer tasks, so the long task it places is what the slow replica is handed.
+        "slow-reply": _drill("slow-reply", 1, queues=4, concurrency=1, rate=6.0),
+        # Every replica asyncio, so the first slow task lands on one.
+        "async-stop": _drill("async-stop", 1, driver="asyncio"),
+        # Few deliveries: a task miscounted as a consumer death turns poison quickly.
+        "gil": _drill("gil", 1, max_deliveries=4),
+        "clock": _drill("clock", 3, replicas=2),
+    }
+)
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -246,6 +325,11 @@ class JournalTail:
         self.open: dict[tuple[int, str, int], Event] = {}
         self.ends = 0
         self.starts = 0
+        #: Every line of the tasks a fault follows (``watch``), in journal order.
+        self.watched: dict[str, list[Event]] = {}
+
+    def watch(self, task_id: str) -> None:
+        self.watched.setdefault(task_id, [])
 
     def poll(self) -> None:
         try:
@@ -261,6 +345,8 @@ class JournalTail:
             if not raw.strip():
                 continue
             e = json.loads(raw)
+            if e["task_id"] in self.watched:
+                self.watched[e["task_id"]].append(e)
             key = (e["pid"], e["task_id"], e["attempt"])
             if e["event"] == "start":
                 self.starts += 1
@@ -276,25 +362,68 @@ class JournalTail:
 # -- Redis ---------------------------------------------------------------------------------------
 
 
+CLOCK_SHIFT_ENV = "PYFIQ_CLOCK_SHIFT_MS"
+CLOCK_SHIM_SOURCE = Path(__file__).with_name("chaos_clock.c")
+_clock_shim: Path | None = None
+_clock_shim_lock = threading.Lock()
+
+
+def build_clock_shim() -> Path:
+    """Compile ``chaos_clock.c`` (once per process, into a temporary directory) and return the
+    shared library: preloaded into redis-server, it shifts Redis's wall clock by
+    ``$PYFIQ_CLOCK_SHIFT_MS``. Linux with gcc only; RuntimeError says why it cannot be built."""
+    global _clock_shim
+    with _clock_shim_lock:
+        if _clock_shim is not None and _clock_shim.exists():
+            return _clock_shim
+        if sys.platform != "linux":
+            raise RuntimeError("the clock shim needs Linux (LD_PRELOAD of a glibc process)")
+        gcc = shutil.which("gcc") or shutil.which("cc")
+        if gcc is None:
+            raise RuntimeError("the clock shim needs a C compiler: install gcc")
+        out = Path(tempfile.mkdtemp(prefix="pyfiq-clock-")) / "libpyfiq_clock.so"
+        proc = subprocess.run(
+            [gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(CLOCK_SHIM_SOURCE), "-ldl"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the clock shim failed: {proc.stderr.strip()}")
+        _clock_shim = out
+        return out
+
+
 class RedisProcess:
     """A redis-server the runner (and the test suite) owns: loopback, a free port, its own
     directory, AOF with ``appendfsync`` (``None``: no persistence). It keeps its port across
-    restarts."""
+    restarts. ``clock_shift_ms`` runs it with its wall clock shifted (negative: behind) through
+    the clock shim, as a failover to a host whose clock is wrong would."""
 
-    def __init__(self, directory: Path, *, appendfsync: str | None = "everysec", port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendfsync: str | None = "everysec",
+        port: int | None = None,
+        clock_shift_ms: int = 0,
+    ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendfsync = appendfsync
+        self.clock_shift_ms = clock_shift_ms
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, appendfsync: str | None = None) -> RedisProcess:
+    def start(self, appendfsync: str | None = None, *, clock_shift_ms: int | None = None) -> RedisProcess:
         if appendfsync:
             self.appendfsync = appendfsync
+        if clock_shift_ms is not None:
+            self.clock_shift_ms = clock_shift_ms
         argv = [
             "redis-server",
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
@@ -303,7 +432,10 @@ class RedisProcess:
         argv += (
             ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendfsync else ["--appendonly", "no"]
         )
-        self.proc = popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = None
+        if self.clock_shift_ms:
+            env = {**os.environ, "LD_PRELOAD": str(build_clock_shim()), CLOCK_SHIFT_ENV: str(self.clock_shift_ms)}
+        self.proc = popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 15
         try:
@@ -488,6 +620,7 @@ def enqueue_stamped(
     kwargs: dict[str, Any],
     *,
     give_up_at: float,
+    task_id: str | None = None,
 ) -> Event:
     """Enqueue ``pyfiq.scenario.step(seq, **kwargs)`` on ``queue`` and return what Redis
     accepted, with its exact place in the acceptance order.
@@ -499,7 +632,7 @@ def enqueue_stamped(
     records an acceptance whose place is unknown.
     """
     record = TaskRecord(f"pyfiq.scenario.step.{queue}", [seq], dict(kwargs))
-    items = backend.encode([(new_task_id(), record)])
+    items = backend.encode([(task_id or new_task_id(), record)])
     call = backend.ops.enqueue(queue, items, [f"scenario-{seq}"])
     counter = order_key(queue, backend.keys)
     sent = time.time()
@@ -669,12 +802,20 @@ class Injector:
         faults_path: Path,
         rng: random.Random,
         echo: Callable[[str], None],
+        backend: RedisQueueBackend | None = None,
+        queues: Sequence[str] = (),
+        drivers: dict[str, str] | None = None,
     ) -> None:
         self.p = profile
         self.fleet = fleet
         self.names = names
         self.proxies = proxies
         self.redis = redis_proc
+        #: For the faults that write to Redis themselves (vandal entries, the tasks they follow).
+        self.backend = backend
+        self.queues = list(queues)
+        self.drivers = drivers or {}
+        self._seq = itertools.count()
         self.aof_modes = aof_modes
         self._aof_index = 0
         self.tail = tail
@@ -694,6 +835,16 @@ class Injector:
                 continue
             if kind in REDIS_FAULTS and self.redis is None:
                 continue
+            if kind in TASK_FAULTS and (self.backend is None or not self.queues):
+                continue
+            if kind == "async-stop" and "asyncio" not in self.drivers.values():
+                continue
+            if kind == "clock":
+                try:
+                    build_clock_shim()
+                except RuntimeError as exc:
+                    self.echo(f"  (no clock faults: {exc})")
+                    continue
             out.append(kind)
         return out
 
@@ -750,9 +901,12 @@ class Injector:
                 with self.gate.local():
                     name, mid = self._victim()
                     try:
-                        getattr(self, "_" + kind)(name, mid)
+                        getattr(self, "_" + kind.replace("-", "_"))(name, mid)
                     finally:
                         self._release(name)
+            elif kind in TASK_FAULTS:
+                with self.gate.local():
+                    getattr(self, "_" + kind.replace("-", "_"))()
             else:
                 with self.gate.exclusive():
                     getattr(self, "_" + kind.replace("-", "_"))()
@@ -808,19 +962,197 @@ class Injector:
         event["t_end"] = time.time()
         self.record(event)
 
-    def _redis(self, kind: str, crash: bool) -> None:
+    def _slow_reply(self, name: str, mid: bool) -> None:
+        """Delay what Redis sends one replica (not what it sends Redis) past the lease TTL: its
+        renewals still land, too far apart to keep its leases, and a lease it is granted
+        reaches it after the lease may have lapsed. A holder that counts its lease from when
+        it sent the request starts nothing on it; one that counts from the reply does, while
+        another replica may already run the same queue."""
+        seconds = round(self.p.lease_ttl * 2, 3)
+        event = self._base("slow-reply", name, mid)
+        event["seconds"] = seconds
+        self.proxies[name].delay(seconds, direction="replies")
+        try:
+            time.sleep(self.p.lease_ttl + self.p.poll_interval)  # its leases lapse or move on
+            event |= self._outrun(name, seconds)
+        finally:
+            self.proxies[name].heal()
+        time.sleep(seconds)  # replies already held back still arrive late
+        event["t_end"] = time.time()
+        self.record(event)
+
+    def _outrun(self, name: str, seconds: float) -> Event:
+        """Make the slow replica win a claim, and another take the queue over while the slow
+        one's reply is still on the way.
+
+        A replica whose replies come late loses every race for a claim, so the others are kept
+        busy first: a task on each of their slots that holds until a release file appears.
+        Then a long task goes on every other queue; once the slow replica's claim shows up in
+        Redis, its lease is left to lapse and the others are released, so one of them takes
+        that queue over and runs the task the slow replica is about to start. Only possible
+        when the others have fewer slots than there are queues (the slow-reply profile);
+        otherwise the delay alone is the fault."""
+        slots = sum(1 for n in self.fleet.live_pids().values() if n != name) * self.p.concurrency
+        if self.backend is None or not 0 < slots < len(self.queues):
+            time.sleep(2 * seconds + self.p.lease_ttl)
+            return {"outrun": "not attempted"}
+        release = self.path.parent / f"release-{uuid.uuid4().hex[:8]}"
+        try:
+            gated = [
+                self._enqueue_task(q, {"hold": 30.0, "until": str(release)})
+                for q in self.rng.sample(self.queues, slots)
+            ]
+            deadline = time.monotonic() + 5 * self.p.lease_ttl
+            for line in gated:
+                if self._wait_line(line["task_id"], "start", max(0.0, deadline - time.monotonic())) is None:
+                    return {"outrun": "the other replicas did not all get busy"}
+            rest = sorted(set(self.queues) - {line["queue"] for line in gated})
+            for q in rest:
+                self._enqueue_task(q, {"hold": seconds + self.p.lease_ttl})
+            assert self.backend is not None
+            deadline = time.monotonic() + 4 * seconds + self.p.lease_ttl
+            claimed = None
+            while claimed is None and time.monotonic() < deadline:
+                held = [q for q in rest if self.backend.client.exists(self.backend.keys.stream(q).lease)]
+                claimed = held[0] if held else None
+                time.sleep(0.005)
+            if claimed is None:
+                return {"outrun": "the slow replica claimed nothing"}
+            claimed_at = time.time()
+            time.sleep(self.p.lease_ttl + 0.05)  # its lease lapses
+            release.touch()
+            time.sleep(seconds)  # its late reply arrives meanwhile
+            return {"outrun": "claimed", "claimed": claimed, "claimed_at": claimed_at}
+        finally:
+            release.touch()
+
+    # -- faults that bring their own task or target a queue --
+
+    def _enqueue_task(self, queue: str, kwargs: dict[str, Any]) -> Event:
+        """Enqueue one scenario task for a fault, journaled like any producer's acceptance (the
+        checker holds it to the same order and no-loss rules)."""
+        assert self.backend is not None
+        seq = next(self._seq)
+        task_id = new_task_id()
+        with self._tail_lock:  # watched before it can start, so no line of it is missed
+            self.tail.watch(task_id)
+        line = enqueue_stamped(self.backend, queue, seq, kwargs, give_up_at=time.time() + 30, task_id=task_id)
+        line["producer"] = INJECTOR
+        append_line(self.path.parent / f"accepted-{INJECTOR}.jsonl", line)
+        if line["status"] == "failed":
+            raise RuntimeError(f"could not enqueue the fault's task on {queue}: {line.get('error')}")
+        return line
+
+    def _wait_line(self, task_id: str, event: str, timeout: float, after: int = 0) -> Event | None:
+        """The first ``event`` line (start, end, fail) of a watched task past its ``after``-th
+        line, waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._tail_lock:
+                self.tail.watch(task_id)
+                self.tail.poll()
+                lines = list(self.tail.watched[task_id][after:])
+            found = next((e for e in lines if e["event"] == event), None)
+            if found is not None or time.monotonic() > deadline:
+                return found
+            time.sleep(0.005)
+
+    def _vandal(self) -> None:
+        """RPUSH malformed entries straight into a live queue's pending list, as a buggy or
+        hostile writer would: pyfiq must dead-letter each one (``undecodable``, raw bytes kept)
+        and carry on with the tasks behind them."""
+        assert self.backend is not None
+        queue = self.rng.choice(self.queues)
+        record = TaskRecord(f"pyfiq.scenario.step.{queue}", [-1], {"hold": self.p.hold})
+        payload = record.encode(self.backend.settings.serializer)
+        tag = uuid.uuid4().hex
+        entries = [
+            f"vandal-{tag}".encode(),  # not an entry at all
+            b"\xff\xfe\x00vandal|" + tag.encode() + b"\x80",  # not even text
+            f"{uuid.uuid4().hex}|zz|0|".encode() + payload,  # an entry but for its enqueue time
+        ]
+        event: Event = {"kind": "vandal", "target": queue, "t": time.time(), "entries": [e.hex() for e in entries]}
+        self.backend.client.rpush(self.backend.keys.stream(queue).pending, *entries)
+        event["t_end"] = time.time()
+        self.record(event)
+
+    def _async_stop(self) -> None:
+        """Stop an asyncio replica's worker with ``stop(timeout=0.3)`` while a plain (sync) task
+        runs in one of its threads, and keep the process alive well past the task and a lease
+        TTL, as an application that stops consuming but keeps serving does. The lease must not
+        be handed over while that thread still runs the task."""
+        hold = round(self.p.lease_ttl * 2 + 0.5, 3)
+        asyncio_replicas = {n for n in self.names if self.drivers.get(n) == "asyncio"}
+        for _ in range(6):  # until an asyncio replica is the one that runs it
+            queue = self.rng.choice(self.queues)
+            line = self._enqueue_task(queue, {"hold": hold})
+            start = self._wait_line(line["task_id"], "start", timeout=15)
+            if start is None:
+                continue
+            with self._lock:
+                name = self.fleet.live_pids().get(start["pid"])
+                if name in asyncio_replicas and name not in self.gate.busy:
+                    self.gate.busy.add(name)
+                    break
+            self._wait_line(line["task_id"], "end", timeout=hold + 5 * self.p.lease_ttl)
+        else:
+            self.echo("  ! async-stop: no asyncio replica picked up the slow task; skipped")
+            return
+        assert name is not None
+        try:
+            event = self._base("async-stop", name, True)
+            event |= {"queue": queue, "seq": line["seq"], "task_id": line["task_id"], "hold": hold}
+            self.fleet.signal(name, signal.SIGUSR1)
+            time.sleep(hold + self.p.lease_ttl)
+            event["t_exit"] = time.time()
+            rc, _ = self.fleet.terminate(name, timeout=max(15.0, hold * 2))
+            event["rc"] = rc
+            self.fleet.spawn(name)
+            self.fleet.wait_ready([name])
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            self._release(name)
+
+    def _gil(self) -> None:
+        """Enqueue a task that holds the GIL for 2.5 lease TTLs: its replica's heartbeat cannot
+        run, the lease lapses under it, and the task must end dead-lettered for outliving its
+        lease, not re-run on every take-over until it counts as poison."""
+        seconds = round(self.p.lease_ttl * 2.5, 3)
+        queue = self.rng.choice(self.queues)
+        line = self._enqueue_task(queue, {"gil": seconds})
+        event: Event = {"kind": "gil", "target": queue, "t": time.time(), "seconds": seconds}
+        event |= {"seq": line["seq"], "task_id": line["task_id"]}
+        if self._wait_line(line["task_id"], "start", timeout=15) is None:
+            self.echo(f"  ! gil: the task on {queue} did not start within 15 s")
+        # Let the take-overs it causes play out before the next fault.
+        time.sleep(seconds + self.p.lease_ttl + self.p.poll_interval)
+        event["t_end"] = time.time()
+        self.record(event)
+
+    def _redis(self, kind: str, crash: bool, clock_shift_ms: int | None = None) -> None:
         assert self.redis is not None
         mode = self.redis.appendfsync
         event: Event = {"kind": kind, "target": "redis", "appendfsync": mode, "t": time.time()}
+        event["shift_ms"] = self.redis.clock_shift_ms if clock_shift_ms is None else clock_shift_ms
+        event["previous_shift_ms"] = self.redis.clock_shift_ms
         self.redis.stop(kill=crash)
         event["t_down"] = time.time()
         time.sleep(0.3)
         if crash:  # the next crash runs under the next fsync policy
             self._aof_index = (self._aof_index + 1) % len(self.aof_modes)
-        self.redis.start(self.aof_modes[self._aof_index])
+        self.redis.start(self.aof_modes[self._aof_index], clock_shift_ms=clock_shift_ms)
         event["t_end"] = time.time()
         event["next_appendfsync"] = self.redis.appendfsync
         self.record(event)
+
+    def _clock(self) -> None:
+        """A graceful Redis restart (the shard counters survive in the AOF) with Redis's wall
+        clock set back, or, the next time, true again: fencing tokens must keep rising."""
+        assert self.redis is not None
+        self._redis("clock", crash=False, clock_shift_ms=CLOCK_LAG_MS if self.redis.clock_shift_ms == 0 else 0)
+        # Leases taken, renewed and released on the new clock before anything else happens.
+        time.sleep(2 * self.p.lease_ttl)
 
     def _redis_restart(self) -> None:
         self._redis("redis-restart", crash=False)
@@ -859,8 +1191,8 @@ class Injector:
                     if started[0] >= len(fixed):
                         return None
                     kind = fixed[started[0]]
-                else:
-                    kind = self.rng.choices(list(kinds), [weights.get(k, 1.0) for k in kinds])[0]
+                else:  # a kind asked for by name but not weighed by the profile: weight 1
+                    kind = self.rng.choices(list(kinds), [weights.get(k) or 1.0 for k in kinds])[0]
                 started[0] += 1
                 return kind
 
@@ -917,15 +1249,27 @@ def verify(
     remaining: dict[str, int] | None = None,
     unexpected_exits: Sequence[Event] = (),
     log_counts: dict[str, int] | None = None,
+    dead_letters: Sequence[Event] | None = None,
 ) -> Verdict:
     """Check one run's journals. ``dead``: sequence numbers found dead-lettered per queue;
-    ``remaining``: tasks still pending or in flight per queue when the run ended."""
+    ``remaining``: tasks still pending or in flight per queue when the run ended;
+    ``dead_letters``: every dead-letter record of the run's queues (``queue``, ``reason``,
+    ``seq`` or None, ``raw`` in hex), which the vandal and GIL checks need."""
     accepted_lines = read_accepted(run_dir)
     journal = read_journal(run_dir / EXECUTIONS)
     faults = read_lines(run_dir / FAULTS)
+    if dead is None and dead_letters is not None:
+        dead = defaultdict(list)
+        for d in dead_letters:
+            if d.get("seq") is not None:
+                dead[d["queue"]].append(int(d["seq"]))
     dead = dead or {}
     breaches: list[str] = []
     stats: dict[str, Any] = {}
+    _unshift_redis_clock(accepted_lines, faults)
+    # What can explain a lost lease: the injected faults, and each run of a GIL-holding task
+    # (its whole process froze meanwhile).
+    causes = faults + _gil_holds(journal, faults)
 
     # What Redis accepted, in Redis's order.
     exact: dict[str, list[Event]] = defaultdict(list)
@@ -946,7 +1290,7 @@ def verify(
         interleavings += sum(1 for a, b in itertools.pairwise(q_lines) if a["producer"] != b["producer"])
     accepted_at = {(e["queue"], e["seq"]): e["t"] for e in accepted_lines if "t" in e}
     exact_keys = {(q, s) for q, seqs in accepted.items() for s in seqs}
-    producers = {e["producer"] for e in accepted_lines if "producer" in e}
+    producers = {e["producer"] for e in accepted_lines if e.get("producer") not in (None, INJECTOR)}
 
     # Loss and order (pyfiq.scenario.check) over the tasks whose place is known; overlaps
     # over every execution.
@@ -990,7 +1334,7 @@ def verify(
         process between ``since`` and ``until``: None if not, True if only as a connection the
         fault reset and the process found dead on its next use, which can be much later (a
         pooled connection, with no retry on connection errors)."""
-        if f["kind"] not in REPLICA_FAULTS + REDIS_FAULTS or f["t"] > until:
+        if f["kind"] not in EXPLAINING_FAULTS or f["t"] > until:
             return None
         if f["target"] not in (culprit["replica"], "redis"):
             return None
@@ -1026,7 +1370,7 @@ def verify(
             culprit = rerun if stale else prev
             candidates = [
                 (f, late)
-                for f in faults
+                for f in causes
                 if (late := explains(f, culprit, min(prev["t"], rerun["t"]), rerun["t"])) is not None
             ]
             if candidates:
@@ -1055,12 +1399,24 @@ def verify(
 
     # Overlaps: none unexplained; the fence-explained ones only around a fault. check() takes
     # the earlier-started run as the one whose lease lapsed; a stale holder can also *start*
-    # late (paused after it was handed a task, before it began it): the later-started run then
-    # has the lower fence, and a fault on its replica explains it.
+    # late: the later-started run then has the lower fence. A holder checks its lease right
+    # before it starts a task, counting from when it sent the request that granted or renewed
+    # it, so only a freeze of the whole process after that check (SIGSTOP, a task holding the
+    # GIL) explains it; a slow network does not.
+    pause_slack = lease_ttl + poll_interval + TAKEOVER_SLACK
+
+    def paused(pid: int, t: float) -> bool:
+        return any(
+            f["kind"] in PAUSE_FAULTS
+            and f.get("pid") == pid
+            and f["t"] <= t <= float(f["t_end"] if "t_end" in f else f["t"]) + pause_slack
+            for f in causes
+        )
+
     unexplained_overlaps = []
     stale_overlaps = 0
     for a, b in overlaps.overlaps_unexplained:
-        if b["fence"] < a["fence"] and any(explains(f, b, b["t"], b["t"]) is not None for f in faults):
+        if b["fence"] < a["fence"] and paused(b["pid"], b["t"]):
             stale_overlaps += 1
         else:
             unexplained_overlaps.append((a, b))
@@ -1071,7 +1427,7 @@ def verify(
             f"lease, e.g. {a['queue']} #{a['seq']} on {a['replica']} (fence {a['fence']}) and #{b['seq']} on "
             f"{b['replica']} (fence {b['fence']})"
         )
-    lapsed_without_fault = _lapses_without_fault(journal, faults, lease_ttl, poll_interval)
+    lapsed_without_fault = _lapses_without_fault(journal, causes, lease_ttl, poll_interval)
     if lapsed_without_fault:
         breaches.append(f"{lapsed_without_fault} overlaps (lapsed leases) with no fault on that replica")
 
@@ -1153,8 +1509,120 @@ def verify(
     for r in redis_loss:
         if r["appendfsync"] == "always" and (r["lost_tasks"] or r["acknowledged_writes_lost"]):
             breaches.append(f"Redis {r['kind']} with appendfsync=always lost {r}")
-        if r["kind"] == "redis-restart" and (r["lost_tasks"] or r["acknowledged_writes_lost"]):
+        if r["kind"] in ("redis-restart", "clock") and (r["lost_tasks"] or r["acknowledged_writes_lost"]):
             breaches.append(f"a graceful Redis restart lost {r}")
+
+    # Fencing tokens in start order, per queue: a start under a lower token than one already
+    # started means work began on a lapsed lease (a reply that came too late, a stop that let
+    # the lease go) or the token went backwards (a Redis clock set back). Only a process freeze
+    # excuses it, and only a Redis restart that lost writes (the counter with them) resets the
+    # comparison: then only Redis's clock keeps the token rising, which is the documented limit.
+    counter_losses = [
+        f["t_down"]
+        for f, r in zip((f for f in faults if f["kind"] in REDIS_FAULTS), redis_loss, strict=True)
+        if r["lost_tasks"] or r["acknowledged_writes_lost"]
+    ]
+    stale_starts: list[tuple[Event, Event]] = []
+    paused_stale_starts = 0
+    for q_starts in starts_by_queue.values():
+        top: Event | None = None
+        for e in q_starts:
+            if top is not None and any(top["t"] < t <= e["t"] for t in counter_losses):
+                top = None
+            if top is None or e["fence"] >= top["fence"]:
+                top = e
+            elif paused(e["pid"], e["t"]):
+                paused_stale_starts += 1
+            else:
+                stale_starts.append((top, e))
+    if stale_starts:
+        top, e = stale_starts[0]
+        breaches.append(
+            f"{len(stale_starts)} task starts under a fencing token lower than one already started on their "
+            f"queue (a task started on a lapsed lease, or the token went backwards), e.g. {e['queue']} #{e['seq']} "
+            f"on {e['replica']} at {e['t']:.3f} (fence {e['fence']}) after #{top['seq']} on {top['replica']} "
+            f"at {top['t']:.3f} (fence {top['fence']})"
+        )
+
+    # A graceful stop that timed out in a live process: no other replica may start on the
+    # queue while the task it left running in a thread still runs.
+    run_ends = {(e["pid"], e["task_id"], e["attempt"]): e["t"] for e in journal if e["event"] != "start"}
+    stop_drills = [f for f in faults if f["kind"] == "async-stop"]
+    for f in stop_drills:
+        for a in open_at(f["pid"], f["t"]):
+            until = min(run_ends.get((a["pid"], a["task_id"], a["attempt"]), f["t_exit"]), f["t_exit"])
+            b = next((e for e in starts_by_queue[a["queue"]] if f["t"] < e["t"] < until and e["pid"] != a["pid"]), {})
+            if b:
+                breaches.append(
+                    f"{a['queue']}: #{b['seq']} started on {b['replica']} (fence {b['fence']}) {until - b['t']:.2f}s "
+                    f"before #{a['seq']} ended on {f['target']}, whose asyncio worker was stopped with a "
+                    f"{STOP_DRILL_TIMEOUT}s timeout while that task ran in a thread of the live process "
+                    f"(fence {a['fence']}): the lease was given up under a running task"
+                )
+
+    # Vandal entries: each dead-lettered as undecodable with its raw bytes, and the queue went
+    # on past it (the first task accepted behind it started within the takeover bound).
+    vandals = [f for f in faults if f["kind"] == "vandal"]
+    vandal_missing: list[str] = []
+    vandal_wrong: list[str] = []
+    stalls: list[float] = []
+    for f in vandals:
+        q = f["target"]
+        for raw_hex in f["entries"] if dead_letters is not None else ():
+            raw = bytes.fromhex(raw_hex)
+            reasons = [d["reason"] for d in dead_letters or () if d["queue"] == q and raw in bytes.fromhex(d["raw"])]
+            if not reasons:
+                vandal_missing.append(f"{q}: {raw[:48]!r}")
+            elif "undecodable" not in reasons:
+                vandal_wrong.append(f"{q}: {raw[:48]!r} as {reasons}")
+        behind = [e for e in exact.get(q, []) if e.get("sent", e["t"]) > f["t_end"]]
+        first = behind[0] if behind else None
+        start = next((e for e in starts_by_queue[q] if first and e["seq"] == first["seq"]), None)
+        if first is None or start is None:
+            continue
+        window_end = start["t"]
+        if any(
+            g["kind"] != "vandal"
+            and _fault_window(g, lease_ttl, poll_interval)[0] <= window_end
+            and _fault_window(g, lease_ttl, poll_interval)[1] >= f["t"]
+            for g in causes
+        ):
+            continue  # another fault may have slowed the queue meanwhile
+        took = start["t"] - max(f["t_end"], first["t"])
+        stalls.append(took)
+        if took > bound:
+            breaches.append(
+                f"{q}: the first task behind the vandal entries started {took:.2f}s after it was accepted "
+                f"> {bound:.2f}s: the queue stalled on them"
+            )
+    if vandal_missing:
+        breaches.append(
+            f"{len(vandal_missing)} vandal entries are not in the dead letters (lost), e.g. {vandal_missing[:2]}"
+        )
+    if vandal_wrong:
+        breaches.append(
+            f"{len(vandal_wrong)} vandal entries were dead-lettered but not as undecodable, e.g. {vandal_wrong[:2]}"
+        )
+
+    # A task that held the GIL past its lease: dead-lettered for that, never counted as a
+    # consumer that died (poison).
+    gil_outcomes: dict[str, list[str]] = {}
+    for f in faults:
+        if f["kind"] != "gil" or dead_letters is None:
+            continue
+        reasons = [d["reason"] for d in dead_letters if d["queue"] == f["target"] and d.get("seq") == f["seq"]]
+        gil_outcomes[f"{f['target']} #{f['seq']}"] = reasons
+        runs = sum(1 for e in by_task[f["task_id"]] if e["event"] == "start")
+        if not reasons:
+            breaches.append(
+                f"{f['target']}: the task holding the GIL for {f['seconds']}s (#{f['seq']}, {runs} runs) did not end "
+                f"dead-lettered for outliving its lease"
+            )
+        elif "poison" in reasons:
+            breaches.append(
+                f"{f['target']}: the task holding the GIL for {f['seconds']}s (#{f['seq']}) ran {runs} times and was "
+                f"dead-lettered as poison: a task that outlived its lease was counted as a consumer death"
+            )
 
     for ev in unexpected_exits:
         breaches.append(f"{ev['replica']} (pid {ev['pid']}) exited unexpectedly with {ev['rc']}")
@@ -1207,6 +1675,14 @@ def verify(
             "redis_resume_max": _max(resumes),
             "redis_losses": redis_loss,
             "lease_ttl": lease_ttl,
+            "stale_starts": len(stale_starts),
+            "stale_starts_after_a_pause": paused_stale_starts,
+            "async_stop_drills": len(stop_drills),
+            "vandal_entries": sum(len(f["entries"]) for f in vandals),
+            "vandal_entries_lost": len(vandal_missing),
+            "vandal_entries_misfiled": len(vandal_wrong),
+            "vandal_stall_max": _max(stalls),
+            "gil_tasks_dead_lettered_as": gil_outcomes,
             "throughput_tasks_per_s": throughput,
             "span_s": round(span, 1),
             "replica_log_counts": log_counts or {},
@@ -1238,6 +1714,17 @@ def verify(
             )
             or "none"
         ),
+        f"fencing tokens: {len(stale_starts)} starts under a lower token than one already started on their "
+        f"queue ({paused_stale_starts} more right after a process freeze)",
+        f"asyncio stop drills: {len(stop_drills)}; GIL-holding tasks dead-lettered as: "
+        + (json.dumps(gil_outcomes) if gil_outcomes else "none"),
+        f"vandal entries: {stats['vandal_entries']} written, "
+        + (
+            f"{len(vandal_missing)} lost, {len(vandal_wrong)} dead-lettered under another reason"
+            if dead_letters is not None
+            else "dead letters not read"
+        )
+        + f"; slowest queue past them: {stats['vandal_stall_max']}s",
         f"throughput: {throughput} tasks/s over {stats['span_s']}s ({len(starts_all)} executions)",
     ]
     if log_counts:
@@ -1294,15 +1781,60 @@ def _lapses_without_fault(journal: list[Event], faults: list[Event], ttl: float,
                     break
                 if a["pid"] == b["pid"] or a["fence"] >= b["fence"]:
                     continue
+                # A graceful stop, even one that timed out, must not let a lease go under a
+                # running task: it explains no overlap.
                 if not any(
                     f["target"] in (a["replica"], "redis")
-                    and f["kind"] != "rolling-restart"
+                    and f["kind"] in EXPLAINING_FAULTS
+                    and f["kind"] != "async-stop"
                     and _fault_window(f, ttl, poll)[0] <= b["t"]
                     and _fault_window(f, ttl, poll)[1] >= a["t"]
                     for f in faults
                 ):
                     count += 1
     return count
+
+
+def _unshift_redis_clock(accepted_lines: list[Event], faults: list[Event]) -> None:
+    """Put each acceptance's Redis time back on the true clock, in place.
+
+    A clock fault restarts Redis with its wall clock shifted, and acceptances stamped with it
+    would sort before earlier ones. The shift in force is whichever of the run's shifts puts
+    the Redis time inside the producer's own send-to-reply window (the shifts are seconds
+    apart, the windows milliseconds wide)."""
+    shifts = {0} | {int(f.get("shift_ms", 0)) for f in faults if f["kind"] in REDIS_FAULTS}
+    if shifts == {0}:
+        return
+    for e in accepted_lines:
+        if "order" not in e:
+            continue
+        redis_s = e["order"][0] / 1e6
+        high = float(e["t"])
+        low = float(e.get("sent") or high)
+
+        def distance(shift_ms: int, redis_s: float = redis_s, low: float = low, high: float = high) -> float:
+            at = redis_s - shift_ms / 1000
+            return max(low - at, 0.0, at - high)
+
+        shift = min(sorted(shifts), key=distance)
+        if shift:
+            e["order"] = [int(e["order"][0] - shift * 1000), e["order"][1]]
+            e["redis_clock_shift_ms"] = shift
+
+
+def _gil_holds(journal: list[Event], faults: list[Event]) -> list[Event]:
+    """One pause per run of a GIL-holding task: its process froze from the run's start to its
+    end (or, killed, for the time the task asked for)."""
+    asked = {f["task_id"]: float(f["seconds"]) for f in faults if f["kind"] == "gil"}
+    holds: list[Event] = []
+    if not asked:
+        return holds
+    ends = {(e["pid"], e["task_id"], e["attempt"]): e["t"] for e in journal if e["event"] != "start"}
+    for e in journal:
+        if e["event"] == "start" and e["task_id"] in asked:
+            end = ends.get((e["pid"], e["task_id"], e["attempt"]), e["t"] + asked[e["task_id"]])
+            holds.append({"kind": "gil-hold", "target": e["replica"], "pid": e["pid"], "t": e["t"], "t_end": end})
+    return holds
 
 
 def _counter_rollback(exact: dict[str, list[Event]], crash: Event) -> int:
@@ -1337,12 +1869,15 @@ def run_scenario(
     aof: str = "both",
     run_dir: Path | None = None,
     seed: int | None = None,
-    driver: str = "mixed",
+    driver: str | None = None,
     kinds: Sequence[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> Result:
     """Run one scenario end to end and check it."""
     wall = time.monotonic()
+    if kinds and profile.schedule is not None and not set(kinds) & set(profile.schedule):
+        # A fixed schedule without any of the kinds asked for: each of them once instead.
+        profile = replace(profile, schedule=tuple(kinds), max_faults=max(profile.max_faults, len(kinds)))
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="pyfiq-scenario-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
@@ -1380,6 +1915,7 @@ def run_scenario(
         def replica_url(name: str) -> str:
             return f"redis://127.0.0.1:{proxies[name].port}{db}" if name in proxies else url
 
+        driver = driver or profile.driver
         drivers = ["threaded", "asyncio"] if driver == "mixed" else [driver]
 
         def argv(name: str) -> list[str]:
@@ -1398,6 +1934,7 @@ def run_scenario(
 
         env = {k: v for k, v in os.environ.items() if k not in ("PYFIQ_ECHO",)}
         env[JOURNAL_ENV] = str(journal)
+        env[DRILL_ENV] = "1"
         env["PYTHONUNBUFFERED"] = "1"
         extra = [q for q in queues if q not in QUEUES]
         if extra:
@@ -1468,9 +2005,20 @@ def run_scenario(
             faults_path=run_dir / FAULTS,
             rng=rng,
             echo=echo,
+            backend=observer,
+            queues=queues,
+            drivers={name: drivers[i % len(drivers)] for i, name in enumerate(names)},
         )
-        wanted = injector.available(kinds or FAULT_KINDS)
-        echo(f"faults: {'fixed schedule' if profile.schedule else 'random'} of {', '.join(wanted)}")
+        if kinds:
+            wanted = injector.available(kinds)
+        elif profile.schedule is not None:
+            wanted = injector.available(dict.fromkeys(profile.schedule))
+        else:  # the random mix: the kinds the profile weighs
+            wanted = injector.available(k for k, w in profile.weights if w > 0)
+        if profile.schedule is not None:
+            echo(f"faults: fixed schedule {', '.join(k for k in profile.schedule if k in wanted)}")
+        else:
+            echo(f"faults: random, of {', '.join(wanted)}")
         injector.run(wanted, time.time() + profile.duration)
         echo(f"injected: {dict(injector.done)}")
 
@@ -1494,9 +2042,8 @@ def run_scenario(
         for name in names:  # graceful stop at the end: hands every lease over
             if fleet.alive(name):
                 fleet.terminate(name, timeout=15)
-        dead: dict[str, list[int]] = {}
-        for q in queues:
-            dead[q] = [int(d.record.args[0]) for d in observer.dead_letters(q, limit=100_000) if d.record]
+        dead_letters = read_dead_letters(observer, queues)
+        (run_dir / DEAD_LETTERS).write_text("".join(json.dumps(d) + "\n" for d in dead_letters))
         log_counts = fleet.log_counts()
         unexpected = list(fleet.unexpected)
         if redis_url is not None:  # someone else's Redis: leave nothing of this run behind
@@ -1509,10 +2056,10 @@ def run_scenario(
         run_dir,
         lease_ttl=profile.lease_ttl,
         poll_interval=profile.poll_interval,
-        dead=dead,
         remaining=remaining,
         unexpected_exits=unexpected,
         log_counts=log_counts,
+        dead_letters=dead_letters,
     )
     for msg in injector.errors:
         verdict.breaches.append(f"fault injection failed: {msg}")
@@ -1525,6 +2072,21 @@ def run_scenario(
         json.dumps({"ok": verdict.ok, "breaches": verdict.breaches, "stats": verdict.stats}, indent=2, default=str)
     )
     return Result(verdict, run_dir, profile, time.monotonic() - wall)
+
+
+def read_dead_letters(backend: RedisQueueBackend, queues: Sequence[str]) -> list[Event]:
+    """Every dead letter of ``queues`` (and of any stream the dead-letter index names), for
+    the checker: queue, reason, the scenario sequence number when the task decodes, and the
+    stored record's raw bytes in hex (a vandal entry is found in them)."""
+    out: list[Event] = []
+    for stream in sorted(set(queues) | set(backend.dead_letter_streams())):
+        for d in backend.dead_letters(stream, 100_000):
+            seq = None
+            if d.record is not None and d.record.args:
+                with contextlib.suppress(TypeError, ValueError):
+                    seq = int(d.record.args[0])
+            out.append({"queue": stream, "reason": d.reason, "seq": seq, "raw": bytes(d.raw).hex()})
+    return out
 
 
 def _wait_drained(
@@ -1578,7 +2140,8 @@ def _queues_option(f: Any) -> Any:
 @click.option("--duration", type=float, default=None, help="Bound of the fault phase in seconds.")
 @click.option("--max-faults", type=int, default=None, help="Bound of the number of faults.")
 @click.option("--faults", default=None, help=f"Comma-separated fault kinds among {', '.join(FAULT_KINDS)}.")
-@click.option("--driver", type=click.Choice(["threaded", "asyncio", "mixed"]), default="mixed", show_default=True)
+@click.option("--driver", type=click.Choice(["threaded", "asyncio", "mixed"]), default=None,
+              help="Replica drivers (default: the profile's, mixed for short and soak).")  # fmt: skip
 @click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None, help="Where journals and logs go.")
 @click.option("--seed", type=int, default=None)
 def run_command(
@@ -1591,7 +2154,7 @@ def run_command(
     duration: float | None,
     max_faults: int | None,
     faults: str | None,
-    driver: str,
+    driver: str | None,
     run_dir: Path | None,
     seed: int | None,
 ) -> None:
@@ -1699,19 +2262,21 @@ def check_command(
         click.echo(f"no accepted tasks in {run_dir}: nothing to check")
         sys.exit(1)
     remaining: dict[str, int] | None = None
-    dead: dict[str, list[int]] | None = None
+    dead_letters: list[Event] | None = None
     if not offline:
         backend = RedisQueueBackend(url, Settings(prefix=prefix, shards=shards))
         try:
             remaining = _wait_drained(backend, queues, drain_timeout)
             time.sleep(0.5)  # the last end lines are written after the acknowledgement
-            dead = {q: [int(d.record.args[0]) for d in backend.dead_letters(q, 100_000) if d.record] for q in queues}
+            dead_letters = read_dead_letters(backend, queues)
         except redis.RedisError as exc:
             click.echo(f"Redis at {url} unreachable: {exc} (use --offline to check the journals alone)")
             sys.exit(1)
         finally:
             backend.close()
-    verdict = verify(run_dir, lease_ttl=lease_ttl, poll_interval=poll_interval, dead=dead, remaining=remaining)
+    verdict = verify(
+        run_dir, lease_ttl=lease_ttl, poll_interval=poll_interval, remaining=remaining, dead_letters=dead_letters
+    )
     click.echo(verdict.text())
     sys.exit(0 if verdict.ok else 1)
 

@@ -6,8 +6,13 @@ lapsed (lower-fenced) lease explains it.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -56,24 +61,64 @@ def _journal(event: str, seq: int, extra: Mapping[str, Any] | None = None) -> No
         )
 
 
-def step(seq: int, hold: float = 0.0, fail_attempts: int = 0, exit_deliveries: int = 0) -> int:
+def step(
+    seq: int,
+    hold: float = 0.0,
+    fail_attempts: int = 0,
+    exit_deliveries: int = 0,
+    gil: float = 0.0,
+    until: str = "",
+) -> int:
     """One journaled unit of ordered work.
 
     ``hold``: seconds of simulated I/O. ``fail_attempts``: raise on this many first attempts
     (``-1``: always). ``exit_deliveries``: kill the whole process (``os._exit``) on this many
-    first deliveries (``-1``: always, a poison task).
+    first deliveries (``-1``: always, a poison task). ``gil``: seconds of one C call that never
+    lets go of the GIL (no other thread of the process runs meanwhile, heartbeats included).
+    ``until``: a path; the hold then ends early once that file exists (a fault drill decides
+    when the replica running the task comes free).
     """
     ctx = current_task()
     _journal("start", seq)
     if exit_deliveries == -1 or ctx.deliveries <= exit_deliveries:
         os._exit(17)
-    if hold:
+    if gil:
+        hold_gil(gil)
+    if until:
+        deadline = time.monotonic() + hold
+        while not os.path.exists(until) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    elif hold:
         time.sleep(hold)
     if fail_attempts == -1 or ctx.attempt <= fail_attempts:
         _journal("fail", seq)
         raise RuntimeError(f"simulated failure of #{seq} on attempt {ctx.attempt}")
     _journal("end", seq)
     return seq
+
+
+#: Items per second ``sum(range(n))`` gets through in this process, measured on first use.
+_gil_rate: float | None = None
+
+
+def hold_gil(seconds: float) -> None:
+    """Busy the CPU for about ``seconds`` inside one C call that holds the GIL throughout.
+
+    ``sum`` over a ``range`` runs entirely in C and never returns to the interpreter loop, the
+    only place CPython hands the GIL to another thread (unlike ``hashlib``, which releases it on
+    large buffers). The rate is measured once per process, the best of a few short trials, so
+    a busy moment during the measurement does not shorten the hold.
+    """
+    global _gil_rate
+    if _gil_rate is None:
+        best = 0.0
+        for _ in range(5):
+            n = 1_000_000
+            started = time.perf_counter()
+            sum(range(n))
+            best = max(best, n / max(time.perf_counter() - started, 1e-9))
+        _gil_rate = best
+    sum(range(int(seconds * _gil_rate)))
 
 
 STEPS: dict[str, FifoFunction[..., int]] = {
@@ -104,6 +149,54 @@ def step_for(queue: str) -> FifoFunction[..., int]:
 
 for _extra in filter(None, os.environ.get(EXTRA_QUEUES_ENV, "").split(",")):
     step_for(_extra.strip())
+
+
+# -- the stop drill ---------------------------------------------------------------------------
+
+#: Set by the scenario runner: a replica process then answers SIGUSR1 with the stop drill.
+DRILL_ENV = "PYFIQ_SCENARIO_DRILLS"
+#: The drill's ``stop()`` timeout: shorter than any task it is meant to interrupt.
+STOP_DRILL_TIMEOUT = 0.3
+_drills: set[asyncio.Task[None]] = set()
+
+
+def _on_stop_drill(signum: int, frame: object) -> None:
+    # Python runs signal handlers in the main thread, where ``pyfiq replica --driver asyncio``
+    # runs its loop; a threaded replica has no loop there and ignores the drill.
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loop.call_soon_threadsafe(_start_stop_drill, loop)
+
+
+def _start_stop_drill(loop: asyncio.AbstractEventLoop) -> None:
+    task = loop.create_task(_stop_drill())
+    _drills.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_drills.discard)
+
+
+async def _stop_drill() -> None:
+    """``await worker.stop(timeout=STOP_DRILL_TIMEOUT)`` on the replica's AsyncWorker while the
+    process lives on: what an application does when it stops consuming but keeps serving.
+
+    The replica command owns its worker and offers no handle to it, so the drill finds it
+    among the live objects; the process then stays up until the runner ends it.
+    """
+    from .aio import AsyncWorker
+
+    for worker in [o for o in gc.get_objects() if isinstance(o, AsyncWorker)]:
+        started = time.monotonic()
+        clean = await worker.stop(timeout=STOP_DRILL_TIMEOUT)
+        print(
+            f"pyfiq.scenario.stop_drill replica={worker.replica} clean={clean} took={time.monotonic() - started:.3f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+if os.environ.get(DRILL_ENV) and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGUSR1, _on_stop_drill)
 
 
 def read_journal(path: str | Path) -> list[dict[str, Any]]:

@@ -33,10 +33,10 @@ class RedisServer(RedisProcess):
     """A redis-server the tests own (see ``RedisProcess``), with what tests add: a restart
     that keeps the port, a client, and a clear failure when redis-server is missing."""
 
-    def __init__(self, directory: Path, *, appendfsync: str | None = None) -> None:
+    def __init__(self, directory: Path, *, appendfsync: str | None = None, clock_shift_ms: int = 0) -> None:
         if REDIS_SERVER is None:
             pytest.fail("redis-server is not installed: run scripts/test.sh, which installs it")
-        super().__init__(directory, appendfsync=appendfsync)
+        super().__init__(directory, appendfsync=appendfsync, clock_shift_ms=clock_shift_ms)
 
     def restart(self, *, kill: bool = False, downtime: float = 0.0) -> None:
         self.stop(kill=kill)

@@ -3,8 +3,11 @@ checker.
 
 ``test_short_profile`` runs the whole short profile: real redis-server with AOF, four replica
 processes (threaded and asyncio) each behind its own fault proxy, three producer processes
-enqueuing concurrently to the same queues, and every fault kind; then asserts the checker's
-verdict and that each fault really happened. The soak profile runs only with PYFIQ_SOAK=1.
+enqueuing concurrently to the same queues, and the classic fault kinds; then asserts the
+checker's verdict and that each fault really happened. The ``test_drill_*`` tests run one
+newer fault kind each (vandal entries, replies slower than the lease, an asyncio stop that
+times out in a live process, a task holding the GIL, a Redis clock set back) on a small
+fleet. The soak profile runs only with PYFIQ_SOAK=1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,8 @@ import pytest
 import redis
 
 from pyfiq.faults import FaultProxy
-from pyfiq.runner import EXECUTIONS, FAULT_KINDS, FAULTS, PROFILES, run_scenario, verify
+from pyfiq.runner import DEAD_LETTERS, EXECUTIONS, FAULTS, PROFILES, Result, read_lines, run_scenario, verify
+from pyfiq.scenario import hold_gil
 from tests.conftest import RedisServer
 
 # -- the proxy ---------------------------------------------------------------------------------
@@ -129,6 +134,61 @@ def test_proxy_delay_delivers_late_and_in_order(redis_server: RedisServer) -> No
         client.close()
 
 
+def test_proxy_can_delay_replies_only(redis_server: RedisServer) -> None:
+    """A reply-only delay: the command reaches Redis (and takes effect) at once, its reply
+    comes late, as for a replica whose lease is granted long before it hears so."""
+    with FaultProxy(redis_server.port) as proxy:
+        client = _client(proxy.url, timeout=5)
+        client.ping()
+        direct = redis_server.client()
+        direct.delete("faults:late")
+        proxy.delay(0.6, direction="replies")
+        assert proxy.delays == {"requests": 0.0, "replies": 0.6}
+        done = threading.Event()
+        started = time.monotonic()
+        t = threading.Thread(target=lambda: (client.set("faults:late", "1"), done.set()))
+        t.start()
+        deadline = time.monotonic() + 0.4
+        while direct.get("faults:late") is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert direct.get("faults:late") == b"1", "the request itself was held back"
+        assert not done.is_set(), "the reply was not held back"
+        t.join(5)
+        assert done.is_set() and time.monotonic() - started >= 0.55
+        proxy.heal()
+        started = time.monotonic()
+        client.ping()
+        assert time.monotonic() - started < 0.1
+        direct.delete("faults:late")
+        direct.close()
+        client.close()
+
+
+def test_gil_hold_starves_every_other_thread() -> None:
+    """The gil fault's task: while it runs, no other thread of the process (a heartbeat) does."""
+    hold_gil(0.05)  # measure the rate first, outside the window below
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=tick)
+    t.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    hold_gil(0.6)
+    ended = time.monotonic()
+    time.sleep(0.05)
+    stop.set()
+    t.join()
+    assert ended - started >= 0.5
+    inside = [x for x in ticks if started + 0.02 < x < ended - 0.02]
+    assert inside == [], f"another thread ran {len(inside)} times while the GIL was held"
+
+
 def test_proxy_is_loopback_only() -> None:
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(1, "10.1.2.3")
@@ -231,6 +291,168 @@ def test_checker_explains_a_rerun_by_a_fault_on_that_replica(tmp_path: Path) -> 
     assert verdict.stats["reexecutions_by_cause"] == {"kill": 1}
 
 
+def _journal_run(
+    tmp_path: Path,
+    executions: list[dict[str, Any]],
+    faults: Sequence[dict[str, Any]] = (),
+    *,
+    accepted: list[dict[str, Any]] | None = None,
+) -> Path:
+    """A run directory from explicit lines: one queue, tasks #0..#n accepted in order at t=1000."""
+    run = tmp_path / "run"
+    run.mkdir()
+    seqs = sorted({e["seq"] for e in executions})
+    if accepted is None:
+        accepted = [
+            {"queue": "scenario-a", "seq": s, "task_id": f"t{s}", "status": "accepted", "order": [int(1e9) + i, i + 1]}
+            | {"sent": 1000.0 + i / 1000, "t": 1000.0 + i / 1000, "attempts": 1, "producer": "p1"}
+            for i, s in enumerate(seqs)
+        ]
+    _write(run / "accepted-p1.jsonl", accepted)
+    _write(run / EXECUTIONS, executions)
+    if faults:
+        _write(run / FAULTS, list(faults))
+    return run
+
+
+def _runs(*spec: tuple[str, int, int, str, float, float]) -> list[dict[str, Any]]:
+    """(replica, pid, fence, seq, start, end) -> start and end lines on scenario-a."""
+    lines = []
+    for replica, pid, fence, seq, start, end in spec:
+        base = {"queue": "scenario-a", "seq": seq, "task_id": f"t{seq}", "replica": replica, "pid": pid}
+        base |= {"fence": fence, "deliveries": 1, "attempt": 1}
+        lines += [{**base, "event": "start", "t": start}, {**base, "event": "end", "t": end}]
+    return lines
+
+
+def test_checker_flags_a_start_on_a_lapsed_lease_unless_the_process_was_frozen(tmp_path: Path) -> None:
+    # replica-2 took the queue over (fence 7) and ran #1; replica-1 then starts #1 under its
+    # older lease (fence 6) while replica-2 runs #2: a reply that came too late.
+    executions = _runs(
+        ("replica-1", 10, 5, 0, 1001.0, 1001.1),
+        ("replica-2", 11, 7, 1, 1003.0, 1003.1),
+        ("replica-2", 11, 7, 2, 1003.2, 1004.0),
+        ("replica-1", 10, 6, 1, 1003.5, 1003.6),
+    )
+    slow = {"kind": "slow-reply", "target": "replica-1", "pid": 10, "t": 1001.5, "t_end": 1005.0, "seconds": 2.0}
+    verdict = verify(_journal_run(tmp_path, executions, [slow]), lease_ttl=1.0, poll_interval=0.2)
+    assert not verdict.ok
+    assert any("fencing token lower than one already started" in b for b in verdict.breaches), verdict.breaches
+    assert any("not explained by a lapsed lease" in b for b in verdict.breaches), verdict.breaches
+    assert verdict.stats["stale_starts"] == 1
+
+    # The same lines after a SIGSTOP of replica-1: a frozen process cannot check its lease.
+    stop = {"kind": "stop", "target": "replica-1", "pid": 10, "mid_task": False, "t": 1001.5, "t_end": 1003.4}
+    other = tmp_path / "stopped"
+    other.mkdir()
+    verdict = verify(_journal_run(other, executions, [stop]), lease_ttl=1.0, poll_interval=0.2)
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["stale_starts_after_a_pause"] == 1
+
+
+def test_checker_flags_a_lease_given_up_under_a_task_still_running_after_a_stop(tmp_path: Path) -> None:
+    executions = _runs(
+        ("replica-1", 10, 5, 0, 1001.0, 1003.5),  # the slow sync task, still running after stop()
+        ("replica-2", 11, 6, 0, 1001.4, 1003.9),  # redelivered while it runs
+    )
+    drill = {"kind": "async-stop", "target": "replica-1", "pid": 10, "mid_task": True, "t": 1001.05}
+    drill |= {"queue": "scenario-a", "seq": 0, "task_id": "t0", "hold": 2.5, "t_exit": 1005.0, "t_end": 1005.5}
+    verdict = verify(_journal_run(tmp_path, executions, [drill]), lease_ttl=1.0, poll_interval=0.2)
+    assert not verdict.ok
+    assert any("the lease was given up under a running task" in b for b in verdict.breaches), verdict.breaches
+
+    # Held until the task ended, then redelivered: what a stop that times out must do.
+    later = tmp_path / "later"
+    later.mkdir()
+    executions = _runs(("replica-1", 10, 5, 0, 1001.0, 1003.5), ("replica-2", 11, 6, 0, 1003.6, 1003.7))
+    verdict = verify(_journal_run(later, executions, [drill]), lease_ttl=1.0, poll_interval=0.2)
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["reexecutions_by_cause"] == {"async-stop": 1}
+
+
+def _dead(queue: str, reason: str, raw: bytes, seq: int | None = None) -> dict[str, Any]:
+    header = json.dumps({"reason": reason}).encode()
+    return {"queue": queue, "reason": reason, "seq": seq, "raw": (header + b"\n" + raw).hex()}
+
+
+@pytest.mark.parametrize(
+    ("filed", "breach"),
+    [
+        ("undecodable", None),
+        ("poison", "not as undecodable"),
+        (None, "not in the dead letters"),
+    ],
+)
+def test_checker_requires_each_vandal_entry_dead_lettered_as_undecodable(
+    tmp_path: Path, filed: str | None, breach: str | None
+) -> None:
+    entries = [b"vandal-x", b"\xff\xfe\x00vandal", b"0" * 32 + b"|zz|0|{}"]
+    vandal = {"kind": "vandal", "target": "scenario-a", "t": 1001.5, "t_end": 1001.5}
+    vandal["entries"] = [e.hex() for e in entries]
+    executions = _runs(("replica-1", 10, 5, 0, 1001.0, 1001.1), ("replica-1", 10, 5, 1, 1001.6, 1001.7))
+    accepted = [
+        {"queue": "scenario-a", "seq": s, "task_id": f"t{s}", "status": "accepted", "order": [int(t * 1e6), s + 1]}
+        | {"sent": t, "t": t, "attempts": 1, "producer": "p1"}
+        for s, t in ((0, 1000.9), (1, 1001.55))
+    ]
+    run = _journal_run(tmp_path, executions, [vandal], accepted=accepted)
+    dead = [_dead("scenario-a", filed, e) for e in entries] if filed else []
+    verdict = verify(run, lease_ttl=1.0, poll_interval=0.2, dead_letters=dead)
+    assert verdict.stats["vandal_entries"] == 3
+    assert verdict.stats["vandal_stall_max"] == pytest.approx(0.05, abs=0.01)
+    if breach is None:
+        assert verdict.ok, verdict.text()
+    else:
+        assert any(breach in b for b in verdict.breaches), verdict.breaches
+
+
+@pytest.mark.parametrize(("reason", "ok"), [("lease-lost", True), ("poison", False), (None, False)])
+def test_checker_requires_a_gil_holding_task_dead_lettered_but_not_as_poison(
+    tmp_path: Path, reason: str | None, ok: bool
+) -> None:
+    # Each run froze its process past the lease; the next holder ran it again meanwhile.
+    executions = _runs(("replica-1", 10, 5, 0, 1001.0, 1003.5), ("replica-2", 11, 6, 0, 1002.1, 1004.6))
+    gil = {"kind": "gil", "target": "scenario-a", "t": 1000.9, "t_end": 1005.0, "seconds": 2.5}
+    gil |= {"seq": 0, "task_id": "t0"}
+    run = _journal_run(tmp_path, executions, [gil])
+    dead = [_dead("scenario-a", reason, b"t0", seq=0)] if reason else []
+    verdict = verify(run, lease_ttl=1.0, poll_interval=0.2, dead_letters=dead)
+    assert verdict.ok is ok, verdict.text()
+    # The re-run and the overlap are explained by the freeze itself.
+    assert verdict.stats["reexecutions_unexplained"] == 0
+    assert verdict.stats["overlaps_unexplained"] == 0
+
+
+def test_checker_orders_acceptances_stamped_by_a_redis_clock_set_back(tmp_path: Path) -> None:
+    # Redis restarted at t=1002 with its clock 3 s behind: later acceptances carry smaller
+    # Redis times, which must not read as an order violation.
+    accepted = []
+    for i, t in enumerate((1001.0, 1001.5, 1003.0, 1003.5)):
+        redis_t = t - (3.0 if t > 1002 else 0.0)
+        accepted.append(
+            {
+                "queue": "scenario-a",
+                "seq": i,
+                "task_id": f"t{i}",
+                "status": "accepted",
+                "order": [int(redis_t * 1e6), i + 1],
+            }
+            | {"sent": t - 0.001, "t": t, "attempts": 1, "producer": "p1"}
+        )
+    executions = _runs(*(("replica-1", 10, 5 + i, i, 1004.0 + i / 10, 1004.05 + i / 10) for i in range(4)))
+    clock = {"kind": "clock", "target": "redis", "appendfsync": "everysec", "t": 1002.0, "t_down": 1002.1}
+    clock |= {"t_end": 1002.4, "shift_ms": -3000, "previous_shift_ms": 0}
+    verdict = verify(_journal_run(tmp_path, executions, [clock], accepted=accepted), lease_ttl=1.0, poll_interval=0.2)
+    assert verdict.ok, verdict.text()
+
+    # A token that went backwards after that restart is flagged.
+    back = tmp_path / "back"
+    back.mkdir()
+    executions[-2]["fence"] = executions[-1]["fence"] = 2
+    verdict = verify(_journal_run(back, executions, [clock], accepted=accepted), lease_ttl=1.0, poll_interval=0.2)
+    assert any("fencing token lower than one already started" in b for b in verdict.breaches), verdict.breaches
+
+
 # -- whole scenarios ---------------------------------------------------------------------------
 
 
@@ -248,7 +470,8 @@ def test_short_profile(tmp_path: Path) -> None:
     assert wall < 80, f"the short profile took {wall:.1f}s"
 
     faults = stats["faults"]
-    for kind in FAULT_KINDS:
+    assert profile.schedule is not None
+    for kind in profile.schedule:
         assert faults.get(kind, 0) >= 1, f"fault {kind} never happened: {faults}"
     assert faults["graceful-stop"] == profile.replicas, "the rolling restart did not stop every replica"
     redis_faults = {(r["kind"], r["appendfsync"]) for r in stats["redis_losses"]}
@@ -275,6 +498,81 @@ def test_short_profile(tmp_path: Path) -> None:
     assert (result.run_dir / "verdict.json").exists()
 
 
+def _drill(tmp_path: Path, kind: str) -> Result:
+    profile = PROFILES[kind]
+    started = time.monotonic()
+    result = run_scenario(profile, run_dir=tmp_path / kind, seed=5, echo=lambda line: None)
+    print(result.verdict.text())
+    assert result.verdict.stats["faults"].get(kind) == len(profile.schedule or ()), result.verdict.stats["faults"]
+    assert time.monotonic() - started < 60
+    return result
+
+
+@pytest.mark.timeout(90)
+def test_drill_vandal(tmp_path: Path) -> None:
+    """Malformed entries pushed into live queues: each dead-lettered as undecodable with its
+    raw bytes, nothing accepted lost or reordered, and the queues went on past them."""
+    result = _drill(tmp_path, "vandal")
+    verdict = result.verdict
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["vandal_entries"] == 9
+    assert verdict.stats["vandal_stall_max"] is not None
+    dead = read_lines(result.run_dir / DEAD_LETTERS)
+    assert sum(d["reason"] == "undecodable" for d in dead) >= 9
+
+
+@pytest.mark.timeout(90)
+def test_drill_slow_reply(tmp_path: Path) -> None:
+    """Replies to one replica held back past the lease TTL while it is granted a lease: it
+    must not start a task on it, so no run of the queue overlaps another."""
+    result = _drill(tmp_path, "slow-reply")
+    (fault,) = read_lines(result.run_dir / FAULTS)
+    assert fault["outrun"] == "claimed", f"the slow replica never won a claim: {fault}"
+    assert result.verdict.ok, result.verdict.text()
+    assert result.verdict.stats["stale_starts"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_drill_async_stop(tmp_path: Path) -> None:
+    """``await worker.stop(timeout=0.3)`` while a sync task runs in a thread of a process that
+    lives on: no other replica may start on that queue before the task ends."""
+    result = _drill(tmp_path, "async-stop")
+    (fault,) = read_lines(result.run_dir / FAULTS)
+    log = (result.run_dir / "logs").glob(f"{fault['target']}.*.log")
+    assert any("pyfiq.scenario.stop_drill" in p.read_text() and "clean=False" in p.read_text() for p in log), (
+        "the stop did not time out mid-task"
+    )
+    assert result.verdict.ok, result.verdict.text()
+
+
+@pytest.mark.timeout(90)
+def test_drill_gil(tmp_path: Path) -> None:
+    """A task holding the GIL for 2.5 TTLs: dead-lettered for outliving its lease, not
+    re-run on every take-over until it counts as poison, and no replica dies of it."""
+    result = _drill(tmp_path, "gil")
+    verdict = result.verdict
+    assert verdict.ok, verdict.text()
+    (reasons,) = verdict.stats["gil_tasks_dead_lettered_as"].values()
+    assert reasons and "poison" not in reasons
+
+
+@pytest.mark.timeout(90)
+def test_drill_clock(tmp_path: Path) -> None:
+    """Redis restarted with its wall clock 3 s behind, then right again, then behind: the
+    fencing tokens tasks see keep rising (the shard counters survive in the AOF)."""
+    result = _drill(tmp_path, "clock")
+    verdict = result.verdict
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["stale_starts"] == 0
+    shifts = [f["shift_ms"] for f in read_lines(result.run_dir / FAULTS)]
+    assert shifts == [-3000, 0, -3000]
+    # Tasks ran under each clock.
+    journal = read_lines(result.run_dir / EXECUTIONS)
+    clock_faults = read_lines(result.run_dir / FAULTS)
+    for f, nxt in zip(clock_faults, [*clock_faults[1:], {"t": float("inf")}], strict=True):
+        assert any(f["t_end"] < e["t"] < nxt["t"] for e in journal if e["event"] == "start"), f
+
+
 @pytest.mark.soak
 @pytest.mark.skipif(os.environ.get("PYFIQ_SOAK") != "1", reason="soak test: set PYFIQ_SOAK=1 (30 minutes)")
 @pytest.mark.timeout(int(float(os.environ.get("PYFIQ_SOAK_SECONDS", "1800"))) + 600)
@@ -288,6 +586,6 @@ def test_soak_profile(tmp_path: Path) -> None:
     assert verdict.ok, verdict.text()
     faults = verdict.stats["faults"]
     assert sum(faults.values()) >= seconds / 3, faults
-    for kind in ("kill", "stop", "cut", "blackhole"):
+    for kind in ("kill", "stop", "cut", "blackhole", "slow-reply", "vandal"):
         assert faults.get(kind, 0) >= 1, faults
     assert verdict.stats["lost"] == 0
