@@ -117,6 +117,27 @@ DUE_SCAN = 200
 PARK_AFTER_MS = 50
 
 
+#: The keys each script takes, in order, by name: a stream's keys are ``StreamKeys`` attributes;
+#: every script names them the same way (``local pending = KEYS[2]``), which a test checks, so the
+#: order is stated once. ``enqueue`` takes one dedup key per task after these.
+KEY_NAMES: dict[str, tuple[str, ...]] = {
+    "enqueue": ("pending", "ready", "queues", "layout"),
+    "due": ("queues", "layout"),
+    "acquire": ("queues", "ready", "epoch", "lease", "meta", "pending", "inflight", "dead", "dead_ids", "dlq_index"),
+    "renew": ("lease", "ready", "queues"),
+    "take": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index"),
+    "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index"),
+    "release": ("lease", "pending", "inflight", "meta", "ready", "queues"),
+    "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
+    "rate": ("rate",),
+    "lost": ("inflight", "meta"),
+}
+
+
+def stream_call(script: str, k: StreamKeys, args: list[Any], extra_keys: Sequence[str] = ()) -> Call:
+    return Call(script, [*(getattr(k, name) for name in KEY_NAMES[script]), *extra_keys], args)
+
+
 class Ops:
     def __init__(self, keys: KeySchema, settings: Settings) -> None:
         self.keys = keys
@@ -129,9 +150,6 @@ class Ops:
         dedup_keys: Sequence[str] | None = None,
     ) -> Call:
         k = self.keys.stream(stream)
-        keys = [k.pending, k.ready, k.queues, k.layout]
-        if dedup_keys is not None:
-            keys += [k.dedup(d) for d in dedup_keys]
         args: list[Any] = [
             stream,
             self.keys.wake_channel,
@@ -142,7 +160,7 @@ class Ops:
         ]
         for task_id, expires_in_ms, payload in items:
             args += [task_id, expires_in_ms, payload]
-        return Call("enqueue", keys, args)
+        return stream_call("enqueue", k, args, [k.dedup(d) for d in dedup_keys or ()])
 
     @staticmethod
     def parse_enqueue(reply: list[Any]) -> list[tuple[str, bool]]:
@@ -166,10 +184,8 @@ class Ops:
     def acquire(self, stream: str, want: int = 0) -> Call:
         """Claim a stream and, with ``want``, take its first tasks in the same round trip."""
         k = self.keys.stream(stream)
-        return Call(
-            "acquire",
-            [k.queues, k.ready, k.epoch, k.lease, k.meta, k.pending, k.inflight, k.dead, k.dead_ids, k.dlq_index],
-            [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries],
+        return stream_call(
+            "acquire", k, [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries]
         )
 
     def parse_acquire(self, stream: str, reply: list[Any], abort: Flag, sent_at: float) -> Lease | None:
@@ -186,32 +202,24 @@ class Ops:
 
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
-        return Call("renew", [k.lease, k.ready, k.queues], [lease.token, self.settings.lease_ttl_ms, k.stream])
+        return stream_call("renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream])
 
     def take(self, lease: Lease, acks: Sequence[str], want: int) -> Call:
         k = lease.keys
-        return Call(
-            "take",
-            [k.lease, k.pending, k.inflight, k.meta, k.ready, k.queues, k.dead, k.dead_ids, k.dlq_index],
-            [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, *acks],
-        )
+        return stream_call("take", k, [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, *acks])
 
     def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
         k = lease.keys
-        return Call(
-            "dead_letter",
-            [k.lease, k.inflight, k.meta, k.dead, k.dead_ids, k.dlq_index],
-            [lease.token, k.stream, len(acks), task_id, header, *acks],
-        )
+        return stream_call("dead_letter", k, [lease.token, k.stream, len(acks), task_id, header, *acks])
 
     def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
         """Give the lease up. ``started``: tasks this holder started and did not finish (they
         may have run); every other task it was handed goes back as never delivered here.
         ``delay_ms``: the stream may not be claimed again before then (a parked stream)."""
         k = lease.keys
-        return Call(
+        return stream_call(
             "release",
-            [k.lease, k.pending, k.inflight, k.meta, k.ready, k.queues],
+            k,
             [
                 lease.token,
                 k.stream,
@@ -228,7 +236,7 @@ class Ops:
     def lost(self, lease: Lease, entry: Entry) -> Call:
         """Note that ``entry`` ran past this holder's lease while the holder was alive."""
         k = lease.keys
-        return Call("lost", [k.inflight, k.meta], [entry.raw, MAX_PREFETCH + 1])
+        return stream_call("lost", k, [entry.raw, MAX_PREFETCH + 1])
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
         return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
@@ -238,9 +246,9 @@ class Ops:
     ) -> Call:
         """One bounded step of moving dead letters back to pending; see ``requeue.lua``."""
         k = self.keys.stream(stream)
-        return Call(
+        return stream_call(
             "requeue",
-            [k.dead, k.dead_ids, k.pending, k.ready, k.queues, k.dlq_index],
+            k,
             [stream, self.keys.wake_channel, k.shard, "front" if front else "back", limit, low, high, task_id or ""],
         )
 

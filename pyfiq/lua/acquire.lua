@@ -30,44 +30,54 @@
   lease token is "<fencing token>:<nonce>" and scripts compare it whole, so two holders can
   never share one.
 ]]
+local queues = KEYS[1]
+local ready = KEYS[2]
+local epoch = KEYS[3]
+local lease = KEYS[4]
+local meta = KEYS[5]
+local pending = KEYS[6]
+local inflight = KEYS[7]
+local dead = KEYS[8]
+local dead_ids = KEYS[9]
+local dlq_index = KEYS[10]
 local now = now_ms()
-local r = { ready = KEYS[2], queues = KEYS[1], queue = queue_of(ARGV[1]) }
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
+local score = redis.call('ZSCORE', ready, ARGV[1])
 if not score or tonumber(score) > now then return { 0 } end
 local ttl = tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[4]) == 1 then
+if redis.call('EXISTS', lease) == 1 then
   -- The holder renewed after its ready score was read as due: resynchronise the score.
-  local left = redis.call('PTTL', KEYS[4])
+  local left = redis.call('PTTL', lease)
   if left < 0 then left = ttl end
   ready_set(r, ARGV[1], now + left)
   return { 0, left }
 end
-if redis.call('LLEN', KEYS[6]) + redis.call('LLEN', KEYS[7]) == 0 then
+if redis.call('LLEN', pending) + redis.call('LLEN', inflight) == 0 then
   ready_remove(r, ARGV[1])
-  redis.call('DEL', KEYS[5])
+  redis.call('DEL', meta)
   return { 0 }
 end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local epoch = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
-if epoch < now_us then epoch = now_us end
-local fence = string.format('%.0f', epoch)
-redis.call('SET', KEYS[3], fence)
+local next_fence = tonumber(redis.call('GET', epoch) or '0') + 1
+if next_fence < now_us then next_fence = now_us end
+local fence = string.format('%.0f', next_fence)
+redis.call('SET', epoch, fence)
 local token = fence .. ':' .. ARGV[3]
-redis.call('SET', KEYS[4], token, 'PX', ttl)
+redis.call('SET', lease, token, 'PX', ttl)
 ready_set(r, ARGV[1], now + ttl)
 -- Everything already in flight belongs to an earlier holder: hand it out again one by one.
 local out = { 1, token, fence, now }
 local handed = 0
 if tonumber(ARGV[4]) > 0 then
-  handed = hand_out({ pending = KEYS[6], inflight = KEYS[7], meta = KEYS[5], dead = KEYS[8], dead_ids = KEYS[9],
-                      dlq_index = KEYS[10], stream = ARGV[1] }, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), now, out)
-  if #out == 4 and redis.call('LLEN', KEYS[7]) == 0 then
+  handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
+                      dlq_index = dlq_index, stream = ARGV[1] }, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), now, out)
+  if #out == 4 and redis.call('LLEN', inflight) == 0 then
     -- Everything pending was dead-lettered (expired, undecodable): nothing to hold.
-    redis.call('DEL', KEYS[4], KEYS[5])
+    redis.call('DEL', lease, meta)
     ready_remove(r, ARGV[1])
     return { 0 }
   end
 end
-redis.call('HSET', KEYS[5], 'handed', handed)
+redis.call('HSET', meta, 'handed', handed)
 return out

@@ -18,18 +18,24 @@
   Output:
     -1 if the caller's lease is gone (nothing changed), 1 when done
 ]]
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local lease = KEYS[1]
+local inflight = KEYS[2]
+local meta = KEYS[3]
+local dead = KEYS[4]
+local dead_ids = KEYS[5]
+local dlq_index = KEYS[6]
+if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-local entry = redis.call('LINDEX', KEYS[2], nack)
+local entry = redis.call('LINDEX', inflight, nack)
 if not entry or task_id(entry) ~= ARGV[4] or string.sub(ARGV[5], 1, 1) ~= '{' then
   return redis.error_reply('ERR pyfiq: dead-lettered task is not next in the in-flight list')
 end
-if not ack_head(KEYS[2], KEYS[3], argv_slice(6, nack), false) then
+if not ack_head(inflight, meta, argv_slice(6, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
-redis.call('LPOP', KEYS[2])
-clear_marks(KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[3], 'handed', handed_after(KEYS[3], nack + 1))
-dead_add({ dead = KEYS[4], dead_ids = KEYS[5], dlq_index = KEYS[6], stream = ARGV[2] }, ARGV[5], entry,
+redis.call('LPOP', inflight)
+clear_marks(meta, ARGV[4])
+redis.call('HSET', meta, 'handed', handed_after(meta, nack + 1))
+dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[2] }, ARGV[5], entry,
          parse_entry(entry))
 return 1

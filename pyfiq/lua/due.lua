@@ -21,11 +21,13 @@
   only for a consumed queue with due streams. The shard's layout is asserted on the way (a
   write only when it is missing, as after an empty restart).
 ]]
-local refused = check_layout(KEYS[2], ARGV[2])
+local queues = KEYS[1]
+local layout = KEYS[2]
+local refused = check_layout(layout, ARGV[2])
 if refused then return refused end
 local now = now_ms()
 local want = tonumber(ARGV[1])
-local tag = string.sub(KEYS[1], 1, #KEYS[1] - #':queues')
+local tag = string.sub(queues, 1, #queues - #':queues')
 local nxt = -1
 local function later(ms)
   if nxt < 0 or ms < nxt then nxt = ms end
@@ -39,7 +41,7 @@ local offset = 0
 local direct = #ARGV - 4
 if direct > 0 and direct <= 64 then
   for i = 5, #ARGV do
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    local score = redis.call('ZSCORE', queues, ARGV[i])
     if score then
       score = tonumber(score)
       if score <= now then collect(ARGV[i]) else later(score - now) end
@@ -53,12 +55,12 @@ else
   end
   local budget = tonumber(ARGV[3])
   local start = tonumber(ARGV[4])
-  local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', start, budget)
-  for _, queue in ipairs(queues) do
+  local due_queues = redis.call('ZRANGEBYSCORE', queues, '-inf', now, 'LIMIT', start, budget)
+  for _, queue in ipairs(due_queues) do
     if accept == nil or accept[queue] then collect(queue) end
   end
-  if #queues == budget then offset = start + budget end
-  local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #due_queues == budget then offset = start + budget end
+  local first = redis.call('ZRANGEBYSCORE', queues, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #first > 0 then later(tonumber(first[2]) - now) end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)

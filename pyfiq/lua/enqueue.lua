@@ -24,7 +24,11 @@
   Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
   read the id and the deadline without decoding the payload; both times are Redis's clock.
 ]]
-local refused = check_layout(KEYS[4], ARGV[5])
+local pending = KEYS[1]
+local ready = KEYS[2]
+local queues = KEYS[3]
+local layout = KEYS[4]
+local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
 local n = tonumber(ARGV[6])
@@ -47,7 +51,7 @@ for i = 1, n do
   else
     local expires = 0
     if ttl > 0 then expires = now + ttl end
-    redis.call('RPUSH', KEYS[1], string.format('%s|%.0f|%.0f|', id, now, expires) .. ARGV[base + 3])
+    redis.call('RPUSH', pending, string.format('%s|%.0f|%.0f|', id, now, expires) .. ARGV[base + 3])
     added = added + 1
     out[#out + 1] = id
     out[#out + 1] = 1
@@ -56,7 +60,7 @@ end
 -- A leased stream already has a ready entry (scored at its lease expiry): NX leaves it alone,
 -- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
 -- idle workers.
-if added > 0 and ready_set({ ready = KEYS[2], queues = KEYS[3], queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
+if added > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return out

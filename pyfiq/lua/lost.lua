@@ -14,7 +14,9 @@
   Output:
     1 if noted, 0 if the task is no longer in flight
 ]]
-local pos = redis.call('LPOS', KEYS[1], ARGV[1], 'MAXLEN', tonumber(ARGV[2]))
+local inflight = KEYS[1]
+local meta = KEYS[2]
+local pos = redis.call('LPOS', inflight, ARGV[1], 'MAXLEN', tonumber(ARGV[2]))
 if not pos then return 0 end
-redis.call('HINCRBY', KEYS[2], 'l:' .. task_id(ARGV[1]), 1)
+redis.call('HINCRBY', meta, 'l:' .. task_id(ARGV[1]), 1)
 return 1

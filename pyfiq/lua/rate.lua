@@ -11,12 +11,13 @@
 
   Waiting keeps order: the stream's holder simply pauses before its head task.
 ]]
+local rate = KEYS[1]
 local now = now_ms()
 local interval = tonumber(ARGV[1])
 local tolerance = interval * (tonumber(ARGV[2]) - 1)
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat = tonumber(redis.call('GET', rate) or '0')
 if tat < now then tat = now end
 if now < tat - tolerance then return math.ceil(tat - tolerance - now) end
 local nxt = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', nxt), 'PX', math.ceil(nxt - now + 1000))
+redis.call('SET', rate, string.format('%.3f', nxt), 'PX', math.ceil(nxt - now + 1000))
 return 0

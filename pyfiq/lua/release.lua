@@ -28,45 +28,51 @@
   in order, as fresh tasks. Acknowledgements are applied tolerantly: after a lost reply the
   holder cannot know whether its last call acknowledged them.
 ]]
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local lease = KEYS[1]
+local pending = KEYS[2]
+local inflight = KEYS[3]
+local meta = KEYS[4]
+local ready = KEYS[5]
+local queues = KEYS[6]
+if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-local applied = ack_head(KEYS[3], KEYS[4], argv_slice(8, nack), true)
-local handed = handed_after(KEYS[4], applied)
+local applied = ack_head(inflight, meta, argv_slice(8, nack), true)
+local handed = handed_after(meta, applied)
 local started = {}
 for _, id in ipairs(argv_slice(8 + nack, tonumber(ARGV[4]))) do started[id] = true end
-local total = redis.call('LLEN', KEYS[3])
+local total = redis.call('LLEN', inflight)
 if handed > total then handed = total end
 local mine = {}
-if handed > 0 then mine = redis.call('LRANGE', KEYS[3], 0, handed - 1) end
+if handed > 0 then mine = redis.call('LRANGE', inflight, 0, handed - 1) end
 local moved = 0
 if handed == total then
   for i = #mine, 1, -1 do
     local id = task_id(mine[i])
-    if started[id] or redis.call('HEXISTS', KEYS[4], 'd:' .. id) == 1 then break end
-    redis.call('RPOP', KEYS[3])
-    redis.call('LPUSH', KEYS[2], mine[i])
-    clear_marks(KEYS[4], id)
+    if started[id] or redis.call('HEXISTS', meta, 'd:' .. id) == 1 then break end
+    redis.call('RPOP', inflight)
+    redis.call('LPUSH', pending, mine[i])
+    clear_marks(meta, id)
     moved = moved + 1
   end
 end
 for i = 1, #mine - moved do
   local id = task_id(mine[i])
-  redis.call('HDEL', KEYS[4], 's:' .. id)
+  redis.call('HDEL', meta, 's:' .. id)
   if not started[id] then
     -- Never started here: the next holder's hand-over adds this delivery back.
-    local d = tonumber(redis.call('HGET', KEYS[4], 'd:' .. id) or '1') - 1
+    local d = tonumber(redis.call('HGET', meta, 'd:' .. id) or '1') - 1
     if d < 0 then d = 0 end
-    redis.call('HSET', KEYS[4], 'd:' .. id, d)
+    redis.call('HSET', meta, 'd:' .. id, d)
   end
 end
-redis.call('DEL', KEYS[1])
-if redis.call('LLEN', KEYS[3]) == 0 then
-  redis.call('DEL', KEYS[4])
+redis.call('DEL', lease)
+if redis.call('LLEN', inflight) == 0 then
+  redis.call('DEL', meta)
 else
-  redis.call('HSET', KEYS[4], 'handed', 0)
+  redis.call('HSET', meta, 'handed', 0)
 end
-local r = { ready = KEYS[5], queues = KEYS[6], queue = queue_of(ARGV[2]) }
-if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) > 0 then
+local r = { ready = ready, queues = queues, queue = queue_of(ARGV[2]) }
+if redis.call('LLEN', pending) + redis.call('LLEN', inflight) > 0 then
   local delay = tonumber(ARGV[7])
   ready_set(r, ARGV[2], now_ms() + delay)
   if delay == 0 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end

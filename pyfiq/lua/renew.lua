@@ -12,8 +12,11 @@
   Output:
     1 if renewed, 0 if the lease is gone or held by someone else (the caller is fenced)
 ]]
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local lease = KEYS[1]
+local ready = KEYS[2]
+local queues = KEYS[3]
+if redis.call('GET', lease) ~= ARGV[1] then return 0 end
 local now = now_ms()
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-ready_set({ ready = KEYS[2], queues = KEYS[3], queue = queue_of(ARGV[3]) }, ARGV[3], now + tonumber(ARGV[2]), 'XX')
+redis.call('PEXPIRE', lease, ARGV[2])
+ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[3]) }, ARGV[3], now + tonumber(ARGV[2]), 'XX')
 return 1

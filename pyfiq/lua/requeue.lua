@@ -27,14 +27,20 @@
   'back' looks oldest first and appends; 'front' looks newest first and pushes each task to
   the head, so a client paging downwards ends with every page in order ahead of pending work.
 ]]
+local dead = KEYS[1]
+local dead_ids = KEYS[2]
+local pending = KEYS[3]
+local ready = KEYS[4]
+local queues = KEYS[5]
+local dlq_index = KEYS[6]
 local picked = {}
 if ARGV[8] ~= '' then
-  local seq = redis.call('HGET', KEYS[2], ARGV[8])
-  if seq then picked = redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'WITHSCORES') end
+  local seq = redis.call('HGET', dead_ids, ARGV[8])
+  if seq then picked = redis.call('ZRANGEBYSCORE', dead, seq, seq, 'WITHSCORES') end
 elseif ARGV[4] == 'front' then
-  picked = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[7], ARGV[6], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
+  picked = redis.call('ZREVRANGEBYSCORE', dead, ARGV[7], ARGV[6], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
 else
-  picked = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[6], ARGV[7], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
+  picked = redis.call('ZRANGEBYSCORE', dead, ARGV[6], ARGV[7], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
 end
 local fresh = {}
 local skipped = 0
@@ -49,22 +55,22 @@ for i = 1, #picked, 2 do
     local p2 = string.find(entry, '|', 34, true)
     local p3 = string.find(entry, '|', p2 + 1, true)
     fresh[#fresh + 1] = string.sub(entry, 1, p2) .. '0' .. string.sub(entry, p3)
-    redis.call('ZREM', KEYS[1], record)
-    if redis.call('HGET', KEYS[2], id) == picked[i + 1] then redis.call('HDEL', KEYS[2], id) end
+    redis.call('ZREM', dead, record)
+    if redis.call('HGET', dead_ids, id) == picked[i + 1] then redis.call('HDEL', dead_ids, id) end
   else
     skipped = skipped + 1
   end
 end
 if ARGV[4] == 'front' then
-  for i = 1, #fresh do redis.call('LPUSH', KEYS[3], fresh[i]) end
+  for i = 1, #fresh do redis.call('LPUSH', pending, fresh[i]) end
 else
-  for i = 1, #fresh do redis.call('RPUSH', KEYS[3], fresh[i]) end
+  for i = 1, #fresh do redis.call('RPUSH', pending, fresh[i]) end
 end
-if redis.call('ZCARD', KEYS[1]) == 0 then
-  redis.call('SREM', KEYS[6], ARGV[1])
-  redis.call('DEL', KEYS[2])
+if redis.call('ZCARD', dead) == 0 then
+  redis.call('SREM', dlq_index, ARGV[1])
+  redis.call('DEL', dead_ids)
 end
-if #fresh > 0 and ready_set({ ready = KEYS[4], queues = KEYS[5], queue = queue_of(ARGV[1]) }, ARGV[1], now_ms(), 'NX') == 1 then
+if #fresh > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now_ms(), 'NX') == 1 then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return { #fresh, skipped, last }

@@ -27,26 +27,35 @@
 
   Which tasks are handed over, and which are dead-lettered instead, is hand_out() in lib.lua.
 ]]
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return { -1 } end
+local lease = KEYS[1]
+local pending = KEYS[2]
+local inflight = KEYS[3]
+local meta = KEYS[4]
+local ready = KEYS[5]
+local queues = KEYS[6]
+local dead = KEYS[7]
+local dead_ids = KEYS[8]
+local dlq_index = KEYS[9]
+if redis.call('GET', lease) ~= ARGV[1] then return { -1 } end
 local nack = tonumber(ARGV[3])
-if not ack_head(KEYS[3], KEYS[4], argv_slice(6, nack), false) then
+if not ack_head(inflight, meta, argv_slice(6, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
-local handed = handed_after(KEYS[4], nack)
+local handed = handed_after(meta, nack)
 local want = tonumber(ARGV[4])
 if want == 0 then
-  redis.call('HSET', KEYS[4], 'handed', handed)
+  redis.call('HSET', meta, 'handed', handed)
   return { 2 }
 end
 local now = now_ms()
 local out = { 1, now }
-handed = hand_out({ pending = KEYS[2], inflight = KEYS[3], meta = KEYS[4], dead = KEYS[7], dead_ids = KEYS[8],
-                    dlq_index = KEYS[9], stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), now, out)
-if #out == 2 and redis.call('LLEN', KEYS[3]) == 0 then
+handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
+                    dlq_index = dlq_index, stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), now, out)
+if #out == 2 and redis.call('LLEN', inflight) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
-  redis.call('DEL', KEYS[1], KEYS[4])
-  ready_remove({ ready = KEYS[5], queues = KEYS[6], queue = queue_of(ARGV[2]) }, ARGV[2])
+  redis.call('DEL', lease, meta)
+  ready_remove({ ready = ready, queues = queues, queue = queue_of(ARGV[2]) }, ARGV[2])
   return { 0 }
 end
-redis.call('HSET', KEYS[4], 'handed', handed)
+redis.call('HSET', meta, 'handed', handed)
 return out
