@@ -1,9 +1,9 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
-from .aio import AsyncWorker, async_worker
-from .backend import DeadLetter, RedisQueueBackend, TaskHandle
+from .api import FifoFunction, configure, fifo, get_backend
 from .config import Settings
 from .errors import (
+    AccessDeniedError,
     BackendUnavailableError,
     ConfigurationError,
     DecodeError,
@@ -12,12 +12,14 @@ from .errors import (
     PyfiqError,
     SerializationError,
 )
-from .registry import FifoFunction, configure, fifo, get_backend
+from .redis.backend import DeadLetter, RedisQueueBackend, TaskHandle
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
 from .task import TaskContext, current_task
-from .threaded import ThreadedWorker, threaded_worker
+from .workers.aio import AsyncWorker, async_worker
+from .workers.threaded import ThreadedWorker, threaded_worker
 
 __all__ = [
+    "AccessDeniedError",
     "AsyncWorker",
     "BackendUnavailableError",
     "ConfigurationError",

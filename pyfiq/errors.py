@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backend import TaskHandle
+    from .redis.backend import TaskHandle
 
 
 class PyfiqError(Exception):
@@ -27,6 +27,11 @@ class SerializationError(PyfiqError, TypeError):
 
 class DecodeError(PyfiqError, ValueError):
     """A stored task cannot be decoded (corrupt, or written by an incompatible serializer)."""
+
+
+class AccessDeniedError(PyfiqError, PermissionError):
+    """Redis refused pyfiq's credentials (WRONGPASS, NOAUTH) or one of its commands or keys
+    (NOPERM). Never retried: waiting does not fix a password or an ACL."""
 
 
 class BackendUnavailableError(PyfiqError, ConnectionError):

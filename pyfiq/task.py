@@ -15,6 +15,8 @@ from .serializers import Serializer
 #: Version of the record inside the payload; a replica refuses records from the future.
 FORMAT_VERSION = 1
 ID_LENGTH = 32
+#: Most digits a time field of an entry may have (ms since 1970 has 13 until the year 2286).
+TIME_DIGITS = 15
 
 
 def new_task_id() -> str:
@@ -23,7 +25,7 @@ def new_task_id() -> str:
 
 #: Exactly what ``parse_entry`` in lua/lib.lua accepts: the scripts and Python must agree, or an
 #: entry the scripts hand out could fail here, where it is too late to dead-letter it cheaply.
-_ENTRY = re.compile(rb"([0-9a-f]{32})\|([0-9]{1,15})\|([0-9]{1,15})\|")
+_ENTRY = re.compile(rb"([0-9a-f]{%d})\|([0-9]{1,%d})\|([0-9]{1,%d})\|" % (ID_LENGTH, TIME_DIGITS, TIME_DIGITS))
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Entry:
         try:
             return cls.parse(raw)
         except DecodeError:
-            return cls(raw, raw[:32].decode("latin-1"), 0, 0, raw, malformed=True)
+            return cls(raw, raw[:ID_LENGTH].decode("latin-1"), 0, 0, raw, malformed=True)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ import structlog
 
 import pyfiq
 from pyfiq import RedisQueueBackend, Settings, ThreadedWorker, current_task, fifo
-from pyfiq.core import dead_letter_header
-from pyfiq.registry import FifoFunction
+from pyfiq.api import FifoFunction
+from pyfiq.engine.outcomes import dead_letter_header
 from pyfiq.task import TaskRecord, new_task_id
 
 SECTIONS = ("ceiling", "drain", "enqueue", "peers", "takeover", "idle", "memory", "latency", "requeue", "idle-foreign")
@@ -665,7 +665,7 @@ def child_peer(args: argparse.Namespace) -> None:
 def measure_takeover_kill(server: RedisServer, reps: int, workdir: Path) -> dict[str, Any]:
     """A replica process holds a queue of 50 ms tasks and is SIGKILLed; an idle in-process
     worker measures how long until it starts the next task (lease TTL 2 s, poll 0.2 s)."""
-    from pyfiq.scenario import JOURNAL_ENV, STEPS, read_journal
+    from pyfiq.chaos.scenario import JOURNAL_ENV, STEPS, read_journal
 
     ttl, poll, queue = 2.0, 0.2, "scenario-a"
     samples: list[dict[str, float]] = []
@@ -675,7 +675,17 @@ def measure_takeover_kill(server: RedisServer, reps: int, workdir: Path) -> dict
         settings = Settings(prefix=prefix, shards=4, lease_ttl=ttl, poll_interval=poll)
         backend, other_backend = RedisQueueBackend(server.url, settings), RedisQueueBackend(server.url, settings)
         STEPS[queue].enqueue_many([(i, 0.05) for i in range(80)], backend=backend)
-        argv = [sys.executable, "-m", "pyfiq", "replica", "--redis", server.url, "--prefix", prefix]
+        argv = [
+            sys.executable,
+            "-m",
+            "pyfiq",
+            "worker",
+            "pyfiq.chaos.scenario",
+            "--redis",
+            server.url,
+            "--prefix",
+            prefix,
+        ]
         argv += ["--shards", "4", "--queues", queue, "--concurrency", "1", "--name", "holder"]
         argv += ["--lease-ttl", str(ttl), "--poll-interval", str(poll), "--log-level", "error"]
         env = {**os.environ, JOURNAL_ENV: str(journal), "PYTHONUNBUFFERED": "1"}
@@ -841,7 +851,7 @@ def child_idle(args: argparse.Namespace) -> None:
 
 
 def measure_memory(server: RedisServer, count: int, logdir: Path) -> dict[str, Any]:
-    from pyfiq.scenario import STEPS
+    from pyfiq.chaos.scenario import STEPS
 
     out: dict[str, Any] = {}
     server.flush()
@@ -869,7 +879,7 @@ def measure_memory(server: RedisServer, count: int, logdir: Path) -> dict[str, A
     prefix = new_prefix()
     backend = RedisQueueBackend(server.url, Settings(prefix=prefix))
     queue = "scenario-b"
-    argv = [sys.executable, "-m", "pyfiq", "replica", "--redis", server.url, "--prefix", prefix]
+    argv = [sys.executable, "-m", "pyfiq", "worker", "pyfiq.chaos.scenario", "--redis", server.url, "--prefix", prefix]
     argv += ["--queues", queue, "--concurrency", "1", "--name", "rss", "--log-level", "error"]
     with open(logdir / "rss-replica.log", "wb") as log_out:
         proc = spawn(argv, stdout=log_out, stderr=subprocess.PIPE)

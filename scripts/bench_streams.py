@@ -4,7 +4,7 @@ enqueue-to-start latency at a steady moderate load.
     python scripts/bench_streams.py [--tasks 20000] [--json bench-streams.json] [--quick]
 
 Starts its own redis-server (no persistence) on a free port; replicas are real processes
-(`python -m pyfiq replica`) importing this file for their task. Throughput is counted from the
+(`python -m pyfiq worker pyfiq.chaos.scenario`) importing this file for their task. Throughput is counted from the
 first task start to the last task end across replicas, so process start-up is not included.
 """
 
@@ -110,7 +110,7 @@ class Bench:
         if rate is None:
             noop.enqueue_many(calls, backend=backend)
         argv = [
-            sys.executable, "-m", "pyfiq", "replica", "--redis", self.url, "--prefix", "bench", "--shards", "16",
+            sys.executable, "-m", "pyfiq", "worker", "--redis", self.url, "--prefix", "bench", "--shards", "16",
             "--import", "bench_streams", "--queues", QUEUE, "--concurrency", "8", "--prefetch", "10",
             "--lease-ttl", "10", "--poll-interval", "0.2", "--log-level", "error",
         ]  # fmt: skip

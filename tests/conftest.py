@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend
-from pyfiq.runner import RedisProcess
+from pyfiq.chaos.runner import RedisProcess
 
 REDIS_SERVER = shutil.which("redis-server")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pyfiq import fifo
-from pyfiq.scenario import step
+from pyfiq.chaos.scenario import step
 
 KEYED_QUEUE = "keyed-scenario"
 

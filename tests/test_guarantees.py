@@ -16,8 +16,9 @@ import pytest
 
 import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
-from pyfiq.core import Lease, Ops
-from pyfiq.faults import FaultProxy
+from pyfiq.chaos.faults import FaultProxy
+from pyfiq.engine.lease import Lease
+from pyfiq.engine.protocol import Ops
 from pyfiq.task import Entry, TaskRecord, new_task_id
 from tests.conftest import FAST, unique_prefix, wait_until
 
@@ -109,7 +110,7 @@ def _fill_dead_letters(backend: RedisQueueBackend, stream: str, n: int) -> list[
 
 
 def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.backend
+    import pyfiq.redis.backend
 
     ids = _fill_dead_letters(redis_backend, "q", 1050)
     calls: list[Any] = []
@@ -120,7 +121,7 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
         return real(call, client)
 
     monkeypatch.setattr(redis_backend, "call", counting)
-    monkeypatch.setattr(pyfiq.backend, "REQUEUE_STEP", 100)
+    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 100)
     # By id: one call that looks at one record, wherever it sits.
     assert redis_backend.requeue_dead_letters("q", task_id=ids[700]) == 1
     assert len(calls) == 1
@@ -136,9 +137,9 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
 
 
 def test_requeue_count_takes_the_oldest(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.backend
+    import pyfiq.redis.backend
 
-    monkeypatch.setattr(pyfiq.backend, "REQUEUE_STEP", 7)
+    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 7)
     ids = _fill_dead_letters(redis_backend, "q", 30)
     assert redis_backend.requeue_dead_letters("q", count=20) == 20
     k = redis_backend.keys.stream("q")
@@ -469,7 +470,7 @@ def test_pyfiq_prints_nothing_unless_the_application_configures_logging(
 
 
 def test_ops_release_signature_names_started_tasks() -> None:
-    from pyfiq.keys import KeySchema
+    from pyfiq.engine.keys import KeySchema
 
     ops = Ops(KeySchema("p", 1), pyfiq.Settings())
     lease = Lease("s", ops.keys.stream("s"), "1:x", 1, threading.Event())

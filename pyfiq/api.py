@@ -1,0 +1,393 @@
+"""``@fifo``: the decorator, the process-wide function registry and the default backend."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import redis
+from tenacity import (
+    BaseRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential,
+    wait_fixed,
+    wait_random,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from .engine.keys import stream_name, validate_queue_name
+from .engine.protocol import RateLimit
+from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
+from .logs import log
+from .redis.backend import RedisQueueBackend, TaskHandle
+from .task import TaskRecord, new_task_id
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+OnExhausted = Literal["dead-letter", "block"]
+
+_registry: dict[str, FifoFunction[Any, Any]] = {}
+_registry_lock = threading.Lock()
+_default_backend: RedisQueueBackend | None = None
+
+
+def configure(backend: RedisQueueBackend) -> None:
+    """Set the process-wide backend that ``@fifo`` functions enqueue to."""
+    global _default_backend
+    _default_backend = backend
+
+
+def get_backend() -> RedisQueueBackend:
+    """The process-wide backend (see ``configure``); ``NotConfiguredError`` if there is none."""
+    if _default_backend is None:
+        raise NotConfiguredError(
+            "pyfiq has no backend: call pyfiq.configure(backend=RedisQueueBackend(url)) or "
+            "start a worker with threaded_worker(backend=...) before enqueuing"
+        )
+    return _default_backend
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def lookup(name: str) -> FifoFunction[Any, Any] | None:
+    return _registry.get(name)
+
+
+def registered_queues() -> list[str]:
+    return sorted({f.queue for f in list(_registry.values())})
+
+
+def rate_limit_of(queue: str) -> RateLimit | None:
+    """The strictest rate limit any function of ``queue`` declares."""
+    limits = [f.rate_limit for f in list(_registry.values()) if f.queue == queue and f.rate_limit]
+    return min(limits, key=lambda r: (r.per_second, r.burst)) if limits else None
+
+
+class RetryPolicy:
+    """The tenacity stop/wait/retry triple a task runs under."""
+
+    # tenacity accepts its policy objects or plain callables of a RetryCallState.
+    def __init__(self, stop: Any, wait: Any, retry: Any, forever: bool) -> None:
+        self.stop, self.wait, self.retry, self.forever = stop, wait, retry, forever
+
+    @classmethod
+    def build(
+        cls,
+        retry: BaseRetrying | None,
+        max_retries: int | None,
+        retry_wait: float | None,
+    ) -> RetryPolicy:
+        if retry is not None:
+            if max_retries is not None or retry_wait is not None:
+                raise ConfigurationError("give either retry= or max_retries=/retry_wait=, not both")
+            if not isinstance(retry, BaseRetrying):
+                raise ConfigurationError(
+                    "retry= takes a tenacity Retrying object, e.g. "
+                    "Retrying(stop=stop_after_attempt(5), wait=wait_exponential_jitter())"
+                )
+            return cls(retry.stop, retry.wait, retry.retry, retry.stop is stop_never)
+        if max_retries is not None and (not isinstance(max_retries, int) or max_retries < -1):
+            raise ConfigurationError(f"max_retries must be an int >= -1, got {max_retries!r}")
+        if retry_wait is not None and retry_wait < 0:
+            raise ConfigurationError(f"retry_wait must be >= 0, got {retry_wait!r}")
+        retries = 3 if max_retries is None else max_retries
+        wait: wait_base = (
+            wait_exponential(multiplier=1, max=30) + wait_random(0, 1) if retry_wait is None else wait_fixed(retry_wait)
+        )
+        stop: stop_base = stop_never if retries == -1 else stop_after_attempt(retries + 1)
+        return cls(stop, wait, retry_if_exception_type(Exception), retries == -1)
+
+
+class FifoFunction(Generic[P, R]):
+    """A function bound to a queue. Calling it enqueues; ``.func`` is the plain function."""
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        queue: str,
+        name: str | None,
+        policy: RetryPolicy,
+        on_success: Callable[..., Any] | None,
+        on_error: Callable[..., Any] | None,
+        on_exhausted: OnExhausted,
+        expires_in: float | None,
+        key: Callable[..., Any] | None,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
+        self.func = func
+        self.rate_limit = rate_limit
+        self.queue = validate_queue_name(queue)
+        self.name = name or f"{func.__module__}.{func.__qualname__}"
+        self.policy = policy
+        self.on_success = on_success
+        self.on_error = on_error
+        if on_exhausted not in ("dead-letter", "block"):
+            raise ConfigurationError(f"on_exhausted must be 'dead-letter' or 'block', got {on_exhausted!r}")
+        self.on_exhausted = on_exhausted
+        self.expires_in = expires_in
+        self.key = key
+        self.is_async = inspect.iscoroutinefunction(func)
+        self._signature = inspect.signature(func)
+        functools.update_wrapper(self, func)
+
+    def __repr__(self) -> str:
+        return f"<fifo {self.name} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Enqueue a call. For an ``async def`` function called inside a running event loop
+        this returns an awaitable (``await deliver(...)``) that enqueues without blocking the
+        loop; everywhere else it enqueues at once and returns the ``TaskHandle``."""
+        if self.is_async and _loop_running():
+            return self.asend_with_options(args=args, kwargs=kwargs)
+        return self.send_with_options(args=args, kwargs=kwargs)
+
+    def send_with_options(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        key: str | None = None,
+        dedup_key: str | None = None,
+        expires_in: float | None = None,
+        backend: RedisQueueBackend | None = None,
+    ) -> TaskHandle:
+        """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
+        the backend's dedup window a repeat returns the first task's handle), ``expires_in``
+        seconds after which the task is dead-lettered as expired instead of run."""
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        ((task_id, new),) = backend.enqueue_encoded(stream, items, dedup)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+
+    async def asend_with_options(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        key: str | None = None,
+        dedup_key: str | None = None,
+        expires_in: float | None = None,
+        backend: RedisQueueBackend | None = None,
+    ) -> TaskHandle:
+        """``send_with_options`` on the backend's ``redis.asyncio`` client."""
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        ((task_id, new),) = await backend.aenqueue_encoded(stream, items, dedup)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+
+    def check_call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Refuse, before anything is stored, a call the function could never accept (wrong
+        arity, unknown keyword): it would fail on every attempt and hold its queue meanwhile."""
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}{self._signature}: {exc}; nothing was enqueued") from None
+
+    def _encode(
+        self,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        key: str | None,
+        dedup_key: str | None,
+        expires_in: float | None,
+        backend: RedisQueueBackend | None,
+    ) -> tuple[RedisQueueBackend, str, list[tuple[str, int, bytes]], list[str] | None]:
+        kwargs = kwargs or {}
+        self.check_call(args, kwargs)
+        raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
+        key = None if raw_key is None else str(raw_key)
+        backend = backend or get_backend()
+        record = TaskRecord(self.name, list(args), dict(kwargs), key)
+        expires = expires_in if expires_in is not None else self.expires_in
+        items = backend.encode([(new_task_id(), record)], expires)
+        return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
+
+    def enqueue_many(
+        self,
+        calls: Iterable[Sequence[Any]],
+        *,
+        backend: RedisQueueBackend | None = None,
+        batch_id: str | None = None,
+    ) -> list[TaskHandle]:
+        """Enqueue one task per positional-argument tuple, in order, in as few round trips as
+        possible (one per stream and ``ENQUEUE_CHUNK`` tasks). Every call is encoded before
+        anything is sent, so one bad argument enqueues nothing.
+
+        Each round trip is atomic, the batch as a whole is not. If Redis becomes unreachable
+        (or refuses a chunk) part-way, sending stops at once, so no stream gets a later chunk
+        without an earlier one, and ``PartialEnqueueError`` (a ``BackendUnavailableError``)
+        lists, by index into ``calls``, which calls Redis confirmed (``accepted``, with their
+        handles), which were sent without a reply and may be stored (``unknown``) and which
+        were never sent (``unsent``).
+
+        ``batch_id`` makes re-sending safe. Call ``i`` is enqueued under the dedup key
+        ``f"{batch_id}:{i}"`` (the keys of ``send_with_options(dedup_key=...)``, per stream),
+        so calling ``enqueue_many`` again with the same calls, in the same order, and the same
+        ``batch_id`` within the backend's ``dedup_window`` stores only the calls Redis does not
+        hold yet, and returns the others' handles with ``duplicate=True``. It also keeps the
+        automatic retry of a chunk whose reply was lost from storing it twice. It costs Redis
+        a key per task for ``dedup_window``, so it is off by default; without it, only the
+        ``unsent`` calls can be sent again without risk of running twice.
+        """
+        backend = backend or get_backend()
+        if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
+            raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        by_stream: dict[str, list[int]] = {}
+        records: list[tuple[str, TaskRecord]] = []
+        handles: list[TaskHandle] = []
+        for index, args in enumerate(calls):
+            self.check_call(args, {})
+            raw_key = self.key(*args) if self.key is not None else None
+            key = None if raw_key is None else str(raw_key)
+            stream = stream_name(self.queue, key)
+            task_id = new_task_id()
+            by_stream.setdefault(stream, []).append(index)
+            records.append((task_id, TaskRecord(self.name, list(args), {}, key)))
+            handles.append(TaskHandle(task_id, self.queue, stream, self.name))
+        encoded = {
+            stream: backend.encode([records[i] for i in indexes], self.expires_in)
+            for stream, indexes in by_stream.items()
+        }
+        accepted: list[int] = []
+        for stream, indexes in by_stream.items():
+            items = encoded[stream]
+            for start in range(0, len(items), ENQUEUE_CHUNK):
+                chunk = indexes[start : start + ENQUEUE_CHUNK]
+                dedup = None if batch_id is None else [f"{batch_id}:{i}" for i in chunk]
+                try:
+                    reply = backend.enqueue_encoded(stream, items[start : start + ENQUEUE_CHUNK], dedup)
+                except (BackendUnavailableError, redis.RedisError) as exc:
+                    raise _partial(exc, handles, accepted, chunk, batch_id) from exc
+                for i, (task_id, new) in zip(chunk, reply, strict=True):
+                    if not new:
+                        handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True)
+                accepted.extend(chunk)
+        return handles
+
+
+def _partial(
+    exc: Exception, handles: list[TaskHandle], accepted: list[int], failed: list[int], batch_id: str | None
+) -> PartialEnqueueError:
+    done = set(accepted) | set(failed)
+    unsent = [i for i in range(len(handles)) if i not in done]
+    advice = (
+        f"call enqueue_many again with the same calls and batch_id={batch_id!r} to store exactly the rest"
+        if batch_id is not None
+        else "re-send only the unsent calls, or pass batch_id= to make re-sending the whole batch safe"
+    )
+    return PartialEnqueueError(
+        f"enqueue_many stopped: Redis confirmed {len(accepted)} of {len(handles)} calls, "
+        f"{len(failed)} were sent without a reply (maybe stored), {len(unsent)} were not sent; "
+        f"{advice}. Cause: {exc}",
+        handles,
+        sorted(accepted),
+        sorted(failed),
+        unsent,
+    )
+
+
+#: Tasks per enqueue script call in ``enqueue_many``: keeps each call short for Redis.
+ENQUEUE_CHUNK = 500
+
+
+@overload
+def fifo(queue: str, /) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
+
+
+@overload
+def fifo(
+    queue: str | None = None,
+    *,
+    name: str | None = None,
+    retry: BaseRetrying | None = None,
+    max_retries: int | None = None,
+    retry_wait: float | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_error: Callable[..., Any] | None = None,
+    on_exhausted: OnExhausted = "dead-letter",
+    expires_in: float | None = None,
+    key: Callable[..., Any] | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int = 1,
+) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
+
+
+def fifo(
+    queue: str | None = None,
+    *,
+    name: str | None = None,
+    retry: BaseRetrying | None = None,
+    max_retries: int | None = None,
+    retry_wait: float | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_error: Callable[..., Any] | None = None,
+    on_exhausted: OnExhausted = "dead-letter",
+    expires_in: float | None = None,
+    key: Callable[..., Any] | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int = 1,
+) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
+    """Bind a function to an ordered queue; calling it then enqueues a task.
+
+    - ``name``: the task name stored in Redis (default ``module.qualname``); set it so that
+      moving the function does not strand queued tasks.
+    - ``max_retries`` / ``retry_wait``: retries in place (the queue waits); ``-1`` retries
+      forever. ``retry``: a tenacity ``Retrying`` whose stop/wait/retry are used instead.
+    - ``on_success(result, task, binding)`` after success; ``on_error(exc, task, binding)``
+      after every failed attempt. ``task`` is the ``TaskContext``, ``binding`` this function.
+    - ``on_exhausted``: ``"dead-letter"`` (default) or ``"block"``: keep retrying with the
+      policy's waits, holding the queue, until the task succeeds or an operator steps in.
+    - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
+    - ``key``: a function of the call's arguments naming the ordered stream within the queue.
+    - ``rate_limit``: at most this many task starts per second on the queue, across every
+      replica and stream; ``rate_burst`` starts may follow each other without spacing.
+    """
+    if queue is None:
+        raise ConfigurationError("@fifo needs a queue name: @fifo(queue='billing')")
+    if not isinstance(queue, str):
+        raise ConfigurationError(
+            f"@fifo needs a queue name, got {queue!r}: "
+            "write @fifo(queue='billing') (with parentheses), not a bare @fifo"
+        )
+    policy = RetryPolicy.build(retry, max_retries, retry_wait)
+    limit = None
+    if rate_limit is not None:
+        if not rate_limit > 0 or rate_burst < 1:
+            raise ConfigurationError(f"rate_limit must be > 0 and rate_burst >= 1, got {rate_limit}, {rate_burst}")
+        limit = RateLimit(float(rate_limit), int(rate_burst))
+
+    def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
+        binding = FifoFunction(
+            func,
+            queue=queue,
+            name=name,
+            policy=policy,
+            on_success=on_success,
+            on_error=on_error,
+            on_exhausted=on_exhausted,
+            expires_in=expires_in,
+            key=key,
+            rate_limit=limit,
+        )
+        with _registry_lock:
+            existing = _registry.get(binding.name)
+            if existing is not None and existing.func is not func:
+                log.warning("pyfiq.task_redefined", task=binding.name, queue=binding.queue)
+            _registry[binding.name] = binding
+        return binding
+
+    return bind

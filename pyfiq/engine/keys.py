@@ -1,0 +1,147 @@
+"""The Redis key schema: the only module that formats a key.
+
+Every key of a stream shares the hash tag of the stream's *shard*::
+
+    {prefix}:{s<N>}:queues             sorted set: queue -> earliest claimable-at of its streams
+    {prefix}:{s<N>}:r:<queue>          sorted set: stream -> claimable-at (ms, Redis clock)
+    {prefix}:{s<N>}:epoch              fencing counter of the shard
+    {prefix}:{s<N>}:layout             the shard count (re-asserted by every poll and enqueue)
+    {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
+    {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
+    {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
+    {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
+    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; per task id: 'd:' deliveries, 's:' started
+                                       by the holder, 'x:' holders lost while it ran, 'l:' runs
+                                       that outlived their lease
+    {prefix}:{s<N>}:q:<stream>:dead    sorted set: "<header json>\\n<encoded task>" by sequence
+    {prefix}:{s<N>}:q:<stream>:deadids hash: task id -> its dead letter's sequence
+    {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
+
+    {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
+    {prefix}:shards                    the shard count the prefix is laid out with
+    {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
+
+A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
+(``"webhooks#c-42"``). The ready sets are per queue and shard, indexed by the shard's ``queues``
+set, so a worker looks only at the queues it consumes, whatever backlog other queues hold.
+Because a stream's keys and its shard's ready sets and epoch live in one
+slot, every script touches one slot, so the same scripts run on one Redis, under Sentinel and
+on Redis Cluster, and the shards spread over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..errors import ConfigurationError
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
+STREAM_SEPARATOR = "#"
+
+
+def validate_queue_name(queue: str) -> str:
+    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+        raise ConfigurationError(f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-")
+    return queue
+
+
+def consumed_queues(queues: Iterable[str] | None) -> list[str] | None:
+    """A worker's ``queues=`` argument, validated: None (every registered queue) or names."""
+    if queues is None:
+        return None
+    if isinstance(queues, str):
+        raise ConfigurationError(f"queues takes a list of queue names, not the string {queues!r}: write [{queues!r}]")
+    return sorted({validate_queue_name(q) for q in queues})
+
+
+def stream_name(queue: str, key: str | None = None) -> str:
+    """The stream a task goes to: the queue itself, or one ordered stream of a keyed queue."""
+    return queue if key is None else f"{queue}{STREAM_SEPARATOR}{key}"
+
+
+def queue_of(stream: str) -> str:
+    return stream.split(STREAM_SEPARATOR, 1)[0]
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    stream: str
+    shard: int
+    pending: str
+    inflight: str
+    lease: str
+    meta: str
+    dead: str
+    dead_ids: str
+    ready: str
+    queues: str
+    layout: str
+    epoch: str
+    dlq_index: str
+    _dedup_prefix: str
+
+    def dedup(self, key: str) -> str:
+        return self._dedup_prefix + key
+
+
+class KeySchema:
+    def __init__(self, prefix: str = "pyfiq", shards: int = 16) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, without braces")
+        if not 1 <= shards <= 16384:
+            raise ConfigurationError(f"shards must be between 1 and 16384, got {shards}")
+        self.prefix = prefix
+        self.shards = shards
+        self.wake_channel = f"{prefix}:wake"
+        #: The shard count this prefix was first used with; replicas check they agree.
+        self.layout_key = f"{prefix}:shards"
+        self.stream = lru_cache(maxsize=65536)(self._stream)
+
+    def shard_of(self, stream: str) -> int:
+        # crc32, not hash(): every process must map a stream to the same shard.
+        return zlib.crc32(stream.encode()) % self.shards
+
+    def _tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def rate(self, queue: str) -> str:
+        return f"{self.prefix}:{{rl:{queue}}}:rate"
+
+    def queues(self, shard: int) -> str:
+        return f"{self._tag(shard)}:queues"
+
+    def ready(self, shard: int, queue: str) -> str:
+        return f"{self._tag(shard)}:r:{queue}"
+
+    def layout(self, shard: int) -> str:
+        return f"{self._tag(shard)}:layout"
+
+    def epoch(self, shard: int) -> str:
+        return f"{self._tag(shard)}:epoch"
+
+    def dlq_index(self, shard: int) -> str:
+        return f"{self._tag(shard)}:dlqs"
+
+    def _stream(self, stream: str) -> StreamKeys:
+        shard = self.shard_of(stream)
+        base = f"{self._tag(shard)}:q:{stream}:"
+        return StreamKeys(
+            stream=stream,
+            shard=shard,
+            pending=base + "pending",
+            inflight=base + "inflight",
+            lease=base + "lease",
+            meta=base + "meta",
+            dead=base + "dead",
+            dead_ids=base + "deadids",
+            ready=self.ready(shard, queue_of(stream)),
+            queues=self.queues(shard),
+            layout=self.layout(shard),
+            epoch=self.epoch(shard),
+            dlq_index=self.dlq_index(shard),
+            _dedup_prefix=base + "dedup:",
+        )

@@ -1,0 +1,96 @@
+"""A lease on one stream as its holder sees it: the fencing token, and how long it is surely
+held, counted from the moment the acquiring or renewing request was sent.
+
+Pure bookkeeping; must not import redis or do any I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from .keys import StreamKeys
+
+if TYPE_CHECKING:
+    from ..task import Entry
+
+
+class Flag(Protocol):
+    """``threading.Event`` or ``asyncio.Event``: the core only sets and reads it."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+
+def lease_margin(ttl: float) -> float:
+    """How much earlier than Redis a holder counts its lease as gone: room for the time a
+    request spends before Redis runs it and for clock-rate differences."""
+    return min(0.1 * ttl, 1.0)
+
+
+@dataclass
+class Lease:
+    stream: str
+    keys: StreamKeys
+    token: str
+    fence: int
+    #: Set when the lease is lost (refused renewal) or the worker stops: ends retry back-offs.
+    abort: Flag
+    ttl: float = 0.0
+    #: Monotonic time until which the lease is surely held. Every deadline counts from the
+    #: moment the acquiring or renewing request was *sent*: Redis may have run it at any
+    #: point after that, so a slow reply must never extend the lease in the holder's eyes.
+    valid_until: float = 0.0
+    lost: bool = False
+    lost_reason: str = ""
+    #: A call that may end the lease is in flight: a refused renewal then means "released".
+    ending: bool = False
+    #: Tasks taken together with the lease, for the holder's first batch.
+    initial: list[tuple[Entry, int]] = field(default_factory=list)
+    #: Redis's clock (ms) when it ran the last take or acquire, and when that request was sent.
+    redis_ms: int = 0
+    redis_at: float = 0.0
+
+    def confirm(self, sent_at: float) -> None:
+        """A renewal sent at ``sent_at`` succeeded."""
+        self.valid_until = max(self.valid_until, sent_at + self.ttl - lease_margin(self.ttl))
+
+    def lapsed(self) -> bool:
+        """True once the lease may be gone even if no heartbeat said so yet (this process was
+        paused, or replies are slow): start nothing new."""
+        if not self.lost and time.monotonic() >= self.valid_until:
+            self.mark_lost("no renewal confirmed within the lease TTL (counted from when it was sent)")
+        return self.lost
+
+    def mark_lost(self, reason: str) -> None:
+        if not self.lost:
+            self.lost, self.lost_reason = True, reason
+        self.abort.set()
+
+    def clock(self, redis_ms: int, sent_at: float) -> None:
+        self.redis_ms, self.redis_at = redis_ms, sent_at
+
+    def redis_now_ms(self) -> float:
+        """Redis's clock now, estimated from the last reply: counted from the request's send
+        time, so it errs late by at most a round trip (a deadline is never passed unseen)."""
+        return self.redis_ms + (time.monotonic() - self.redis_at) * 1000
+
+
+def release_retry_delays(lease_ttl: float) -> list[float]:
+    """Pauses before each attempt to release a lease after an I/O error: quick at first, and
+    all within half the TTL, after which letting the lease lapse is as fast."""
+    delays, total, step = [0.0], 0.0, 0.05
+    while total + step <= lease_ttl / 2:
+        delays.append(step)
+        total += step
+        step *= 2
+    return delays
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"

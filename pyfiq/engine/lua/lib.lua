@@ -1,0 +1,201 @@
+--[[
+  Helpers prepended to every script by pyfiq/redis/scripts.py (Redis scripts cannot include
+  files), after the constants ID_LENGTH and TIME_DIGITS that pyfiq/task.py defines.
+
+  Redis does not roll a script back when it fails half-way, so nothing here may raise once a
+  script has started writing: entries are validated by pure string checks that accept any
+  input, and every move is one command.
+]]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- "<ID_LENGTH lowercase hex id>|<enqueued ms>|<expires ms or 0>|<payload>", exactly as
+-- pyfiq.task.Entry.parse accepts it. Returns id, expires ms; or nil for anything else.
+local function parse_entry(entry)
+  if type(entry) ~= 'string' then return nil end
+  local enq, exp = string.match(entry, '^[0-9a-f]+|(%d+)|(%d+)|')
+  if not enq or string.find(entry, '|', 1, true) ~= ID_LENGTH + 1 or #enq > TIME_DIGITS or #exp > TIME_DIGITS then
+    return nil
+  end
+  return string.sub(entry, 1, ID_LENGTH), tonumber(exp)
+end
+
+local function task_id(entry)
+  return string.sub(entry, 1, ID_LENGTH)
+end
+
+local function clear_marks(meta, id)
+  redis.call('HDEL', meta, 'd:' .. id, 's:' .. id, 'x:' .. id, 'l:' .. id)
+end
+
+-- One stream's claimable-at score lives in its queue's ready set; the shard's queue index keeps
+-- each queue's earliest score, so a poll reads only the queues it consumes.
+-- r: { ready, queues, queue }
+local function index_queue(r)
+  local first = redis.call('ZRANGE', r.ready, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', r.queues, r.queue)
+  else
+    redis.call('ZADD', r.queues, first[2], r.queue)
+  end
+end
+
+-- ZADD with an optional 'NX'/'XX' mode; returns what ZADD returned.
+local function ready_set(r, stream, score, mode)
+  local added
+  if mode then
+    added = redis.call('ZADD', r.ready, mode, score, stream)
+  else
+    added = redis.call('ZADD', r.ready, score, stream)
+  end
+  index_queue(r)
+  return added
+end
+
+local function ready_remove(r, stream)
+  redis.call('ZREM', r.ready, stream)
+  index_queue(r)
+end
+
+local function queue_of(stream)
+  local cut = string.find(stream, '#', 1, true)
+  if cut then return string.sub(stream, 1, cut - 1) end
+  return stream
+end
+
+-- Refuse to mix shard layouts: a producer or worker with another shard count would put or look
+-- for a stream's keys in another shard. The layout is written again whenever it is missing
+-- (an empty restart), so the guard survives. Returns an error reply or nil.
+local function check_layout(key, shards)
+  local stored = redis.call('GET', key)
+  if not stored then
+    redis.call('SET', key, shards)
+  elseif stored ~= shards then
+    return redis.error_reply('PYFIQLAYOUT this prefix is laid out with ' .. stored ..
+      ' shards, the caller uses ' .. shards)
+  end
+  return nil
+end
+
+-- Append one dead letter: "<header>\n<entry>" scored by a sequence number, so records stay in
+-- the order they died, can be paged in bounded steps and found by task id in O(log n).
+-- d: { dead, dead_ids, dlq_index, stream }; header is a JSON object; id may be nil.
+local function dead_add(d, header, entry, id)
+  local last = redis.call('ZRANGE', d.dead, -1, -1, 'WITHSCORES')
+  local seq = 1
+  if #last > 0 then seq = tonumber(last[2]) + 1 end
+  local record = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(header, 2) .. '\n' .. entry
+  redis.call('ZADD', d.dead, seq, record)
+  if id then redis.call('HSET', d.dead_ids, id, seq) end
+  redis.call('SADD', d.dlq_index, d.stream)
+end
+
+local function simple_header(reason, deliveries, now, extra)
+  return string.format('{"reason":"%s","deliveries":%d,"at_ms":%.0f%s}', reason, deliveries, now, extra or '')
+end
+
+-- Remove the first #ids entries of the in-flight list, which must be exactly these tasks in
+-- this order. Checked before anything is written. With `tolerant`, ids no longer in flight
+-- count as already acknowledged (a retried call after a lost reply); returns how many entries
+-- were removed, or false when the list does not match.
+local function ack_head(inflight, meta, ids, tolerant)
+  if #ids == 0 then return 0 end
+  local heads = redis.call('LRANGE', inflight, 0, #ids - 1)
+  local n = 0
+  for _, id in ipairs(ids) do
+    if heads[n + 1] ~= nil and task_id(heads[n + 1]) == id then
+      n = n + 1
+    elseif not tolerant then
+      return false
+    end
+  end
+  if n > 0 then
+    redis.call('LTRIM', inflight, n, -1)
+    for i = 1, n do clear_marks(meta, task_id(heads[i])) end
+  end
+  return n
+end
+
+local function handed_after(meta, nack)
+  local handed = tonumber(redis.call('HGET', meta, 'handed') or '0') - nack
+  if handed < 0 then handed = 0 end
+  return handed
+end
+
+local function argv_slice(from, count)
+  local out = {}
+  for i = 1, count do out[i] = ARGV[from + i - 1] end
+  return out
+end
+
+-- Hand up to `want` tasks to the lease holder, appending "entry, deliveries" pairs to `out`.
+--
+-- In-flight entries an earlier holder left behind come first, one at a time. Each is counted
+-- as a delivery; it counts as a lost consumer ('x:') only if that holder had started it ('s:'),
+-- so tasks a holder took but never ran are never charged. A task whose consumers were lost
+-- `maxd` times is dead-lettered: as 'lease-lost' when a holder reported that the task outlived
+-- its lease ('l:', the holder was alive), otherwise as 'poison' (its consumers died).
+-- Then fresh tasks from pending; those past their deadline are dead-lettered as expired.
+-- Anything that is not a well-formed entry is dead-lettered as undecodable, raw bytes kept.
+--
+-- The first task handed is marked started ('s:'): the holder runs it as soon as the reply
+-- arrives (a rate-limited holder asks its permit before taking). Returns the new 'handed'.
+-- s: { pending, inflight, meta, dead, dead_ids, dlq_index, stream }
+local function hand_out(s, handed, want, maxd, now, out)
+  local base = #out
+  while #out == base do
+    local entry = redis.call('LINDEX', s.inflight, handed)
+    if not entry then break end
+    local id = parse_entry(entry)
+    if not id then
+      -- Earlier entries are the holder's own, valid ones, so this removes exactly this one.
+      redis.call('LREM', s.inflight, 1, entry)
+      dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry in flight"'), entry, nil)
+    else
+      local lost = tonumber(redis.call('HGET', s.meta, 'x:' .. id) or '0')
+      if redis.call('HEXISTS', s.meta, 's:' .. id) == 1 then lost = lost + 1 end
+      local deliveries = tonumber(redis.call('HGET', s.meta, 'd:' .. id) or '1') + 1
+      if lost >= maxd then
+        local outlived = tonumber(redis.call('HGET', s.meta, 'l:' .. id) or '0')
+        redis.call('LREM', s.inflight, 1, entry)
+        clear_marks(s.meta, id)
+        local reason, extra = 'poison', ',"lost":' .. lost
+        if outlived > 0 then
+          reason = 'lease-lost'
+          extra = extra .. ',"outlived":' .. outlived .. ',"error":"the task ran past its lease ' .. outlived ..
+            ' time(s) while its worker was alive (it held the GIL, blocked the event loop or the process' ..
+            ' was paused longer than lease_ttl): raise lease_ttl or let the heartbeat run"'
+        end
+        dead_add(s, simple_header(reason, deliveries - 1, now, extra), entry, id)
+      else
+        redis.call('HSET', s.meta, 'd:' .. id, deliveries, 's:' .. id, 1)
+        if lost > 0 then redis.call('HSET', s.meta, 'x:' .. id, lost) end
+        handed = handed + 1
+        out[#out + 1] = entry
+        out[#out + 1] = deliveries
+      end
+    end
+  end
+  if #out > base then return handed end
+  while #out < base + 2 * want do
+    local entry = redis.call('LINDEX', s.pending, 0)
+    if not entry then break end
+    local id, expires = parse_entry(entry)
+    if not id then
+      redis.call('LPOP', s.pending)
+      dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
+    elseif expires > 0 and expires <= now then
+      redis.call('LPOP', s.pending)
+      dead_add(s, simple_header('expired', 0, now), entry, id)
+    else
+      redis.call('LMOVE', s.pending, s.inflight, 'LEFT', 'RIGHT')
+      if #out == base then redis.call('HSET', s.meta, 's:' .. id, 1) end
+      handed = handed + 1
+      out[#out + 1] = entry
+      out[#out + 1] = 1
+    end
+  end
+  return handed
+end

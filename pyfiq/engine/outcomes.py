@@ -1,0 +1,178 @@
+"""What running one task can come to (the outcomes a driver feeds back to ``StreamRun``), how a
+taken task is prepared (decoded, checked, its function found), and dead-letter records.
+
+Must not import redis or do any I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Settings
+from ..errors import DecodeError
+from ..task import Entry, TaskContext, TaskRecord
+from .keys import queue_of
+from .lease import Lease
+
+
+@dataclass(frozen=True)
+class Acked:
+    """The task succeeded: acknowledge it."""
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    header: str
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """The worker is stopping mid-retry: the task stays in flight for the next holder."""
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """The lease was lost: drop the result, change nothing. ``ran``: the task ran (at least
+    partly) on this holder after or while its lease went, which the holder reports."""
+
+    ran: bool = False
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """This replica cannot run the task (its function is not registered here, as during a
+    rolling deploy): hand the stream over untouched so a replica that can run it takes it."""
+
+    task_id: str
+
+
+Outcome = Acked | DeadLettered | Aborted | Fenced | Deferred
+
+
+def safe_text(value: object) -> str:
+    """``str(value)``, or a fallback when that raises: whatever a task raises is hostile input,
+    and the bookkeeping around it must survive it."""
+    try:
+        return str(value)
+    except BaseException as exc:
+        return f"<{type(value).__qualname__} object: str() raised {type(exc).__qualname__}>"
+
+
+def safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except BaseException as exc:
+        return f"<{type(value).__qualname__} object: repr() raised {type(exc).__qualname__}>"
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message``, safely: how errors appear in logs and dead letters."""
+    return f"{type(error).__qualname__}: {safe_text(error)}"
+
+
+def dead_letter_header(
+    reason: str,
+    *,
+    replica: str,
+    deliveries: int,
+    attempts: int = 0,
+    name: str | None = None,
+    error: BaseException | None = None,
+) -> str:
+    header: dict[str, Any] = {
+        "reason": reason,
+        "deliveries": deliveries,
+        "attempts": attempts,
+        "at_ms": int(time.time() * 1000),
+        "replica": replica,
+    }
+    if name is not None:
+        header["name"] = name
+    if error is not None:
+        header["error_type"] = f"{type(error).__module__}.{type(error).__qualname__}"
+        header["error"] = safe_text(error)
+        try:
+            header["traceback"] = "".join(traceback.format_exception(error))
+        except BaseException:
+            header["traceback"] = ""
+    # One line: the stored record is "<header>\n<entry>".
+    return json.dumps(header, separators=(",", ":"), default=safe_text)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A task ready to run: its function and its context."""
+
+    func: Any  # registry.FifoFunction; typed loosely to keep core free of the registry
+    record: TaskRecord
+    context: TaskContext
+
+
+def prepare(
+    entry: Entry,
+    deliveries: int,
+    lease: Lease,
+    lookup: Callable[[str], Any],
+    settings: Settings,
+    replica: str,
+    unknown_for: Callable[[str], float] = lambda task_id: float("inf"),
+) -> Prepared | DeadLettered | Deferred:
+    """Decode a taken task and find its function, or say why it must be dead-lettered.
+
+    ``unknown_for(task_id)`` tells how long this replica has been meeting a task whose
+    function it lacks; within ``settings.unknown_task_grace`` the task is deferred to other
+    replicas (a rolling deploy may not have reached this one), after it dead-lettered.
+    A task whose deadline has passed by Redis's clock (estimated from the last reply) is
+    dead-lettered as expired, however long it waited in this holder's buffer.
+    """
+    if entry.malformed:
+        error = DecodeError(f"malformed task entry {entry.raw[:80]!r}")
+        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=error))
+    try:
+        record = TaskRecord.decode(entry.payload, settings.serializer)
+    except DecodeError as exc:
+        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc))
+    if entry.expires_ms and entry.expires_ms <= lease.redis_now_ms():
+        return DeadLettered(
+            dead_letter_header(
+                "expired",
+                replica=replica,
+                deliveries=deliveries,
+                name=record.name,
+                error=TimeoutError(f"the task's deadline passed before it could start (expires_ms={entry.expires_ms})"),
+            )
+        )
+    func = lookup(record.name)
+    if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
+        return Deferred(entry.id)
+    if func is None:
+        return DeadLettered(
+            dead_letter_header(
+                "unknown-task",
+                replica=replica,
+                deliveries=deliveries,
+                name=record.name,
+                error=LookupError(
+                    f"no replica ran a @fifo function named {record.name!r} within {settings.unknown_task_grace}s"
+                ),
+            )
+        )
+    context = TaskContext(
+        id=entry.id,
+        name=record.name,
+        queue=queue_of(lease.stream),
+        stream=lease.stream,
+        key=record.key,
+        attempt=1,
+        deliveries=deliveries,
+        fencing_token=lease.fence,
+        enqueued_ms=entry.enqueued_ms,
+        expires_ms=entry.expires_ms,
+        replica=replica,
+    )
+    return Prepared(func, record, context)

@@ -1,0 +1,208 @@
+"""The wire protocol between pyfiq and Redis, without I/O: each atomic step as a script call
+(name, keys in the order ``KEY_NAMES`` states, args), and what each reply means.
+
+Owns the shape of every call and reply; must not import redis or do any I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from ..config import MAX_PREFETCH, Settings
+from ..task import Entry
+from .keys import KeySchema, StreamKeys
+from .lease import Flag, Lease
+
+
+class TakeReply(IntEnum):
+    """First element of a ``take`` reply."""
+
+    FENCED = -1  # the caller's lease is gone: nothing changed
+    EMPTY = 0  # nothing left: the lease was released and the stream forgotten
+    TASKS = 1  # acknowledged; the tasks handed over follow (possibly none)
+    ACKED = 2  # acknowledged only (nothing was asked for)
+
+
+class AcquireReply(IntEnum):
+    NOT_CLAIMABLE = 0
+    GRANTED = 1
+
+
+class FencedReply(IntEnum):
+    """Reply of ``dead_letter`` and ``release``."""
+
+    FENCED = -1
+    DONE = 1
+
+
+class RenewReply(IntEnum):
+    REFUSED = 0
+    RENEWED = 1
+
+
+@dataclass(frozen=True)
+class Call:
+    script: str
+    keys: list[str]
+    args: list[Any]
+
+
+#: Due queues of a shard's index one ``due`` call scans at most (it pages on in later calls).
+DUE_SCAN = 200
+
+#: A rate-limited stream whose permit is further away than this hands its lease back (parked
+#: until then) instead of holding a worker slot while it waits.
+PARK_AFTER_MS = 50
+
+
+#: The keys each script takes, in order, by name: a stream's keys are ``StreamKeys`` attributes;
+#: every script names them the same way (``local pending = KEYS[2]``), which a test checks, so the
+#: order is stated once. ``enqueue`` takes one dedup key per task after these.
+KEY_NAMES: dict[str, tuple[str, ...]] = {
+    "enqueue": ("pending", "ready", "queues", "layout"),
+    "due": ("queues", "layout"),
+    "acquire": ("queues", "ready", "epoch", "lease", "meta", "pending", "inflight", "dead", "dead_ids", "dlq_index"),
+    "renew": ("lease", "ready", "queues"),
+    "take": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index"),
+    "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index"),
+    "release": ("lease", "pending", "inflight", "meta", "ready", "queues"),
+    "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
+    "rate": ("rate",),
+    "lost": ("inflight", "meta"),
+}
+
+
+def stream_call(script: str, k: StreamKeys, args: list[Any], extra_keys: Sequence[str] = ()) -> Call:
+    return Call(script, [*(getattr(k, name) for name in KEY_NAMES[script]), *extra_keys], args)
+
+
+class Ops:
+    def __init__(self, keys: KeySchema, settings: Settings) -> None:
+        self.keys = keys
+        self.settings = settings
+
+    def enqueue(
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None = None,
+    ) -> Call:
+        k = self.keys.stream(stream)
+        args: list[Any] = [
+            stream,
+            self.keys.wake_channel,
+            k.shard,
+            int(self.settings.dedup_window * 1000),
+            self.keys.shards,
+            len(items),
+        ]
+        for task_id, expires_in_ms, payload in items:
+            args += [task_id, expires_in_ms, payload]
+        return stream_call("enqueue", k, args, [k.dedup(d) for d in dedup_keys or ()])
+
+    @staticmethod
+    def parse_enqueue(reply: list[Any]) -> list[tuple[str, bool]]:
+        return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(0, len(reply), 2)]
+
+    def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:
+        return Call(
+            "due",
+            [self.keys.queues(shard), self.keys.layout(shard)],
+            [want, self.keys.shards, DUE_SCAN, offset, *(queues or ())],
+        )
+
+    @staticmethod
+    def parse_due(reply: list[Any]) -> tuple[float | None, int, list[tuple[str, float]]]:
+        """(seconds until the shard's next stream falls due or None, offset to continue the
+        scan from or 0, [(due stream, due since in ms)] oldest first)."""
+        nxt = int(reply[0])
+        due = [(_text(reply[i]), float(reply[i + 1])) for i in range(2, len(reply), 2)]
+        return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), due
+
+    def acquire(self, stream: str, want: int = 0) -> Call:
+        """Claim a stream and, with ``want``, take its first tasks in the same round trip."""
+        k = self.keys.stream(stream)
+        return stream_call(
+            "acquire", k, [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries]
+        )
+
+    def parse_acquire(self, stream: str, reply: list[Any], abort: Flag, sent_at: float) -> Lease | None:
+        """The lease a successful ``acquire`` reply grants; ``sent_at`` is the monotonic time the
+        request was sent, from which the lease's validity is counted."""
+        if AcquireReply(int(reply[0])) is not AcquireReply.GRANTED:
+            return None
+        ttl = self.settings.lease_ttl
+        lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort, ttl=ttl)
+        lease.confirm(sent_at)
+        lease.clock(int(reply[3]), sent_at)
+        lease.initial = [(Entry.load(reply[i]), int(reply[i + 1])) for i in range(4, len(reply), 2)]
+        return lease
+
+    def renew(self, lease: Lease) -> Call:
+        k = lease.keys
+        return stream_call("renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream])
+
+    def take(self, lease: Lease, acks: Sequence[str], want: int) -> Call:
+        k = lease.keys
+        return stream_call("take", k, [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, *acks])
+
+    def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
+        k = lease.keys
+        return stream_call("dead_letter", k, [lease.token, k.stream, len(acks), task_id, header, *acks])
+
+    def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
+        """Give the lease up. ``started``: tasks this holder started and did not finish (they
+        may have run); every other task it was handed goes back as never delivered here.
+        ``delay_ms``: the stream may not be claimed again before then (a parked stream)."""
+        k = lease.keys
+        return stream_call(
+            "release",
+            k,
+            [
+                lease.token,
+                k.stream,
+                len(acks),
+                len(started),
+                self.keys.wake_channel,
+                k.shard,
+                max(0, int(delay_ms)),
+                *acks,
+                *started,
+            ],
+        )
+
+    def lost(self, lease: Lease, entry: Entry) -> Call:
+        """Note that ``entry`` ran past this holder's lease while the holder was alive."""
+        k = lease.keys
+        return stream_call("lost", k, [entry.raw, MAX_PREFETCH + 1])
+
+    def rate(self, queue: str, limit: RateLimit) -> Call:
+        return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
+
+    def requeue(
+        self, stream: str, *, front: bool, limit: int, low: str = "-inf", high: str = "+inf", task_id: str | None = None
+    ) -> Call:
+        """One bounded step of moving dead letters back to pending; see ``requeue.lua``."""
+        k = self.keys.stream(stream)
+        return stream_call(
+            "requeue",
+            k,
+            [stream, self.keys.wake_channel, k.shard, "front" if front else "back", limit, low, high, task_id or ""],
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``per_second`` task starts per second on a queue, across the fleet; ``burst``
+    starts may follow each other without spacing."""
+
+    per_second: float
+    burst: int = 1

@@ -1,0 +1,216 @@
+"""``StreamRun``: the state machine of one lease, from acquisition to release.
+
+It says which script to call next and what to do with each reply and each task outcome; the
+drivers (threads, asyncio) only carry the calls out and wait. Must not import redis or do I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..task import Entry
+from .keys import queue_of
+from .lease import Lease
+from .outcomes import Acked, DeadLettered, Deferred, Fenced, Outcome
+from .protocol import PARK_AFTER_MS, Call, FencedReply, Ops, RateLimit, TakeReply
+
+
+@dataclass(frozen=True)
+class RunTask:
+    entry: Entry
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Wait this long (abortably), then feed ``None``: the queue's rate limit says not yet."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
+    #: permit), 'fenced', 'abandoned'
+    reason: str
+
+
+Step = Call | RunTask | Pause | Finished
+
+
+class StreamRun:
+    """Drives one lease from acquisition to release.
+
+    Acknowledgements are carried on the next call (take, dead-letter or release), so a
+    stream costs one round trip per ``prefetch`` tasks. A crash re-runs the tasks taken but
+    not yet acknowledged: at most ``prefetch`` of them. A rate-limited stream asks its permit
+    before each task starts, and before the take that hands the next one over, so Redis's
+    'started' mark on a handed task is true; a permit further away than ``PARK_AFTER_MS``
+    parks the stream (its lease handed back until then) instead of holding a worker slot.
+    """
+
+    def __init__(
+        self,
+        ops: Ops,
+        lease: Lease,
+        *,
+        stopping: Callable[[], bool],
+        abandoned: Callable[[], bool],
+        rate_limit: RateLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ops = ops
+        self.lease = lease
+        self.rate_limit = rate_limit
+        self._permit = False
+        self.settings = ops.settings
+        self._stopping = stopping
+        self._abandoned = abandoned
+        self._clock = clock
+        self.acks: list[str] = []
+        self.buffer: deque[tuple[Entry, int]] = deque()
+        self.processed = 0
+        #: Set when the run ended by handing the stream over for a task it cannot run.
+        self.deferred: str | None = None
+        #: Set when the run gave the stream up after ``batch_limit`` tasks to let others run.
+        self.yielded = False
+        #: Set when the run handed the stream back to wait for its rate permit.
+        self.parked = False
+        self._waiting: str | None = None
+        self._head_started = False
+        self._sent_at = 0.0
+        self._final = "released"
+
+    def start(self) -> Step:
+        self.buffer.extend(self.lease.initial)
+        self.lease.initial = []
+        return self._next()
+
+    def _call(self, call: Call) -> Call:
+        self._waiting = call.script
+        self._sent_at = self._clock()
+        # take may release an empty stream, release always does.
+        self.lease.ending = call.script in ("take", "release")
+        return call
+
+    def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Call:
+        self._final = final
+        return self._call(self.ops.release(self.lease, self.acks, started, delay_ms))
+
+    def _next(self) -> Step:
+        if self._abandoned():
+            return Finished("abandoned")
+        if self.lease.lost:
+            return Finished("fenced")
+        if self._stopping() or (not self.buffer and self.processed >= self.settings.batch_limit):
+            # Graceful stop or fair yield: give back what was taken but not started.
+            self.yielded = not self._stopping()
+            return self._release([])
+        if self.rate_limit is not None and not self._permit:
+            return self._call(self.ops.rate(queue_of(self.lease.stream), self.rate_limit))
+        if self.buffer:
+            self._permit = False
+            self._head_started = True
+            self._waiting = "run"
+            entry, deliveries = self.buffer[0]
+            return RunTask(entry, deliveries)
+        want = min(self.settings.prefetch, self.settings.batch_limit - self.processed)
+        if self.rate_limit is not None:
+            want = 1  # one permit, one task: each start is asked for when it happens
+        return self._call(self.ops.take(self.lease, self.acks, want))
+
+    def feed(self, result: Any) -> Step:
+        """Give the reply of the last call, or the ``Outcome`` of the last ``RunTask``."""
+        waiting, self._waiting = self._waiting, None
+        if waiting == "run":
+            return self._on_outcome(result)
+        if waiting == "pause":
+            return self._next()
+        if waiting == "rate":
+            wait_ms = int(result)
+            if wait_ms <= 0:
+                self._permit = True
+                return self._next()
+            if wait_ms > PARK_AFTER_MS:
+                self.parked = True
+                return self._release([], wait_ms, final="parked")
+            self._waiting = "pause"
+            return Pause(wait_ms / 1000)
+        if waiting == "take":
+            status = TakeReply(int(result[0]))
+            if status is TakeReply.FENCED:
+                self.lease.mark_lost("take refused")
+                return Finished("fenced")
+            self.acks = []
+            if status is TakeReply.EMPTY:
+                return Finished("empty")
+            self.lease.ending = False
+            if status is TakeReply.ACKED:
+                return self._next()
+            self.lease.clock(int(result[1]), self._sent_at)
+            for i in range(2, len(result), 2):
+                self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
+            if not self.buffer:
+                return self._release([])
+            return self._next()
+        if waiting == "dead_letter":
+            if FencedReply(int(result)) is FencedReply.FENCED:
+                self.lease.mark_lost("dead-letter refused")
+                return Finished("fenced")
+            self.acks = []
+            self.buffer.popleft()
+            self._head_started = False
+            return self._next()
+        if waiting == "release":
+            if FencedReply(int(result)) is FencedReply.FENCED:
+                self.lease.mark_lost("release refused")
+                return Finished("fenced")
+            self.acks = []
+            return Finished(self._final)
+        if waiting == "lost":
+            return Finished("fenced")
+        raise RuntimeError(f"StreamRun fed while waiting for {waiting!r}")
+
+    def _on_outcome(self, outcome: Outcome) -> Step:
+        if isinstance(outcome, Fenced) or self.lease.lost:
+            if isinstance(outcome, Fenced) and outcome.ran and self.buffer:
+                # Say so in Redis (unfenced, changes no queue state): if this keeps happening
+                # the task is dead-lettered as 'lease-lost', not as a task that kills workers.
+                self._waiting = "lost"
+                return self.ops.lost(self.lease, self.buffer[0][0])
+            return Finished("fenced")
+        if self._abandoned():
+            return Finished("abandoned")
+        if isinstance(outcome, Acked):
+            entry, _ = self.buffer.popleft()
+            self._head_started = False
+            self.acks.append(entry.id)
+            self.processed += 1
+            return self._next()
+        if isinstance(outcome, DeadLettered):
+            entry, _ = self.buffer[0]
+            self.processed += 1
+            task_id: str | bytes = entry.raw[:32] if entry.malformed else entry.id
+            return self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header))
+        if isinstance(outcome, Deferred):
+            self.deferred = outcome.task_id
+            self._head_started = False  # handed back unrun: a resend after an error must say so
+            return self._release([])
+        # Aborted by a stop mid-retry: the task ran, so it may not go back as never delivered.
+        return self._release([self.buffer[0][0].id])
+
+    def fail(self) -> Call | None:
+        """After an I/O error the state of the last call is unknown: give the lease up, resending
+        the acknowledgements (applied tolerantly) and naming only the task that may have run,
+        so tasks this holder never started are not charged a delivery."""
+        started = [self.buffer[0][0].id] if self._head_started and self.buffer else []
+        self.lease.ending = True
+        self._final = "released"
+        self._waiting = "release"
+        call = None if self.lease.lost else self.ops.release(self.lease, self.acks, started)
+        self.buffer.clear()
+        return call

@@ -1,0 +1,1 @@
+"""The operator surface: the ``pyfiq`` command (worker, dead letters, status) and the demo."""

@@ -1,0 +1,396 @@
+"""The asyncio worker: the same core as the threaded one (``Scheduler``, ``StreamRun``,
+``TaskRun``, the same scripts), driven by tasks in the application's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .. import api
+from ..engine.keys import consumed_queues, queue_of
+from ..engine.lease import Lease, release_retry_delays, replica_id
+from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
+from ..engine.protocol import RateLimit
+from ..engine.scheduler import Scheduler
+from ..engine.stream import Finished, Pause, RunTask, StreamRun
+from ..engine.task_run import TaskRun
+from ..errors import AccessDeniedError, ConfigurationError
+from ..logs import log
+from ..redis.backend import TRANSIENT, RedisQueueBackend
+from ..task import TaskContext, reset_current, set_current
+
+
+async def run_task_async(
+    task: TaskRun,
+    invoke: Callable[[TaskContext], Awaitable[Any]],
+    sleep: Callable[[float], Awaitable[bool]],
+    permit: Callable[[], Awaitable[bool]] | None = None,
+) -> Outcome:
+    """Run one task under its retry policy, awaiting it; ``sleep`` returns True when the wait
+    was cut short by the lease's abort flag; ``permit`` as in ``run_task_sync``."""
+    while (ctx := task.begin()) is not None:
+        try:
+            result = await invoke(ctx)
+        except asyncio.CancelledError:
+            raise  # the worker's own control flow, not the task's failure
+        except BaseException as exc:
+            decision = task.after_failure(exc)
+            if not isinstance(decision, float):
+                return decision
+            if await sleep(decision) or (permit is not None and not await permit()):
+                break
+            continue
+        return task.succeeded(result)
+    return task.interrupted()
+
+
+async def run_in_thread(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread``, except that cancellation waits for the thread: a function running
+    in a thread cannot be stopped, and its stream's lease must stay held (renewed) until it
+    really ends, or another replica would run the same task alongside it. The result is
+    returned as usual, so a task that completes after a cancelled stop is still acknowledged."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+    future = loop.run_in_executor(None, call)
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            task = asyncio.current_task()
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+
+
+class AsyncWorker:
+    """Consumes pyfiq queues in the running event loop (FastAPI lifespan, ``async with``).
+
+    ``async def`` tasks are awaited on this loop; plain functions run in the default thread
+    pool so they never block it. A graceful ``stop()`` cancels nothing until its deadline;
+    past it, running tasks are cancelled and stay in Redis for redelivery.
+    """
+
+    def __init__(
+        self,
+        backend: RedisQueueBackend | None = None,
+        *,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 16,
+        replica: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        self.backend = backend or api.get_backend()
+        self.settings = self.backend.settings
+        self.ops = self.backend.ops
+        self.concurrency = concurrency
+        self.replica = replica or replica_id()
+        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
+        self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
+        self._nudge = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._abandoned = asyncio.Event()
+        self._executors: list[asyncio.Task[None]] = []
+        self._control: list[asyncio.Task[None]] = []
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._finisher: asyncio.Task[None] | None = None
+        self._started = False
+        #: Why the worker went down on its own (a task of it died), if it did.
+        self.failure: BaseException | None = None
+        self.log = log.bind(replica=self.replica)
+
+    async def start(self) -> AsyncWorker:
+        if self._started:
+            return self
+        self._started = True
+        try:
+            await self.backend.acheck_layout()
+        except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
+        self._executors = [self._spawn(self._executor(), f"pyfiq-exec-{i}") for i in range(self.concurrency)]
+        self._dispatcher = self._spawn(self._dispatch(), "pyfiq-dispatch")
+        self._control = [
+            self._spawn(self._heartbeat(), "pyfiq-heartbeat"),
+            self._spawn(self._listen(), "pyfiq-wake"),
+            self._dispatcher,
+        ]
+        self.log.info("pyfiq.worker_started", concurrency=self.concurrency, driver="asyncio")
+        return self
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task of this worker ended. Before a stop that is a failure: never leave a worker
+        that looks alive and consumes nothing; stop it, loudly."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception() or RuntimeError(f"{task.get_name()} ended unexpectedly")
+        if self.failure is None:
+            self.failure = exc
+        with contextlib.suppress(BaseException):  # logging may be what failed
+            self.log.critical("pyfiq.worker_task_died", task=task.get_name(), error=describe_error(exc), exc_info=exc)
+        self._finisher = asyncio.ensure_future(self._stop_after_failure())
+
+    def abandon(self) -> None:
+        """Stop as if the process had died: no acknowledgement, no release, no more heartbeats.
+        Leases lapse after their TTL. For demos and failure tests."""
+        self._abandoned.set()
+        self._stopping.set()
+        self._stopped.set()
+        self._nudge.set()
+        self.scheduler.abort_all()
+        for _ in self._executors:
+            self._work.put_nowait(None)
+
+    async def _stop_after_failure(self) -> None:
+        await self.stop()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the worker runs as it should: started, not stopping, no task of it died."""
+        return (
+            self._started
+            and self.failure is None
+            and not self._stopping.is_set()
+            and not any(t.done() for t in (*self._executors, *self._control))
+        )
+
+    async def stop(self, timeout: float = 30.0) -> bool:
+        """Finish running tasks, release every lease and return; idempotent.
+
+        Returns False if tasks were still running at ``timeout``. ``async def`` tasks are then
+        cancelled (they stay in Redis for redelivery). A plain function running in a thread
+        cannot be cancelled: its lease stays renewed until it really ends, then its stream is
+        handed over (acknowledged first if it succeeded), in the background of this loop. If
+        the loop or the process ends first, the lease lapses after ``lease_ttl`` and the next
+        holder runs the task again: two live runs of one task never overlap."""
+        if not self._started:
+            self._stopped.set()
+            return True
+        if self._stopping.is_set():
+            if self._finisher is not None and self._finisher is not asyncio.current_task():
+                await asyncio.wait([self._finisher], timeout=max(0.0, timeout))
+            return self._stopped.is_set()
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._nudge.set()
+        # The dispatcher first, so a lease being acquired reaches an executor that releases it.
+        assert self._dispatcher is not None
+        await asyncio.wait([self._dispatcher], timeout=max(0.0, deadline - time.monotonic()))
+        self.scheduler.abort_all()
+        for _ in self._executors:
+            self._work.put_nowait(None)
+        _, pending = await asyncio.wait(self._executors, timeout=max(0.01, deadline - time.monotonic()))
+        for t in pending:
+            t.cancel()
+        if pending:
+            # Cancelled coroutines release their streams; tasks in threads run on.
+            await asyncio.wait(pending, timeout=1.0)
+        running = [t for t in self._executors if not t.done()]
+        if running:
+            self.log.warning("pyfiq.worker_stop_timed_out", running=len(running))
+            if self._finisher is None or self._finisher.done():
+                self._finisher = asyncio.ensure_future(self._finish(running))
+            return False
+        await self._shut_down()
+        return not pending
+
+    async def _finish(self, running: list[asyncio.Task[None]]) -> None:
+        await asyncio.wait(running)
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        # Heartbeats last: leases stay renewed while running tasks finish.
+        self._stopped.set()
+        for t in self._control:
+            t.cancel()
+        await asyncio.gather(*self._control, return_exceptions=True)
+        self.log.info("pyfiq.worker_stopped")
+
+    async def __aenter__(self) -> AsyncWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def held_streams(self) -> list[str]:
+        return sorted(lease.stream for lease in self.scheduler.held_leases())
+
+    async def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            self._nudge.clear()
+            try:
+                await self._claim()
+            except AccessDeniedError:
+                raise  # no wait fixes a password or an ACL: the worker goes down, loudly
+            except Exception as exc:
+                await _wait(self._nudge, self.scheduler.claim_failed(exc))
+                continue
+            self.scheduler.claim_succeeded()
+            wait = self.scheduler.idle_wait(time.monotonic())
+            if wait > 0:
+                await _wait(self._nudge, wait)
+
+    async def _claim(self) -> None:
+        await self.backend.acheck_layout()  # once: refuses a deployment with another shard count
+        now = time.monotonic()
+        shards, calls = self.scheduler.due_calls(now)
+        if not calls:
+            return
+        candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
+        for shard, stream in candidates:
+            if self.scheduler.free() <= 0 or self._stopping.is_set():
+                break
+            sent = time.monotonic()
+            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), sent)
+            if lease is not None:
+                self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
+                self._work.put_nowait(lease)
+
+    async def _listen(self) -> None:
+        while not self._stopped.is_set():
+            pubsub = self.backend.async_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.backend.keys.wake_channel)
+                self.scheduler.wake_all()
+                self._nudge.set()
+                while not self._stopped.is_set():
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message and message.get("type") == "message":
+                        self.scheduler.wake([int(message["data"])])
+                        self._nudge.set()
+            except Exception as exc:
+                self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
+                await _wait(self._stopped, min(1.0, self.settings.poll_interval))
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _heartbeat(self) -> None:
+        while not await _wait(self._stopped, self.scheduler.heartbeat_wait(time.monotonic())):
+            if self._abandoned.is_set():
+                break
+            now = time.monotonic()
+            leases, calls = self.scheduler.heartbeat_round(now)
+            if not calls:
+                continue
+            try:
+                replies: list[Any] = await self.backend.acall_many(calls)
+            except Exception as exc:
+                replies = [exc] * len(calls)
+            self.scheduler.on_renewed(leases, replies, now)
+
+    async def _executor(self) -> None:
+        while (lease := await self._work.get()) is not None:
+            run = StreamRun(
+                self.ops,
+                lease,
+                stopping=self._stopping.is_set,
+                abandoned=self._abandoned.is_set,
+                rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
+            )
+            try:
+                await self._run_stream(run)
+            finally:
+                self.scheduler.finished(lease, run)
+                self._nudge.set()
+
+    async def _run_stream(self, run: StreamRun) -> None:
+        lease = run.lease
+        try:
+            step = run.start()
+            while not isinstance(step, Finished):
+                if isinstance(step, RunTask):
+                    step = run.feed(await self._execute(lease, step))
+                elif isinstance(step, Pause):
+                    await _wait(lease.abort, step.seconds)  # type: ignore[arg-type]
+                    step = run.feed(None)
+                else:
+                    step = run.feed(await self.backend.acall(step))
+        except BaseException as exc:
+            level = "warning" if isinstance(exc, (*TRANSIENT, asyncio.CancelledError)) else "error"
+            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
+            call = run.fail()
+            if call is not None and not self._abandoned.is_set():
+                # Shielded: a cancelled stop still hands the stream over; retried because Redis
+                # may be back in a moment, and a repeated release is refused, not doubled.
+                for delay in release_retry_delays(self.settings.lease_ttl):
+                    try:
+                        await asyncio.sleep(delay)
+                        await asyncio.shield(self.backend.acall(call))
+                        break
+                    except asyncio.CancelledError:
+                        break
+                    except Exception:
+                        continue
+                else:
+                    lease.mark_lost("release failed after an error; the lease will lapse")
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.scheduler.report(run, step)
+
+    async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
+        prepared = self.scheduler.prepare(lease, step, self.replica)
+        if not isinstance(prepared, Prepared):
+            return prepared
+        if self._abandoned.is_set():
+            return Fenced()
+        func, record = prepared.func.func, prepared.record
+        abort: asyncio.Event = lease.abort  # type: ignore[assignment]
+
+        async def invoke(ctx: TaskContext) -> Any:
+            token = set_current(ctx)
+            try:
+                if inspect.iscoroutinefunction(func):
+                    return await func(*record.args, **record.kwargs)
+                # The context is copied into the thread, so current_task() works there.
+                return await run_in_thread(func, *record.args, **record.kwargs)
+            finally:
+                reset_current(token)
+
+        limit = self.scheduler.tasks.rate_limit_of(queue_of(lease.stream))
+        permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
+        return await run_task_async(TaskRun(prepared, lease), invoke, lambda s: _wait(abort, s), permit)
+
+    async def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
+        call = self.ops.rate(queue_of(lease.stream), limit)
+        while (wait_ms := int(await self.backend.acall(call))) > 0:
+            if await _wait(lease.abort, wait_ms / 1000):  # type: ignore[arg-type]
+                return False
+        return True
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    return event.is_set()
+
+
+async def async_worker(
+    backend: RedisQueueBackend | None = None,
+    *,
+    queues: Iterable[str] | None = None,
+    concurrency: int = 16,
+    replica: str | None = None,
+) -> AsyncWorker:
+    """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the default."""
+    if backend is not None:
+        api.configure(backend)
+    return await AsyncWorker(backend, queues=queues, concurrency=concurrency, replica=replica).start()

@@ -1,0 +1,424 @@
+"""The threaded worker: a dispatcher, a heartbeat, a wake-up listener and N executor threads
+driving the shared core (``Scheduler``, ``StreamRun``, ``TaskRun``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import queue as queue_mod
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from .. import api
+from ..engine.keys import consumed_queues, queue_of
+from ..engine.lease import Lease, release_retry_delays, replica_id
+from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
+from ..engine.protocol import RateLimit
+from ..engine.scheduler import Scheduler
+from ..engine.stream import Finished, Pause, RunTask, StreamRun
+from ..engine.task_run import TaskRun
+from ..errors import AccessDeniedError, ConfigurationError
+from ..logs import log
+from ..redis.backend import TRANSIENT, RedisQueueBackend
+from ..task import TaskContext, reset_current, set_current
+
+
+def run_task_sync(
+    task: TaskRun,
+    invoke: Callable[[TaskContext], Any],
+    sleep: Callable[[float], Any],
+    permit: Callable[[], bool] | None = None,
+) -> Outcome:
+    """Run one task under its retry policy in this thread; ``sleep`` returns True when the
+    wait was cut short by the lease's abort flag. ``permit`` (rate-limited queues) waits for
+    the queue's permit before every retry, False if aborted: retries hit the same downstream."""
+    while (ctx := task.begin()) is not None:
+        try:
+            result = invoke(ctx)
+        except BaseException as exc:
+            decision = task.after_failure(exc)
+            if not isinstance(decision, float):
+                return decision
+            if sleep(decision) or (permit is not None and not permit()):
+                break
+            continue
+        return task.succeeded(result)
+    return task.interrupted()
+
+
+class ThreadedWorker:
+    """Consumes pyfiq queues in background threads of this process.
+
+    ``queues``: the queues to consume; by default every queue named by a ``@fifo`` function of
+    this process, including ones defined after the worker started. ``concurrency``: how many
+    streams run at once, whatever the number of queues. ``async def`` tasks run on an event
+    loop the worker owns. Signal handlers are installed only with
+    ``install_signal_handlers=True`` (from the main thread): the first SIGINT/SIGTERM stops
+    gracefully, a second one is left to the previous handler.
+    """
+
+    def __init__(
+        self,
+        backend: RedisQueueBackend | None = None,
+        *,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 4,
+        install_signal_handlers: bool = False,
+        replica: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        self.backend = backend or api.get_backend()
+        self.settings = self.backend.settings
+        self.ops = self.backend.ops
+        self.concurrency = concurrency
+        self.replica = replica or replica_id()
+        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
+        self._install_signals = install_signal_handlers
+        self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
+        self._nudge = threading.Event()
+        self._stopping = threading.Event()
+        self._abandoned = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._control: list[threading.Thread] = []
+        self._dispatcher: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._started = False
+        self._stop_lock = threading.Lock()
+        #: Why the worker went down on its own (a thread of it died), if it did.
+        self.failure: BaseException | None = None
+        self.log = log.bind(replica=self.replica)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> ThreadedWorker:
+        if self._started:
+            return self
+        try:
+            self.backend.check_layout()
+        except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
+        self._started = True
+        for i in range(self.concurrency):
+            self._threads.append(self._spawn(self._executor, f"pyfiq-exec-{i}"))
+        self._control.append(self._spawn(self._heartbeat, "pyfiq-heartbeat"))
+        self._control.append(self._spawn(self._listen, "pyfiq-wake"))
+        self._dispatcher = self._spawn(self._dispatch, "pyfiq-dispatch")
+        self._control.append(self._dispatcher)
+        if self._install_signals:
+            self._install_signal_handlers()
+        self.log.info("pyfiq.worker_started", concurrency=self.concurrency)
+        return self
+
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        def supervised() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self._crashed(name, exc)
+
+        t = threading.Thread(target=supervised, name=name, daemon=True)
+        t.start()
+        return t
+
+    def _crashed(self, name: str, exc: BaseException) -> None:
+        """A thread of this worker died of something other than stop: never leave a replica
+        that looks alive and consumes nothing. Stop the whole worker, loudly."""
+        if self.failure is None:
+            self.failure = exc
+        with contextlib.suppress(BaseException):  # logging may be what failed
+            self.log.critical("pyfiq.worker_thread_died", thread=name, error=describe_error(exc), exc_info=exc)
+        if not self._stopping.is_set():
+            threading.Thread(target=self.stop, name="pyfiq-stop", daemon=True).start()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the worker runs as it should: started, not stopping, no thread of it
+        died. For health checks (a liveness probe can restart a replica that is not)."""
+        return (
+            self._started
+            and self.failure is None
+            and not self._stopping.is_set()
+            and all(t.is_alive() for t in (*self._threads, *self._control))
+        )
+
+    def _busy(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Finish running tasks, release every lease (hand-off) and return. Idempotent.
+
+        Returns False if a task was still running at ``timeout``. A running function cannot be
+        stopped from outside, so its lease is *not* given up: heartbeats go on until the task
+        really ends, and then its stream is handed over (acknowledged first if it succeeded).
+        If the process exits before that, the lease lapses after ``lease_ttl`` and the next
+        holder runs the task again: at no point do two live runs of one task overlap.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set() or not self._started:
+                self._stopped.set()
+                return not self._busy()
+            deadline = time.monotonic() + timeout
+            self._stopping.set()
+            self._nudge.set()
+            # The dispatcher first: a lease it is acquiring right now must reach an executor
+            # (which releases it) before the executors are told to exit.
+            assert self._dispatcher is not None
+            self._dispatcher.join(max(0.0, deadline - time.monotonic()))
+            self.scheduler.abort_all()  # end retry back-offs; running attempts finish
+            for _ in self._threads:
+                self._work.put(None)
+            clean = True
+            # Executors before heartbeats: leases stay renewed while running tasks finish.
+            for t in self._threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+                clean = clean and not t.is_alive()
+            self._stopped.set()
+            for t in self._control:
+                t.join(max(0.0, min(2.0, deadline - time.monotonic())))
+            if clean:
+                self._stop_loop()
+            else:
+                self.log.warning("pyfiq.worker_stop_timed_out", running=sum(t.is_alive() for t in self._threads))
+            self.log.info("pyfiq.worker_stopped", clean=clean)
+            return clean
+
+    def _stop_loop(self) -> None:
+        # Only once no executor waits on it: stopping the loop under a running async task would
+        # freeze that task and keep its lease renewed forever.
+        with self._loop_lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def abandon(self) -> None:
+        """Stop as if the process had died: no acknowledgement, no release, no more heartbeats.
+        Leases lapse after their TTL. For demos and failure tests."""
+        self._abandoned.set()
+        self._stopping.set()
+        self._stopped.set()
+        self._nudge.set()
+        self.scheduler.abort_all()
+        for _ in self._threads:
+            self._work.put(None)
+
+    def __enter__(self) -> ThreadedWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def held_streams(self) -> list[str]:
+        return sorted(lease.stream for lease in self.scheduler.held_leases())
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigurationError("install_signal_handlers=True needs the main thread")
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.log.info("pyfiq.signal_received", signal=signal.Signals(signum).name)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            threading.Thread(target=self.stop, name="pyfiq-stop", daemon=True).start()
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # -- threads ------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            self._nudge.clear()
+            try:
+                self._claim()
+            except AccessDeniedError:
+                raise  # no wait fixes a password or an ACL: the worker goes down, loudly
+            except Exception as exc:
+                self._nudge.wait(self.scheduler.claim_failed(exc))
+                continue
+            self.scheduler.claim_succeeded()
+            wait = self.scheduler.idle_wait(time.monotonic())
+            if wait > 0:
+                self._nudge.wait(wait)
+
+    def _claim(self) -> None:
+        self.backend.check_layout()  # once: refuses a deployment with another shard count
+        now = time.monotonic()
+        shards, calls = self.scheduler.due_calls(now)
+        if not calls:
+            return
+        candidates = self.scheduler.candidates(shards, self.backend.call_many(calls), now)
+        for shard, stream in candidates:
+            if self.scheduler.free() <= 0 or self._stopping.is_set():
+                break
+            sent = time.monotonic()
+            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), sent)
+            if lease is not None:
+                self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
+                self._work.put(lease)
+
+    def _listen(self) -> None:
+        pubsub = None
+        while not self._stopped.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.backend.pubsub()
+                    pubsub.subscribe(self.backend.keys.wake_channel)
+                    # Anything published while we were not subscribed is found by a look now.
+                    self.scheduler.wake_all()
+                    self._nudge.set()
+                message = pubsub.get_message(timeout=0.5)
+                if message and message.get("type") == "message":
+                    self.scheduler.wake([int(message["data"])])
+                    self._nudge.set()
+            except Exception as exc:
+                self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+                pubsub = None
+                self._stopped.wait(min(1.0, self.settings.poll_interval))
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def _heartbeat(self) -> None:
+        while True:
+            self._stopped.wait(self.scheduler.heartbeat_wait(time.monotonic()))
+            # Past a stop, heartbeats go on while a task still runs: its lease must not lapse
+            # under a live execution (another replica would run the same task meanwhile).
+            if self._abandoned.is_set() or (self._stopped.is_set() and not self._busy()):
+                break
+            now = time.monotonic()
+            leases, calls = self.scheduler.heartbeat_round(now)
+            if not calls:
+                continue
+            try:
+                replies: list[Any] = self.backend.call_many(calls)
+            except Exception as exc:
+                replies = [exc] * len(calls)
+            self.scheduler.on_renewed(leases, replies, now)
+        if self._stopped.is_set() and not self._abandoned.is_set():
+            self._stop_loop()
+
+    def _executor(self) -> None:
+        while (lease := self._work.get()) is not None:
+            run = None
+            try:
+                run = self._run_stream(lease)
+            finally:
+                self.scheduler.finished(lease, run)
+                self._nudge.set()
+
+    def _run_stream(self, lease: Lease) -> StreamRun:
+        run = StreamRun(
+            self.ops,
+            lease,
+            stopping=self._stopping.is_set,
+            abandoned=self._abandoned.is_set,
+            rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
+        )
+        try:
+            step = run.start()
+            while not isinstance(step, Finished):
+                if isinstance(step, RunTask):
+                    step = run.feed(self._execute(lease, step))
+                elif isinstance(step, Pause):
+                    lease.abort.wait(step.seconds)  # type: ignore[attr-defined]
+                    step = run.feed(None)
+                else:
+                    step = run.feed(self.backend.call(step))
+        except BaseException as exc:
+            level = "warning" if isinstance(exc, TRANSIENT) else "error"
+            getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
+            call = run.fail()
+            if call is not None and not self._abandoned.is_set():
+                # Redis may be back in a moment (a restart): hand over now rather than let
+                # the stream wait out the lease TTL. A repeated release is refused, not doubled.
+                for delay in release_retry_delays(self.settings.lease_ttl):
+                    time.sleep(delay)
+                    try:
+                        self.backend.call(call)
+                        break
+                    except Exception:
+                        continue
+                else:
+                    lease.mark_lost("release failed after an error; the lease will lapse")
+            if not isinstance(exc, Exception):
+                raise
+            return run
+        self.scheduler.report(run, step)
+        return run
+
+    def _execute(self, lease: Lease, step: RunTask) -> Outcome:
+        prepared = self.scheduler.prepare(lease, step, self.replica)
+        if not isinstance(prepared, Prepared):
+            return prepared
+        if self._abandoned.is_set():
+            return Fenced()
+        func, record = prepared.func.func, prepared.record
+        abort: threading.Event = lease.abort  # type: ignore[assignment]
+
+        def invoke(ctx: TaskContext) -> Any:
+            if inspect.iscoroutinefunction(func):
+                return asyncio.run_coroutine_threadsafe(_with_context(ctx, func, record), self._event_loop()).result()
+            token = set_current(ctx)
+            try:
+                return func(*record.args, **record.kwargs)
+            finally:
+                reset_current(token)
+
+        limit = self.scheduler.tasks.rate_limit_of(queue_of(lease.stream))
+        permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
+        return run_task_sync(TaskRun(prepared, lease), invoke, abort.wait, permit)
+
+    def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
+        call = self.ops.rate(queue_of(lease.stream), limit)
+        while (wait_ms := int(self.backend.call(call))) > 0:
+            if lease.abort.wait(wait_ms / 1000):  # type: ignore[attr-defined]
+                return False
+        return True
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop ``async def`` tasks run on: started on first use, in its own thread."""
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._spawn(loop.run_forever, "pyfiq-loop")
+                self._loop = loop
+            return self._loop
+
+
+async def _with_context(ctx: TaskContext, func: Any, record: Any) -> Any:
+    token = set_current(ctx)
+    try:
+        return await func(*record.args, **record.kwargs)
+    finally:
+        reset_current(token)
+
+
+def threaded_worker(
+    backend: RedisQueueBackend | None = None,
+    *,
+    queues: Iterable[str] | None = None,
+    concurrency: int = 4,
+    install_signal_handlers: bool = False,
+    replica: str | None = None,
+) -> ThreadedWorker:
+    """Start a :class:`ThreadedWorker` and make ``backend`` this process's default backend."""
+    if backend is not None:
+        api.configure(backend)
+    return ThreadedWorker(
+        backend,
+        queues=queues,
+        concurrency=concurrency,
+        install_signal_handlers=install_signal_handlers,
+        replica=replica,
+    ).start()

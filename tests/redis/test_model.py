@@ -1,0 +1,863 @@
+"""Model-based test of one stream's scripts against a real redis-server.
+
+``StreamModel`` is a pure-Python reference of one stream: pending and in-flight lists, the
+meta hash (handed count, deliveries, started, lost and outlived marks), the lease, the ready
+score and the dead letters with their reasons. Hypothesis drives the real scripts (through
+``Ops`` and the backend, as the workers do) with random sequences of enqueues, claims by two
+clients, takes, renewals, releases, dead-letters, requeues, lapsed leases, injected garbage,
+a flushed script cache and calls by holders whose lease is gone, and after every step
+compares Redis with the model and checks the guarantees directly: no task lost or stored
+twice, order kept, fenced calls refused without a trace, the index consistent.
+
+The default run is short; ``PYFIQ_SOAK=1`` runs many more and longer examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import pyfiq.redis.backend
+from pyfiq import RedisQueueBackend
+from pyfiq.config import MAX_PREFETCH
+from pyfiq.engine.lease import Lease
+from pyfiq.engine.outcomes import dead_letter_header
+from pyfiq.task import Entry, new_task_id
+from tests.conftest import RedisServer, unique_prefix
+
+STREAM = "orders#c-1"
+QUEUE = "orders"
+#: Small, so poison and lease-lost are reached within a few dozen steps.
+MAX_DELIVERIES = 2
+#: Long enough never to lapse by itself: lapses are steps of the model.
+LEASE_TTL = 600.0
+FAR_FUTURE_MS = 10**15 - 1  # the largest deadline the format allows (15 digits)
+SOAK = os.environ.get("PYFIQ_SOAK") == "1"
+
+# The entry format as the README states it, written independently of pyfiq.task so that the
+# scripts, pyfiq.task and this model are three views that must agree.
+_ENTRY = re.compile(rb"([0-9a-f]{32})\|([0-9]{1,15})\|([0-9]{1,15})\|")
+
+
+def parse(raw: bytes) -> tuple[str, int] | None:
+    """(task id, expires ms) of a well-formed entry, else None."""
+    m = _ENTRY.match(raw)
+    return (m.group(1).decode(), int(m.group(3))) if m else None
+
+
+def tid(raw: bytes) -> str:
+    """What the scripts take as a task id: the first 32 bytes."""
+    return raw[:32].decode("latin-1")
+
+
+def without_deadline(raw: bytes) -> bytes:
+    m = _ENTRY.match(raw)
+    assert m is not None
+    return raw[: m.start(3)] + b"0" + raw[m.end(3) :]
+
+
+@dataclass
+class Dead:
+    seq: int
+    reason: str
+    raw: bytes
+    #: Header fields the engine must have written (for the dead letters it makes itself).
+    expect: dict[str, Any] = field(default_factory=dict)
+
+
+class Refused(Exception):
+    """The model predicts an error reply and no change at all."""
+
+
+@dataclass
+class StreamModel:
+    pending: list[bytes] = field(default_factory=list)
+    inflight: list[bytes] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    token: str | None = None
+    #: None (not in the ready set), "due" (claimable now) or "future".
+    ready: str | None = None
+    dead: list[Dead] = field(default_factory=list)
+
+    @property
+    def handed(self) -> int:
+        return int(self.meta.get("handed", "0"))
+
+    def clear_marks(self, task: str) -> None:
+        for mark in ("d:", "s:", "x:", "l:"):
+            self.meta.pop(mark + task, None)
+
+    def dead_add(self, reason: str, raw: bytes, expect: dict[str, Any] | None = None) -> None:
+        seq = self.dead[-1].seq + 1 if self.dead else 1
+        self.dead.append(Dead(seq, reason, raw, expect or {}))
+
+    def dead_ids(self) -> dict[str, int]:
+        return {p[0]: d.seq for d in self.dead if (p := parse(d.raw)) is not None}
+
+    def ready_nx_due(self) -> None:
+        if self.ready is None:
+            self.ready = "due"
+
+    # -- the hand-out shared by acquire and take --------------------------------------------
+
+    def hand_out(self, handed: int, want: int) -> tuple[int, list[tuple[bytes, int]]]:
+        out: list[tuple[bytes, int]] = []
+        # Entries left in flight by an earlier holder come back first, one per hand-out.
+        while not out and handed < len(self.inflight):
+            raw = self.inflight[handed]
+            p = parse(raw)
+            if p is None:
+                del self.inflight[handed]
+                self.dead_add("undecodable", raw, {"deliveries": 0})
+                continue
+            task = p[0]
+            lost = int(self.meta.get(f"x:{task}", "0")) + (1 if f"s:{task}" in self.meta else 0)
+            deliveries = int(self.meta.get(f"d:{task}", "1")) + 1
+            if lost >= MAX_DELIVERIES:
+                del self.inflight[handed]
+                outlived = int(self.meta.get(f"l:{task}", "0"))
+                self.clear_marks(task)
+                reason = "lease-lost" if outlived else "poison"
+                self.dead_add(reason, raw, {"deliveries": deliveries - 1, "lost": lost})
+                continue
+            self.meta[f"d:{task}"] = str(deliveries)
+            self.meta[f"s:{task}"] = "1"
+            if lost:
+                self.meta[f"x:{task}"] = str(lost)
+            handed += 1
+            out.append((raw, deliveries))
+        if out:
+            return handed, out
+        while len(out) < want and self.pending:
+            raw = self.pending.pop(0)
+            p = parse(raw)
+            if p is None:
+                self.dead_add("undecodable", raw, {"deliveries": 0})
+            elif 0 < p[1] <= now_ms():
+                self.dead_add("expired", raw, {"deliveries": 0})
+            else:
+                self.inflight.append(raw)
+                if not out:
+                    self.meta[f"s:{p[0]}"] = "1"  # the holder starts the first one at once
+                handed += 1
+                out.append((raw, 1))
+        return handed, out
+
+    # -- scripts ----------------------------------------------------------------------------
+
+    def acquire(self, want: int) -> tuple[str, list[tuple[bytes, int]]]:
+        """("none" | "held" | "ok", tasks handed); the caller sets ``token`` on "ok"."""
+        if self.ready != "due":
+            return "none", []
+        if self.token is not None:
+            self.ready = "future"
+            return "held", []
+        if not self.pending and not self.inflight:
+            self.ready = None
+            self.meta = {}
+            return "none", []
+        self.ready = "future"
+        handed, out = 0, []
+        if want:
+            handed, out = self.hand_out(0, want)
+            if not out and not self.inflight:
+                self.meta = {}
+                self.ready = None
+                return "none", []
+        self.meta["handed"] = str(handed)
+        return "ok", out
+
+    def _strict_acks(self, acks: list[str]) -> None:
+        heads = self.inflight[: len(acks)]
+        if [tid(h) for h in heads] != acks:
+            raise Refused("not at the head")
+
+    def _drop_head(self, n: int) -> list[str]:
+        gone = [tid(raw) for raw in self.inflight[:n]]
+        del self.inflight[:n]
+        for task in gone:
+            self.clear_marks(task)
+        return gone
+
+    def take(self, token: str, acks: list[str], want: int) -> tuple[int, list[tuple[bytes, int]]]:
+        if token != self.token:
+            return -1, []
+        self._strict_acks(acks)
+        self._drop_head(len(acks))
+        handed = max(0, self.handed - len(acks))
+        if want == 0:
+            self.meta["handed"] = str(handed)
+            return 2, []
+        handed, out = self.hand_out(handed, want)
+        if not out and not self.inflight:
+            self.token, self.meta, self.ready = None, {}, None
+            return 0, []
+        self.meta["handed"] = str(handed)
+        return 1, out
+
+    def dead_letter(self, token: str, acks: list[str], task: str, reason: str, expect: dict[str, Any]) -> int:
+        if token != self.token:
+            return -1
+        k = len(acks)
+        if k >= len(self.inflight) or tid(self.inflight[k]) != task:
+            raise Refused("not next")
+        self._strict_acks(acks)
+        handed = self.handed
+        self._drop_head(k)
+        raw = self.inflight.pop(0)
+        self.clear_marks(task)
+        self.meta["handed"] = str(max(0, handed - k - 1))
+        self.dead_add(reason, raw, expect)
+        return 1
+
+    def release(self, token: str, acks: list[str], started: list[str], delay_ms: int) -> tuple[int, list[str]]:
+        """(reply, ids acknowledged by this call)."""
+        if token != self.token:
+            return -1, []
+        heads = self.inflight[: len(acks)]
+        n = 0
+        for a in acks:  # tolerant: ids no longer at the head were acknowledged before
+            if n < len(heads) and tid(heads[n]) == a:
+                n += 1
+        handed = self.handed
+        acked = self._drop_head(n)
+        handed = min(max(0, handed - n), len(self.inflight))
+        mine = self.inflight[:handed]
+        moved = 0
+        if handed == len(self.inflight):
+            for raw in reversed(mine):
+                task = tid(raw)
+                if task in started or f"d:{task}" in self.meta:
+                    break
+                self.inflight.pop()
+                self.pending.insert(0, raw)
+                self.clear_marks(task)
+                moved += 1
+        for raw in mine[: len(mine) - moved]:
+            task = tid(raw)
+            self.meta.pop(f"s:{task}", None)
+            if task not in started:
+                self.meta[f"d:{task}"] = str(max(0, int(self.meta.get(f"d:{task}", "1")) - 1))
+        self.token = None
+        if self.inflight:
+            self.meta["handed"] = "0"
+        else:
+            self.meta = {}
+        if self.pending or self.inflight:
+            self.ready = "due" if delay_ms == 0 else "future"
+        else:
+            self.ready = None
+        return 1, acked
+
+    def renew(self, token: str) -> int:
+        if token != self.token:
+            return 0
+        if self.ready is not None:
+            self.ready = "future"
+        return 1
+
+    def lost(self, raw: bytes) -> int:
+        if raw not in self.inflight[: MAX_PREFETCH + 1]:
+            return 0
+        key = f"l:{tid(raw)}"
+        self.meta[key] = str(int(self.meta.get(key, "0")) + 1)
+        return 1
+
+    def requeue(self, front: bool, task: str | None = None, count: int | None = None) -> int:
+        if task is not None:
+            picked = [d for d in self.dead if (p := parse(d.raw)) is not None and p[0] == task]
+        elif count is not None:
+            picked = self.dead[:count]
+        else:
+            picked = list(self.dead)
+        fresh = []
+        for d in picked:
+            if parse(d.raw) is not None:
+                fresh.append(without_deadline(d.raw))
+                self.dead.remove(d)
+        if front:
+            self.pending[:0] = fresh
+        else:
+            self.pending += fresh
+        if fresh:
+            self.ready_nx_due()
+        return len(fresh)
+
+
+def now_ms() -> int:
+    # Deadlines in this test are either long past or far ahead, so the local wall clock
+    # decides exactly what Redis's does.
+    return int(time.time() * 1000)
+
+
+# Near misses of the entry format, and arbitrary bytes: every one must be dead-lettered as
+# undecodable with its bytes kept, by the scripts and by pyfiq.task alike.
+NEAR_MISSES = [
+    b"",
+    b"hello-not-a-task",
+    b"A" * 32 + b"|1|0|x",
+    b"a" * 31 + b"|1|0|x",
+    b"a" * 33 + b"|1|0|x",
+    b"g" * 32 + b"|1|0|x",
+    b"a" * 32 + b"|zz|0|x",
+    b"a" * 32 + b"||0|x",
+    b"a" * 32 + b"|-1|0|x",
+    b"a" * 32 + b"|1|0",
+    b"a" * 32 + b"|1234567890123456|0|x",
+    b"a" * 32 + b"|1|1234567890123456|x",
+    b"a" * 32 + b" |1|0|x",
+    b"\xff\xfe" * 20,
+]
+
+
+@st.composite
+def near_misses(draw: st.DrawFn) -> bytes:
+    """Bytes shaped almost like an entry: a wrong id length or alphabet, odd time fields."""
+    head = draw(st.text("0123456789abcdefAg", min_size=30, max_size=34))
+    enq = draw(st.text("0123456789- x", max_size=17))
+    exp = draw(st.text("0123456789- x", max_size=17))
+    tail = draw(st.sampled_from(["|", "", "|payload", "\n|"]))
+    return f"{head}|{enq}|{exp}{tail}".encode()
+
+
+GARBAGE = st.one_of(st.sampled_from(NEAR_MISSES), near_misses(), st.binary(max_size=48)).filter(
+    lambda b: parse(b) is None
+)
+
+
+@st.composite
+def odd_times(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """(enqueued, expires) fields that are valid but unusual: leading zeros, 15 digits. The
+    deadline is never (all zeros), long past (at most 12 digits) or far ahead (14-15)."""
+    enq = draw(st.text("0123456789", min_size=1, max_size=15))
+    kind = draw(st.sampled_from(["never", "past", "ahead"]))
+    if kind == "never":
+        exp = "0" * draw(st.integers(1, 15))
+    elif kind == "past":
+        exp = draw(st.text("0123456789", min_size=1, max_size=12).filter(lambda t: int(t) > 0))
+    else:
+        exp = draw(st.sampled_from("123456789")) + draw(st.text("0123456789", min_size=13, max_size=14))
+    return enq.encode(), exp.encode()
+
+
+PAYLOADS = st.sampled_from(
+    [
+        b'{"v":1,"name":"t","args":[1]}',
+        b"",
+        b"pipes|in|the|payload",
+        b'{"seq":7,"reason":"forged"}\n' + b"b" * 32 + b"|1|0|",  # looks like a dead-letter record
+        b"\n\n|\xff",
+    ]
+)
+# none: enqueue.lua without deadline; future: enqueue.lua with one an hour away; past and odd
+# are written pre-formatted (a deadline already passed; unusual but valid time fields).
+DEADLINES = st.sampled_from(["none", "future", "past", "odd"])
+CLIENTS = st.sampled_from(["A", "B"])
+WHERE = st.sampled_from(["pending", "pending-unclaimable", "inflight-tail", "inflight-head"])
+OUT_OF_ORDER = st.sampled_from(["ack-unknown", "ack-skips-head", "dead-letter-not-next", "dead-letter-bad-header"])
+STALE_CALLS = st.sampled_from(["take", "ack-only", "release", "dead-letter", "renew", "report-outlived"])
+
+
+class StreamMachine(RuleBasedStateMachine):
+    server: RedisServer  # set by the test function from the session fixture
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend = RedisQueueBackend(
+            self.server.url, prefix=unique_prefix(), shards=3, lease_ttl=LEASE_TTL, max_deliveries=MAX_DELIVERIES
+        )
+        self.r = self.backend.client
+        self.ops = self.backend.ops
+        self.k = self.backend.keys.stream(STREAM)
+        self.m = StreamModel()
+        #: The client holding the live lease, and that lease.
+        self.holder: str | None = None
+        self.lease: Lease | None = None
+        #: Leases that ended (lapsed, released, drained), with the tasks their holder had.
+        self.stale: list[tuple[Lease, list[bytes]]] = []
+        self.rank: dict[str, int] = {}  # task id -> place in acceptance order
+        self.requeued: set[str] = set()
+        self.acked: set[str] = set()
+        self.garbage: Counter[bytes] = Counter()
+        self.dedup: dict[str, str] = {}
+        self.last_fence = 0
+        self.last_acked: str | None = None
+
+    def teardown(self) -> None:
+        keys = list(self.r.scan_iter(f"{self.backend.keys.prefix}:*"))
+        if keys:
+            self.r.delete(*keys)
+        self.backend.close()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def call(self, call: Any) -> Any:
+        return self.backend.call(call)
+
+    def snapshot(self) -> dict[bytes, Any]:
+        """Every key of this example and its content (not its TTL)."""
+        out: dict[bytes, Any] = {}
+        for key in sorted(self.r.scan_iter(f"{self.backend.keys.prefix}:*")):
+            kind = self.r.type(key)
+            read = {
+                b"list": lambda k: self.r.lrange(k, 0, -1),
+                b"hash": self.r.hgetall,
+                b"zset": lambda k: self.r.zrange(k, 0, -1, withscores=True),
+                b"set": self.r.smembers,
+                b"string": self.r.get,
+            }[kind]
+            out[key] = (kind, read(key))
+        return out
+
+    def expect_unchanged(self, before: dict[bytes, Any]) -> None:
+        assert self.snapshot() == before, "a refused call changed Redis"
+
+    def mine(self) -> list[bytes]:
+        """The entries the live holder was handed and has not finished."""
+        return self.m.inflight[: self.m.handed]
+
+    def held(self) -> Lease:
+        assert self.lease is not None
+        return self.lease
+
+    def end_lease(self, had: list[bytes]) -> None:
+        """The live lease is over; its holder may still call with it (and must be refused)."""
+        self.stale.append((self.held(), had))
+        del self.stale[:-4]
+        self.holder = self.lease = None
+
+    def accept(self, raw: bytes) -> None:
+        p = parse(raw)
+        assert p is not None
+        self.rank[p[0]] = len(self.rank)
+        self.m.pending.append(raw)
+
+    def raw_push(self, key: str, entries: list[bytes], *, left: bool = False, claimable: bool = True) -> None:
+        """Write entries as a producer of another version (or corruption) would."""
+        (self.r.lpush if left else self.r.rpush)(key, *entries)
+        if claimable:
+            secs, micros = self.r.time()
+            self.r.zadd(self.k.ready, {STREAM: secs * 1000 + micros // 1000}, nx=True)
+            self.reindex()
+
+    def reindex(self) -> None:
+        first = self.r.zrange(self.k.ready, 0, 0, withscores=True)
+        if first:
+            self.r.zadd(self.k.queues, {QUEUE: first[0][1]})
+        else:
+            self.r.zrem(self.k.queues, QUEUE)
+
+    def check_handed(self, got: list[Any], want: list[tuple[bytes, int]]) -> None:
+        pairs = [(got[i], int(got[i + 1])) for i in range(0, len(got), 2)]
+        assert pairs == want, "tasks handed (entry, deliveries) differ from the model"
+        for raw, _ in pairs:  # what the scripts hand out, Python must parse
+            assert Entry.parse(raw).id == tid(raw)
+
+    # -- producers --------------------------------------------------------------------------
+
+    # -- rules ----------------------------------------------------------------------------
+    #
+    # Few rules, each drawing which kind of step it takes (kinds repeat to weight them): the
+    # interesting sequences need a holder working and handing over, and Hypothesis spreads
+    # its steps evenly over the rules it enables in an example.
+
+    @initialize(data=st.data())
+    def some_work(self, data: st.DataObject) -> None:
+        for _ in range(data.draw(st.integers(1, 3), "batches")):
+            self.enqueue(data)
+
+    @rule(data=st.data())
+    def produce(self, data: st.DataObject) -> None:
+        if data.draw(st.sampled_from(["enqueue", "enqueue", "enqueue", "garbage"]), "produce") == "enqueue":
+            self.enqueue(data)
+        else:
+            self.inject_garbage(data.draw(GARBAGE, "garbage"), data.draw(WHERE, "where"))
+
+    @precondition(lambda self: self.holder is None)
+    @rule(client=CLIENTS, want=st.integers(0, 3))
+    def claim(self, client: str, want: int) -> None:
+        self.acquire(client, want)
+
+    @precondition(lambda self: self.holder is not None)
+    @rule(data=st.data())
+    def work(self, data: st.DataObject) -> None:
+        kinds = ["hot-path", "hot-path", "take", "take", "renew"]
+        if self.m.handed:
+            kinds += ["dead-letter", "out-of-order"]
+        kind = data.draw(st.sampled_from(kinds), "work")
+        if kind == "hot-path":  # as the workers do: acknowledge all that was handed, take more
+            self.take(self.m.handed, data.draw(st.integers(1, 3), "want"))
+        elif kind == "take":
+            self.take(data.draw(st.integers(0, 3), "acks"), data.draw(st.integers(0, 3), "want"))
+        elif kind == "renew":
+            self.renew()
+        elif kind == "dead-letter":
+            self.dead_letter_head(data.draw(st.integers(0, 2), "acks"))
+        else:
+            self.holder_call_out_of_order(data.draw(OUT_OF_ORDER, "call"))
+
+    @precondition(lambda self: self.holder is not None)
+    @rule(data=st.data())
+    def hand_over(self, data: st.DataObject) -> None:
+        kind = data.draw(st.sampled_from(["release", "release", "lapse", "take-over", "take-over"]), "hand over")
+        if kind == "release":
+            # The workers name nothing (stop, yield, defer, park) or the head they were running
+            # (aborted, or an I/O error mid-task); any subset checks the script's generality.
+            started = data.draw(st.sampled_from(["none", "head", "any"]), "started")
+            self.release(
+                data.draw(st.integers(0, 3), "acks"),
+                data.draw(st.integers(0, 7), "started mask") if started == "any" else int(started == "head"),
+                data.draw(st.booleans(), "resend"),
+                data.draw(st.sampled_from([0, 0, 60_000]), "delay"),
+            )
+        elif kind == "lapse":
+            self.lease_lapses()
+        else:
+            self.take_over(data.draw(st.integers(1, 3), "want"))
+
+    @rule(data=st.data())
+    def interfere(self, data: st.DataObject) -> None:
+        kinds = ["script-flush", "ready-score-falls-due"] + ["stale-holder"] * 3 * bool(self.stale)
+        if self.holder is not None:
+            kinds.append("claim-held-stream")
+        kind = data.draw(st.sampled_from(kinds), "interfere")
+        if kind == "claim-held-stream":  # exclusion: nobody else gets a held stream
+            self.acquire(data.draw(CLIENTS, "client"), data.draw(st.integers(0, 3), "want"))
+        elif kind == "stale-holder":
+            self.stale_holder_call(data.draw(st.integers(0, 3), "which"), data.draw(STALE_CALLS, "call"))
+        else:
+            self.redis_event(kind)
+
+    @precondition(lambda self: bool(self.m.dead))
+    @rule(
+        mode=st.sampled_from(["all", "all-front", "id", "id-front", "count", "count-front", "unknown-id"]),
+        pick=st.integers(0, 8),
+    )
+    def operator_requeues(self, mode: str, pick: int) -> None:
+        self.requeue(mode, pick)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def enqueue(self, data: st.DataObject) -> None:
+        items = data.draw(st.lists(st.tuples(DEADLINES, PAYLOADS), min_size=1, max_size=3), "tasks")
+        ids = [new_task_id() for _ in items]
+        if all(kind in ("none", "future") for kind, _ in items):
+            dedup = data.draw(st.none() | st.lists(st.sampled_from("xyz"), min_size=len(items), max_size=len(items)))
+            ttl = {"none": 0, "future": 3_600_000}
+            call = self.ops.enqueue(STREAM, [(i, ttl[kind], p) for i, (kind, p) in zip(ids, items, strict=True)], dedup)
+            reply = self.ops.parse_enqueue(self.call(call))
+            fresh = []
+            expected = []
+            for i, key in zip(ids, dedup or [None] * len(ids), strict=True):
+                if key is not None and key in self.dedup:
+                    expected.append((self.dedup[key], False))
+                    continue
+                if key is not None:
+                    self.dedup[key] = i
+                expected.append((i, True))
+                fresh.append(i)
+            assert reply == expected
+            stored = self.r.lrange(self.k.pending, -len(fresh), -1) if fresh else []
+            by_id = dict(zip(ids, items, strict=True))
+            for raw, i in zip(stored, fresh, strict=True):
+                entry = Entry.parse(raw)
+                kind, payload = by_id[i]
+                assert entry.id == i and entry.payload == payload
+                assert (
+                    (entry.expires_ms == 0) if kind == "none" else (entry.expires_ms == entry.enqueued_ms + 3_600_000)
+                )
+                self.accept(raw)
+            if fresh:
+                self.m.ready_nx_due()
+            return
+        now = str(now_ms()).encode()
+        fixed = {"none": (now, b"0"), "future": (now, str(FAR_FUTURE_MS).encode()), "past": (now, b"1")}
+        entries = []
+        for i, (kind, payload) in zip(ids, items, strict=True):
+            enq, exp = fixed[kind] if kind in fixed else data.draw(odd_times())
+            entries.append(i.encode() + b"|" + enq + b"|" + exp + b"|" + payload)
+        self.raw_push(self.k.pending, entries)
+        for raw in entries:
+            self.accept(raw)
+        self.m.ready_nx_due()
+
+    def inject_garbage(self, garbage: bytes, where: str) -> None:
+        assert Entry.load(garbage).malformed, "pyfiq.task accepts what the scripts reject"
+        if where == "inflight-head" and self.holder is not None and self.m.handed:
+            # Corrupting the holder's own handed entries is outside the engine's contract:
+            # only the head of an in-flight list nobody has been handed from.
+            where = "inflight-tail"
+        self.garbage[garbage] += 1
+        if where.startswith("pending"):
+            claimable = where == "pending"
+            self.raw_push(self.k.pending, [garbage], claimable=claimable)
+            self.m.pending.append(garbage)
+            if claimable:
+                self.m.ready_nx_due()
+        elif where == "inflight-tail":
+            self.raw_push(self.k.inflight, [garbage], claimable=False)
+            self.m.inflight.append(garbage)
+        else:
+            self.raw_push(self.k.inflight, [garbage], left=True, claimable=False)
+            self.m.inflight.insert(0, garbage)
+
+    def acquire(self, client: str, want: int) -> None:
+        call = self.ops.acquire(STREAM, want)
+        reply = self.call(call)
+        outcome, handed = self.m.acquire(want)
+        if outcome == "none":
+            assert reply == [0]
+        elif outcome == "held":
+            assert len(reply) == 2 and reply[0] == 0 and int(reply[1]) > 0
+        else:
+            assert reply[0] == 1, f"acquire refused a claimable stream: {reply}"
+            lease = self.ops.parse_acquire(STREAM, reply, threading.Event(), time.monotonic())
+            assert lease is not None
+            assert lease.token == f"{lease.fence}:{call.args[2]}"
+            assert lease.fence > self.last_fence, "fencing tokens must rise with every lease"
+            self.last_fence = lease.fence
+            self.check_handed(reply[4:], handed)
+            self.m.token = lease.token
+            self.holder, self.lease = client, lease
+
+    def take(self, k: int, want: int) -> None:
+        lease, mine = self.held(), self.mine()
+        acks = [tid(raw) for raw in mine[:k]]
+        reply = self.call(self.ops.take(lease, acks, want))
+        status, handed = self.m.take(lease.token, acks, want)
+        assert int(reply[0]) == status, f"take replied {reply}, the model says {status}"
+        self.acked.update(acks)
+        if acks:
+            self.last_acked = acks[-1]
+        if status == 1:
+            self.check_handed(reply[2:], handed)
+        if status == 0:
+            self.end_lease(mine[k:])
+
+    def release(self, k: int, started_mask: int, resend: bool, delay: int) -> None:
+        lease, mine = self.held(), self.mine()
+        acks = [tid(raw) for raw in mine[:k]]
+        rest = [tid(raw) for raw in mine[k:]]
+        started = [t for bit, t in enumerate(rest) if started_mask >> bit & 1]
+        if resend and self.last_acked is not None:
+            # A retried call after a lost reply: an acknowledgement that was applied already.
+            acks.insert(0, self.last_acked)
+        reply = self.call(self.ops.release(lease, acks, started, delay))
+        expected, acked = self.m.release(lease.token, acks, started, delay)
+        assert reply == expected == 1
+        assert set(acked) <= set(acks)
+        self.acked.update(acked)
+        self.end_lease(mine[k:])
+
+    def dead_letter_head(self, k: int) -> None:
+        lease, mine = self.held(), self.mine()
+        k = min(k, len(mine) - 1)
+        acks = [tid(raw) for raw in mine[:k]]
+        task = tid(mine[k])
+        deliveries = int(self.m.meta.get(f"d:{task}", "1"))
+        header = dead_letter_header("exhausted", replica="model", deliveries=deliveries, attempts=3, name="t")
+        reply = self.call(self.ops.dead_letter(lease, acks, task, header))
+        assert reply == self.m.dead_letter(lease.token, acks, task, "exhausted", {"deliveries": deliveries}) == 1
+        self.acked.update(acks)
+        if acks:
+            self.last_acked = acks[-1]
+
+    def renew(self) -> None:
+        lease = self.held()
+        (reply,) = self.backend.call_many([self.ops.renew(lease)])  # the pipelined path
+        assert reply == self.m.renew(lease.token) == 1
+
+    def holder_call_out_of_order(self, kind: str) -> None:
+        """Calls that do not match the in-flight list fail before they write anything."""
+        lease, mine = self.held(), self.mine()
+        before = self.snapshot()
+        header = dead_letter_header("exhausted", replica="model", deliveries=1)
+        call = {
+            "ack-unknown": lambda: self.ops.take(lease, [new_task_id()], 1),
+            "ack-skips-head": lambda: self.ops.take(lease, [tid(raw) for raw in mine[1:2]] or [new_task_id()], 1),
+            "dead-letter-not-next": lambda: self.ops.dead_letter(lease, [], new_task_id(), header),
+            "dead-letter-bad-header": lambda: self.ops.dead_letter(lease, [], tid(mine[0]), "not json"),
+        }[kind]()
+        with pytest.raises(redis.ResponseError, match="pyfiq: "):
+            self.call(call)
+        self.expect_unchanged(before)
+
+    def take_over(self, want: int) -> None:
+        """The holder dies with its tasks in flight; the other client claims the stream."""
+        other = "B" if self.holder == "A" else "A"
+        self.lease_lapses()
+        self.acquire(other, want)
+
+    def lease_lapses(self) -> None:
+        """The holder stops renewing (killed, paused, partitioned) and its TTL runs out."""
+        self.r.delete(self.k.lease)
+        self.r.zadd(self.k.ready, {STREAM: 0})
+        self.reindex()
+        self.m.token = None
+        self.m.ready = "due"
+        self.end_lease(self.mine())
+
+    def redis_event(self, kind: str) -> None:
+        if kind == "script-flush":  # as after a restart: every script call must reload
+            self.r.script_flush()
+        elif self.m.ready is not None:
+            # A parked stream's delay passes, or a claimer reads a held stream's score as due
+            # just before its holder renews.
+            self.r.zadd(self.k.ready, {STREAM: 0}, xx=True)
+            self.reindex()
+            self.m.ready = "due"
+
+    def stale_holder_call(self, which: int, kind: str) -> None:
+        """A holder whose lease is gone (lapsed, or released) calls on: refused, no trace."""
+        lease, had = self.stale[which % len(self.stale)]
+        assert lease.token != self.m.token
+        if kind == "report-outlived" and had:
+            # Unfenced on purpose: a holder that woke past its lease says its task outlived it.
+            reply = self.call(self.ops.lost(lease, Entry.load(had[0])))
+            assert reply == self.m.lost(had[0])
+            return
+        acks = [tid(raw) for raw in had]
+        before = self.snapshot()
+        if kind in ("take", "report-outlived"):
+            assert self.call(self.ops.take(lease, acks, 2)) == [-1]
+        elif kind == "ack-only":
+            assert self.call(self.ops.take(lease, acks, 0)) == [-1]
+        elif kind == "release":
+            assert self.call(self.ops.release(lease, acks, acks[:1])) == -1
+        elif kind == "dead-letter":
+            task = acks[0] if acks else new_task_id()
+            header = dead_letter_header("exhausted", replica="stale", deliveries=1)
+            assert self.call(self.ops.dead_letter(lease, [], task, header)) == -1
+        else:
+            assert self.backend.call_many([self.ops.renew(lease)]) == [0]
+        self.expect_unchanged(before)
+
+    def requeue(self, mode: str, pick: int) -> None:
+        front = mode.endswith("front")
+        task = count = None
+        if mode.startswith("id"):
+            ids = list(self.m.dead_ids())
+            task = ids[pick % len(ids)] if ids else new_task_id()
+        elif mode == "unknown-id":
+            task = new_task_id()
+        elif mode.startswith("count"):
+            count = pick + 1
+        moved = self.backend.requeue_dead_letters(STREAM, count=count, task_id=task, front=front)
+        before = {p[0] for d in self.m.dead if (p := parse(d.raw))}
+        assert moved == self.m.requeue(front, task, count)
+        after = {p[0] for d in self.m.dead if (p := parse(d.raw))}
+        self.requeued |= before - after
+
+    # -- checks after every step --------------------------------------------------------------
+
+    def read(self) -> dict[str, Any]:
+        k = self.k
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(k.pending, 0, -1).lrange(k.inflight, 0, -1).hgetall(k.meta).get(k.lease)
+        pipe.zscore(k.ready, STREAM).zrange(k.ready, 0, 0, withscores=True).zscore(k.queues, QUEUE)
+        pipe.zrange(k.dead, 0, -1, withscores=True).hgetall(k.dead_ids).sismember(k.dlq_index, STREAM).time()
+        names = [
+            "pending",
+            "inflight",
+            "meta",
+            "lease",
+            "ready",
+            "first",
+            "indexed",
+            "dead",
+            "deadids",
+            "indexed_dead",
+            "time",
+        ]
+        return dict(zip(names, pipe.execute(), strict=True))
+
+    @invariant()
+    def guarantees_hold(self) -> None:
+        s = self.read()
+        stored = s["pending"] + s["inflight"] + [rec.split(b"\n", 1)[1] for rec, _ in s["dead"]]
+        # No loss, no duplicate: every accepted task is in exactly one place until acknowledged.
+        ids = Counter(p[0] for raw in stored if (p := parse(raw)))
+        assert set(ids) <= set(self.rank), "Redis holds a task nobody enqueued"
+        for task in self.rank:
+            assert ids[task] == (0 if task in self.acked else 1), f"task {task} stored {ids[task]} times"
+        # Garbage is never dropped either: it ends up as an undecodable dead letter.
+        assert Counter(raw for raw in stored if parse(raw) is None) == self.garbage
+        # Order: tasks still waiting are in acceptance order (a requeue re-accepts a task).
+        waiting = [p[0] for raw in s["inflight"] + s["pending"] if (p := parse(raw))]
+        ranks = [self.rank[t] for t in waiting if t not in self.requeued]
+        assert ranks == sorted(ranks), "tasks are out of acceptance order"
+        # Liveness: a stream with tasks or a lease can always be found through its ready set.
+        holds_tasks = any(parse(raw) for raw in s["pending"] + s["inflight"])
+        if holds_tasks or s["lease"] is not None:
+            assert s["ready"] is not None, "a stream with work or a lease is missing from its ready set"
+        indexed = None if not s["first"] else s["first"][0][1]
+        assert s["indexed"] == indexed, "the shard's queue index does not hold the queue's earliest score"
+        # The dead-letter indexes agree with the records.
+        by_seq = {}
+        for rec, score in s["dead"]:
+            head, _, raw = rec.partition(b"\n")
+            header = json.loads(head)
+            assert header["seq"] == score
+            by_seq[int(score)] = (header, raw)
+        found = {p[0]: seq for seq, (_, raw) in by_seq.items() if (p := parse(raw))}
+        assert {k.decode(): int(v) for k, v in s["deadids"].items()} == found
+        assert bool(s["indexed_dead"]) == bool(s["dead"])
+
+        # The reference model, exactly.
+        assert s["pending"] == self.m.pending
+        assert s["inflight"] == self.m.inflight
+        assert {k.decode(): v.decode() for k, v in s["meta"].items()} == self.m.meta
+        assert (s["lease"].decode() if s["lease"] else None) == self.m.token
+        now = s["time"][0] * 1000 + s["time"][1] // 1000
+        state = None if s["ready"] is None else ("due" if s["ready"] <= now else "future")
+        assert state == self.m.ready
+        assert [(seq, h["reason"], raw) for seq, (h, raw) in sorted(by_seq.items())] == [
+            (d.seq, d.reason, d.raw) for d in self.m.dead
+        ]
+        for d in self.m.dead:
+            header = by_seq[d.seq][0]
+            assert {key: header.get(key) for key in d.expect} == d.expect, f"dead letter {d.seq}: {header}"
+
+
+def _run(server: RedisServer, monkeypatch: pytest.MonkeyPatch, examples: int, steps: int) -> None:
+    # Tiny requeue pages, so the paging over dead letters is exercised as well.
+    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 2)
+    StreamMachine.server = server
+    run_state_machine_as_test(
+        StreamMachine,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+
+
+def test_stream_scripts_match_the_model(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(redis_server, monkeypatch, examples=50, steps=40)
+
+
+@pytest.mark.skipif(not SOAK, reason="soak test: set PYFIQ_SOAK=1")
+@pytest.mark.timeout(3600)
+def test_stream_scripts_match_the_model_soak(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(redis_server, monkeypatch, examples=int(os.environ.get("PYFIQ_MODEL_EXAMPLES", "3000")), steps=80)

@@ -1,0 +1,96 @@
+"""Bad calls fail at the call, with nothing stored (against a real redis-server)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import pyfiq
+from pyfiq import AccessDeniedError, AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
+
+
+def _stored(backend: RedisQueueBackend) -> list[bytes]:
+    return list(backend.client.scan_iter(f"{backend.keys.prefix}:*:pending"))
+
+
+def test_a_call_the_function_cannot_accept_is_refused_before_anything_is_stored(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    pyfiq.configure(redis_backend)
+
+    @fifo(queue="api-arity", name="tests.api.charge")
+    def charge(customer: str, cents: int, *, note: str = "") -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"tests\.api\.charge\(customer.*missing.*'cents'; nothing was enqueued"):
+        charge("c-1")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        charge("c-1", 5, colour="red")
+    with pytest.raises(TypeError, match="too many positional"):
+        charge.send_with_options(args=("c-1", 5, "x"))
+    with pytest.raises(TypeError, match="missing"):
+        charge.enqueue_many([("c-1", 5), ("c-2",)])  # one bad call: none of the batch is stored
+    assert _stored(redis_backend) == []
+    charge("c-1", 5, note="ok")
+    assert len(_stored(redis_backend)) == 1
+
+
+def test_a_bare_fifo_is_refused_at_decoration() -> None:
+    with pytest.raises(ConfigurationError, match=r"with parentheses"):
+
+        @fifo  # type: ignore[call-overload]
+        def forgot() -> None:
+            pass
+
+
+@pytest.mark.parametrize("worker", [ThreadedWorker, AsyncWorker])
+def test_queues_given_as_one_string_is_refused(redis_backend: RedisQueueBackend, worker: type) -> None:
+    with pytest.raises(ConfigurationError, match=r"write \['billing'\]"):
+        worker(redis_backend, queues="billing")
+
+
+@pytest.fixture
+def acl_user(redis_server: Any) -> Iterator[str]:
+    """A Redis user that may only touch keys no pyfiq prefix uses."""
+    name = f"pyfiq-test-{uuid.uuid4().hex[:6]}"
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", name, "on", ">s3cret-pw", "~elsewhere:*", "+@all")
+    yield name
+    admin.execute_command("ACL", "DELUSER", name)
+    admin.close()
+
+
+def test_a_wrong_password_fails_at_once_and_is_never_retried(redis_server: Any, acl_user: str) -> None:
+    url = f"redis://{acl_user}:not-the-password@127.0.0.1:{redis_server.port}/0"
+    backend = RedisQueueBackend(url, enqueue_timeout=10.0, enqueue_attempts=5)
+
+    @fifo(queue="api-denied", name="tests.api.denied")
+    def denied() -> None:
+        pass
+
+    started = time.monotonic()
+    with pytest.raises(AccessDeniedError, match=r"AuthenticationError|WRONGPASS|invalid username-password") as info:
+        denied.send_with_options(backend=backend)
+    assert time.monotonic() - started < 2, "an authentication error must not be retried"
+    assert "not-the-password" not in str(info.value) and str(redis_server.port) in str(info.value)
+    with pytest.raises(AccessDeniedError):
+        ThreadedWorker(backend, queues=["api-denied"]).start()
+    backend.close()
+
+
+def test_a_missing_permission_fails_at_once_naming_it(redis_server: Any, acl_user: str) -> None:
+    backend = RedisQueueBackend(f"redis://{acl_user}:s3cret-pw@127.0.0.1:{redis_server.port}/0", enqueue_timeout=10.0)
+
+    @fifo(queue="api-noperm", name="tests.api.noperm")
+    def noperm() -> None:
+        pass
+
+    started = time.monotonic()
+    with pytest.raises(AccessDeniedError, match=r"NoPermissionError: .*no permissions"):
+        noperm.send_with_options(backend=backend)
+    assert time.monotonic() - started < 2
+    backend.close()
