@@ -7,6 +7,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:epoch              fencing counter of the shard
     {prefix}:{s<N>}:layout             the shard count (re-asserted by every poll and enqueue)
     {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
+    {prefix}:{s<N>}:paused             set of paused queues and streams (a queue is in every shard's)
     {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
     {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
@@ -80,6 +81,7 @@ class StreamKeys:
     ready: str
     queues: str
     layout: str
+    paused: str
     epoch: str
     dlq_index: str
     _dedup_prefix: str
@@ -117,6 +119,9 @@ class KeySchema:
     def ready(self, shard: int, queue: str) -> str:
         return f"{self._tag(shard)}:r:{queue}"
 
+    def paused(self, shard: int) -> str:
+        return f"{self._tag(shard)}:paused"
+
     def layout(self, shard: int) -> str:
         return f"{self._tag(shard)}:layout"
 
@@ -141,6 +146,7 @@ class KeySchema:
             ready=self.ready(shard, queue_of(stream)),
             queues=self.queues(shard),
             layout=self.layout(shard),
+            paused=self.paused(shard),
             epoch=self.epoch(shard),
             dlq_index=self.dlq_index(shard),
             _dedup_prefix=base + "dedup:",

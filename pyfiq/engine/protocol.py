@@ -25,6 +25,7 @@ class TakeReply(IntEnum):
     EMPTY = 0  # nothing left: the lease was released and the stream forgotten
     TASKS = 1  # acknowledged; the tasks handed over follow (possibly none)
     ACKED = 2  # acknowledged only (nothing was asked for)
+    PAUSED = 3  # acknowledged; the queue or stream is paused, so nothing was handed over
 
 
 class AcquireReply(IntEnum):
@@ -64,10 +65,23 @@ PARK_AFTER_MS = 50
 #: order is stated once. ``enqueue`` takes one dedup key per task after these.
 KEY_NAMES: dict[str, tuple[str, ...]] = {
     "enqueue": ("pending", "ready", "queues", "layout"),
-    "due": ("queues", "layout"),
-    "acquire": ("queues", "ready", "epoch", "lease", "meta", "pending", "inflight", "dead", "dead_ids", "dlq_index"),
+    "due": ("queues", "layout", "paused"),
+    "acquire": (
+        "queues",
+        "ready",
+        "epoch",
+        "lease",
+        "meta",
+        "pending",
+        "inflight",
+        "dead",
+        "dead_ids",
+        "dlq_index",
+        "paused",
+    ),
     "renew": ("lease", "ready", "queues"),
-    "take": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index"),
+    "take": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "paused"),
+    "skip": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index"),
     "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index"),
     "release": ("lease", "pending", "inflight", "meta", "ready", "queues"),
     "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
@@ -111,7 +125,7 @@ class Ops:
     def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:
         return Call(
             "due",
-            [self.keys.queues(shard), self.keys.layout(shard)],
+            [self.keys.queues(shard), self.keys.layout(shard), self.keys.paused(shard)],
             [want, self.keys.shards, DUE_SCAN, offset, *(queues or ())],
         )
 
@@ -123,11 +137,13 @@ class Ops:
         due = [(_text(reply[i]), float(reply[i + 1])) for i in range(2, len(reply), 2)]
         return (nxt / 1000 if nxt >= 0 else None), int(reply[1]), due
 
-    def acquire(self, stream: str, want: int = 0) -> Call:
-        """Claim a stream and, with ``want``, take its first tasks in the same round trip."""
+    def acquire(self, stream: str, want: int = 0, holder: str = "") -> Call:
+        """Claim a stream and, with ``want``, take its first tasks in the same round trip.
+        ``holder`` (the replica id) goes into the lease token, so operators see who holds it."""
         k = self.keys.stream(stream)
+        nonce = f"{holder}/{secrets.token_hex(6)}"
         return stream_call(
-            "acquire", k, [stream, self.settings.lease_ttl_ms, secrets.token_hex(8), want, self.settings.max_deliveries]
+            "acquire", k, [stream, self.settings.lease_ttl_ms, nonce, want, self.settings.max_deliveries]
         )
 
     def parse_acquire(self, stream: str, reply: list[Any], abort: Flag, sent_at: float) -> Lease | None:
@@ -179,6 +195,11 @@ class Ops:
         """Note that ``entry`` ran past this holder's lease while the holder was alive."""
         k = lease.keys
         return stream_call("lost", k, [entry.raw, MAX_PREFETCH + 1])
+
+    def skip(self, stream: str, header: str) -> Call:
+        """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
+        k = self.keys.stream(stream)
+        return stream_call("skip", k, [stream, header, self.keys.wake_channel, k.shard])
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
         return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])

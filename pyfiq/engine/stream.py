@@ -35,7 +35,7 @@ class Pause:
 @dataclass(frozen=True)
 class Finished:
     #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
-    #: permit), 'fenced', 'abandoned'
+    #: permit), 'paused' (an operator paused it), 'fenced', 'abandoned'
     reason: str
 
 
@@ -151,6 +151,8 @@ class StreamRun:
             self.lease.ending = False
             if status is TakeReply.ACKED:
                 return self._next()
+            if status is TakeReply.PAUSED:
+                return self._release([], final="paused")
             self.lease.clock(int(result[1]), self._sent_at)
             for i in range(2, len(result), 2):
                 self.buffer.append((Entry.load(result[i]), int(result[i + 1])))

@@ -223,10 +223,50 @@ def dlq_purge(url: str, prefix: str, shards: int, queue: str) -> None:
 @main.command()
 @backend_options
 def status(url: str, prefix: str, shards: int) -> None:
-    """Queues with work or a lease, with their counts and lease holder."""
+    """Queues with work or a lease, with their counts, lease holder and paused state."""
     backend = _backend(url, prefix, shards)
     streams = sorted(set(backend.active_streams()) | set(backend.dead_letter_streams()))
-    click.echo("queue\tpending\tinflight\tdead\tlease")
+    click.echo("queue\tpending\tinflight\tdead\tholder\tfence\tlease_ms\tpaused")
     for stream in streams:
         i = backend.queue_info(stream)
-        click.echo(f"{stream}\t{i['pending']}\t{i['inflight']}\t{i['dead']}\t{i['lease'] or '-'}")
+        click.echo(
+            f"{stream}\t{i['pending']}\t{i['inflight']}\t{i['dead']}\t{i['holder'] or '-'}\t"
+            f"{i['fence'] or '-'}\t{i['lease_ttl_ms'] or '-'}\t{'paused' if i['paused'] else ''}"
+        )
+
+
+@main.group()
+def queue() -> None:
+    """Steer queues across the fleet: pause, resume, skip a blocked head."""
+
+
+@queue.command("pause")
+@backend_options
+@click.argument("name")
+@click.option("--stream", "key", default=None, help="Pause only this keyed stream of the queue.")
+def queue_pause(url: str, prefix: str, shards: int, name: str, key: str | None) -> None:
+    """Pause queue NAME everywhere: running tasks finish, nothing new starts, enqueues go on."""
+    _backend(url, prefix, shards).pause(name, key)
+    click.echo(f"paused {name}{'#' + key if key else ''}")
+
+
+@queue.command("resume")
+@backend_options
+@click.argument("name")
+@click.option("--stream", "key", default=None, help="Resume only this keyed stream of the queue.")
+def queue_resume(url: str, prefix: str, shards: int, name: str, key: str | None) -> None:
+    """Resume queue NAME (or one keyed stream of it)."""
+    _backend(url, prefix, shards).resume(name, key)
+    click.echo(f"resumed {name}{'#' + key if key else ''}")
+
+
+@queue.command("skip")
+@backend_options
+@click.argument("stream")
+@click.option("--reason", default="skipped by an operator", show_default=True)
+def queue_skip(url: str, prefix: str, shards: int, stream: str, reason: str) -> None:
+    """Dead-letter the head task of STREAM (QUEUE or QUEUE#KEY) as 'operator' so it moves on."""
+    task_id = _backend(url, prefix, shards).skip(stream, reason)
+    if task_id is None:
+        raise click.ClickException(f"{stream} holds no task")
+    click.echo(f"dead-lettered {task_id} as operator")

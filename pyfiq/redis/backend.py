@@ -7,6 +7,7 @@ import copy
 import inspect
 import json
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from tenacity import (
 )
 
 from ..config import Settings, validate_seconds
-from ..engine.keys import KeySchema
+from ..engine.keys import KeySchema, queue_of, stream_name, validate_queue_name
+from ..engine.outcomes import dead_letter_header
 from ..engine.protocol import Call, Ops
 from ..errors import AccessDeniedError, BackendUnavailableError, ConfigurationError, DecodeError
 from ..task import Entry, TaskRecord
@@ -579,18 +581,70 @@ class RedisQueueBackend:
     # -- inspection and operator actions ------------------------------------------------------
 
     def queue_info(self, stream: str) -> dict[str, Any]:
+        """Counts and lease of one stream: ``pending``, ``inflight``, ``dead``, ``lease`` (the
+        token), ``holder`` (the replica id in it), ``fence``, ``lease_ttl_ms``, ``paused``."""
         k = self.keys.stream(stream)
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(k.pending).llen(k.inflight).zcard(k.dead).get(k.lease).pttl(k.lease)
-        pending, inflight, dead, lease, ttl = pipe.execute()
+        pipe.smismember(k.paused, [stream, queue_of(stream)])
+        pending, inflight, dead, lease, ttl, paused = pipe.execute()
+        token = lease.decode() if lease else None
+        fence, _, nonce = (token or "").partition(":")
         return {
             "stream": stream,
             "pending": pending,
             "inflight": inflight,
             "dead": dead,
-            "lease": lease.decode() if lease else None,
+            "lease": token,
+            "holder": nonce.rpartition("/")[0] or None,
+            "fence": int(fence) if token else None,
             "lease_ttl_ms": ttl if lease else None,
+            "paused": any(paused),
         }
+
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Pause a queue (every stream of it, across the fleet) or one keyed stream of it: a
+        running task finishes, nothing new starts, enqueues are still accepted. The state is
+        kept in Redis, so it survives restarts of the workers and of Redis (with AOF)."""
+        self._set_paused(queue, key, add=True)
+
+    def resume(self, queue: str, key: str | None = None) -> None:
+        """Undo ``pause``; idle workers are woken to look at once."""
+        self._set_paused(queue, key, add=False)
+
+    def _set_paused(self, queue: str, key: str | None, *, add: bool) -> None:
+        validate_queue_name(queue)
+        if key is None:
+            targets = [(self.keys.paused(shard), queue, shard) for shard in range(self.keys.shards)]
+        else:
+            k = self.keys.stream(stream_name(queue, key))
+            targets = [(k.paused, k.stream, k.shard)]
+        pipe = self.client.pipeline(transaction=False)
+        for paused_key, member, shard in targets:
+            if add:
+                pipe.sadd(paused_key, member)
+            else:
+                pipe.srem(paused_key, member).publish(self.keys.wake_channel, shard)
+        with self.translated():
+            pipe.execute()
+
+    def paused(self) -> list[str]:
+        """Paused queues and streams."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.smembers(self.keys.paused(shard))
+        with self.translated():
+            return sorted({m.decode() for members in pipe.execute() for m in members})
+
+    def skip(self, stream: str, reason: str = "skipped by an operator") -> str | None:
+        """Dead-letter the head task of a stream as ``operator`` so the stream moves on (a head
+        that blocks it); the lease is revoked, which ends its holder's retries. Returns the
+        task id, or None when the stream holds no task."""
+        header = dead_letter_header(
+            "operator", replica=f"operator@{socket.gethostname()}", deliveries=0, error=RuntimeError(reason)
+        )
+        reply = self.call(self.ops.skip(stream, header))
+        return Entry.load(reply[1]).id if int(reply[0]) == 1 else None
 
     def active_streams(self) -> list[str]:
         """Streams with work or a lease (the ready sets); idle streams are not tracked."""

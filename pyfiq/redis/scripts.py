@@ -12,7 +12,7 @@ from typing import Any
 
 from ..task import ID_LENGTH, TIME_DIGITS
 
-NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate", "lost")
+NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate", "lost", "skip")
 
 
 #: The entry layout, defined once in Python and handed to every script as constants.
@@ -40,3 +40,4 @@ class Scripts:
     requeue: Any
     rate: Any
     lost: Any
+    skip: Any

@@ -256,7 +256,7 @@ class AsyncWorker:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
             sent = time.monotonic()
-            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))
             lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)

@@ -258,7 +258,7 @@ class ThreadedWorker:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
             sent = time.monotonic()
-            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream)))
+            reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))
             lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)

@@ -12,14 +12,15 @@
     KEYS[8]      dead letters of the stream (sorted set)
     KEYS[9]      dead letter ids of the stream (hash)
     KEYS[10]     dead-letter index set of the shard
+    KEYS[11]     paused queues and streams of the shard
     ARGV[1]      stream name
     ARGV[2]      lease TTL in ms
-    ARGV[3]      random nonce of the caller
+    ARGV[3]      "<holder>/<random>": who holds the lease (for operators), and a unique part
     ARGV[4]      how many tasks to take at once (0: none; as take.lua)
     ARGV[5]      lost consumers after which a task is dead-lettered (max deliveries)
 
   Output:
-    { 0 } when the stream is not claimable (not due, or empty and now forgotten)
+    { 0 } when the stream is not claimable (not due, paused, or empty and now forgotten)
     { 0, ms } when its lease is still held for ms more (e.g. it lapses within this millisecond)
     { 1, token, fencing token, Redis ms, entry, deliveries, ... } on success: the lease and the
       first tasks, taken as take.lua would, so a claim costs one round trip
@@ -40,10 +41,11 @@ local inflight = KEYS[7]
 local dead = KEYS[8]
 local dead_ids = KEYS[9]
 local dlq_index = KEYS[10]
+local paused = KEYS[11]
 local now = now_ms()
 local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
 local score = redis.call('ZSCORE', ready, ARGV[1])
-if not score or tonumber(score) > now then return { 0 } end
+if not score or tonumber(score) > now or is_paused(paused, ARGV[1]) then return { 0 } end
 local ttl = tonumber(ARGV[2])
 if redis.call('EXISTS', lease) == 1 then
   -- The holder renewed after its ready score was read as due: resynchronise the score.

@@ -4,6 +4,7 @@
   Input:
     KEYS[1]      queue index of the shard (queue -> earliest claimable-at of its streams)
     KEYS[2]      layout key of the shard
+    KEYS[3]      paused queues and streams of the shard
     ARGV[1]      how many candidates to return at most
     ARGV[2]      the caller's shard count
     ARGV[3]      how many due queues of the index to scan at most in this call
@@ -23,6 +24,7 @@
 ]]
 local queues = KEYS[1]
 local layout = KEYS[2]
+local paused = KEYS[3]
 local refused = check_layout(layout, ARGV[2])
 if refused then return refused end
 local now = now_ms()
@@ -34,8 +36,11 @@ local function later(ms)
 end
 local found = {}
 local function collect(queue)
+  if redis.call('SISMEMBER', paused, queue) == 1 then return end
   local due = redis.call('ZRANGEBYSCORE', tag .. ':r:' .. queue, '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
-  for i = 1, #due, 2 do found[#found + 1] = { tonumber(due[i + 1]), due[i] } end
+  for i = 1, #due, 2 do
+    if redis.call('SISMEMBER', paused, due[i]) == 0 then found[#found + 1] = { tonumber(due[i + 1]), due[i] } end
+  end
 end
 local offset = 0
 local direct = #ARGV - 4

@@ -65,6 +65,11 @@ local function queue_of(stream)
   return stream
 end
 
+-- An operator paused the stream, or its whole queue (the queue is in every shard's set).
+local function is_paused(paused, stream)
+  return redis.call('SISMEMBER', paused, stream) == 1 or redis.call('SISMEMBER', paused, queue_of(stream)) == 1
+end
+
 -- Refuse to mix shard layouts: a producer or worker with another shard count would put or look
 -- for a stream's keys in another shard. The layout is written again whenever it is missing
 -- (an empty restart), so the guard survives. Returns an error reply or nil.

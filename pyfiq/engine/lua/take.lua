@@ -12,6 +12,7 @@
     KEYS[7]      dead letters of the stream
     KEYS[8]      dead letter ids of the stream
     KEYS[9]      dead-letter index set of the shard
+    KEYS[10]     paused queues and streams of the shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -22,6 +23,7 @@
   Output:
     { -1 }                       the caller's lease is gone: nothing was changed
     { 2 }                        acknowledged, nothing taken (ARGV[4] was 0)
+    { 3 }                        acknowledged, nothing taken: the stream or its queue is paused
     { 0 }                        the stream is empty: the lease was released and forgotten
     { 1, Redis ms, entry, deliveries, ...} the tasks handed over, in order (possibly none)
 
@@ -36,6 +38,7 @@ local queues = KEYS[6]
 local dead = KEYS[7]
 local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
+local paused = KEYS[10]
 if redis.call('GET', lease) ~= ARGV[1] then return { -1 } end
 local nack = tonumber(ARGV[3])
 if not ack_head(inflight, meta, argv_slice(6, nack), false) then
@@ -46,6 +49,11 @@ local want = tonumber(ARGV[4])
 if want == 0 then
   redis.call('HSET', meta, 'handed', handed)
   return { 2 }
+end
+if is_paused(paused, ARGV[2]) then
+  -- A running task finishes; nothing new starts until an operator resumes the stream.
+  redis.call('HSET', meta, 'handed', handed)
+  return { 3 }
 end
 local now = now_ms()
 local out = { 1, now }

@@ -1,0 +1,58 @@
+--[[
+  Dead-letter the head task of a stream as 'operator' (a blocked head: a task retried forever,
+  or one that keeps outliving its lease), so the stream moves on. The head is the first task in
+  flight, or the first pending one when none is. The lease is revoked: its holder's next call or
+  renewal is refused, which ends its retries of that task.
+
+  Input:
+    KEYS[1]      lease key of the stream
+    KEYS[2]      pending list
+    KEYS[3]      in-flight list
+    KEYS[4]      meta hash
+    KEYS[5]      ready set of the stream's queue in this shard
+    KEYS[6]      queue index of the shard
+    KEYS[7]      dead letters of the stream
+    KEYS[8]      dead letter ids of the stream
+    KEYS[9]      dead-letter index set of the shard
+    ARGV[1]      stream name
+    ARGV[2]      dead-letter record header (a JSON object on one line)
+    ARGV[3]      wake-up channel
+    ARGV[4]      shard number
+
+  Output:
+    { 0 } when the stream holds no task; { 1, entry } with the entry dead-lettered
+]]
+local lease = KEYS[1]
+local pending = KEYS[2]
+local inflight = KEYS[3]
+local meta = KEYS[4]
+local ready = KEYS[5]
+local queues = KEYS[6]
+local dead = KEYS[7]
+local dead_ids = KEYS[8]
+local dlq_index = KEYS[9]
+local source = inflight
+local entry = redis.call('LINDEX', inflight, 0)
+if not entry then
+  source = pending
+  entry = redis.call('LINDEX', pending, 0)
+end
+if not entry then return { 0 } end
+redis.call('LPOP', source)
+local id = parse_entry(entry)
+if id then clear_marks(meta, id) end
+dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1] }, ARGV[2], entry, id)
+redis.call('DEL', lease)
+if redis.call('LLEN', inflight) == 0 then
+  redis.call('DEL', meta)
+else
+  redis.call('HSET', meta, 'handed', 0)
+end
+local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
+if redis.call('LLEN', pending) + redis.call('LLEN', inflight) > 0 then
+  ready_set(r, ARGV[1], now_ms())
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+else
+  ready_remove(r, ARGV[1])
+end
+return { 1, entry }
