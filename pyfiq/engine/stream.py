@@ -126,56 +126,71 @@ class StreamRun:
     def feed(self, result: Any) -> Step:
         """Give the reply of the last call, or the ``Outcome`` of the last ``RunTask``."""
         waiting, self._waiting = self._waiting, None
-        if waiting == "run":
-            return self._on_outcome(result)
-        if waiting == "pause":
+        handler: Callable[[Any], Step] | None = {
+            "run": self._on_outcome,
+            "pause": self._after_pause,
+            "rate": self._on_rate,
+            "take": self._on_take,
+            "dead_letter": self._on_dead_letter,
+            "release": self._on_release,
+            "lost": self._after_lost,
+        }.get(waiting or "")
+        if handler is None:
+            raise RuntimeError(f"StreamRun fed while waiting for {waiting!r}")
+        return handler(result)
+
+    def _after_pause(self, _: Any) -> Step:
+        return self._next()
+
+    def _after_lost(self, _: Any) -> Step:
+        return Finished("fenced")
+
+    def _on_rate(self, result: Any) -> Step:
+        wait_ms = int(result)
+        if wait_ms <= 0:
+            self._permit = True
             return self._next()
-        if waiting == "rate":
-            wait_ms = int(result)
-            if wait_ms <= 0:
-                self._permit = True
-                return self._next()
-            if wait_ms > PARK_AFTER_MS:
-                self.parked = True
-                return self._release([], wait_ms, final="parked")
-            self._waiting = "pause"
-            return Pause(wait_ms / 1000)
-        if waiting == "take":
-            status = TakeReply(int(result[0]))
-            if status is TakeReply.FENCED:
-                self.lease.mark_lost("take refused")
-                return Finished("fenced")
-            self.acks = []
-            if status is TakeReply.EMPTY:
-                return Finished("empty")
-            self.lease.ending = False
-            if status is TakeReply.ACKED:
-                return self._next()
-            if status is TakeReply.PAUSED:
-                return self._release([], final="paused")
-            self.lease.clock(int(result[1]), self._sent_at)
-            for i in range(2, len(result), 2):
-                self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
-            if not self.buffer:
-                return self._release([])
-            return self._next()
-        if waiting == "dead_letter":
-            if FencedReply(int(result)) is FencedReply.FENCED:
-                self.lease.mark_lost("dead-letter refused")
-                return Finished("fenced")
-            self.acks = []
-            self.buffer.popleft()
-            self._head_started = False
-            return self._next()
-        if waiting == "release":
-            if FencedReply(int(result)) is FencedReply.FENCED:
-                self.lease.mark_lost("release refused")
-                return Finished("fenced")
-            self.acks = []
-            return Finished(self._final)
-        if waiting == "lost":
+        if wait_ms > PARK_AFTER_MS:
+            self.parked = True
+            return self._release([], wait_ms, final="parked")
+        self._waiting = "pause"
+        return Pause(wait_ms / 1000)
+
+    def _on_take(self, result: Any) -> Step:
+        status = TakeReply(int(result[0]))
+        if status is TakeReply.FENCED:
+            self.lease.mark_lost("take refused")
             return Finished("fenced")
-        raise RuntimeError(f"StreamRun fed while waiting for {waiting!r}")
+        self.acks = []
+        if status is TakeReply.EMPTY:
+            return Finished("empty")
+        self.lease.ending = False
+        if status is TakeReply.ACKED:
+            return self._next()
+        if status is TakeReply.PAUSED:
+            return self._release([], final="paused")
+        self.lease.clock(int(result[1]), self._sent_at)
+        for i in range(2, len(result), 2):
+            self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
+        if not self.buffer:
+            return self._release([])
+        return self._next()
+
+    def _on_dead_letter(self, result: Any) -> Step:
+        if FencedReply(int(result)) is FencedReply.FENCED:
+            self.lease.mark_lost("dead-letter refused")
+            return Finished("fenced")
+        self.acks = []
+        self.buffer.popleft()
+        self._head_started = False
+        return self._next()
+
+    def _on_release(self, result: Any) -> Step:
+        if FencedReply(int(result)) is FencedReply.FENCED:
+            self.lease.mark_lost("release refused")
+            return Finished("fenced")
+        self.acks = []
+        return Finished(self._final)
 
     def _on_outcome(self, outcome: Outcome) -> Step:
         if isinstance(outcome, Fenced) or self.lease.lost:
