@@ -11,12 +11,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import click
+import redis
 
+from .. import __version__
 from ..config import Settings
+from ..engine.keys import queue_of
+from ..engine.outcomes import describe_error
+from ..errors import PyfiqError
 from ..redis.backend import RedisQueueBackend
+from . import inspect
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -27,7 +34,15 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=LEVELS[level], format="%(asctime)s %(levelname)s %(message)s")
 
 
-def _backend(url: str, prefix: str, shards: int, **settings: Any) -> RedisQueueBackend:
+def _backend(url: str, prefix: str, shards: int | None, **settings: Any) -> RedisQueueBackend:
+    """A backend for the deployment; without ``--shards``, the shard count the prefix is laid
+    out with in Redis (a tool that guessed another count would not find every stream)."""
+    if shards is None:
+        probe = RedisQueueBackend(url, Settings(prefix=prefix))
+        with probe.translated():
+            stored = probe.client.get(probe.keys.layout_key)
+        probe.close()
+        shards = int(stored) if stored is not None else Settings.shards
     return RedisQueueBackend(url, Settings(prefix=prefix, shards=shards, **settings))
 
 
@@ -44,18 +59,50 @@ def backend_options(f: Any) -> Any:
     """--redis, --prefix and --shards: every replica and tool of one deployment must agree."""
     f = click.option(
         "--shards",
-        default=Settings.shards,
-        show_default=True,
+        default=None,
         type=click.IntRange(1, 16384),
-        help="Shard count of the deployment.",
+        help="Shard count of the deployment (default: as laid out in Redis, else 16).",
     )(f)
     f = click.option("--prefix", default="pyfiq", show_default=True, help="Key prefix.")(f)
     return redis_option(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+class _Main(click.Group):
+    """Turns what an operator can fix (Redis down, a wrong password, a bad option, another
+    shard layout) into one line and a non-zero exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except PyfiqError as exc:
+            raise click.ClickException(str(exc)) from None
+        except redis.RedisError as exc:
+            raise click.ClickException(f"Redis: {describe_error(exc)}") from None
+
+
+def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        names = {p.name for p in command.params}
+        if isinstance(command, click.Group):
+            out[name] = _defaults(command, values)
+        else:
+            out[name] = {k: v for k, v in values.items() if k in names}
+    return out
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--redis", "url", default=None, help="Redis URL for every command (or $PYFIQ_REDIS_URL).")
+@click.option("--prefix", default=None, help="Key prefix for every command.")
+@click.version_option(__version__, prog_name="pyfiq")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, prefix: str | None) -> None:
     """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
+    given = {k: v for k, v in {"url": url, "prefix": prefix}.items() if v is not None}
+    if given:
+        ctx.default_map = _defaults(main, given)
 
 
 @main.command()
@@ -177,62 +224,162 @@ async def _serve_async(
 
 @main.group()
 def dlq() -> None:
-    """Inspect and act on dead-lettered tasks."""
+    """Inspect and act on dead-lettered tasks (of every stream of a keyed queue)."""
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+stream_option = click.option("--stream", "key", default=None, help="Only this keyed stream of the queue.")
 
 
 @dlq.command("list")
 @backend_options
 @click.argument("queue", required=False)
+@stream_option
 @click.option("--limit", default=20, show_default=True)
-def dlq_list(url: str, prefix: str, shards: int, queue: str | None, limit: int) -> None:
+@json_option
+def dlq_list(
+    url: str, prefix: str, shards: int | None, queue: str | None, key: str | None, limit: int, as_json: bool
+) -> None:
     """List dead letters of QUEUE (or which queues have any)."""
     backend = _backend(url, prefix, shards)
     if queue is None:
+        counts: dict[str, int] = {}
         for stream in backend.dead_letter_streams():
-            click.echo(f"{stream}\t{backend.queue_info(stream)['dead']}")
+            q = queue_of(stream)
+            counts[q] = counts.get(q, 0) + backend.queue_info(stream)["dead"]
+        for q, n in sorted(counts.items()):
+            click.echo(inspect.to_json({"queue": q, "dead": n}) if as_json else f"{q}\t{n}")
         return
-    for d in backend.dead_letters(queue, limit):
-        name = d.record.name if d.record else d.header.get("name", "?")
+    letters = inspect.dead_letters_of(backend, queue, key, limit)
+    if not letters and not inspect.streams_of(backend, queue, key):
+        raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
+    for d in letters:
+        row = inspect.dead_letter_dict(d)
         click.echo(
-            f"{d.task_id}\t{d.reason}\t{name}\tdeliveries={d.header.get('deliveries')}\t"
-            f"attempts={d.header.get('attempts')}\t{d.header.get('error_type', '')}: {d.header.get('error', '')}"
+            inspect.to_json(row)
+            if as_json
+            else f"{d.task_id}\t{d.stream}\t{d.reason}\t{row['name']}\tdeliveries={row.get('deliveries')}\t"
+            f"attempts={row.get('attempts')}\t{row.get('error_type', '')}: {row.get('error', '')}"
         )
+
+
+@dlq.command("show")
+@backend_options
+@click.argument("queue")
+@click.argument("task_id")
+@json_option
+def dlq_show(url: str, prefix: str, shards: int | None, queue: str, task_id: str, as_json: bool) -> None:
+    """Show one dead letter of QUEUE, with the task's own traceback."""
+    found = inspect.find_dead_letter(_backend(url, prefix, shards), queue, task_id)
+    if found is None:
+        raise click.ClickException(f"no dead letter {task_id} in {queue}")
+    row = inspect.dead_letter_dict(found)
+    if as_json:
+        click.echo(inspect.to_json(row))
+        return
+    for field in ("task_id", "stream", "reason", "name", "args", "kwargs", "deliveries", "attempts", "replica"):
+        click.echo(f"{field}: {row.get(field)}")
+    click.echo(f"error: {row.get('error_type', '')}: {row.get('error', '')}")
+    click.echo(row["traceback"].rstrip())
 
 
 @dlq.command("requeue")
 @backend_options
 @click.argument("queue")
+@stream_option
 @click.option("--task-id", default=None, help="Requeue only this task.")
-@click.option("--count", default=1_000_000, help="Requeue at most this many, oldest first.")
-@click.option("--front", is_flag=True, help="Put them before the queue's pending work.")
-def dlq_requeue(url: str, prefix: str, shards: int, queue: str, task_id: str | None, count: int, front: bool) -> None:
-    """Move dead letters of QUEUE back to its pending list."""
-    moved = _backend(url, prefix, shards).requeue_dead_letters(queue, count=count, task_id=task_id, front=front)
+@click.option("--count", default=None, type=int, help="Requeue at most this many per stream, oldest first.")
+@click.option("--front", is_flag=True, help="Put them before the stream's pending work.")
+def dlq_requeue(
+    url: str,
+    prefix: str,
+    shards: int | None,
+    queue: str,
+    key: str | None,
+    task_id: str | None,
+    count: int | None,
+    front: bool,
+) -> None:
+    """Move dead letters of QUEUE (every stream, or --stream) back to pending."""
+    backend = _backend(url, prefix, shards)
+    streams = [s for s in inspect.streams_of(backend, queue, key) if backend.queue_info(s)["dead"]]
+    if not streams:
+        raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
+    moved = 0
+    for n, stream in enumerate(streams, 1):
+        moved += backend.requeue_dead_letters(stream, count=count, task_id=task_id, front=front)
+        if len(streams) > 1:
+            click.echo(f"{stream}: {moved} requeued so far ({n}/{len(streams)} streams)", err=True)
+    if task_id is not None and moved == 0:
+        raise click.ClickException(f"no dead letter {task_id} in {queue}")
     click.echo(f"requeued {moved}")
 
 
 @dlq.command("purge")
 @backend_options
 @click.argument("queue")
-@click.confirmation_option(prompt="Delete every dead letter of this queue?")
-def dlq_purge(url: str, prefix: str, shards: int, queue: str) -> None:
-    """Delete the dead letters of QUEUE."""
-    click.echo(f"deleted {_backend(url, prefix, shards).purge_dead_letters(queue)}")
+@stream_option
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(url: str, prefix: str, shards: int | None, queue: str, key: str | None, yes: bool) -> None:
+    """Delete the dead letters of QUEUE (every stream, or --stream)."""
+    backend = _backend(url, prefix, shards)
+    streams = inspect.streams_of(backend, queue, key)
+    total = sum(backend.queue_info(s)["dead"] for s in streams)
+    if total == 0:
+        raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
+    name = queue + (f"#{key}" if key else "")
+    if not yes:
+        click.confirm(f"Delete {total} dead letters of {name} ({len(streams)} streams)?", abort=True)
+    click.echo(f"deleted {sum(backend.purge_dead_letters(s) for s in streams)}")
 
 
 @main.command()
 @backend_options
-def status(url: str, prefix: str, shards: int) -> None:
-    """Queues with work or a lease, with their counts, lease holder and paused state."""
+@click.argument("queue", required=False)
+@click.option("--streams", "per_stream", is_flag=True, help="One line per stream.")
+@json_option
+@click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
+def status(
+    url: str, prefix: str, shards: int | None, queue: str | None, per_stream: bool, as_json: bool, watch: float | None
+) -> None:
+    """Queues (or one) with work, a lease or dead letters: counts, oldest task, paused, leases."""
     backend = _backend(url, prefix, shards)
-    streams = sorted(set(backend.active_streams()) | set(backend.dead_letter_streams()))
-    click.echo("queue\tpending\tinflight\tdead\tholder\tfence\tlease_ms\tpaused")
-    for stream in streams:
-        i = backend.queue_info(stream)
-        click.echo(
-            f"{stream}\t{i['pending']}\t{i['inflight']}\t{i['dead']}\t{i['holder'] or '-'}\t"
-            f"{i['fence'] or '-'}\t{i['lease_ttl_ms'] or '-'}\t{'paused' if i['paused'] else ''}"
-        )
+    while True:
+        _print_status(backend, queue, per_stream, as_json)
+        if watch is None:
+            return
+        time.sleep(watch)
+        click.echo("")
+
+
+def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: bool, as_json: bool) -> None:
+    if per_stream:
+        rows: list[dict[str, Any]] = [
+            inspect.stream_status(backend, s).as_dict()
+            for s in inspect.known_streams(backend)
+            if queue is None or queue_of(s) == queue
+        ]
+        columns = ["stream", "pending", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence", "lease_ms"]
+    else:
+        rows = [q.as_dict() for q in inspect.queue_statuses(backend, queue)]
+        columns = ["queue", "streams", "pending", "inflight", "dead", "oldest_age_s", "paused", "held"]
+    if as_json:
+        for row in rows:
+            click.echo(inspect.to_json(row))
+        return
+    click.echo("\t".join(columns))
+    for row in rows:
+        click.echo("\t".join(_cell(row[c]) for c in columns))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "paused" if value else ""
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
 
 
 @main.group()

@@ -668,6 +668,13 @@ class RedisQueueBackend:
         raw_items = self.client.zrange(self.keys.stream(stream).dead, offset, offset + limit - 1)
         return [self._parse_dead_letter(stream, raw) for raw in raw_items]
 
+    def dead_letter(self, stream: str, task_id: str) -> DeadLetter | None:
+        """The dead letter of ``task_id`` in ``stream``, found through the id index."""
+        k = self.keys.stream(stream)
+        seq = self.client.hget(k.dead_ids, task_id)
+        rows = self.client.zrangebyscore(k.dead, seq, seq) if seq is not None else []
+        return self._parse_dead_letter(stream, rows[0]) if rows else None
+
     def _parse_dead_letter(self, stream: str, raw: bytes) -> DeadLetter:
         head, _, body = raw.partition(b"\n")
         try:
