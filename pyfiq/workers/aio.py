@@ -220,6 +220,19 @@ class AsyncWorker:
         await asyncio.gather(*self._control, return_exceptions=True)
         self.log.info("pyfiq.worker_stopped")
 
+    async def join(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has stopped (``stop()`` or a failure); False if ``timeout``
+        passed first."""
+        if timeout is None:
+            await self._stopped.wait()
+            return True
+        return await _wait(self._stopped, timeout)
+
+    async def run_forever(self) -> None:
+        """Start (if needed) and wait until the worker stops."""
+        await self.start()
+        await self.join()
+
     async def __aenter__(self) -> AsyncWorker:
         return await self.start()
 

@@ -208,6 +208,18 @@ class ThreadedWorker:
         for _ in self._threads:
             self._work.put(None)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has stopped (``stop()``, a signal, or a failure); False if
+        ``timeout`` passed first."""
+        return self._stopped.wait(timeout)
+
+    def run_forever(self) -> None:
+        """Start (if needed) and block until the worker stops: for scripts that only run a
+        worker. With ``install_signal_handlers=True`` a SIGINT/SIGTERM ends it gracefully."""
+        self.start()
+        while not self.join(1.0):
+            pass
+
     def __enter__(self) -> ThreadedWorker:
         return self.start()
 

@@ -94,3 +94,46 @@ def test_a_missing_permission_fails_at_once_naming_it(redis_server: Any, acl_use
         noperm.send_with_options(backend=backend)
     assert time.monotonic() - started < 2
     backend.close()
+
+
+def test_the_readme_quick_start_runs_a_task(redis_server: Any, tmp_path: Any) -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, flags=re.S)
+    assert block is not None
+    script = tmp_path / "quickstart.py"
+    script.write_text(block.group(1).replace('"redis://localhost"', repr(redis_server.url)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "charged c-42 1999 cents"
+
+
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
+def test_join_and_run_forever_return_once_the_worker_stops(redis_backend: RedisQueueBackend, driver: str) -> None:
+    import asyncio
+    import threading
+
+    if driver == "threaded":
+        w = ThreadedWorker(redis_backend, queues=["api-forever"])
+        t = threading.Thread(target=w.run_forever)
+        t.start()
+        assert not w.join(0.3)
+        w.stop(5)
+        t.join(5)
+        assert not t.is_alive() and w.join(0)
+        return
+
+    async def scenario() -> None:
+        aw = AsyncWorker(RedisQueueBackend(redis_backend.url, redis_backend.settings), queues=["api-forever"])
+        runner = asyncio.create_task(aw.run_forever())
+        assert not await aw.join(0.3)
+        await aw.stop(5)
+        await asyncio.wait_for(runner, 5)
+        assert await aw.join(0)
+        await aw.backend.aclose()
+
+    asyncio.run(scenario())
