@@ -21,6 +21,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
     {prefix}:shards                    the shard count the prefix is laid out with
     {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
+    {prefix}:{replicas}                hash: replica id -> what it last said of itself (heartbeat)
 
 A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
 (``"webhooks#c-42"``). The ready sets are per queue and shard, indexed by the shard's ``queues``
@@ -109,6 +110,10 @@ class KeySchema:
 
     def _tag(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}:{{replicas}}"
 
     def rate(self, queue: str) -> str:
         return f"{self.prefix}:{{rl:{queue}}}:rate"

@@ -6,6 +6,7 @@ Owns the shape of every call and reply; must not import redis or do any I/O.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ KEY_NAMES: dict[str, tuple[str, ...]] = {
     "release": ("lease", "pending", "inflight", "meta", "ready", "queues"),
     "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
     "rate": ("rate",),
+    "beat": ("replicas",),
     "lost": ("inflight", "meta"),
 }
 
@@ -200,6 +202,11 @@ class Ops:
         """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
         k = self.keys.stream(stream)
         return stream_call("skip", k, [stream, header, self.keys.wake_channel, k.shard])
+
+    def beat(self, replica: str, info: dict[str, Any]) -> Call:
+        """A worker's heartbeat in the replica registry (what operators list as live)."""
+        forget_ms = max(3_600_000, int(self.settings.lease_ttl_ms * 10))
+        return Call("beat", [self.keys.replicas], [replica, json.dumps(info, separators=(",", ":")), forget_ms])
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
         return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])

@@ -57,6 +57,7 @@ class Scheduler:
         self._avoid: dict[str, float] = {}
         self._unknown_since: dict[str, float] = {}
         self._backoff = 0.0
+        self._identity: tuple[str, dict[str, Any]] | None = None
         self._next_beat = time.monotonic() + self.settings.heartbeat
         #: Tasks taken together with a lease: a claim and the first batch in one round trip.
         self.first_batch = min(self.settings.prefetch, self.settings.batch_limit)
@@ -217,6 +218,10 @@ class Scheduler:
         """How long the heartbeat may sleep before its next round."""
         return max(0.0, self._next_beat - now)
 
+    def identify(self, replica: str, **info: Any) -> None:
+        """Who this worker is, for the replica registry its heartbeats keep up to date."""
+        self._identity = (replica, {**info, "heartbeat_ms": int(self.settings.heartbeat * 1000)})
+
     def heartbeat_round(self, now: float) -> tuple[list[Lease], list[Call]]:
         """Start a round of renewals at ``now``; a round later than a whole interval is logged
         (the process was paused, or the GIL held), since it eats into every lease's margin."""
@@ -225,7 +230,12 @@ class Scheduler:
         if late > interval:
             log.warning("pyfiq.heartbeat_late", late_by=round(late, 3), interval=interval)
         self._next_beat = now + interval
-        return self.renew_calls()
+        leases, calls = self.renew_calls()
+        if self._identity is not None:
+            replica, info = self._identity
+            # After the renewals: on_renewed reads the first len(leases) replies.
+            calls.append(self.ops.beat(replica, {**info, "held": sorted(lease.stream for lease in leases)}))
+        return leases, calls
 
     def renew_calls(self) -> tuple[list[Lease], list[Call]]:
         leases = [lease for lease in self.held_leases() if not lease.lost]
@@ -235,7 +245,7 @@ class Scheduler:
         """Apply renewal replies (an exception stands for a failed call) of the round sent at
         ``sent_at``; returns the leases found lost by this round."""
         lost: list[Lease] = []
-        for lease, reply in zip(leases, replies, strict=True):
+        for lease, reply in zip(leases, replies[: len(leases)], strict=True):
             if isinstance(reply, Exception):
                 # Unknown whether Redis still holds it: assume lost once it may have lapsed.
                 if time.monotonic() >= lease.valid_until:

@@ -382,6 +382,25 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+@main.command()
+@backend_options
+@click.option("--all", "include_silent", is_flag=True, help="Also replicas not heard from lately.")
+@json_option
+def replicas(url: str, prefix: str, shards: int | None, include_silent: bool, as_json: bool) -> None:
+    """Live workers (their heartbeats) and the streams each holds."""
+    rows = _backend(url, prefix, shards).replicas(include_silent)
+    if as_json:
+        for row in rows:
+            click.echo(inspect.to_json(row))
+        return
+    click.echo("replica\thost\tpid\tdriver\tconcurrency\tsilent_s\theld")
+    for r in rows:
+        click.echo(
+            f"{r['replica']}\t{r.get('host')}\t{r.get('pid')}\t{r.get('driver')}\t{r.get('concurrency')}\t"
+            f"{r['silent_s']}\t{','.join(r.get('held', [])) or '-'}"
+        )
+
+
 @main.group()
 def queue() -> None:
     """Steer queues across the fleet: pause, resume, skip a blocked head."""

@@ -602,6 +602,25 @@ class RedisQueueBackend:
             "paused": any(paused),
         }
 
+    def replicas(self, include_silent: bool = False) -> list[dict[str, Any]]:
+        """Workers of this prefix as their heartbeats describe them (id, host, pid, driver,
+        concurrency, held streams), with ``silent_s``: seconds since the last heartbeat. Only
+        live ones (heard within three heartbeats) unless ``include_silent``."""
+        with self.translated():
+            raw = self.client.hgetall(self.keys.replicas)
+            seconds, micros = self.client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        out = []
+        for replica, body in raw.items():
+            try:
+                info: dict[str, Any] = json.loads(body)
+            except ValueError:
+                continue
+            silent = max(0.0, (now_ms - int(info.get("seen_ms", 0))) / 1000)
+            if include_silent or silent * 1000 <= 3 * int(info.get("heartbeat_ms", 2000)):
+                out.append({"replica": replica.decode(), **info, "silent_s": round(silent, 3)})
+        return sorted(out, key=lambda r: str(r["replica"]))
+
     def pause(self, queue: str, key: str | None = None) -> None:
         """Pause a queue (every stream of it, across the fleet) or one keyed stream of it: a
         running task finishes, nothing new starts, enqueues are still accepted. The state is

@@ -12,7 +12,20 @@ from typing import Any
 
 from ..task import ID_LENGTH, TIME_DIGITS
 
-NAMES = ("enqueue", "due", "acquire", "renew", "take", "dead_letter", "release", "requeue", "rate", "lost", "skip")
+NAMES = (
+    "enqueue",
+    "due",
+    "acquire",
+    "renew",
+    "take",
+    "dead_letter",
+    "release",
+    "requeue",
+    "rate",
+    "lost",
+    "skip",
+    "beat",
+)
 
 
 #: The entry layout, defined once in Python and handed to every script as constants.
@@ -41,3 +54,4 @@ class Scripts:
     rate: Any
     lost: Any
     skip: Any
+    beat: Any

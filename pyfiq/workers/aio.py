@@ -8,6 +8,8 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -94,6 +96,9 @@ class AsyncWorker:
         self.concurrency = concurrency
         self.replica = replica or replica_id()
         self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
+        self.scheduler.identify(
+            self.replica, host=socket.gethostname(), pid=os.getpid(), driver="asyncio", concurrency=concurrency
+        )
         self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._nudge = asyncio.Event()
         self._stopping = asyncio.Event()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import queue as queue_mod
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -79,6 +81,9 @@ class ThreadedWorker:
         self.concurrency = concurrency
         self.replica = replica or replica_id()
         self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
+        self.scheduler.identify(
+            self.replica, host=socket.gethostname(), pid=os.getpid(), driver="threaded", concurrency=concurrency
+        )
         self._install_signals = install_signal_handlers
         self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
         self._nudge = threading.Event()

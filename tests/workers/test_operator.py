@@ -122,3 +122,27 @@ def test_the_cli_pauses_resumes_skips_and_shows_the_holder(redis_backend: RedisQ
     assert result.exit_code == 0 and "dead-lettered" in result.output
     result = runner.invoke(main, ["queue", "skip", *opts, q])
     assert result.exit_code != 0 and "holds no task" in result.output
+
+
+def test_replicas_register_through_their_heartbeats_with_what_they_hold(redis_backend: RedisQueueBackend) -> None:
+    pyfiq.configure(redis_backend)
+    q, gate = qname(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.t")
+    def t() -> None:
+        gate.wait(5)
+
+    t()
+    with ThreadedWorker(redis_backend, queues=[q]) as w:
+        wait_until(lambda: w.held_streams == [q], timeout=5)
+        wait_until(lambda: any(r["held"] == [q] for r in redis_backend.replicas()), timeout=5)
+        (row,) = redis_backend.replicas()
+        assert row["replica"] == w.replica and row["driver"] == "threaded" and row["silent_s"] < 1.5
+        result = CliRunner().invoke(
+            main, ["replicas", "--redis", redis_backend.url, "--prefix", redis_backend.keys.prefix]
+        )
+        assert result.exit_code == 0 and w.replica in result.output and q in result.output
+        gate.set()
+    time.sleep(3 * redis_backend.settings.heartbeat + 0.2)
+    assert redis_backend.replicas() == [], "a stopped replica is no longer listed as live"
+    assert [r["replica"] for r in redis_backend.replicas(include_silent=True)] == [w.replica]
