@@ -73,9 +73,16 @@ class Settings:
     unknown_task_grace: float = 30.0
     #: Window in which a repeated dedup key returns the first task instead of enqueuing.
     dedup_window: float = 300.0
-    #: Bounded retries of an enqueue while Redis is unreachable.
-    enqueue_attempts: int = 5
+    #: How long an enqueue keeps retrying while Redis is unreachable (long enough to ride out a
+    #: failover or a restart), and optionally a cap on its attempts (None: only the window).
     enqueue_timeout: float = 10.0
+    enqueue_attempts: int | None = None
+    #: Default ``@fifo(time_limit=)``: an attempt running longer is interrupted and fails with
+    #: ``TimeLimitExceeded``. None: no limit.
+    time_limit: float | None = None
+    #: Default ``@fifo(time_warning=)``: an attempt running longer logs ``pyfiq.task_running_long``
+    #: once. None: no warning.
+    time_warning: float | None = None
     serializer: Serializer = field(default_factory=JSONSerializer)
     #: Extra keyword arguments for the redis-py client / connection pool.
     redis_options: dict[str, Any] = field(default_factory=dict)
@@ -86,8 +93,9 @@ class Settings:
         for name in ("poll_interval", "enqueue_timeout"):
             validate_seconds(name, getattr(self, name))
         validate_seconds("unknown_task_grace", self.unknown_task_grace, zero_ok=True)
-        if self.heartbeat_interval is not None:
-            validate_seconds("heartbeat_interval", self.heartbeat_interval)
+        for name in ("heartbeat_interval", "time_limit", "time_warning"):
+            if getattr(self, name) is not None:
+                validate_seconds(name, getattr(self, name))
         if not 0 < self.heartbeat <= self.lease_ttl / 3:
             raise ConfigurationError(
                 f"heartbeat_interval ({self.heartbeat}) must be positive and at most "
@@ -96,7 +104,7 @@ class Settings:
         if self.prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_limit < self.prefetch:
             raise ConfigurationError("batch_limit must be at least prefetch")

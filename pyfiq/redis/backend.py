@@ -570,9 +570,14 @@ class RedisQueueBackend:
             f"{exc.last_attempt.attempt_number} attempts ({exc.last_attempt.exception()})"
         )
 
+    def _enqueue_stop(self) -> Any:
+        window = stop_after_delay(self.settings.enqueue_timeout)
+        attempts = self.settings.enqueue_attempts
+        return window if attempts is None else window | stop_after_attempt(attempts)
+
     def _retrying(self, kind: type[R]) -> R:
         return kind(
-            stop=stop_after_attempt(self.settings.enqueue_attempts) | stop_after_delay(self.settings.enqueue_timeout),
+            stop=self._enqueue_stop(),
             wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             retry=retry_if_exception(is_transient),
             reraise=False,

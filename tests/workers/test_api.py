@@ -137,3 +137,28 @@ def test_join_and_run_forever_return_once_the_worker_stops(redis_backend: RedisQ
         await aw.backend.aclose()
 
     asyncio.run(scenario())
+
+
+def test_an_enqueue_rides_out_a_redis_restart_within_its_window(own_redis: Any) -> None:
+    """enqueue_timeout is the whole window: an enqueue issued while Redis is down for 2 s
+    lands once it is back (five quick attempts used to give up within a second)."""
+    import threading
+
+    backend = RedisQueueBackend(own_redis.url, prefix=f"ride-{uuid.uuid4().hex[:6]}", enqueue_timeout=8.0)
+
+    @fifo(queue="api-ride", name="tests.api.ride")
+    def ride() -> None:
+        pass
+
+    ride.send_with_options(backend=backend)  # connected and laid out before the outage
+    own_redis.stop()
+    outcome: list[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(ride.send_with_options(backend=backend)))
+    t.start()
+    time.sleep(2.0)
+    assert t.is_alive(), "the enqueue gave up while Redis was down"
+    own_redis.start()
+    t.join(10)
+    assert outcome and outcome[0].queue == "api-ride"
+    assert backend.queue_info("api-ride")["pending"] == 2
+    backend.close()
