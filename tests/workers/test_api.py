@@ -162,3 +162,29 @@ def test_an_enqueue_rides_out_a_redis_restart_within_its_window(own_redis: Any) 
     assert outcome and outcome[0].queue == "api-ride"
     assert backend.queue_info("api-ride")["pending"] == 2
     backend.close()
+
+
+def test_a_worker_process_without_logging_configured_prints_nothing(redis_server: Any) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        from pyfiq import RedisQueueBackend, fifo, threaded_worker
+
+        backend = RedisQueueBackend({redis_server.url!r}, prefix="silent-{uuid.uuid4().hex[:6]}", lease_ttl=1.0)
+        worker = threaded_worker(backend=backend)
+
+        @fifo(queue="silent", name="silent.fails", max_retries=1, retry_wait=0)
+        def fails() -> None:
+            raise ValueError("logged at warning and error level, never printed")
+
+        fails()
+        while not backend.dead_letters("silent"):
+            time.sleep(0.02)
+        worker.stop(5)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")
