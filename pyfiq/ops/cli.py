@@ -116,7 +116,11 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
     from .demo import run_demo
 
     configure_logging(log_level)
-    sys.exit(0 if run_demo(url, replicas=replicas, tasks=tasks) else 1)
+    try:
+        ok = run_demo(url, replicas=replicas, tasks=tasks)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0 if ok else 1)
 
 
 @main.command()

@@ -7,6 +7,7 @@ steps and the report are the same for both."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,10 @@ class ProcessFleet:
             p.wait(15)
 
 
+#: The execution journal's file name, in a temporary directory of its own.
+JOURNAL_FILE = "journal.jsonl"
+
+
 # -- the demo ------------------------------------------------------------------------------------
 
 
@@ -136,7 +141,7 @@ class Demo:
             ),
             queues=queues,
             names=[f"replica-{i + 1}" for i in range(replicas)],
-            journal_path=os.path.join(tempfile.mkdtemp(prefix="pyfiq-demo-"), "journal.jsonl"),
+            journal_path=os.path.join(tempfile.mkdtemp(prefix="pyfiq-demo-"), JOURNAL_FILE),
             failing=(queues[1], tasks // 2),
             accepted={q: [] for q in queues},
         )
@@ -145,7 +150,11 @@ class Demo:
         return demo
 
     def intro(self) -> None:
-        replicas = "threads on the embedded memory:// Redis" if self.embedded else "processes on " + self.url
+        replicas = (
+            "threads on the embedded memory:// Redis"
+            if self.embedded
+            else f"processes on {self.url}, key prefix {self.settings.prefix}"
+        )
         say(click.style("pyfiq demo", bold=True))
         say(
             f"  {len(self.names)} replicas ({replicas})"
@@ -214,8 +223,19 @@ class Demo:
         dlq_ok = dead == {q: ([self.failing[1]] if q == self.failing[0] else []) for q in self.queues}
         ok = report.ok and rerun_ok and dlq_ok and self.killed is not None
         verdict = click.style("PASS", fg="green", bold=True) if ok else click.style("FAIL", fg="red", bold=True)
-        say(f"\nverdict: {verdict}  (journal: {self.journal_path})")
+        say(f"\nverdict: {verdict}" + ("" if ok else f"  (journal kept: {self.journal_path})"))
         return ok
+
+    def clean_up(self, producer: RedisQueueBackend, *, keep_journal: bool) -> None:
+        """Leave nothing behind: the demo's keys in a Redis it was pointed at, and its journal
+        unless it is needed to look into a failure."""
+        if not self.embedded:
+            keys = list(producer.client.scan_iter(f"{self.settings.prefix}:*", count=1000))
+            for i in range(0, len(keys), 500):
+                producer.client.unlink(*keys[i : i + 500])
+            say(f"deleted the demo's {len(keys)} keys under {self.settings.prefix}:")
+        if not keep_journal:
+            shutil.rmtree(os.path.dirname(self.journal_path), ignore_errors=True)
 
     def _first_runs(self, journal: list[dict[str, Any]]) -> None:
         for q in self.queues:
@@ -256,17 +276,27 @@ class Demo:
 
 
 def run_demo(url: str | None, *, replicas: int = 3, tasks: int = 12) -> bool:
-    """Run the demo (threads on an embedded Redis if ``url`` is None); True if it passes its checks."""
+    """Run the demo (threads on an embedded Redis if ``url`` is None); True if it passes its
+    checks. Ctrl-C prints the summary so far, cleans up, then raises KeyboardInterrupt."""
     demo = Demo.create(url, replicas=replicas, tasks=tasks)
     demo.intro()
     fleet = demo.start_fleet()
     producer = RedisQueueBackend(demo.url, demo.settings)
+    interrupted = ok = False
     try:
-        demo.enqueue(producer)
-        demo.kill_one_mid_task(fleet)
-        demo.wait_drained(producer)
+        try:
+            demo.enqueue(producer)
+            demo.kill_one_mid_task(fleet)
+            demo.wait_drained(producer)
+        except KeyboardInterrupt:
+            interrupted = True
+            say("\ninterrupted: the summary so far")
+        finally:
+            fleet.stop()
+        ok = demo.report(producer)
     finally:
-        fleet.stop()
-    ok = demo.report(producer)
-    producer.close()
+        demo.clean_up(producer, keep_journal=not ok and not interrupted)
+        producer.close()
+    if interrupted:
+        raise KeyboardInterrupt
     return ok

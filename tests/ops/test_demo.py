@@ -18,3 +18,51 @@ def test_embedded_demo_passes_its_own_checks() -> None:
     assert "lost tasks: 0" in result.stdout
     assert "reason=exhausted" in result.stdout
     assert ">>> killing replica-" in result.stdout
+
+
+def test_demo_leaves_no_temporary_directory_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pyfiq", "demo", "--tasks", "4"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redis_demo_names_its_prefix_and_deletes_its_keys(redis_server) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pyfiq", "demo", "--tasks", "4", "--redis", redis_server.url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    prefix = re.search(r"key prefix (pyfiq-demo-\w+)", result.stdout)
+    assert prefix is not None, result.stdout[:2000]
+    assert list(redis_server.client().scan_iter(f"{prefix.group(1)}:*")) == []
+    assert f"keys under {prefix.group(1)}:" in result.stdout
+
+
+def test_ctrl_c_prints_the_summary_so_far_and_exits_130(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyfiq", "demo", "--tasks", "40"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(3.0)  # well into the run
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "interrupted: the summary so far" in out and "summary" in out
+    assert list(tmp_path.iterdir()) == []
