@@ -70,6 +70,25 @@ local function is_paused(paused, stream)
   return redis.call('SISMEMBER', paused, stream) == 1 or redis.call('SISMEMBER', paused, queue_of(stream)) == 1
 end
 
+-- Give a stream's lease up: forget the holder's hand-over count, and make the stream claimable
+-- again in `delay` ms (waking idle workers when that is now) if it holds work, else forget it.
+-- s: { lease, pending, inflight, meta, ready, queues, stream, channel, shard }
+local function give_up_lease(s, delay)
+  redis.call('DEL', s.lease)
+  if redis.call('LLEN', s.inflight) == 0 then
+    redis.call('DEL', s.meta)
+  else
+    redis.call('HSET', s.meta, 'handed', 0)
+  end
+  local r = { ready = s.ready, queues = s.queues, queue = queue_of(s.stream) }
+  if redis.call('LLEN', s.pending) + redis.call('LLEN', s.inflight) > 0 then
+    ready_set(r, s.stream, now_ms() + delay)
+    if delay == 0 then redis.call('PUBLISH', s.channel, s.shard) end
+  else
+    ready_remove(r, s.stream)
+  end
+end
+
 -- Refuse to mix shard layouts: a producer or worker with another shard count would put or look
 -- for a stream's keys in another shard. The layout is written again whenever it is missing
 -- (an empty restart), so the guard survives. Returns an error reply or nil.

@@ -65,18 +65,6 @@ for i = 1, #mine - moved do
     redis.call('HSET', meta, 'd:' .. id, d)
   end
 end
-redis.call('DEL', lease)
-if redis.call('LLEN', inflight) == 0 then
-  redis.call('DEL', meta)
-else
-  redis.call('HSET', meta, 'handed', 0)
-end
-local r = { ready = ready, queues = queues, queue = queue_of(ARGV[2]) }
-if redis.call('LLEN', pending) + redis.call('LLEN', inflight) > 0 then
-  local delay = tonumber(ARGV[7])
-  ready_set(r, ARGV[2], now_ms() + delay)
-  if delay == 0 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-else
-  ready_remove(r, ARGV[2])
-end
+give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
+                stream = ARGV[2], channel = ARGV[5], shard = ARGV[6] }, tonumber(ARGV[7]))
 return 1

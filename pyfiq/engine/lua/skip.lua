@@ -42,17 +42,6 @@ redis.call('LPOP', source)
 local id = parse_entry(entry)
 if id then clear_marks(meta, id) end
 dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1] }, ARGV[2], entry, id)
-redis.call('DEL', lease)
-if redis.call('LLEN', inflight) == 0 then
-  redis.call('DEL', meta)
-else
-  redis.call('HSET', meta, 'handed', 0)
-end
-local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
-if redis.call('LLEN', pending) + redis.call('LLEN', inflight) > 0 then
-  ready_set(r, ARGV[1], now_ms())
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
-else
-  ready_remove(r, ARGV[1])
-end
+give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
+                stream = ARGV[1], channel = ARGV[3], shard = ARGV[4] }, 0)
 return { 1, entry }
