@@ -1,5 +1,6 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
+from . import hooks, metrics
 from .api import FifoFunction, configure, fifo, get_backend
 from .config import Settings
 from .errors import (
@@ -11,6 +12,7 @@ from .errors import (
     PartialEnqueueError,
     PyfiqError,
     SerializationError,
+    TimeLimitExceeded,
 )
 from .redis.backend import DeadLetter, RedisQueueBackend, TaskHandle
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
@@ -39,11 +41,14 @@ __all__ = [
     "TaskContext",
     "TaskHandle",
     "ThreadedWorker",
+    "TimeLimitExceeded",
     "async_worker",
     "configure",
     "current_task",
     "fifo",
     "get_backend",
+    "hooks",
+    "metrics",
     "threaded_worker",
 ]
 

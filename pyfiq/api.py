@@ -22,9 +22,17 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from . import hooks
+from .config import validate_seconds
 from .engine.keys import stream_name, validate_queue_name
 from .engine.protocol import RateLimit
-from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    NotConfiguredError,
+    PartialEnqueueError,
+    TimeLimitExceeded,
+)
 from .logs import log
 from .redis.backend import RedisQueueBackend, TaskHandle
 from .task import TaskRecord, new_task_id
@@ -110,7 +118,9 @@ class RetryPolicy:
             wait_exponential(multiplier=1, max=30) + wait_random(0, 1) if retry_wait is None else wait_fixed(retry_wait)
         )
         stop: stop_base = stop_never if retries == -1 else stop_after_attempt(retries + 1)
-        return cls(stop, wait, retry_if_exception_type(Exception), retries == -1)
+        # A time limit is a BaseException (a task's `except Exception` must not swallow it),
+        # and still a failed attempt like any other.
+        return cls(stop, wait, retry_if_exception_type((Exception, TimeLimitExceeded)), retries == -1)
 
 
 class FifoFunction(Generic[P, R]):
@@ -129,8 +139,12 @@ class FifoFunction(Generic[P, R]):
         expires_in: float | None,
         key: Callable[..., Any] | None,
         rate_limit: RateLimit | None = None,
+        time_limit: float | None = None,
+        time_warning: float | None = None,
     ) -> None:
         self.func = func
+        self.time_limit = None if time_limit is None else validate_seconds("time_limit", time_limit)
+        self.time_warning = None if time_warning is None else validate_seconds("time_warning", time_warning)
         self.rate_limit = rate_limit
         self.queue = validate_queue_name(queue)
         self.name = name or f"{func.__module__}.{func.__qualname__}"
@@ -172,6 +186,8 @@ class FifoFunction(Generic[P, R]):
         seconds after which the task is dead-lettered as expired instead of run."""
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
         ((task_id, new),) = backend.enqueue_encoded(stream, items, dedup)
+        if new:
+            hooks.emit("on_enqueue", self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
 
     async def asend_with_options(
@@ -187,6 +203,8 @@ class FifoFunction(Generic[P, R]):
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
         ((task_id, new),) = await backend.aenqueue_encoded(stream, items, dedup)
+        if new:
+            hooks.emit("on_enqueue", self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
 
     def check_call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -276,6 +294,8 @@ class FifoFunction(Generic[P, R]):
                     if not new:
                         handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True)
                 accepted.extend(chunk)
+                if stored := sum(new for _, new in reply):
+                    hooks.emit("on_enqueue", self.queue, stored)
         return handles
 
 
@@ -323,6 +343,8 @@ def fifo(
     key: Callable[..., Any] | None = None,
     rate_limit: float | None = None,
     rate_burst: int = 1,
+    time_limit: float | None = None,
+    time_warning: float | None = None,
 ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
 
 
@@ -340,6 +362,8 @@ def fifo(
     key: Callable[..., Any] | None = None,
     rate_limit: float | None = None,
     rate_burst: int = 1,
+    time_limit: float | None = None,
+    time_warning: float | None = None,
 ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
     """Bind a function to an ordered queue; calling it then enqueues a task.
 
@@ -355,6 +379,10 @@ def fifo(
     - ``key``: a function of the call's arguments naming the ordered stream within the queue.
     - ``rate_limit``: at most this many task starts per second on the queue, across every
       replica and stream; ``rate_burst`` starts may follow each other without spacing.
+    - ``time_limit``: seconds an attempt may run; past them an ``async def`` task is cancelled
+      and a plain function gets ``TimeLimitExceeded`` raised in its thread, a failed attempt.
+      ``time_warning``: seconds after which a running attempt logs ``pyfiq.task_running_long``
+      once. Both default to the backend's settings (off).
     """
     if queue is None:
         raise ConfigurationError("@fifo needs a queue name: @fifo(queue='billing')")
@@ -382,6 +410,8 @@ def fifo(
             expires_in=expires_in,
             key=key,
             rate_limit=limit,
+            time_limit=time_limit,
+            time_warning=time_warning,
         )
         with _registry_lock:
             existing = _registry.get(binding.name)

@@ -1,4 +1,5 @@
-"""Every error pyfiq raises derives from :class:`PyfiqError`."""
+"""Every error pyfiq raises derives from :class:`PyfiqError`, except :class:`TimeLimitExceeded`,
+which interrupts a running task and so must not be caught by the task's ``except Exception``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ class AccessDeniedError(PyfiqError, PermissionError):
 class BackendUnavailableError(PyfiqError, ConnectionError):
     """Redis could not be reached within the enqueue retry budget. Nothing was enqueued
     unless Redis accepted the task before the connection failed (enqueue is at-least-once)."""
+
+
+class TimeLimitExceeded(BaseException):
+    """A task ran past its ``time_limit``: raised inside a plain function's thread, and in place
+    of the cancellation of an ``async def`` task. A ``BaseException``, like
+    ``asyncio.CancelledError``, so that a task's ``except Exception:`` does not swallow the
+    interruption. It is a failed attempt: ``on_error`` sees it, pyfiq's retry policies retry it,
+    and a tenacity ``retry=`` predicate decides for itself (tenacity's default matches
+    ``Exception`` only)."""
 
 
 class PartialEnqueueError(BackendUnavailableError):

@@ -10,7 +10,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Settings
@@ -27,7 +27,18 @@ class Acked:
 
 @dataclass(frozen=True)
 class DeadLettered:
+    """Dead-letter the head task with this record header. ``context``: the last attempt's, for
+    a task that ran (hooks report it); None for one that never started."""
+
     header: str
+    context: TaskContext | None = field(default=None, compare=False)
+
+    @property
+    def reason(self) -> str:
+        try:
+            return str(json.loads(self.header).get("reason", "unknown"))
+        except (ValueError, AttributeError):
+            return "unknown"
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,20 @@ class Prepared:
     func: Any  # registry.FifoFunction; typed loosely to keep core free of the registry
     record: TaskRecord
     context: TaskContext
+    #: Seconds an attempt may run before it is interrupted, and before it is reported as
+    #: running long (the function's own, else the settings' default); None: never.
+    time_limit: float | None = None
+    time_warning: float | None = None
+
+
+def time_limits(func: Any, settings: Settings) -> tuple[float | None, float | None]:
+    """The time limit and warning in force for ``func``: its own, else the settings' defaults."""
+    # getattr: a task directory may hand the engine anything callable-like (test doubles).
+    limit, warning = getattr(func, "time_limit", None), getattr(func, "time_warning", None)
+    return (
+        settings.time_limit if limit is None else limit,
+        settings.time_warning if warning is None else warning,
+    )
 
 
 def prepare(
@@ -175,4 +200,4 @@ def prepare(
         expires_ms=entry.expires_ms,
         replica=replica,
     )
-    return Prepared(func, record, context)
+    return Prepared(func, record, context, *time_limits(func, settings))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import hooks
 from ..task import Entry
 from .keys import queue_of
 from .lease import Lease
@@ -84,6 +85,8 @@ class StreamRun:
         self._head_started = False
         self._sent_at = 0.0
         self._final = "released"
+        # The dead letter asked for, reported to hooks once Redis confirms it.
+        self._dead: DeadLettered | None = None
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
@@ -183,6 +186,9 @@ class StreamRun:
         self.acks = []
         self.buffer.popleft()
         self._head_started = False
+        dead, self._dead = self._dead, None
+        if dead is not None:
+            hooks.emit("on_dead_letter", self.lease.stream, dead.reason, dead.context)
         return self._next()
 
     def _on_release(self, result: Any) -> Step:
@@ -212,6 +218,7 @@ class StreamRun:
             entry, _ = self.buffer[0]
             self.processed += 1
             task_id: str | bytes = entry.raw[:32] if entry.malformed else entry.id
+            self._dead = outcome
             return self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header))
         if isinstance(outcome, Deferred):
             self.deferred = outcome.task_id

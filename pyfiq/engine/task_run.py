@@ -6,11 +6,14 @@ what an attempt, a failure, an exhausted policy or an interruption means is deci
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
 from tenacity import DoSleep, RetryCallState, Retrying, stop_when_event_set
 
+from .. import hooks
+from ..errors import TimeLimitExceeded
 from ..logs import log
 from ..task import TaskContext
 from .lease import Lease
@@ -48,6 +51,12 @@ class TaskRun:
         self._retrying: Retrying | None = None
         self._state: RetryCallState | None = None
         self._logger: Any = None
+        #: Seconds from an attempt's start to its interruption, and to the warning that it runs
+        #: long; the drivers time them, the how (a thread's exception, a cancel) is theirs.
+        self.time_limit = prepared.time_limit
+        self.time_warning = prepared.time_warning
+        self.started = 0.0
+        self._warned = 0  # the attempt the running-long warning was logged for
 
     @property
     def logger(self) -> Any:
@@ -69,17 +78,24 @@ class TaskRun:
         if self.lease.abort.is_set() or self.lease.lapsed():
             return None
         self.attempts += 1
+        self.started = time.monotonic()
         if self.attempts > 1:
             self.ctx = replace(self.ctx, attempt=self.attempts)
+        hooks.emit("before_execution", self.ctx)
         return self.ctx
 
     def after_failure(self, exc: BaseException) -> Outcome | float:
         """Record a failed attempt; returns seconds to wait before the next attempt, or the
         final outcome. The driver re-raises its own control flow (asyncio's cancellation)
         before it gets here."""
+        if isinstance(exc, TimeLimitExceeded) and not exc.args:  # raised by class in a thread
+            exc.args = (f"the attempt ran past its time limit of {self.time_limit:g}s",)
+        outcome = "fenced" if self.lease.lost else "failed"
+        hooks.emit("after_execution", self.ctx, outcome, time.monotonic() - self.started)
         call_hook(self.fn.on_error, exc, self.ctx, self.fn, event="on_error", ctx=self.ctx)
-        # SystemExit and friends from a task are the task's failure, not the worker's end.
-        failure = exc if isinstance(exc, Exception) else TaskExit(describe_error(exc))
+        # SystemExit and friends from a task are the task's failure, not the worker's end. A
+        # time limit stays itself, so that the policy and the dead letter can tell it apart.
+        failure = exc if isinstance(exc, (Exception, TimeLimitExceeded)) else TaskExit(describe_error(exc))
         if self._retrying is None:
             self._retrying = Retrying(
                 stop=self.policy.stop | stop_when_event_set(self.lease.abort),  # type: ignore[arg-type]
@@ -96,16 +112,17 @@ class TaskRun:
         self._state.set_exception((type(failure), failure, failure.__traceback__))
         try:
             action = self._retrying.iter(self._state)
-        except Exception as final:  # stop reached or not retryable: tenacity re-raises it
+        except (Exception, TimeLimitExceeded) as final:  # stop reached or not retryable: re-raised
             return self._exhausted(final)
         if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
             raise RuntimeError(f"unexpected retry action {action!r}")
         self.logger.warning(
             "pyfiq.task_retry_scheduled", attempt=self.attempts, wait=float(action), error=describe_error(failure)
         )
+        hooks.emit("on_retry", self.ctx, failure, float(action))
         return float(action)
 
-    def _exhausted(self, exc: Exception) -> Outcome | float:
+    def _exhausted(self, exc: BaseException) -> Outcome | float:
         if self.lease.abort.is_set():
             return self.interrupted()
         if self.fn.on_exhausted == "block":
@@ -114,6 +131,7 @@ class TaskRun:
                 "pyfiq.task_blocking_queue", attempts=self.attempts, error=describe_error(exc), retry_in=pause
             )
             self._retrying = None  # a fresh round of the policy after the pause
+            hooks.emit("on_retry", self.ctx, exc, pause)
             return pause
         self.logger.error(
             "pyfiq.task_dead_lettered", reason="exhausted", attempts=self.attempts, error=describe_error(exc)
@@ -126,7 +144,32 @@ class TaskRun:
                 attempts=self.attempts,
                 name=self.ctx.name,
                 error=exc,
-            )
+            ),
+            context=self.ctx,
+        )
+
+    def running_long(self) -> None:
+        """The driver's timer says the attempt passed ``time_warning``: say so, once."""
+        if self._warned == self.attempts:
+            return
+        self._warned = self.attempts
+        self.logger.warning(
+            "pyfiq.task_running_long",
+            attempt=self.attempts,
+            elapsed=round(time.monotonic() - self.started, 3),
+            time_warning=self.time_warning,
+            time_limit=self.time_limit,
+        )
+
+    def limit_reached(self) -> None:
+        """The driver's timer says the attempt passed ``time_limit``; the driver interrupts it."""
+        self.logger.error(
+            "pyfiq.task_time_limit_exceeded",
+            attempt=self.attempts,
+            elapsed=round(time.monotonic() - self.started, 3),
+            time_limit=self.time_limit,
+            hint="interrupting it; the lease stays held until it has really ended (a plain function "
+            "blocked in one C call, such as a socket read without timeout, ends only when the call returns)",
         )
 
     def _fenced(self) -> Outcome:
@@ -146,8 +189,14 @@ class TaskRun:
         self.logger.info("pyfiq.task_interrupted_by_stop")
         return Aborted()
 
+    def cancelled(self) -> None:
+        """The driver cancelled the running attempt (an asyncio stop past its deadline)."""
+        hooks.emit("after_execution", self.ctx, "cancelled", time.monotonic() - self.started)
+
     def succeeded(self, result: Any) -> Outcome:
-        if self.lease.lost or self.lease.lapsed():
+        fenced = self.lease.lost or self.lease.lapsed()
+        hooks.emit("after_execution", self.ctx, "fenced" if fenced else "succeeded", time.monotonic() - self.started)
+        if fenced:
             return self._fenced()
         if self.fn.on_success is not None:
             call_hook(self.fn.on_success, result, self.ctx, self.fn, event="on_success", ctx=self.ctx)

@@ -440,3 +440,9 @@ def queue_skip(url: str, prefix: str, shards: int, stream: str, reason: str) -> 
     if task_id is None:
         raise click.ClickException(f"{stream} holds no task")
     click.echo(f"dead-lettered {task_id} as operator")
+
+
+# The exporter loads prometheus-client only when it runs: `pyfiq --help` works without the extra.
+from .exporter import exporter  # noqa: E402
+
+main.add_command(exporter)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .. import api
+from .. import api, hooks
 from ..engine.keys import consumed_queues, queue_of
 from ..engine.lease import Lease, release_retry_delays, replica_id
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
@@ -26,6 +26,7 @@ from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
 from ..redis.backend import TRANSIENT, RedisQueueBackend
 from ..task import TaskContext, reset_current, set_current
+from .limits import await_with_limits, call_with_limits
 
 
 async def run_task_async(
@@ -40,6 +41,7 @@ async def run_task_async(
         try:
             result = await invoke(ctx)
         except asyncio.CancelledError:
+            task.cancelled()
             raise  # the worker's own control flow, not the task's failure
         except BaseException as exc:
             decision = task.after_failure(exc)
@@ -52,7 +54,7 @@ async def run_task_async(
     return task.interrupted()
 
 
-async def run_in_thread(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+async def run_in_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """``asyncio.to_thread``, except that cancellation waits for the thread: a function running
     in a thread cannot be stopped, and its stream's lease must stay held (renewed) until it
     really ends, or another replica would run the same task alongside it. The result is
@@ -278,6 +280,7 @@ class AsyncWorker:
             lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
+                hooks.lease_started(lease)
                 self._work.put_nowait(lease)
 
     async def _listen(self) -> None:
@@ -327,6 +330,8 @@ class AsyncWorker:
             finally:
                 self.scheduler.finished(lease, run)
                 self._nudge.set()
+                if not self._abandoned.is_set():  # a dead process reports nothing either
+                    hooks.lease_ended(lease)
 
     async def _run_stream(self, run: StreamRun) -> None:
         lease = run.lease
@@ -371,20 +376,21 @@ class AsyncWorker:
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: asyncio.Event = lease.abort  # type: ignore[assignment]
+        task = TaskRun(prepared, lease)
 
         async def invoke(ctx: TaskContext) -> Any:
             token = set_current(ctx)
             try:
                 if inspect.iscoroutinefunction(func):
-                    return await func(*record.args, **record.kwargs)
+                    return await await_with_limits(task, func(*record.args, **record.kwargs))
                 # The context is copied into the thread, so current_task() works there.
-                return await run_in_thread(func, *record.args, **record.kwargs)
+                return await run_in_thread(call_with_limits, task, func, *record.args, **record.kwargs)
             finally:
                 reset_current(token)
 
         limit = self.scheduler.tasks.rate_limit_of(queue_of(lease.stream))
         permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
-        return await run_task_async(TaskRun(prepared, lease), invoke, lambda s: _wait(abort, s), permit)
+        return await run_task_async(task, invoke, lambda s: _wait(abort, s), permit)
 
     async def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
         call = self.ops.rate(queue_of(lease.stream), limit)

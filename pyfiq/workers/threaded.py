@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from .. import api
+from .. import api, hooks
 from ..engine.keys import consumed_queues, queue_of
 from ..engine.lease import Lease, release_retry_delays, replica_id
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
@@ -28,6 +28,7 @@ from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
 from ..redis.backend import TRANSIENT, RedisQueueBackend
 from ..task import TaskContext, reset_current, set_current
+from .limits import await_with_limits, call_with_limits
 
 
 def run_task_sync(
@@ -279,6 +280,7 @@ class ThreadedWorker:
             lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
+                hooks.lease_started(lease)
                 self._work.put(lease)
 
     def _listen(self) -> None:
@@ -333,6 +335,8 @@ class ThreadedWorker:
             finally:
                 self.scheduler.finished(lease, run)
                 self._nudge.set()
+                if not self._abandoned.is_set():  # a dead process reports nothing either
+                    hooks.lease_ended(lease)
 
     def _run_stream(self, lease: Lease) -> StreamRun:
         run = StreamRun(
@@ -382,19 +386,21 @@ class ThreadedWorker:
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: threading.Event = lease.abort  # type: ignore[assignment]
+        task = TaskRun(prepared, lease)
 
         def invoke(ctx: TaskContext) -> Any:
             if inspect.iscoroutinefunction(func):
-                return asyncio.run_coroutine_threadsafe(_with_context(ctx, func, record), self._event_loop()).result()
+                coro = _with_context(ctx, task, func, record)
+                return asyncio.run_coroutine_threadsafe(coro, self._event_loop()).result()
             token = set_current(ctx)
             try:
-                return func(*record.args, **record.kwargs)
+                return call_with_limits(task, func, *record.args, **record.kwargs)
             finally:
                 reset_current(token)
 
         limit = self.scheduler.tasks.rate_limit_of(queue_of(lease.stream))
         permit = None if limit is None else (lambda: self._wait_permit(lease, limit))
-        return run_task_sync(TaskRun(prepared, lease), invoke, abort.wait, permit)
+        return run_task_sync(task, invoke, abort.wait, permit)
 
     def _wait_permit(self, lease: Lease, limit: RateLimit) -> bool:
         call = self.ops.rate(queue_of(lease.stream), limit)
@@ -413,10 +419,10 @@ class ThreadedWorker:
             return self._loop
 
 
-async def _with_context(ctx: TaskContext, func: Any, record: Any) -> Any:
+async def _with_context(ctx: TaskContext, task: TaskRun, func: Any, record: Any) -> Any:
     token = set_current(ctx)
     try:
-        return await func(*record.args, **record.kwargs)
+        return await await_with_limits(task, func(*record.args, **record.kwargs))
     finally:
         reset_current(token)
 
