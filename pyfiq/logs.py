@@ -62,3 +62,8 @@ def get_logger(**initial: Any) -> Any:
 
 
 log = get_logger()
+
+
+def debug_enabled() -> bool:
+    """Whether debug events would go anywhere: the hot path asks before it builds one."""
+    return _stdlib.isEnabledFor(logging.DEBUG)

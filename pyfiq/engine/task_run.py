@@ -14,7 +14,7 @@ from tenacity import DoSleep, RetryCallState, Retrying, stop_when_event_set
 
 from .. import hooks
 from ..errors import TimeLimitExceeded
-from ..logs import log
+from ..logs import debug_enabled, log
 from ..task import TaskContext
 from .lease import Lease
 from .outcomes import Aborted, Acked, DeadLettered, Fenced, Outcome, Prepared, dead_letter_header, describe_error
@@ -116,7 +116,7 @@ class TaskRun:
             return self._exhausted(final)
         if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
             raise RuntimeError(f"unexpected retry action {action!r}")
-        self.logger.warning(
+        self.logger.info(
             "pyfiq.task_retry_scheduled", attempt=self.attempts, wait=float(action), error=describe_error(failure)
         )
         hooks.emit("on_retry", self.ctx, failure, float(action))
@@ -195,9 +195,12 @@ class TaskRun:
 
     def succeeded(self, result: Any) -> Outcome:
         fenced = self.lease.lost or self.lease.lapsed()
-        hooks.emit("after_execution", self.ctx, "fenced" if fenced else "succeeded", time.monotonic() - self.started)
+        duration = time.monotonic() - self.started
+        hooks.emit("after_execution", self.ctx, "fenced" if fenced else "succeeded", duration)
         if fenced:
             return self._fenced()
+        if debug_enabled():  # binding the task's logger costs more than a no-op task
+            self.logger.debug("pyfiq.task_succeeded", attempt=self.attempts, duration=round(duration, 6))
         if self.fn.on_success is not None:
             call_hook(self.fn.on_success, result, self.ctx, self.fn, event="on_success", ctx=self.ctx)
         return Acked()

@@ -188,3 +188,29 @@ def test_a_worker_process_without_logging_configured_prints_nothing(redis_server
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_log_levels_suit_a_library(redis_backend: RedisQueueBackend, caplog: pytest.LogCaptureFixture) -> None:
+    """A retry is info, a success debug (with its duration), a dead letter an error; the
+    records carry their fields structured in ``record.pyfiq``."""
+    import logging
+
+    pyfiq.configure(redis_backend)
+
+    @fifo(queue="api-levels", name="tests.api.levels", max_retries=1, retry_wait=0)
+    def levels(fail: bool) -> None:
+        if fail:
+            raise ValueError("boom")
+
+    levels(False)
+    levels(True)
+    with caplog.at_level(logging.DEBUG, logger="pyfiq"), ThreadedWorker(redis_backend, queues=["api-levels"]):
+        deadline = time.monotonic() + 10
+        while not redis_backend.dead_letters("api-levels") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    by_event = {getattr(r, "pyfiq", {}).get("event"): r for r in caplog.records if r.name == "pyfiq"}
+    assert by_event["pyfiq.task_retry_scheduled"].levelno == logging.INFO
+    assert by_event["pyfiq.task_succeeded"].levelno == logging.DEBUG
+    assert by_event["pyfiq.task_succeeded"].pyfiq["duration"] >= 0  # type: ignore[attr-defined]
+    assert by_event["pyfiq.task_dead_lettered"].levelno == logging.ERROR
+    assert "error=ValueError: boom" in by_event["pyfiq.task_dead_lettered"].getMessage()
