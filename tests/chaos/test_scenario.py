@@ -184,7 +184,9 @@ def test_gil_hold_starves_every_other_thread() -> None:
     time.sleep(0.05)
     stop.set()
     t.join()
-    assert ended - started >= 0.5
+    # The hold's length follows a rate measured once; a CPU that speeds up later (frequency
+    # scaling) shortens it. What matters is that nothing else ran while it lasted.
+    assert ended - started >= 0.3
     inside = [x for x in ticks if started + 0.02 < x < ended - 0.02]
     assert inside == [], f"another thread ran {len(inside)} times while the GIL was held"
 
