@@ -157,3 +157,33 @@ def test_fastapi_example_enqueues_from_an_endpoint_and_delivers_in_order() -> No
     assert len(delivered) == 10
     for customer in ("c-1", "c-2"):
         assert [e["seq"] for e in delivered if e["customer_id"] == customer] == list(range(5))
+
+
+def test_the_readme_asyncio_snippet_serves_and_runs_its_task(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"### asyncio\n\n```python\n(.*?)```", readme, flags=re.S)
+    assert block is not None
+    source = block.group(1).replace('"redis://localhost"', repr(f"memory://readme-{uuid.uuid4().hex}"))
+    path = tmp_path / "readme_asyncio.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("readme_asyncio", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with TestClient(module.app) as client:
+        reply = client.post("/events", json={"id": 1})
+        assert reply.status_code == 200 and len(reply.json()["task"]) == 32
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            info = module.backend.queue_info("webhooks")
+            if info["pending"] == info["inflight"] == 0:
+                break
+            time.sleep(0.02)
+        info = module.backend.queue_info("webhooks")
+        assert (info["pending"], info["inflight"], info["dead"]) == (0, 0, 0)
