@@ -8,24 +8,22 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .. import api, hooks
-from ..engine.keys import consumed_queues, queue_of
-from ..engine.lease import Lease, release_retry_delays, replica_id
+from ..engine.keys import queue_of
+from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
 from ..engine.protocol import RateLimit
-from ..engine.scheduler import Scheduler
 from ..engine.stream import Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
-from ..errors import AccessDeniedError, ConfigurationError
+from ..errors import AccessDeniedError
 from ..logs import log
 from ..redis.backend import TRANSIENT, RedisQueueBackend
 from ..task import TaskContext, reset_current, set_current
+from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
 
 
@@ -74,7 +72,7 @@ async def run_in_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) 
                 uncancel()
 
 
-class AsyncWorker:
+class AsyncWorker(WorkerBase):
     """Consumes pyfiq queues in the running event loop (FastAPI lifespan, ``async with``).
 
     ``async def`` tasks are awaited on this loop; plain functions run in the default thread
@@ -90,17 +88,7 @@ class AsyncWorker:
         concurrency: int = 16,
         replica: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-        self.backend = backend or api.get_backend()
-        self.settings = self.backend.settings
-        self.ops = self.backend.ops
-        self.concurrency = concurrency
-        self.replica = replica or replica_id()
-        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
-        self.scheduler.identify(
-            self.replica, host=socket.gethostname(), pid=os.getpid(), driver="asyncio", concurrency=concurrency
-        )
+        self._setup(backend, queues, concurrency, replica, "asyncio")
         self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._nudge = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -245,10 +233,6 @@ class AsyncWorker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    @property
-    def held_streams(self) -> list[str]:
-        return sorted(lease.stream for lease in self.scheduler.held_leases())
 
     async def _dispatch(self) -> None:
         while not self._stopping.is_set():

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import queue as queue_mod
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,17 +15,17 @@ from types import FrameType
 from typing import Any
 
 from .. import api, hooks
-from ..engine.keys import consumed_queues, queue_of
-from ..engine.lease import Lease, release_retry_delays, replica_id
+from ..engine.keys import queue_of
+from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
 from ..engine.protocol import RateLimit
-from ..engine.scheduler import Scheduler
 from ..engine.stream import Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
 from ..redis.backend import TRANSIENT, RedisQueueBackend
 from ..task import TaskContext, reset_current, set_current
+from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
 
 
@@ -54,7 +52,7 @@ def run_task_sync(
     return task.interrupted()
 
 
-class ThreadedWorker:
+class ThreadedWorker(WorkerBase):
     """Consumes pyfiq queues in background threads of this process.
 
     ``queues``: the queues to consume; by default every queue named by a ``@fifo`` function of
@@ -74,17 +72,7 @@ class ThreadedWorker:
         install_signal_handlers: bool = False,
         replica: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-        self.backend = backend or api.get_backend()
-        self.settings = self.backend.settings
-        self.ops = self.backend.ops
-        self.concurrency = concurrency
-        self.replica = replica or replica_id()
-        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
-        self.scheduler.identify(
-            self.replica, host=socket.gethostname(), pid=os.getpid(), driver="threaded", concurrency=concurrency
-        )
+        self._setup(backend, queues, concurrency, replica, "threaded")
         self._install_signals = install_signal_handlers
         self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
         self._nudge = threading.Event()
@@ -231,10 +219,6 @@ class ThreadedWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @property
-    def held_streams(self) -> list[str]:
-        return sorted(lease.stream for lease in self.scheduler.held_leases())
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -1,5 +1,5 @@
-"""Operators steering a live fleet: pause / resume a queue or one keyed stream, skip a blocked
-head, see who holds a lease; against a real redis-server, with two workers sharing the queues."""
+"""Operator actions on running workers: pause / resume a queue or one keyed stream, skip a
+blocked head, see who holds a lease; against a real redis-server, two workers sharing queues."""
 
 from __future__ import annotations
 
