@@ -1,6 +1,6 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
-from . import hooks, metrics
+from . import hooks, metrics, tracing
 from .api import FifoFunction, configure, fifo, get_backend
 from .config import Settings
 from .errors import (
@@ -50,6 +50,7 @@ __all__ = [
     "hooks",
     "metrics",
     "threaded_worker",
+    "tracing",
 ]
 
 __version__ = "0.2.0"

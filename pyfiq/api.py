@@ -229,7 +229,7 @@ class FifoFunction(Generic[P, R]):
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
         key = None if raw_key is None else str(raw_key)
         backend = backend or get_backend()
-        record = TaskRecord(self.name, list(args), dict(kwargs), key)
+        record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
         items = backend.encode([(new_task_id(), record)], expires)
         return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
@@ -267,6 +267,7 @@ class FifoFunction(Generic[P, R]):
         by_stream: dict[str, list[int]] = {}
         records: list[tuple[str, TaskRecord]] = []
         handles: list[TaskHandle] = []
+        headers = hooks.enqueue_headers(self.queue)
         for index, args in enumerate(calls):
             self.check_call(args, {})
             raw_key = self.key(*args) if self.key is not None else None
@@ -274,7 +275,7 @@ class FifoFunction(Generic[P, R]):
             stream = stream_name(self.queue, key)
             task_id = new_task_id()
             by_stream.setdefault(stream, []).append(index)
-            records.append((task_id, TaskRecord(self.name, list(args), {}, key)))
+            records.append((task_id, TaskRecord(self.name, list(args), {}, key, headers)))
             handles.append(TaskHandle(task_id, self.queue, stream, self.name))
         encoded = {
             stream: backend.encode([records[i] for i in indexes], self.expires_in)

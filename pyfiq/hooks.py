@@ -4,6 +4,8 @@
 is simply not called); ``pyfiq.hooks.remove(listener)`` unregisters it:
 
 - ``before_execution(ctx)``: an attempt of a task starts (``ctx``: its ``TaskContext``).
+- ``on_failure(ctx, error)``: that attempt raised ``error`` (reported right before its
+  ``after_execution``, whose outcome is ``failed``, or ``fenced`` if the lease was lost).
 - ``after_execution(ctx, outcome, duration)``: that attempt ended after ``duration`` seconds,
   ``outcome`` being ``"succeeded"``, ``"failed"`` (it raised), ``"fenced"`` (the lease was
   lost meanwhile, so its result is dropped and the next holder runs the task again) or
@@ -22,6 +24,10 @@ is simply not called); ``pyfiq.hooks.remove(listener)`` unregisters it:
   ``lost`` (fenced: another holder may run the stream now). A worker's ``abandon()`` reports
   no end, as a dead process would not. A claim that takes no task with the lease (a
   rate-limited queue's) reports ``acquired``.
+- ``before_enqueue(queue, headers)``: an enqueue call (or an ``enqueue_many`` batch) is about
+  to encode its tasks; string entries the listener puts in the dict ``headers`` travel with
+  each of them and reach the running task as ``ctx.headers`` (how a trace context crosses
+  from the enqueuing code to the execution).
 - ``on_enqueue(queue, count)``: ``count`` new tasks were stored (a deduplicated call is none).
 
 Listeners run synchronously in the thread or event loop that reports, so they must be quick
@@ -43,7 +49,16 @@ from .logs import log
 if TYPE_CHECKING:
     from .engine.lease import Lease
 
-EVENTS = ("before_execution", "after_execution", "on_retry", "on_dead_letter", "on_lease", "on_enqueue")
+EVENTS = (
+    "before_execution",
+    "on_failure",
+    "after_execution",
+    "on_retry",
+    "on_dead_letter",
+    "on_lease",
+    "before_enqueue",
+    "on_enqueue",
+)
 
 _lock = threading.Lock()
 _listeners: list[object] = []
@@ -93,6 +108,21 @@ def emit(event: str, *args: Any) -> None:
             log.warning(
                 "pyfiq.hook_failed", hook=event, listener=type(listener).__qualname__, error=describe_error(exc)
             )
+
+
+def enqueue_headers(queue: str) -> dict[str, str] | None:
+    """The headers ``before_enqueue`` listeners give tasks enqueued on ``queue`` now, or None
+    (nobody listens, or they added nothing). An entry that is not a string pair is dropped
+    with a warning: it could not be stored in every serializer's format."""
+    if not _handlers.get("before_enqueue"):
+        return None
+    headers: dict[str, str] = {}
+    emit("before_enqueue", queue, headers)
+    bad = [name for name, value in headers.items() if not (isinstance(name, str) and isinstance(value, str))]
+    for name in bad:
+        log.warning("pyfiq.hook_header_dropped", header=repr(name), hint="headers are str: str pairs")
+        del headers[name]
+    return headers or None
 
 
 def lease_started(lease: Lease) -> None:

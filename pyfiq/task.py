@@ -6,7 +6,8 @@ import contextvars
 import datetime as dt
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DecodeError, SerializationError
@@ -64,6 +65,9 @@ class TaskRecord:
     args: list[Any]
     kwargs: dict[str, Any]
     key: str | None = None
+    #: What the enqueuing code's ``before_enqueue`` hooks attached (a trace context, say);
+    #: older replicas ignore it, so it needs no new format version.
+    headers: dict[str, str] | None = None
 
     def encode(self, serializer: Serializer) -> bytes:
         body: dict[str, Any] = {"v": FORMAT_VERSION, "name": self.name, "args": self.args}
@@ -71,6 +75,8 @@ class TaskRecord:
             body["kwargs"] = self.kwargs
         if self.key is not None:
             body["key"] = self.key
+        if self.headers:
+            body["h"] = self.headers
         try:
             return serializer.dumps(body)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -92,7 +98,12 @@ class TaskRecord:
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise DecodeError("task record has malformed args/kwargs")
-        return cls(body["name"], args, kwargs, body.get("key"))
+        headers = body.get("h")
+        if headers is not None and not (
+            isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+        ):
+            raise DecodeError("task record has malformed headers")
+        return cls(body["name"], args, kwargs, body.get("key"), headers)
 
 
 def _from_ms(ms: int) -> dt.datetime:
@@ -106,7 +117,8 @@ class TaskContext:
     ``id`` stays the same across retries and redeliveries: use it as an idempotency key for
     side effects. ``fencing_token`` rises with every new lease on the stream: a downstream
     system that remembers the highest token it has seen can refuse writes from a holder whose
-    lease has lapsed.
+    lease has lapsed. ``headers`` are what the enqueuing code's hooks attached to the task
+    (``pyfiq.tracing`` puts the enqueuer's trace context there).
     """
 
     id: str
@@ -120,6 +132,7 @@ class TaskContext:
     enqueued_ms: int
     expires_ms: int
     replica: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def enqueued_at(self) -> dt.datetime:

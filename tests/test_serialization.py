@@ -59,6 +59,8 @@ def test_task_record_refuses_unserializable_arguments_with_a_clear_error(bad: ob
 def test_record_round_trip_with_each_serializer(serializer) -> None:  # type: ignore[no-untyped-def]
     record = TaskRecord("m.f", [1, "two", [3]], {"k": {"n": None}}, key="c-1")
     assert TaskRecord.decode(record.encode(serializer), serializer) == record
+    traced = TaskRecord("m.f", [], {}, headers={"traceparent": "00-ab-cd-01"})
+    assert TaskRecord.decode(traced.encode(serializer), serializer) == traced
 
 
 def test_pickle_refuses_unpicklable_arguments_as_serialization_error() -> None:
@@ -73,6 +75,7 @@ def test_pickle_refuses_unpicklable_arguments_as_serialization_error() -> None:
         (b"[1, 2]", "not a pyfiq task record"),
         (b'{"v": 99, "name": "x", "args": []}', "newer than this replica"),
         (b'{"v": 1, "name": "x", "args": {}}', "malformed args"),
+        (b'{"v": 1, "name": "x", "args": [], "h": {"traceparent": 1}}', "malformed headers"),
     ],
 )
 def test_decode_errors_name_what_is_wrong(payload: bytes, match: str) -> None:

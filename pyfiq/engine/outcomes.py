@@ -199,5 +199,6 @@ def prepare(
         enqueued_ms=entry.enqueued_ms,
         expires_ms=entry.expires_ms,
         replica=replica,
+        headers=record.headers or {},
     )
     return Prepared(func, record, context, *time_limits(func, settings))

@@ -91,6 +91,7 @@ class TaskRun:
         if isinstance(exc, TimeLimitExceeded) and not exc.args:  # raised by class in a thread
             exc.args = (f"the attempt ran past its time limit of {self.time_limit:g}s",)
         outcome = "fenced" if self.lease.lost else "failed"
+        hooks.emit("on_failure", self.ctx, exc)
         hooks.emit("after_execution", self.ctx, outcome, time.monotonic() - self.started)
         call_hook(self.fn.on_error, exc, self.ctx, self.fn, event="on_error", ctx=self.ctx)
         # SystemExit and friends from a task are the task's failure, not the worker's end. A

@@ -110,7 +110,7 @@ class AsyncWorker(WorkerBase):
         try:
             await self.backend.acheck_layout()
         except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
-            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=describe_error(exc))
         self._executors = [self._spawn(self._executor(), f"pyfiq-exec-{i}") for i in range(self.concurrency)]
         self._dispatcher = self._spawn(self._dispatch(), "pyfiq-dispatch")
         self._control = [

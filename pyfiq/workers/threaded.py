@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import queue as queue_mod
 import signal
@@ -98,7 +99,7 @@ class ThreadedWorker(WorkerBase):
         try:
             self.backend.check_layout()
         except TRANSIENT as exc:  # Redis not reachable yet: the dispatcher checks before claiming
-            self.log.warning("pyfiq.redis_unreachable_at_start", error=repr(exc))
+            self.log.warning("pyfiq.redis_unreachable_at_start", error=describe_error(exc))
         self._started = True
         for i in range(self.concurrency):
             self._threads.append(self._spawn(self._executor, f"pyfiq-exec-{i}"))
@@ -373,11 +374,11 @@ class ThreadedWorker(WorkerBase):
         task = TaskRun(prepared, lease)
 
         def invoke(ctx: TaskContext) -> Any:
-            if inspect.iscoroutinefunction(func):
-                coro = _with_context(ctx, task, func, record)
-                return asyncio.run_coroutine_threadsafe(coro, self._event_loop()).result()
             token = set_current(ctx)
             try:
+                if inspect.iscoroutinefunction(func):
+                    coro = _in_context(contextvars.copy_context(), task, func, record)
+                    return asyncio.run_coroutine_threadsafe(coro, self._event_loop()).result()
                 return call_with_limits(task, func, *record.args, **record.kwargs)
             finally:
                 reset_current(token)
@@ -403,12 +404,12 @@ class ThreadedWorker(WorkerBase):
             return self._loop
 
 
-async def _with_context(ctx: TaskContext, task: TaskRun, func: Any, record: Any) -> Any:
-    token = set_current(ctx)
-    try:
-        return await await_with_limits(task, func(*record.args, **record.kwargs))
-    finally:
-        reset_current(token)
+async def _in_context(context: contextvars.Context, task: TaskRun, func: Any, record: Any) -> Any:
+    # The coroutine runs on the loop's thread, in a context of its own: it gets the worker
+    # thread's (current_task(), a tracer's current span) copied in, as a thread would.
+    for var, value in context.items():
+        var.set(value)
+    return await await_with_limits(task, func(*record.args, **record.kwargs))
 
 
 def threaded_worker(

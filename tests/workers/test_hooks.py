@@ -126,7 +126,8 @@ def test_a_listener_that_raises_is_logged_and_breaks_nothing(backend, start_work
         def fail(self, *args: Any) -> None:
             raise RuntimeError("listener boom")
 
-        before_execution = after_execution = on_retry = on_dead_letter = on_lease = on_enqueue = fail
+        before_execution = on_failure = after_execution = on_retry = on_dead_letter = fail
+        on_lease = before_enqueue = on_enqueue = fail
 
     broken = Broken()
     hooks.remove(recorder)

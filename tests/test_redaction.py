@@ -1,0 +1,148 @@
+"""A password in the Redis URL never shows: not in an exception (its message, repr, causes or
+traceback), not in a repr, not in a log record, not in a command's output, whatever fails:
+Redis unreachable, a wrong password, Redis dying under a running worker, over every entry
+point (enqueue, its asyncio twin, enqueue_many, both workers, the CLI, the exporter)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from pyfiq import AsyncWorker, PyfiqError, RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq.ops.cli import main
+from pyfiq.ops.exporter import snapshot
+from tests.conftest import RedisServer, free_port, unique_prefix, wait_until
+from tests.workers.test_worker import qname
+
+SECRET = "Sup3r-S3cret-pw"
+
+
+@pytest.fixture
+def app_user(redis_server: RedisServer) -> Iterator[str]:
+    """A user with every permission and the password SECRET."""
+    name = f"app-{unique_prefix()}"
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", name, "on", f">{SECRET}", "~*", "&*", "+@all")
+    yield name
+    admin.execute_command("ACL", "DELUSER", name)
+    admin.close()
+
+
+def _urls(redis_server: RedisServer, user: str) -> dict[str, str]:
+    down = free_port()
+    return {
+        "unreachable": f"redis://{user}:{SECRET}@127.0.0.1:{down}/0",
+        "unreachable-query": f"redis://127.0.0.1:{down}/0?username={user}&password={SECRET}",
+        "wrong-password": f"redis://{user}:{SECRET}-not@127.0.0.1:{redis_server.port}/0",
+    }
+
+
+def _assert_clean(exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc)) + repr(exc)
+    assert SECRET not in text, text
+
+
+def _entry_points(backend: RedisQueueBackend) -> dict[str, Callable[[], Any]]:
+    q = qname()
+
+    @fifo(queue=q, name=f"{q}.work")
+    def work(i: int = 0) -> None:
+        pass
+
+    return {
+        "enqueue": lambda: work.send_with_options(backend=backend),
+        "aenqueue": lambda: asyncio.run(work.asend_with_options(backend=backend)),
+        "enqueue_many": lambda: work.enqueue_many([(1,), (2,)], backend=backend),
+        "queue_info": lambda: backend.queue_info(q),
+        "exporter snapshot": lambda: snapshot(backend),
+    }
+
+
+def _run_workers(backend: RedisQueueBackend) -> list[BaseException]:
+    """Start both workers: a denied one raises at start; one that cannot reach Redis starts,
+    logs, and keeps trying until stopped."""
+    errors: list[BaseException] = []
+    try:
+        worker = ThreadedWorker(backend, queues=[qname()]).start()
+        time.sleep(0.5)
+        worker.stop(timeout=5)
+    except PyfiqError as exc:
+        errors.append(exc)
+
+    async def run_async() -> None:
+        worker = AsyncWorker(RedisQueueBackend(backend.url, prefix=backend.settings.prefix), queues=[qname()])
+        await worker.start()
+        await asyncio.sleep(0.5)
+        await worker.stop(timeout=5)
+
+    try:
+        asyncio.run(run_async())
+    except PyfiqError as exc:
+        errors.append(exc)
+    return errors
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "unreachable-query", "wrong-password"])
+def test_no_error_path_shows_the_password(redis_server: RedisServer, app_user: str, fault: str, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="pyfiq")
+    url = _urls(redis_server, app_user)[fault]
+    backend = RedisQueueBackend(url, enqueue_timeout=0.3, prefix=unique_prefix())
+    assert SECRET not in repr(backend) and SECRET not in str(backend) and "***" in repr(backend)
+    failed = []
+    for name, call in _entry_points(backend).items():
+        with pytest.raises(Exception) as info:
+            call()
+        failed.append((name, type(info.value).__name__))
+        assert isinstance(info.value, (PyfiqError, redis.RedisError)), (name, info.value)
+        _assert_clean(info.value)
+    assert len(failed) == 5
+    denied = _run_workers(backend)
+    assert len(denied) == (2 if fault == "wrong-password" else 0)
+    for exc in denied:
+        _assert_clean(exc)
+    backend.close()
+    assert any("redis_unreachable_at_start" in r.getMessage() for r in caplog.records) == (fault != "wrong-password")
+    for record in caplog.records:
+        assert SECRET not in record.getMessage(), record.getMessage()
+    for args in (["status"], ["dlq", "list", "some-queue"], ["queue", "pause", "some-queue"], ["replicas"]):
+        result = CliRunner().invoke(main, ["--redis", url, *args])
+        assert result.exit_code != 0 and result.output.strip(), (args, result.output)
+        assert SECRET not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_worker_whose_redis_dies_logs_no_password(own_redis: RedisServer, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="pyfiq")
+    admin = own_redis.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", f">{SECRET}", "~*", "&*", "+@all")
+    url = f"redis://app:{SECRET}@127.0.0.1:{own_redis.port}/0"
+    backend = RedisQueueBackend(url, prefix=unique_prefix(), lease_ttl=1.5, poll_interval=0.2, shards=2)
+    q, ran = qname(), []
+
+    @fifo(queue=q, name=f"{q}.work")
+    def work(i: int) -> None:
+        ran.append(i)
+
+    worker = ThreadedWorker(backend, queues=[q]).start()
+    try:
+        work.send_with_options(args=(1,), backend=backend)
+        wait_until(lambda: ran == [1], message="the task ran")
+        own_redis.stop(kill=True)
+        wait_until(
+            lambda: any("ConnectionError" in r.getMessage() for r in caplog.records),
+            message="the worker reported Redis unreachable",
+        )
+    finally:
+        worker.stop(timeout=5)
+        backend.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(str(own_redis.port) in m for m in messages), "errors name the server"
+    assert not [m for m in messages if SECRET in m]
