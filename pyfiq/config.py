@@ -56,8 +56,10 @@ class Settings:
     prefix: str = "pyfiq"
     #: Streams are spread over this many shards (hash tags); fixed for the life of the data.
     shards: int = 16
-    #: A lease lapses this long after its last renewal.
-    lease_ttl: float = 10.0
+    #: A lease lapses this long after its last renewal: how long a crashed holder's streams
+    #: wait, and how long a task may hold the GIL (or block the event loop) before its lease
+    #: is lost and the task runs again elsewhere.
+    lease_ttl: float = 5.0
     #: How often held leases are renewed; default ``lease_ttl / 5``.
     heartbeat_interval: float | None = None
     #: Safety poll of idle workers (Pub/Sub wake-ups are the fast path).

@@ -14,7 +14,9 @@ mean of two short ceiling runs taken right before and right after it, on the sam
     python scripts/bench.py --only requeue,idle-foreign            # operator and idle cost at scale
 
 Sections: ceiling (always measured: it is the baseline), drain (also on an AOF everysec server),
-enqueue, peers (RQ, Dramatiq, Huey when installed), takeover, idle, memory, latency, requeue
+enqueue, peers (RQ, Dramatiq, Huey when installed), takeover (default settings), lease-load
+(lease losses with the default TTL while busy processes saturate every core, against a quiet
+run), idle, memory, latency, requeue
 (the longest single Redis call of dead-letter operations on 1,000,000 records, by SLOWLOG,
 against the median PING round trip), idle-foreign (an idle worker beside another queue's
 60,000 due streams, against none).
@@ -62,7 +64,19 @@ from pyfiq.api import FifoFunction
 from pyfiq.engine.outcomes import dead_letter_header
 from pyfiq.task import TaskRecord, new_task_id
 
-SECTIONS = ("ceiling", "drain", "enqueue", "peers", "takeover", "idle", "memory", "latency", "requeue", "idle-foreign")
+SECTIONS = (
+    "ceiling",
+    "drain",
+    "enqueue",
+    "peers",
+    "takeover",
+    "lease-load",
+    "idle",
+    "memory",
+    "latency",
+    "requeue",
+    "idle-foreign",
+)
 PEERS = ("rq", "dramatiq", "huey")
 DRAIN_PREFETCH = (1, 10, 100)
 SCRIPT = Path(__file__).resolve()
@@ -259,6 +273,10 @@ def stamp(i: int, hold: float = 0.0) -> None:
     TALLY.hit()
     if hold:
         time.sleep(hold)
+
+
+def keyed_stamp(key: int, i: int, hold: float = 0.0) -> None:
+    stamp(i, hold)
 
 
 def peer_task(i: int) -> None:
@@ -664,10 +682,11 @@ def child_peer(args: argparse.Namespace) -> None:
 
 def measure_takeover_kill(server: RedisServer, reps: int, workdir: Path) -> dict[str, Any]:
     """A replica process holds a queue of 50 ms tasks and is SIGKILLed; an idle in-process
-    worker measures how long until it starts the next task (lease TTL 2 s, poll 0.2 s)."""
+    worker measures how long until it starts the next task, with the default lease TTL and
+    poll interval (what users run)."""
     from pyfiq.chaos.scenario import JOURNAL_ENV, STEPS, read_journal
 
-    ttl, poll, queue = 2.0, 0.2, "scenario-a"
+    ttl, poll, queue = Settings.lease_ttl, Settings.poll_interval, "scenario-a"
     samples: list[dict[str, float]] = []
     for rep in range(reps):
         prefix = new_prefix()
@@ -785,6 +804,79 @@ def measure_handoff(server: RedisServer, reps: int) -> dict[str, Any]:
         "max_s": max(took),
         "under_100ms": max(took) < 0.1,
         "in_order": all(s["in_order"] for s in samples),
+    }
+
+
+class LeaseEvents:
+    """A hooks listener counting lease events of one queue."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.counts: dict[str, int] = {}
+
+    def on_lease(self, stream: str, event: str) -> None:
+        if stream.split("#")[0] == self.queue:
+            self.counts[event] = self.counts.get(event, 0) + 1
+
+
+def lease_window(server: RedisServer, load: int, seconds: float, streams: int) -> dict[str, Any]:
+    """One worker with default settings holds ``streams`` keyed streams of 20 ms tasks for
+    ``seconds`` while ``load`` busy-looping processes compete for the CPU. Counts lease losses
+    (nobody else runs: every loss is false) and the lowest lease time left seen by a probe."""
+    queue = "bench-lease-load"
+    settings = Settings(prefix=new_prefix())
+    backend = RedisQueueBackend(server.url, settings)
+    events = LeaseEvents(queue)
+    hogs = [spawn([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    per_stream = int(seconds / 0.02) + 50  # more than the window can run: leases stay held
+    calls = [(k, i, 0.02) for i in range(per_stream) for k in range(streams)]
+    if queue not in _bound:
+        _bound[queue] = fifo(queue=queue, name=f"bench.{queue}", key=lambda k, i, hold: k, max_retries=0)(keyed_stamp)
+    _bound[queue].enqueue_many(calls, backend=backend)
+    lease_keys = [backend.keys.stream(f"{queue}#{k}").lease for k in range(streams)]
+    probe = server.client()
+    lowest = float("inf")
+    pyfiq.hooks.add(events)
+    TALLY.reset(10**9)
+    worker = ThreadedWorker(backend, queues=[queue], concurrency=streams).start()
+    try:
+        end_at = time.monotonic() + seconds
+        while time.monotonic() < end_at:
+            pipe = probe.pipeline(transaction=False)
+            for key in lease_keys:
+                pipe.pttl(key)
+            left = [v for v in pipe.execute() if v >= 0]
+            if len(left) == streams:  # all held: measure only the steady state
+                lowest = min(lowest, min(left) / 1000)
+            time.sleep(0.02)
+        ran = TALLY.count
+    finally:
+        worker.stop(timeout=10)
+        pyfiq.hooks.remove(events)
+        for hog in hogs:
+            end(hog, kill=True)
+        probe.close()
+        backend.close()
+        server.flush()
+    return {
+        "busy_processes": load,
+        "seconds": seconds,
+        "streams": streams,
+        "tasks_run": ran,
+        "leases_acquired": events.counts.get("acquired", 0) + events.counts.get("taken_over", 0),
+        "leases_lost": events.counts.get("lost", 0),
+        "lowest_lease_left_s": lowest if lowest != float("inf") else None,
+        "lease_ttl_s": settings.lease_ttl,
+    }
+
+
+def measure_lease_load(server: RedisServer, seconds: float) -> dict[str, Any]:
+    """Lease losses with the default TTL on a quiet host and on one whose every core is
+    saturated (two busy processes per usable core), in the same run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {
+        "quiet": lease_window(server, 0, seconds, 8),
+        "saturated": lease_window(server, 2 * cores, seconds, 8),
     }
 
 
@@ -1409,6 +1501,26 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
                 f"{ms(h['median_s'])} / {ms(h['max_s'])}",
                 ("< 100 ms target met" if h["under_100ms"] else "OVER 100 ms target")
                 + ("" if h["in_order"] else ", ORDER BROKEN"),
+            )
+
+        if "lease-load" in selected:
+            log("leases under a saturated CPU")
+            lease = measure_lease_load(server, 2.0 if quick else 30.0)
+            report.data["lease_load"] = lease
+            for label, r in lease.items():
+                lowest = r["lowest_lease_left_s"]
+                report.row(
+                    "lease-load",
+                    f"{label}: {r['busy_processes']} busy processes, {r['streams']} leases, {r['seconds']:.0f} s",
+                    f"{r['leases_lost']} lost",
+                    f"lowest time left {lowest:.2f} s of {r['lease_ttl_s']:.0f} s" if lowest else "no steady state",
+                )
+            q, sat = lease["quiet"], lease["saturated"]
+            report.row(
+                "lease-load",
+                "tasks run, saturated / quiet",
+                f"{sat['tasks_run']:,} / {q['tasks_run']:,}",
+                times(sat["tasks_run"] / max(q["tasks_run"], 1), "quiet"),
             )
 
         if "idle" in selected:

@@ -1,6 +1,7 @@
 """The benchmark at a tiny size, so that it cannot rot. No timing assertions: only that it
 runs to the end and reports positive figures for the ceiling, the drain, the enqueue, the
-dead-letter requeue at scale and the idle worker beside another queue's backlog."""
+take-over with default settings, leases under a saturated CPU, the dead-letter requeue at scale
+and the idle worker beside another queue's backlog."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pyfiq
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +22,7 @@ def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=55,
+        timeout=100,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     data = json.loads(out.read_text())
@@ -46,4 +49,9 @@ def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
     for run in foreign.values():
         assert run["still_due_after"] == run["foreign_due_streams"], "nobody consumes queue a"
         assert run["evalsha_per_s"] > 0
+    for window in (data["lease_load"]["quiet"], data["lease_load"]["saturated"]):
+        assert window["tasks_run"] > 0 and window["leases_acquired"] >= window["streams"]
+        assert window["lowest_lease_left_s"] is not None, "every lease was held at once"
+    assert data["lease_load"]["saturated"]["busy_processes"] > 0
+    assert data["takeover"]["sigkill"]["lease_ttl_s"] == pyfiq.Settings().lease_ttl
     assert "machine:" in proc.stdout

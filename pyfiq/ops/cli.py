@@ -130,10 +130,10 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
 @click.option("--import", "imports", multiple=True, help="Module defining @fifo functions (repeatable).")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--name", default=None, help="Replica name shown to tasks and in logs.")
-@click.option("--lease-ttl", default=10.0, show_default=True, type=float)
-@click.option("--poll-interval", default=1.0, show_default=True, type=float)
-@click.option("--max-deliveries", default=5, show_default=True, type=int)
-@click.option("--prefetch", default=1, show_default=True, type=int)
+@click.option("--lease-ttl", default=Settings.lease_ttl, show_default=True, type=float)
+@click.option("--poll-interval", default=Settings.poll_interval, show_default=True, type=float)
+@click.option("--max-deliveries", default=Settings.max_deliveries, show_default=True, type=int)
+@click.option("--prefetch", default=Settings.prefetch, show_default=True, type=int)
 @click.option(
     "--driver",
     type=click.Choice(["threaded", "asyncio"]),
