@@ -11,6 +11,10 @@ from .serializers import JSONSerializer, Serializer
 
 #: Lua's unpack() and one script's run time bound how many tasks one call may carry.
 MAX_PREFETCH = 1000
+#: The default ``prefetch`` of ``ack_mode="group"``: enough tasks buffered that a worker does
+#: not wait for the next take while the previous one is on the wire, even for no-op tasks.
+GROUP_PREFETCH = 32
+ACK_MODES = ("group", "inline")
 
 #: The longest time setting (about 31 years). Redis's clock plus a window this long stays an
 #: exact integer in Lua's doubles and far below the 64-bit bound past which Redis refuses an
@@ -66,8 +70,14 @@ class Settings:
     poll_interval: float = 1.0
     #: A task handed out more than this many times (its consumer died each time) is poison.
     max_deliveries: int = 5
-    #: Tasks taken into the in-flight list per round trip; also the most tasks a crash re-runs.
-    prefetch: int = 1
+    #: How a holder acknowledges finished tasks. ``"group"``: in the background, all that
+    #: finished meanwhile in one call that also takes more, while the next task already runs;
+    #: a crash re-runs the tasks that finished within about one round trip before it.
+    #: ``"inline"``: before taking more, so a crash re-runs at most ``prefetch`` tasks (one
+    #: with its default ``prefetch`` of 1: the strict setting), at one round trip per take.
+    ack_mode: str = "group"
+    #: Most tasks a holder has taken and not yet run; None: 32 for ``"group"``, 1 for ``"inline"``.
+    prefetch: int | None = None
     #: Tasks a holder runs before it yields the stream so other streams get a turn.
     batch_limit: int = 100
     #: How long a replica hands a task it has no function for back to others (rolling deploys)
@@ -103,13 +113,22 @@ class Settings:
                 f"heartbeat_interval ({self.heartbeat}) must be positive and at most "
                 f"lease_ttl / 3 ({self.lease_ttl / 3:.3f}) so one late renewal does not lose a lease"
             )
-        if self.prefetch > MAX_PREFETCH:
+        if self.ack_mode not in ACK_MODES:
+            raise ConfigurationError(f"ack_mode must be one of {', '.join(ACK_MODES)}, got {self.ack_mode!r}")
+        if self.prefetch is not None and self.prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_limit < self.prefetch:
-            raise ConfigurationError("batch_limit must be at least prefetch")
+        if self.batch_limit < self.window:
+            raise ConfigurationError(f"batch_limit must be at least prefetch ({self.window})")
+
+    @property
+    def window(self) -> int:
+        """The ``prefetch`` in force."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return GROUP_PREFETCH if self.ack_mode == "group" else 1
 
     @property
     def heartbeat(self) -> float:

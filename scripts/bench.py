@@ -14,7 +14,8 @@ mean of two short ceiling runs taken right before and right after it, on the sam
     python scripts/bench.py --only requeue,idle-foreign            # operator and idle cost at scale
 
 Sections: ceiling (always measured: it is the baseline), drain (also on an AOF everysec server),
-enqueue, peers (RQ, Dramatiq, Huey when installed), takeover (default settings), lease-load
+enqueue, peers (RQ, Dramatiq, Huey when installed), reruns (tasks run again after a SIGKILL
+mid-drain, per acknowledgement mode), takeover (default settings), lease-load
 (lease losses with the default TTL while busy processes saturate every core, against a quiet
 run), idle, memory, latency, requeue
 (the longest single Redis call of dead-letter operations on 1,000,000 records, by SLOWLOG,
@@ -25,6 +26,7 @@ against the median PING round trip), idle-foreign (an idle worker beside another
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import csv
 import ctypes
@@ -69,6 +71,7 @@ SECTIONS = (
     "drain",
     "enqueue",
     "peers",
+    "reruns",
     "takeover",
     "lease-load",
     "idle",
@@ -78,7 +81,13 @@ SECTIONS = (
     "idle-foreign",
 )
 PEERS = ("rq", "dramatiq", "huey")
-DRAIN_PREFETCH = (1, 10, 100)
+#: The drain settings compared: what users run, the strict setting, and the fastest ones.
+DRAINS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "strict": {"ack_mode": "inline"},
+    "group_100": {"prefetch": 100, "batch_limit": 1000},
+    "inline_100": {"ack_mode": "inline", "prefetch": 100, "batch_limit": 1000},
+}
 SCRIPT = Path(__file__).resolve()
 
 # -- child processes -------------------------------------------------------------------------
@@ -275,6 +284,10 @@ def stamp(i: int, hold: float = 0.0) -> None:
         time.sleep(hold)
 
 
+async def anoop(i: int) -> None:
+    TALLY.hit()
+
+
 def keyed_stamp(key: int, i: int, hold: float = 0.0) -> None:
     stamp(i, hold)
 
@@ -451,9 +464,11 @@ def queue_empty(backend: RedisQueueBackend, queue: str) -> bool:
     return not (info["pending"] or info["inflight"])
 
 
-def measure_drain(server: RedisServer, n: int, prefetch: int, timeout: float, ceiling_s: float) -> dict[str, Any]:
-    batch_limit = max(100, prefetch * 10)
-    backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix(), prefetch=prefetch, batch_limit=batch_limit))
+def measure_drain(
+    server: RedisServer, n: int, overrides: dict[str, Any], timeout: float, ceiling_s: float
+) -> dict[str, Any]:
+    settings = Settings(prefix=new_prefix(), **overrides)
+    backend = RedisQueueBackend(server.url, settings)
     queue = "bench-drain"
     fn = bench_fifo(noop, queue)
     client = server.client()
@@ -485,26 +500,34 @@ def measure_drain(server: RedisServer, n: int, prefetch: int, timeout: float, ce
         "tasks_per_s": done / elapsed,
         "ceiling_around": ceiling,
         "ratio_to_ceiling": done / elapsed / ceiling,
-        "prefetch": prefetch,
-        "batch_limit": batch_limit,
+        "ack_mode": settings.ack_mode,
+        "prefetch": settings.window,
+        "batch_limit": settings.batch_limit,
         "evalsha_per_task": calls / max(done, 1),
         "redis_script_usec_per_task": usec / max(done, 1),
         "complete": bool(finished),
     }
 
 
-def run_drains(report: Report, label: str, server: RedisServer, n: int, ceiling_s: float) -> dict[str, Any]:
+def run_drains(
+    report: Report, label: str, server: RedisServer, n: int, ceiling_s: float, c_client: float | None
+) -> dict[str, Any]:
+    """Each of ``DRAINS``; ``c_client``: the C client's EVALSHA round trips per second on this
+    server (``redis-benchmark -c 1``), the round-trip limit of one connection here."""
     out: dict[str, Any] = {}
-    for prefetch in DRAIN_PREFETCH:
-        log(f"{label}: {n} tasks, prefetch={prefetch}")
-        r = measure_drain(server, n, prefetch, 60 + n / 500, ceiling_s)
-        out[f"prefetch_{prefetch}"] = r
+    for name, overrides in DRAINS.items():
+        log(f"{label}: {n} tasks, {name}")
+        r = measure_drain(server, n, overrides, 60 + n / 500, ceiling_s)
+        if c_client:
+            r["ratio_to_c_client"] = r["tasks_per_s"] / c_client
+        out[name] = r
         note = "" if r["complete"] else " (TIMED OUT)"
+        limit = f", {times(r['ratio_to_c_client'], 'C client')}" if c_client else ""
         report.row(
             label,
-            f"prefetch={prefetch} batch_limit={r['batch_limit']}{note}",
+            f"{name}: {r['ack_mode']} prefetch={r['prefetch']} batch_limit={r['batch_limit']}{note}",
             per_s(r["tasks_per_s"]),
-            times(r["ratio_to_ceiling"], "ceiling") + f", {r['evalsha_per_task']:.3f} EVALSHA/task",
+            times(r["ratio_to_ceiling"], "ceiling") + limit + f", {r['evalsha_per_task']:.3f} EVALSHA/task",
         )
     return out
 
@@ -535,18 +558,73 @@ def measure_enqueue(server: RedisServer, seconds: float, ceiling_s: float) -> di
             pipe.execute()
 
         rpush = 100 * loop_rate(rpush_100, seconds, chunk=5)
+        server.flush()
+        threads = threaded_enqueue(fn, 16, seconds)
+        server.flush()
+        tasks = asyncio_enqueue(server.url, 100, seconds)
         ceiling = (ceiling_before + evalsha_rate(server.url, ceiling_s)) / 2
     finally:
         backend.close()
         client.close()
         server.flush()
     return {
+        "threads_16": {"tasks_per_s": threads, "ratio_to_ceiling": threads / ceiling},
+        "asyncio_100": {"tasks_per_s": tasks, "ratio_to_ceiling": tasks / ceiling},
         "single": {"tasks_per_s": single, "ratio_to_ceiling": single / ceiling, "ratio_to_rpush": single / rpush},
         "enqueue_many_100": {"tasks_per_s": many, "ratio_to_ceiling": many / ceiling, "ratio_to_rpush": many / rpush},
         "rpush_pipeline_100": {"tasks_per_s": rpush, "ratio_to_ceiling": rpush / ceiling},
         "stored_entry_bytes": len(payload),
         "ceiling_around": ceiling,
     }
+
+
+def threaded_enqueue(fn: FifoFunction[..., None], producers: int, seconds: float) -> float:
+    """Tasks per second stored by ``producers`` threads each calling ``fn(i)`` in a loop (a web
+    tier's request threads): their enqueues share round trips."""
+    counts = [0] * producers
+    stop = threading.Event()
+
+    def produce(p: int) -> None:
+        while not stop.is_set():
+            fn(counts[p])
+            counts[p] += 1
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    t0 = perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (perf_counter() - t0)
+
+
+def asyncio_enqueue(url: str, producers: int, seconds: float) -> float:
+    """Tasks per second stored by ``producers`` asyncio tasks each awaiting enqueues in a loop."""
+    backend = RedisQueueBackend(url, Settings(prefix=new_prefix()))
+    fn = bench_fifo(anoop, "bench-aenqueue")
+
+    async def run() -> float:
+        await fn.asend_with_options(args=(0,), backend=backend)  # warm: layout check, script load
+        counts = [0] * producers
+        end_at = perf_counter() + seconds
+
+        async def produce(p: int) -> None:
+            while perf_counter() < end_at:
+                await fn.asend_with_options(args=(counts[p],), backend=backend)
+                counts[p] += 1
+
+        t0 = perf_counter()
+        await asyncio.gather(*(produce(p) for p in range(producers)))
+        elapsed = perf_counter() - t0
+        await backend.aclose()
+        return sum(counts) / elapsed
+
+    try:
+        return asyncio.run(run())
+    finally:
+        backend.close()
 
 
 # -- 4. peers --------------------------------------------------------------------------------
@@ -675,6 +753,68 @@ def child_peer(args: argparse.Namespace) -> None:
     rate = count / elapsed
     result = {"tasks": count, "seconds": elapsed, "tasks_per_s": rate, "ceiling_around": ceiling}
     print(json.dumps({**result, "ratio_to_ceiling": rate / ceiling}), flush=True)
+
+
+def rerun_once(server: RedisServer, ack_mode: str, tasks: int, workdir: Path) -> dict[str, Any]:
+    """A replica process drains journaled tasks of one queue and is SIGKILLed mid-drain; an
+    in-process worker drains the rest. Counts the tasks that started again (the one running at
+    the kill, and those whose end had not been acknowledged yet)."""
+    from pyfiq.chaos.scenario import JOURNAL_ENV, STEPS, read_journal
+
+    queue, prefix = "scenario-a", new_prefix()
+    journal = workdir / f"reruns-{prefix}.jsonl"
+    settings = Settings(prefix=prefix, shards=4, lease_ttl=1.0, poll_interval=0.2, ack_mode=ack_mode)
+    backend = RedisQueueBackend(server.url, settings)
+    STEPS[queue].enqueue_many([(i,) for i in range(tasks)], backend=backend)
+    argv = [sys.executable, "-m", "pyfiq", "worker", "pyfiq.chaos.scenario", "--redis", server.url]
+    argv += ["--prefix", prefix, "--shards", "4", "--queues", queue, "--concurrency", "1", "--name", "holder"]
+    argv += ["--lease-ttl", "1.0", "--poll-interval", "0.2", "--ack-mode", ack_mode, "--log-level", "error"]
+    env = {**os.environ, JOURNAL_ENV: str(journal), "PYTHONUNBUFFERED": "1"}
+    old_journal = os.environ.get(JOURNAL_ENV)
+    other: ThreadedWorker | None = None
+    with open(workdir / f"reruns-{prefix}.log", "wb") as out:
+        holder = spawn(argv, stdout=out, stderr=out, env=env)
+    try:
+
+        def ended() -> int:
+            return journal.read_bytes().count(b'"event": "end"') if journal.exists() else 0
+
+        if not wait_for(lambda: ended() >= 200, 60, interval=0.002):
+            raise RuntimeError("the holder replica did not run tasks")
+        holder.kill()
+        holder.wait(10)
+        before_kill = ended()
+        os.environ[JOURNAL_ENV] = str(journal)
+        other = ThreadedWorker(backend, queues=[queue], concurrency=1, replica="other").start()
+        if not wait_for(lambda: queue_empty(backend, queue), 60, interval=0.02):
+            raise RuntimeError("the queue was not drained after the kill")
+        starts: dict[int, int] = {}
+        for e in read_journal(journal):
+            if e["event"] == "start" and e["attempt"] == 1:
+                starts[e["seq"]] = starts.get(e["seq"], 0) + 1
+        if sorted(starts) != list(range(tasks)):
+            raise RuntimeError("a task never ran")
+        return {"reruns": sum(n - 1 for n in starts.values()), "ended_before_kill": before_kill}
+    finally:
+        if other is not None:
+            other.stop(timeout=5)
+        if old_journal is None:
+            os.environ.pop(JOURNAL_ENV, None)
+        else:
+            os.environ[JOURNAL_ENV] = old_journal
+        end(holder, kill=True)
+        backend.close()
+        server.flush()
+
+
+def measure_reruns(server: RedisServer, reps: int, tasks: int, workdir: Path) -> dict[str, Any]:
+    """Re-runs after a SIGKILL mid-drain, per acknowledgement mode, over ``reps`` kills."""
+    out: dict[str, Any] = {}
+    for mode in ("group", "inline"):
+        samples = [rerun_once(server, mode, tasks, workdir) for _ in range(reps)]
+        counts = [s["reruns"] for s in samples]
+        out[mode] = {"samples": samples, "median": statistics.median(counts), "max": max(counts)}
+    return out
 
 
 # -- 5. take-over ----------------------------------------------------------------------------
@@ -1448,7 +1588,8 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
         report_ceiling(report, "ceiling", c)
 
         if "drain" in selected:
-            report.data["drain"] = run_drains(report, "drain", server, n, ceiling_s)
+            c_client = c.get("redis_benchmark_evalsha_per_s")
+            report.data["drain"] = run_drains(report, "drain", server, n, ceiling_s, c_client)
 
         if "enqueue" in selected:
             log("enqueue")
@@ -1459,6 +1600,10 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
                 r = e[key]
                 ratio = f"{times(r['ratio_to_ceiling'], 'ceiling')}, {times(r['ratio_to_rpush'], 'rpush')}"
                 report.row("enqueue", metric, per_s(r["tasks_per_s"]), ratio)
+            producers = (("threads_16", "16 threads calling fn(i)"), ("asyncio_100", "100 asyncio tasks awaiting"))
+            for key, metric in producers:
+                r = e[key]
+                report.row("enqueue", metric, per_s(r["tasks_per_s"]), times(r["ratio_to_ceiling"], "ceiling"))
             report.row("enqueue", "baseline: pipelined RPUSH, 100/pipeline", per_s(rp), "baseline")
 
         if "peers" in selected:
@@ -1481,6 +1626,19 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
                     f"pyfiq best drain (prefetch={best['prefetch']}) / fastest peer ({fastest})",
                     f"{raw:.2f}x",
                     f"{normalized:.2f}x comparing ceiling ratios",
+                )
+
+        if "reruns" in selected:
+            log("re-runs after SIGKILL mid-drain")
+            reps = 1 if quick else 7
+            r = measure_reruns(server, reps, 2000 if quick else 5000, workdir)
+            report.data["reruns"] = r
+            for mode, label in (("group", "default (group)"), ("inline", "strict (inline, prefetch 1)")):
+                report.row(
+                    "reruns",
+                    f"{label}: tasks run again after a SIGKILL mid-drain, median / max of {reps}",
+                    f"{r[mode]['median']:g} / {r[mode]['max']}",
+                    "journaled tasks, one worker",
                 )
 
         if "takeover" in selected:
@@ -1594,7 +1752,8 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
             c = measure_ceiling(aof, ceiling_seconds, ceiling_runs, bench_requests)
             report.data["ceiling_aof"] = c
             report_ceiling(report, "ceiling AOF", c)
-            report.data["drain_aof"] = run_drains(report, "drain AOF", aof, n, ceiling_s)
+            c_client = c.get("redis_benchmark_evalsha_per_s")
+            report.data["drain_aof"] = run_drains(report, "drain AOF", aof, n, ceiling_s, c_client)
         finally:
             aof.stop()
 

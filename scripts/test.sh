@@ -15,6 +15,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# The dashboard's browser tests drive a real headless Chromium through Playwright (installed
+# with .[test]); they use the system's browser, never a downloaded one, and are never skipped.
+if [ -z "${PYFIQ_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "chromium not found: installing it with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is required by the dashboard's browser tests." >&2
+    echo "Install it first, e.g. 'sudo apt-get install chromium', or set PYFIQ_CHROMIUM to a Chromium or Chrome binary." >&2
+    exit 1
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

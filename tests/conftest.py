@@ -19,6 +19,7 @@ import redis
 
 from pyfiq import RedisQueueBackend
 from pyfiq.chaos.runner import RedisProcess
+from tests.servers import Cluster
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -60,6 +61,23 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis", appendfsync="everysec").start()
     yield server
     server.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis Cluster of 3 primaries and 3 replicas, started once for the whole session."""
+    if REDIS_SERVER is None:
+        pytest.fail("redis-server is not installed: run scripts/test.sh, which installs it")
+    cluster = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_backend(redis_cluster: Cluster) -> Iterator[RedisQueueBackend]:
+    backend = RedisQueueBackend(redis_cluster.url, cluster=True, prefix=unique_prefix(), **FAST)
+    yield backend
+    backend.close()
 
 
 def unique_prefix() -> str:

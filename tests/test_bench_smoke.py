@@ -29,13 +29,13 @@ def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
 
     assert data["ceiling"]["evalsha_per_s"] > 0
     for aof in ("drain", "drain_aof"):
-        assert set(data[aof]) == {"prefetch_1", "prefetch_10", "prefetch_100"}
+        assert set(data[aof]) == {"default", "strict", "group_100", "inline_100"}
         for run in data[aof].values():
             assert run["complete"]
             assert run["tasks"] == data["tasks"]
             assert run["tasks_per_s"] > 0
             assert run["ratio_to_ceiling"] > 0
-    for kind in ("single", "enqueue_many_100", "rpush_pipeline_100"):
+    for kind in ("single", "enqueue_many_100", "rpush_pipeline_100", "threads_16", "asyncio_100"):
         assert data["enqueue"][kind]["tasks_per_s"] > 0
     requeue = data["requeue"]
     assert requeue["by_id"]["result"] == 1 and requeue["page"]["result"] == 100

@@ -486,8 +486,10 @@ def replica_argv(
     driver: str = "threaded",
     name: str | None = None,
     log_level: str = "warning",
+    ack_mode: str = "group",
 ) -> list[str]:
-    """The replica command (the same one the compose ``app`` service runs)."""
+    """The replica command (the same one the compose ``app`` service runs, with the default
+    acknowledgement mode)."""
     argv = [
         sys.executable, "-m", "pyfiq", "worker", "pyfiq.chaos.scenario",
         "--redis", url, "--prefix", prefix, "--shards", str(shards), "--queues", ",".join(queues),
@@ -497,6 +499,8 @@ def replica_argv(
     ]  # fmt: skip
     if name is not None:
         argv += ["--name", name]
+    if ack_mode != "group":
+        argv += ["--ack-mode", ack_mode]
     return argv
 
 
@@ -2285,6 +2289,11 @@ class Scenario:
         """``threaded`` or ``asyncio``: the profile's mix, replica by replica."""
         return self.drivers[self.names.index(name) % len(self.drivers)]
 
+    def ack_mode_of(self, name: str) -> str:
+        """Acknowledgement modes alternate after each round of drivers, so that a fleet of
+        four mixed replicas runs every driver with both ``group`` and ``inline``."""
+        return ("group", "inline")[self.names.index(name) // len(self.drivers) % 2]
+
     def _replica_argv(self, name: str) -> list[str]:
         url = f"redis://127.0.0.1:{self.proxies[name].port}{self.db}" if name in self.proxies else self.url
         p = self.profile
@@ -2299,6 +2308,7 @@ class Scenario:
             concurrency=p.concurrency,
             driver=self.driver_of(name),
             name=name,
+            ack_mode=self.ack_mode_of(name),
         )
 
     def _replica_env(self) -> dict[str, str]:
@@ -2323,7 +2333,8 @@ class Scenario:
         )
         self.stack.callback(self.observer.close)
         self.echo(
-            f"run {self.prefix} in {self.run_dir}: {p.replicas} replicas ({'/'.join(self.drivers)}), "
+            f"run {self.prefix} in {self.run_dir}: {p.replicas} replicas ({'/'.join(self.drivers)}, "
+            f"acknowledging {'/'.join(sorted({self.ack_mode_of(n) for n in self.names}))}), "
             f"{len(self.queues)} queues, {p.producers} producers, lease TTL {p.lease_ttl}s, redis {self.url}"
             + ("" if self.proxies else " (no network faults: Redis is not on loopback)")
         )

@@ -8,17 +8,20 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:layout             the shard count (re-asserted by every poll and enqueue)
     {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
     {prefix}:{s<N>}:paused             set of paused queues and streams (a queue is in every shard's)
+    {prefix}:{s<N>}:counts:<queue>     hash: per-minute counts of the queue's finished tasks in the
+                                       shard, a ring of COUNT_MINUTES slots (see lib.lua tally)
     {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
     {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
     {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; per task id: 'd:' deliveries, 's:' started
-                                       by the holder, 'x:' holders lost while it ran, 'l:' runs
-                                       that outlived their lease
+                                       by the holder (the Redis ms of its hand-out), 'x:' holders
+                                       lost while it ran, 'l:' runs that outlived their lease
     {prefix}:{s<N>}:q:<stream>:dead    sorted set: "<header json>\\n<encoded task>" by sequence
     {prefix}:{s<N>}:q:<stream>:deadids hash: task id -> its dead letter's sequence
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
+    {prefix}:{s<N>}:wake               on Redis Cluster instead: the shard's sharded channel
     {prefix}:shards                    the shard count the prefix is laid out with
     {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
     {prefix}:{replicas}                hash: replica id -> what it last said of itself (heartbeat)
@@ -43,6 +46,8 @@ from ..errors import ConfigurationError
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
 STREAM_SEPARATOR = "#"
+#: Minutes of finished-task counts kept per queue and shard (the slots of the ring in lib.lua).
+COUNT_MINUTES = 60
 
 
 def validate_queue_name(queue: str) -> str:
@@ -85,6 +90,7 @@ class StreamKeys:
     paused: str
     epoch: str
     dlq_index: str
+    counts: str
     _dedup_prefix: str
 
     def dedup(self, key: str) -> str:
@@ -92,7 +98,7 @@ class StreamKeys:
 
 
 class KeySchema:
-    def __init__(self, prefix: str = "pyfiq", shards: int = 16) -> None:
+    def __init__(self, prefix: str = "pyfiq", shards: int = 16, *, sharded_wake: bool = False) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, without braces")
         if not 1 <= shards <= 16384:
@@ -100,6 +106,8 @@ class KeySchema:
         self.prefix = prefix
         self.shards = shards
         self.wake_channel = f"{prefix}:wake"
+        #: One wake-up channel per shard (sharded Pub/Sub, for Redis Cluster) instead of one.
+        self.sharded_wake = sharded_wake
         #: The shard count this prefix was first used with; replicas check they agree.
         self.layout_key = f"{prefix}:shards"
         self.stream = lru_cache(maxsize=65536)(self._stream)
@@ -110,6 +118,12 @@ class KeySchema:
 
     def _tag(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"
+
+    def wake(self, shard: int) -> str:
+        """The channel announcing new work in ``shard``. With ``sharded_wake`` it carries the
+        shard's hash tag, so on a cluster the scripts ``SPUBLISH`` it from the shard's own node
+        and only that node delivers it; otherwise every shard shares ``wake_channel``."""
+        return f"{self._tag(shard)}:wake" if self.sharded_wake else self.wake_channel
 
     @property
     def replicas(self) -> str:
@@ -136,6 +150,9 @@ class KeySchema:
     def dlq_index(self, shard: int) -> str:
         return f"{self._tag(shard)}:dlqs"
 
+    def counts(self, shard: int, queue: str) -> str:
+        return f"{self._tag(shard)}:counts:{queue}"
+
     def _stream(self, stream: str) -> StreamKeys:
         shard = self.shard_of(stream)
         base = f"{self._tag(shard)}:q:{stream}:"
@@ -154,5 +171,6 @@ class KeySchema:
             paused=self.paused(shard),
             epoch=self.epoch(shard),
             dlq_index=self.dlq_index(shard),
+            counts=self.counts(shard, queue_of(stream)),
             _dedup_prefix=base + "dedup:",
         )

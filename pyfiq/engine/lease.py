@@ -55,6 +55,10 @@ class Lease:
     #: Redis's clock (ms) when it ran the last take or acquire, and when that request was sent.
     redis_ms: int = 0
     redis_at: float = 0.0
+    #: The task running now and when it started (Redis's clock, estimated), and how many tasks
+    #: ended under this lease: what the heartbeat tells operators.
+    running: tuple[str, int] | None = None
+    done: int = 0
 
     def confirm(self, sent_at: float) -> None:
         """A renewal sent at ``sent_at`` succeeded."""

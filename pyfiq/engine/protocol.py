@@ -79,12 +79,25 @@ KEY_NAMES: dict[str, tuple[str, ...]] = {
         "dead_ids",
         "dlq_index",
         "paused",
+        "counts",
     ),
     "renew": ("lease", "ready", "queues"),
-    "take": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "paused"),
-    "skip": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index"),
-    "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index"),
-    "release": ("lease", "pending", "inflight", "meta", "ready", "queues"),
+    "take": (
+        "lease",
+        "pending",
+        "inflight",
+        "meta",
+        "ready",
+        "queues",
+        "dead",
+        "dead_ids",
+        "dlq_index",
+        "paused",
+        "counts",
+    ),
+    "skip": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "counts"),
+    "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index", "counts"),
+    "release": ("lease", "pending", "inflight", "meta", "ready", "queues", "counts"),
     "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
     "rate": ("rate",),
     "beat": ("replicas",),
@@ -110,7 +123,7 @@ class Ops:
         k = self.keys.stream(stream)
         args: list[Any] = [
             stream,
-            self.keys.wake_channel,
+            self.keys.wake(k.shard),
             k.shard,
             int(self.settings.dedup_window * 1000),
             self.keys.shards,
@@ -164,9 +177,12 @@ class Ops:
         k = lease.keys
         return stream_call("renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream])
 
-    def take(self, lease: Lease, acks: Sequence[str], want: int) -> Call:
+    def take(self, lease: Lease, acks: Sequence[str], want: int, *, ahead: bool = False) -> Call:
+        """Acknowledge ``acks`` and take up to ``want`` tasks. ``ahead``: the holder still runs
+        earlier tasks, so none of these starts at once (see ``hand_out`` in lib.lua)."""
         k = lease.keys
-        return stream_call("take", k, [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, *acks])
+        argv = [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, 1 if ahead else 0, *acks]
+        return stream_call("take", k, argv)
 
     def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
         k = lease.keys
@@ -185,7 +201,7 @@ class Ops:
                 k.stream,
                 len(acks),
                 len(started),
-                self.keys.wake_channel,
+                self.keys.wake(k.shard),
                 k.shard,
                 max(0, int(delay_ms)),
                 *acks,
@@ -201,7 +217,7 @@ class Ops:
     def skip(self, stream: str, header: str) -> Call:
         """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
         k = self.keys.stream(stream)
-        return stream_call("skip", k, [stream, header, self.keys.wake_channel, k.shard])
+        return stream_call("skip", k, [stream, header, self.keys.wake(k.shard), k.shard])
 
     def beat(self, replica: str, info: dict[str, Any]) -> Call:
         """A worker's heartbeat in the replica registry (what operators list as live)."""
@@ -219,7 +235,7 @@ class Ops:
         return stream_call(
             "requeue",
             k,
-            [stream, self.keys.wake_channel, k.shard, "front" if front else "back", limit, low, high, task_id or ""],
+            [stream, self.keys.wake(k.shard), k.shard, "front" if front else "back", limit, low, high, task_id or ""],
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -59,8 +60,12 @@ class Scheduler:
         self._backoff = 0.0
         self._identity: tuple[str, dict[str, Any]] | None = None
         self._next_beat = time.monotonic() + self.settings.heartbeat
+        #: Tasks ended under leases given up since the start, and (time, total) per heartbeat
+        #: over the last minute: the replica's rate that operators see.
+        self._done = 0
+        self._done_seen: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
         #: Tasks taken together with a lease: a claim and the first batch in one round trip.
-        self.first_batch = min(self.settings.prefetch, self.settings.batch_limit)
+        self.first_batch = min(self.settings.window, self.settings.batch_limit)
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -146,6 +151,7 @@ class Scheduler:
     def finished(self, lease: Lease, run: StreamRun | None) -> None:
         with self._lock:
             self.held.pop(lease.stream, None)
+            self._done += lease.done
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
             if run is not None and run.yielded:
@@ -234,8 +240,22 @@ class Scheduler:
         if self._identity is not None:
             replica, info = self._identity
             # After the renewals: on_renewed reads the first len(leases) replies.
-            calls.append(self.ops.beat(replica, {**info, "held": sorted(lease.stream for lease in leases)}))
+            calls.append(self.ops.beat(replica, {**info, **self._activity(leases, now)}))
         return leases, calls
+
+    def _activity(self, leases: Sequence[Lease], now: float) -> dict[str, Any]:
+        """What the heartbeat says this worker does: the streams it holds, the task each runs
+        and since when (Redis ms), tasks ended so far and per second over the last minute."""
+        with self._lock:
+            done = self._done + sum(lease.done for lease in self.held.values())
+        self._done_seen.append((now, done))
+        while now - self._done_seen[0][0] > 60:
+            self._done_seen.popleft()
+        first_at, first_done = self._done_seen[0]
+        rate = (done - first_done) / (now - first_at) if now > first_at else 0.0
+        running = {lease.stream: list(lease.running) for lease in leases if lease.running is not None}
+        held = sorted(lease.stream for lease in leases)
+        return {"held": held, "running": running, "done": done, "tasks_per_s": round(rate, 3)}
 
     def renew_calls(self) -> tuple[list[Lease], list[Call]]:
         leases = [lease for lease in self.held_leases() if not lease.lost]

@@ -2,6 +2,12 @@
 
 It says which script to call next and what to do with each reply and each task outcome; the
 drivers (threads, asyncio) only carry the calls out and wait. Must not import redis or do I/O.
+
+With ``ack_mode="group"`` a run keeps up to ``MAX_SENT`` calls in the background while tasks
+run (takes that acknowledge what finished and take more). The driver sends ``RunTask.send``
+before running the task, after any call still in flight and never beside one (so Redis applies
+acknowledgements in order), hands their replies to ``collect`` in the order sent, and waits for
+the oldest when told to (``Await``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,19 @@ from .protocol import PARK_AFTER_MS, Call, FencedReply, Ops, RateLimit, TakeRepl
 class RunTask:
     entry: Entry
     deliveries: int
+    #: A call to send in the background before running the task (group commit).
+    send: Call | None = None
+
+
+#: Background calls a group-commit run may have outstanding: one in flight and one queued behind
+#: it, so that what finishes while a call is on the wire goes as soon as it returns, even if the
+#: next task runs long. More would only split acknowledgements into more round trips.
+MAX_SENT = 2
+
+
+@dataclass(frozen=True)
+class Await:
+    """Wait for the background call's reply (or error) and ``feed`` it."""
 
 
 @dataclass(frozen=True)
@@ -36,19 +55,26 @@ class Pause:
 @dataclass(frozen=True)
 class Finished:
     #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
-    #: permit), 'paused' (an operator paused it), 'fenced', 'abandoned'
+    #: permit), 'paused' (an operator paused it), 'fenced', 'abandoned', 'failed' (the
+    #: background call failed: the driver raises its error and hands the stream back)
     reason: str
 
 
-Step = Call | RunTask | Pause | Finished
+Step = Call | RunTask | Pause | Await | Finished
 
 
 class StreamRun:
     """Drives one lease from acquisition to release.
 
-    Acknowledgements are carried on the next call (take, dead-letter or release), so a
-    stream costs one round trip per ``prefetch`` tasks. A crash re-runs the tasks taken but
-    not yet acknowledged: at most ``prefetch`` of them. A rate-limited stream asks its permit
+    ``ack_mode="inline"``: acknowledgements are carried on the next call (take, dead-letter or
+    release), sent when the tasks taken have run, so a stream costs one round trip per
+    ``prefetch`` tasks and a crash re-runs at most ``prefetch`` of them. ``"group"``: while a
+    task runs, one background take acknowledges every task finished since the last one and
+    tops the buffer up to ``prefetch``; a crash re-runs the tasks whose acknowledgement had not
+    landed. Tasks taken ahead are not marked started in Redis (the holder may die before it
+    gets to them), so a task that kills its worker is charged from its second delivery on,
+    which it gets as an earlier holder's task, one at a time and marked. A rate-limited stream
+    always acknowledges inline and asks its permit
     before each task starts, and before the take that hands the next one over, so Redis's
     'started' mark on a handed task is true; a permit further away than ``PARK_AFTER_MS``
     parks the stream (its lease handed back until then) instead of holding a worker slot.
@@ -85,11 +111,28 @@ class StreamRun:
         self._head_started = False
         self._sent_at = 0.0
         self._final = "released"
+        self.group = self.settings.ack_mode == "group" and rate_limit is None
+        #: The background calls outstanding, oldest first: the acknowledgements each carries,
+        #: how many tasks it asks for and when it was handed to the driver.
+        self._sent: deque[tuple[list[str], int, float]] = deque()
+        self._want = 0
+        #: The last hand-out brought fewer tasks than asked: the stream had no more then, so
+        #: only acknowledgements are worth a background call.
+        self._drained = False
+        #: What to do once the background call's reply is in (set with an ``Await`` step).
+        self._then: Callable[[], Step] | None = None
+        self._paused = False
+        #: The background call's error: the driver raises it once the outcome it ran beside is
+        #: fed, so ``fail`` names what really finished.
+        self.broken: BaseException | None = None
+        #: Acknowledgements sent in a call whose reply was lost: resent, tolerated, by ``fail``.
+        self._unconfirmed: list[str] = []
         # The dead letter asked for, reported to hooks once Redis confirms it.
         self._dead: DeadLettered | None = None
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
+        self._drained = len(self.lease.initial) < min(self.settings.window, self.settings.batch_limit)
         self.lease.initial = []
         return self._next()
 
@@ -100,15 +143,71 @@ class StreamRun:
         self.lease.ending = call.script in ("take", "release")
         return call
 
-    def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Call:
-        self._final = final
-        return self._call(self.ops.release(self.lease, self.acks, started, delay_ms))
+    def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Step:
+        def release() -> Step:
+            self._final = final
+            return self._call(self.ops.release(self.lease, self.acks, started, delay_ms))
+
+        return self._sync(release)
+
+    def _sync(self, make: Callable[[], Step]) -> Step:
+        """``make()``'s call, once no background call is outstanding (calls in order)."""
+        if not self._sent:
+            return make()
+        self._then = make
+        self._waiting = "await"
+        return Await()
+
+    def _ahead(self) -> Call | None:
+        """The background take to send as the next task starts, if one is due."""
+        if not self.group or len(self._sent) >= MAX_SENT:
+            return None
+        asked = sum(want for _, want, _ in self._sent)
+        room = min(self.settings.window, self.settings.batch_limit - self.processed) - len(self.buffer) - asked
+        if not self.acks and (room <= 0 or self._drained or self._sent):
+            return None
+        want = max(room, 0)
+        call = self.ops.take(self.lease, self.acks, want, ahead=True)
+        self._sent.append((self.acks, want, self._clock()))
+        self.acks = []
+        return call
+
+    def collect(self, result: Any) -> None:
+        """Take in the reply of the oldest background call, or the exception it raised."""
+        acks, want, sent_at = self._sent.popleft()
+        if isinstance(result, BaseException):
+            self.broken = result
+            self._unconfirmed += acks
+            return
+        status = TakeReply(int(result[0]))
+        if status is TakeReply.FENCED:
+            self.lease.mark_lost("take refused")
+        elif status is TakeReply.EMPTY:  # cannot happen while tasks are in flight: trust Redis
+            self.lease.mark_lost("stream forgotten by Redis")
+        elif status is TakeReply.PAUSED:
+            self._paused = True
+        elif status is TakeReply.TASKS:
+            self.lease.clock(int(result[1]), sent_at)
+            for i in range(2, len(result), 2):
+                self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
+            self._drained = len(result) - 2 < 2 * want
+
+    def _on_await(self, result: Any) -> Step:
+        self.collect(result)
+        then, self._then = self._then, None
+        if self.broken is not None:
+            return Finished("failed")
+        return self._sync(then) if then is not None else self._next()
 
     def _next(self) -> Step:
+        if self.broken is not None:  # the driver raises it now: start nothing more
+            return Finished("failed")
         if self._abandoned():
             return Finished("abandoned")
         if self.lease.lost:
             return Finished("fenced")
+        if self._paused:
+            return self._release([], final="paused")
         if self._stopping() or (not self.buffer and self.processed >= self.settings.batch_limit):
             # Graceful stop or fair yield: give back what was taken but not started.
             self.yielded = not self._stopping()
@@ -120,10 +219,15 @@ class StreamRun:
             self._head_started = True
             self._waiting = "run"
             entry, deliveries = self.buffer[0]
-            return RunTask(entry, deliveries)
-        want = min(self.settings.prefetch, self.settings.batch_limit - self.processed)
+            if self.lease.running is None or self.lease.running[0] != entry.id:
+                self.lease.running = (entry.id, int(self.lease.redis_now_ms()))
+            return RunTask(entry, deliveries, self._ahead())
+        if self._sent:  # out of tasks: the background takes may bring some
+            return self._sync(self._next)
+        want = min(self.settings.window, self.settings.batch_limit - self.processed)
         if self.rate_limit is not None:
             want = 1  # one permit, one task: each start is asked for when it happens
+        self._want = want
         return self._call(self.ops.take(self.lease, self.acks, want))
 
     def feed(self, result: Any) -> Step:
@@ -131,6 +235,7 @@ class StreamRun:
         waiting, self._waiting = self._waiting, None
         handler: Callable[[Any], Step] | None = {
             "run": self._on_outcome,
+            "await": self._on_await,
             "pause": self._after_pause,
             "rate": self._on_rate,
             "take": self._on_take,
@@ -175,6 +280,7 @@ class StreamRun:
         self.lease.clock(int(result[1]), self._sent_at)
         for i in range(2, len(result), 2):
             self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
+        self._drained = len(result) - 2 < 2 * self._want
         if not self.buffer:
             return self._release([])
         return self._next()
@@ -186,6 +292,8 @@ class StreamRun:
         self.acks = []
         self.buffer.popleft()
         self._head_started = False
+        self.lease.running = None
+        self.lease.done += 1
         dead, self._dead = self._dead, None
         if dead is not None:
             hooks.emit("on_dead_letter", self.lease.stream, dead.reason, dead.context)
@@ -203,8 +311,13 @@ class StreamRun:
             if isinstance(outcome, Fenced) and outcome.ran and self.buffer:
                 # Say so in Redis (unfenced, changes no queue state): if this keeps happening
                 # the task is dead-lettered as 'lease-lost', not as a task that kills workers.
-                self._waiting = "lost"
-                return self.ops.lost(self.lease, self.buffer[0][0])
+                head = self.buffer[0][0]
+
+                def report() -> Step:
+                    self._waiting = "lost"
+                    return self.ops.lost(self.lease, head)
+
+                return self._sync(report)
             return Finished("fenced")
         if self._abandoned():
             return Finished("abandoned")
@@ -213,13 +326,15 @@ class StreamRun:
             self._head_started = False
             self.acks.append(entry.id)
             self.processed += 1
+            self.lease.running = None
+            self.lease.done += 1
             return self._next()
         if isinstance(outcome, DeadLettered):
             entry, _ = self.buffer[0]
             self.processed += 1
             task_id: str | bytes = entry.raw[:32] if entry.malformed else entry.id
             self._dead = outcome
-            return self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header))
+            return self._sync(lambda: self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header)))
         if isinstance(outcome, Deferred):
             self.deferred = outcome.task_id
             self._head_started = False  # handed back unrun: a resend after an error must say so
@@ -235,6 +350,8 @@ class StreamRun:
         self.lease.ending = True
         self._final = "released"
         self._waiting = "release"
-        call = None if self.lease.lost else self.ops.release(self.lease, self.acks, started)
+        # A background call whose reply never came may or may not have applied its acks.
+        acks = [*self._unconfirmed, *(a for sent, _, _ in self._sent for a in sent), *self.acks]
+        call = None if self.lease.lost else self.ops.release(self.lease, acks, started)
         self.buffer.clear()
         return call

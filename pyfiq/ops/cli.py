@@ -23,6 +23,7 @@ from ..engine.keys import queue_of
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
 from ..redis.backend import RedisQueueBackend
+from ..redis.connect import primary_options
 from . import inspect
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -38,12 +39,26 @@ def _backend(url: str, prefix: str, shards: int | None, **settings: Any) -> Redi
     """A backend for the deployment; without ``--shards``, the shard count the prefix is laid
     out with in Redis (a tool that guessed another count would not find every stream)."""
     if shards is None:
-        probe = RedisQueueBackend(url, Settings(prefix=prefix))
+        probe = _connect(url, Settings(prefix=prefix))
         with probe.translated():
             stored = probe.client.get(probe.keys.layout_key)
         probe.close()
         shards = int(stored) if stored is not None else Settings.shards
-    return RedisQueueBackend(url, Settings(prefix=prefix, shards=shards, **settings))
+    return _connect(url, Settings(prefix=prefix, shards=shards, **settings))
+
+
+def _connect(url: str, settings: Settings) -> RedisQueueBackend:
+    """A backend as the group-level connection options say (--cluster, --sentinel, --tls-*);
+    every command that talks to Redis comes through here, so they all accept them."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.find_root().obj if ctx is not None else None
+    conn: dict[str, Any] = given if isinstance(given, dict) else {}
+    settings = settings.replace(redis_options={**settings.redis_options, **conn.get("tls", {})})
+    if conn.get("sentinels"):
+        # The URL gives the primary's credentials, database and TLS; Sentinel gives its address.
+        primary = settings.replace(redis_options={**primary_options(url), **settings.redis_options})
+        return RedisQueueBackend.from_sentinel(conn["sentinels"], conn["service"], primary)
+    return RedisQueueBackend(url, settings, cluster=bool(conn.get("cluster")))
 
 
 redis_option = click.option(
@@ -96,13 +111,47 @@ def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--redis", "url", default=None, help="Redis URL for every command (or $PYFIQ_REDIS_URL).")
 @click.option("--prefix", default=None, help="Key prefix for every command.")
+@click.option("--cluster", is_flag=True, help="The Redis URL is a startup node of a Redis Cluster.")
+@click.option(
+    "--sentinel",
+    "sentinels",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Find the primary through this Sentinel (repeatable); the Redis URL then gives only "
+    "credentials, database and TLS (rediss://).",
+)
+@click.option("--service", default="mymaster", show_default=True, help="Sentinel's name of the primary.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate for rediss://.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Client certificate (rediss://).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Client certificate's key.")
 @click.version_option(__version__, prog_name="pyfiq")
 @click.pass_context
-def main(ctx: click.Context, url: str | None, prefix: str | None) -> None:
+def main(ctx: click.Context, /, url: str | None, prefix: str | None, **connection: Any) -> None:
     """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
     given = {k: v for k, v in {"url": url, "prefix": prefix}.items() if v is not None}
     if given:
         ctx.default_map = _defaults(main, given)
+    ctx.obj = connection_options(**connection)
+
+
+def connection_options(
+    cluster: bool,
+    sentinels: tuple[str, ...],
+    service: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> dict[str, Any]:
+    """The group-level connection options, as ``_connect`` reads them."""
+    if cluster and sentinels:
+        raise click.UsageError("--cluster and --sentinel exclude each other")
+    files = {"ssl_ca_certs": tls_ca, "ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
+    return {
+        "cluster": cluster,
+        "sentinels": list(sentinels),
+        "service": service,
+        "tls": {k: v for k, v in files.items() if v is not None},
+    }
 
 
 @main.command()
@@ -133,7 +182,14 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
 @click.option("--lease-ttl", default=Settings.lease_ttl, show_default=True, type=float)
 @click.option("--poll-interval", default=Settings.poll_interval, show_default=True, type=float)
 @click.option("--max-deliveries", default=Settings.max_deliveries, show_default=True, type=int)
-@click.option("--prefetch", default=Settings.prefetch, show_default=True, type=int)
+@click.option(
+    "--ack-mode",
+    type=click.Choice(["group", "inline"]),
+    default=Settings.ack_mode,
+    show_default=True,
+    help="group: acknowledge in the background; inline: before taking more (see Settings.ack_mode).",
+)
+@click.option("--prefetch", default=None, type=int, help="Tasks taken ahead [default: 32 group, 1 inline].")
 @click.option(
     "--driver",
     type=click.Choice(["threaded", "asyncio"]),
@@ -154,7 +210,8 @@ def worker(
     lease_ttl: float,
     poll_interval: float,
     max_deliveries: int,
-    prefetch: int,
+    ack_mode: str,
+    prefetch: int | None,
     driver: str,
     log_level: str,
 ) -> None:
@@ -177,8 +234,9 @@ def worker(
         lease_ttl=lease_ttl,
         poll_interval=poll_interval,
         max_deliveries=max_deliveries,
+        ack_mode=ack_mode,
         prefetch=prefetch,
-        batch_limit=max(100, prefetch),
+        batch_limit=max(100, prefetch or 0),
     )
     consumed = queues.split(",") if queues else None
     if driver == "asyncio":
@@ -363,7 +421,8 @@ def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: boo
             for s in inspect.known_streams(backend)
             if queue is None or queue_of(s) == queue
         ]
-        columns = ["stream", "pending", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence", "lease_ms"]
+        columns = ["stream", "pending", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence"]
+        columns += ["lease_ms", "running_s"]
     else:
         rows = [q.as_dict() for q in inspect.queue_statuses(backend, queue)]
         columns = ["queue", "streams", "pending", "inflight", "dead", "oldest_age_s", "paused", "held"]
@@ -446,3 +505,35 @@ def queue_skip(url: str, prefix: str, shards: int, stream: str, reason: str) -> 
 from .exporter import exporter  # noqa: E402
 
 main.add_command(exporter)
+
+
+@main.command()
+@backend_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--read-only", is_flag=True, help="Show the queues; offer no action.")
+@click.option(
+    "--blocked-after",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds after which a running head task marks its stream blocked.",
+)
+def dashboard(
+    url: str, prefix: str, shards: int | None, host: str, port: int, read_only: bool, blocked_after: float
+) -> None:
+    """Serve the web dashboard (pip install "pyfiq[dashboard]") at http://HOST:PORT/."""
+    try:
+        import uvicorn
+
+        from ..dashboard import create_app
+
+        backend = _backend(url, prefix, shards)
+        app = create_app(backend, read_only=read_only, blocked_after=blocked_after)
+    except ImportError as exc:
+        raise click.ClickException(f'the dashboard needs its extra ({exc}): pip install "pyfiq[dashboard]"') from None
+    click.echo(f"pyfiq dashboard serving http://{host}:{port}/{' (read-only)' if read_only else ''}", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        backend.close()

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
+from urllib.parse import urlparse
 
 import redis
 import redis.asyncio
@@ -20,8 +20,6 @@ import redis.asyncio.connection
 import redis.asyncio.retry
 import redis.connection
 import redis.retry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from tenacity import (
     AsyncRetrying,
     BaseRetrying,
@@ -40,6 +38,15 @@ from ..engine.outcomes import dead_letter_header
 from ..engine.protocol import Call, Ops
 from ..errors import AccessDeniedError, BackendUnavailableError, ConfigurationError, DecodeError
 from ..task import Entry, TaskRecord
+from .coalesce import AsyncCoalescer, Coalescer
+from .connect import (
+    AsyncWakeListener,
+    Topology,
+    WakeListener,
+    is_cluster_client,
+    redact,
+    sentinel_addresses,
+)
 from .scripts import Scripts
 
 R = TypeVar("R", bound=BaseRetrying)
@@ -47,8 +54,18 @@ R = TypeVar("R", bound=BaseRetrying)
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
 
-#: Errors after which Redis may be back shortly: worth a bounded retry.
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+#: Errors after which Redis may be back shortly: worth a bounded retry. A cluster says so while
+#: a failover or a slot migration is under way (CLUSTERDOWN, TRYAGAIN, a slot with no node yet),
+#: and a demoted primary refuses writes (READONLY) until Sentinel has moved its clients on;
+#: none of these applied the command.
+TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.ReadOnlyError,
+)
 #: Refusals no retry can fix (redis-py makes some of them ConnectionErrors).
 DENIED = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
 _DENIED_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM")
@@ -71,25 +88,6 @@ def _memory_client(name: str, *, asynchronous: bool = False) -> Any:
     with _memory_lock:
         server = _memory_servers.setdefault(name, fakeredis.FakeServer())
     return fakeredis.FakeAsyncRedis(server=server) if asynchronous else fakeredis.FakeRedis(server=server)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password (in the authority or a ``password=`` query) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-        query = parts.query
-        if "password" in query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-    except ValueError:
-        return "<unparsable url>"
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 # A client handed to the backend serves one side (sync or asyncio); the other side is built from
@@ -291,6 +289,12 @@ class RedisQueueBackend:
     ``memory://<name>`` for an embedded in-process Redis (fakeredis with Lua): backends with
     the same name share one dataset, which is enough for demos and unit tests.
 
+    ``cluster=True``: ``url`` (``redis://`` or ``rediss://``) names one startup node of a Redis
+    Cluster; the sync and the asyncio side are ``RedisCluster`` clients built from it and from
+    ``Settings.redis_options``, and wake-ups use sharded Pub/Sub. ``from_sentinel`` finds the
+    primary through Sentinel. TLS files, credentials and timeouts go in ``redis_options``
+    (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``password``, ...), or in the URL.
+
     ``client`` (a ``redis.Redis``) and ``async_client`` (a ``redis.asyncio.Redis``) replace
     ``url``; given both, they must reach the same server. Given one, the other side (async
     enqueue and ``AsyncWorker``, or sync enqueue and ``ThreadedWorker``) is built from its
@@ -307,6 +311,8 @@ class RedisQueueBackend:
         *,
         client: Any = None,
         async_client: Any = None,
+        cluster: bool = False,
+        _topology: Topology | None = None,
         **overrides: Any,
     ) -> None:
         settings = settings or Settings()
@@ -314,39 +320,78 @@ class RedisQueueBackend:
             settings = settings.replace(**overrides)
         self.url = url
         self.settings = settings
-        self.keys = KeySchema(settings.prefix, settings.shards)
+        self.is_memory = url.startswith("memory://") and _topology is None
+        if _topology is None and not self.is_memory and client is None and async_client is None:
+            _topology = Topology("cluster" if cluster else "url", url, options=dict(settings.redis_options))
+        #: How both clients are built; None when they were given, or for memory://.
+        self.topology = _topology
+        given_cluster = is_cluster_client(client or async_client)
+        self.is_cluster = given_cluster or (_topology is not None and _topology.sharded_pubsub)
+        self.keys = KeySchema(settings.prefix, settings.shards, sharded_wake=self.is_cluster)
         self.ops = Ops(self.keys, settings)
-        self.is_memory = url.startswith("memory://")
         self._memory_name = urlparse(url).netloc or "default"
         self._given_async = async_client
         self._memory_async = client is None and async_client is None and self.is_memory
-        #: Where this backend connects, without credentials: for messages and repr.
-        self.address = redact(url)
         self._owns_sync_pool = False
-        if client is not None:
-            self.client = client
-            self.address = describe_client(client)
-        elif async_client is not None:
-            self.client = twin_client(async_client, asynchronous=False)
-            self.address = describe_client(async_client)
-            self._owns_sync_pool = True
-        elif self.is_memory:
-            self.client = _memory_client(self._memory_name)
-        else:
-            options: dict[str, Any] = {
-                "socket_timeout": 5.0,
-                "socket_connect_timeout": 5.0,
-                "health_check_interval": 15,
-                # A script re-sent after a lost reply could apply twice (take twice, ack
-                # twice): pyfiq retries only where the operation tolerates it.
-                "retry": Retry(NoBackoff(), 0),
-                "max_connections": 64,
-            }
-            options.update(settings.redis_options)
-            self.client = redis.Redis.from_url(url, **options)
+        self.client = self._sync_client(client, async_client)
         self.scripts = Scripts(self.client)
         self._async: tuple[Any, Scripts] | None = None
         self._layout_checked = False
+        self._coalescer = Coalescer(self)
+        self._acoalescer: AsyncCoalescer | None = None
+
+    def _sync_client(self, client: Any, async_client: Any) -> Any:
+        #: Where this backend connects, without credentials: for messages and repr.
+        self.address = redact(self.url)
+        if client is not None:
+            self.address = describe_client(client)
+            return client
+        if async_client is not None:
+            self.address = describe_client(async_client)
+            self._owns_sync_pool = True
+            return twin_client(async_client, asynchronous=False)
+        if self.topology is None:
+            return _memory_client(self._memory_name)
+        self.address = self.topology.address
+        return self.topology.client()
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int] | str],
+        service_name: str = "mymaster",
+        settings: Settings | None = None,
+        *,
+        sentinel_options: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> RedisQueueBackend:
+        """A backend on the primary that Sentinel names for ``service_name``, found again after
+        every failover. ``sentinels``: ``[("host", 26379), ...]`` or ``"host:26379"`` strings.
+        The primary's connection options (``password``, ``db``, ``ssl=True`` and the ``ssl_*``
+        files) go in ``Settings.redis_options``; the sentinels' own (their password, TLS) in
+        ``sentinel_options``. ``overrides`` are ``Settings`` fields, as for the constructor."""
+        settings = settings or Settings()
+        if overrides:
+            settings = settings.replace(**overrides)
+        topology = Topology(
+            "sentinel",
+            sentinels=sentinel_addresses(sentinels),
+            service_name=service_name,
+            options=dict(settings.redis_options),
+            sentinel_options=dict(sentinel_options or {}),
+        )
+        return cls(topology.address, settings, _topology=topology)
+
+    def copy(self, settings: Settings | None = None, **overrides: Any) -> RedisQueueBackend:
+        """Another backend on the same servers (the same URL, cluster or Sentinel description),
+        with connections of its own and ``settings`` (default: this one's) plus ``overrides``.
+        A backend built on given clients cannot be copied: build the other one the same way."""
+        if self.topology is None and not self.is_memory:
+            raise ConfigurationError(
+                f"{self!r} was built on given clients; build the other backend on clients of its own"
+            )
+        settings = (settings or self.settings).replace(**overrides)
+        return RedisQueueBackend(self.url, settings, _topology=self.topology)
 
     def __repr__(self) -> str:
         return f"RedisQueueBackend({self.address!r})"
@@ -389,7 +434,8 @@ class RedisQueueBackend:
         """Run several calls of idempotent scripts (``due``, ``renew``) in one round trip, not
         a transaction; errors are returned in place of their reply.
 
-        EVALSHA goes straight into the pipeline: redis-py would otherwise ask SCRIPT EXISTS
+        EVALSHA goes straight into the pipeline (by name: redis-py's cluster pipeline refuses
+        its ``evalsha`` method, not the command): redis-py would otherwise ask SCRIPT EXISTS
         before every pipeline, an extra round trip per poll and heartbeat. If Redis lost its
         script cache (a restart), the scripts are loaded and the batch is sent again, which
         is why only idempotent scripts belong here."""
@@ -399,7 +445,7 @@ class RedisQueueBackend:
             pipe = self.client.pipeline(transaction=False)
             for c in calls:
                 script = getattr(self.scripts, c.script)
-                pipe.evalsha(script.sha, len(c.keys), *c.keys, *c.args)
+                pipe.execute_command("EVALSHA", script.sha, len(c.keys), *c.keys, *c.args)
             with self.translated():
                 replies = list(pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
@@ -417,6 +463,10 @@ class RedisQueueBackend:
                 client = self._given_async
             elif self._memory_async:
                 client = _memory_client(self._memory_name, asynchronous=True)
+            elif self.topology is not None and self.topology.kind != "url":
+                # A cluster or Sentinel client has no single pool to copy: the same
+                # description builds the asyncio one.
+                client = self.topology.client(asynchronous=True)
             else:
                 # From the sync client's pool, not from self.url: a client= given without a
                 # URL must not send async work to the default localhost server.
@@ -441,7 +491,7 @@ class RedisQueueBackend:
         for _ in range(2):
             pipe = self.async_client.pipeline(transaction=False)
             for c in calls:
-                pipe.evalsha(getattr(scripts, c.script).sha, len(c.keys), *c.keys, *c.args)
+                pipe.execute_command("EVALSHA", getattr(scripts, c.script).sha, len(c.keys), *c.keys, *c.args)
             with self.translated():
                 replies = list(await pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
@@ -458,18 +508,49 @@ class RedisQueueBackend:
         dedup_keys: Sequence[str] | None = None,
     ) -> list[tuple[str, bool]]:
         """``enqueue_encoded`` without blocking the event loop."""
+        if not self._layout_checked:
+            return await self.aenqueue_alone(stream, items, dedup_keys)
+        if self._acoalescer is None:
+            self._acoalescer = AsyncCoalescer(self)
+        return await self._acoalescer.enqueue(stream, items, dedup_keys)
+
+    async def aenqueue_once(
+        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+    ) -> list[tuple[str, bool]]:
+        return Ops.parse_enqueue(await self.acall(self.ops.enqueue(stream, items, dedup_keys)))
+
+    async def aenqueue_alone(
+        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+    ) -> list[tuple[str, bool]]:
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
-            if self._layout_checked:
-                # One plain attempt first, as in enqueue_encoded.
-                with contextlib.suppress(*TRANSIENT):
-                    return Ops.parse_enqueue(await self.acall(call))
-            else:
+            if not self._layout_checked:
                 await self._retrying(AsyncRetrying)(self.acheck_layout)
             reply: Any = await self._retrying(AsyncRetrying)(self.acall, call)
         except RetryError as exc:
             raise self._unavailable(stream, exc) from exc.last_attempt.exception()
         return Ops.parse_enqueue(reply)
+
+    async def asend_enqueues(self, calls: Sequence[Call]) -> list[Any]:
+        """``send_enqueues`` on the asyncio client."""
+        client, scripts = self._async_side()
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = client.pipeline(transaction=False)
+            for i in todo:
+                c = calls[i]
+                pipe.execute_command("EVALSHA", scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
+            with self.translated():
+                answers = await pipe.execute(raise_on_error=False)
+            self._raise_denied(answers)
+            for i, answer in zip(todo, answers, strict=True):
+                replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
+            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            await client.script_load(scripts.enqueue.script)
+        return replies
 
     async def acheck_layout(self) -> None:
         if self._layout_checked:
@@ -482,7 +563,7 @@ class RedisQueueBackend:
 
     async def aclose(self) -> None:
         if self._async is not None and not self._memory_async:
-            if self._given_async is not None:
+            if self._given_async is not None or is_cluster_client(self._async[0]):
                 await self._async[0].aclose()
             else:
                 # A client made on a pool it was handed leaves the pool open on aclose().
@@ -491,6 +572,15 @@ class RedisQueueBackend:
 
     def pubsub(self) -> Any:
         return self.client.pubsub(ignore_subscribe_messages=True)
+
+    def wake_listener(self) -> WakeListener:
+        """Subscribed to the wake-up channels (one, or one per shard on a cluster)."""
+        with self.translated():
+            return WakeListener(self.client, self.keys)
+
+    def async_wake_listener(self) -> AsyncWakeListener:
+        """The asyncio ``wake_listener``; ``await listener.subscribe()`` before reading."""
+        return AsyncWakeListener(self.async_client, self.keys)
 
     def check_layout(self) -> None:
         """Refuse to run beside replicas that shard the same prefix differently: their keys
@@ -551,18 +641,52 @@ class RedisQueueBackend:
         items: Sequence[tuple[str, int, bytes]],
         dedup_keys: Sequence[str] | None = None,
     ) -> list[tuple[str, bool]]:
+        """Store encoded tasks; concurrent callers share round trips (see ``coalesce``)."""
+        if not self._layout_checked:
+            return self.enqueue_alone(stream, items, dedup_keys)
+        return self._coalescer.enqueue(stream, items, dedup_keys)
+
+    def enqueue_once(
+        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+    ) -> list[tuple[str, bool]]:
+        """One plain attempt, no retry bookkeeping (it costs a fifth of an enqueue)."""
+        return Ops.parse_enqueue(self.call(self.ops.enqueue(stream, items, dedup_keys)))
+
+    def enqueue_alone(
+        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+    ) -> list[tuple[str, bool]]:
+        """Enqueue retrying transient errors for ``enqueue_timeout``: after a shared round
+        trip failed, or the first time (when the shard layout is checked too)."""
         call = self.ops.enqueue(stream, items, dedup_keys)
         try:
-            if self._layout_checked:
-                # One plain attempt first: retry bookkeeping costs a fifth of an enqueue.
-                with contextlib.suppress(*TRANSIENT):
-                    return Ops.parse_enqueue(self.call(call))
-            else:
+            if not self._layout_checked:
                 self._retrying(Retrying)(self.check_layout)
             reply = self._retrying(Retrying)(self.call, call)
         except RetryError as exc:
             raise self._unavailable(stream, exc) from exc.last_attempt.exception()
         return Ops.parse_enqueue(reply)
+
+    def send_enqueues(self, calls: Sequence[Call]) -> list[Any]:
+        """Several enqueue calls in one round trip, replies (or errors) in order. Not
+        ``call_many``: a call refused for a missing script did not run and goes again, but one
+        that ran must never be sent twice."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in todo:
+                c = calls[i]
+                pipe.execute_command("EVALSHA", self.scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
+            with self.translated():
+                answers = pipe.execute(raise_on_error=False)
+            self._raise_denied(answers)
+            for i, answer in zip(todo, answers, strict=True):
+                replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
+            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            self.client.script_load(self.scripts.enqueue.script)
+        return replies
 
     def _unavailable(self, stream: str, exc: RetryError) -> BackendUnavailableError:
         return BackendUnavailableError(
@@ -648,7 +772,9 @@ class RedisQueueBackend:
             if add:
                 pipe.sadd(paused_key, member)
             else:
-                pipe.srem(paused_key, member).publish(self.keys.wake_channel, shard)
+                pipe.srem(paused_key, member)
+                channel = self.keys.wake(shard)
+                (pipe.spublish if self.keys.sharded_wake else pipe.publish)(channel, shard)
         with self.translated():
             pipe.execute()
 

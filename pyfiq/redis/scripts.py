@@ -10,6 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from ..engine.keys import COUNT_MINUTES
 from ..task import ID_LENGTH, TIME_DIGITS
 
 NAMES = (
@@ -29,7 +30,7 @@ NAMES = (
 
 
 #: The entry layout, defined once in Python and handed to every script as constants.
-CONSTANTS = f"local ID_LENGTH = {ID_LENGTH}\nlocal TIME_DIGITS = {TIME_DIGITS}\n"
+CONSTANTS = f"local ID_LENGTH = {ID_LENGTH}\nlocal TIME_DIGITS = {TIME_DIGITS}\nlocal COUNT_MINUTES = {COUNT_MINUTES}\n"
 
 
 @cache

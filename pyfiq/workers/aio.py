@@ -9,6 +9,7 @@ import contextvars
 import functools
 import inspect
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -16,8 +17,8 @@ from .. import api, hooks
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
-from ..engine.protocol import RateLimit
-from ..engine.stream import Finished, Pause, RunTask, StreamRun
+from ..engine.protocol import Call, RateLimit
+from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError
 from ..logs import log
@@ -50,6 +51,21 @@ async def run_task_async(
             continue
         return task.succeeded(result)
     return task.interrupted()
+
+
+def _background(call: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run ``call`` as a task whose error is read even if nobody waits for it any more (a
+    run that ended fenced or abandoned)."""
+    future = asyncio.ensure_future(call)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
+def _settled(future: asyncio.Future[Any]) -> Any:
+    """A finished future's result, or the exception it ended with."""
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
 
 
 async def run_in_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -269,9 +285,9 @@ class AsyncWorker(WorkerBase):
 
     async def _listen(self) -> None:
         while not self._stopped.is_set():
-            pubsub = self.backend.async_client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.backend.async_wake_listener()
             try:
-                await pubsub.subscribe(self.backend.keys.wake_channel)
+                await pubsub.subscribe()
                 self.scheduler.wake_all()
                 self._nudge.set()
                 while not self._stopped.is_set():
@@ -319,16 +335,29 @@ class AsyncWorker(WorkerBase):
 
     async def _run_stream(self, run: StreamRun) -> None:
         lease = run.lease
+        sent: deque[asyncio.Future[Any]] = deque()
+        in_order = asyncio.Lock()  # fair: background calls go in the order they were made
         try:
             step = run.start()
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
-                    step = run.feed(await self._execute(lease, step))
+                    if step.send is not None:
+                        sent.append(_background(self._send_in_order(in_order, step.send)))
+                    outcome = await self._execute(lease, step)
+                    while sent and sent[0].done():
+                        run.collect(_settled(sent.popleft()))
+                    step = run.feed(outcome)
+                elif isinstance(step, Await):
+                    # Shielded: a cancelled stop lets the call land rather than cut it mid-reply.
+                    await asyncio.wait([asyncio.shield(sent[0])])
+                    step = run.feed(_settled(sent.popleft()))
                 elif isinstance(step, Pause):
                     await _wait(lease.abort, step.seconds)  # type: ignore[arg-type]
                     step = run.feed(None)
                 else:
                     step = run.feed(await self.backend.acall(step))
+                if run.broken is not None:
+                    raise run.broken
         except BaseException as exc:
             level = "warning" if isinstance(exc, (*TRANSIENT, asyncio.CancelledError)) else "error"
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
@@ -351,6 +380,10 @@ class AsyncWorker(WorkerBase):
                 raise
             return
         self.scheduler.report(run, step)
+
+    async def _send_in_order(self, lock: asyncio.Lock, call: Call) -> Any:
+        async with lock:
+            return await self.backend.acall(call)
 
     async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)

@@ -4,6 +4,7 @@ driving the shared core (``Scheduler``, ``StreamRun``, ``TaskRun``)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import inspect
@@ -11,6 +12,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
@@ -20,7 +22,7 @@ from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
 from ..engine.protocol import RateLimit
-from ..engine.stream import Finished, Pause, RunTask, StreamRun
+from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
@@ -273,8 +275,7 @@ class ThreadedWorker(WorkerBase):
         while not self._stopped.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self.backend.pubsub()
-                    pubsub.subscribe(self.backend.keys.wake_channel)
+                    pubsub = self.backend.wake_listener()
                     # Anything published while we were not subscribed is found by a look now.
                     self.scheduler.wake_all()
                     self._nudge.set()
@@ -313,17 +314,23 @@ class ThreadedWorker(WorkerBase):
             self._stop_loop()
 
     def _executor(self) -> None:
-        while (lease := self._work.get()) is not None:
-            run = None
-            try:
-                run = self._run_stream(lease)
-            finally:
-                self.scheduler.finished(lease, run)
-                self._nudge.set()
-                if not self._abandoned.is_set():  # a dead process reports nothing either
-                    hooks.lease_ended(lease)
+        # Sends this executor's background takes (ack_mode="group") while it runs tasks: one
+        # thread, so they go in the order given and never beside each other.
+        sender = concurrent.futures.ThreadPoolExecutor(1, "pyfiq-send")
+        try:
+            while (lease := self._work.get()) is not None:
+                run = None
+                try:
+                    run = self._run_stream(lease, sender)
+                finally:
+                    self.scheduler.finished(lease, run)
+                    self._nudge.set()
+                    if not self._abandoned.is_set():  # a dead process reports nothing either
+                        hooks.lease_ended(lease)
+        finally:
+            sender.shutdown(wait=False)
 
-    def _run_stream(self, lease: Lease) -> StreamRun:
+    def _run_stream(self, lease: Lease, sender: concurrent.futures.ThreadPoolExecutor) -> StreamRun:
         run = StreamRun(
             self.ops,
             lease,
@@ -331,16 +338,26 @@ class ThreadedWorker(WorkerBase):
             abandoned=self._abandoned.is_set,
             rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
         )
+        sent: deque[concurrent.futures.Future[Any]] = deque()
         try:
             step = run.start()
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
-                    step = run.feed(self._execute(lease, step))
+                    if step.send is not None:
+                        sent.append(sender.submit(self.backend.call, step.send))
+                    outcome = self._execute(lease, step)
+                    while sent and sent[0].done():
+                        run.collect(_settled(sent.popleft()))
+                    step = run.feed(outcome)
+                elif isinstance(step, Await):
+                    step = run.feed(_settled(sent.popleft()))
                 elif isinstance(step, Pause):
                     lease.abort.wait(step.seconds)  # type: ignore[attr-defined]
                     step = run.feed(None)
                 else:
                     step = run.feed(self.backend.call(step))
+                if run.broken is not None:
+                    raise run.broken
         except BaseException as exc:
             level = "warning" if isinstance(exc, TRANSIENT) else "error"
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
@@ -402,6 +419,14 @@ class ThreadedWorker(WorkerBase):
                 self._spawn(loop.run_forever, "pyfiq-loop")
                 self._loop = loop
             return self._loop
+
+
+def _settled(future: concurrent.futures.Future[Any]) -> Any:
+    """The future's result, or the exception it ended with, once it has ended."""
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
 
 
 async def _in_context(context: contextvars.Context, task: TaskRun, func: Any, record: Any) -> Any:

@@ -32,12 +32,14 @@ from pyfiq.engine.outcomes import (
 )
 from pyfiq.engine.protocol import KEY_NAMES, PARK_AFTER_MS, Call, Ops, RateLimit
 from pyfiq.engine.scheduler import Scheduler
-from pyfiq.engine.stream import Finished, Pause, RunTask, StreamRun
+from pyfiq.engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from pyfiq.engine.task_run import BLOCK_MIN_PAUSE, TaskRun
 from pyfiq.task import Entry, TaskRecord
 
 STREAM = "orders#c-1"
-SETTINGS = Settings(prefix="core", shards=4, lease_ttl=10.0, prefetch=2, batch_limit=4, max_deliveries=3)
+SETTINGS = Settings(
+    prefix="core", shards=4, lease_ttl=10.0, ack_mode="inline", prefetch=2, batch_limit=4, max_deliveries=3
+)
 KEYS = KeySchema("core", 4)
 OPS = Ops(KEYS, SETTINGS)
 SK = KEYS.stream(STREAM)
@@ -95,8 +97,9 @@ def run_of(
     )
 
 
-def take_call(acks: list[str], want: int, settings: Settings = SETTINGS) -> Call:
-    return Call("take", stream_keys("take"), [TOKEN, STREAM, len(acks), want, settings.max_deliveries, *acks])
+def take_call(acks: list[str], want: int, settings: Settings = SETTINGS, ahead: bool = False) -> Call:
+    argv = [TOKEN, STREAM, len(acks), want, settings.max_deliveries, 1 if ahead else 0, *acks]
+    return Call("take", stream_keys("take"), argv)
 
 
 def release_call(acks: list[str], started: list[str], delay_ms: int = 0) -> Call:
@@ -179,6 +182,118 @@ def test_take_reply_acked_only_keeps_the_lease_and_asks_again() -> None:
     run.start()
     run.feed(Acked())
     assert run.feed([2]) == take_call([], 2)
+
+
+# -- StreamRun: group commit (ack_mode="group") -------------------------------------------------
+
+GROUP = SETTINGS.replace(ack_mode="group", prefetch=3, batch_limit=6)
+
+
+def group_run(*tasks: tuple[bytes, int], **kw: Any) -> StreamRun:
+    return run_of(granted(*tasks), settings=GROUP, **kw)
+
+
+def ahead(acks: list[str], want: int) -> Call:
+    return take_call(acks, want, GROUP, ahead=True)
+
+
+def test_group_acks_go_in_the_background_while_the_next_task_runs() -> None:
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1))
+    assert run.start() == run_task(1), "a full buffer and nothing to acknowledge: no call"
+    assert run.feed(Acked()) == RunTask(Entry.parse(entry(2)), 1, ahead([task_id(1)], 1))
+    run.collect([1, 9_000, entry(4), 1])
+    assert [e.id for e, _ in run.buffer] == [task_id(2), task_id(3), task_id(4)]
+    assert run.feed(Acked()) == RunTask(Entry.parse(entry(3)), 1, ahead([task_id(2)], 1))
+
+
+def test_group_sends_what_finished_behind_the_call_in_flight_and_then_lets_acks_gather() -> None:
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1), (entry(4), 1))
+    run.start()
+    assert run.feed(Acked()).send == ahead([task_id(1)], 0)  # type: ignore[union-attr]
+    # Its reply is not in yet: 2's acknowledgement queues behind it (a long task 3 must not hold
+    # it back), and with two calls outstanding 3's waits for the next one.
+    assert run.feed(Acked()).send == ahead([task_id(2)], 1)  # type: ignore[union-attr]
+    assert run.feed(Acked()) == run_task(4)
+    assert run.feed(Acked()) == Await(), "out of tasks: wait for the oldest reply"
+    assert run.feed([2]) == Await(), "and the next"
+    assert run.feed([1, 9_000]) == take_call([task_id(3), task_id(4)], 2, GROUP)
+
+
+def test_group_a_drained_stream_sends_no_background_call_without_acks() -> None:
+    run = group_run((entry(1), 1))  # fewer than asked: the stream had no more
+    assert run.start() == run_task(1)
+    assert run.feed(Acked()) == take_call([task_id(1)], 3, GROUP)
+    assert run.feed([0]) == Finished("empty")
+
+
+def test_group_a_dead_letter_waits_for_the_background_call() -> None:
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1))
+    run.start()
+    run.feed(Acked())  # sends ahead([1])
+    header = dead_letter_header("exhausted", replica="r", deliveries=1)
+    assert run.feed(DeadLettered(header)) == Await(), "one call at a time per lease"
+    call = run.feed([1, 9_000])
+    assert call == Call("dead_letter", stream_keys("dead_letter"), [TOKEN, STREAM, 0, task_id(2), header])
+
+
+def test_group_a_stop_waits_for_the_background_call_then_releases_with_every_ack() -> None:
+    stopping = threading.Event()
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1), stopping=stopping.is_set)
+    run.start()
+    run.feed(Acked())  # sends ahead([1])
+    stopping.set()
+    assert run.feed(Acked()) == Await()
+    assert run.feed([1, 9_000, entry(4), 1]) == release_call([task_id(2)], [])
+    assert run.feed(1) == Finished("released")
+
+
+def test_group_a_fenced_background_reply_drops_the_result_of_the_task_beside_it() -> None:
+    lease = granted((entry(1), 1), (entry(2), 1), (entry(3), 1))
+    run = run_of(lease, settings=GROUP)
+    run.start()
+    run.feed(Acked())
+    run.collect([-1])
+    assert lease.lost and "take refused" in lease.lost_reason
+    assert run.feed(Acked()) == Finished("fenced"), "task 2 is not acknowledged: the next holder runs it"
+
+
+def test_group_a_paused_background_reply_hands_back_what_was_not_started() -> None:
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1))
+    run.start()
+    run.feed(Acked())
+    run.collect([3])
+    assert run.feed(Acked()) == release_call([task_id(2)], [])
+    assert run.feed(1) == Finished("paused")
+
+
+def test_group_a_lost_background_reply_fails_after_the_outcome_and_resends_every_ack() -> None:
+    run = group_run((entry(1), 1), (entry(2), 1), (entry(3), 1))
+    run.start()
+    run.feed(Acked())  # sends ahead([1]); its reply is lost
+    run.collect(ConnectionError("reset"))
+    assert run.feed(Acked()) == Finished("failed"), "nothing more starts"
+    assert isinstance(run.broken, ConnectionError)
+    # Task 3 was never started; 1's acknowledgement may or may not have landed (tolerated).
+    assert run.fail() == release_call([task_id(1), task_id(2)], [])
+
+
+def test_group_takes_up_to_the_batch_limit_then_yields() -> None:
+    settings = GROUP.replace(prefetch=2, batch_limit=4)
+    run = run_of(granted((entry(1), 1), (entry(2), 1)), settings=settings)
+    step, sent, n = run.start(), [], 2
+    while isinstance(step, (RunTask, Await)):
+        if isinstance(step, RunTask) and step.send is not None:
+            sent.append(step.send.args[3])  # want
+            n += 1
+            run.collect([1, 9_000, entry(n), 1] if step.send.args[3] else [2])
+        step = run.feed(Acked()) if isinstance(step, RunTask) else run.feed([2])
+    assert sent == [1, 1, 0], "never more than the batch limit taken; the last ack rides on the release"
+    assert step == release_call([task_id(4)], []) and run.yielded
+
+
+def test_a_rate_limited_stream_acknowledges_inline_in_group_mode() -> None:
+    run = run_of(granted(), settings=GROUP, rate_limit=RateLimit(per_second=5, burst=1))
+    assert not run.group
 
 
 # -- StreamRun: outcomes -----------------------------------------------------------------------
@@ -544,7 +659,7 @@ def test_acquire_granted_holds_the_lease_counted_from_the_send_time() -> None:
 def test_first_take_is_zero_for_a_rate_limited_queue() -> None:
     plain = Scheduler(OPS, 1, None, Directory())
     limited = Scheduler(OPS, 1, None, Directory(limits={"orders": RateLimit(2)}))
-    assert plain.first_take(STREAM) == SETTINGS.prefetch
+    assert plain.first_take(STREAM) == SETTINGS.window
     assert limited.first_take(STREAM) == 0
 
 

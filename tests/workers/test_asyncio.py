@@ -123,7 +123,7 @@ def test_heartbeats_keep_the_lease_while_a_task_runs_past_the_ttl(rbackend: Redi
     long_task()
 
     async def main() -> None:
-        rival = RedisQueueBackend(rbackend.url, rbackend.settings)
+        rival = rbackend.copy()
         async with AsyncWorker(rbackend, queues=[q]), AsyncWorker(rival, queues=[q]):
             for _ in range(int(hold * 50) + 200):
                 if rbackend.queue_info(q)["pending"] == 0 and rbackend.queue_info(q)["inflight"] == 0:

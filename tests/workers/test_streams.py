@@ -76,7 +76,7 @@ def test_keys_run_in_parallel_and_in_order_per_key(rb: RedisQueueBackend) -> Non
     assert stream_count(rb, q) == 20
     with (
         ThreadedWorker(rb, queues=[q], concurrency=4),
-        ThreadedWorker(RedisQueueBackend(rb.url, rb.settings), queues=[q], concurrency=4),
+        ThreadedWorker(rb.copy(), queues=[q], concurrency=4),
     ):
         wait_until(lambda: len(rec.starts()) == 200, timeout=30)
     for key in keys:
@@ -88,7 +88,7 @@ def test_keys_run_in_parallel_and_in_order_per_key(rb: RedisQueueBackend) -> Non
 
 def test_a_deep_backlog_on_one_key_delays_another_key_by_at_most_one_batch(rb: RedisQueueBackend) -> None:
     q, rec = qname(), Recorder()
-    backend = RedisQueueBackend(rb.url, rb.settings.replace(batch_limit=50))
+    backend = rb.copy(rb.settings.replace(batch_limit=50))
 
     @fifo(queue=q, name=f"{q}.work", key=lambda key, seq: key)
     def work(key: str, seq: int) -> None:
@@ -119,7 +119,7 @@ def test_a_joining_replica_takes_a_share_of_the_streams(rb: RedisQueueBackend) -
     first = ThreadedWorker(rb, queues=[q], concurrency=2, replica="first").start()
     try:
         wait_until(lambda: len(rec.starts()) >= 40, timeout=20)
-        second = ThreadedWorker(RedisQueueBackend(rb.url, rb.settings), queues=[q], concurrency=2, replica="second")
+        second = ThreadedWorker(rb.copy(), queues=[q], concurrency=2, replica="second")
         with second:
             wait_until(lambda: len(rec.starts()) == 600, timeout=60)
     finally:
@@ -141,7 +141,7 @@ def test_rate_limit_holds_fleet_wide_and_keeps_order(rb: RedisQueueBackend) -> N
     work.enqueue_many([(f"k{k}", s) for s in range(15) for k in range(4)])
     with (
         ThreadedWorker(rb, queues=[q], concurrency=4),
-        ThreadedWorker(RedisQueueBackend(rb.url, rb.settings), queues=[q], concurrency=4),
+        ThreadedWorker(rb.copy(), queues=[q], concurrency=4),
     ):
         wait_until(lambda: len(rec.starts()) == 60, timeout=30)
     times = sorted(e[3] for e in rec.events)

@@ -86,9 +86,7 @@ def start_worker(request: pytest.FixtureRequest, backend: RedisQueueBackend) -> 
             w: Any = ThreadedWorker(b or backend, queues=queues, **kw).start()
         else:
             kw.pop("concurrency", None)
-            w = AsyncWorkerInThread(
-                RedisQueueBackend((b or backend).url, (b or backend).settings), queues=queues, **kw
-            ).start()
+            w = AsyncWorkerInThread((b or backend).copy(), queues=queues, **kw).start()
         workers.append(w)
         return w
 
@@ -246,7 +244,7 @@ def test_current_task_exposes_id_queue_attempt_deliveries_and_fencing_token(back
 
 def test_unknown_task_is_left_to_other_replicas_then_dead_lettered_in_order(backend, start_worker) -> None:  # type: ignore[no-untyped-def]
     q, log = qname(), Journal()
-    graced = RedisQueueBackend(backend.url, backend.settings.replace(unknown_task_grace=0.5))
+    graced = backend.copy(backend.settings.replace(unknown_task_grace=0.5))
 
     @fifo(queue=q, name=f"{q}.known")
     def known() -> None:
@@ -338,7 +336,7 @@ def test_mutual_exclusion_and_order_with_two_workers(backend, start_worker) -> N
             log.add(q, i, "end")
 
         funcs[q] = fifo(queue=q, name=f"{q}.work")(work)
-    second = RedisQueueBackend(backend.url, backend.settings)
+    second = backend.copy()
     start_worker(queues, concurrency=2)
     start_worker(queues, b=second, concurrency=2)
     for i in range(25):
@@ -356,8 +354,8 @@ def test_mutual_exclusion_and_order_with_two_workers(backend, start_worker) -> N
 
 def test_graceful_stop_hands_the_lease_over_at_once(backend, start_worker) -> None:  # type: ignore[no-untyped-def]
     slow = backend.settings.replace(lease_ttl=10.0)
-    a_backend = RedisQueueBackend(backend.url, slow)
-    b_backend = RedisQueueBackend(backend.url, slow)
+    a_backend = backend.copy(slow)
+    b_backend = backend.copy(slow)
     q, log = qname(), Journal()
 
     @fifo(queue=q, name=f"{q}.work")
@@ -403,7 +401,7 @@ def test_lease_lost_mid_task_drops_the_result_and_acks_nothing(backend, start_wo
 
 
 def test_prefetch_keeps_order_and_acks_in_batches(backend, start_worker) -> None:  # type: ignore[no-untyped-def]
-    fast = RedisQueueBackend(backend.url, backend.settings.replace(prefetch=10, batch_limit=50))
+    fast = backend.copy(backend.settings.replace(prefetch=10, batch_limit=50))
     q, log = qname(), Journal()
 
     @fifo(queue=q, name=f"{q}.work")
@@ -536,7 +534,7 @@ def test_graceful_stops_mid_retry_never_make_a_task_poison(backend) -> None:  # 
 
     work()
     for _ in range(4):  # four rolling restarts while the task keeps failing
-        w = ThreadedWorker(RedisQueueBackend(backend.url, strict), queues=[q]).start()
+        w = ThreadedWorker(backend.copy(strict), queues=[q]).start()
         wait_until(lambda: len(log.items(q)) >= 2)
         assert w.stop(timeout=5)
         log.events.clear()

@@ -8,6 +8,7 @@
     KEYS[4]      dead letters of the stream
     KEYS[5]      dead letter ids of the stream
     KEYS[6]      dead-letter index set of the shard
+    KEYS[7]      per-minute counts of finished tasks of the stream's queue in this shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -24,6 +25,7 @@ local meta = KEYS[3]
 local dead = KEYS[4]
 local dead_ids = KEYS[5]
 local dlq_index = KEYS[6]
+local counts = KEYS[7]
 if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
 local entry = redis.call('LINDEX', inflight, nack)
@@ -33,9 +35,10 @@ end
 if not ack_head(inflight, meta, argv_slice(6, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
+tally(counts, 's', nack)
 redis.call('LPOP', inflight)
 clear_marks(meta, ARGV[4])
 redis.call('HSET', meta, 'handed', handed_after(meta, nack + 1))
-dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[2] }, ARGV[5], entry,
+dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[2], counts = counts }, ARGV[5], entry,
          parse_entry(entry))
 return 1

@@ -61,6 +61,6 @@ end
 -- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
 -- idle workers.
 if added > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  wake(ARGV[2], ARGV[3])
 end
 return out

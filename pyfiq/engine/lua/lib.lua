@@ -22,6 +22,17 @@ local function parse_entry(entry)
   return string.sub(entry, 1, ID_LENGTH), tonumber(exp)
 end
 
+-- Tell idle workers that `shard` has work. A channel carrying a hash tag ('{') is a shard's own
+-- channel on Redis Cluster: SPUBLISH keeps the message on the node that owns the shard's slot
+-- instead of broadcasting it to every node, as PUBLISH would.
+local function wake(channel, shard)
+  if string.find(channel, '{', 1, true) then
+    redis.call('SPUBLISH', channel, shard)
+  else
+    redis.call('PUBLISH', channel, shard)
+  end
+end
+
 local function task_id(entry)
   return string.sub(entry, 1, ID_LENGTH)
 end
@@ -83,7 +94,7 @@ local function give_up_lease(s, delay)
   local r = { ready = s.ready, queues = s.queues, queue = queue_of(s.stream) }
   if redis.call('LLEN', s.pending) + redis.call('LLEN', s.inflight) > 0 then
     ready_set(r, s.stream, now_ms() + delay)
-    if delay == 0 then redis.call('PUBLISH', s.channel, s.shard) end
+    if delay == 0 then wake(s.channel, s.shard) end
   else
     ready_remove(r, s.stream)
   end
@@ -103,9 +114,27 @@ local function check_layout(key, shards)
   return nil
 end
 
+-- Count tasks of a queue that finished ('s' succeeded: acknowledged; 'f' failed: dead-lettered)
+-- per minute of Redis time, so a dashboard shows the fleet's rate: a ring of COUNT_MINUTES slots
+-- in one hash per queue and shard ('m<slot>' the minute the slot holds, then its two counts), so
+-- the hash stays small however long it runs. It expires COUNT_MINUTES after the last new minute
+-- began, so a queue that stops leaves nothing behind. `counts` may be nil (nothing counted).
+local function tally(counts, kind, n)
+  if not counts or n <= 0 then return end
+  local minute = math.floor(now_ms() / 60000)
+  local slot = minute % COUNT_MINUTES
+  local stamp = string.format('%d', minute)
+  if redis.call('HGET', counts, 'm' .. slot) ~= stamp then
+    redis.call('HSET', counts, 'm' .. slot, stamp, 's' .. slot, 0, 'f' .. slot, 0)
+    redis.call('PEXPIRE', counts, (COUNT_MINUTES + 1) * 60000)
+  end
+  redis.call('HINCRBY', counts, kind .. slot, n)
+end
+
 -- Append one dead letter: "<header>\n<entry>" scored by a sequence number, so records stay in
 -- the order they died, can be paged in bounded steps and found by task id in O(log n).
--- d: { dead, dead_ids, dlq_index, stream }; header is a JSON object; id may be nil.
+-- d: { dead, dead_ids, dlq_index, stream, counts (optional) }; header is a JSON object; id may
+-- be nil.
 local function dead_add(d, header, entry, id)
   local last = redis.call('ZRANGE', d.dead, -1, -1, 'WITHSCORES')
   local seq = 1
@@ -114,6 +143,7 @@ local function dead_add(d, header, entry, id)
   redis.call('ZADD', d.dead, seq, record)
   if id then redis.call('HSET', d.dead_ids, id, seq) end
   redis.call('SADD', d.dlq_index, d.stream)
+  tally(d.counts, 'f', 1)
 end
 
 local function simple_header(reason, deliveries, now, extra)
@@ -164,11 +194,16 @@ end
 -- Then fresh tasks from pending; those past their deadline are dead-lettered as expired.
 -- Anything that is not a well-formed entry is dead-lettered as undecodable, raw bytes kept.
 --
--- The first task handed is marked started ('s:'): the holder runs it as soon as the reply
--- arrives (a rate-limited holder asks its permit before taking). Returns the new 'handed'.
--- s: { pending, inflight, meta, dead, dead_ids, dlq_index, stream }
-local function hand_out(s, handed, want, maxd, now, out)
+-- The first task handed is marked started ('s:', with the hand-out's Redis ms, so operators see
+-- how long it has run): the holder runs it as soon as the reply arrives (a rate-limited holder
+-- asks its permit before taking). Returns the new 'handed'.
+-- `ahead`: the holder takes while it still runs earlier tasks (group commit), so it starts
+-- none of these at once: none is marked, and a task an earlier holder left in flight is not
+-- handed at all (it comes back one at a time, marked, once the holder has run out of tasks).
+-- s: { pending, inflight, meta, dead, dead_ids, dlq_index, stream, counts }
+local function hand_out(s, handed, want, maxd, now, out, ahead)
   local base = #out
+  if ahead and redis.call('LINDEX', s.inflight, handed) then return handed end
   while #out == base do
     local entry = redis.call('LINDEX', s.inflight, handed)
     if not entry then break end
@@ -194,7 +229,7 @@ local function hand_out(s, handed, want, maxd, now, out)
         end
         dead_add(s, simple_header(reason, deliveries - 1, now, extra), entry, id)
       else
-        redis.call('HSET', s.meta, 'd:' .. id, deliveries, 's:' .. id, 1)
+        redis.call('HSET', s.meta, 'd:' .. id, deliveries, 's:' .. id, now)
         if lost > 0 then redis.call('HSET', s.meta, 'x:' .. id, lost) end
         handed = handed + 1
         out[#out + 1] = entry
@@ -215,7 +250,7 @@ local function hand_out(s, handed, want, maxd, now, out)
       dead_add(s, simple_header('expired', 0, now), entry, id)
     else
       redis.call('LMOVE', s.pending, s.inflight, 'LEFT', 'RIGHT')
-      if #out == base then redis.call('HSET', s.meta, 's:' .. id, 1) end
+      if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. id, now) end
       handed = handed + 1
       out[#out + 1] = entry
       out[#out + 1] = 1

@@ -9,6 +9,7 @@
     KEYS[4]      meta hash
     KEYS[5]      ready set of the stream's queue in this shard
     KEYS[6]      queue index of the shard
+    KEYS[7]      per-minute counts of finished tasks of the stream's queue in this shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -34,9 +35,11 @@ local inflight = KEYS[3]
 local meta = KEYS[4]
 local ready = KEYS[5]
 local queues = KEYS[6]
+local counts = KEYS[7]
 if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
 local applied = ack_head(inflight, meta, argv_slice(8, nack), true)
+tally(counts, 's', applied)
 local handed = handed_after(meta, applied)
 local started = {}
 for _, id in ipairs(argv_slice(8 + nack, tonumber(ARGV[4]))) do started[id] = true end

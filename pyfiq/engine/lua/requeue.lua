@@ -71,6 +71,6 @@ if redis.call('ZCARD', dead) == 0 then
   redis.call('DEL', dead_ids)
 end
 if #fresh > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now_ms(), 'NX') == 1 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  wake(ARGV[2], ARGV[3])
 end
 return { #fresh, skipped, last }

@@ -14,6 +14,7 @@
     KEYS[7]      dead letters of the stream
     KEYS[8]      dead letter ids of the stream
     KEYS[9]      dead-letter index set of the shard
+    KEYS[10]     per-minute counts of finished tasks of the stream's queue in this shard
     ARGV[1]      stream name
     ARGV[2]      dead-letter record header (a JSON object on one line)
     ARGV[3]      wake-up channel
@@ -31,6 +32,7 @@ local queues = KEYS[6]
 local dead = KEYS[7]
 local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
+local counts = KEYS[10]
 local source = inflight
 local entry = redis.call('LINDEX', inflight, 0)
 if not entry then
@@ -41,7 +43,7 @@ if not entry then return { 0 } end
 redis.call('LPOP', source)
 local id = parse_entry(entry)
 if id then clear_marks(meta, id) end
-dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1] }, ARGV[2], entry, id)
+dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1], counts = counts }, ARGV[2], entry, id)
 give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
                 stream = ARGV[1], channel = ARGV[3], shard = ARGV[4] }, 0)
 return { 1, entry }

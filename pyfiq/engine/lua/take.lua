@@ -13,12 +13,14 @@
     KEYS[8]      dead letter ids of the stream
     KEYS[9]      dead-letter index set of the shard
     KEYS[10]     paused queues and streams of the shard
+    KEYS[11]     per-minute counts of finished tasks of the stream's queue in this shard
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
     ARGV[4]      how many tasks to take at most (0: acknowledge only)
     ARGV[5]      lost consumers after which a task is dead-lettered
-    ARGV[6..]    k task ids, oldest first
+    ARGV[6]      '1': taken ahead, while the holder still runs earlier tasks (see hand_out)
+    ARGV[7..]    k task ids, oldest first
 
   Output:
     { -1 }                       the caller's lease is gone: nothing was changed
@@ -39,11 +41,13 @@ local dead = KEYS[7]
 local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local paused = KEYS[10]
+local counts = KEYS[11]
 if redis.call('GET', lease) ~= ARGV[1] then return { -1 } end
 local nack = tonumber(ARGV[3])
-if not ack_head(inflight, meta, argv_slice(6, nack), false) then
+if not ack_head(inflight, meta, argv_slice(7, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
+tally(counts, 's', nack)
 local handed = handed_after(meta, nack)
 local want = tonumber(ARGV[4])
 if want == 0 then
@@ -58,7 +62,7 @@ end
 local now = now_ms()
 local out = { 1, now }
 handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
-                    dlq_index = dlq_index, stream = ARGV[2] }, handed, want, tonumber(ARGV[5]), now, out)
+                    dlq_index = dlq_index, stream = ARGV[2], counts = counts }, handed, want, tonumber(ARGV[5]), now, out, ARGV[6] == '1')
 if #out == 2 and redis.call('LLEN', inflight) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
   redis.call('DEL', lease, meta)

@@ -1,0 +1,49 @@
+"""A web dashboard for pyfiq's ordered queues (``pip install "pyfiq[dashboard]"``).
+
+``create_app(backend)`` returns an ASGI application (Starlette, server-rendered with Jinja2) to
+serve with ``pyfiq dashboard`` or to mount inside your own FastAPI or Starlette app, behind your
+own authentication. It reads Redis through ``pyfiq.ops.inspect`` in bounded steps and carries
+out the operators' actions (pause, resume, skip, requeue, purge) through the backend.
+
+Starlette and Jinja2 are imported only when an app is created, so ``import pyfiq`` works
+without the extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from ..redis.backend import RedisQueueBackend
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    backend: RedisQueueBackend,
+    read_only: bool = False,
+    *,
+    guard: Callable[[Any], Any] | None = None,
+    blocked_after: float = 60.0,
+    refresh: float = 5.0,
+) -> Starlette:
+    """The dashboard of the deployment ``backend`` points at, as an ASGI app.
+
+    ``read_only`` removes every action (no form is rendered, no POST route exists).
+    ``guard(request)`` (sync or async) runs before every request and refuses it by raising an
+    ``HTTPException`` (FastAPI's or Starlette's): pass the same function your FastAPI routes use
+    as a dependency. A stream whose head task has been running longer than ``blocked_after``
+    seconds is marked blocked. Pages refresh their figures every ``refresh`` seconds (0: never)
+    without reloading."""
+    try:
+        from .app import build
+    except ImportError as exc:  # pragma: no cover - depends on what is installed
+        raise ConfigurationError(
+            f'the dashboard needs Starlette and Jinja2 ({exc}): pip install "pyfiq[dashboard]"'
+        ) from exc
+    return build(backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh)

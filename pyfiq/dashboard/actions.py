@@ -1,0 +1,128 @@
+"""The operators' actions the dashboard offers, read from a submitted form: what each will do
+(said on the confirmation page, with the counts as they are now) and carrying it out through
+the backend's own operator methods, the ones the CLI uses.
+
+Pause and resume take effect at once; skip, requeue and purge change what runs or delete
+records, so they ask first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_queue_name
+from ..ops import inspect
+from ..redis.backend import RedisQueueBackend
+
+NAMES = ("pause", "resume", "skip", "requeue", "purge")
+#: Reason recorded with a head task skipped from the dashboard.
+SKIP_REASON = "skipped from the dashboard"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One submitted action. ``stream`` narrows it to one stream of ``queue``; ``scope`` is
+    ``one`` / ``selected`` (the ``tasks``, as (stream, task id)) / ``all`` for a requeue."""
+
+    name: str
+    queue: str
+    stream: str | None = None
+    scope: str = "all"
+    front: bool = False
+    tasks: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def confirm(self) -> bool:
+        return self.name not in ("pause", "resume")
+
+    @property
+    def target(self) -> str:
+        return self.stream or self.queue
+
+
+def parse(name: str, form: Sequence[tuple[str, str]]) -> Action:
+    """The action a form asks for; ``ValueError`` (with a message for the operator) otherwise."""
+    if name not in NAMES:
+        raise ValueError(f"unknown action {name!r}")
+    values = dict(form)
+    queue = validate_queue_name(values.get("queue", ""))
+    stream = values.get("stream") or None
+    if stream is not None and queue_of(stream) != queue:
+        raise ValueError(f"stream {stream!r} is not a stream of {queue!r}")
+    if name == "skip" and stream is None:
+        stream = queue
+    op = values.get("op", "all-back")
+    scope, _, rest = op.partition("-")
+    where, _, one = rest.partition(":")
+    if scope not in ("one", "selected", "all") or where not in ("front", "back"):
+        raise ValueError(f"unknown requeue {op!r}")
+    picked = [v for k, v in form if k == "task"] if scope == "selected" else [one] if scope == "one" else []
+    tasks = [_task(v, queue) for v in picked]
+    if name == "requeue" and scope != "all" and not tasks:
+        raise ValueError("no dead letter was selected")
+    return Action(name, queue, stream, scope, where == "front", tasks)
+
+
+def _task(value: str, queue: str) -> tuple[str, str]:
+    task_id, _, stream = value.partition(":")
+    if not task_id or queue_of(stream) != queue:
+        raise ValueError(f"not a dead letter of {queue!r}: {value!r}")
+    return stream, task_id
+
+
+def _streams(backend: RedisQueueBackend, action: Action) -> list[str]:
+    """The streams with dead letters an action on every dead letter covers (all of them: an
+    action, unlike a page, goes through the whole dead-letter index)."""
+    if action.stream is not None:
+        return [action.stream]
+    return inspect.dead_streams_of(backend, action.queue, budget=10**12)[0]
+
+
+def _dead_count(backend: RedisQueueBackend, streams: list[str]) -> int:
+    return sum(backend.queue_info(s)["dead"] for s in streams)
+
+
+def describe(backend: RedisQueueBackend, action: Action) -> str:
+    """What carrying out ``action`` will do, counted as Redis holds it now."""
+    if action.name in ("pause", "resume"):
+        return f"{action.name.capitalize()} {action.target} across the fleet."
+    if action.name == "skip":
+        head = inspect.read_streams(backend, [action.target])[0].head
+        if head is None:
+            return f"{action.target} holds no task: there is nothing to skip."
+        return (
+            f"Dead-letter the head task {head.id} ({head.name or 'undecodable'}) of {action.target} as "
+            "'operator'. Its lease is revoked, which ends its holder's retries, and the stream moves on "
+            "to its next task."
+        )
+    where = "front of its stream, before the pending tasks" if action.front else "back of its stream"
+    if action.name == "requeue" and action.scope != "all":
+        n = len(action.tasks)
+        return f"Requeue {n} dead letter{'s' * (n != 1)} of {action.queue} to the {where}, in their order."
+    streams = _streams(backend, action)
+    total = _dead_count(backend, streams)
+    spread = f"{total} dead letters of {action.target} ({len(streams)} stream{'s' * (len(streams) != 1)})"
+    if action.name == "purge":
+        return f"Delete all {spread}. This cannot be undone."
+    return f"Requeue all {spread} to the {where}, in their order."
+
+
+def run(backend: RedisQueueBackend, action: Action) -> str:
+    """Carry ``action`` out; returns what was done, for the page that follows."""
+    if action.name in ("pause", "resume"):
+        key = action.stream.partition(STREAM_SEPARATOR)[2] if action.stream else None
+        (backend.pause if action.name == "pause" else backend.resume)(action.queue, key)
+        return f"{action.name}d {action.target}"
+    if action.name == "skip":
+        task_id = backend.skip(action.target, SKIP_REASON)
+        return f"dead-lettered {task_id} as operator" if task_id else f"{action.target} held no task"
+    if action.name == "purge":
+        return f"deleted {sum(backend.purge_dead_letters(s) for s in _streams(backend, action))} dead letters"
+    if action.scope == "all":
+        moved = sum(backend.requeue_dead_letters(s, front=action.front) for s in _streams(backend, action))
+    else:
+        # To the front one by one: the last requeued ends up first, so go newest first.
+        order = reversed(action.tasks) if action.front else iter(action.tasks)
+        moved = sum(backend.requeue_dead_letters(s, task_id=t, front=action.front) for s, t in order)
+    return f"requeued {moved} dead letter{'s' * (moved != 1)} to the {'front' if action.front else 'back'}"

@@ -1,0 +1,59 @@
+"""The README's screenshots of the dashboard: the overview, a queue and the dead letters.
+
+    python scripts/screenshots.py [--out docs/img]
+
+Builds the scene of the dashboard's browser tests (``tests/dashboard/scene.py``: tasks in every
+state) on a redis-server of its own, serves the dashboard with uvicorn and photographs it in
+headless Chromium through Playwright (``$PYFIQ_CHROMIUM`` or the ``chromium`` on the path).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyfiq.chaos.runner import RedisProcess  # noqa: E402
+from tests.dashboard.scene import build_scene, dashboard, serve  # noqa: E402
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default=str(ROOT / "docs" / "img"), show_default=True)
+def main(out: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("PYFIQ_CHROMIUM") or shutil.which("chromium")
+    if not chromium:
+        raise click.ClickException("chromium is not installed: 'apt-get install chromium' or set PYFIQ_CHROMIUM")
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    server = RedisProcess(Path(tempfile.mkdtemp(prefix="pyfiq-shots-")), appendfsync=None).start()
+    scene = build_scene(server.url)
+    try:
+        with serve(dashboard(scene, refresh=0)) as url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 720}, device_scale_factor=1)
+            page.goto(url + "/")
+            page.screenshot(path=str(target / "overview.png"), full_page=True)
+            page.goto(url + "/queue/stuck")
+            page.screenshot(path=str(target / "queue.png"), full_page=True)
+            page.goto(url + "/dead/work")
+            page.locator("#dead summary").first.click()
+            page.screenshot(path=str(target / "dead-letters.png"), full_page=True)
+            browser.close()
+    finally:
+        scene.stop_workers()
+        scene.backend.close()
+        server.stop()
+    click.echo(f"wrote overview.png, queue.png and dead-letters.png to {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Redis topologies the tests start from the one ``redis-server`` binary, on free loopback
+ports: a Redis Cluster (primaries with one replica each), a Sentinel-managed primary with a
+replica and three sentinels, and a TLS server whose certificates are made here with openssl.
+
+Each owns its processes and directories and stops them all; nothing here touches a server it
+did not start."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from pyfiq.chaos.runner import popen
+
+#: A cluster node also listens on its port + 10000 (the cluster bus).
+BUS_OFFSET = 10000
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, *, bus: bool = False) -> list[int]:
+    """``count`` free loopback ports; with ``bus``, each one's cluster bus port is free too."""
+    found: list[int] = []
+    while len(found) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port in found:
+            continue
+        if bus and (port + BUS_OFFSET > 65535 or not _port_free(port + BUS_OFFSET)):
+            continue
+        found.append(port)
+    return found
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Node:
+    """One redis-server process with its own directory; it keeps its port across restarts."""
+
+    def __init__(self, directory: Path, port: int, extra: list[str], config: Path | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.extra = extra
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Node:
+        # A config file must come first; sentinels rewrite theirs, so they get one.
+        argv = ["redis-server", *([str(self.config)] if self.config else [])]
+        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--logfile", "redis.log"]
+        argv += self.extra
+        self.proc = popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.stop(kill=True)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def client(self, **kw: Any) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1, **kw)
+
+
+class Cluster:
+    """A Redis Cluster of ``primaries`` primaries with one replica each, created with
+    ``redis-cli --cluster create``. Ready means every node says ``cluster_state:ok`` and every
+    replica's link to its primary is up."""
+
+    def __init__(self, directory: Path, primaries: int = 3, node_timeout_ms: int = 2000) -> None:
+        ports = free_ports(primaries * 2, bus=True)
+        self.nodes = [
+            Node(
+                directory / str(p),
+                p,
+                [
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms), "--save", "", "--appendonly", "no",
+                ],
+            )
+            for p in ports
+        ]  # fmt: skip
+        self.primaries = primaries
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            wait_for(lambda n=node: bool(n.client().ping()), 15, f"cluster node {node.port}")
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        self.wait_ready()
+        return self
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.alive]
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            for node in self.live():
+                c = node.client()
+                try:
+                    if c.cluster("info")["cluster_state"] != "ok":
+                        return False
+                    info = c.info("replication")
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        return False
+                finally:
+                    c.close()
+            return True
+
+        wait_for(ready, timeout, "the cluster to be ready")
+
+    def primary_of(self, key: str) -> Node:
+        """The node serving ``key``'s slot now."""
+        c = self.live()[0].client()
+        try:
+            slot = int(c.cluster("keyslot", key))
+            for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        finally:
+            c.close()
+        raise RuntimeError(f"no node serves {key!r}")
+
+    def role(self, node: Node) -> str:
+        c = node.client()
+        try:
+            return str(c.info("replication")["role"])
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(kill=True)
+
+
+class Sentinels:
+    """One primary, one replica and three sentinels (quorum 2) watching them as ``mymaster``.
+    Ready means every sentinel knows the replica and the two other sentinels, so a failover
+    can be voted on at once."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self, directory: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        data_ports = free_ports(2)
+        plain = ["--save", "", "--appendonly", "no"]
+        self.primary = Node(directory / "primary", data_ports[0], plain)
+        self.replica = Node(
+            directory / "replica", data_ports[1], [*plain, "--replicaof", "127.0.0.1", str(data_ports[0])]
+        )
+        self.sentinels = []
+        for port in free_ports(3):
+            d = directory / f"sentinel-{port}"
+            d.mkdir(parents=True)
+            conf = d / "sentinel.conf"
+            conf.write_text(
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {data_ports[0]} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} {down_after_ms}\n"
+                f"sentinel failover-timeout {self.SERVICE} {failover_timeout_ms}\n"
+            )
+            self.sentinels.append(Node(d, port, ["--sentinel"], config=conf))
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", s.port) for s in self.sentinels]
+
+    def start(self) -> Sentinels:
+        for node in (self.primary, self.replica, *self.sentinels):
+            node.start()
+        self.wait_ready()
+        return self
+
+    def master(self) -> dict[str, Any]:
+        c = self.sentinels[0].client()
+        try:
+            return dict(c.sentinel_master(self.SERVICE))
+        finally:
+            c.close()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            for s in self.sentinels:
+                c = s.client()
+                try:
+                    m = c.sentinel_master(self.SERVICE)
+                    if m["num-other-sentinels"] != 2 or m["num-slaves"] < 1 or "s_down" in m["flags"]:
+                        return False
+                finally:
+                    c.close()
+            r = self.replica.client()
+            try:
+                return bool(r.info("replication").get("master_link_status") == "up")
+            finally:
+                r.close()
+
+        wait_for(ready, timeout, "the sentinels to know the primary, its replica and each other")
+
+    def primary_port(self) -> int:
+        return int(self.master()["port"])
+
+    def stop(self) -> None:
+        for node in (*self.sentinels, self.primary, self.replica):
+            node.stop(kill=True)
+
+
+class TLSFiles:
+    """A CA, a server certificate for 127.0.0.1 (in its subjectAltName, which redis-py checks)
+    and a client certificate, made with openssl."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca, self.ca_key = self.dir / "ca.crt", self.dir / "ca.key"
+        self.server_cert, self.server_key = self.dir / "server.crt", self.dir / "server.key"
+        self.client_cert, self.client_key = self.dir / "client.crt", self.dir / "client.key"
+
+    def make(self) -> TLSFiles:
+        self._openssl(
+            "req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+            "-keyout", self.ca_key, "-out", self.ca, "-subj", "/CN=pyfiq test CA",
+        )  # fmt: skip
+        self._sign("server", self.server_cert, self.server_key, "subjectAltName=IP:127.0.0.1")
+        self._sign("client", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth")
+        return self
+
+    @staticmethod
+    def _openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    def _sign(self, name: str, cert: Path, key: Path, extension: str) -> None:
+        csr, ext = self.dir / f"{name}.csr", self.dir / f"{name}.ext"
+        ext.write_text(extension + "\n")
+        self._openssl(
+            "req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", key, "-out", csr, "-subj", f"/CN=pyfiq {name}"
+        )
+        self._openssl(
+            "x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", ext,
+        )  # fmt: skip
+
+    def server_args(self, port: int) -> list[str]:
+        return [
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.server_cert),
+            "--tls-key-file", str(self.server_key), "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "yes",
+        ]  # fmt: skip
+
+    def client_options(self) -> dict[str, Any]:
+        files = {"ssl_ca_certs": self.ca, "ssl_certfile": self.client_cert, "ssl_keyfile": self.client_key}
+        return {k: str(v) for k, v in files.items()}
