@@ -158,6 +158,9 @@ class FifoFunction(Generic[P, R]):
         self.key = key
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = inspect.signature(func)
+        #: How many positional arguments a call may give with no keywords and need no binding
+        #: check: exactly the plain parameters, when all are plain and none has a default.
+        self._plain_arity = _plain_arity(self._signature)
         functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
@@ -210,6 +213,8 @@ class FifoFunction(Generic[P, R]):
     def check_call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Refuse, before anything is stored, a call the function could never accept (wrong
         arity, unknown keyword): it would fail on every attempt and hold its queue meanwhile."""
+        if not kwargs and len(args) == self._plain_arity:
+            return  # the common case, without bind()'s cost on every enqueue
         try:
             self._signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -298,6 +303,14 @@ class FifoFunction(Generic[P, R]):
                 if stored := sum(new for _, new in reply):
                     hooks.emit("on_enqueue", self.queue, stored)
         return handles
+
+
+def _plain_arity(signature: inspect.Signature) -> int:
+    params = list(signature.parameters.values())
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if all(p.kind in plain and p.default is inspect.Parameter.empty for p in params):
+        return len(params)
+    return -1
 
 
 def _partial(

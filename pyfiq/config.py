@@ -15,6 +15,8 @@ MAX_PREFETCH = 1000
 #: not wait for the next take while the previous one is on the wire, even for no-op tasks.
 GROUP_PREFETCH = 32
 ACK_MODES = ("group", "inline")
+#: The most replicas durable mode may wait for: more than any deployment has is a typo.
+MAX_REPLICAS = 100
 
 #: The longest time setting (about 31 years). Redis's clock plus a window this long stays an
 #: exact integer in Lua's doubles and far below the 64-bit bound past which Redis refuses an
@@ -95,6 +97,12 @@ class Settings:
     #: Default ``@fifo(time_warning=)``: an attempt running longer logs ``pyfiq.task_running_long``
     #: once. None: no warning.
     time_warning: float | None = None
+    #: Durable mode: each state change (enqueue, acquire, take and acknowledge, dead letter,
+    #: release, an operator's skip or requeue) is followed by ``WAIT min_replicas`` on the same
+    #: connection, so what Redis confirmed survives a failover to a replica. 0: off.
+    min_replicas: int = 0
+    #: How long one such ``WAIT`` waits for the replicas (durable mode only).
+    replica_timeout: float = 1.0
     serializer: Serializer = field(default_factory=JSONSerializer)
     #: Extra keyword arguments for the redis-py client / connection pool.
     redis_options: dict[str, Any] = field(default_factory=dict)
@@ -120,8 +128,31 @@ class Settings:
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._validate_durable()
         if self.batch_limit < self.window:
             raise ConfigurationError(f"batch_limit must be at least prefetch ({self.window})")
+
+    def _validate_durable(self) -> None:
+        replicas = self.min_replicas
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
+            raise ConfigurationError(f"min_replicas must be a whole number from 0 to {MAX_REPLICAS}, got {replicas!r}")
+        # WAIT takes whole milliseconds and reads 0 as "wait forever": at least 1 ms.
+        validate_seconds("replica_timeout", self.replica_timeout, redis_ms=True)
+        if self.durable and self.replica_timeout > self.lease_ttl / 3:
+            # A lease counts from its acquire's send, and the acquire waits for replicas too.
+            raise ConfigurationError(
+                f"replica_timeout ({self.replica_timeout}) must be at most lease_ttl / 3 "
+                f"({self.lease_ttl / 3:.3f}) so a lease acquired while replicas lag keeps most of its time"
+            )
+
+    @property
+    def durable(self) -> bool:
+        """Whether state changes wait for ``min_replicas`` replicas."""
+        return self.min_replicas > 0
+
+    @property
+    def replica_timeout_ms(self) -> int:
+        return int(self.replica_timeout * 1000)
 
     @property
     def window(self) -> int:

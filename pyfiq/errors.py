@@ -40,6 +40,23 @@ class BackendUnavailableError(PyfiqError, ConnectionError):
     unless Redis accepted the task before the connection failed (enqueue is at-least-once)."""
 
 
+class NotReplicatedError(BackendUnavailableError):
+    """Durable mode (``Settings.min_replicas``): Redis applied the change, but fewer replicas
+    than asked confirmed it within ``replica_timeout``. For an enqueue the task IS stored on the
+    primary and will run unless a failover loses it; it is not re-sent (that could store it
+    twice). ``task_ids`` names the tasks, ``replicas`` how many replicas confirmed, ``wanted``
+    how many were asked for."""
+
+    def __init__(self, message: str, task_ids: Sequence[str] = (), replicas: int = 0, wanted: int = 0) -> None:
+        super().__init__(message)
+        self.task_ids = list(task_ids)
+        self.replicas = replicas
+        self.wanted = wanted
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.task_ids, self.replicas, self.wanted)
+
+
 class TimeLimitExceeded(BaseException):
     """A task ran past its ``time_limit``: raised inside a plain function's thread, and in place
     of the cancellation of an ``async def`` task. A ``BaseException``, like

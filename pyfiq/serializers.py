@@ -134,6 +134,9 @@ def _counting_encode_extra(obj: Any) -> dict[str, str]:
 _ENCODER = json.JSONEncoder(default=_counting_encode_extra, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+_DECODER = json.JSONDecoder(object_hook=_decode_extra)
+
+
 class JSONSerializer:
     """JSON that also round-trips datetime, date, time, Decimal, UUID and bytes.
 
@@ -175,7 +178,8 @@ class JSONSerializer:
             raise
 
     def loads(self, data: bytes) -> Any:
-        return json.loads(data, object_hook=_decode_extra)
+        # Payloads are the UTF-8 that dumps writes; json.loads would build a decoder per call.
+        return _DECODER.decode(data.decode("utf-8"))
 
 
 class MsgpackSerializer:

@@ -86,6 +86,15 @@ class Node:
     def kill(self) -> None:
         self.stop(kill=True)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its connections but answers nothing (a stalled replica)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self, *, kill: bool = False) -> None:
         if self.proc is None:
             return
@@ -174,6 +183,16 @@ class Cluster:
             c.close()
         raise RuntimeError(f"no node serves {key!r}")
 
+    def replica_of(self, primary: Node) -> Node:
+        """The live node replicating ``primary`` now."""
+        c = primary.client()
+        try:
+            info = c.info("replication")
+        finally:
+            c.close()
+        ports = {int(v["port"]) for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)}
+        return next(n for n in self.live() if n.port in ports)
+
     def role(self, node: Node) -> str:
         c = node.client()
         try:
@@ -183,6 +202,48 @@ class Cluster:
 
     def stop(self) -> None:
         for node in self.nodes:
+            node.stop(kill=True)
+
+
+class Replicated:
+    """A primary and ``replicas`` replicas of it, without Sentinel: what durable mode waits on."""
+
+    def __init__(self, directory: Path, replicas: int = 1) -> None:
+        ports = free_ports(1 + replicas)
+        # Redis delays a replica's first full sync by 5 s by default, waiting for others to join.
+        plain = ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+        self.primary = Node(directory / "primary", ports[0], plain)
+        self.replicas = [
+            Node(directory / f"replica-{p}", p, [*plain, "--replicaof", "127.0.0.1", str(ports[0])]) for p in ports[1:]
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.primary.port}/0"
+
+    def start(self) -> Replicated:
+        for node in (self.primary, *self.replicas):
+            node.start()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def linked() -> bool:
+            for node in self.replicas:
+                c = node.client()
+                try:
+                    if c.info("replication").get("master_link_status") != "up":
+                        return False
+                finally:
+                    c.close()
+            return True
+
+        wait_for(linked, timeout, "every replica linked to the primary")
+
+    def stop(self) -> None:
+        for node in (self.primary, *self.replicas):
+            if node.alive:
+                node.resume()
             node.stop(kill=True)
 
 

@@ -197,6 +197,14 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
     show_default=True,
     help="Run the ThreadedWorker or the AsyncWorker.",
 )
+@click.option(
+    "--min-replicas",
+    default=Settings.min_replicas,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Durable mode: wait for this many replicas after each state change (see Settings.min_replicas).",
+)
+@click.option("--replica-timeout", default=Settings.replica_timeout, show_default=True, type=float)
 @click.option("--log-level", type=click.Choice(list(LEVELS)), default="info", show_default=True)
 def worker(
     url: str,
@@ -213,6 +221,8 @@ def worker(
     ack_mode: str,
     prefetch: int | None,
     driver: str,
+    min_replicas: int,
+    replica_timeout: float,
     log_level: str,
 ) -> None:
     """Run a worker for the @fifo functions of MODULES in the foreground until SIGINT/SIGTERM
@@ -237,6 +247,8 @@ def worker(
         ack_mode=ack_mode,
         prefetch=prefetch,
         batch_limit=max(100, prefetch or 0),
+        min_replicas=min_replicas,
+        replica_timeout=replica_timeout,
     )
     consumed = queues.split(",") if queues else None
     if driver == "asyncio":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engine.protocol import Call, Ops
@@ -37,7 +37,8 @@ class Request:
     error: BaseException | None = None
     #: Set when this caller is to send the next round trip.
     lead: bool = False
-    wake: threading.Event = field(default_factory=threading.Event)
+    #: Made only for a caller that waits: one alone never needs it.
+    wake: threading.Event | None = None
 
 
 def merged(ops: Ops, batch: Sequence[Request]) -> list[tuple[Call, list[Request]]]:
@@ -88,9 +89,11 @@ class Coalescer:
         req = Request(stream, items, dedup)
         with self._lock:
             self._queue.append(req)
-            if not self._busy:
+            if self._busy:
+                req.wake = threading.Event()
+            else:
                 self._busy = req.lead = True
-        if not req.lead:
+        if req.wake is not None:
             req.wake.wait()
         if req.lead:
             self._send_turn()
@@ -121,11 +124,13 @@ class Coalescer:
                 if self._queue:
                     nxt = self._queue[0]
                     nxt.lead = True
+                    assert nxt.wake is not None
                     nxt.wake.set()
                 else:
                     self._busy = False
             for req in batch:
-                req.wake.set()
+                if req.wake is not None:
+                    req.wake.set()
 
 
 class AsyncCoalescer:

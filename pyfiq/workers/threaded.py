@@ -317,11 +317,13 @@ class ThreadedWorker(WorkerBase):
         # Sends this executor's background takes (ack_mode="group") while it runs tasks: one
         # thread, so they go in the order given and never beside each other.
         sender = concurrent.futures.ThreadPoolExecutor(1, "pyfiq-send")
+        # Its own connection: a pooled one costs a checkout and a return on every call.
+        connection = self.backend.own_connection()
         try:
             while (lease := self._work.get()) is not None:
                 run = None
                 try:
-                    run = self._run_stream(lease, sender)
+                    run = self._run_stream(lease, sender, connection)
                 finally:
                     self.scheduler.finished(lease, run)
                     self._nudge.set()
@@ -329,8 +331,10 @@ class ThreadedWorker(WorkerBase):
                         hooks.lease_ended(lease)
         finally:
             sender.shutdown(wait=False)
+            if connection is not None:
+                connection.disconnect()
 
-    def _run_stream(self, lease: Lease, sender: concurrent.futures.ThreadPoolExecutor) -> StreamRun:
+    def _run_stream(self, lease: Lease, sender: concurrent.futures.ThreadPoolExecutor, connection: Any) -> StreamRun:
         run = StreamRun(
             self.ops,
             lease,
@@ -355,7 +359,7 @@ class ThreadedWorker(WorkerBase):
                     lease.abort.wait(step.seconds)  # type: ignore[attr-defined]
                     step = run.feed(None)
                 else:
-                    step = run.feed(self.backend.call(step))
+                    step = run.feed(self.backend.call(step, connection=connection))
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:

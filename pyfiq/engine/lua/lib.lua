@@ -61,7 +61,8 @@ local function ready_set(r, stream, score, mode)
   else
     added = redis.call('ZADD', r.ready, score, stream)
   end
-  index_queue(r)
+  -- An NX that added nothing changed nothing (the hot path of a busy stream's enqueues).
+  if added == 1 or mode ~= 'NX' then index_queue(r) end
   return added
 end
 

@@ -1,0 +1,185 @@
+"""Durable mode (``Settings.min_replicas``): a state-changing script call followed by ``WAIT``.
+
+``WAIT n timeout`` counts the replicas that have what *its own connection* wrote, so it must
+travel on the connection that ran the script: EVALSHA and WAIT go out as one pipeline. On one
+server or Sentinel's primary a plain pipeline uses one connection. On a cluster both commands
+name the node that owns the call's slot (redis-py's cluster pipeline would otherwise send WAIT
+to every primary), and redirections are followed here rather than by redis-py, which would
+re-send a redirected script alone and let a WAIT on another connection vouch for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ..engine.protocol import Call, Ops
+from ..errors import NotReplicatedError
+from ..logs import get_logger
+from .connect import is_cluster_client
+
+if TYPE_CHECKING:
+    from .backend import RedisQueueBackend
+
+#: Scripts that change what a stream holds: each is followed by WAIT in durable mode. Left out:
+#: ``due`` (a poll), ``renew`` and ``beat`` (heartbeats, redone within a second) and ``rate`` (a
+#: rate window). A failover that loses one of those loses no task and no acknowledgement.
+WAITED = frozenset({"enqueue", "acquire", "take", "dead_letter", "release", "lost", "skip", "requeue"})
+#: Of those, the calls whose caller hears of a shortfall (``NotReplicatedError``): a producer's
+#: and an operator's. A worker's change that a failover loses can only make tasks run again
+#: (in every earlier state each task is still pending or in flight), so a worker logs the
+#: shortfall and goes on rather than stop the fleet whenever a replica is away.
+RAISED = frozenset({"enqueue", "skip", "requeue"})
+#: Redirections and script reloads one call follows before it gives up.
+TRIES = 4
+
+log = get_logger()
+
+
+def waited(backend: RedisQueueBackend, call: Call) -> bool:
+    """Whether ``call`` goes through durable mode on ``backend``."""
+    return backend.settings.durable and call.script in WAITED
+
+
+def _node(client: Any, call: Call, ask: redis.exceptions.AskError | None) -> Any:
+    """The cluster node the call must run on (None off a cluster)."""
+    if not is_cluster_client(client):
+        return None
+    if ask is None:
+        return client.get_node_from_key(call.keys[0])
+    node = client.get_node(host=ask.host, port=ask.port)
+    if node is None:  # a node the slot map does not know yet: look again after a back-off
+        raise redis.exceptions.TryAgainError(f"slot {ask.slot_id} is moving to an unknown node {ask.node_addr}")
+    return node
+
+
+def _queue(pipe: Any, call: Call, sha: str, backend: RedisQueueBackend, target: dict[str, Any], asking: bool) -> None:
+    if asking:
+        pipe.execute_command("ASKING", **target)
+    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args, **target)
+    settings = backend.settings
+    pipe.execute_command("WAIT", settings.min_replicas, settings.replica_timeout_ms, **target)
+
+
+def _step(reply: Any) -> str:
+    """What a script reply asks for: ``done``, ``load`` (Redis lost the script), ``moved``,
+    ``ask`` (the slot is migrating) or ``raise``. None of the last four ran the script."""
+    if not isinstance(reply, Exception):
+        return "done"
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        return "load"
+    if isinstance(reply, redis.exceptions.MovedError):
+        return "moved"
+    if isinstance(reply, redis.exceptions.AskError):
+        return "ask"
+    return "raise"
+
+
+def confirm(backend: RedisQueueBackend, call: Call, reply: Any, replicas: Any) -> Any:
+    """``reply`` once ``replicas`` (WAIT's answer) reaches ``min_replicas``; otherwise
+    ``NotReplicatedError`` for a producer's or operator's call, a warning for a worker's."""
+    wanted = backend.settings.min_replicas
+    confirmed = replicas if isinstance(replicas, int) else 0
+    if confirmed >= wanted:
+        return reply
+    timeout = backend.settings.replica_timeout
+    if call.script not in RAISED:
+        log.warning("pyfiq.not_replicated", step=call.script, key=call.keys[0], replicas=confirmed, wanted=wanted)
+        return reply
+    if call.script == "enqueue":
+        ids = [task_id for task_id, _ in Ops.parse_enqueue(reply)]
+        what = f"{len(ids)} task(s) ARE stored in {call.args[0]!r} on {backend.address}"
+        advice = "not re-sent, which could store them twice; re-send with a dedup_key to be sure"
+    else:
+        ids = []
+        what = f"the {call.script} on {call.keys[0]!r} IS applied on {backend.address}"
+        advice = "check the result after the failover, if one follows"
+    raise NotReplicatedError(
+        f"{what}, but only {confirmed} of {wanted} replicas confirmed within {timeout} s, so a "
+        f"failover now could lose it: {advice}",
+        ids,
+        confirmed,
+        wanted,
+    )
+
+
+def _refresh(client: Any) -> None:
+    # A failed node's slots moved elsewhere: read the slot map again (if anyone answers).
+    with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException):
+        client.nodes_manager.initialize()
+
+
+def call_durably(backend: RedisQueueBackend, call: Call) -> Any:
+    """Run ``call`` and WAIT for its replication on the same connection (see the module)."""
+    script = getattr(backend.scripts, call.script)
+    client, ask = backend.client, None
+    reply: Any = None
+    for _ in range(TRIES):
+        node = _node(client, call, ask)
+        # A cluster node's own client: a plain pipeline, one connection, no redirections.
+        pipe = (client if node is None else client.get_redis_connection(node)).pipeline(transaction=False)
+        _queue(pipe, call, script.sha, backend, {}, ask is not None)
+        try:
+            with backend.translated():
+                replies = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if node is not None:
+                _refresh(client)
+            raise
+        reply, ask = replies[-2], None
+        step = _step(reply)
+        if step == "done":
+            return confirm(backend, call, reply, replies[-1])
+        if step == "load":
+            client.script_load(script.script)
+        elif step == "moved":
+            client.nodes_manager.move_slot(reply)
+        elif step == "ask":
+            ask = reply
+        else:
+            break
+    raise backend.translate(reply)
+
+
+async def _arefresh(client: Any) -> None:
+    with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException):
+        await client.nodes_manager.initialize()
+
+
+async def acall_durably(backend: RedisQueueBackend, call: Call, client: Any, scripts: Any) -> Any:
+    """``call_durably`` on the backend's ``redis.asyncio`` ``client`` and its ``scripts``."""
+    script = getattr(scripts, call.script)
+    ask = None
+    reply: Any = None
+    if is_cluster_client(client):
+        await client.initialize()  # an asyncio cluster client reads its slot map on first use
+    for _ in range(TRIES):
+        node = _node(client, call, ask)
+        # Both commands name the node: its pipeline goes out on one of its connections.
+        target = {} if node is None else {"target_nodes": node}
+        pipe = client.pipeline(transaction=False)
+        _queue(pipe, call, script.sha, backend, target, ask is not None)
+        try:
+            with backend.translated():
+                replies = await pipe.execute(raise_on_error=False, **({"allow_redirections": False} if target else {}))
+        except (redis.ConnectionError, redis.TimeoutError):
+            if target:
+                await _arefresh(client)
+            raise
+        reply, ask = replies[-2], None
+        step = _step(reply)
+        if step == "done":
+            return confirm(backend, call, reply, replies[-1])
+        if step == "load":
+            await client.script_load(script.script)
+        elif step == "moved":
+            await client.nodes_manager.move_slot(reply)
+        elif step == "ask":
+            ask = reply
+        else:
+            break
+    if target and isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
+        await _arefresh(client)
+    raise backend.translate(reply)

@@ -1,0 +1,233 @@
+"""Durable mode (``Settings.min_replicas``) on a real primary with a real replica: each state
+change is followed by WAIT on the connection that made it, so an enqueue that returns is on the
+replica, one the replica cannot confirm raises ``NotReplicatedError`` saying the task is
+stored, and workers wait after each step but carry on (logging) when the replica lags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pyfiq
+from pyfiq import NotReplicatedError, RedisQueueBackend, Settings, ThreadedWorker, fifo
+from pyfiq.errors import BackendUnavailableError, ConfigurationError
+from tests.conftest import FAST, unique_prefix, wait_until
+from tests.servers import Node, Replicated
+from tests.workers.test_worker import AsyncWorkerInThread
+
+DURABLE = {**FAST, "min_replicas": 1, "replica_timeout": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"min_replicas": -1}, "min_replicas"),
+        ({"min_replicas": True}, "min_replicas"),
+        ({"min_replicas": 1.5}, "min_replicas"),
+        ({"min_replicas": 101}, "min_replicas"),
+        ({"replica_timeout": 0}, "replica_timeout"),
+        ({"replica_timeout": 0.0004}, "replica_timeout"),
+        ({"replica_timeout": float("inf")}, "replica_timeout"),
+        ({"replica_timeout": "1"}, "replica_timeout"),
+        ({"min_replicas": 1, "lease_ttl": 1.5, "replica_timeout": 0.6}, "replica_timeout"),
+    ],
+)
+def test_settings_refuse_a_bad_durable_mode(changes: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        Settings(**changes)
+
+
+def test_durable_mode_is_off_by_default_and_memory_has_no_replicas_to_wait_for() -> None:
+    assert not Settings().durable
+    assert Settings(min_replicas=2).durable
+    with pytest.raises(ConfigurationError, match="memory:// has no replicas"):
+        RedisQueueBackend("memory://durable", min_replicas=1)
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]:
+    servers = Replicated(tmp_path_factory.mktemp("replicated")).start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+def healthy(replicated: Replicated) -> Iterator[Replicated]:
+    """The module's servers, the replica resumed and linked again whatever the test did."""
+    yield replicated
+    for node in replicated.replicas:
+        node.resume()
+    replicated.wait_ready()
+
+
+def _waits(node: Node) -> int:
+    c = node.client()
+    try:
+        return int(c.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+    finally:
+        c.close()
+
+
+def _pending_on(node: Node, backend: RedisQueueBackend, stream: str) -> int:
+    c = node.client()
+    try:
+        return int(c.llen(backend.keys.stream(stream).pending))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "asyncio"])
+def test_a_durable_enqueue_is_on_the_replica_when_it_returns(healthy: Replicated, side: str) -> None:
+    backend = RedisQueueBackend(healthy.url, prefix=unique_prefix(), **DURABLE)
+    pyfiq.configure(backend)
+    q = f"durable-{side}"
+
+    @fifo(queue=q, name=f"{q}.noop")
+    def noop(i: int) -> None: ...
+
+    @fifo(queue=q, name=f"{q}.anoop")
+    async def anoop(i: int) -> None: ...
+
+    async def enqueue_async(n: int) -> list[int]:
+        seen = []
+        for i in range(n):
+            await anoop(i)
+            seen.append(_pending_on(healthy.replicas[0], backend, q))
+        await backend.aclose()
+        return seen
+
+    # The first call loads the script (NOSCRIPT, then a second EVALSHA + WAIT): not counted.
+    backend.enqueue_encoded("warm", backend.encode([("9" * 32, pyfiq.task.TaskRecord("warm", [], {}))]))
+    waits_before = _waits(healthy.primary)
+    if side == "sync":
+        seen = []
+        for i in range(30):
+            noop(i)
+            seen.append(_pending_on(healthy.replicas[0], backend, q))
+    else:
+        seen = asyncio.run(enqueue_async(30))
+    backend.close()
+    # Read from the replica right after each enqueue returned: it already had every one.
+    assert seen == list(range(1, 31))
+    assert _waits(healthy.primary) - waits_before == 30, "one WAIT per enqueue"
+
+
+@pytest.mark.parametrize("side", ["sync", "asyncio"])
+def test_a_stalled_replica_makes_a_durable_enqueue_raise_saying_the_task_is_stored(
+    healthy: Replicated, side: str
+) -> None:
+    prefix = unique_prefix()
+    durable = RedisQueueBackend(healthy.url, prefix=prefix, **DURABLE)
+    plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
+    q = f"stalled-{side}"
+    items = durable.encode([(f"{i:032x}", pyfiq.task.TaskRecord(f"{q}.noop", [i], {})) for i in range(1)])
+    plain.enqueue_encoded(q, plain.encode([("f" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [0], {}))]))
+    healthy.replicas[0].pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NotReplicatedError) as caught:
+            if side == "sync":
+                durable.enqueue_encoded(q, items)
+            else:
+                asyncio.run(_aenqueue(durable, q, items))
+        waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        plain.enqueue_encoded(q, plain.encode([("e" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [2], {}))]))
+        unwaited = time.monotonic() - t0
+    finally:
+        healthy.replicas[0].resume()
+    err = caught.value
+    assert isinstance(err, BackendUnavailableError)  # enqueue_many reports it as maybe stored
+    assert err.task_ids == ["0" * 32] and (err.replicas, err.wanted) == (0, 1)
+    assert "ARE stored" in str(err) and "0 of 1 replicas" in str(err) and "dedup_key" in str(err)
+    assert 0.45 < waited < 2.0, "a shortfall is reported after replica_timeout, not sooner or much later"
+    assert unwaited < 0.3, "without durable mode the same enqueue does not wait"
+    # Stored on the primary as the message says, and the replica has it once it runs again.
+    assert plain.queue_info(q)["pending"] == 3
+    wait_until(lambda: _pending_on(healthy.replicas[0], plain, q) == 3, timeout=10)
+    durable.close()
+    plain.close()
+
+
+async def _aenqueue(backend: RedisQueueBackend, q: str, items: Any) -> None:
+    try:
+        await backend.aenqueue_encoded(q, items)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
+def test_workers_wait_after_each_step_and_carry_on_logging_when_the_replica_lags(
+    healthy: Replicated, driver: str, caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pyfiq")
+    prefix = unique_prefix()
+    backend = RedisQueueBackend(healthy.url, prefix=prefix, **DURABLE)
+    producer = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
+    pyfiq.configure(producer)
+    q, ran, lock = f"steps-{driver}", [], threading.Lock()
+
+    @fifo(queue=q, name=f"{q}.step")
+    def step(i: int) -> None:
+        with lock:
+            ran.append(i)
+
+    waits_before = _waits(healthy.primary)
+    worker: Any = (
+        ThreadedWorker(backend, queues=[q]) if driver == "threaded" else AsyncWorkerInThread(backend, queues=[q])
+    )
+    worker.start()
+    try:
+        for i in range(20):
+            step(i)
+        wait_until(lambda: len(ran) == 20, timeout=20, message="20 tasks on a healthy replica")
+        wait_until(lambda: producer.queue_info(q)["inflight"] == 0, timeout=10)
+        # At least an acquire and a take that acknowledged the last task, each waited.
+        assert _waits(healthy.primary) - waits_before >= 2
+        assert not [r for r in caplog.records if "not_replicated" in r.getMessage()]
+        healthy.replicas[0].pause()
+        for i in range(20, 23):
+            step(i)
+        wait_until(lambda: len(ran) == 23, timeout=20, message="tasks run while the replica is stalled")
+    finally:
+        healthy.replicas[0].resume()
+        worker.stop(10)
+        if isinstance(worker, AsyncWorkerInThread):
+            worker.close()
+        backend.close()
+        producer.close()
+    assert ran == list(range(23))
+    assert any("pyfiq.not_replicated" in r.getMessage() and "wanted=1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_script_redis_lost_is_loaded_again_before_the_wait(healthy: Replicated) -> None:
+    backend = RedisQueueBackend(healthy.url, prefix=unique_prefix(), **DURABLE)
+    record = pyfiq.task.TaskRecord("lost.noop", [], {})
+    backend.enqueue_encoded("lost", backend.encode([("a" * 32, record)]))
+    c = healthy.primary.client()
+    c.script_flush()
+    c.close()
+    assert backend.enqueue_encoded("lost", backend.encode([("b" * 32, record)])) == [("b" * 32, True)]
+    assert _pending_on(healthy.replicas[0], backend, "lost") == 2
+    backend.close()
+
+
+def test_durable_operator_actions_raise_when_not_replicated(healthy: Replicated, tmp_path: Path) -> None:
+    backend = RedisQueueBackend(healthy.url, prefix=unique_prefix(), **DURABLE)
+    record = pyfiq.task.TaskRecord("op.noop", [], {})
+    backend.enqueue_encoded("op", backend.encode([("c" * 32, record)]))
+    healthy.replicas[0].pause()
+    try:
+        with pytest.raises(NotReplicatedError, match=r"the skip on .* IS applied"):
+            backend.skip("op")
+    finally:
+        healthy.replicas[0].resume()
+    assert [d.task_id for d in backend.dead_letters("op")] == ["c" * 32]
+    backend.close()
