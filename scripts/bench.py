@@ -20,7 +20,8 @@ mid-drain, per acknowledgement mode), takeover (default settings), lease-load
 run), idle, memory, latency, requeue
 (the longest single Redis call of dead-letter operations on 1,000,000 records, by SLOWLOG,
 against the median PING round trip), idle-foreign (an idle worker beside another queue's
-60,000 due streams, against none).
+60,000 due streams, against none). The idle section ends with 10 idle replica processes sharing
+one queue, against the single idle worker of the same run.
 """
 
 from __future__ import annotations
@@ -1066,6 +1067,50 @@ def measure_idle(
     return out
 
 
+def measure_idle_fleet(
+    server: RedisServer, replicas: int, warmup: float, window: float, logdir: Path
+) -> dict[str, Any]:
+    """``replicas`` idle worker processes of one queue on one prefix: what they send Redis
+    together once their views of each other have settled (``warmup``)."""
+    log(f"idle: {replicas} idle replica processes, {warmup:.0f} s to settle, {window:.0f} s window")
+    server.flush()
+    client = server.client()
+    assert server.proc is not None
+    argv = [sys.executable, str(SCRIPT), "--child", "idle", "--url", server.url, "--prefix", new_prefix()]
+    argv += ["--queues", "1", "--timeout", str(warmup + window + 120)]
+    procs = []
+    try:
+        for i in range(replicas):
+            with open(logdir / f"idle-fleet-{i}.log", "wb") as err:
+                procs.append(spawn(argv, stdout=subprocess.PIPE, stderr=err))
+        for proc in procs:
+            assert proc.stdout is not None
+            if not read_until(proc.stdout, b"ready", 120):
+                raise RuntimeError("an idle replica process did not start")
+        time.sleep(warmup)
+        s0, rcpu0, t0 = command_stats(client), proc_cpu_seconds(server.proc.pid), perf_counter()
+        time.sleep(window)
+        s1, rcpu1, t1 = command_stats(client), proc_cpu_seconds(server.proc.pid), perf_counter()
+    finally:
+        for proc in procs:
+            end(proc)
+        client.close()
+    return {"replicas": replicas, **redis_load(stats_delta(s0, s1), t1 - t0, rcpu1 - rcpu0)}
+
+
+def redis_load(delta: CommandStats, secs: float, redis_cpu_s: float) -> dict[str, Any]:
+    """What Redis did per second over a window: commands (scripts' own included), script calls
+    and their time, its CPU share, and the rate of each command."""
+    evalsha, usec = delta.get("evalsha", (0, 0))
+    return {
+        "commands_per_s": sum(c for c, _ in delta.values()) / secs,
+        "evalsha_per_s": evalsha / secs,
+        "redis_script_usec_per_s": usec / secs,
+        "redis_cpu_percent": 100 * redis_cpu_s / secs,
+        "by_command_per_s": {cmd: c / secs for cmd, (c, _) in sorted(delta.items())},
+    }
+
+
 def child_idle(args: argparse.Namespace) -> None:
     quiet_logging()
     for i in range(args.queues):
@@ -1487,18 +1532,11 @@ def measure_idle_foreign(server: RedisServer, counts: list[int], warmup: float, 
             finally:
                 producer.close()
                 worker_backend.close()
-            secs = t1 - t0
-            delta = stats_delta(s0, s1)
-            evalsha, usec = delta.get("evalsha", (0, 0))
             out[f"streams_{count}"] = {
                 "foreign_due_streams": count,
                 "still_due_after": due,
                 "fill_seconds": fill_s,
-                "commands_per_s": sum(c for c, _ in delta.values()) / secs,
-                "evalsha_per_s": evalsha / secs,
-                "redis_script_usec_per_s": usec / secs,
-                "redis_cpu_percent": 100 * (c1 - c0) / secs,
-                "by_command_per_s": {cmd: c / secs for cmd, (c, _) in sorted(delta.items())},
+                **redis_load(stats_delta(s0, s1), t1 - t0, c1 - c0),
             }
     finally:
         client.close()
@@ -1694,6 +1732,18 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
                     f"{r['evalsha_per_s']:.1f} EVALSHA/s, worker CPU {r['worker_cpu_percent']:.1f}%, "
                     f"Redis scripts {r['redis_script_usec_per_s'] / 1e4:.2f}%",
                 )
+            # Settled: every replica has read the others' beats afresh (VIEW_REFRESH_BEATS).
+            fleet_n, settle = (3, 2.0) if quick else (10, 12.0)
+            fleet = measure_idle_fleet(server, fleet_n, settle, 1.0 if quick else 10.0, workdir)
+            fleet["ratio_to_one"] = fleet["commands_per_s"] / idle["queues_1"]["commands_per_s"]
+            idle["fleet"] = fleet
+            report.row(
+                "idle",
+                f"{fleet_n} idle replica processes, 1 queue, together",
+                f"{fleet['commands_per_s']:,.1f} cmd/s",
+                f"{times(fleet['ratio_to_one'], '1 idle worker')}; {fleet['evalsha_per_s']:.1f} EVALSHA/s, "
+                f"Redis CPU {fleet['redis_cpu_percent']:.2f}%",
+            )
 
         if "memory" in selected:
             count = 1000 if quick else 10000

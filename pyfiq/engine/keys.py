@@ -25,6 +25,8 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:shards                    the shard count the prefix is laid out with
     {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
     {prefix}:{replicas}                hash: replica id -> what it last said of itself (heartbeat)
+    {prefix}:{replicas}:pollers        sorted set by name: "<group>|<replica id>" of the replicas
+                                       sharing the safety poll (see beat.lua)
 
 A stream is a logical queue (``"billing"``) or one ordered stream of a keyed queue
 (``"webhooks#c-42"``). The ready sets are per queue and shard, indexed by the shard's ``queues``
@@ -128,6 +130,10 @@ class KeySchema:
     @property
     def replicas(self) -> str:
         return f"{self.prefix}:{{replicas}}"
+
+    @property
+    def pollers(self) -> str:
+        return f"{self.prefix}:{{replicas}}:pollers"
 
     def rate(self, queue: str) -> str:
         return f"{self.prefix}:{{rl:{queue}}}:rate"

@@ -100,7 +100,7 @@ KEY_NAMES: dict[str, tuple[str, ...]] = {
     "release": ("lease", "pending", "inflight", "meta", "ready", "queues", "counts"),
     "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
     "rate": ("rate",),
-    "beat": ("replicas",),
+    "beat": ("replicas", "pollers"),
     "lost": ("inflight", "meta"),
 }
 
@@ -219,10 +219,33 @@ class Ops:
         k = self.keys.stream(stream)
         return stream_call("skip", k, [stream, header, self.keys.wake(k.shard), k.shard])
 
-    def beat(self, replica: str, info: dict[str, Any]) -> Call:
-        """A worker's heartbeat in the replica registry (what operators list as live)."""
+    def beat(self, replica: str, info: dict[str, Any], poll: PollBeat) -> Call:
+        """A worker's heartbeat in the replica registry (what operators list as live), which
+        also tells it who shares the safety poll (see ``beat.lua``). ``info`` ends with its
+        "poll" field: the group when the replica polls, else empty."""
         forget_ms = max(3_600_000, int(self.settings.lease_ttl_ms * 10))
-        return Call("beat", [self.keys.replicas], [replica, json.dumps(info, separators=(",", ":")), forget_ms])
+        report = json.dumps({**info, "poll": poll.group if poll.polls else ""}, separators=(",", ":"))
+        return Call(
+            "beat",
+            [self.keys.replicas, self.keys.pollers],
+            [
+                replica,
+                report,
+                forget_ms,
+                f"{poll.group}|{replica}",
+                1 if poll.polls else 0,
+                poll.live_ms,
+                self.keys.shards,
+                1 if poll.refresh else 0,
+                1 if poll.sweep else 0,
+                *([] if poll.refresh else poll.view),
+            ],
+        )
+
+    @staticmethod
+    def parse_beat(reply: Any) -> list[tuple[str, bool]]:
+        """The view a ``beat`` reply gives: (poller name, polls now) in name order."""
+        return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(1, len(reply) - 1, 2)]
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
         return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
@@ -241,6 +264,21 @@ class Ops:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class PollBeat:
+    """What a heartbeat says about the safety poll: the replica's ``group`` (replicas consuming
+    the same queues), whether it ``polls`` (has a free slot), after what silence a poller counts
+    as gone, whether to read the pollers afresh (``refresh``, else ``view`` is checked) and
+    whether to sweep the registry for long-silent replicas."""
+
+    group: str
+    polls: bool
+    live_ms: int
+    refresh: bool
+    sweep: bool
+    view: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ not import redis, the API or the drivers.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
 import time
 from collections import deque
@@ -21,7 +23,7 @@ from ..logs import log
 from .keys import queue_of
 from .lease import Flag, Lease
 from .outcomes import DeadLettered, Deferred, Prepared, describe_error, prepare
-from .protocol import Call, Ops, RateLimit, RenewReply
+from .protocol import Call, Ops, PollBeat, RateLimit, RenewReply
 from .stream import Finished, RunTask, StreamRun
 
 
@@ -38,6 +40,28 @@ class TaskDirectory(Protocol):
 #: At most this many task ids whose function is unknown are remembered per worker.
 UNKNOWN_MEMORY = 10_000
 
+#: Heartbeats between two fresh reads of the pollers: a replica that joins is counted by the
+#: others within this many beats. Until then it only adds polls; it never leaves a shard unpolled.
+VIEW_REFRESH_BEATS = 8
+#: Heartbeats between two sweeps of the registry for replicas silent past ``forget``.
+SWEEP_BEATS = 16
+
+
+def poll_group(queues: Sequence[str]) -> str:
+    """Replicas that consume the same queues share the safety poll: this names their group."""
+    return hashlib.blake2b("\n".join(sorted(set(queues))).encode(), digest_size=6).hexdigest()
+
+
+def poll_owners(pollers: Sequence[str], shards: int) -> list[str]:
+    """The replica that polls each shard, by rendezvous hashing over the pollers: every replica
+    that sees the same pollers agrees, and a poller joining or leaving moves only the shards it
+    takes or had, so replicas whose views differ for a moment poll a shard twice, never zero times."""
+
+    def weight(replica: str, shard: int) -> bytes:
+        return hashlib.blake2b(f"{shard}|{replica}".encode(), digest_size=8).digest()
+
+    return [max(pollers, key=lambda r: weight(r, shard)) for shard in range(shards)]
+
 
 class Scheduler:
     def __init__(self, ops: Ops, concurrency: int, queues: Sequence[str] | None, tasks: TaskDirectory) -> None:
@@ -50,7 +74,17 @@ class Scheduler:
         self.held: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._shard_due = [0.0] * shards
+        # Looks asked for by events (a claim, a lease about to lapse, a scan paging on), made
+        # whichever replica polls the shard.
+        self._look_at = [math.inf] * shards
         self._scan_offset = [0] * shards
+        # The shards this replica's safety poll covers; None: all of them (no view of the other
+        # pollers yet, or a stale one).
+        self._polled: frozenset[int] | None = None
+        self._view: list[str] = []
+        self._view_at = -math.inf
+        self._beats = 0
+        self._gained = False
         # Shards named by wake-up messages; swapped out before a look, so a message arriving
         # during the look is kept for the next one, never overwritten.
         self._woken: set[int] = set()
@@ -99,7 +133,12 @@ class Scheduler:
                 if until <= now:
                     del self._avoid[stream]
             want = free + len(self._avoid)
-        shards = [s for s, due in enumerate(self._shard_due) if due <= now or s in woken]
+        polled = self._polled_now(now)
+        shards = [
+            s
+            for s, due in enumerate(self._shard_due)
+            if s in woken or self._look_at[s] <= now or (due <= now and (polled is None or s in polled))
+        ]
         return shards, [self.ops.due(s, want, queues, self._scan_offset[s]) for s in shards]
 
     def candidates(self, shards: Sequence[int], replies: Sequence[Any], now: float) -> list[tuple[int, str]]:
@@ -109,6 +148,7 @@ class Scheduler:
                 # Another shard count wrote this shard's layout (a misconfigured replica or
                 # producer after an empty restart): say so loudly, keep serving other shards.
                 self._shard_due[shard] = now + self.settings.poll_interval
+                self._look_at[shard] = math.inf
                 log.error(
                     "pyfiq.layout_mismatch",
                     shard=shard,
@@ -123,6 +163,7 @@ class Scheduler:
             wait = self.settings.poll_interval if nxt is None else min(nxt, self.settings.poll_interval)
             # Page on at once past streams of queues this replica does not consume.
             self._shard_due[shard] = now if offset else now + wait
+            self._look_at[shard] = now if offset else math.inf
             found += [(since, shard, s) for s, since in streams]
         # Oldest due first, across shards: a stream that yielded after its batch queues up
         # behind streams that have waited longer, which is what makes the yield fair.
@@ -140,12 +181,12 @@ class Scheduler:
         lease = self.ops.parse_acquire(stream, reply, abort, now)
         if lease is None:
             if len(reply) > 1:  # still leased for a moment: look again right when it lapses
-                self._shard_due[shard] = min(self._shard_due[shard], now + int(reply[1]) / 1000)
+                self._look_at[shard] = min(self._look_at[shard], now + int(reply[1]) / 1000)
             return None
         with self._lock:
             self.held[stream] = lease
         # The shard may hold more due streams than it returned: look again soon.
-        self._shard_due[shard] = now
+        self._look_at[shard] = now
         return lease
 
     def finished(self, lease: Lease, run: StreamRun | None) -> None:
@@ -168,7 +209,79 @@ class Scheduler:
             return self.settings.poll_interval
         if woken:
             return 0.0
-        return min(self.settings.poll_interval, max(0.0, min(self._shard_due) - now))
+        polled = self._polled_now(now)
+        timed = self._shard_due if polled is None else [self._shard_due[s] for s in polled]
+        nearest = min([*timed, *self._look_at])
+        return min(self.settings.poll_interval, max(0.0, nearest - now))
+
+    # -- sharing the safety poll ------------------------------------------------------------
+
+    def _polled_now(self, now: float) -> frozenset[int] | None:
+        """The shards this replica's safety poll covers now (None: all). A view older than a
+        few heartbeats (the registry unreachable) is not trusted: then every shard is polled."""
+        if now - self._view_at > 3 * self.settings.heartbeat:
+            return None
+        return self._polled
+
+    def poll_live_ms(self) -> int:
+        """Silence after which a poller counts as gone: long enough for a late heartbeat or two,
+        short enough that its shards are polled by others before a lease it held can lapse
+        (a lease lives ``lease_ttl`` from its holder's last round, the others notice within a
+        heartbeat of this)."""
+        beat, ttl = self.settings.heartbeat, self.settings.lease_ttl
+        return int(1000 * min(2.5 * beat, ttl - 1.5 * beat))
+
+    def _poll_beat(self, replica: str) -> PollBeat:
+        """What this heartbeat says about the safety poll, and whether it reads the pollers
+        afresh: on the first beat, after the group changed, every VIEW_REFRESH_BEATS beats, and
+        while this replica is missing from a view with room for it (it was counted as gone)."""
+        queues = self.consumed_queues()
+        with self._lock:
+            polls = bool(queues) and len(self.held) < self.concurrency
+        group = poll_group(queues)
+        member = f"{group}|{replica}"
+        self._beats += 1
+        stale = bool(self._view) and not self._view[0].startswith(f"{group}|")
+        refresh = (
+            not self._view
+            or stale
+            or self._beats % VIEW_REFRESH_BEATS == 0
+            or (member not in self._view and len(self._view) < self.ops.keys.shards)
+        )
+        sweep = self._beats % SWEEP_BEATS == 1
+        return PollBeat(group, polls, self.poll_live_ms(), refresh, sweep, self._view)
+
+    def _on_beat(self, reply: Any, sent_at: float) -> None:
+        """Apply the view a heartbeat brought back: which pollers poll now, hence the shards
+        this replica covers. Shards it gains are looked at at once."""
+        if isinstance(reply, Exception) or self._identity is None:
+            return  # the last view stands until it is stale
+        view = self.ops.parse_beat(reply)
+        self._view = [name for name, _ in view]
+        pollers = [name.split("|", 1)[1] for name, polls in view if polls]
+        shards = set(range(self.ops.keys.shards))
+        polled: frozenset[int] | None = None  # busy (no view), or nobody else polls: every shard
+        if pollers:
+            owners = poll_owners(pollers, len(shards))
+            polled = frozenset(s for s in shards if owners[s] == self._identity[0])
+        before = self._polled_now(sent_at)
+        gained = set() if not view else (shards if polled is None else polled) - (shards if before is None else before)
+        for shard in gained:
+            self._shard_due[shard] = sent_at
+        with self._lock:
+            self._polled, self._view_at = polled, sent_at
+            self._gained = self._gained or bool(gained)
+
+    def gained_shards(self) -> bool:
+        """True once after a heartbeat handed this replica shards to poll: the dispatcher
+        should look now rather than at the end of its wait."""
+        with self._lock:
+            gained, self._gained = self._gained, False
+        return gained
+
+    def poll_view(self) -> tuple[list[str], frozenset[int] | None]:
+        """(the pollers of the last view by name, the shards this replica polls; None: all)."""
+        return list(self._view), self._polled_now(time.monotonic())
 
     def prepare(self, lease: Lease, step: RunTask, replica: str) -> Prepared | DeadLettered | Deferred:
         """Decode a taken task and find its function (see ``core.prepare``), logging why a task
@@ -240,7 +353,7 @@ class Scheduler:
         if self._identity is not None:
             replica, info = self._identity
             # After the renewals: on_renewed reads the first len(leases) replies.
-            calls.append(self.ops.beat(replica, {**info, **self._activity(leases, now)}))
+            calls.append(self.ops.beat(replica, {**info, **self._activity(leases, now)}, self._poll_beat(replica)))
         return leases, calls
 
     def _activity(self, leases: Sequence[Lease], now: float) -> dict[str, Any]:
@@ -264,6 +377,8 @@ class Scheduler:
     def on_renewed(self, leases: Sequence[Lease], replies: Sequence[Any], sent_at: float) -> list[Lease]:
         """Apply renewal replies (an exception stands for a failed call) of the round sent at
         ``sent_at``; returns the leases found lost by this round."""
+        if len(replies) > len(leases):
+            self._on_beat(replies[len(leases)], sent_at)
         lost: list[Lease] = []
         for lease, reply in zip(leases, replies[: len(leases)], strict=True):
             if isinstance(reply, Exception):

@@ -315,6 +315,8 @@ class AsyncWorker(WorkerBase):
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            if self.scheduler.gained_shards():
+                self._nudge.set()
 
     async def _executor(self) -> None:
         while (lease := await self._work.get()) is not None:

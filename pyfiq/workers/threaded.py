@@ -310,6 +310,8 @@ class ThreadedWorker(WorkerBase):
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            if self.scheduler.gained_shards():
+                self._nudge.set()
         if self._stopped.is_set() and not self._abandoned.is_set():
             self._stop_loop()
 

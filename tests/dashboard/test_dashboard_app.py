@@ -258,3 +258,23 @@ def test_redis_being_down_shows_a_page_saying_so() -> None:
     response = TestClient(create_app(b)).get("/")
     assert response.status_code == 503 and "Redis could not be read" in response.text
     b.close()
+
+
+def test_the_replicas_page_shows_each_workers_rate(backend: RedisQueueBackend) -> None:
+    from pyfiq import ThreadedWorker, fifo
+
+    q = f"rate-{uuid.uuid4().hex[:6]}"
+    work = fifo(queue=q, name=f"{q}.work")(lambda i: None)
+    work.enqueue_many([(i,) for i in range(30)], backend=backend)
+    with ThreadedWorker(backend, queues=[q], replica="rated") as worker:
+
+        def rate() -> float:
+            mine = [r for r in backend.replicas() if r["replica"] == worker.replica]
+            return float(mine[0].get("tasks_per_s", 0)) if mine and mine[0].get("done") == 30 else 0.0
+
+        wait_for(lambda: rate() > 0, 10, "a heartbeat counting the 30 tasks")
+        page = TestClient(create_app(backend)).get("/replicas").text
+    row = re.search(r'<tr data-replica="rated">(.*?)</tr>', page, flags=re.S)
+    assert row is not None, page
+    shown = re.search(r"<td class=\"num\" data-rate>([0-9.]+)</td>", row.group(1))
+    assert shown is not None and float(shown.group(1)) > 0
