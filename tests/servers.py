@@ -200,6 +200,116 @@ class Cluster:
         finally:
             c.close()
 
+    def node_id(self, node: Node) -> str:
+        c = node.client()
+        try:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            c.close()
+
+    def primaries_now(self) -> list[Node]:
+        """The live nodes serving as primaries now (a failover swaps roles)."""
+        return [n for n in self.live() if self.role(n) == "master"]
+
+    def slot_owner(self, slot: int, timeout: float = 15) -> Node:
+        """The primary every live node agrees serves ``slot`` (``CLUSTER NODES``), once they
+        agree (gossip spreads a change within a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._agreed_owner(slot)
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
+    def _agreed_owner(self, slot: int) -> Node:
+        owners = set()
+        for node in self.live():
+            c = node.client()
+            try:
+                listing = c.execute_command("CLUSTER", "NODES")
+            finally:
+                c.close()
+            text = listing.decode() if isinstance(listing, bytes) else str(listing)
+            for line in text.splitlines():
+                fields = line.split()
+                if "master" not in fields[2]:
+                    continue
+                for spec in fields[8:]:
+                    if spec.startswith("["):
+                        continue  # a slot being migrated or imported: not ownership
+                    start, _, end = spec.partition("-")
+                    if int(start) <= slot <= int(end or start):
+                        owners.add(int(fields[1].split(":")[1].split("@")[0]))
+        if len(owners) != 1:
+            raise redis.RedisError(f"the nodes do not agree on who serves slot {slot}: {sorted(owners)}")
+        port = owners.pop()
+        return next(n for n in self.nodes if n.port == port)
+
+    def _setslot(self, node: Node, slot: int, *args: str) -> None:
+        c = node.client()
+        try:
+            c.execute_command("CLUSTER", "SETSLOT", slot, *args)
+        finally:
+            c.close()
+
+    def begin_move(self, slot: int, target: Node) -> Node:
+        """Mark ``slot`` ``IMPORTING`` on ``target`` and ``MIGRATING`` on its owner, which is
+        returned: from now on the owner answers ``ASK`` for keys it no longer has, and
+        ``TRYAGAIN`` for a command whose keys the two nodes share out."""
+        source = self.slot_owner(slot)
+        self._setslot(target, slot, "IMPORTING", self.node_id(source))
+        self._setslot(source, slot, "MIGRATING", self.node_id(target))
+        return source
+
+    def migrate(self, source: Node, target: Node, keys: list[str] | list[bytes]) -> None:
+        c = source.client()
+        try:
+            c.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 1000, "KEYS", *keys)
+        finally:
+            c.close()
+
+    def move_slot(self, slot: int, target: Node, *, batch: int = 10, over: float = 0.0) -> int:
+        """Move ``slot`` to the primary ``target`` as ``redis-cli --cluster reshard`` does:
+        ``begin_move``, ``MIGRATE`` of its keys ``batch`` at a time (spread over about ``over``
+        seconds, however many keys the slot holds, so clients meet ``ASK`` meanwhile), then
+        ``SETSLOT NODE`` on every primary. Returns the number of keys moved. Finishes a move
+        ``begin_move`` started; a slot already on ``target`` is only made stable again (what a
+        half-done move back leaves behind)."""
+        if self.slot_owner(slot) is target:
+            for node in self.primaries_now():
+                self._setslot(node, slot, "STABLE")
+            return 0
+        source = self.begin_move(slot, target)
+        target_id = self.node_id(target)
+        moved = 0
+        c = source.client()
+        try:
+            batches = -(-int(c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) // batch)
+            pause = over / max(1, batches)
+            while keys := c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                self.migrate(source, target, keys)
+                moved += len(keys)
+                time.sleep(pause)
+        finally:
+            c.close()
+        # The target first, then the source (redis-cli's order): no moment where neither node
+        # claims the slot; then the other primaries, rather than waiting for gossip.
+        for node in [target, source, *(n for n in self.primaries_now() if n not in (source, target))]:
+            self._setslot(node, slot, "NODE", target_id)
+        wait_for(lambda: self.slot_owner(slot, timeout=0) is target, 15, f"every node to see slot {slot} moved")
+        return moved
+
+    def errorstats(self, node: Node) -> dict[str, int]:
+        """``INFO errorstats`` counts by error code (``MOVED``, ``ASK``, ``TRYAGAIN``...)."""
+        c = node.client()
+        try:
+            info = c.info("errorstats")
+        finally:
+            c.close()
+        return {k.removeprefix("errorstat_"): int(v["count"]) for k, v in info.items()}
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop(kill=True)

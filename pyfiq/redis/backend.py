@@ -76,9 +76,17 @@ def is_denied(exc: BaseException) -> bool:
     return isinstance(exc, DENIED) or (isinstance(exc, redis.ResponseError) and str(exc).startswith(_DENIED_REPLIES))
 
 
+def redirections_exhausted(exc: BaseException) -> bool:
+    """redis-py's cluster client follows MOVED, ASK and TRYAGAIN itself, 16 times (about 0.4 s),
+    then gives up with ``ClusterError("TTL exhausted.")``. Every attempt was refused, none
+    applied the command, so it is as transient as the TRYAGAIN behind it: during a slot
+    migration a script whose keys the two nodes share out meets TRYAGAIN until the move ends."""
+    return type(exc) is redis.exceptions.ClusterError and str(exc).startswith("TTL exhausted")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth a bounded retry: Redis may be back in a moment (not so a refused password)."""
-    return isinstance(exc, TRANSIENT) and not is_denied(exc)
+    return (isinstance(exc, TRANSIENT) or redirections_exhausted(exc)) and not is_denied(exc)
 
 
 def _memory_client(name: str, *, asynchronous: bool = False) -> Any:

@@ -26,7 +26,7 @@ from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
-from ..redis.backend import TRANSIENT, RedisQueueBackend
+from ..redis.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
@@ -365,7 +365,7 @@ class ThreadedWorker(WorkerBase):
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:
-            level = "warning" if isinstance(exc, TRANSIENT) else "error"
+            level = "warning" if is_transient(exc) else "error"
             getattr(self.log, level)("pyfiq.stream_failed", stream=lease.stream, error=describe_error(exc))
             call = run.fail()
             if call is not None and not self._abandoned.is_set():
