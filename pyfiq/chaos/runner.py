@@ -1669,10 +1669,12 @@ def check_takeovers(run: RunFacts) -> Finding:
                 finding.breaches.append(f"{q}: nothing ran after the {f['kind']} of {f['target']} at {f['t']:.3f}")
                 continue
             # The interrupted task (or the one whose acknowledgement could not reach Redis)
-            # runs again first, before anything behind it.
-            if nxt["task_id"] == task_run["task_id"]:
+            # runs again first, before anything behind it; with group acknowledgements, after
+            # the tasks that had ended on that holder whose acknowledgement had not landed.
+            again = _rerun_after_unacknowledged(run, f, task_run)
+            if again is not None:
                 rerun_first += 1
-                raised += nxt["deliveries"] > task_run["deliveries"]
+                raised += again["deliveries"] > task_run["deliveries"]
             else:
                 finding.breaches.append(
                     f"{q}: after the {f['kind']} of {f['target']}, #{nxt['seq']} ran before the "
@@ -1727,6 +1729,25 @@ def _interrupted(run: RunFacts, f: Event, held: list[Event]) -> Iterator[tuple[E
         # A stale holder's late start under an older lease is not a takeover.
         starts = run.executions.starts_by_queue[task_run["queue"]]
         yield task_run, next((e for e in starts if e["t"] > f["t"] and e["fence"] > task_run["fence"]), None)
+
+
+def _rerun_after_unacknowledged(run: RunFacts, f: Event, task_run: Event) -> Event | None:
+    """The interrupted run's task started again under a newer lease, if every start before it
+    on its queue since fault ``f`` is a task that had ended on the same holder before ``f`` (its
+    acknowledgement was on its way, as group acknowledgements allow); else None."""
+    starts = run.executions.starts_by_queue[task_run["queue"]]
+    for e in starts:
+        if e["t"] <= f["t"] or e["fence"] <= task_run["fence"]:
+            continue
+        if e["task_id"] == task_run["task_id"]:
+            return e
+        ended_here = any(
+            x["event"] == "end" and x["pid"] == task_run["pid"] and x["t"] <= f["t"]
+            for x in run.executions.by_task[e["task_id"]]
+        )
+        if not ended_here:
+            return None
+    return None
 
 
 def check_handoffs(run: RunFacts) -> Finding:
