@@ -2,10 +2,16 @@
 enqueue-to-start latency at a steady moderate load.
 
     python scripts/bench_streams.py [--tasks 20000] [--json bench-streams.json] [--quick]
+    python scripts/bench_streams.py --cluster [--rounds 3]
 
 Starts its own redis-server (no persistence) on a free port; replicas are real processes
-(`python -m pyfiq worker pyfiq.chaos.scenario`) importing this file for their task. Throughput is counted from the
+(`python -m pyfiq worker`) importing this file for their task. Throughput is counted from the
 first task start to the last task end across replicas, so process start-up is not included.
+
+With --cluster it also starts a Redis Cluster of 3 primaries with one replica each (free ports
+whose bus port, port + 10000, is free too) and runs the same workload on both, alternating one
+Redis and the cluster cell by cell, for 100 and 1,000 streams with 1 and 2 replica processes;
+it reports both figures (medians of --rounds runs) and their ratio.
 """
 
 from __future__ import annotations
@@ -72,45 +78,132 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` free loopback ports whose cluster bus port (port + 10000) is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port < 55536 and port not in ports and _bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _ping(port: int, seconds: float = 10) -> redis.Redis:
+    client = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _server(port: int, directory: Path, *extra: str) -> subprocess.Popen[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory), *extra],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 class Bench:
-    def __init__(self, workdir: Path) -> None:
+    """One private Redis (``cluster=False``) or a Redis Cluster of 3 primaries with one replica
+    each (``cluster=True``), and the workload run against it."""
+
+    def __init__(self, workdir: Path, *, cluster: bool = False) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.redis = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        self.cluster = cluster
+        self.servers: list[subprocess.Popen[bytes]] = []
+        try:
+            if cluster:
+                self._start_cluster()
+            else:
+                self.port = free_port()
+                self.servers.append(_server(self.port, workdir / "redis"))
+                self.primaries = [_ping(self.port)]
+        except BaseException:
+            self.close()
+            raise
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        self.client = client
+
+    def _start_cluster(self, nodes: int = 6) -> None:
+        ports = free_cluster_ports(nodes)
+        self.port = ports[0]
+        for port in ports:
+            self.servers.append(
+                _server(port, self.workdir / f"node-{port}", "--cluster-enabled", "yes",
+                        "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000")
+            )  # fmt: skip
+        clients = [_ping(port) for port in ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "1",
+             "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+
+        def ready() -> bool:
+            for c in clients:
+                if c.cluster("info")["cluster_state"] != "ok":
+                    return False
+                info = c.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+            return True
+
+        deadline = time.monotonic() + 60
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster was not ready within 60 s")
+            time.sleep(0.1)
+        self.primaries = [c for c in clients if c.info("replication")["role"] == "master"]
+        for c in clients:
+            if c not in self.primaries:
+                c.close()
+
+    def flush(self) -> None:
+        for c in self.primaries:  # a cluster's replicas follow their primary
+            c.flushall()
 
     def close(self) -> None:
-        self.redis.terminate()
-        self.redis.wait(10)
+        for server in self.servers:
+            server.terminate()
+        for server in self.servers:
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
     def run(self, replicas: int, streams: int, tasks: int, *, rate: float | None = None) -> dict[str, Any]:
         """Enqueue ``tasks`` over ``streams`` keys (all first, or at ``rate`` per second while
         the replicas run) and return throughput and latency figures."""
         from pyfiq import RedisQueueBackend, Settings
 
-        self.client.flushall()
+        self.flush()
         out = Path(tempfile.mkdtemp(dir=self.workdir))
         settings = Settings(prefix="bench", shards=16, lease_ttl=10, poll_interval=0.2, prefetch=10)
-        backend = RedisQueueBackend(self.url, settings)
+        backend = RedisQueueBackend(self.url, settings, cluster=self.cluster)
         env = {**os.environ, OUT_ENV: str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         calls = [(f"k{i % streams}", i // streams) for i in range(tasks)]
         noop = _load_task(env)
         if rate is None:
             noop.enqueue_many(calls, backend=backend)
         argv = [
-            sys.executable, "-m", "pyfiq", "worker", "--redis", self.url, "--prefix", "bench", "--shards", "16",
+            sys.executable, "-m", "pyfiq", *(["--cluster"] if self.cluster else []), "worker", "--redis", self.url,
+            "--prefix", "bench", "--shards", "16",
             "--import", "bench_streams", "--queues", QUEUE, "--concurrency", "8", "--prefetch", "10",
             "--lease-ttl", "10", "--poll-interval", "0.2", "--log-level", "error",
         ]  # fmt: skip
@@ -184,20 +277,78 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, redis-server {version}"
 
 
+def compare(workdir: Path, tasks: int, rounds: int, quick: bool) -> list[dict[str, Any]]:
+    """The same workload on one Redis and on a 3-primary cluster, alternated cell by cell so
+    that drift on a shared machine hits both alike; medians of ``rounds`` runs and their ratio."""
+    replica_counts = [1] if quick else [1, 2]
+    stream_counts = [10] if quick else [100, 1_000]
+    single = Bench(workdir / "single")
+    try:
+        cluster = Bench(workdir / "cluster", cluster=True)
+    except BaseException:
+        single.close()
+        raise
+    rows: list[dict[str, Any]] = []
+    try:
+        click.echo(f"{'replicas':>8} {'streams':>8} {'1 Redis/s':>10} {'cluster/s':>10} {'ratio':>6}")
+        for replicas in replica_counts:
+            for streams in stream_counts:
+                n = max(tasks, 2 * streams)
+                runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
+                for _ in range(rounds):
+                    runs["single"].append(single.run(replicas, streams, n))
+                    runs["cluster"].append(cluster.run(replicas, streams, n))
+                one = statistics.median(r["tasks_per_s"] for r in runs["single"])
+                many = statistics.median(r["tasks_per_s"] for r in runs["cluster"])
+                row = {
+                    "replicas": replicas,
+                    "streams": streams,
+                    "tasks": n,
+                    "single_tasks_per_s": one,
+                    "cluster_tasks_per_s": many,
+                    "ratio": many / one,
+                    "runs": runs,
+                }
+                rows.append(row)
+                click.echo(f"{replicas:>8} {streams:>8} {one:>10.0f} {many:>10.0f} {many / one:>6.2f}")
+    finally:
+        cluster.close()
+        single.close()
+    return rows
+
+
 @click.command()
 @click.option("--tasks", default=20_000, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes, for a smoke run.")
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Instead of the full matrix: one Redis against a 3-primary cluster (100 and 1,000 streams, "
+    "1 and 2 replicas), with their ratio.",
+)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Runs per cell with --cluster.")
 @click.option("--json", "json_path", default="bench-streams.json", show_default=True)
-def main(tasks: int, quick: bool, json_path: str) -> None:
+def main(tasks: int, quick: bool, cluster: bool, rounds: int, json_path: str) -> None:
     if shutil.which("redis-server") is None:
         raise click.ClickException("redis-server is needed")
-    replica_counts = [1, 2] if quick else [1, 2, 4]
-    stream_counts = [1, 10, 100] if quick else [1, 10, 100, 1_000, 10_000]
     if quick:
         tasks = 300
     workdir = Path(tempfile.mkdtemp(prefix="pyfiq-bench-streams-"))
+    if cluster:
+        if shutil.which("redis-cli") is None:
+            raise click.ClickException("redis-cli is needed for --cluster")
+        results: dict[str, Any] = {"machine": machine(), "cluster": []}
+        click.echo(results["machine"])
+        try:
+            results["cluster"] = compare(workdir, tasks, 1 if quick else rounds, quick)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        Path(json_path).write_text(json.dumps(results, indent=2))
+        return
+    replica_counts = [1, 2] if quick else [1, 2, 4]
+    stream_counts = [1, 10, 100] if quick else [1, 10, 100, 1_000, 10_000]
     bench = Bench(workdir)
-    results: dict[str, Any] = {"machine": machine(), "throughput": [], "latency": None}
+    results = {"machine": machine(), "throughput": [], "latency": None}
     try:
         click.echo(results["machine"])
         click.echo(f"{'replicas':>8} {'streams':>8} {'tasks/s':>10}")
