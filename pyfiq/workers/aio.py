@@ -350,8 +350,9 @@ class AsyncWorker(WorkerBase):
                         run.collect(_settled(sent.popleft()))
                     step = run.feed(outcome)
                 elif isinstance(step, Await):
-                    # Shielded: a cancelled stop lets the call land rather than cut it mid-reply.
-                    await asyncio.wait([asyncio.shield(sent[0])])
+                    # asyncio.wait never cancels what it waits for: a cancelled stop lets the
+                    # call land rather than cut it mid-reply (and leaves no unread error behind).
+                    await asyncio.wait([sent[0]])
                     step = run.feed(_settled(sent.popleft()))
                 elif isinstance(step, Pause):
                     await _wait(lease.abort, step.seconds)  # type: ignore[arg-type]
