@@ -10,10 +10,11 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -58,6 +59,43 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+L = TypeVar("L", bound="ProducerLoop")
+
+
+class ProducerLoop:
+    """Calls ``self.step(n)`` for n = 0, 1, ... in a background thread, ``pause`` seconds apart,
+    from ``with`` to its end; whatever a step raises is kept in ``errors``. Subclasses set
+    ``errors`` (a list) and call ``_loop()`` once built."""
+
+    pause = 0.003
+    errors: list[BaseException]
+
+    def step(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                self.step(n)
+            except Exception as exc:
+                self.errors.append(exc)
+            n += 1
+            time.sleep(self.pause)
+
+    def __enter__(self: L) -> L:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
 
 
 class Node:

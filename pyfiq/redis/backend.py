@@ -597,10 +597,7 @@ class RedisQueueBackend:
                 pipe.execute_command("EVALSHA", scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
             with self.translated():
                 answers = await pipe.execute(raise_on_error=False)
-            self._raise_denied(answers)
-            for i, answer in zip(todo, answers, strict=True):
-                replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
-            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            todo = self._settle_enqueues(todo, answers, replies)
             if not todo:
                 break
             await client.script_load(scripts.enqueue.script)
@@ -722,6 +719,15 @@ class RedisQueueBackend:
             raise self._unavailable(stream, exc) from exc.last_attempt.exception()
         return Ops.parse_enqueue(reply)
 
+    def _settle_enqueues(self, todo: list[int], answers: Sequence[Any], replies: list[Any]) -> list[int]:
+        """Put the answers of the calls ``todo`` (indexes into ``replies``) in place, errors as
+        pyfiq's own where there is one; returns the calls Redis refused for a missing script,
+        which did not run and go again."""
+        self._raise_denied(answers)
+        for i, answer in zip(todo, answers, strict=True):
+            replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
+        return [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+
     def send_enqueues(self, calls: Sequence[Call]) -> list[Any]:
         """Several enqueue calls in one round trip, replies (or errors) in order. Not
         ``call_many``: a call refused for a missing script did not run and goes again, but one
@@ -735,10 +741,7 @@ class RedisQueueBackend:
                 pipe.execute_command("EVALSHA", self.scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
             with self.translated():
                 answers = pipe.execute(raise_on_error=False)
-            self._raise_denied(answers)
-            for i, answer in zip(todo, answers, strict=True):
-                replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
-            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            todo = self._settle_enqueues(todo, answers, replies)
             if not todo:
                 break
             self.client.script_load(self.scripts.enqueue.script)

@@ -22,7 +22,7 @@ from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.lease import Lease
 from pyfiq.task import Entry
 from tests.conftest import FAST, unique_prefix, wait_until
-from tests.servers import Cluster
+from tests.servers import Cluster, ProducerLoop
 from tests.workers.test_worker import AsyncWorkerInThread
 
 ROOT = Path(__file__).parents[2]
@@ -101,36 +101,20 @@ def test_wake_ups_travel_on_each_shards_sharded_channel(redis_cluster: Cluster, 
         backend.close()
 
 
-class Producer:
+class Producer(ProducerLoop):
     """Enqueues ``(key, n)`` to a keyed queue as fast as Redis accepts, recording each
     acknowledged enqueue with the time Redis's reply arrived."""
 
     def __init__(self, send: Any, keys: int) -> None:
         self.send, self.keys = send, keys
         self.acked: list[tuple[str, int, float]] = []
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.errors = []
+        self._loop()
 
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            key = f"k{n % self.keys}"
-            try:
-                self.send(key, n)
-                self.acked.append((key, n, time.monotonic()))
-            except Exception as exc:
-                self.errors.append(exc)
-            n += 1
-            time.sleep(0.003)
-
-    def __enter__(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    def step(self, n: int) -> None:
+        key = f"k{n % self.keys}"
+        self.send(key, n)
+        self.acked.append((key, n, time.monotonic()))
 
 
 @pytest.fixture

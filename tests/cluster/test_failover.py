@@ -18,7 +18,6 @@ Sentinel case run by default; the other combinations need PYFIQ_SOAK=1.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import pytest
 from pyfiq import NotReplicatedError, RedisQueueBackend, Settings
 from pyfiq.chaos.scenario import QUEUES, STEPS, check, read_journal
 from tests.conftest import unique_prefix, wait_until
-from tests.servers import Cluster, Node, Sentinels
+from tests.servers import Cluster, Node, ProducerLoop, Sentinels
 from tests.workers.test_processes import MAX_DELIVERIES, POLL, SHARDS, TTL, Fleet
 
 #: Seconds the replica lags (stalled) before the primary is killed.
@@ -56,7 +55,7 @@ class TopologyFleet(Fleet):
 
 
 @dataclass
-class Producer:
+class Producer(ProducerLoop):
     """Enqueues ``seq`` 0, 1, ... round-robin to ``queues``; ``accepted`` holds what Redis
     acknowledged (in order), ``unconfirmed`` what raised ``NotReplicatedError``."""
 
@@ -65,34 +64,20 @@ class Producer:
     accepted: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     unconfirmed: list[tuple[str, int, float]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
+    pause = 0.004
 
     def __post_init__(self) -> None:
         self.accepted = {q: [] for q in self.queues}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._loop()
 
-    def _run(self) -> None:
-        seq = 0
-        while not self._stop.is_set():
-            q = self.queues[seq % len(self.queues)]
-            try:
-                # Tasks a little slower than the producer: a backlog is waiting at the kill.
-                STEPS[q].send_with_options(args=(seq,), kwargs={"hold": HOLD}, backend=self.backend)
-                self.accepted[q].append((seq, time.monotonic()))
-            except NotReplicatedError:
-                self.unconfirmed.append((q, seq, time.monotonic()))
-            except Exception as exc:
-                self.errors.append(exc)
-            seq += 1
-            time.sleep(0.004)
-
-    def __enter__(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    def step(self, seq: int) -> None:
+        q = self.queues[seq % len(self.queues)]
+        try:
+            # Tasks a little slower than the producer: a backlog is waiting at the kill.
+            STEPS[q].send_with_options(args=(seq,), kwargs={"hold": HOLD}, backend=self.backend)
+            self.accepted[q].append((seq, time.monotonic()))
+        except NotReplicatedError:
+            self.unconfirmed.append((q, seq, time.monotonic()))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pyfiq.chaos.scenario import QUEUES, STEPS, Report, check, read_journal
 from pyfiq.engine.keys import stream_name
 from tests.cluster.test_failover import TopologyFleet
 from tests.conftest import unique_prefix, wait_until
-from tests.servers import Cluster, Node
+from tests.servers import Cluster, Node, ProducerLoop
 from tests.workers.test_processes import MAX_DELIVERIES, POLL, SHARDS, TTL
 
 QUEUE = QUEUES[0]
@@ -45,7 +45,7 @@ HOLD = 0.01
 
 
 @dataclass
-class KeyedProducer:
+class KeyedProducer(ProducerLoop):
     """Enqueues ``seq`` 0, 1, ... round-robin to the keyed streams of ``QUEUE``; ``accepted``
     holds, per stream and in order, what Redis acknowledged, with the time its reply came."""
 
@@ -55,30 +55,12 @@ class KeyedProducer:
 
     def __post_init__(self) -> None:
         self.accepted = {stream_name(QUEUE, k): [] for k in KEYS}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._loop()
 
-    def _run(self) -> None:
-        seq = 0
-        while not self._stop.is_set():
-            key = KEYS[seq % len(KEYS)]
-            try:
-                handle = STEPS[QUEUE].send_with_options(
-                    args=(seq,), kwargs={"hold": HOLD}, key=key, backend=self.backend
-                )
-                self.accepted[handle.stream].append((seq, time.monotonic()))
-            except Exception as exc:
-                self.errors.append(exc)
-            seq += 1
-            time.sleep(0.003)
-
-    def __enter__(self) -> KeyedProducer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    def step(self, seq: int) -> None:
+        key = KEYS[seq % len(KEYS)]
+        handle = STEPS[QUEUE].send_with_options(args=(seq,), kwargs={"hold": HOLD}, key=key, backend=self.backend)
+        self.accepted[handle.stream].append((seq, time.monotonic()))
 
 
 @dataclass
