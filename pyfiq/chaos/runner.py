@@ -1018,7 +1018,12 @@ class Injector:
             for q in rest:
                 self._enqueue_task(q, {"hold": seconds + self.p.lease_ttl})
             assert self.backend is not None
-            deadline = time.monotonic() + 4 * seconds + self.p.lease_ttl
+            # A replica whose every reply is late needs several round trips before it claims:
+            # the end of the run it was in, a look at the shards, the claim itself, and when its
+            # threads need one more pooled connection than before, that connection's handshake
+            # (three or four commands, each waiting out the delay: measured up to 12 s).
+            placed = time.monotonic()
+            deadline = placed + 8 * seconds + self.p.lease_ttl
             claimed = None
             while claimed is None and time.monotonic() < deadline:
                 held = [q for q in rest if self.backend.client.exists(self.backend.keys.stream(q).lease)]
@@ -1026,11 +1031,11 @@ class Injector:
                 time.sleep(0.005)
             if claimed is None:
                 return {"outrun": "the slow replica claimed nothing"}
-            claimed_at = time.time()
+            claimed_at, claim_after = time.time(), round(time.monotonic() - placed, 3)
             time.sleep(self.p.lease_ttl + 0.05)  # its lease lapses
             release.touch()
             time.sleep(seconds)  # its late reply arrives meanwhile
-            return {"outrun": "claimed", "claimed": claimed, "claimed_at": claimed_at}
+            return {"outrun": "claimed", "claimed": claimed, "claimed_at": claimed_at, "claim_after": claim_after}
         finally:
             release.touch()
 
