@@ -34,8 +34,8 @@ from .errors import (
     TimeLimitExceeded,
 )
 from .logs import log
-from .redis.backend import RedisQueueBackend, TaskHandle
-from .task import TaskRecord, new_task_id
+from .redis.backend import RedisQueueBackend, TaskHandle, expires_in_ms
+from .task import TaskRecord, encode_record, new_task_id, new_task_ids
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -270,22 +270,23 @@ class FifoFunction(Generic[P, R]):
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
         by_stream: dict[str, list[int]] = {}
-        records: list[tuple[str, TaskRecord]] = []
+        encoded: dict[str, list[tuple[str, int, bytes]]] = {}
         handles: list[TaskHandle] = []
         headers = hooks.enqueue_headers(self.queue)
-        for index, args in enumerate(calls):
+        serializer = backend.settings.serializer
+        ttl_ms = expires_in_ms(self.expires_in)
+        calls = list(calls)
+        for index, (args, task_id) in enumerate(zip(calls, new_task_ids(len(calls)), strict=True)):
             self.check_call(args, {})
             raw_key = self.key(*args) if self.key is not None else None
             key = None if raw_key is None else str(raw_key)
             stream = stream_name(self.queue, key)
-            task_id = new_task_id()
-            by_stream.setdefault(stream, []).append(index)
-            records.append((task_id, TaskRecord(self.name, list(args), {}, key, headers)))
+            payload = encode_record(serializer, self.name, list(args), {}, key, headers)
+            if stream not in by_stream:
+                by_stream[stream], encoded[stream] = [], []
+            by_stream[stream].append(index)
+            encoded[stream].append((task_id, ttl_ms, payload))
             handles.append(TaskHandle(task_id, self.queue, stream, self.name))
-        encoded = {
-            stream: backend.encode([records[i] for i in indexes], self.expires_in)
-            for stream, indexes in by_stream.items()
-        }
         accepted: list[int] = []
         for stream, indexes in by_stream.items():
             items = encoded[stream]

@@ -658,7 +658,7 @@ def enqueue_stamped(
             if time.time() > give_up_at:
                 return {"queue": queue, "seq": seq, "status": "failed", "attempts": attempts, "error": repr(exc)}
             time.sleep(min(0.02 * 2**attempts, 0.5))
-    ((task_id, new),) = Ops.parse_enqueue(reply)
+    ((task_id, new),) = Ops.parse_enqueue(call, reply)
     return {
         "queue": queue,
         "seq": seq,

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain
 from typing import Any
 
 from ..config import MAX_PREFETCH, Settings
@@ -52,6 +53,9 @@ class Call:
     keys: list[str]
     args: list[Any]
 
+
+#: Where an ``enqueue`` call's arguments start listing its tasks (id, expires-in ms, payload).
+ENQUEUE_ITEMS = 6
 
 #: Due queues of a shard's index one ``due`` call scans at most (it pages on in later calls).
 DUE_SCAN = 200
@@ -129,12 +133,18 @@ class Ops:
             self.keys.shards,
             len(items),
         ]
-        for task_id, expires_in_ms, payload in items:
-            args += [task_id, expires_in_ms, payload]
+        args.extend(chain.from_iterable(items))  # (task id, expires-in ms, payload) per task
         return stream_call("enqueue", k, args, [k.dedup(d) for d in dedup_keys or ()])
 
     @staticmethod
-    def parse_enqueue(reply: list[Any]) -> list[tuple[str, bool]]:
+    def parse_enqueue(call: Call, reply: Any) -> list[tuple[str, bool]]:
+        """(task id, appended) per task of an ``enqueue`` call. Without dedup keys Redis answers
+        with the number appended, which is every task of the call."""
+        if isinstance(reply, int):
+            ids = call.args[ENQUEUE_ITEMS::3]
+            if reply != len(ids):
+                raise RuntimeError(f"enqueue stored {reply} of {len(ids)} tasks")  # a script/caller mismatch
+            return [(task_id, True) for task_id in ids]
         return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
     def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:

@@ -64,12 +64,12 @@ def merged(ops: Ops, batch: Sequence[Request]) -> list[tuple[Call, list[Request]
 
 def deliver(calls: Sequence[tuple[Call, list[Request]]], replies: Sequence[Any]) -> None:
     """Give each request its part of its call's reply, or the call's error."""
-    for (_, group), reply in zip(calls, replies, strict=True):
+    for (call, group), reply in zip(calls, replies, strict=True):
         if isinstance(reply, BaseException):
             for req in group:
                 req.error = reply
             continue
-        parsed = Ops.parse_enqueue(reply)
+        parsed = Ops.parse_enqueue(call, reply)
         start = 0
         for req in group:
             req.result = parsed[start : start + len(req.items)]

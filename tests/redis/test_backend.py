@@ -35,7 +35,7 @@ from pyfiq import (
     fifo,
 )
 from pyfiq.chaos.faults import FaultProxy
-from pyfiq.task import Entry
+from pyfiq.task import Entry, new_task_id
 from tests.conftest import FAST, RedisServer, free_port, unique_prefix, wait_until
 
 PASSWORD = "s3cret-pw-do-not-print"
@@ -493,3 +493,25 @@ def test_a_per_call_expiry_redis_cannot_take_is_refused(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="expires_in"):
         work.send_with_options(expires_in=value, backend=backend)
     assert pending(backend, q) == 0
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_one_enqueue_call_larger_than_a_push_slice_stores_every_task_in_order(
+    redis_backend: RedisQueueBackend, dedup: bool
+) -> None:
+    """enqueue.lua appends with one RPUSH per 1,000 entries: Lua's unpack() refuses more than
+    about 8,000 values, and coalesced enqueues can put more tasks than that in one call. All
+    9,001 are kept, in order, and answered; with dedup keys, a key repeated in the call is a
+    duplicate of the first."""
+    stream = qname()
+    items = [(new_task_id(), 0, f"payload-{i}".encode()) for i in range(9001)]
+    keys = [f"k{i}" for i in range(9000)] + ["k7"] if dedup else None
+    reply = redis_backend.enqueue_encoded(stream, items, keys)
+    assert [task_id for task_id, _ in reply[:-1]] == [task_id for task_id, _, _ in items[:-1]]
+    assert all(new for _, new in reply[:-1])
+    if dedup:
+        assert reply[-1] == (items[7][0], False)
+        assert stored_ids(redis_backend, stream) == [task_id for task_id, _, _ in items[:-1]]
+    else:
+        assert reply[-1] == (items[-1][0], True)
+        assert stored_ids(redis_backend, stream) == [task_id for task_id, _, _ in items]

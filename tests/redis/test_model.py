@@ -568,7 +568,7 @@ class StreamMachine(RuleBasedStateMachine):
             dedup = data.draw(st.none() | st.lists(st.sampled_from("xyz"), min_size=len(items), max_size=len(items)))
             ttl = {"none": 0, "future": 3_600_000}
             call = self.ops.enqueue(STREAM, [(i, ttl[kind], p) for i, (kind, p) in zip(ids, items, strict=True)], dedup)
-            reply = self.ops.parse_enqueue(self.call(call))
+            reply = self.ops.parse_enqueue(call, self.call(call))
             fresh = []
             expected = []
             for i, key in zip(ids, dedup or [None] * len(ids), strict=True):

@@ -17,9 +17,10 @@
     ARGV[7..]    n triples: task id (32 hex chars), expires-in ms (0: never), payload
 
   Output:
-    a flat list of n pairs: task id, 1 if appended or 0 if a duplicate (the id is then the
-    id of the task already accepted under that dedup key); an error reply, with nothing
-    stored, when the shard is laid out with another shard count.
+    without dedup keys, n (every task was appended: a per-task reply would only repeat the
+    ids the caller sent); with them, a flat list of n pairs: task id, 1 if appended or 0 if a
+    duplicate (the id is then the id of the task already accepted under that dedup key); an
+    error reply, with nothing stored, when the shard is laid out with another shard count.
 
   Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
   read the id and the deadline without decoding the payload; both times are Redis's clock.
@@ -28,13 +29,15 @@ local pending = KEYS[1]
 local ready = KEYS[2]
 local queues = KEYS[3]
 local layout = KEYS[4]
+local PUSH_SLICE = 1000
 local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
+local stamp = string.format('|%.0f|', now)
 local n = tonumber(ARGV[6])
 local dedup = #KEYS > 4
 local out = {}
-local added = 0
+local entries = {}
 for i = 1, n do
   local base = 6 + (i - 1) * 3
   local id = ARGV[base + 1]
@@ -44,23 +47,26 @@ for i = 1, n do
     if not redis.call('SET', KEYS[4 + i], id, 'NX', 'PX', ARGV[4]) then
       existing = redis.call('GET', KEYS[4 + i])
     end
+    out[#out + 1] = existing or id
+    out[#out + 1] = existing and 0 or 1
   end
-  if existing then
-    out[#out + 1] = existing
-    out[#out + 1] = 0
-  else
-    local expires = 0
-    if ttl > 0 then expires = now + ttl end
-    redis.call('RPUSH', pending, string.format('%s|%.0f|%.0f|', id, now, expires) .. ARGV[base + 3])
-    added = added + 1
-    out[#out + 1] = id
-    out[#out + 1] = 1
+  if not existing then
+    local expires = '0|'
+    if ttl > 0 then expires = string.format('%.0f|', now + ttl) end
+    entries[#entries + 1] = id .. stamp .. expires .. ARGV[base + 3]
   end
 end
+-- One RPUSH per PUSH_SLICE entries: one command instead of one per task, and unpack() stays
+-- within Lua's stack limit however many tasks a call carries.
+for first = 1, #entries, PUSH_SLICE do
+  redis.call('RPUSH', pending, unpack(entries, first, math.min(first + PUSH_SLICE - 1, #entries)))
+end
+local added = #entries
 -- A leased stream already has a ready entry (scored at its lease expiry): NX leaves it alone,
 -- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
 -- idle workers.
 if added > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
   wake(ARGV[2], ARGV[3])
 end
+if not dedup then return added end
 return out
