@@ -48,15 +48,8 @@ from .connect import (
     sentinel_addresses,
 )
 from .durable import acall_durably, call_durably, waited
+from .lean import LeanConnections
 from .scripts import Scripts
-
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    import hiredis
-
-    _pack_command = hiredis.pack_command
-except ImportError:  # redis-py without hiredis: its own packer
-    _pack_command = None
 
 R = TypeVar("R", bound=BaseRetrying)
 
@@ -367,6 +360,7 @@ class RedisQueueBackend:
         self._coalescer = Coalescer(self)
         #: A plain client this backend made from a URL: its calls may take the lean path.
         self._lean = type(self.client) is redis.Redis and self.topology is not None and self.topology.kind == "url"
+        self._connections = LeanConnections(self.client.connection_pool) if self._lean else None
         self._acoalescer: AsyncCoalescer | None = None
 
     def _sync_client(self, client: Any, async_client: Any) -> Any:
@@ -468,10 +462,7 @@ class RedisQueueBackend:
     def own_connection(self) -> Any:
         """A connection outside the pool for one thread's calls alone, or None where the client
         is not a plain one this backend made; close it with ``connection.disconnect()``."""
-        if not self._lean:
-            return None
-        pool = self.client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        return None if self._connections is None else self._connections.new()
 
     def _lean_call(self, script: Any, call: Call, connection: Any = None) -> Any:
         """EVALSHA without the client's per-command bookkeeping (its retries are off in a pool
@@ -484,26 +475,8 @@ class RedisQueueBackend:
             return self._send(script.sha, call, connection)
 
     def _send(self, sha: str, call: Call, connection: Any) -> Any:
-        pool = self.client.connection_pool
-        conn = connection or pool.get_connection()
-        try:
-            command = ("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-            if _pack_command is None:
-                conn.send_command(*command)
-            else:
-                # redis-py's packer first copies every argument through a generator (to turn
-                # memoryviews into bytes, which pyfiq never sends): a microsecond per task of a
-                # large enqueue, measured.
-                conn.send_packed_command([_pack_command(command)])
-            return conn.read_response()
-        except redis.exceptions.ResponseError:
-            raise  # an error reply: the connection is fine
-        except BaseException:
-            conn.disconnect()  # a connection of one's own reconnects on its next command
-            raise
-        finally:
-            if connection is None:
-                pool.release(conn)
+        assert self._connections is not None
+        return self._connections.call(("EVALSHA", sha, len(call.keys), *call.keys, *call.args), connection)
 
     def call_many(self, calls: Sequence[Call]) -> list[Any]:
         """Run several calls of idempotent scripts (``due``, ``renew``) in one round trip, not
@@ -679,6 +652,8 @@ class RedisQueueBackend:
         return bool(self.client.ping())
 
     def close(self) -> None:
+        if self._connections is not None:
+            self._connections.close()
         if not self.is_memory:
             self.client.close()
         if self._owns_sync_pool:
@@ -756,13 +731,17 @@ class RedisQueueBackend:
         that ran must never be sent twice."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        sha = self.scripts.enqueue.sha
         for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                c = calls[i]
-                pipe.execute_command("EVALSHA", self.scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
+            commands = [("EVALSHA", sha, len(calls[i].keys), *calls[i].keys, *calls[i].args) for i in todo]
             with self.translated():
-                answers = pipe.execute(raise_on_error=False)
+                if self._connections is not None:
+                    answers = self._connections.call_many(commands)
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    answers = pipe.execute(raise_on_error=False)
             todo = self._settle_enqueues(todo, answers, replies)
             if not todo:
                 break

@@ -14,6 +14,7 @@ enqueue without a dedup key, a reply lost after Redis stored the tasks can store
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import threading
 from collections.abc import Sequence
@@ -37,8 +38,10 @@ class Request:
     error: BaseException | None = None
     #: Set when this caller is to send the next round trip.
     lead: bool = False
-    #: Made only for a caller that waits: one alone never needs it.
-    wake: threading.Event | None = None
+    #: Made only for a caller that waits (one alone never needs it): a lock made held, which
+    #: the caller blocks on and whoever wakes it releases. Lighter than an Event, whose
+    #: Condition allocates a waiter lock on every wait.
+    wake: _thread.LockType | None = None
 
 
 def merged(ops: Ops, batch: Sequence[Request]) -> list[tuple[Call, list[Request]]]:
@@ -90,11 +93,12 @@ class Coalescer:
         with self._lock:
             self._queue.append(req)
             if self._busy:
-                req.wake = threading.Event()
+                req.wake = threading.Lock()
+                req.wake.acquire()
             else:
                 self._busy = req.lead = True
         if req.wake is not None:
-            req.wake.wait()
+            req.wake.acquire()
         if req.lead:
             self._send_turn()
         if req.result is not None:
@@ -125,12 +129,12 @@ class Coalescer:
                     nxt = self._queue[0]
                     nxt.lead = True
                     assert nxt.wake is not None
-                    nxt.wake.set()
+                    nxt.wake.release()
                 else:
                     self._busy = False
             for req in batch:
-                if req.wake is not None:
-                    req.wake.set()
+                if req.wake is not None and not req.lead:
+                    req.wake.release()
 
 
 class AsyncCoalescer:

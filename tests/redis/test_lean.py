@@ -1,0 +1,78 @@
+"""The lean path's own idle connections (``pyfiq.redis.lean``), against a real Redis: what the
+client's pool guarded against must still hold without it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import redis
+
+from pyfiq import RedisQueueBackend
+from tests.conftest import RedisServer, unique_prefix
+
+# Replies "late" after keeping the server busy for half a second.
+SLOW = """
+local t = redis.call('TIME')
+local stop = tonumber(t[1]) * 1e6 + tonumber(t[2]) + 500000
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1e6 + tonumber(t[2]) >= stop
+return 'late'
+"""
+
+
+def _connections(backend: RedisQueueBackend):  # type: ignore[no-untyped-def]
+    connections = backend._connections
+    assert connections is not None, "a backend made from a redis:// URL takes the lean path"
+    return connections
+
+
+def test_a_call_cut_off_mid_reply_never_leaves_its_reply_for_the_next_call(redis_server: RedisServer) -> None:
+    """A reply that arrives after its caller gave up (a read timeout) must not be read as the
+    reply of the next call on that connection: the interrupted connection goes back to the idle
+    list disconnected (the client's pool would have polled it for stray data instead)."""
+    backend = RedisQueueBackend(f"{redis_server.url}?socket_timeout=0.2", prefix=unique_prefix())
+    lean = _connections(backend)
+    try:
+        with pytest.raises(redis.TimeoutError):
+            lean.call(("EVAL", SLOW, 0))
+        time.sleep(0.6)  # the late reply has arrived by now
+        # The connection went back disconnected; reused, it reconnects and reads its own reply.
+        for i in range(3):
+            assert lean.call(("ECHO", f"call-{i}")) == f"call-{i}".encode()
+    finally:
+        backend.close()
+
+
+def test_error_replies_come_back_in_place_and_keep_the_connection(redis_server: RedisServer) -> None:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix())
+    lean = _connections(backend)
+    try:
+        replies = lean.call_many([("ECHO", "a"), ("NOSUCHCOMMAND",), ("ECHO", "b")])
+        assert replies[0] == b"a" and replies[2] == b"b"
+        assert isinstance(replies[1], redis.ResponseError)
+        with pytest.raises(redis.ResponseError):
+            lean.call(("NOSUCHCOMMAND",))
+        assert lean.call(("ECHO", "after")) == b"after"
+        assert len(lean._idle) == 1, "one connection served every call, sequentially"
+    finally:
+        backend.close()
+
+
+def test_a_forked_child_opens_its_own_connections(redis_server: RedisServer) -> None:
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix())
+    lean = _connections(backend)
+    try:
+        assert lean.call(("CLIENT", "SETNAME", "parent")) == b"OK"
+        pid = os.fork()
+        if pid == 0:  # the child: its calls must not go out on the parent's socket
+            try:
+                name = lean.call(("CLIENT", "GETNAME"))
+                os._exit(0 if name is None else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child talked on the parent's connection"
+        assert lean.call(("CLIENT", "GETNAME")) == b"parent", "the child closed the parent's connection"
+    finally:
+        backend.close()
