@@ -47,7 +47,8 @@ local nack = tonumber(ARGV[3])
 if not ack_head(inflight, meta, argv_slice(7, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
-tally(counts, 's', nack)
+local now = now_ms()
+tally(counts, 's', nack, now)
 local handed = handed_after(meta, nack)
 local want = tonumber(ARGV[4])
 if want == 0 then
@@ -59,7 +60,6 @@ if is_paused(paused, ARGV[2]) then
   redis.call('HSET', meta, 'handed', handed)
   return { 3 }
 end
-local now = now_ms()
 local out = { 1, now }
 handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
                     dlq_index = dlq_index, stream = ARGV[2], counts = counts }, handed, want, tonumber(ARGV[5]), now, out, ARGV[6] == '1')
