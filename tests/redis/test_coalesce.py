@@ -5,7 +5,9 @@ each caller alone; on a real redis-server, from threads and from asyncio tasks."
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -130,3 +132,76 @@ def test_a_failed_shared_round_trip_is_retried_by_each_caller_alone(
     rows = stored(redis_backend, q)
     assert failures, "some enqueues met in a shared round trip"
     assert len(rows) == 8 * 20 + 1 and per_producer_in_order(rows[1:])
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises, like KeyboardInterrupt: no ``except Exception`` takes it."""
+
+
+def test_a_caller_interrupted_while_it_waits_never_hangs_the_others(redis_backend: RedisQueueBackend) -> None:
+    """Waiting callers are woken one after another, each by the one before it: a caller that a
+    signal handler interrupts while it waits (the main thread, sent SIGUSR1 every half
+    millisecond) must step out without breaking that chain or losing the turn, or every thread
+    queued behind it would wait forever. What it never sent is not stored; every handle a
+    caller got is."""
+    q = qname()
+    work = fifo(queue=q, name=f"{q}.work", key=lambda p, i: "k")(lambda p, i: None)
+    work.send_with_options(args=(-1, -1), backend=redis_backend)  # the layout check, alone
+    handles: list[TaskHandle] = []
+    stop = threading.Event()
+
+    def produce(p: int) -> None:
+        for i in range(300):
+            handles.append(work.send_with_options(args=(p, i), backend=redis_backend))
+
+    # Raises once per arming, only inside the enqueue call: the test's own lines stay whole.
+    armed = [False]
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise Interrupted
+
+    def interrupter(main: int) -> None:
+        while not stop.wait(0.0005):
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    producers = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(8)]
+    sender = threading.Thread(target=interrupter, args=(threading.get_ident(),), daemon=True)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    interrupted_inside = main_sent = attempts = 0
+    deadline = time.monotonic() + 15
+    try:
+        for t in producers:
+            t.start()
+        sender.start()
+        while time.monotonic() < deadline and (any(t.is_alive() for t in producers) or interrupted_inside == 0):
+            attempts += 1
+            try:
+                armed[0] = True
+                handles.append(work.send_with_options(args=(99, attempts), backend=redis_backend))
+                armed[0] = False
+                main_sent += 1
+            except Interrupted as exc:
+                tb = exc.__traceback__
+                while tb is not None:
+                    code = tb.tb_frame.f_code
+                    interrupted_inside += code.co_name == "enqueue" and code.co_filename == coalesce.__file__
+                    tb = tb.tb_next
+    finally:
+        armed[0] = False
+        stop.set()
+        if sender.is_alive():
+            sender.join()  # no signal may arrive once the default action is back: it kills
+        signal.signal(signal.SIGUSR1, previous)
+    assert not any(t.is_alive() for t in producers), "producers left waiting behind an interrupted caller"
+    assert interrupted_inside > 0, "the main thread was never interrupted inside the coalescer"
+    assert not redis_backend._coalescer._busy and not redis_backend._coalescer._queue
+    raw = redis_backend.client.lrange(redis_backend.keys.stream(f"{q}#k").pending, 0, -1)
+    assert {h.id for h in handles} <= {Entry.parse(r).id for r in raw}
+    # A round trip the main thread was interrupted in while it led lost its reply: its other
+    # callers sent their tasks again alone, so some may be stored twice (as after any lost reply).
+    rows = {(p, i) for p, i in stored(redis_backend, f"{q}#k")}
+    assert {r for r in rows if r[0] != 99} == {(-1, -1), *((p, i) for p in range(8) for i in range(300))}
+    # The main thread's calls that returned are stored; those interrupted may or may not be.
+    assert main_sent <= len([r for r in rows if r[0] == 99]) <= attempts
