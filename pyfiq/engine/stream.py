@@ -129,6 +129,18 @@ class StreamRun:
         self._unconfirmed: list[str] = []
         # The dead letter asked for, reported to hooks once Redis confirms it.
         self._dead: DeadLettered | None = None
+        # What ``feed`` does with a result, by what the run waits for (made once: a feed per
+        # task and call is a hot path).
+        self._handlers: dict[str, Callable[[Any], Step]] = {
+            "run": self._on_outcome,
+            "await": self._on_await,
+            "pause": self._after_pause,
+            "rate": self._on_rate,
+            "take": self._on_take,
+            "dead_letter": self._on_dead_letter,
+            "release": self._on_release,
+            "lost": self._after_lost,
+        }
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
@@ -233,16 +245,7 @@ class StreamRun:
     def feed(self, result: Any) -> Step:
         """Give the reply of the last call, or the ``Outcome`` of the last ``RunTask``."""
         waiting, self._waiting = self._waiting, None
-        handler: Callable[[Any], Step] | None = {
-            "run": self._on_outcome,
-            "await": self._on_await,
-            "pause": self._after_pause,
-            "rate": self._on_rate,
-            "take": self._on_take,
-            "dead_letter": self._on_dead_letter,
-            "release": self._on_release,
-            "lost": self._after_lost,
-        }.get(waiting or "")
+        handler = self._handlers.get(waiting or "")
         if handler is None:
             raise RuntimeError(f"StreamRun fed while waiting for {waiting!r}")
         return handler(result)

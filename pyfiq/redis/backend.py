@@ -454,10 +454,15 @@ class RedisQueueBackend:
         if client is None and waited(self, call):
             return call_durably(self, call)
         script = getattr(self.scripts, call.script)
-        with self.translated():
+        try:  # what translated() does, without a generator's cost on every task's call
             if client is None and self._lean:
                 return self._lean_call(script, call, connection)
             return script(keys=call.keys, args=call.args, client=client)
+        except redis.RedisError as exc:
+            mine = self.translate(exc)
+            if mine is exc:
+                raise
+            raise mine from None
 
     def own_connection(self) -> Any:
         """A connection outside the pool for one thread's calls alone, or None where the client
