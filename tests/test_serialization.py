@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import threading
 import uuid
 from typing import Any
@@ -53,6 +54,20 @@ def test_json_leaves_ordinary_dicts_that_look_tagged_alone() -> None:
 def test_task_record_refuses_unserializable_arguments_with_a_clear_error(bad: object) -> None:
     with pytest.raises(SerializationError, match=r"cannot serialize the arguments of task 'billing\.charge'"):
         TaskRecord("billing.charge", [bad], {}).encode(JSONSerializer())
+
+
+def _cycle() -> list[Any]:
+    loop: list[Any] = []
+    loop.append({"again": loop})
+    return loop
+
+
+@pytest.mark.parametrize("make", [_cycle, lambda: functools.reduce(lambda inner, _: [inner], range(100_000), [])])
+def test_json_refuses_cyclic_and_very_deep_arguments_with_a_clear_error(make: Any) -> None:
+    """The shared C encoder keeps no circular-reference markers (threads would share them): a
+    cycle is refused like a structure too deep to encode, never a crash or a hang."""
+    with pytest.raises(SerializationError, match="nested too deeply"):
+        TaskRecord("billing.charge", [make()], {}).encode(JSONSerializer())
 
 
 @pytest.mark.parametrize("serializer", [JSONSerializer(), MsgpackSerializer(), PickleSerializer()])
