@@ -62,6 +62,18 @@ class Finished:
 
 Step = Call | RunTask | Pause | Await | Finished
 
+#: What ``StreamRun.feed`` does with a result, by what the run waits for.
+_HANDLERS = {
+    "run": "_on_outcome",
+    "await": "_on_await",
+    "pause": "_after_pause",
+    "rate": "_on_rate",
+    "take": "_on_take",
+    "dead_letter": "_on_dead_letter",
+    "release": "_on_release",
+    "lost": "_after_lost",
+}
+
 
 class StreamRun:
     """Drives one lease from acquisition to release.
@@ -129,18 +141,8 @@ class StreamRun:
         self._unconfirmed: list[str] = []
         # The dead letter asked for, reported to hooks once Redis confirms it.
         self._dead: DeadLettered | None = None
-        # What ``feed`` does with a result, by what the run waits for (made once: a feed per
-        # task and call is a hot path).
-        self._handlers: dict[str, Callable[[Any], Step]] = {
-            "run": self._on_outcome,
-            "await": self._on_await,
-            "pause": self._after_pause,
-            "rate": self._on_rate,
-            "take": self._on_take,
-            "dead_letter": self._on_dead_letter,
-            "release": self._on_release,
-            "lost": self._after_lost,
-        }
+        # Bound once: a feed per task and per call is a hot path.
+        self._handlers: dict[str, Callable[[Any], Step]] = {w: getattr(self, m) for w, m in _HANDLERS.items()}
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
