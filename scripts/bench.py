@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import re
+import resource
 import selectors
 import shlex
 import shutil
@@ -549,7 +550,10 @@ def measure_enqueue(server: RedisServer, seconds: float, ceiling_s: float) -> di
         payload = client.lindex(backend.keys.stream("bench-enqueue").pending, 0) or b"x" * 100
         server.flush()
         batch = [(i,) for i in range(100)]
+        before = command_stats(client)
         many = 100 * loop_rate(lambda: fn.enqueue_many(batch), seconds, chunk=5)
+        many_calls, many_usec = stats_delta(before, command_stats(client)).get("evalsha", (0, 0))
+        many_redis_usec = many_usec / max(1, 100 * many_calls)
         server.flush()
 
         def rpush_100() -> None:
@@ -560,7 +564,7 @@ def measure_enqueue(server: RedisServer, seconds: float, ceiling_s: float) -> di
 
         rpush = 100 * loop_rate(rpush_100, seconds, chunk=5)
         server.flush()
-        threads = threaded_enqueue(fn, 16, seconds)
+        threads, switches = threaded_enqueue(fn, 16, seconds)
         server.flush()
         tasks = asyncio_enqueue(server.url, 100, seconds)
         ceiling = (ceiling_before + evalsha_rate(server.url, ceiling_s)) / 2
@@ -569,19 +573,29 @@ def measure_enqueue(server: RedisServer, seconds: float, ceiling_s: float) -> di
         client.close()
         server.flush()
     return {
-        "threads_16": {"tasks_per_s": threads, "ratio_to_ceiling": threads / ceiling},
+        "threads_16": {
+            "tasks_per_s": threads,
+            "ratio_to_ceiling": threads / ceiling,
+            "context_switches_per_enqueue": switches,
+        },
         "asyncio_100": {"tasks_per_s": tasks, "ratio_to_ceiling": tasks / ceiling},
         "single": {"tasks_per_s": single, "ratio_to_ceiling": single / ceiling, "ratio_to_rpush": single / rpush},
-        "enqueue_many_100": {"tasks_per_s": many, "ratio_to_ceiling": many / ceiling, "ratio_to_rpush": many / rpush},
+        "enqueue_many_100": {
+            "tasks_per_s": many,
+            "ratio_to_ceiling": many / ceiling,
+            "ratio_to_rpush": many / rpush,
+            "redis_script_usec_per_task": many_redis_usec,
+        },
         "rpush_pipeline_100": {"tasks_per_s": rpush, "ratio_to_ceiling": rpush / ceiling},
         "stored_entry_bytes": len(payload),
         "ceiling_around": ceiling,
     }
 
 
-def threaded_enqueue(fn: FifoFunction[..., None], producers: int, seconds: float) -> float:
+def threaded_enqueue(fn: FifoFunction[..., None], producers: int, seconds: float) -> tuple[float, float]:
     """Tasks per second stored by ``producers`` threads each calling ``fn(i)`` in a loop (a web
-    tier's request threads): their enqueues share round trips."""
+    tier's request threads): their enqueues share round trips. Also the process's context
+    switches per enqueue: what handing the interpreter lock between the threads costs."""
     counts = [0] * producers
     stop = threading.Event()
 
@@ -591,6 +605,7 @@ def threaded_enqueue(fn: FifoFunction[..., None], producers: int, seconds: float
             counts[p] += 1
 
     threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t0 = perf_counter()
     for t in threads:
         t.start()
@@ -598,7 +613,10 @@ def threaded_enqueue(fn: FifoFunction[..., None], producers: int, seconds: float
     stop.set()
     for t in threads:
         t.join()
-    return sum(counts) / (perf_counter() - t0)
+    elapsed = perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    switches = after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+    return sum(counts) / elapsed, switches / max(1, sum(counts))
 
 
 def asyncio_enqueue(url: str, producers: int, seconds: float) -> float:
@@ -1637,11 +1655,16 @@ def run(args: argparse.Namespace, report: Report, workdir: Path) -> None:
             for key, metric in (("single", "fn(i), one call each"), ("enqueue_many_100", "fn.enqueue_many, 100/call")):
                 r = e[key]
                 ratio = f"{times(r['ratio_to_ceiling'], 'ceiling')}, {times(r['ratio_to_rpush'], 'rpush')}"
+                if "redis_script_usec_per_task" in r:
+                    ratio += f", Redis {r['redis_script_usec_per_task']:.2f} us/task"
                 report.row("enqueue", metric, per_s(r["tasks_per_s"]), ratio)
             producers = (("threads_16", "16 threads calling fn(i)"), ("asyncio_100", "100 asyncio tasks awaiting"))
             for key, metric in producers:
                 r = e[key]
-                report.row("enqueue", metric, per_s(r["tasks_per_s"]), times(r["ratio_to_ceiling"], "ceiling"))
+                ratio = times(r["ratio_to_ceiling"], "ceiling")
+                if "context_switches_per_enqueue" in r:
+                    ratio += f", {r['context_switches_per_enqueue']:.2f} context switches/enqueue"
+                report.row("enqueue", metric, per_s(r["tasks_per_s"]), ratio)
             report.row("enqueue", "baseline: pipelined RPUSH, 100/pipeline", per_s(rp), "baseline")
 
         if "peers" in selected:

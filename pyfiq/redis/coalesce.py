@@ -8,7 +8,8 @@ on the plain one-call path: no thread, no timer and no added latency.
 
 The threads of one round trip are woken one after another, each by the one before it, the last
 handing the turn on: woken all at once they would fight over the interpreter lock, which cost
-16 producer threads about six context switches per enqueue (measured; two this way). A caller
+16 producer threads about six context switches per enqueue, against 1.5 this way (the benchmark
+counts them). A caller
 interrupted while it waits (a signal handler raising in the main thread) steps out of that
 chain without breaking it: it is skipped, and passes on a wake-up or turn that reached it.
 
