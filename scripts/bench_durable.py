@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,20 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyfiq
 from pyfiq import RedisQueueBackend, Settings, ThreadedWorker, fifo
+from pyfiq.chaos.faults import free_ports
 
 DONE = threading.Event()
 COUNT = [0, 0]  # tasks run, tasks wanted
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Pair:

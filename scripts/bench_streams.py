@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,29 +71,11 @@ if os.environ.get(OUT_ENV):
 # -- the driver ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int, *, bus: bool = False) -> list[int]:
+    # Imported here: replica processes import this file for its task, and need none of it.
+    from pyfiq.chaos.faults import free_ports
 
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_cluster_ports(count: int) -> list[int]:
-    """``count`` free loopback ports whose cluster bus port (port + 10000) is free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port < 55536 and port not in ports and _bindable(port + 10000):
-            ports.append(port)
-    return ports
+    return free_ports(count, bus=bus)
 
 
 def _ping(port: int, seconds: float = 10) -> redis.Redis:
@@ -131,7 +112,7 @@ class Bench:
             if cluster:
                 self._start_cluster()
             else:
-                self.port = free_port()
+                (self.port,) = free_ports(1)
                 self.servers.append(_server(self.port, workdir / "redis"))
                 self.primaries = [_ping(self.port)]
         except BaseException:
@@ -140,7 +121,7 @@ class Bench:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def _start_cluster(self, nodes: int = 6) -> None:
-        ports = free_cluster_ports(nodes)
+        ports = free_ports(nodes, bus=True)
         self.port = ports[0]
         for port in ports:
             self.servers.append(

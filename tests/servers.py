@@ -8,7 +8,6 @@ did not start."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,34 +17,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from pyfiq.chaos.faults import free_ports
 from pyfiq.chaos.runner import popen
-
-#: A cluster node also listens on its port + 10000 (the cluster bus).
-BUS_OFFSET = 10000
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, *, bus: bool = False) -> list[int]:
-    """``count`` free loopback ports; with ``bus``, each one's cluster bus port is free too."""
-    found: list[int] = []
-    while len(found) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port in found:
-            continue
-        if bus and (port + BUS_OFFSET > 65535 or not _port_free(port + BUS_OFFSET)):
-            continue
-        found.append(port)
-    return found
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

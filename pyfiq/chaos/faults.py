@@ -305,3 +305,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((require_loopback(host), 0))
         return int(s.getsockname()[1])
+
+
+#: A Redis Cluster node also listens on its port + 10000 (the cluster bus).
+BUS_OFFSET = 10000
+
+
+def free_ports(count: int, *, bus: bool = False) -> list[int]:
+    """``count`` distinct free loopback ports; with ``bus``, each one's cluster bus port is
+    free too."""
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port in found or (bus and (port + BUS_OFFSET > 65535 or not _port_free(port + BUS_OFFSET))):
+            continue
+        found.append(port)
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -359,8 +359,8 @@ class RedisQueueBackend:
         self._layout_checked = False
         self._coalescer = Coalescer(self)
         #: A plain client this backend made from a URL: its calls may take the lean path.
-        self._lean = type(self.client) is redis.Redis and self.topology is not None and self.topology.kind == "url"
-        self._connections = LeanConnections(self.client.connection_pool) if self._lean else None
+        lean = type(self.client) is redis.Redis and self.topology is not None and self.topology.kind == "url"
+        self._connections = LeanConnections(self.client.connection_pool) if lean else None
         self._acoalescer: AsyncCoalescer | None = None
 
     def _sync_client(self, client: Any, async_client: Any) -> Any:
@@ -455,7 +455,7 @@ class RedisQueueBackend:
             return call_durably(self, call)
         script = getattr(self.scripts, call.script)
         try:  # what translated() does, without a generator's cost on every task's call
-            if client is None and self._lean:
+            if client is None and self._connections is not None:
                 return self._lean_call(script, call, connection)
             return script(keys=call.keys, args=call.args, client=client)
         except redis.RedisError as exc:
