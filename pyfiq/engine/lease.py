@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +61,39 @@ class Lease:
     #: ended under this lease: what the heartbeat tells operators.
     running: tuple[str, int] | None = None
     done: int = 0
+    #: Why nothing more may start under this lease ('paused', 'skipped'): an operator acted on
+    #: the stream. Set under ``gate``, which a task's first attempt also takes to check it, so
+    #: once ``halt`` has returned no task starts here (what a pause's confirmation promises).
+    halted: str = ""
+    #: An operator's skip revoked the lease: the holder lets go under the revoked value.
+    revoked: bool = False
+    #: The task the skip dead-lettered (it may still be running here).
+    skipped: str = ""
+    #: The acknowledgements the holder has not had confirmed yet (set by its run), for a let-go
+    #: sent on the run's behalf while it is stuck in the skipped task.
+    unconfirmed_acks: Callable[[], list[str]] | None = None
+    #: The holder told Redis it starts nothing more (a pause waits for it).
+    halt_confirmed: bool = False
+    #: A let-go on the stuck run's behalf is under way.
+    letting_go: bool = False
+    gate: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def halt(self, why: str) -> bool:
+        """Start nothing more under this lease; True the first time it is said."""
+        with self.gate:
+            first = not self.halted
+            if first:
+                self.halted = why
+        return first
+
+    def revoke(self, skipped: str = "") -> bool:
+        """An operator's skip revoked the lease; True the first time it is learnt."""
+        first = not self.revoked
+        self.revoked = True
+        if skipped:
+            self.skipped = skipped
+        self.halt("skipped")
+        return first
 
     def confirm(self, sent_at: float) -> None:
         """A renewal sent at ``sent_at`` succeeded."""

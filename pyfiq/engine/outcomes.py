@@ -43,7 +43,10 @@ class DeadLettered:
 
 @dataclass(frozen=True)
 class Aborted:
-    """The worker is stopping mid-retry: the task stays in flight for the next holder."""
+    """The worker is stopping mid-retry, or an operator halted the stream before the task
+    started (``ran`` False): the task stays in flight for the next holder."""
+
+    ran: bool = True
 
 
 @dataclass(frozen=True)

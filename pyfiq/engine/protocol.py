@@ -24,6 +24,7 @@ from .lease import Flag, Lease
 class TakeReply(IntEnum):
     """First element of a ``take`` reply."""
 
+    REVOKED = -2  # an operator's skip revoked the lease: nothing changed; let go
     FENCED = -1  # the caller's lease is gone: nothing changed
     EMPTY = 0  # nothing left: the lease was released and the stream forgotten
     TASKS = 1  # acknowledged; the tasks handed over follow (possibly none)
@@ -44,8 +45,12 @@ class FencedReply(IntEnum):
 
 
 class RenewReply(IntEnum):
+    """First element of a ``renew`` reply."""
+
     REFUSED = 0
     RENEWED = 1
+    PAUSED = 2  # renewed; the stream or its queue is paused: start nothing more, confirm
+    REVOKED = 3  # an operator's skip revoked the lease (the skipped task id follows): let go
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ KEY_NAMES: dict[str, tuple[str, ...]] = {
         "paused",
         "counts",
     ),
-    "renew": ("lease", "ready", "queues"),
+    "renew": ("lease", "ready", "queues", "paused", "meta"),
+    "halted": ("lease", "meta"),
     "take": (
         "lease",
         "pending",
@@ -195,6 +201,10 @@ class Ops:
         k = lease.keys
         return stream_call("renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream])
 
+    def halted(self, lease: Lease) -> Call:
+        """Confirm that this holder starts nothing more under ``lease`` (its stream was paused)."""
+        return stream_call("halted", lease.keys, ["!" + lease.token if lease.revoked else lease.token])
+
     def take(self, lease: Lease, acks: Sequence[str], want: int, *, ahead: bool = False) -> Call:
         """Acknowledge ``acks`` and take up to ``want`` tasks. ``ahead``: the holder still runs
         earlier tasks, so none of these starts at once (see ``hand_out`` in lib.lua)."""
@@ -209,13 +219,14 @@ class Ops:
     def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
         """Give the lease up. ``started``: tasks this holder started and did not finish (they
         may have run); every other task it was handed goes back as never delivered here.
-        ``delay_ms``: the stream may not be claimed again before then (a parked stream)."""
+        ``delay_ms``: the stream may not be claimed again before then (a parked stream). A
+        lease an operator's skip revoked is let go under its revoked value."""
         k = lease.keys
         return stream_call(
             "release",
             k,
             [
-                lease.token,
+                "!" + lease.token if lease.revoked else lease.token,
                 k.stream,
                 len(acks),
                 len(started),
@@ -278,6 +289,12 @@ class Ops:
             k,
             [stream, self.keys.wake(k.shard), k.shard, "front" if front else "back", limit, low, high, task_id or ""],
         )
+
+
+def is_halt_notice(message: Any) -> bool:
+    """A wake-up message that asks holders to renew at once ('h' .. shard: an operator paused
+    or skipped a stream of the shard), rather than naming a shard with new work."""
+    return isinstance(message, (bytes, str)) and message[:1] in (b"h", "h")
 
 
 def _text(value: Any) -> str:

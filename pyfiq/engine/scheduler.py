@@ -72,6 +72,15 @@ class Scheduler:
         self.tasks = tasks
         shards = ops.keys.shards
         self.held: dict[str, Lease] = {}
+        #: Leases let go after an operator's skip while their skipped task still runs here: no
+        #: longer held (the stream may be claimed again, here too), but the execution keeps
+        #: its worker slot until it ends.
+        self._stuck: set[int] = set()
+        #: False once the worker no longer dispatches (stopping, stopped, failed): it then
+        #: claims nothing and tells the fleet it polls no shard, so others poll them.
+        self.dispatching = True
+        # Calls a heartbeat's replies asked for (a pause's confirmation, a skip's let-go).
+        self._followups: list[tuple[Lease, str, Call]] = []
         self._lock = threading.Lock()
         self._shard_due = [0.0] * shards
         # Looks asked for by events (a claim, a lease about to lapse, a scan paging on), made
@@ -108,7 +117,7 @@ class Scheduler:
 
     def free(self) -> int:
         with self._lock:
-            return self.concurrency - len(self.held)
+            return self.concurrency - len(self.held) - len(self._stuck)
 
     def held_leases(self) -> list[Lease]:
         with self._lock:
@@ -125,8 +134,8 @@ class Scheduler:
         """The shards worth a look now, and the calls that look."""
         queues = self.consumed_queues()
         with self._lock:
-            free = self.concurrency - len(self.held)
-            if free <= 0 or not queues:
+            free = self.concurrency - len(self.held) - len(self._stuck)
+            if free <= 0 or not queues or not self.dispatching:
                 return [], []  # wake-ups stay pending until there is room to act on them
             woken, self._woken = self._woken, set()
             for stream, until in list(self._avoid.items()):
@@ -191,7 +200,9 @@ class Scheduler:
 
     def finished(self, lease: Lease, run: StreamRun | None) -> None:
         with self._lock:
-            self.held.pop(lease.stream, None)
+            if self.held.get(lease.stream) is lease:  # after a skip's let-go it may be held anew
+                del self.held[lease.stream]
+            self._stuck.discard(id(lease))
             self._done += lease.done
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
@@ -203,7 +214,7 @@ class Scheduler:
     def idle_wait(self, now: float) -> float:
         """How long the dispatcher may sleep unless woken."""
         with self._lock:
-            full = len(self.held) >= self.concurrency
+            full = len(self.held) + len(self._stuck) >= self.concurrency
             woken = bool(self._woken)
         if full or not self.consumed_queues():
             return self.settings.poll_interval
@@ -237,7 +248,7 @@ class Scheduler:
         while this replica is missing from a view with room for it (it was counted as gone)."""
         queues = self.consumed_queues()
         with self._lock:
-            polls = bool(queues) and len(self.held) < self.concurrency
+            polls = bool(queues) and self.dispatching and len(self.held) + len(self._stuck) < self.concurrency
         group = poll_group(queues)
         member = f"{group}|{replica}"
         self._beats += 1
@@ -306,7 +317,9 @@ class Scheduler:
                 task_id=run.deferred,
                 grace=self.settings.unknown_task_grace,
             )
-        if step.reason == "fenced":
+        if step.reason == "fenced" and lease.revoked:
+            log.info("pyfiq.lease_revoked", stream=lease.stream, fencing_token=lease.fence, skipped=lease.skipped)
+        elif step.reason == "fenced":
             log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
 
     def forget_unknown(self, task_id: str) -> None:
@@ -386,14 +399,65 @@ class Scheduler:
                 if time.monotonic() >= lease.valid_until:
                     lease.mark_lost(f"renewal failed until the lease may have lapsed: {describe_error(reply)}")
                     lost.append(lease)
-            elif RenewReply(int(reply)) is RenewReply.RENEWED:
+            else:
+                status = RenewReply(int(reply[0] if isinstance(reply, list) else reply))
+                if status is RenewReply.REFUSED:
+                    if not lease.ending:  # a lease released a moment ago is not lost
+                        lease.mark_lost("renewal refused: the lease lapsed or was taken over")
+                        lost.append(lease)
+                    continue
                 lease.confirm(sent_at)
-            elif not lease.ending:  # a lease released a moment ago is not lost
-                lease.mark_lost("renewal refused: the lease lapsed or was taken over")
-                lost.append(lease)
+                if status is RenewReply.PAUSED:
+                    self._on_paused(lease)
+                elif status is RenewReply.REVOKED:
+                    self._on_revoked(lease, reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1]))
         for lease in lost:
             log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
         return lost
+
+    # -- operator actions reaching work taken ahead ------------------------------------------
+
+    def _on_paused(self, lease: Lease) -> None:
+        """The stream is paused: start nothing more under the lease, then say so in Redis,
+        which is what ``pause()`` waits for (the halt is in place before the call is made)."""
+        if lease.halt("paused"):
+            log.info("pyfiq.stream_halted", stream=lease.stream, reason="paused")
+        if lease.halted and not lease.halt_confirmed:
+            self._followups.append((lease, "halted", self.ops.halted(lease)))
+
+    def _on_revoked(self, lease: Lease, skipped: str) -> None:
+        """An operator's skip revoked the lease. Nothing more starts under it; the run lets go
+        at its next step, or, if what runs here now is the skipped task itself (a head stuck
+        in one endless call), the heartbeat lets go on its behalf at once, so the stream moves
+        on while that execution, whose result no longer counts, keeps its worker slot."""
+        if lease.revoke(skipped):
+            log.info("pyfiq.lease_revoked", stream=lease.stream, fencing_token=lease.fence, skipped=skipped)
+        running = lease.running
+        if running is not None and running[0] == skipped and not lease.letting_go:
+            lease.letting_go = True
+            acks = lease.unconfirmed_acks() if lease.unconfirmed_acks is not None else []
+            self._followups.append((lease, "let_go", self.ops.release(lease, acks)))
+        elif not lease.halt_confirmed:
+            self._followups.append((lease, "halted", self.ops.halted(lease)))
+
+    def followups(self) -> list[tuple[Lease, str, Call]]:
+        """Calls the last heartbeat's replies asked for; send them, then ``on_followups``."""
+        out, self._followups = self._followups, []
+        return out
+
+    def on_followups(self, items: Sequence[tuple[Lease, str, Call]], replies: Sequence[Any]) -> None:
+        for (lease, kind, _), reply in zip(items, replies, strict=True):
+            failed = isinstance(reply, Exception)
+            if kind == "halted":
+                lease.halt_confirmed = not failed and int(reply) == 1
+            elif failed:
+                lease.letting_go = False  # the next heartbeat tries again
+            else:
+                lease.mark_lost("let go after an operator's skip")
+                with self._lock:
+                    if self.held.get(lease.stream) is lease:
+                        del self.held[lease.stream]
+                        self._stuck.add(id(lease))
 
     def abort_all(self) -> None:
         for lease in self.held_leases():

@@ -22,7 +22,7 @@ from .. import hooks
 from ..task import Entry
 from .keys import queue_of
 from .lease import Lease
-from .outcomes import Acked, DeadLettered, Deferred, Fenced, Outcome
+from .outcomes import Aborted, Acked, DeadLettered, Deferred, Fenced, Outcome
 from .protocol import PARK_AFTER_MS, Call, FencedReply, Ops, RateLimit, TakeReply
 
 
@@ -55,8 +55,9 @@ class Pause:
 @dataclass(frozen=True)
 class Finished:
     #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
-    #: permit), 'paused' (an operator paused it), 'fenced', 'abandoned', 'failed' (the
-    #: background call failed: the driver raises its error and hands the stream back)
+    #: permit), 'paused' (an operator paused it), 'skipped' (an operator's skip revoked the
+    #: lease: let go), 'fenced', 'abandoned', 'failed' (the background call failed: the driver
+    #: raises its error and hands the stream back)
     reason: str
 
 
@@ -133,7 +134,6 @@ class StreamRun:
         self._drained = False
         #: What to do once the background call's reply is in (set with an ``Await`` step).
         self._then: Callable[[], Step] | None = None
-        self._paused = False
         #: The background call's error: the driver raises it once the outcome it ran beside is
         #: fed, so ``fail`` names what really finished.
         self.broken: BaseException | None = None
@@ -143,6 +143,13 @@ class StreamRun:
         self._dead: DeadLettered | None = None
         # Bound once: a feed per task and per call is a hot path.
         self._handlers: dict[str, Callable[[Any], Step]] = {w: getattr(self, m) for w, m in _HANDLERS.items()}
+        lease.unconfirmed_acks = self._unconfirmed_acks
+
+    def _unconfirmed_acks(self) -> list[str]:
+        """Acknowledgements not yet confirmed by Redis, oldest first. Read by the heartbeat
+        (another thread) to let go on this run's behalf: copied before iterating."""
+        sent = list(self._sent)
+        return [*self._unconfirmed, *(a for acks, _, _ in sent for a in acks), *self.acks]
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
@@ -160,7 +167,9 @@ class StreamRun:
     def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Step:
         def release() -> Step:
             self._final = final
-            return self._call(self.ops.release(self.lease, self.acks, started, delay_ms))
+            # Acknowledgements a revoked lease's takes carried were refused: they go again here.
+            acks = [*self._unconfirmed, *self.acks] if self.lease.revoked else self.acks
+            return self._call(self.ops.release(self.lease, acks, started, delay_ms))
 
         return self._sync(release)
 
@@ -196,10 +205,13 @@ class StreamRun:
         status = TakeReply(int(result[0]))
         if status is TakeReply.FENCED:
             self.lease.mark_lost("take refused")
+        elif status is TakeReply.REVOKED:
+            self._unconfirmed += acks
+            self.lease.revoke()
         elif status is TakeReply.EMPTY:  # cannot happen while tasks are in flight: trust Redis
             self.lease.mark_lost("stream forgotten by Redis")
         elif status is TakeReply.PAUSED:
-            self._paused = True
+            self.lease.halt("paused")
         elif status is TakeReply.TASKS:
             self.lease.clock(int(result[1]), sent_at)
             for i in range(2, len(result), 2):
@@ -220,8 +232,10 @@ class StreamRun:
             return Finished("abandoned")
         if self.lease.lost:
             return Finished("fenced")
-        if self._paused:
-            return self._release([], final="paused")
+        if self.lease.halted:
+            # An operator paused the stream or skipped its head: what was taken ahead goes
+            # back, in order, and a revoked lease is let go (see skip.lua).
+            return self._release([], final="skipped" if self.lease.revoked else "paused")
         if self._stopping() or (not self.buffer and self.processed >= self.settings.batch_limit):
             # Graceful stop or fair yield: give back what was taken but not started.
             self.yielded = not self._stopping()
@@ -274,6 +288,9 @@ class StreamRun:
         if status is TakeReply.FENCED:
             self.lease.mark_lost("take refused")
             return Finished("fenced")
+        if status is TakeReply.REVOKED:
+            self.lease.revoke()  # the acknowledgements it carried go with the let-go
+            return self._next()
         self.acks = []
         if status is TakeReply.EMPTY:
             return Finished("empty")
@@ -281,7 +298,8 @@ class StreamRun:
         if status is TakeReply.ACKED:
             return self._next()
         if status is TakeReply.PAUSED:
-            return self._release([], final="paused")
+            self.lease.halt("paused")
+            return self._next()
         self.lease.clock(int(result[1]), self._sent_at)
         for i in range(2, len(result), 2):
             self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
@@ -344,6 +362,9 @@ class StreamRun:
             self.deferred = outcome.task_id
             self._head_started = False  # handed back unrun: a resend after an error must say so
             return self._release([])
+        if isinstance(outcome, Aborted) and not outcome.ran:
+            self._head_started = False  # halted before it started: it goes back unrun
+            return self._next()
         # Aborted by a stop mid-retry: the task ran, so it may not go back as never delivered.
         return self._release([self.buffer[0][0].id])
 

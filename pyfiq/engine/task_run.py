@@ -77,7 +77,15 @@ class TaskRun:
         lost or the worker is stopping."""
         if self.lease.abort.is_set() or self.lease.lapsed():
             return None
-        self.attempts += 1
+        if self.attempts == 0:
+            # Under the lease's gate: a halt that has returned (and been confirmed to an
+            # operator's pause) is never followed by a first attempt here.
+            with self.lease.gate:
+                if self.lease.halted:
+                    return None
+                self.attempts = 1
+        else:
+            self.attempts += 1
         self.started = time.monotonic()
         if self.attempts > 1:
             self.ctx = replace(self.ctx, attempt=self.attempts)
@@ -174,6 +182,9 @@ class TaskRun:
         )
 
     def _fenced(self) -> Outcome:
+        if self.lease.revoked and self.lease.skipped == self.ctx.id:
+            self.logger.info("pyfiq.task_skipped_while_running", attempts=self.attempts)
+            return Fenced(ran=False)  # dead-lettered by the operator: nothing to report
         if self.attempts:
             self.logger.error(
                 "pyfiq.task_outlived_lease",
@@ -187,6 +198,8 @@ class TaskRun:
     def interrupted(self) -> Outcome:
         if self.lease.lost:
             return self._fenced()
+        if self.attempts == 0:
+            return Aborted(ran=False)  # halted by an operator before it started
         self.logger.info("pyfiq.task_interrupted_by_stop")
         return Aborted()
 

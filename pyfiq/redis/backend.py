@@ -38,6 +38,7 @@ from ..engine.outcomes import dead_letter_header
 from ..engine.protocol import Call, Ops
 from ..errors import AccessDeniedError, BackendUnavailableError, ConfigurationError, DecodeError
 from ..task import Entry, TaskRecord
+from . import halts
 from .coalesce import AsyncCoalescer, Coalescer
 from .connect import (
     AsyncWakeListener,
@@ -48,6 +49,7 @@ from .connect import (
     sentinel_addresses,
 )
 from .durable import acall_durably, call_durably, waited
+from .halts import HaltReport
 from .lean import LeanConnections
 from .scripts import Scripts
 
@@ -815,11 +817,19 @@ class RedisQueueBackend:
                 out.append({"replica": replica.decode(), **info, "silent_s": round(silent, 3)})
         return sorted(out, key=lambda r: str(r["replica"]))
 
-    def pause(self, queue: str, key: str | None = None) -> None:
+    def pause(self, queue: str, key: str | None = None, *, wait: float | None = None) -> HaltReport:
         """Pause a queue (every stream of it, across the fleet) or one keyed stream of it: a
         running task finishes, nothing new starts, enqueues are still accepted. The state is
-        kept in Redis, so it survives restarts of the workers and of Redis (with AOF)."""
+        kept in Redis, so it survives restarts of the workers and of Redis (with AOF).
+
+        Returns once every worker holding an affected stream has confirmed that it starts
+        nothing more (tasks it took ahead go back to the stream, in order), or its lease has
+        ended: from then on no task of the target starts anywhere. The wait is bounded by
+        ``wait`` seconds, by default the lease TTL and a second (a holder that cannot answer
+        loses its lease by then); the report says who confirmed and who did not."""
         self._set_paused(queue, key, add=True)
+        target = stream_name(queue, key)
+        return halts.wait_for_holders(self, target, halts.leased_streams(self, queue, key), wait)
 
     def resume(self, queue: str, key: str | None = None) -> None:
         """Undo ``pause``; idle workers are woken to look at once."""
@@ -853,13 +863,16 @@ class RedisQueueBackend:
 
     def skip(self, stream: str, reason: str = "skipped by an operator") -> str | None:
         """Dead-letter the head task of a stream as ``operator`` so the stream moves on (a head
-        that blocks it); the lease is revoked, which ends its holder's retries. Returns the
-        task id, or None when the stream holds no task."""
+        that blocks it); the lease is revoked, which ends its holder's retries. Nobody else
+        claims the stream until that holder has let go (at once if it runs only the skipped
+        task, else when the task it runs now ends) or, if it died, its lease has lapsed, so
+        tasks it took ahead never run twice at once. Returns the task id, or None when the
+        stream holds no task."""
         header = dead_letter_header(
             "operator", replica=f"operator@{socket.gethostname()}", deliveries=0, error=RuntimeError(reason)
         )
         reply = self.call(self.ops.skip(stream, header))
-        return Entry.load(reply[1]).id if int(reply[0]) == 1 else None
+        return Entry.load(reply[1]).id if int(reply[0]) in (1, 2) else None
 
     def active_streams(self) -> list[str]:
         """Streams with work or a lease (the ready sets); idle streams are not tracked."""

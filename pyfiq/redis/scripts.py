@@ -26,6 +26,7 @@ NAMES = (
     "lost",
     "skip",
     "beat",
+    "halted",
 )
 
 
@@ -56,3 +57,4 @@ class Scripts:
     lost: Any
     skip: Any
     beat: Any
+    halted: Any

@@ -17,7 +17,7 @@ from .. import api, hooks
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
-from ..engine.protocol import Call, RateLimit
+from ..engine.protocol import Call, RateLimit, is_halt_notice
 from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError
@@ -109,6 +109,8 @@ class AsyncWorker(WorkerBase):
         self._nudge = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        # Set to renew now: an operator's pause or skip asks holders to hear of it at once.
+        self._beat_now = asyncio.Event()
         self._abandoned = asyncio.Event()
         self._executors: list[asyncio.Task[None]] = []
         self._control: list[asyncio.Task[None]] = []
@@ -161,6 +163,8 @@ class AsyncWorker(WorkerBase):
         self._abandoned.set()
         self._stopping.set()
         self._stopped.set()
+        self.scheduler.dispatching = False
+        self._beat_now.set()
         self._nudge.set()
         self.scheduler.abort_all()
         for _ in self._executors:
@@ -197,6 +201,8 @@ class AsyncWorker(WorkerBase):
             return self._stopped.is_set()
         deadline = time.monotonic() + timeout
         self._stopping.set()
+        self.scheduler.dispatching = False
+        self._beat_now.set()  # tell the fleet at once that this replica polls no shard
         self._nudge.set()
         # The dispatcher first, so a lease being acquired reaches an executor that releases it.
         assert self._dispatcher is not None
@@ -293,8 +299,11 @@ class AsyncWorker(WorkerBase):
                 while not self._stopped.is_set():
                     message = await pubsub.get_message(timeout=0.5)
                     if message and message.get("type") == "message":
-                        self.scheduler.wake([int(message["data"])])
-                        self._nudge.set()
+                        if is_halt_notice(message["data"]):  # an operator acted: renew now
+                            self._beat_now.set()
+                        else:
+                            self.scheduler.wake([int(message["data"])])
+                            self._nudge.set()
             except Exception as exc:
                 self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
                 await _wait(self._stopped, min(1.0, self.settings.poll_interval))
@@ -303,8 +312,10 @@ class AsyncWorker(WorkerBase):
                     await pubsub.aclose()
 
     async def _heartbeat(self) -> None:
-        while not await _wait(self._stopped, self.scheduler.heartbeat_wait(time.monotonic())):
-            if self._abandoned.is_set():
+        while True:
+            await _wait(self._beat_now, self.scheduler.heartbeat_wait(time.monotonic()))
+            self._beat_now.clear()
+            if self._abandoned.is_set() or self._stopped.is_set():
                 break
             now = time.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
@@ -315,6 +326,13 @@ class AsyncWorker(WorkerBase):
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            if followups := self.scheduler.followups():
+                try:
+                    answers: list[Any] = await self.backend.acall_many([call for _, _, call in followups])
+                except Exception as exc:
+                    answers = [exc] * len(followups)
+                self.scheduler.on_followups(followups, answers)
+                self._nudge.set()  # a let-go makes the stream claimable, here too
             if self.scheduler.gained_shards():
                 self._nudge.set()
 

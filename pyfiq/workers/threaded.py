@@ -21,7 +21,7 @@ from .. import api, hooks
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
-from ..engine.protocol import RateLimit
+from ..engine.protocol import RateLimit, is_halt_notice
 from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
@@ -82,6 +82,8 @@ class ThreadedWorker(WorkerBase):
         self._stopping = threading.Event()
         self._abandoned = threading.Event()
         self._stopped = threading.Event()
+        # Set to renew now: an operator's pause or skip asks holders to hear of it at once.
+        self._beat_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self._control: list[threading.Thread] = []
         self._dispatcher: threading.Thread | None = None
@@ -164,6 +166,8 @@ class ThreadedWorker(WorkerBase):
                 return not self._busy()
             deadline = time.monotonic() + timeout
             self._stopping.set()
+            self.scheduler.dispatching = False
+            self._beat_now.set()  # tell the fleet at once that this replica polls no shard
             self._nudge.set()
             # The dispatcher first: a lease it is acquiring right now must reach an executor
             # (which releases it) before the executors are told to exit.
@@ -178,6 +182,7 @@ class ThreadedWorker(WorkerBase):
                 t.join(max(0.0, deadline - time.monotonic()))
                 clean = clean and not t.is_alive()
             self._stopped.set()
+            self._beat_now.set()
             for t in self._control:
                 t.join(max(0.0, min(2.0, deadline - time.monotonic())))
             if clean:
@@ -200,6 +205,8 @@ class ThreadedWorker(WorkerBase):
         self._abandoned.set()
         self._stopping.set()
         self._stopped.set()
+        self.scheduler.dispatching = False
+        self._beat_now.set()
         self._nudge.set()
         self.scheduler.abort_all()
         for _ in self._threads:
@@ -281,8 +288,12 @@ class ThreadedWorker(WorkerBase):
                     self._nudge.set()
                 message = pubsub.get_message(timeout=0.5)
                 if message and message.get("type") == "message":
-                    self.scheduler.wake([int(message["data"])])
-                    self._nudge.set()
+                    data = message["data"]
+                    if is_halt_notice(data):  # an operator acted on a stream: renew (and hear it) now
+                        self._beat_now.set()
+                    else:
+                        self.scheduler.wake([int(data)])
+                        self._nudge.set()
             except Exception as exc:
                 self.log.debug("pyfiq.wake_listener_reconnecting", error=describe_error(exc))
                 if pubsub is not None:
@@ -296,7 +307,8 @@ class ThreadedWorker(WorkerBase):
 
     def _heartbeat(self) -> None:
         while True:
-            self._stopped.wait(self.scheduler.heartbeat_wait(time.monotonic()))
+            self._beat_now.wait(self.scheduler.heartbeat_wait(time.monotonic()))
+            self._beat_now.clear()
             # Past a stop, heartbeats go on while a task still runs: its lease must not lapse
             # under a live execution (another replica would run the same task meanwhile).
             if self._abandoned.is_set() or (self._stopped.is_set() and not self._busy()):
@@ -310,6 +322,13 @@ class ThreadedWorker(WorkerBase):
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            if followups := self.scheduler.followups():
+                try:
+                    answers: list[Any] = self.backend.call_many([call for _, _, call in followups])
+                except Exception as exc:
+                    answers = [exc] * len(followups)
+                self.scheduler.on_followups(followups, answers)
+                self._nudge.set()  # a let-go makes the stream claimable, here too
             if self.scheduler.gained_shards():
                 self._nudge.set()
         if self._stopped.is_set() and not self._abandoned.is_set():

@@ -1,8 +1,14 @@
 --[[
   Dead-letter the head task of a stream as 'operator' (a blocked head: a task retried forever,
   or one that keeps outliving its lease), so the stream moves on. The head is the first task in
-  flight, or the first pending one when none is. The lease is revoked: its holder's next call or
-  renewal is refused, which ends its retries of that task.
+  flight, or the first pending one when none is.
+
+  A stream nobody holds is claimable at once. A held one has its lease revoked: its value
+  becomes '!' .. token, so every call of the holder is refused (which ends its retries of the
+  head), yet nobody else may claim the stream until that holder lets go (a release under
+  '!' .. token, once it runs nothing of the stream but the skipped task) or, if it died, the
+  revocation lapses with the lease's TTL. So tasks it took ahead never run on two replicas at
+  once. The holder is told at once on the wake-up channel ('h' .. shard: renew now).
 
   Input:
     KEYS[1]      lease key of the stream
@@ -21,7 +27,8 @@
     ARGV[4]      shard number
 
   Output:
-    { 0 } when the stream holds no task; { 1, entry } with the entry dead-lettered
+    { 0 } when the stream holds no task; { 1, entry } with the entry dead-lettered (and the
+    stream claimable); { 2, entry } the same, the lease revoked and its holder told
 ]]
 local lease = KEYS[1]
 local pending = KEYS[2]
@@ -44,6 +51,24 @@ redis.call('LPOP', source)
 local id = parse_entry(entry)
 if id then clear_marks(meta, id) end
 dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1], counts = counts }, ARGV[2], entry, id)
+local held = redis.call('GET', lease)
+if held then
+  if source == inflight then
+    -- The holder was handed this entry: its count of leading in-flight entries shrinks by it.
+    local handed = tonumber(redis.call('HGET', meta, 'handed') or '0') - 1
+    if handed < 0 then handed = 0 end
+    redis.call('HSET', meta, 'handed', handed)
+  end
+  if string.sub(held, 1, 1) ~= '!' then
+    redis.call('SET', lease, '!' .. held, 'KEEPTTL')
+  end
+  redis.call('HSET', meta, 'skipped', id or '')
+  local left = redis.call('PTTL', lease)
+  if left < 0 then left = 0 end
+  ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now_ms() + left)
+  wake(ARGV[3], 'h' .. ARGV[4])
+  return { 2, entry }
+end
 give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
                 stream = ARGV[1], channel = ARGV[3], shard = ARGV[4] }, 0)
 return { 1, entry }

@@ -24,6 +24,8 @@
 
   Output:
     { -1 }                       the caller's lease is gone: nothing was changed
+    { -2 }                       an operator's skip revoked the lease (see skip.lua): nothing
+                                 was changed; the holder starts nothing more and lets go
     { 2 }                        acknowledged, nothing taken (ARGV[4] was 0)
     { 3 }                        acknowledged, nothing taken: the stream or its queue is paused
     { 0 }                        the stream is empty: the lease was released and forgotten
@@ -42,7 +44,11 @@ local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local paused = KEYS[10]
 local counts = KEYS[11]
-if redis.call('GET', lease) ~= ARGV[1] then return { -1 } end
+local held = redis.call('GET', lease)
+if held ~= ARGV[1] then
+  if held == '!' .. ARGV[1] then return { -2 } end
+  return { -1 }
+end
 local nack = tonumber(ARGV[3])
 if not ack_head(inflight, meta, argv_slice(7, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
