@@ -1,0 +1,233 @@
+"""Operator actions against a holder that has taken tasks ahead (group acknowledgements, or
+``prefetch`` with inline ones): a skip never lets a task run on two workers at once, a pause
+that has returned is never followed by a start, and a skip moves the stream on even when the
+only replica is stuck in the skipped task. Real redis-server, real workers."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import pyfiq
+from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq.engine.scheduler import poll_owners
+from tests.conftest import unique_prefix, wait_until
+
+#: A lease TTL long enough that waiting it out is not what makes these tests pass.
+SLOW_LEASE = {"lease_ttl": 6.0, "poll_interval": 0.2, "shards": 4}
+
+MODES = [
+    pytest.param({}, id="group"),
+    pytest.param({"ack_mode": "inline", "prefetch": 8}, id="inline-prefetch-8"),
+]
+
+
+class Journal:
+    """Each run of a task: (task number, worker thread, start, end) on this process's clock."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, str, float, float]] = []
+        self.lock = threading.Lock()
+
+    def record(self, i: int, start: float) -> None:
+        with self.lock:
+            self.runs.append((i, threading.current_thread().name, start, time.monotonic()))
+
+    def numbers(self) -> list[int]:
+        with self.lock:
+            return [i for i, *_ in self.runs]
+
+    def overlaps(self) -> list[tuple[int, int]]:
+        """Pairs of runs of the one stream that overlapped in time."""
+        with self.lock:
+            runs = sorted(self.runs, key=lambda r: r[2])
+        return [(a[0], b[0]) for a, b in itertools.pairwise(runs) if b[2] < a[3]]
+
+
+def backend_for(server: Any, prefix: str, **settings: Any) -> RedisQueueBackend:
+    return RedisQueueBackend(server.url, prefix=prefix, **{**SLOW_LEASE, **settings})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_skip_never_runs_a_task_taken_ahead_on_two_workers(redis_server: Any, mode: dict[str, Any]) -> None:
+    prefix, q = unique_prefix(), f"sk-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix, **mode)
+    pyfiq.configure(producer)
+    journal, stuck, head_started = Journal(), threading.Event(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t(i: int) -> None:
+        start = time.monotonic()
+        if i == 0:
+            head_started.set()
+            stuck.wait(10)  # ends a moment after the skip, as a slow call would
+            return
+        time.sleep(0.2)
+        journal.record(i, start)
+
+    for i in range(6):
+        t(i)
+    first = ThreadedWorker(backend_for(redis_server, prefix, **mode), queues=[q]).start()
+    second = None
+    try:
+        assert head_started.wait(5)
+        second = ThreadedWorker(backend_for(redis_server, prefix, **mode), queues=[q]).start()
+        time.sleep(0.5)  # the second worker is polling
+        assert producer.skip(q, "stuck") is not None
+        time.sleep(0.1)
+        stuck.set()  # the first worker's head ends while tasks it took ahead sit in its buffer
+        wait_until(lambda: sorted(set(journal.numbers())) == [1, 2, 3, 4, 5], timeout=15)
+        time.sleep(1.0)  # room for a second run, had one been started
+    finally:
+        stuck.set()
+        first.stop(5)
+        if second is not None:
+            second.stop(5)
+    assert journal.numbers() == [1, 2, 3, 4, 5], "each task once, in order"
+    assert journal.overlaps() == []
+    (dead,) = producer.dead_letters(q)
+    assert dead.reason == "operator"
+
+
+def test_a_skip_moves_the_stream_on_with_a_single_replica_stuck_in_the_head(redis_server: Any) -> None:
+    prefix, q = unique_prefix(), f"sk1-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix)
+    pyfiq.configure(producer)
+    journal, stuck, head_started = Journal(), threading.Event(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t(i: int) -> None:
+        start = time.monotonic()
+        if i == 0:
+            head_started.set()
+            stuck.wait(60)  # a call that never returns, as far as this test goes
+            return
+        journal.record(i, start)
+
+    for i in range(4):
+        t(i)
+    worker = ThreadedWorker(backend_for(redis_server, prefix), queues=[q]).start()
+    try:
+        assert head_started.wait(5)
+        skipped_at = time.monotonic()
+        producer.skip(q, "stuck for good")
+        # Well within one lease TTL (6 s): the holder let go as soon as it heard of the skip.
+        wait_until(lambda: journal.numbers() == [1, 2, 3], timeout=4)
+        assert not stuck.is_set(), "the stuck execution still runs"
+        assert journal.runs[0][2] - skipped_at < 3.0
+    finally:
+        stuck.set()
+        worker.stop(5)
+    assert journal.numbers() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_task_starts_once_pause_has_returned(redis_server: Any, mode: dict[str, Any]) -> None:
+    prefix, q = unique_prefix(), f"pz-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix, **mode)
+    pyfiq.configure(producer)
+    journal = Journal()
+    starts: list[float] = []
+
+    @fifo(queue=q, name=f"{q}.t")
+    def t(i: int) -> None:
+        start = time.monotonic()
+        starts.append(start)
+        time.sleep(0.3)
+        journal.record(i, start)
+
+    for i in range(12):
+        t(i)
+    worker = ThreadedWorker(backend_for(redis_server, prefix, **mode), queues=[q]).start()
+    try:
+        wait_until(lambda: len(starts) >= 2, timeout=5)
+        report = producer.pause(q)
+        returned = time.monotonic()
+        assert report.confirmed == [worker.replica] or report.ended, report
+        assert report.complete
+        time.sleep(1.5)  # five tasks' time: a buffered task would have started by now
+        late = [s for s in starts if s > returned]
+        assert late == [], f"{len(late)} task(s) started after pause() returned"
+        info = producer.queue_info(q)
+        ran = len(journal.numbers())
+        assert info["pending"] + info["inflight"] == 12 - ran, "what was taken ahead went back"
+        producer.resume(q)
+        wait_until(lambda: len(journal.numbers()) == 12, timeout=15)
+    finally:
+        worker.stop(5)
+    assert journal.numbers() == list(range(12))
+    assert journal.overlaps() == []
+
+
+def test_pause_of_a_queue_nobody_runs_returns_at_once(redis_server: Any) -> None:
+    producer = backend_for(redis_server, unique_prefix())
+    before = time.monotonic()
+    report = producer.pause("idle-queue")
+    assert report.complete and report.confirmed == [] and report.unconfirmed == []
+    assert time.monotonic() - before < 2.0
+    assert producer.paused() == ["idle-queue"]
+
+
+def test_a_worker_whose_stop_timed_out_leaves_its_shard_polls_to_others(redis_server: Any) -> None:
+    """A stopping worker still running a task keeps heartbeating, but it no longer dispatches:
+    the fleet must not count it as polling, or a crash elsewhere would never be taken over."""
+    fast = {"lease_ttl": 1.5, "poll_interval": 0.2, "shards": 4}
+    prefix = unique_prefix()
+    # Replica names under which the stopping worker owns some shard's poll.
+    tag = next(
+        t
+        for t in (uuid.uuid4().hex[:6] for _ in range(100))
+        if f"stopping-{t}" in poll_owners([f"stopping-{t}", f"live-{t}"], 4)
+    )
+    stopping_id, live_id = f"stopping-{tag}", f"live-{tag}"
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, **fast)
+    pyfiq.configure(producer)
+    # A crashed queue whose shard the shared poll gives to the stopping worker.
+    q1 = f"long-{tag}"
+    q2 = next(
+        f"crash-{tag}-{n}"
+        for n in range(1000)
+        if poll_owners([stopping_id, live_id], 4)[producer.keys.stream(f"crash-{tag}-{n}").shard] == stopping_id
+    )
+    release, runs = threading.Event(), []
+
+    @fifo(queue=q1, name=f"{q1}.t")
+    def long(i: int) -> None:
+        release.wait(20)
+
+    @fifo(queue=q2, name=f"{q2}.t")
+    def crash(i: int) -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            release.wait(20)  # on the replica that is then killed
+
+    def worker(replica: str) -> ThreadedWorker:
+        return ThreadedWorker(
+            RedisQueueBackend(redis_server.url, prefix=prefix, **fast), queues=[q1, q2], replica=replica
+        )
+
+    stopping = worker(stopping_id).start()
+    crashing = live = None
+    try:
+        long(0)
+        wait_until(lambda: stopping.held_streams == [q1], timeout=5)
+        crashing = worker(f"crashing-{tag}").start()
+        assert stopping.stop(timeout=0.5) is False  # its task still runs
+        crash(0)
+        wait_until(lambda: crashing.held_streams == [q2], timeout=5)
+        live = worker(live_id).start()
+        time.sleep(1.0)  # the live worker's view of the pollers settles
+        crashing.abandon()  # as if killed: its lease on q2 lapses, nobody releases it
+        killed = time.monotonic()
+        wait_until(lambda: len(runs) == 2, timeout=1.5 + 0.2 + 2.0 + 2.0)
+        assert runs[1] - killed <= 1.5 + 0.2 + 2.0, "taken over within lease TTL + poll + 2 s"
+    finally:
+        release.set()
+        for w in (stopping, crashing, live):
+            if w is not None:
+                w.stop(5)
