@@ -231,3 +231,44 @@ def test_a_worker_whose_stop_timed_out_leaves_its_shard_polls_to_others(redis_se
         for w in (stopping, crashing, live):
             if w is not None:
                 w.stop(5)
+
+
+def test_requeue_to_the_front_keeps_order_across_pages_while_a_worker_runs_the_stream(redis_server: Any) -> None:
+    prefix, q = unique_prefix(), f"rq-{uuid.uuid4().hex[:8]}"
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, lease_ttl=6.0, poll_interval=0.2, shards=4)
+    pyfiq.configure(producer)
+    failing, ran = threading.Event(), []
+    failing.set()
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t(i: int) -> None:
+        if failing.is_set() and i < 3000:
+            raise RuntimeError("downstream down")
+        ran.append(i)
+        if i >= 3000:
+            time.sleep(0.005)  # pending work the holder is busy with during the requeue
+
+    for i in range(3000):
+        t(i)
+    worker = ThreadedWorker(
+        RedisQueueBackend(redis_server.url, prefix=prefix, lease_ttl=6.0, poll_interval=0.2, shards=4), queues=[q]
+    ).start()
+    try:
+        wait_until(lambda: producer.queue_info(q)["dead"] == 3000, timeout=60)
+        failing.clear()
+        for i in range(3000, 3400):
+            t(i)
+        wait_until(lambda: len(ran) >= 20, timeout=10)
+        moved = producer.requeue_dead_letters(q, front=True)
+        assert moved == 3000
+        wait_until(lambda: len(ran) == 3400, timeout=60)
+    finally:
+        worker.stop(5)
+    requeued = [i for i in ran if i < 3000]
+    assert requeued == list(range(3000)), "requeued tasks run in their original order"
+    assert sorted(ran) == list(range(3400)), "each task once"
+    # Ahead of the pending work: no pending task runs between the first and the last requeued
+    # one, except those the holder had already taken when the requeue began.
+    first, last = ran.index(0), ran.index(2999)
+    assert last - first == 2999
+    assert producer.paused() == [], "the requeue's own halt is lifted"
