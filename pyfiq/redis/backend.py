@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import inspect
 import json
 import math
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -20,23 +23,18 @@ import redis.asyncio.connection
 import redis.asyncio.retry
 import redis.connection
 import redis.retry
-from tenacity import (
-    AsyncRetrying,
-    BaseRetrying,
-    RetryError,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
 
-from ..config import Settings, validate_seconds
+from ..config import SecretURL, Settings, validate_seconds
 from ..engine.keys import KeySchema, queue_of, stream_name, validate_queue_name
 from ..engine.outcomes import dead_letter_header
-from ..engine.protocol import Call, Ops
-from ..errors import AccessDeniedError, BackendUnavailableError, ConfigurationError, DecodeError
+from ..engine.protocol import ENQUEUE_ITEMS, Call, Ops
+from ..errors import (
+    AccessDeniedError,
+    BackendUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    EnqueueOutcomeUnknown,
+)
 from ..task import Entry, TaskRecord
 from . import halts
 from .coalesce import AsyncCoalescer, Coalescer
@@ -50,10 +48,8 @@ from .connect import (
 )
 from .durable import acall_durably, call_durably, waited
 from .halts import HaltReport
-from .lean import LeanConnections
+from .lean import Attempt, LeanConnections, apooled_exchange
 from .scripts import Scripts
-
-R = TypeVar("R", bound=BaseRetrying)
 
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
@@ -90,6 +86,27 @@ def redirections_exhausted(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     """Worth a bounded retry: Redis may be back in a moment (not so a refused password)."""
     return (isinstance(exc, TRANSIENT) or redirections_exhausted(exc)) and not is_denied(exc)
+
+
+#: What redis-py says when a pooled connection fails its readiness check, before any command.
+_UNUSED_CONNECTION = ("Connection has data", "Connection not ready")
+
+
+def never_ran(exc: BaseException) -> bool:
+    """Whether a call that failed with ``exc`` certainly did not run: Redis answered with a
+    refusal (every transient one refuses before running: CLUSTERDOWN, TRYAGAIN, READONLY, a
+    redirection), the client refused to send it, or the connection failed while connecting
+    (redis-py's own words). Any other failure may have come after the request was written."""
+    if isinstance(exc, (redis.ResponseError, AccessDeniedError, ConfigurationError)):
+        return True
+    if is_denied(exc) or redirections_exhausted(exc):
+        return True
+    if isinstance(exc, (redis.exceptions.SlotNotCoveredError, redis.exceptions.MaxConnectionsError)):
+        return True
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        text = str(exc)
+        return "connecting to" in text or text in _UNUSED_CONNECTION
+    return False
 
 
 def _memory_client(name: str, *, asynchronous: bool = False) -> Any:
@@ -274,6 +291,87 @@ def _layout_error(exc: redis.ResponseError) -> ConfigurationError | None:
     )
 
 
+class _Retry:
+    """The retry budget of one enqueue. Transient failures are retried with exponential back-off
+    (50 ms doubling up to 1 s, plus up to 50 ms of jitter) until ``enqueue_timeout`` has passed
+    since the enqueue began, or ``enqueue_attempts`` tries were made. A failure after which the
+    request may have run (``never_ran`` says no, and it was sent) ends the enqueue with
+    ``EnqueueOutcomeUnknown``, unless re-sending cannot store a task twice: every task has a
+    dedup key, and the dedup window outlasts twice the retry window."""
+
+    def __init__(
+        self,
+        backend: RedisQueueBackend,
+        call: Call,
+        stream: str,
+        dedup_keys: Sequence[str] | None,
+        started: float | None,
+    ) -> None:
+        self.backend, self.call, self.stream = backend, call, stream
+        self.started = time.monotonic() if started is None else started
+        settings = backend.settings
+        every = dedup_keys is not None and len(dedup_keys) == len(call.args[ENQUEUE_ITEMS::3])
+        self.resend_safe = every and settings.dedup_window > 2 * settings.enqueue_timeout
+        self.tries = 0
+        #: An earlier try may have stored the tasks (then re-sent with their dedup keys).
+        self.maybe = False
+
+    def failed(self, exc: BaseException | None, sent: bool) -> float:
+        """Seconds to wait before the next try after one failed with ``exc`` (None: nothing
+        failed yet); raises when there is to be none. A refusal that ran nothing is raised as
+        it is, except from a shared round trip, whose callers each try alone."""
+        if exc is None:
+            return 0.0
+        first = self.tries == 0 and not self.maybe
+        if sent and not never_ran(exc):
+            if not self.resend_safe:
+                raise self.backend.outcome_unknown(self.stream, self.call, exc) from exc
+            self.maybe = True
+        elif not is_transient(exc):
+            if first:
+                return 0.0
+            raise exc
+        self.tries += 1
+        settings = self.backend.settings
+        elapsed = time.monotonic() - self.started
+        if elapsed >= settings.enqueue_timeout or (
+            settings.enqueue_attempts is not None and self.tries >= settings.enqueue_attempts
+        ):
+            if self.maybe:
+                raise self.backend.outcome_unknown(self.stream, self.call, exc) from exc
+            raise BackendUnavailableError(
+                f"could not enqueue to {self.stream!r} on {self.backend.address}: Redis unreachable after "
+                f"{self.tries} attempts ({exc}); nothing was stored"
+            ) from exc
+        backoff = min(1.0, 0.05 * 2.0 ** (self.tries - 1)) + random.uniform(0, 0.05)
+        return min(backoff, settings.enqueue_timeout - elapsed)
+
+
+class _PipelineExchange:
+    """``lean.Exchange`` for a client without the lean path: its own pipeline. An interruption
+    drops the pipeline's connection (redis-py's choice), so ``finish`` cannot read what was
+    left: the calls it carried may have run."""
+
+    def __init__(self, client: Any, commands: Sequence[tuple[Any, ...]]) -> None:
+        self._client = client
+        self._commands = commands
+        self.sent = False
+        self.replies: list[Any] = []
+
+    def run(self) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for command in self._commands:
+            pipe.execute_command(*command)
+        self.sent = True  # redis-py connects inside: never_ran() tells a failure to connect
+        self.replies = list(pipe.execute(raise_on_error=False))
+        return self.replies
+
+    def finish(self) -> list[Any]:
+        if len(self.replies) == len(self._commands):
+            return self.replies
+        raise redis.ConnectionError("the round trip was interrupted and its connection dropped")
+
+
 @dataclass(frozen=True)
 class TaskHandle:
     """What enqueuing returns. ``duplicate`` is true when a dedup key matched an earlier task,
@@ -338,7 +436,7 @@ class RedisQueueBackend:
         settings = settings or Settings()
         if overrides:
             settings = settings.replace(**overrides)
-        self.url = url
+        self.url = SecretURL(url)  # the URL as given; its repr hides the password
         self.settings = settings
         self.is_memory = url.startswith("memory://") and _topology is None
         if self.is_memory and settings.durable:
@@ -351,7 +449,7 @@ class RedisQueueBackend:
         self.is_cluster = given_cluster or (_topology is not None and _topology.sharded_pubsub)
         self.keys = KeySchema(settings.prefix, settings.shards, sharded_wake=self.is_cluster)
         self.ops = Ops(self.keys, settings)
-        self._memory_name = urlparse(url).netloc or "default"
+        self._memory_name = (urlparse(url).netloc if self.is_memory else "") or "default"
         self._given_async = async_client
         self._memory_async = client is None and async_client is None and self.is_memory
         self._owns_sync_pool = False
@@ -572,40 +670,73 @@ class RedisQueueBackend:
         return await self._acoalescer.enqueue(stream, items, dedup_keys)
 
     async def aenqueue_once(
-        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None,
+        attempt: Attempt,
     ) -> list[tuple[str, bool]]:
         call = self.ops.enqueue(stream, items, dedup_keys)
-        return Ops.parse_enqueue(call, await self.acall(call))
+        return Ops.parse_enqueue(call, await self._aenqueue_call(call, attempt))
 
     async def aenqueue_alone(
-        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None,
+        *,
+        sent: bool = False,
+        cause: BaseException | None = None,
+        started: float | None = None,
     ) -> list[tuple[str, bool]]:
+        """``enqueue_alone`` without blocking the event loop."""
         call = self.ops.enqueue(stream, items, dedup_keys)
-        try:
-            if not self._layout_checked:
-                await self._retrying(AsyncRetrying)(self.acheck_layout)
-            reply: Any = await self._retrying(AsyncRetrying)(self.acall, call)
-        except RetryError as exc:
-            raise self._unavailable(stream, exc) from exc.last_attempt.exception()
-        return Ops.parse_enqueue(call, reply)
+        retry = _Retry(self, call, stream, dedup_keys, started)
+        retry.failed(cause, sent)
+        while True:
+            attempt = Attempt()
+            try:
+                if not self._layout_checked:
+                    await self.acheck_layout()
+                return self._own(call, await self._aenqueue_call(call, attempt))
+            except Exception as exc:
+                delay = retry.failed(exc, attempt.sent)
+            await asyncio.sleep(delay)
 
-    async def asend_enqueues(self, calls: Sequence[Call]) -> list[Any]:
-        """``send_enqueues`` on the asyncio client."""
+    async def _aenqueue_call(self, call: Call, attempt: Attempt) -> Any:
         client, scripts = self._async_side()
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(2):
+        if self.settings.durable:
+            return await acall_durably(self, call, client, scripts, attempt)
+        script = scripts.enqueue
+        with self.translated():
+            if self._connections is None:
+                attempt.sent = True
+                return await script(keys=call.keys, args=call.args)
+            # The asyncio twin of the lean path's client: a plain pool, checked out directly.
+            command = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+            (reply,) = await apooled_exchange(client.connection_pool, [command], attempt)
+            if isinstance(reply, redis.exceptions.NoScriptError):  # Redis lost it: nothing ran
+                await client.script_load(script.script)
+                (reply,) = await apooled_exchange(client.connection_pool, [command], attempt)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+    async def asend_enqueues(self, calls: Sequence[Call], attempt: Attempt) -> list[Any]:
+        """The asyncio coalescer's shared round trip: several enqueue calls in one write,
+        replies (an error reply as its exception) in order. A call refused for a missing
+        script did not run: its caller sends it again alone, which loads the script."""
+        client, scripts = self._async_side()
+        sha = scripts.enqueue.sha
+        commands = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        with self.translated():
+            if self._connections is not None:
+                return list(await apooled_exchange(client.connection_pool, commands, attempt))
             pipe = client.pipeline(transaction=False)
-            for i in todo:
-                c = calls[i]
-                pipe.execute_command("EVALSHA", scripts.enqueue.sha, len(c.keys), *c.keys, *c.args)
-            with self.translated():
-                answers = await pipe.execute(raise_on_error=False)
-            todo = self._settle_enqueues(todo, answers, replies)
-            if not todo:
-                break
-            await client.script_load(scripts.enqueue.script)
-        return replies
+            for command in commands:
+                pipe.execute_command(*command)
+            attempt.sent = True
+            return list(await pipe.execute(raise_on_error=False))
 
     async def acheck_layout(self) -> None:
         if self._layout_checked:
@@ -696,82 +827,117 @@ class RedisQueueBackend:
         dedup_keys: Sequence[str] | None = None,
     ) -> list[tuple[str, bool]]:
         """Store encoded tasks; concurrent callers share round trips (see ``coalesce``), except
-        in durable mode: each caller's enqueue waits for its own replication, and a shared
-        round trip that failed is sent again alone, which must never follow a shortfall."""
+        in durable mode, where each caller's enqueue waits for its own replication."""
         if not self._layout_checked or self.settings.durable:
             return self.enqueue_alone(stream, items, dedup_keys)
         return self._coalescer.enqueue(stream, items, dedup_keys)
 
     def enqueue_once(
-        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None,
+        attempt: Attempt,
     ) -> list[tuple[str, bool]]:
         """One plain attempt, no retry bookkeeping (it costs a fifth of an enqueue)."""
         call = self.ops.enqueue(stream, items, dedup_keys)
-        return Ops.parse_enqueue(call, self.call(call))
+        return Ops.parse_enqueue(call, self._enqueue_call(call, attempt))
 
     def enqueue_alone(
-        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None
+        self,
+        stream: str,
+        items: Sequence[tuple[str, int, bytes]],
+        dedup_keys: Sequence[str] | None,
+        *,
+        sent: bool = False,
+        cause: BaseException | None = None,
+        started: float | None = None,
     ) -> list[tuple[str, bool]]:
-        """Enqueue retrying transient errors for ``enqueue_timeout``: after a shared round
-        trip failed, or the first time (when the shard layout is checked too)."""
+        """Enqueue, retrying transient errors until ``enqueue_timeout`` after ``started`` (now
+        by default): the first time (when the shard layout is checked too), in durable mode,
+        or after a shared round trip failed with ``cause`` (``sent``: its request may have been
+        written).
+
+        A request that may have been written is never sent again blindly: Redis may have stored
+        it, and only a retry that cannot store a task twice is made (every task has a dedup key
+        that outlives the retries: a task found stored under its own id was stored by an
+        earlier attempt, and is answered as new). Otherwise ``EnqueueOutcomeUnknown``."""
         call = self.ops.enqueue(stream, items, dedup_keys)
+        retry = _Retry(self, call, stream, dedup_keys, started)
+        retry.failed(cause, sent)
+        while True:
+            attempt = Attempt()
+            try:
+                if not self._layout_checked:
+                    self.check_layout()
+                return self._own(call, self._enqueue_call(call, attempt))
+            except Exception as exc:
+                delay = retry.failed(exc, attempt.sent)
+            time.sleep(delay)
+
+    def _enqueue_call(self, call: Call, attempt: Attempt) -> Any:
+        """One enqueue script call, ``attempt`` telling whether its request may have been
+        written: exactly on the lean path and in durable mode; on the client's own path from
+        the error (``never_ran``)."""
+        if self.settings.durable:
+            return call_durably(self, call, attempt)
+        script = self.scripts.enqueue
         try:
-            if not self._layout_checked:
-                self._retrying(Retrying)(self.check_layout)
-            reply = self._retrying(Retrying)(self.call, call)
-        except RetryError as exc:
-            raise self._unavailable(stream, exc) from exc.last_attempt.exception()
-        return Ops.parse_enqueue(call, reply)
+            if self._connections is None:
+                attempt.sent = True
+                return script(keys=call.keys, args=call.args)
+            command = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+            try:
+                return self._connections.call(command, attempt=attempt)
+            except redis.exceptions.NoScriptError:  # Redis lost it (a restart): nothing ran
+                self.client.script_load(script.script)
+                return self._connections.call(command, attempt=attempt)
+        except redis.RedisError as exc:
+            mine = self.translate(exc)
+            if mine is exc:
+                raise
+            raise mine from None
 
-    def _settle_enqueues(self, todo: list[int], answers: Sequence[Any], replies: list[Any]) -> list[int]:
-        """Put the answers of the calls ``todo`` (indexes into ``replies``) in place, errors as
-        pyfiq's own where there is one; returns the calls Redis refused for a missing script,
-        which did not run and go again."""
-        self._raise_denied(answers)
-        for i, answer in zip(todo, answers, strict=True):
-            replies[i] = self.translate(answer) if isinstance(answer, Exception) else answer
-        return [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+    @staticmethod
+    def _own(call: Call, reply: Any) -> list[tuple[str, bool]]:
+        """``Ops.parse_enqueue``, where a task a dedup key found stored under its own id (random,
+        128 bits) is new: an earlier attempt whose reply was lost stored it."""
+        parsed = Ops.parse_enqueue(call, reply)
+        if isinstance(reply, int):
+            return parsed
+        ids = call.args[ENQUEUE_ITEMS::3]
+        return [(task_id, new or task_id == own) for (task_id, new), own in zip(parsed, ids, strict=True)]
 
-    def send_enqueues(self, calls: Sequence[Call]) -> list[Any]:
-        """Several enqueue calls in one round trip, replies (or errors) in order. Not
-        ``call_many``: a call refused for a missing script did not run and goes again, but one
-        that ran must never be sent twice."""
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
+    def shared_enqueues(self, calls: Sequence[Call]) -> Any:
+        """Several enqueue calls for one write, as an ``Exchange`` (``run``, ``finish``, ``sent``,
+        ``replies``; see ``lean``): the coalescer's shared round trip. A call refused for a
+        missing script did not run: its caller sends it again alone, which loads the script."""
         sha = self.scripts.enqueue.sha
-        for _ in range(2):
-            commands = [("EVALSHA", sha, len(calls[i].keys), *calls[i].keys, *calls[i].args) for i in todo]
-            with self.translated():
-                if self._connections is not None:
-                    answers = self._connections.call_many(commands)
-                else:
-                    pipe = self.client.pipeline(transaction=False)
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    answers = pipe.execute(raise_on_error=False)
-            todo = self._settle_enqueues(todo, answers, replies)
-            if not todo:
-                break
-            self.client.script_load(self.scripts.enqueue.script)
-        return replies
+        commands = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        if self._connections is not None:
+            return self._connections.exchange(commands)
+        return _PipelineExchange(self.client, commands)
 
-    def _unavailable(self, stream: str, exc: RetryError) -> BackendUnavailableError:
+    def enqueue_timed_out(self, stream: str, items: Sequence[tuple[str, int, bytes]], sent: bool) -> Exception:
+        """For a caller whose shared round trip did not end within ``enqueue_timeout``."""
+        why = f"the round trip carrying it did not end within enqueue_timeout ({self.settings.enqueue_timeout} s)"
+        if sent:
+            return EnqueueOutcomeUnknown(
+                f"{len(items)} task(s) for {stream!r} MAY be stored on {self.address}: {why}; they are "
+                "not sent again, which could store them twice",
+                [task_id for task_id, _, _ in items],
+            )
         return BackendUnavailableError(
-            f"could not enqueue to {stream!r} on {self.address}: Redis unreachable after "
-            f"{exc.last_attempt.attempt_number} attempts ({exc.last_attempt.exception()})"
+            f"could not enqueue to {stream!r} on {self.address}: {why}, and nothing of it was sent: not stored"
         )
 
-    def _enqueue_stop(self) -> Any:
-        window = stop_after_delay(self.settings.enqueue_timeout)
-        attempts = self.settings.enqueue_attempts
-        return window if attempts is None else window | stop_after_attempt(attempts)
-
-    def _retrying(self, kind: type[R]) -> R:
-        return kind(
-            stop=self._enqueue_stop(),
-            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-            retry=retry_if_exception(is_transient),
-            reraise=False,
+    def outcome_unknown(self, stream: str, call: Call, cause: BaseException | None) -> EnqueueOutcomeUnknown:
+        ids = [str(task_id) for task_id in call.args[ENQUEUE_ITEMS::3]]
+        return EnqueueOutcomeUnknown(
+            f"{len(ids)} task(s) for {stream!r} MAY be stored on {self.address}: the request was written "
+            f"but no reply came back ({type(cause).__name__}: {cause}); not sent again, which could store "
+            "them twice. Look for the task ids before sending again; a dedup_key makes enqueues safe to re-send",
+            ids,
         )
 
     # -- inspection and operator actions ------------------------------------------------------
@@ -937,6 +1103,29 @@ class RedisQueueBackend:
             nth = self.client.zrange(k.dead, count - 1, count - 1, withscores=True)
             if nth:
                 high = str(int(nth[0][1]))
+        if front and min(count or math.inf, int(self.client.zcard(k.dead))) > REQUEUE_STEP:
+            # Pages go to the front newest first: a holder taking between two calls would run
+            # a later page before an earlier one. The stream is halted meanwhile, as a pause
+            # does it (its holder confirms it starts nothing more), and resumed after.
+            return self._halted(stream, lambda: self._requeue_pages(stream, front, low, high))
+        return self._requeue_pages(stream, front, low, high)
+
+    def _halted(self, stream: str, action: Callable[[], int]) -> int:
+        k = self.keys.stream(stream)
+        with self.translated():
+            added = bool(self.client.sadd(k.paused, stream))
+        try:
+            halts.wait_for_holders(self, stream, [stream], None)
+            return action()
+        finally:
+            if added:  # an operator's own pause of the stream stays
+                pipe = self.client.pipeline(transaction=False)
+                pipe.srem(k.paused, stream)
+                (pipe.spublish if self.keys.sharded_wake else pipe.publish)(self.keys.wake(k.shard), k.shard)
+                with self.translated():
+                    pipe.execute()
+
+    def _requeue_pages(self, stream: str, front: bool, low: str, high: str) -> int:
         total = 0
         while True:
             call = self.ops.requeue(stream, front=front, limit=REQUEUE_STEP, low=low, high=high)
