@@ -31,6 +31,7 @@ def create_app(
     guard: Callable[[Any], Any] | None = None,
     blocked_after: float = 60.0,
     refresh: float = 5.0,
+    secret: str | bytes | None = None,
 ) -> Starlette:
     """The dashboard of the deployment ``backend`` points at, as an ASGI app.
 
@@ -39,11 +40,17 @@ def create_app(
     ``HTTPException`` (FastAPI's or Starlette's): pass the same function your FastAPI routes use
     as a dependency. A stream whose head task has been running longer than ``blocked_after``
     seconds is marked blocked. Pages refresh their figures every ``refresh`` seconds (0: never)
-    without reloading."""
+    without reloading.
+
+    ``secret`` (at least 16 bytes) signs the token every action's form must carry. Without it
+    each app draws a random one, so a form is accepted only by the app that served its page:
+    several replicas of the dashboard behind one load balancer need the same ``secret`` (say
+    ``secrets.token_hex(32)``, kept with your other secrets). Changing it only makes open pages
+    ask for a reload."""
     try:
         from .app import build
     except ImportError as exc:  # pragma: no cover - depends on what is installed
         raise ConfigurationError(
             f'the dashboard needs Starlette and Jinja2 ({exc}): pip install "pyfiq[dashboard]"'
         ) from exc
-    return build(backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh)
+    return build(backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh, secret=secret)

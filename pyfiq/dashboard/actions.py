@@ -76,7 +76,7 @@ def _streams(backend: RedisQueueBackend, action: Action) -> list[str]:
     action, unlike a page, goes through the whole dead-letter index)."""
     if action.stream is not None:
         return [action.stream]
-    return inspect.dead_streams_of(backend, action.queue, budget=10**12)[0]
+    return inspect.dead_streams_of(backend, action.queue, budget=10**12).streams
 
 
 def _dead_count(backend: RedisQueueBackend, streams: list[str]) -> int:

@@ -1,31 +1,44 @@
 """The dashboard's Starlette application: its routes, pages and the POST route of the actions.
 
-Pages read Redis through ``pyfiq.ops.inspect`` in a worker thread (the backend's client is
-synchronous), so a slow Redis never blocks the event loop of an application that mounts it.
-Every form carries a CSRF token that must match a cookie the dashboard set (double submit), and
-a request a browser marks as cross-site is refused; the application's own authentication goes
-in front, through ``guard``.
+Pages read Redis through ``pyfiq.ops.inspect`` and are rendered in a worker thread (the backend's
+client is synchronous, and a page of dead letters can be large), so neither a slow Redis nor a
+big page blocks the event loop of an application that mounts the dashboard.
+
+An action is carried out only for a request from the dashboard's own origin (``Origin`` or
+``Referer`` naming the request's own host, and no ``Sec-Fetch-Site`` but ``same-origin``) whose
+form carries the token of the dashboard's cookie, signed with the app's secret: a sibling
+subdomain can plant a cookie, but neither sign one nor post from this origin. Over HTTPS the
+cookie is a ``__Host-`` cookie, which only this host can set. Every response carries a
+Content-Security-Policy that allows only the dashboard's own script and styles. The
+application's own authentication goes in front, through ``guard``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import inspect as pyinspect
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
-from urllib.parse import parse_qsl, quote, unquote
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import jinja2
 import redis
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.keys import queue_of, validate_queue_name
 from ..engine.outcomes import describe_error
@@ -35,7 +48,31 @@ from ..redis.backend import RedisQueueBackend
 from . import actions
 
 CSRF_COOKIE = "pyfiq_csrf"
+#: The CSRF cookie over HTTPS: browsers take a ``__Host-`` cookie only from this very host, over
+#: TLS, for every path, so a sibling subdomain cannot plant one.
+CSRF_COOKIE_HTTPS = "__Host-pyfiq_csrf"
 FLASH_COOKIE = "pyfiq_flash"
+#: Headers of every response: only the dashboard's own script, styles and form targets, never
+#: framed, no content sniffing, and no URL of it sent to another site.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+#: Characters of an error message or traceback a dead-letter page shows.
+SHOWN_CHARS = 4000
+#: Characters of a traceback searched for frames to hide, from its start: enough for the frames
+#: that lead the shown part, bounded whatever a task raised.
+TRACEBACK_SCAN = 16 * SHOWN_CHARS
+#: Characters of a search a queue page accepts.
+MAX_SEARCH = 1000
+#: Digits of a dead-letter offset (far beyond any real count, within Redis's 64-bit ranges).
+_OFFSET = re.compile(r"[0-9]{1,15}")
+_CURSOR = re.compile(r"([0-9]{1,6}):([0-9]{1,20})")
 #: A form larger than this is refused (a selection of thousands of dead letters still fits).
 MAX_FORM_BYTES = 1 << 20
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -53,9 +90,11 @@ class Dashboard:
         guard: Callable[[Any], Any] | None,
         blocked_after: float,
         refresh: float,
+        secret: str | bytes | None = None,
     ) -> None:
         if blocked_after <= 0 or refresh < 0:
             raise ConfigurationError("blocked_after must be positive and refresh at least 0")
+        self.signer = Signer(secret)
         self.backend = backend
         self.read_only = read_only
         self.guard = guard
@@ -68,7 +107,7 @@ class Dashboard:
         )
         env.filters.update(age=format_age, when=format_when, number=format_number, rate=format_rate)
         env.filters["quote"] = lambda value: quote(str(value), safe="")
-        env.filters["task_traceback"] = inspect.task_traceback
+        env.filters.update(clip=clip, clip_traceback=clip_traceback)
         env.globals["path_for"] = _path_for
         self.templates = Jinja2Templates(env=env)
 
@@ -85,16 +124,24 @@ class Dashboard:
             try:
                 return await handler(request)
             except (PyfiqError, redis.RedisError) as exc:
-                return self.render(request, "error.html", {"message": describe_error(exc)}, status=503)
+                return await self.render(request, "error.html", {"message": describe_error(exc)}, status=503)
 
         return run
 
-    def render(self, request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
-        token = request.cookies.get(CSRF_COOKIE, "")
-        fresh = len(token) != 43
+    async def render(self, request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
+        """The page ``name``, rendered in a worker thread: a page of many dead letters takes a
+        while to render, and the event loop is the host application's."""
+        return await run_in_threadpool(self._render, request, name, context, status)
+
+    def _render(self, request: Request, name: str, context: dict[str, Any], status: int) -> Response:
+        cookie = _csrf_cookie(request)
+        token = request.cookies.get(cookie, "")
+        fresh = self.signer.unsign("csrf", token) is None
         if fresh:
-            token = secrets.token_urlsafe(32)
-        flash = unquote(request.cookies.get(FLASH_COOKIE, ""))
+            token = self.signer.sign("csrf", secrets.token_urlsafe(24))
+        sent_flash = request.cookies.get(FLASH_COOKIE, "")
+        # Only a message this dashboard wrote is shown: a sibling subdomain can set the cookie too.
+        flash = unquote(self.signer.unsign("flash", sent_flash) or "")
         base = {
             "read_only": self.read_only,
             "refresh": self.refresh,
@@ -104,13 +151,12 @@ class Dashboard:
         }
         response = self.templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
         response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Frame-Options"] = "DENY"
-        path = _cookie_path(request)
         if fresh:
             secure = request.url.scheme == "https"
-            response.set_cookie(CSRF_COOKIE, token, path=path, httponly=True, samesite="strict", secure=secure)
-        if flash:
-            response.delete_cookie(FLASH_COOKIE, path=path)
+            path = "/" if cookie == CSRF_COOKIE_HTTPS else _cookie_path(request)
+            response.set_cookie(cookie, token, path=path, httponly=True, samesite="strict", secure=secure)
+        if sent_flash:
+            response.delete_cookie(FLASH_COOKIE, path=_cookie_path(request))
         return response
 
     # -- pages --------------------------------------------------------------------------------
@@ -122,14 +168,14 @@ class Dashboard:
             total = sum((q.rate for q in queues), inspect.Rate())
             return {"queues": queues, "replicas": fleet, "total": total}
 
-        return self.render(request, "overview.html", await run_in_threadpool(read))
+        return await self.render(request, "overview.html", await run_in_threadpool(read))
 
     async def queue(self, request: Request) -> Response:
         name = _queue_param(request)
         search = request.query_params.get("q", "").strip()
-        cursor = request.query_params.get("cursor", "0:0")
-        if not _is_cursor(cursor, self.backend.keys.shards):
-            raise HTTPException(400, "bad cursor")
+        if len(search) > MAX_SEARCH:
+            raise HTTPException(400, f"q (the stream key searched for) takes at most {MAX_SEARCH} characters")
+        cursor = _cursor_param(request, self.backend.keys.shards)
 
         def read() -> dict[str, Any]:
             fleet = self.backend.replicas()
@@ -148,23 +194,26 @@ class Dashboard:
                 "replicas": {r["replica"]: r for r in fleet},
             }
 
-        return self.render(request, "queue.html", await run_in_threadpool(read))
+        return await self.render(request, "queue.html", await run_in_threadpool(read))
 
     async def dead(self, request: Request) -> Response:
         name = _queue_param(request)
         stream = request.query_params.get("stream", "").strip() or None
         reason = request.query_params.get("reason", "").strip() or None
-        offset = _int_param(request, "offset")
+        offset = _offset_param(request)
         if stream is not None and queue_of(stream) != name:
-            raise HTTPException(404, f"{stream} is not a stream of {name}")
+            raise HTTPException(400, f"stream: {_shown(stream)} is not a stream of {name}")
+        if reason is not None and reason not in REASONS:
+            raise HTTPException(400, f"reason: {_shown(reason)} is none of {', '.join(REASONS)}")
 
         def read() -> dict[str, Any]:
-            streams, complete = inspect.dead_streams_of(self.backend, name)
-            shown = [stream] if stream is not None else streams
+            found = inspect.dead_streams_of(self.backend, name)
+            shown = [stream] if stream is not None else found.streams
             return {
                 "queue": name,
-                "streams": streams,
-                "complete": complete,
+                "streams": found.streams,
+                "complete": found.complete,
+                "scan": found,
                 "stream": stream,
                 "reason": reason,
                 "reasons": REASONS,
@@ -172,11 +221,11 @@ class Dashboard:
                 "offset": offset,
             }
 
-        return self.render(request, "dead.html", await run_in_threadpool(read))
+        return await self.render(request, "dead.html", await run_in_threadpool(read))
 
     async def replicas(self, request: Request) -> Response:
         fleet = await run_in_threadpool(self.backend.replicas)
-        return self.render(request, "replicas.html", {"replicas": fleet})
+        return await self.render(request, "replicas.html", {"replicas": fleet})
 
     async def asset(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -188,8 +237,9 @@ class Dashboard:
     # -- actions ------------------------------------------------------------------------------
 
     async def act(self, request: Request) -> Response:
+        _check_origin(request)
         form = await _form(request)
-        _check_csrf(request, form)
+        self.check_token(request, form)
         try:
             action = actions.parse(request.path_params["action"], form)
         except (ValueError, ConfigurationError) as exc:
@@ -198,11 +248,27 @@ class Dashboard:
             text = await run_in_threadpool(actions.describe, self.backend, action)
             fields = [(k, v) for k, v in form if k not in ("csrf", "confirmed")]
             context = {"action": action, "text": text, "fields": fields, "back": self.back(request, action)}
-            return self.render(request, "confirm.html", context)
+            return await self.render(request, "confirm.html", context)
         done = await run_in_threadpool(actions.run, self.backend, action)
         response = RedirectResponse(self.back(request, action), status_code=303)
-        response.set_cookie(FLASH_COOKIE, quote(done), path=_cookie_path(request), max_age=60, samesite="strict")
+        flash = self.signer.sign("flash", quote(done))
+        secure = request.url.scheme == "https"
+        response.set_cookie(
+            FLASH_COOKIE, flash, path=_cookie_path(request), max_age=60, samesite="strict", secure=secure
+        )
         return response
+
+    def check_token(self, request: Request, form: list[tuple[str, str]]) -> None:
+        """The form's token must be the cookie's, and signed with this app's secret: another site
+        can make a browser send a cookie, even plant one from a sibling subdomain, but can neither
+        read this one to put it in its form nor sign one of its own."""
+        cookie = request.cookies.get(_csrf_cookie(request), "")
+        sent = dict(form).get("csrf", "")
+        if self.signer.unsign("csrf", cookie) is None or not hmac.compare_digest(cookie.encode(), sent.encode()):
+            raise HTTPException(
+                403,
+                "refused: the form's security token is missing or not this dashboard's: reload the page and try again",
+            )
 
     def back(self, request: Request, action: actions.Action) -> str:
         """Where an action returns to: its queue's page, or its dead letters."""
@@ -221,9 +287,12 @@ def build(
     guard: Callable[[Any], Any] | None,
     blocked_after: float,
     refresh: float,
+    secret: str | bytes | None = None,
 ) -> Starlette:
     """The Starlette app of ``create_app``."""
-    d = Dashboard(backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh)
+    d = Dashboard(
+        backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh, secret=secret
+    )
     routes = [
         Route("/", d.endpoint(d.overview), name="overview"),
         Route("/replicas", d.endpoint(d.replicas), name="replicas"),
@@ -233,9 +302,53 @@ def build(
     ]
     if not read_only:
         routes.append(Route("/act/{action}", d.endpoint(d.act), methods=["POST"], name="act"))
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
     app.state.dashboard = d
     return app
+
+
+class SecurityHeaders:
+    """Adds ``SECURITY_HEADERS`` to every response of the dashboard, its error pages included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+class Signer:
+    """HMAC-SHA256 signatures with the app's secret (random per app unless one is given)."""
+
+    def __init__(self, secret: str | bytes | None) -> None:
+        key = secrets.token_bytes(32) if secret is None else secret
+        key = key.encode() if isinstance(key, str) else key
+        if len(key) < 16:
+            raise ConfigurationError("the dashboard's secret must be at least 16 bytes: use secrets.token_hex(32)")
+        self.key = key
+
+    def sign(self, purpose: str, value: str) -> str:
+        """``value.signature``; ``purpose`` keeps a value signed for one use from passing for another."""
+        mac = hmac.new(self.key, f"{purpose}\0{value}".encode(), hashlib.sha256).digest()
+        return f"{value}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    def unsign(self, purpose: str, signed: str) -> str | None:
+        """The value ``signed`` carries when this secret signed it for ``purpose``, else None."""
+        value, dot, _ = signed.rpartition(".")
+        if not dot or not value:
+            return None
+        return value if hmac.compare_digest(self.sign(purpose, value).encode(), signed.encode()) else None
 
 
 # -- reading requests ----------------------------------------------------------------------------
@@ -253,6 +366,15 @@ def _cookie_path(request: Request) -> str:
     return str(request.scope.get("root_path") or "") or "/"
 
 
+def _csrf_cookie(request: Request) -> str:
+    return CSRF_COOKIE_HTTPS if request.url.scheme == "https" else CSRF_COOKIE
+
+
+def _shown(value: str) -> str:
+    """A value of a request, quoted and cut short, for a message."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
 def _queue_param(request: Request) -> str:
     try:
         return validate_queue_name(request.path_params["queue"])
@@ -260,16 +382,24 @@ def _queue_param(request: Request) -> str:
         raise HTTPException(404, str(exc)) from None
 
 
-def _int_param(request: Request, name: str) -> int:
-    value = request.query_params.get(name, "0")
-    if not value.isdigit():
-        raise HTTPException(400, f"bad {name}")
+def _offset_param(request: Request) -> int:
+    # A pattern, not str.isdigit() or int(): those take any Unicode digit, such as "²".
+    value = request.query_params.get("offset", "0")
+    if not _OFFSET.fullmatch(value):
+        raise HTTPException(400, f"offset must be a whole number of at most 15 digits 0-9, not {_shown(value)}")
     return int(value)
 
 
-def _is_cursor(cursor: str, shards: int) -> bool:
-    shard, sep, pos = cursor.partition(":")
-    return bool(sep) and shard.isdigit() and pos.isdigit() and int(shard) <= shards
+def _cursor_param(request: Request, shards: int) -> str:
+    cursor = request.query_params.get("cursor", "0:0")
+    found = _CURSOR.fullmatch(cursor)
+    if found is None or int(found[1]) > shards or int(found[2]) >= 1 << 64:
+        raise HTTPException(
+            400,
+            f"cursor must be <shard>:<position> as a Next page link gives it (shard 0 to {shards}, "
+            f"position below 2**64, digits 0-9), not {_shown(cursor)}",
+        )
+    return cursor
 
 
 async def _form(request: Request) -> list[tuple[str, str]]:
@@ -286,16 +416,67 @@ async def _form(request: Request) -> list[tuple[str, str]]:
         raise HTTPException(400, f"unreadable form: {exc}") from None
 
 
-def _check_csrf(request: Request, form: list[tuple[str, str]]) -> None:
-    """The form's token must equal the cookie's: another site can make a browser send the
-    cookie, but cannot read it to put it in the form. A browser that says the request comes
-    from another site is refused outright."""
-    if request.headers.get("sec-fetch-site") == "cross-site":
-        raise HTTPException(403, "cross-site request refused")
-    cookie = request.cookies.get(CSRF_COOKIE, "")
-    sent = dict(form).get("csrf", "")
-    if not cookie or not secrets.compare_digest(cookie.encode(), sent.encode()):
-        raise HTTPException(403, "the form's security token does not match: reload the page and try again")
+def _check_origin(request: Request) -> None:
+    """Refuse a request a browser sent from any page but the dashboard's own: ``Sec-Fetch-Site``
+    says where it came from (``same-site`` is a sibling subdomain or another port), and ``Origin``
+    (else ``Referer``) must name the request's own host. A request without either comes from a
+    program, not from a page, and still needs the token."""
+    site = request.headers.get("sec-fetch-site")
+    if site not in (None, "same-origin", "none"):
+        raise HTTPException(
+            403,
+            f"refused: the browser says this request comes from another origin ({_shown(site)}); "
+            "actions are accepted only from the dashboard's own pages",
+        )
+    origin = request.headers.get("origin")
+    if origin is None:
+        referer = request.headers.get("referer")
+        if referer is None:
+            return
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}"
+    host = request.headers.get("host", "")
+    if _host_of(origin) != _strip_port(host.lower(), request.url.scheme):
+        raise HTTPException(
+            403,
+            f"refused: the request comes from {_shown(origin)}, not from this dashboard ({_shown(host)}); "
+            "behind a proxy, pass the original Host header on",
+        )
+
+
+def _host_of(origin: str) -> str | None:
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None  # "null" (a sandboxed or opaque origin), or not a web origin at all
+    return _strip_port(parts.netloc.rpartition("@")[2].lower(), parts.scheme)
+
+
+def _strip_port(host: str, scheme: str) -> str:
+    # Compared without the scheme: behind a proxy that ends TLS the dashboard sees http while the
+    # browser says https; a page of another scheme is refused by Sec-Fetch-Site already.
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    return host.removesuffix(default) if default else host
+
+
+class Clipped(NamedTuple):
+    """Text as a page shows it, and the length of the whole when that is not all of it."""
+
+    text: str
+    length: int | None
+
+
+def clip(value: Any) -> Clipped:
+    text = str(value)
+    return Clipped(text[:SHOWN_CHARS], len(text) if len(text) > SHOWN_CHARS else None)
+
+
+def clip_traceback(value: Any) -> Clipped:
+    """A task's traceback without the machinery's frames (``inspect.task_traceback``), cut short."""
+    text = str(value or "")
+    shown = inspect.task_traceback(text[:TRACEBACK_SCAN])
+    if len(text) <= TRACEBACK_SCAN and len(shown) <= SHOWN_CHARS:
+        return Clipped(shown, None)
+    return Clipped(shown[:SHOWN_CHARS], len(text))
 
 
 # -- formatting ---------------------------------------------------------------------------------

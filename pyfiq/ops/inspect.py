@@ -409,22 +409,18 @@ def _scan_indexes(backend: RedisQueueBackend, budget: int) -> _Scan:
     return found
 
 
-def _sscan_all(
-    backend: RedisQueueBackend, keys: Sequence[str], budget: int, found: _Scan, match: str | None = None
-) -> list[str]:
+def _sscan_all(backend: RedisQueueBackend, keys: Sequence[str], budget: int, found: _Scan) -> list[str]:
     """Members of the sets ``keys``, ``SSCAN`` step by step until ``budget`` members were seen;
     ``found.dead_complete`` turns false when it stopped early."""
     members: list[str] = []
-    seen = 0
     for key in keys:
         cursor = 0
         while True:
-            if seen >= budget:
+            if len(members) >= budget:
                 found.dead_complete = False
-                return members
+                return sorted(set(members))
             with backend.translated():
-                cursor, batch = backend.client.sscan(key, cursor, match=match, count=SCAN_COUNT)
-            seen += max(len(batch), SCAN_COUNT if match else len(batch))
+                cursor, batch = backend.client.sscan(key, cursor, count=SCAN_COUNT)
             members += [_text(m) for m in batch]
             if int(cursor) == 0:
                 break
@@ -596,13 +592,59 @@ def waiting_longest(
     return [r for r in rows if r.holder is None and (r.pending or r.inflight)]
 
 
-def dead_streams_of(backend: RedisQueueBackend, queue: str, *, budget: int = SCAN_BUDGET) -> tuple[list[str], bool]:
-    """Streams of ``queue`` with dead letters (``SSCAN`` of the shards' dead-letter indexes,
-    at most ``budget`` members examined), and whether that was all of them."""
-    found = _Scan()
+@dataclass(frozen=True)
+class DeadStreams:
+    """Streams of a queue with dead letters, as far as a bounded scan got: ``shards_scanned`` of
+    ``shards`` dead-letter indexes were read whole, and ``complete`` when that is all of them."""
+
+    streams: list[str]
+    shards_scanned: int
+    shards: int
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_scanned == self.shards
+
+
+def dead_streams_of(backend: RedisQueueBackend, queue: str, *, budget: int | None = None) -> DeadStreams:
+    """Streams of ``queue`` with dead letters: ``SSCAN`` of the shards' dead-letter indexes, all
+    shards a step at a time in one pipelined round trip, until about ``budget`` members
+    (``SCAN_BUDGET`` by default) were examined.
+
+    ``MATCH`` filters after Redis examined the members, so what a step costs is what it examined,
+    known from the index's size: a small set (stored compactly) is read whole in one step whatever
+    ``COUNT`` asks, a large one about ``COUNT`` members a step. Sharing the budget out by round keeps
+    one crowded shard from hiding the streams of every shard after it."""
+    budget = SCAN_BUDGET if budget is None else budget
     keys = [backend.keys.dlq_index(shard) for shard in range(backend.keys.shards)]
-    streams = _sscan_all(backend, keys, budget, found, match=f"{_glob_escape(queue)}*")
-    return [s for s in streams if queue_of(s) == queue], found.dead_complete
+    pipe = backend.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.scard(key)
+    with backend.translated():
+        left = [int(n) for n in pipe.execute()]
+    cursors = {shard: 0 for shard, n in enumerate(left) if n}
+    done = len(keys) - len(cursors)
+    match = f"{_glob_escape(queue)}*"
+    found: set[str] = set()
+    spent = 0
+    while cursors and spent < budget:
+        count = max(1, min(SCAN_COUNT, (budget - spent) // len(cursors)))
+        pipe = backend.client.pipeline(transaction=False)
+        for shard, cursor in cursors.items():
+            pipe.sscan(keys[shard], cursor, match=match, count=count)
+        with backend.translated():
+            replies = pipe.execute()
+        for shard, (nxt, batch) in zip(list(cursors), replies, strict=True):
+            found.update(s for s in map(_text, batch) if queue_of(s) == queue)
+            examined = left[shard] if int(nxt) == 0 else max(1, min(count, left[shard]))
+            spent += examined
+            left[shard] = max(0, left[shard] - examined)
+            if int(nxt) == 0:
+                del cursors[shard]
+                done += 1
+            else:
+                cursors[shard] = int(nxt)
+    return DeadStreams(sorted(found), done, len(keys))
 
 
 @dataclass(frozen=True)

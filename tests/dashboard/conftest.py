@@ -32,7 +32,10 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"], headless=True)
+        # *.example.test names this machine: the dashboard and a sibling subdomain's page can be
+        # served on loopback under the hostnames of one site.
+        args = ["--no-sandbox", "--host-resolver-rules=MAP *.example.test 127.0.0.1"]
+        chromium = p.chromium.launch(executable_path=chromium_path(), args=args, headless=True)
         yield chromium
         chromium.close()
 

@@ -3,8 +3,14 @@ holding tasks in every state (see ``scene.py``): what a person sees and what the
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import pytest
 
 from tests.dashboard.scene import Scene, dashboard, enqueue, fail_once, ran, serve, ship, wait_for
 
@@ -131,7 +137,7 @@ def test_the_figures_refresh_without_a_reload(scene: Scene, page: Any) -> None:
         for i in range(2):
             enqueue(scene.backend, "billing", "app.charge", f"late-{i}", 1)
         # The queue table holds the focus, so it waits; the fleet figures refresh meanwhile.
-        page.wait_for_function("document.body.dataset.refreshed !== undefined")
+        page.wait_for_function("() => document.body.dataset.refreshed !== undefined")
         assert cell(page, "billing", "pending") == "3"
         page.evaluate("document.activeElement.blur()")
         page.wait_for_function(
@@ -139,3 +145,105 @@ def test_the_figures_refresh_without_a_reload(scene: Scene, page: Any) -> None:
                         .textContent.trim() === '5'"""
         )
         assert page.evaluate("window.loadedOnce") is True, "the page was not reloaded"
+
+
+@contextmanager
+def attacker(html: str) -> Iterator[int]:
+    """Another web server on loopback that answers every GET with ``html``; yields its port."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("dashboard_host", "attacker_host", "cookie_domain"),
+    [
+        # A sibling subdomain: it may set a cookie for the whole site.
+        ("ops.example.test", "evil.example.test", "; domain=example.test"),
+        # Another port of the dashboard's own host: cookies do not tell ports apart.
+        ("127.0.0.1", "127.0.0.1", ""),
+    ],
+)
+def test_a_form_posted_from_another_origin_of_the_same_site_does_not_act(
+    scene: Scene, page: Any, dashboard_host: str, attacker_host: str, cookie_domain: str
+) -> None:
+    with serve(dashboard(scene)) as url:
+        target = url.replace("127.0.0.1", dashboard_host)
+        html = f"""<!doctype html><title>Win a prize</title>
+<form method="post" action="{target}/act/pause">
+<input name="queue" value="billing"><input name="csrf" value="planted-token"></form>
+<script>
+document.cookie = "pyfiq_csrf=planted-token; path=/{cookie_domain}";
+document.forms[0].submit();
+</script>"""
+        with attacker(html) as port:
+            with page.expect_response(lambda r: r.url == f"{target}/act/pause") as answer:
+                page.goto(f"http://{attacker_host}:{port}/")
+            assert "pyfiq_csrf=planted-token" in (answer.value.request.header_value("cookie") or "")
+            assert answer.value.status == 403
+            assert "refused" in answer.value.text()
+        assert scene.backend.paused() == ["mail"], "the billing queue was not paused"
+        # The dashboard's own pages still act.
+        page.goto(target + "/queue/billing")
+        page.get_by_role("button", name="Pause queue").click()
+        assert "paused billing" in page.locator(".flash").inner_text()
+    assert sorted(scene.backend.paused()) == ["billing", "mail"]
+
+
+HEADERS = {
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+
+
+def test_the_pages_work_under_their_content_security_policy(scene: Scene, page: Any) -> None:
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.add_init_script(
+        "window.violations = [];"
+        "document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective));"
+    )
+    with serve(dashboard(scene, refresh=0.3)) as url:
+        for path in ("/", "/queue/stuck", "/queue/hooks", "/dead/work", "/dead/hooks", "/replicas"):
+            response = page.goto(url + path)
+            assert response is not None and response.status == 200, path
+            for name, value in HEADERS.items():
+                assert response.headers.get(name) == value, (path, name)
+            # The stylesheet applied: the header bar's background comes from dashboard.css.
+            assert page.locator("header.top").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(36, 41, 47)"
+        # The script ran: it refreshes the figures; the traceback opens; a confirmation comes up.
+        page.goto(url + "/dead/work")
+        page.wait_for_function("() => document.body.dataset.refreshed !== undefined")
+        page.locator("#dead tbody tr").first.locator("summary", has_text="Traceback").click()
+        assert page.locator("#dead details pre").first.is_visible()
+        page.get_by_role("button", name="Purge all…").click()
+        assert "Delete all 1 dead letters of work" in page.locator("#what").inner_text()
+        assert page.evaluate("window.violations") == [] and refused == []
+        # The policy is in force: a style the page did not load from the dashboard is refused.
+        page.evaluate("document.head.appendChild(document.createElement('style')).textContent = 'body{color:red}'")
+        page.wait_for_function("() => window.violations.length > 0")
+        assert page.evaluate("window.violations")[0].startswith("style-src")
+    assert scene.backend.queue_info("work")["dead"] == 1, "the purge was only asked for"
