@@ -5,6 +5,7 @@ only replica is stuck in the skipped task. Real redis-server, real workers."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 import pyfiq
-from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.scheduler import poll_owners
 from tests.conftest import unique_prefix, wait_until
 
@@ -272,3 +273,49 @@ def test_requeue_to_the_front_keeps_order_across_pages_while_a_worker_runs_the_s
     first, last = ran.index(0), ran.index(2999)
     assert last - first == 2999
     assert producer.paused() == [], "the requeue's own halt is lifted"
+
+
+def test_asyncio_workers_obey_skip_and_pause_for_work_taken_ahead(redis_server: Any) -> None:
+    """The same two rules with the asyncio driver: a skip while two AsyncWorkers share the
+    stream runs each task once and never two at once; no start once pause() has returned."""
+    prefix, q = unique_prefix(), f"ask-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix)
+    pyfiq.configure(producer)
+    journal, starts = Journal(), []
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    async def t(i: int) -> None:
+        start = time.monotonic()
+        starts.append((i, start))
+        if i == 0:
+            await asyncio.sleep(0.8)  # ends a moment after the skip
+            return
+        await asyncio.sleep(0.2)
+        journal.record(i, start)
+
+    async def main() -> tuple[float, Any]:
+        for i in range(12):
+            await t(i)
+        async with AsyncWorker(backend_for(redis_server, prefix), queues=[q]):
+            while not starts:
+                await asyncio.sleep(0.01)
+            async with AsyncWorker(backend_for(redis_server, prefix), queues=[q]):
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(producer.skip, q, "stuck")
+                while len(journal.numbers()) < 3:
+                    await asyncio.sleep(0.02)
+                report = await asyncio.to_thread(producer.pause, q)
+                returned = time.monotonic()
+                await asyncio.sleep(1.0)
+                late = [s for _, s in starts if s > returned]
+                assert late == [], f"{len(late)} task(s) started after pause() returned"
+                await asyncio.to_thread(producer.resume, q)
+                deadline = time.monotonic() + 15
+                while len(journal.numbers()) < 11 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                return returned, report
+
+    _, report = asyncio.run(main())
+    assert report.complete
+    assert journal.numbers() == list(range(1, 12)), "each task once, in order"
+    assert journal.overlaps() == []
