@@ -112,8 +112,11 @@ def run(backend: RedisQueueBackend, action: Action) -> str:
     """Carry ``action`` out; returns what was done, for the page that follows."""
     if action.name in ("pause", "resume"):
         key = action.stream.partition(STREAM_SEPARATOR)[2] if action.stream else None
-        (backend.pause if action.name == "pause" else backend.resume)(action.queue, key)
-        return f"{action.name}d {action.target}"
+        if action.name == "pause":
+            # Returns once every holder has confirmed it starts nothing more: say who did.
+            return backend.pause(action.queue, key).describe()
+        backend.resume(action.queue, key)
+        return f"resumed {action.target}"
     if action.name == "skip":
         task_id = backend.skip(action.target, SKIP_REASON)
         return f"dead-lettered {task_id} as operator" if task_id else f"{action.target} held no task"

@@ -56,8 +56,6 @@ class HaltReport:
             parts.append(f"{len(self.ended)} lease(s) ended meanwhile")
         if self.unconfirmed:
             parts.append(f"no answer from {', '.join(self.unconfirmed)} (their leases lapse within lease_ttl)")
-        if not self.confirmed and not self.ended and not self.unconfirmed:
-            parts.append("no holder was running it")
         return "; ".join(parts)
 
 
