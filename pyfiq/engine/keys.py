@@ -48,6 +48,18 @@ from ..errors import ConfigurationError
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
 STREAM_SEPARATOR = "#"
+#: Bounds of a stream key. Redis keeps each stream's name in several keys, a process caches the
+#: names it meets, and logs and the operator's terminal show them.
+MAX_KEY_CHARS = 200
+MAX_KEY_BYTES = 512
+#: C0 and C1 controls and DEL (they would reach logs and terminals), and lone surrogates (which
+#: UTF-8 cannot encode, so Redis could not be sent the name).
+_KEY_REFUSED = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The longest name of a stream whose queue and key are valid: only such names are cached.
+MAX_STREAM_CHARS = 200 + len(STREAM_SEPARATOR) + MAX_KEY_CHARS
+#: Stream names whose keys a process keeps formatted: at most this many entries of at most
+#: MAX_STREAM_CHARS each, a few megabytes however many streams it meets.
+STREAM_CACHE_SIZE = 1024
 #: Minutes of finished-task counts kept per queue and shard (the slots of the ring in lib.lua).
 COUNT_MINUTES = 60
 
@@ -56,6 +68,25 @@ def validate_queue_name(queue: str) -> str:
     if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
         raise ConfigurationError(f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-")
     return queue
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it may name a stream of a queue, else raise ``ConfigurationError``:
+    at most MAX_KEY_CHARS characters and MAX_KEY_BYTES bytes of UTF-8, no control character."""
+    problem = None
+    if len(key) > MAX_KEY_CHARS:
+        problem = f"{len(key)} characters"
+    elif (refused := _KEY_REFUSED.search(key)) is not None:
+        problem = f"the character {refused.group()!r} at {refused.start()}"
+    elif len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
+        problem = f"{len(key.encode())} bytes of UTF-8"
+    if problem is None:
+        return key
+    shown = repr(key[:40]) + ("..." if len(key) > 40 else "")
+    raise ConfigurationError(
+        f"invalid stream key {shown}: it has {problem}; a key has at most {MAX_KEY_CHARS} characters and "
+        f"{MAX_KEY_BYTES} bytes of UTF-8, and no control characters; nothing was enqueued"
+    )
 
 
 def consumed_queues(queues: Iterable[str] | None) -> list[str] | None:
@@ -112,7 +143,15 @@ class KeySchema:
         self.sharded_wake = sharded_wake
         #: The shard count this prefix was first used with; replicas check they agree.
         self.layout_key = f"{prefix}:shards"
-        self.stream = lru_cache(maxsize=65536)(self._stream)
+        self._cached_stream = lru_cache(maxsize=STREAM_CACHE_SIZE)(self._stream)
+
+    def stream(self, stream: str) -> StreamKeys:
+        """The keys of ``stream``. Cached only for names a valid queue and key can make: the
+        operator tools read whatever names Redis holds (an older version took any key), and
+        the cache must stay bounded in bytes, not only in entries."""
+        if len(stream) <= MAX_STREAM_CHARS:
+            return self._cached_stream(stream)
+        return self._stream(stream)
 
     def shard_of(self, stream: str) -> int:
         # crc32, not hash(): every process must map a stream to the same shard.

@@ -67,7 +67,7 @@ class Lease:
     halted: str = ""
     #: An operator's skip revoked the lease: the holder lets go under the revoked value.
     revoked: bool = False
-    #: The task the skip dead-lettered (it may still be running here).
+    #: The tasks skips dead-lettered under this lease, space-separated (one may still run here).
     skipped: str = ""
     #: The acknowledgements the holder has not had confirmed yet (set by its run), for a let-go
     #: sent on the run's behalf while it is stuck in the skipped task.

@@ -89,6 +89,33 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__qualname__}: {safe_text(error)}"
 
 
+#: The most of a failure a dead letter stores: the start of its message, and the end of its
+#: traceback (where the failure is). A record whose text was cut says how long it was
+#: (``error_length``, ``traceback_length``), so a task raising megabytes stores kilobytes.
+ERROR_LIMIT = 4_000
+TRACEBACK_LIMIT = 16_000
+
+
+def _head(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [truncated {len(text) - limit} characters]" + ("\n" if text.endswith("\n") else "")
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"[truncated {len(text) - limit} characters] ...{text[-limit:]}"
+
+
+def _bounded_traceback(error: BaseException) -> tuple[str, int | None]:
+    """The traceback to store, and the length of the whole when that was cut. Each part (a
+    frame, a message) keeps at most its first ``ERROR_LIMIT`` characters, so a huge message
+    cannot push the frames out of the end the whole keeps."""
+    parts = traceback.format_exception(error)
+    kept = "".join(_head(part, ERROR_LIMIT) for part in parts)
+    cut = len(kept) > TRACEBACK_LIMIT or any(len(part) > ERROR_LIMIT for part in parts)
+    return _tail(kept, TRACEBACK_LIMIT), sum(map(len, parts)) if cut else None
+
+
 def dead_letter_header(
     reason: str,
     *,
@@ -109,11 +136,16 @@ def dead_letter_header(
         header["name"] = name
     if error is not None:
         header["error_type"] = f"{type(error).__module__}.{type(error).__qualname__}"
-        header["error"] = safe_text(error)
+        message = safe_text(error)
+        header["error"] = _head(message, ERROR_LIMIT)
+        if len(message) > ERROR_LIMIT:
+            header["error_length"] = len(message)
         try:
-            header["traceback"] = "".join(traceback.format_exception(error))
+            header["traceback"], length = _bounded_traceback(error)
         except BaseException:
-            header["traceback"] = ""
+            header["traceback"], length = "", None
+        if length is not None:
+            header["traceback_length"] = length
     # One line: the stored record is "<header>\n<entry>".
     return json.dumps(header, separators=(",", ":"), default=safe_text)
 

@@ -199,7 +199,10 @@ class Ops:
 
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
-        return stream_call("renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream])
+        running = lease.running
+        return stream_call(
+            "renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream, running[0] if running else ""]
+        )
 
     def halted(self, lease: Lease) -> Call:
         """Confirm that this holder starts nothing more under ``lease`` (its stream was paused)."""

@@ -433,7 +433,7 @@ class Scheduler:
         if lease.revoke(skipped):
             log.info("pyfiq.lease_revoked", stream=lease.stream, fencing_token=lease.fence, skipped=skipped)
         running = lease.running
-        if running is not None and running[0] == skipped and not lease.letting_go:
+        if running is not None and running[0] in lease.skipped.split() and not lease.letting_go:
             lease.letting_go = True
             acks = lease.unconfirmed_acks() if lease.unconfirmed_acks is not None else []
             self._followups.append((lease, "let_go", self.ops.release(lease, acks)))

@@ -182,7 +182,7 @@ class TaskRun:
         )
 
     def _fenced(self) -> Outcome:
-        if self.lease.revoked and self.lease.skipped == self.ctx.id:
+        if self.lease.revoked and self.ctx.id in self.lease.skipped.split():
             self.logger.info("pyfiq.task_skipped_while_running", attempts=self.attempts)
             return Fenced(ran=False)  # dead-lettered by the operator: nothing to report
         if self.attempts:

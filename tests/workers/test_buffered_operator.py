@@ -319,3 +319,67 @@ def test_asyncio_workers_obey_skip_and_pause_for_work_taken_ahead(redis_server: 
     assert report.complete
     assert journal.numbers() == list(range(1, 12)), "each task once, in order"
     assert journal.overlaps() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_skip_dead_letters_the_task_the_holder_runs_not_one_it_finished(
+    redis_server: Any, mode: dict[str, Any]
+) -> None:
+    """With tasks taken ahead, tasks a holder finished may still sit unacknowledged in flight in
+    front of the one it runs: the skip hits the one it runs (reported by its renewals)."""
+    prefix, q = unique_prefix(), f"skr-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix, **mode)
+    pyfiq.configure(producer)
+    journal, stuck, third = Journal(), threading.Event(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t(i: int) -> None:
+        start = time.monotonic()
+        if i == 3:
+            third.set()
+            stuck.wait(60)
+            return
+        journal.record(i, start)
+
+    handles = [t(i) for i in range(8)]
+    worker = ThreadedWorker(backend_for(redis_server, prefix, **mode), queues=[q]).start()
+    try:
+        assert third.wait(5)
+        time.sleep(1.5)  # a renewal (every 1.2 s) has said which task runs
+        assert producer.skip(q, "stuck") == handles[3].id
+        wait_until(lambda: journal.numbers() == [0, 1, 2, 4, 5, 6, 7], timeout=4)
+    finally:
+        stuck.set()
+        worker.stop(5)
+    (dead,) = producer.dead_letters(q)
+    assert dead.task_id == handles[3].id
+
+
+def test_two_skips_in_a_row_still_move_a_stuck_single_replica_on(redis_server: Any) -> None:
+    prefix, q = unique_prefix(), f"sk2-{uuid.uuid4().hex[:8]}"
+    producer = backend_for(redis_server, prefix)
+    pyfiq.configure(producer)
+    journal, stuck, head = Journal(), threading.Event(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.t", max_retries=0)
+    def t(i: int) -> None:
+        start = time.monotonic()
+        if i == 0:
+            head.set()
+            stuck.wait(60)
+            return
+        journal.record(i, start)
+
+    for i in range(6):
+        t(i)
+    worker = ThreadedWorker(backend_for(redis_server, prefix), queues=[q]).start()
+    try:
+        assert head.wait(5)
+        time.sleep(1.5)
+        assert producer.skip(q, "one") is not None
+        assert producer.skip(q, "two") is not None
+        wait_until(lambda: journal.numbers() == [2, 3, 4, 5], timeout=4)
+    finally:
+        stuck.set()
+        worker.stop(5)
+    assert len(producer.dead_letters(q)) == 2

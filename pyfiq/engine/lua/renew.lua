@@ -11,11 +11,12 @@
     ARGV[1]      lease token
     ARGV[2]      lease TTL in ms
     ARGV[3]      stream name
+    ARGV[4]      id of the task the holder runs now ('' for none): what a skip dead-letters
 
   Output:
     1 renewed
     2 renewed, but the stream or its queue is paused: start nothing more
-    { 3, skipped task id } an operator's skip revoked the lease (its value is now '!' .. token):
+    { 3, skipped task ids } an operator's skip revoked the lease (its value is now '!' .. token):
           the revocation is renewed instead, so nobody else claims the stream while this live
           holder may still run tasks it took ahead; it lets go with a release under '!' .. token
     0 the lease is gone or held by someone else (the caller is fenced)
@@ -33,6 +34,11 @@ if held ~= ARGV[1] then
 end
 local now = now_ms()
 redis.call('PEXPIRE', lease, ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('HSET', meta, 'running', ARGV[4])
+else
+  redis.call('HDEL', meta, 'running')
+end
 ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[3]) }, ARGV[3], now + tonumber(ARGV[2]), 'XX')
 if code == 3 then return { 3, redis.call('HGET', meta, 'skipped') or '' } end
 if is_paused(paused, ARGV[3]) then return 2 end

@@ -1,7 +1,9 @@
 --[[
   Dead-letter the head task of a stream as 'operator' (a blocked head: a task retried forever,
-  or one that keeps outliving its lease), so the stream moves on. The head is the first task in
-  flight, or the first pending one when none is.
+  or one that keeps outliving its lease), so the stream moves on. The head is the task a live
+  holder said it runs at its last renewal ('running' in meta: in flight behind it may be tasks it
+  finished and has not acknowledged yet), else the first task in flight, or the first pending
+  one when none is.
 
   A stream nobody holds is claimable at once. A held one has its lease revoked: its value
   becomes '!' .. token, so every call of the holder is refused (which ends its retries of the
@@ -40,18 +42,30 @@ local dead = KEYS[7]
 local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local counts = KEYS[10]
+local held = redis.call('GET', lease)
 local source = inflight
-local entry = redis.call('LINDEX', inflight, 0)
-if not entry then
-  source = pending
-  entry = redis.call('LINDEX', pending, 0)
+local entry = nil
+local running = held and redis.call('HGET', meta, 'running')
+if running then
+  for _, e in ipairs(redis.call('LRANGE', inflight, 0, -1)) do
+    if task_id(e) == running then entry = e break end
+  end
 end
-if not entry then return { 0 } end
-redis.call('LPOP', source)
+if entry then
+  redis.call('LREM', inflight, 1, entry)
+  redis.call('HDEL', meta, 'running')
+else
+  entry = redis.call('LINDEX', inflight, 0)
+  if not entry then
+    source = pending
+    entry = redis.call('LINDEX', pending, 0)
+  end
+  if not entry then return { 0 } end
+  redis.call('LPOP', source)
+end
 local id = parse_entry(entry)
 if id then clear_marks(meta, id) end
 dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1], counts = counts }, ARGV[2], entry, id)
-local held = redis.call('GET', lease)
 if held then
   if source == inflight then
     -- The holder was handed this entry: its count of leading in-flight entries shrinks by it.
@@ -62,7 +76,9 @@ if held then
   if string.sub(held, 1, 1) ~= '!' then
     redis.call('SET', lease, '!' .. held, 'KEEPTTL')
   end
-  redis.call('HSET', meta, 'skipped', id or '')
+  -- Every task skipped under this lease: its holder lets go at once if it runs one of them.
+  local skipped = redis.call('HGET', meta, 'skipped')
+  redis.call('HSET', meta, 'skipped', (skipped and (skipped .. ' ') or '') .. (id or ''))
   local left = redis.call('PTTL', lease)
   if left < 0 then left = 0 end
   ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now_ms() + left)
