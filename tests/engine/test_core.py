@@ -676,7 +676,7 @@ def test_renewed_extends_validity_from_the_round_send_time() -> None:
     scheduler, lease = holding(valid_for=1.0)
     before = lease.valid_until
     leases, calls = scheduler.renew_calls()
-    assert calls == [Call("renew", stream_keys("renew"), [TOKEN, SETTINGS.lease_ttl_ms, STREAM])]
+    assert calls == [Call("renew", stream_keys("renew"), [TOKEN, SETTINGS.lease_ttl_ms, STREAM, ""])]
     sent = time.monotonic()
     assert scheduler.on_renewed(leases, [1], sent) == []
     assert lease.valid_until == pytest.approx(sent + SETTINGS.lease_ttl - lease_margin(SETTINGS.lease_ttl))
