@@ -24,7 +24,7 @@ from tenacity.wait import wait_base
 
 from . import hooks
 from .config import validate_seconds
-from .engine.keys import stream_name, validate_queue_name
+from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
 from .errors import (
     BackendUnavailableError,
@@ -232,7 +232,7 @@ class FifoFunction(Generic[P, R]):
         kwargs = kwargs or {}
         self.check_call(args, kwargs)
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
-        key = None if raw_key is None else str(raw_key)
+        key = None if raw_key is None else validate_key(str(raw_key))
         backend = backend or get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
@@ -279,7 +279,7 @@ class FifoFunction(Generic[P, R]):
         for index, (args, task_id) in enumerate(zip(calls, new_task_ids(len(calls)), strict=True)):
             self.check_call(args, {})
             raw_key = self.key(*args) if self.key is not None else None
-            key = None if raw_key is None else str(raw_key)
+            key = None if raw_key is None else validate_key(str(raw_key))
             stream = stream_name(self.queue, key)
             payload = encode_record(serializer, self.name, list(args), {}, key, headers)
             if stream not in by_stream:
@@ -391,7 +391,9 @@ def fifo(
     - ``on_exhausted``: ``"dead-letter"`` (default) or ``"block"``: keep retrying with the
       policy's waits, holding the queue, until the task succeeds or an operator steps in.
     - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
-    - ``key``: a function of the call's arguments naming the ordered stream within the queue.
+    - ``key``: a function of the call's arguments naming the ordered stream within the queue;
+      its ``str()`` has at most 200 characters and 512 bytes of UTF-8 and no control
+      characters, or the call raises ``ConfigurationError`` and stores nothing.
     - ``rate_limit``: at most this many task starts per second on the queue, across every
       replica and stream; ``rate_burst`` starts may follow each other without spacing.
     - ``time_limit``: seconds an attempt may run; past them an ``async def`` task is cancelled

@@ -12,6 +12,7 @@ worker thread down.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -23,17 +24,51 @@ _stdlib = logging.getLogger(LOGGER_NAME)
 _stdlib.addHandler(logging.NullHandler())
 
 
+#: What a terminal or a line-oriented reader acts on instead of showing, besides the C0 controls
+#: (line breaks, carriage return, escape): DEL, the C1 controls (a one-byte CSI among them), the
+#: Unicode line and paragraph separators, the bidirectional marks, overrides and isolates that
+#: reorder what is shown, and lone surrogates (which cannot even be written out as UTF-8).
+_OTHER_CONTROLS = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(rf"[\x00-\x1f{_OTHER_CONTROLS}]")
+_UNSAFE_BUT_NEWLINE = re.compile(rf"[\x00-\x09\x0b-\x1f{_OTHER_CONTROLS}]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` safe to show on a terminal or in a one-line log record: every control character
+    (C0, DEL, C1 and those of ``_OTHER_CONTROLS``) written as a visible escape (``\\n``, ``\\r``,
+    ``\\t``, ``\\x1b``, ``\\u202e``). ``keep_newlines`` leaves line feeds alone, for a multi-line
+    text (a traceback) that its caller lays out so no line of it can pass for one of its own.
+
+    For display only: a backslash is left as it is, so an escape cannot be told from the same
+    characters typed literally, and the exact data is what ``--json`` and the structured log
+    attribute carry."""
+    pattern = _UNSAFE_BUT_NEWLINE if keep_newlines else _UNSAFE
+    return pattern.sub(_escape, text)
+
+
 def _safe(value: Any) -> str:
     try:
-        return value if isinstance(value, str) else repr(value)
+        text = value if isinstance(value, str) else repr(value)
     except Exception:  # a foreign __repr__ must not break logging
-        return f"<{type(value).__qualname__} object>"
+        text = f"<{type(value).__qualname__} object>"
+    return escape_controls(text)
 
 
 def _to_record(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> tuple[Any, ...]:
     event = event_dict.pop("event", "")
     exc_info = event_dict.pop("exc_info", None)
-    text = " ".join([str(event), *(f"{k}={_safe(v)}" for k, v in event_dict.items())])
+    # Values come from task data (stream keys, error texts): one record stays one line, so none
+    # can forge another record in a text log. The structured attribute keeps them exact.
+    text = " ".join([_safe(event), *(f"{_safe(k)}={_safe(v)}" for k, v in event_dict.items())])
     kwargs: dict[str, Any] = {"extra": {"pyfiq": dict(event_dict, event=event)}}
     if exc_info:
         kwargs["exc_info"] = exc_info

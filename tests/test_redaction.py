@@ -146,3 +146,113 @@ def test_a_worker_whose_redis_dies_logs_no_password(own_redis: RedisServer, capl
     messages = [r.getMessage() for r in caplog.records]
     assert any(str(own_redis.port) in m for m in messages), "errors name the server"
     assert not [m for m in messages if SECRET in m]
+
+
+# -- reprs of everything that holds a secret ---------------------------------------------------
+
+
+def _reachable(root: Any, name: str) -> list[tuple[str, Any]]:
+    """``root`` and every value reachable from it through the attributes (public or not) of
+    pyfiq's own objects: what a debugger, ``pytest --showlocals`` or an error tracker shows."""
+    seen: set[int] = set()
+    found: list[tuple[str, Any]] = []
+    todo = [(name, root)]
+    while todo:
+        path, obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append((path, obj))
+        if type(obj).__module__.startswith("pyfiq") and hasattr(obj, "__dict__"):
+            todo += [(f"{path}.{attr}", value) for attr, value in vars(obj).items()]
+        elif isinstance(obj, tuple):
+            todo += [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+    return found
+
+
+def _assert_reprs_clean(root: Any, name: str) -> int:
+    objects = _reachable(root, name)
+    for path, obj in objects:
+        assert SECRET not in repr(obj), (path, repr(obj))
+        if not isinstance(obj, str):  # a string's str() is itself: the URL as given
+            assert SECRET not in str(obj), (path, str(obj))
+    return len(objects)
+
+
+def _secret_options(user: str) -> dict[str, dict[str, Any]]:
+    return {
+        "url password": {"url": f"redis://{user}:{SECRET}@127.0.0.1:{{port}}/0"},
+        "query password": {"url": f"redis://127.0.0.1:{{port}}/0?username={user}&password={SECRET}"},
+        "redis_options": {
+            "url": "redis://127.0.0.1:{port}/0",
+            "redis_options": {"username": user, "password": SECRET},
+        },
+    }
+
+
+@pytest.mark.parametrize("case", ["url password", "query password", "redis_options"])
+def test_no_object_reachable_from_a_backend_shows_the_password(
+    redis_server: RedisServer, app_user: str, case: str
+) -> None:
+    given = _secret_options(app_user)[case]
+    url = given["url"].format(port=redis_server.port)
+    backend = RedisQueueBackend(url, prefix=unique_prefix(), redis_options=given.get("redis_options", {}))
+    # Use both sides, so that everything built lazily exists too.
+    assert backend.queue_info("q")["pending"] == 0
+    assert asyncio.run(_async_ping(backend))
+    copied = backend.copy()
+    assert _assert_reprs_clean(backend, "backend") > 20
+    _assert_reprs_clean(copied, "copy")
+    assert "***" in repr(backend.settings) + repr(backend.url)
+    assert backend.url == url, "the URL itself is kept as given: only its repr hides the password"
+    backend.close()
+    copied.close()
+
+
+async def _async_ping(backend: RedisQueueBackend) -> bool:
+    try:
+        return bool(await backend.async_client.ping())
+    finally:
+        await backend.aclose()
+
+
+def test_every_secret_option_shows_as_stars() -> None:
+    from pyfiq import Settings
+    from pyfiq.redis.connect import Topology
+
+    options = {
+        "password": SECRET,
+        "ssl_password": SECRET,
+        "client_secret": SECRET,
+        "auth_token": SECRET,
+        "sentinel_kwargs": {"password": SECRET, "socket_timeout": 1},
+        "proxy_url": f"redis://u:{SECRET}@proxy:1/0",
+        "socket_timeout": 3,
+    }
+    settings = Settings(redis_options=options)
+    topology = Topology("sentinel", sentinels=(("s1", 26379),), options=options, sentinel_options=options)
+    for obj in (settings, settings.redis_options, topology, topology.options, topology.sentinel_options):
+        assert SECRET not in repr(obj) and SECRET not in str(obj), repr(obj)
+    assert "socket_timeout': 3" in repr(settings), "options that are not secrets still show"
+    assert settings.redis_options == options and settings.replace(shards=2).redis_options == options
+
+
+def test_the_sentinel_paths_show_no_password() -> None:
+    import click
+
+    from pyfiq import Settings
+    from pyfiq.ops.cli import _connect, connection_options
+
+    down = free_port()
+    backend = RedisQueueBackend.from_sentinel(
+        [("127.0.0.1", down)], "mymaster", redis_options={"password": SECRET}, sentinel_options={"password": SECRET}
+    )
+    _assert_reprs_clean(backend, "from_sentinel")
+    backend.close()
+    # The CLI moves the URL's credentials into the primary's options.
+    given = connection_options(False, (f"127.0.0.1:{down}",), "mymaster", None, None, None)
+    with click.Context(main, obj=given):
+        backend = _connect(f"redis://app:{SECRET}@ignored.invalid:1/0", Settings(prefix=unique_prefix()))
+    assert backend.settings.redis_options["password"] == SECRET
+    _assert_reprs_clean(backend, "cli sentinel")
+    backend.close()

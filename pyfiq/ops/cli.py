@@ -19,9 +19,10 @@ import redis
 
 from .. import __version__
 from ..config import Settings
-from ..engine.keys import queue_of
+from ..engine.keys import STREAM_SEPARATOR, queue_of, stream_name
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
+from ..logs import escape_controls
 from ..redis.backend import RedisQueueBackend
 from ..redis.connect import primary_options
 from . import inspect
@@ -29,10 +30,65 @@ from . import inspect
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class OneLineFormatter(logging.Formatter):
+    """Every record on one line, its control characters escaped, a traceback's line breaks too:
+    task data reaches the records of other loggers (a task's own) and the text of exceptions,
+    and must not start a line that passes for a record of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
 def configure_logging(level: str) -> None:
     # The command is the application here, so it may configure logging: pyfiq's events go
     # through the standard library logger 'pyfiq', to stderr.
-    logging.basicConfig(stream=sys.stderr, level=LEVELS[level], format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=LEVELS[level], handlers=[handler])
+
+
+def show(value: Any) -> str:
+    """``value`` as the CLI prints it: whatever it shows comes from Redis, where anyone who can
+    enqueue (or write) put it, so no control character reaches the operator's terminal raw."""
+    return escape_controls(str(value))
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """``row`` as one JSON line: the encoder escapes every control character but DEL (it escapes
+    all that is not ASCII and the C0 controls), so DEL is written as JSON's own escape."""
+    return inspect.to_json(row).replace("\x7f", "\\u007f")
+
+
+def _known(backend: RedisQueueBackend, queue: str, key: str | None = None) -> bool:
+    """Whether Redis knows the queue (or its stream ``queue#key``): it has a live stream (work or
+    a lease), dead letters or a pause, or, for a queue, tasks of it finished within the hour its
+    per-minute counts are kept."""
+    if inspect.streams_of(backend, queue, key):
+        return True
+    paused = backend.paused()
+    if key is not None:
+        return stream_name(queue, key) in paused
+    if any(queue_of(p) == queue for p in paused):
+        return True
+    pipe = backend.client.pipeline(transaction=False)
+    for shard in range(backend.keys.shards):
+        pipe.exists(backend.keys.counts(shard, queue))
+    with backend.translated():
+        return any(pipe.execute())
+
+
+def _require_known(backend: RedisQueueBackend, queue: str, key: str | None = None, *, force_hint: bool = False) -> None:
+    """One line and a non-zero exit for a name Redis has never seen: a typo must not look like
+    an action taken (pausing nothing, listing nothing)."""
+    if _known(backend, queue, key):
+        return
+    what = f"queue {queue!r}" if key is None else f"stream {stream_name(queue, key)!r}"
+    hint = " (--force acts on it anyway)" if force_hint else ""
+    raise click.ClickException(
+        f"unknown {what} on {backend.address} (prefix {backend.keys.prefix!r}): Redis holds no task, lease, "
+        f"dead letter or pause of it{' and saw none of it finish within the hour' if key is None else ''}; "
+        f"check the name, --redis and --prefix{hint}"
+    )
 
 
 def _backend(url: str, prefix: str, shards: int | None, **settings: Any) -> RedisQueueBackend:
@@ -89,12 +145,17 @@ class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.ClickException as exc:
+            if type(exc) is not click.ClickException:
+                raise  # a usage error: what the operator typed, shown with the usage
+            # The commands' messages name what was asked and what Redis holds: escaped like all output.
+            raise click.ClickException(show(exc.message)) from None
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except PyfiqError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(show(exc)) from None
         except redis.RedisError as exc:
-            raise click.ClickException(f"Redis: {describe_error(exc)}") from None
+            raise click.ClickException(show(f"Redis: {describe_error(exc)}")) from None
 
 
 def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +335,7 @@ def worker(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    click.echo(f"replica {worker.replica} ready", err=True)
+    click.echo(f"replica {show(worker.replica)} ready", err=True)
     done.wait()
 
 
@@ -288,7 +349,7 @@ async def _serve_async(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    click.echo(f"replica {worker.replica} ready", err=True)
+    click.echo(f"replica {show(worker.replica)} ready", err=True)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal exits at once
         loop.remove_signal_handler(sig)
@@ -322,19 +383,17 @@ def dlq_list(
             q = queue_of(stream)
             counts[q] = counts.get(q, 0) + backend.queue_info(stream)["dead"]
         for q, n in sorted(counts.items()):
-            click.echo(inspect.to_json({"queue": q, "dead": n}) if as_json else f"{q}\t{n}")
+            click.echo(json_line({"queue": q, "dead": n}) if as_json else f"{show(q)}\t{n}")
         return
-    letters = inspect.dead_letters_of(backend, queue, key, limit)
-    if not letters and not inspect.streams_of(backend, queue, key):
-        raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
-    for d in letters:
+    _require_known(backend, queue, key)
+    for d in inspect.dead_letters_of(backend, queue, key, limit):
         row = inspect.dead_letter_dict(d)
-        click.echo(
-            inspect.to_json(row)
-            if as_json
-            else f"{d.task_id}\t{d.stream}\t{d.reason}\t{row['name']}\tdeliveries={row.get('deliveries')}\t"
-            f"attempts={row.get('attempts')}\t{row.get('error_type', '')}: {row.get('error', '')}"
-        )
+        if as_json:
+            click.echo(json_line(row))
+            continue
+        fields = [d.task_id, d.stream, d.reason, row["name"], f"deliveries={row.get('deliveries')}"]
+        fields += [f"attempts={row.get('attempts')}", f"{row.get('error_type', '')}: {row.get('error', '')}"]
+        click.echo("\t".join(map(show, fields)))
 
 
 @dlq.command("show")
@@ -344,17 +403,21 @@ def dlq_list(
 @json_option
 def dlq_show(url: str, prefix: str, shards: int | None, queue: str, task_id: str, as_json: bool) -> None:
     """Show one dead letter of QUEUE, with the task's own traceback."""
-    found = inspect.find_dead_letter(_backend(url, prefix, shards), queue, task_id)
+    backend = _backend(url, prefix, shards)
+    _require_known(backend, queue)
+    found = inspect.find_dead_letter(backend, queue, task_id)
     if found is None:
         raise click.ClickException(f"no dead letter {task_id} in {queue}")
     row = inspect.dead_letter_dict(found)
     if as_json:
-        click.echo(inspect.to_json(row))
+        click.echo(json_line(row))
         return
     for field in ("task_id", "stream", "reason", "name", "args", "kwargs", "deliveries", "attempts", "replica"):
-        click.echo(f"{field}: {row.get(field)}")
-    click.echo(f"error: {row.get('error_type', '')}: {row.get('error', '')}")
-    click.echo(row["traceback"].rstrip())
+        click.echo(f"{field}: {show(row.get(field))}")
+    click.echo(f"error: {show(row.get('error_type', ''))}: {show(row.get('error', ''))}")
+    traceback = escape_controls(row["traceback"].rstrip(), keep_newlines=True)
+    # Its line breaks stay, for reading; indented, no line of it passes for a field above.
+    click.echo("traceback:" + ("".join(f"\n  {line}" for line in traceback.split("\n")) if traceback else " -"))
 
 
 @dlq.command("requeue")
@@ -376,6 +439,7 @@ def dlq_requeue(
 ) -> None:
     """Move dead letters of QUEUE (every stream, or --stream) back to pending."""
     backend = _backend(url, prefix, shards)
+    _require_known(backend, queue, key)
     streams = [s for s in inspect.streams_of(backend, queue, key) if backend.queue_info(s)["dead"]]
     if not streams:
         raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
@@ -383,7 +447,7 @@ def dlq_requeue(
     for n, stream in enumerate(streams, 1):
         moved += backend.requeue_dead_letters(stream, count=count, task_id=task_id, front=front)
         if len(streams) > 1:
-            click.echo(f"{stream}: {moved} requeued so far ({n}/{len(streams)} streams)", err=True)
+            click.echo(f"{show(stream)}: {moved} requeued so far ({n}/{len(streams)} streams)", err=True)
     if task_id is not None and moved == 0:
         raise click.ClickException(f"no dead letter {task_id} in {queue}")
     click.echo(f"requeued {moved}")
@@ -397,11 +461,12 @@ def dlq_requeue(
 def dlq_purge(url: str, prefix: str, shards: int | None, queue: str, key: str | None, yes: bool) -> None:
     """Delete the dead letters of QUEUE (every stream, or --stream)."""
     backend = _backend(url, prefix, shards)
+    _require_known(backend, queue, key)
     streams = inspect.streams_of(backend, queue, key)
     total = sum(backend.queue_info(s)["dead"] for s in streams)
     if total == 0:
         raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
-    name = queue + (f"#{key}" if key else "")
+    name = show(stream_name(queue, key))
     if not yes:
         click.confirm(f"Delete {total} dead letters of {name} ({len(streams)} streams)?", abort=True)
     click.echo(f"deleted {sum(backend.purge_dead_letters(s) for s in streams)}")
@@ -418,6 +483,8 @@ def status(
 ) -> None:
     """Queues (or one) with work, a lease or dead letters: counts, oldest task, paused, leases."""
     backend = _backend(url, prefix, shards)
+    if queue is not None:
+        _require_known(backend, queue)
     while True:
         _print_status(backend, queue, per_stream, as_json)
         if watch is None:
@@ -437,10 +504,14 @@ def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: boo
         columns += ["lease_ms", "running_s"]
     else:
         rows = [q.as_dict() for q in inspect.queue_statuses(backend, queue)]
+        if queue is not None and not rows:
+            # Known (paused, or it ran within the hour) but with no live stream: all zeros.
+            paused = queue in backend.paused()
+            rows = [inspect.QueueStatus(queue, 0, 0, 0, 0, paused, None, 0).as_dict()]
         columns = ["queue", "streams", "pending", "inflight", "dead", "oldest_age_s", "paused", "held"]
     if as_json:
         for row in rows:
-            click.echo(inspect.to_json(row))
+            click.echo(json_line(row))
         return
     click.echo("\t".join(columns))
     for row in rows:
@@ -454,7 +525,7 @@ def _cell(value: Any) -> str:
         return "paused" if value else ""
     if isinstance(value, float):
         return f"{value:.1f}"
-    return str(value)
+    return show(value)
 
 
 @main.command()
@@ -466,14 +537,13 @@ def replicas(url: str, prefix: str, shards: int | None, include_silent: bool, as
     rows = _backend(url, prefix, shards).replicas(include_silent)
     if as_json:
         for row in rows:
-            click.echo(inspect.to_json(row))
+            click.echo(json_line(row))
         return
     click.echo("replica\thost\tpid\tdriver\tconcurrency\tsilent_s\theld")
     for r in rows:
-        click.echo(
-            f"{r['replica']}\t{r.get('host')}\t{r.get('pid')}\t{r.get('driver')}\t{r.get('concurrency')}\t"
-            f"{r['silent_s']}\t{','.join(r.get('held', [])) or '-'}"
-        )
+        held = ",".join(map(str, r.get("held") or [])) or "-"
+        fields = [r["replica"], r.get("host"), r.get("pid"), r.get("driver"), r.get("concurrency"), r["silent_s"], held]
+        click.echo("\t".join(map(show, fields)))
 
 
 @main.group()
@@ -481,24 +551,41 @@ def queue() -> None:
     """Steer queues across the fleet: pause, resume, skip a blocked head."""
 
 
+force_option = click.option(
+    "--force", is_flag=True, help="Act even on a name Redis has never seen (say, before its first task)."
+)
+
+
 @queue.command("pause")
 @backend_options
 @click.argument("name")
 @click.option("--stream", "key", default=None, help="Pause only this keyed stream of the queue.")
-def queue_pause(url: str, prefix: str, shards: int, name: str, key: str | None) -> None:
+@force_option
+def queue_pause(url: str, prefix: str, shards: int, name: str, key: str | None, force: bool) -> None:
     """Pause queue NAME everywhere: running tasks finish, nothing new starts, enqueues go on."""
-    _backend(url, prefix, shards).pause(name, key)
-    click.echo(f"paused {name}{'#' + key if key else ''}")
+    backend = _backend(url, prefix, shards)
+    if not force:
+        _require_known(backend, name, key, force_hint=True)
+    report = backend.pause(name, key)
+    # It returned once every holder confirmed it starts nothing more: say who, and fail
+    # loudly if one did not answer within the lease TTL.
+    click.echo(show(report.describe()))
+    if not report.complete:
+        sys.exit(1)
 
 
 @queue.command("resume")
 @backend_options
 @click.argument("name")
 @click.option("--stream", "key", default=None, help="Resume only this keyed stream of the queue.")
-def queue_resume(url: str, prefix: str, shards: int, name: str, key: str | None) -> None:
+@force_option
+def queue_resume(url: str, prefix: str, shards: int, name: str, key: str | None, force: bool) -> None:
     """Resume queue NAME (or one keyed stream of it)."""
-    _backend(url, prefix, shards).resume(name, key)
-    click.echo(f"resumed {name}{'#' + key if key else ''}")
+    backend = _backend(url, prefix, shards)
+    if not force:
+        _require_known(backend, name, key, force_hint=True)
+    backend.resume(name, key)
+    click.echo(f"resumed {show(stream_name(name, key))}")
 
 
 @queue.command("skip")
@@ -507,10 +594,13 @@ def queue_resume(url: str, prefix: str, shards: int, name: str, key: str | None)
 @click.option("--reason", default="skipped by an operator", show_default=True)
 def queue_skip(url: str, prefix: str, shards: int, stream: str, reason: str) -> None:
     """Dead-letter the head task of STREAM (QUEUE or QUEUE#KEY) as 'operator' so it moves on."""
-    task_id = _backend(url, prefix, shards).skip(stream, reason)
+    backend = _backend(url, prefix, shards)
+    queue, separator, key = stream.partition(STREAM_SEPARATOR)
+    _require_known(backend, queue, key if separator else None)
+    task_id = backend.skip(stream, reason)
     if task_id is None:
         raise click.ClickException(f"{stream} holds no task")
-    click.echo(f"dead-lettered {task_id} as operator")
+    click.echo(f"dead-lettered {show(task_id)} as operator")
 
 
 # The exporter loads prometheus-client only when it runs: `pyfiq --help` works without the extra.

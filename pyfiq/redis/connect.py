@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -26,27 +26,15 @@ import redis.retry
 import redis.sentinel
 from redis.backoff import NoBackoff
 
+from ..config import Redacted, SecretURL, redact_url
 from ..engine.keys import KeySchema
 from ..errors import BackendUnavailableError, ConfigurationError
 
 
 def redact(url: str) -> str:
-    """``url`` with any password (in the authority or a ``password=`` query) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-        query = parts.query
-        if "password" in query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-    except ValueError:
-        return "<unparsable url>"
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    """``url`` with any password (in the authority, or a query parameter named like a secret such
+    as ``password=``) replaced by ``***``."""
+    return redact_url(url)
 
 
 #: Every command pyfiq sends: the ones its scripts run (a test checks the scripts use no other)
@@ -109,6 +97,12 @@ class Topology:
     options: dict[str, Any] = field(default_factory=dict)
     sentinel_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Its repr (a debugger's, an error tracker's) then says *** for every password it holds.
+        object.__setattr__(self, "url", SecretURL(self.url))
+        object.__setattr__(self, "options", Redacted(self.options))
+        object.__setattr__(self, "sentinel_options", Redacted(self.sentinel_options))
+
     @property
     def sharded_pubsub(self) -> bool:
         return self.kind == "cluster"
@@ -124,7 +118,7 @@ class Topology:
         return redact(self.url)
 
     def client(self, *, asynchronous: bool = False) -> Any:
-        options = {**default_options(asynchronous), **self.options}
+        options = Redacted({**default_options(asynchronous), **self.options})
         try:
             if self.kind == "cluster":
                 return _cluster_client(self.url, options, asynchronous)
@@ -146,7 +140,7 @@ class Topology:
         module: Any = redis.asyncio.sentinel if asynchronous else redis.sentinel
         # Sentinels get their own options (their password, TLS), not the primary's; only the
         # socket timeouts carry over unless sentinel_options say otherwise.
-        sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        sentinel_kwargs = Redacted({k: v for k, v in options.items() if k.startswith("socket_")})
         sentinel_kwargs.update(self.sentinel_options)
         sentinel = module.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs, **options)
         return sentinel.master_for(self.service_name)
@@ -179,7 +173,7 @@ def primary_options(url: str) -> dict[str, Any]:
     if not url.startswith(("redis://", "rediss://")):
         raise ConfigurationError(f"with Sentinel, a redis:// or rediss:// URL gives credentials, not {url[:10]!r}")
     parsed: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
-    options = {k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None}
+    options = Redacted({k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None})
     if url.startswith("rediss://"):
         options["ssl"] = True
     return options

@@ -63,7 +63,9 @@ def test_dlq_show_and_a_wrong_id_or_queue_fail_clearly(deployment: Any) -> None:
     result = run(backend, "dlq", "show", "hooks", "f" * 32)
     assert result.exit_code == 1 and f"no dead letter {'f' * 32} in hooks" in result.output
     result = run(backend, "dlq", "requeue", "nosuchqueue")
-    assert result.exit_code == 1 and "no dead letters for nosuchqueue" in result.output
+    assert result.exit_code == 1 and "unknown queue 'nosuchqueue'" in result.output
+    result = run(backend, "dlq", "requeue", "billing")
+    assert result.exit_code == 1 and "no dead letters for billing" in result.output
     result = run(backend, "dlq", "requeue", "hooks", "--task-id", "f" * 32)
     assert result.exit_code == 1 and "no dead letter" in result.output
 
@@ -120,3 +122,94 @@ def test_an_enqueue_through_fifo_shows_up(deployment: Any) -> None:
     result = run(backend, "status", "shown", "--json")
     (row,) = map(json.loads, result.output.splitlines())
     assert row["queue"] == "shown" and row["pending"] == 1
+
+
+# -- names Redis has never seen ------------------------------------------------------------------
+
+
+def run_with_password(backend: RedisQueueBackend, port: int, *args: str) -> Any:
+    """The test server's default user has no password, so any password is accepted: the URL
+    carries one only to show it never appears in the message."""
+    url = f"redis://default:hunter2-secret@127.0.0.1:{port}/0"
+    return CliRunner().invoke(main, ["--redis", url, "--prefix", backend.keys.prefix, *args])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "nosuch"],
+        ["status", "nosuch", "--streams"],
+        ["queue", "pause", "nosuch"],
+        ["queue", "resume", "nosuch"],
+        ["queue", "skip", "nosuch"],
+        ["dlq", "list", "nosuch"],
+        ["dlq", "show", "nosuch", "f" * 32],
+        ["dlq", "requeue", "nosuch"],
+        ["dlq", "purge", "nosuch", "--yes"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_an_unknown_queue_is_one_line_naming_it_and_the_server_and_a_non_zero_exit(
+    deployment: Any, redis_server: Any, args: list[str]
+) -> None:
+    backend, _ = deployment
+    result = run_with_password(backend, redis_server.port, *args)
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    (line,) = result.stderr.splitlines()
+    assert "unknown queue 'nosuch'" in line and f"redis://default:***@127.0.0.1:{redis_server.port}/0" in line
+    assert "hunter2-secret" not in result.output
+    assert backend.paused() == [], "nothing was paused"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["queue", "pause", "hooks", "--stream", "c-9"],
+        ["queue", "resume", "hooks", "--stream", "c-9"],
+        ["queue", "skip", "hooks#c-9"],
+        ["dlq", "list", "hooks", "--stream", "c-9"],
+        ["dlq", "requeue", "hooks", "--stream", "c-9"],
+        ["dlq", "purge", "hooks", "--stream", "c-9", "--yes"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_an_unknown_stream_of_a_known_queue_is_an_error(deployment: Any, redis_server: Any, args: list[str]) -> None:
+    backend, _ = deployment
+    result = run_with_password(backend, redis_server.port, *args)
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    (line,) = result.stderr.splitlines()
+    assert "unknown stream 'hooks#c-9'" in line and f"127.0.0.1:{redis_server.port}" in line
+    assert backend.paused() == []
+
+
+def test_force_pauses_a_queue_before_its_first_task(deployment: Any) -> None:
+    backend, _ = deployment
+    result = run(backend, "queue", "pause", "fresh", "--force")
+    assert result.exit_code == 0 and "paused fresh" in result.output and backend.paused() == ["fresh"]
+    result = run(backend, "queue", "pause", "hooks", "--stream", "c-9", "--force")
+    assert result.exit_code == 0 and "hooks#c-9" in backend.paused()
+    # A paused queue is one Redis knows: resuming it needs no --force.
+    result = run(backend, "queue", "resume", "fresh")
+    assert result.exit_code == 0 and backend.paused() == ["hooks#c-9"]
+    result = run(backend, "status", "fresh")
+    assert result.exit_code == 1 and "unknown queue 'fresh'" in result.output
+
+
+def test_a_queue_that_ran_and_drained_is_still_known(deployment: Any) -> None:
+    from pyfiq.testing import drain
+
+    backend, _ = deployment
+
+    @fifo(queue="drained", name="tests.cli.drained")
+    def drained() -> None:
+        pass
+
+    drained()
+    drain(backend, ["drained"])
+    assert "drained" not in {s.split("#")[0] for s in backend.active_streams()}
+    result = run(backend, "status", "drained", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = map(json.loads, result.output.splitlines())
+    assert row["queue"] == "drained" and row["pending"] == 0 and row["streams"] == 0
+    result = run(backend, "queue", "pause", "drained")
+    assert result.exit_code == 0 and backend.paused() == ["drained"]

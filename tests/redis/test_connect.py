@@ -66,7 +66,9 @@ def test_the_cli_takes_tls_files_at_group_level(tls: tuple[TLSFiles, int]) -> No
     prefix = unique_prefix()
     url = f"rediss://127.0.0.1:{port}/0"
     tls_args = ["--tls-ca", str(files.ca), "--tls-cert", str(files.client_cert), "--tls-key", str(files.client_key)]
-    result = CliRunner().invoke(main, ["--redis", url, "--prefix", prefix, *tls_args, "queue", "pause", "tls-q"])
+    result = CliRunner().invoke(
+        main, ["--redis", url, "--prefix", prefix, *tls_args, "queue", "pause", "tls-q", "--force"]
+    )
     assert result.exit_code == 0, result.output
     backend = RedisQueueBackend(url, prefix=prefix, redis_options=files.client_options())
     assert backend.paused() == ["tls-q"]
@@ -116,7 +118,7 @@ def test_the_cli_finds_the_primary_through_sentinel(sentinels: Sentinels) -> Non
     prefix = unique_prefix()
     given = [a for _, p in sentinels.addresses for a in ("--sentinel", f"127.0.0.1:{p}")]
     # The URL's host is not used with --sentinel: only its credentials, database and scheme.
-    args = ["--redis", "redis://ignored.invalid:1/0", "--prefix", prefix, *given, "queue", "pause", "s-q"]
+    args = ["--redis", "redis://ignored.invalid:1/0", "--prefix", prefix, *given, "queue", "pause", "s-q", "--force"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     primary = redis.Redis(port=sentinels.primary_port())
