@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .errors import ConfigurationError
 from .serializers import JSONSerializer, Serializer
@@ -52,6 +53,67 @@ def validate_seconds(name: str, value: Any, *, redis_ms: bool = False, zero_ok: 
     return float(value)
 
 
+#: Parts of an option's name that make its value a secret (matched case-insensitively).
+SECRET_WORDS = ("password", "passwd", "secret", "token", "credential")
+
+
+def is_secret_name(name: object) -> bool:
+    """Whether an option (or URL query parameter) of this name holds a secret."""
+    return isinstance(name, str) and any(word in name.lower() for word in SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (in the authority, or a query parameter named like a secret)
+    replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+        query = parts.query
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(is_secret_name(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if is_secret_name(k) else v) for k, v in pairs], safe="*")
+    except ValueError:
+        return "<unparsable url>"
+    if (netloc, query) == (parts.netloc, parts.query):
+        return str(url)  # a plain string, also for a SecretURL
+    # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def redacted_repr(value: Any) -> str:
+    """``repr(value)`` with every secret in it shown as ``***``: the values of secret-named keys
+    of dicts (nested ones too) and the passwords of URLs."""
+    if isinstance(value, dict):
+        stars = repr("***")
+        items = (f"{k!r}: {stars if is_secret_name(k) else redacted_repr(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(redacted_repr(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, str) and "://" in value:
+        return repr(redact_url(value))
+    return repr(value)
+
+
+class Redacted(dict[str, Any]):
+    """Connection options (credentials among them) whose repr says ``***`` for every secret:
+    debuggers, ``pytest --showlocals`` and error trackers print reprs. Otherwise a plain dict."""
+
+    def __repr__(self) -> str:
+        return redacted_repr(dict(self))
+
+
+class SecretURL(str):
+    """A Redis URL as given, whose repr hides its password; its value is the URL itself."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact_url(self))
+
+
 @dataclass(frozen=True)
 class Settings:
     """pyfiq's configuration. Times are in seconds.
@@ -88,7 +150,8 @@ class Settings:
     #: Window in which a repeated dedup key returns the first task instead of enqueuing.
     dedup_window: float = 300.0
     #: How long an enqueue keeps retrying while Redis is unreachable (long enough to ride out a
-    #: failover or a restart), and optionally a cap on its attempts (None: only the window).
+    #: failover or a restart), and optionally a cap on its attempts (None: only the window). Also
+    #: the longest a caller waits behind a shared round trip before it gives up.
     enqueue_timeout: float = 10.0
     enqueue_attempts: int | None = None
     #: Default ``@fifo(time_limit=)``: an attempt running longer is interrupted and fails with
@@ -101,13 +164,17 @@ class Settings:
     #: release, an operator's skip or requeue) is followed by ``WAIT min_replicas`` on the same
     #: connection, so what Redis confirmed survives a failover to a replica. 0: off.
     min_replicas: int = 0
-    #: How long one such ``WAIT`` waits for the replicas (durable mode only).
+    #: How long one such ``WAIT`` waits for the replicas (durable mode only). Its reply is read
+    #: with this on top of the connection's socket timeout, so it may exceed ``socket_timeout``
+    #: (nothing to refuse: the two cannot conflict).
     replica_timeout: float = 1.0
     serializer: Serializer = field(default_factory=JSONSerializer)
     #: Extra keyword arguments for the redis-py client / connection pool.
     redis_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Its repr, and so the settings', must not show a password it holds.
+        object.__setattr__(self, "redis_options", Redacted(self.redis_options))
         validate_seconds("lease_ttl", self.lease_ttl, redis_ms=True)
         validate_seconds("dedup_window", self.dedup_window, redis_ms=True)
         for name in ("poll_interval", "enqueue_timeout"):
