@@ -57,6 +57,21 @@ class NotReplicatedError(BackendUnavailableError):
         return type(self), (str(self), self.task_ids, self.replicas, self.wanted)
 
 
+class EnqueueOutcomeUnknown(BackendUnavailableError):
+    """An enqueue's request was written to Redis (or may have been), but no reply came back: a
+    timeout or a lost connection after the write, or a shared round trip whose reading was cut
+    short. The tasks MAY be stored, each at most once: pyfiq did not send them again, which
+    could store them twice. ``task_ids`` names them. A task with a ``dedup_key`` is sent again
+    instead, which is safe, as long as ``enqueue_timeout`` leaves time for it."""
+
+    def __init__(self, message: str, task_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.task_ids = list(task_ids)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.task_ids)
+
+
 class TimeLimitExceeded(BaseException):
     """A task ran past its ``time_limit``: raised inside a plain function's thread, and in place
     of the cancellation of an ``async def`` task. A ``BaseException``, like

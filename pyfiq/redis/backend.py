@@ -34,6 +34,7 @@ from ..errors import (
     ConfigurationError,
     DecodeError,
     EnqueueOutcomeUnknown,
+    NotReplicatedError,
 )
 from ..task import Entry, TaskRecord
 from . import halts
@@ -316,19 +317,20 @@ class _Retry:
         #: An earlier try may have stored the tasks (then re-sent with their dedup keys).
         self.maybe = False
 
-    def failed(self, exc: BaseException | None, sent: bool) -> float:
+    def failed(self, exc: BaseException | None, sent: bool, *, shared: bool = False) -> float:
         """Seconds to wait before the next try after one failed with ``exc`` (None: nothing
         failed yet); raises when there is to be none. A refusal that ran nothing is raised as
-        it is, except from a shared round trip, whose callers each try alone."""
+        it is, except one of a ``shared`` round trip, whose callers each try alone."""
         if exc is None:
             return 0.0
-        first = self.tries == 0 and not self.maybe
+        if isinstance(exc, NotReplicatedError):
+            raise exc  # stored, short of replicas: the outcome, told as it is
         if sent and not never_ran(exc):
             if not self.resend_safe:
                 raise self.backend.outcome_unknown(self.stream, self.call, exc) from exc
             self.maybe = True
         elif not is_transient(exc):
-            if first:
+            if shared:
                 return 0.0
             raise exc
         self.tries += 1
@@ -665,9 +667,12 @@ class RedisQueueBackend:
         """``enqueue_encoded`` without blocking the event loop."""
         if not self._layout_checked or self.settings.durable:
             return await self.aenqueue_alone(stream, items, dedup_keys)
-        if self._acoalescer is None:
-            self._acoalescer = AsyncCoalescer(self)
-        return await self._acoalescer.enqueue(stream, items, dedup_keys)
+        coalescer = self._acoalescer
+        loop = asyncio.get_running_loop()
+        if coalescer is None or coalescer.loop is not loop:
+            # One per loop: a turn left unfinished by a loop that ended must not hold up the next.
+            coalescer = self._acoalescer = AsyncCoalescer(self, loop)
+        return await coalescer.enqueue(stream, items, dedup_keys)
 
     async def aenqueue_once(
         self,
@@ -692,7 +697,7 @@ class RedisQueueBackend:
         """``enqueue_alone`` without blocking the event loop."""
         call = self.ops.enqueue(stream, items, dedup_keys)
         retry = _Retry(self, call, stream, dedup_keys, started)
-        retry.failed(cause, sent)
+        retry.failed(cause, sent, shared=True)
         while True:
             attempt = Attempt()
             try:
@@ -716,6 +721,7 @@ class RedisQueueBackend:
             command = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
             (reply,) = await apooled_exchange(client.connection_pool, [command], attempt)
             if isinstance(reply, redis.exceptions.NoScriptError):  # Redis lost it: nothing ran
+                attempt.sent = False
                 await client.script_load(script.script)
                 (reply,) = await apooled_exchange(client.connection_pool, [command], attempt)
             if isinstance(reply, Exception):
@@ -864,7 +870,7 @@ class RedisQueueBackend:
         earlier attempt, and is answered as new). Otherwise ``EnqueueOutcomeUnknown``."""
         call = self.ops.enqueue(stream, items, dedup_keys)
         retry = _Retry(self, call, stream, dedup_keys, started)
-        retry.failed(cause, sent)
+        retry.failed(cause, sent, shared=True)
         while True:
             attempt = Attempt()
             try:
@@ -890,6 +896,7 @@ class RedisQueueBackend:
             try:
                 return self._connections.call(command, attempt=attempt)
             except redis.exceptions.NoScriptError:  # Redis lost it (a restart): nothing ran
+                attempt.sent = False
                 self.client.script_load(script.script)
                 return self._connections.call(command, attempt=attempt)
         except redis.RedisError as exc:

@@ -1,7 +1,7 @@
 """Group commit for producers: concurrent enqueues of one backend share round trips.
 
 A web tier enqueues from many threads (or asyncio tasks) at once. Each caller queues its request;
-whoever finds no round trip under way sends everything queued in one pipeline (one ``enqueue``
+whoever finds no round trip under way sends everything queued in one write (one ``enqueue``
 script call per stream, or per request where dedup keys are involved) and hands every caller its
 own reply, then passes the turn to the oldest caller still waiting. A caller alone sends at once,
 on the plain one-call path: no thread, no timer and no added latency.
@@ -9,27 +9,51 @@ on the plain one-call path: no thread, no timer and no added latency.
 The threads of one round trip are woken one after another, each by the one before it, the last
 handing the turn on: woken all at once they would fight over the interpreter lock, which cost
 16 producer threads about six context switches per enqueue, against 1.5 this way (the benchmark
-counts them). A caller
-interrupted while it waits (a signal handler raising in the main thread) steps out of that
-chain without breaking it: it is skipped, and passes on a wake-up or turn that reached it.
+counts them). A caller interrupted while it waits (a signal handler raising in the main thread)
+steps out of that chain without breaking it: it is skipped, and passes on a wake-up or turn that
+reached it.
 
 Order is kept per stream in the order callers queued (a caller's next enqueue is queued only once
-its previous one returned, so a producer's own order always holds). An error of the shared round
-trip goes to every caller in it, who then retries alone on the backend's usual path; as for any
-enqueue without a dedup key, a reply lost after Redis stored the tasks can store them twice.
+its previous one returned, so a producer's own order always holds).
+
+One caller, one outcome. A shared round trip carries other callers' requests, so nothing one
+caller does may decide the others' outcome, and each gets its own: its handle, or an error that
+says whether its tasks may be stored. What can happen to a round trip from outside:
+
+- its leader is cancelled (asyncio) or interrupted (a signal handler's ``KeyboardInterrupt``,
+  ``TimeLimitExceeded`` in a task that enqueues) while it sends or reads: the round trip goes on
+  without it, in a task of its own (asyncio) or in a thread started for the purpose, which reads
+  the replies on the others' behalf. The leader's own request is in the round trip like anyone
+  else's: it may be stored.
+- Redis fails it: a call Redis refused, or that failed before its request was written, ran
+  nothing, and its callers retry alone; one whose request may have reached Redis is never sent
+  again blindly (``EnqueueOutcomeUnknown``, unless each task has a dedup key, which makes the
+  re-send safe: see ``RedisQueueBackend.enqueue_alone``).
+- a caller waiting gives up (interrupted, cancelled, or ``enqueue_timeout`` ran out: every wait
+  is bounded by it): a request not yet sent leaves the queue and is never sent; one already
+  sent may be stored, and the error says so.
+- the process forks: in the child only the forking thread exists, so the round trip under way,
+  its waiting callers and the locks they held are the parent's; the child's coalescers start
+  empty (``os.register_at_fork``) and its lean connections are its own.
 """
 
 from __future__ import annotations
 
 import _thread
 import asyncio
+import os
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from ..engine.protocol import Call, Ops
+from .lean import Attempt
 
 if TYPE_CHECKING:
     from .backend import RedisQueueBackend
@@ -44,6 +68,8 @@ class Request:
     dedup: Sequence[str] | None
     result: list[tuple[str, bool]] | None = None
     error: BaseException | None = None
+    #: With ``error``: its request may have been written to Redis, so its tasks may be stored.
+    sent: bool = False
     #: Set when this caller is to send the next round trip.
     lead: bool = False
     #: Made only for a caller that waits (one alone never needs it): a lock made held, which
@@ -55,7 +81,9 @@ class Request:
     then: Request | None = None
     #: Released by whoever woke it (under the coalescer's lock).
     woken: bool = False
-    #: Its caller was interrupted while waiting: skipped by wake-ups, never made to lead.
+    #: It has handed on what reached it (a wake-up, or as a leader the round trip's): once only.
+    passed: bool = False
+    #: Its caller left while waiting: skipped by wake-ups, never made to lead.
     abandoned: bool = False
 
 
@@ -80,18 +108,55 @@ def merged(ops: Ops, batch: Sequence[Request]) -> list[tuple[Call, list[Request]
     return calls
 
 
-def deliver(calls: Sequence[tuple[Call, list[Request]]], replies: Sequence[Any]) -> None:
-    """Give each request its part of its call's reply, or the call's error."""
-    for (call, group), reply in zip(calls, replies, strict=True):
+def _fail(req: Request, error: BaseException, sent: bool) -> None:
+    if req.result is None and req.error is None:
+        req.error, req.sent = error, sent
+
+
+def deliver(
+    calls: Sequence[tuple[Call, list[Request]]],
+    replies: Sequence[Any],
+    failure: BaseException | None = None,
+    sent: bool = False,
+) -> None:
+    """Give each request its part of its call's reply. An error reply is its call's error
+    (Redis refused the call: nothing of it ran). The calls past ``replies`` get ``failure``,
+    ``sent`` saying whether they may have run. A request already settled keeps its outcome, so
+    that whoever finishes an interrupted round trip can deliver it again."""
+    for i, (call, group) in enumerate(calls):
+        if i >= len(replies):
+            for req in group:
+                _fail(req, failure or redis.ConnectionError("no reply"), sent)
+            continue
+        reply = replies[i]
         if isinstance(reply, BaseException):
             for req in group:
-                req.error = reply
+                _fail(req, reply, False)
             continue
-        parsed = Ops.parse_enqueue(call, reply)
+        try:
+            parsed = Ops.parse_enqueue(call, reply)
+        except Exception as exc:  # a reply that does not fit its call: it ran, but to what effect?
+            for req in group:
+                _fail(req, exc, True)
+            continue
         start = 0
         for req in group:
-            req.result = parsed[start : start + len(req.items)]
+            if req.result is None and req.error is None:
+                req.result = parsed[start : start + len(req.items)]
             start += len(req.items)
+
+
+#: Every coalescer of the process, emptied in a forked child.
+_LIVE: weakref.WeakSet[Coalescer | AsyncCoalescer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for coalescer in list(_LIVE):
+        coalescer.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Coalescer:
@@ -99,61 +164,112 @@ class Coalescer:
 
     def __init__(self, backend: RedisQueueBackend) -> None:
         self.backend = backend
+        self.reset()
+        _LIVE.add(self)
+
+    def reset(self) -> None:
+        """Start empty (in a forked child: see the module)."""
         self._lock = threading.Lock()
         self._queue: list[Request] = []
         self._busy = False
 
     def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> list[tuple[str, bool]]:
+        started = time.monotonic()
         req = Request(stream, items, dedup)
-        with self._lock:
-            self._queue.append(req)
-            if self._busy:
-                req.wake = threading.Lock()
-                req.wake.acquire()
-            else:
-                self._busy = req.lead = True
-        if req.wake is not None:
-            try:
-                req.wake.acquire()
-            except BaseException:
-                self._abandon(req)
-                raise
-            if not req.lead:
-                self._pass(req.then)
-        if req.lead:
-            self._send_turn()
+        try:
+            with self._lock:
+                self._queue.append(req)
+                if self._busy:
+                    req.wake = threading.Lock()
+                    req.wake.acquire()
+                else:
+                    self._busy = req.lead = True
+            if req.wake is not None:
+                if not req.wake.acquire(timeout=self.backend.settings.enqueue_timeout):
+                    self._expire(req)
+                if req.woken and not req.lead:
+                    self._pass(req, req.then)
+            if req.lead:
+                self._send_turn(req)
+        except BaseException:
+            self._abandon(req)
+            raise
         if req.result is not None:
             return req.result
-        # The shared round trip failed: alone, on the usual path, with its retries.
-        return self.backend.enqueue_alone(stream, items, dedup)
+        # Not answered by the shared round trip: alone, on the usual path, unless it may be stored.
+        return self.backend.enqueue_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
 
-    def _send_turn(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue, []
+    def _send_turn(self, leader: Request) -> None:
+        batch: list[Request] = []
+        calls: list[tuple[Call, list[Request]]] = []
+        trip: Any = None
         try:
+            with self._lock:
+                batch, self._queue = self._queue, []
             if len(batch) == 1:
-                req = batch[0]
-                try:
-                    req.result = self.backend.enqueue_once(req.stream, req.items, req.dedup)
-                except Exception as exc:
-                    req.error = exc
+                self._send_alone(batch[0])
             else:
                 calls = merged(self.backend.ops, batch)
+                trip = self.backend.shared_enqueues([call for call, _ in calls])
                 try:
-                    replies = self.backend.send_enqueues([call for call, _ in calls])
+                    replies = trip.run()
                 except Exception as exc:
-                    replies = [exc] * len(calls)
-                deliver(calls, replies)
-        finally:
-            waiting = [req for req in batch if req.wake is not None and not req.lead]
-            for req, nxt in pairwise(waiting):
-                req.then = nxt
-            self._pass(waiting[0] if waiting else None)
+                    deliver(calls, trip.replies, exc, trip.sent)
+                else:
+                    deliver(calls, replies)
+            self._wake(leader, batch)
+        except BaseException:
+            # The leader was interrupted (a signal handler, an async exception): the round trip
+            # is the others' too, and a thread of its own finishes it for them.
+            rescue = threading.Thread(
+                target=self._conclude, args=(leader, batch, calls, trip), name="pyfiq-round-trip", daemon=True
+            )
+            try:
+                rescue.start()
+            except RuntimeError:  # the interpreter is shutting down: no thread can start
+                self._conclude(leader, batch, calls, trip)
+            raise
 
-    def _pass(self, nxt: Request | None) -> None:
+    def _send_alone(self, req: Request) -> None:
+        attempt = Attempt()
+        try:
+            req.result = self.backend.enqueue_once(req.stream, req.items, req.dedup, attempt)
+        except Exception as exc:
+            req.error, req.sent = exc, attempt.sent
+
+    def _conclude(
+        self, leader: Request, batch: list[Request], calls: list[tuple[Call, list[Request]]], trip: Any
+    ) -> None:
+        """What an interrupted leader left undone, in any state it left it: the replies read,
+        each caller answered (again, for those already answered: no change), the callers woken."""
+        try:
+            if trip is not None:
+                try:
+                    replies = trip.finish()
+                except Exception as exc:
+                    deliver(calls, trip.replies, exc, trip.sent)
+                else:
+                    deliver(calls, replies)
+            else:
+                for req in batch:
+                    _fail(req, redis.ConnectionError("the caller sending it was interrupted first"), False)
+        finally:
+            self._wake(leader, batch)
+
+    def _wake(self, leader: Request, batch: Sequence[Request]) -> None:
+        waiting = [req for req in batch if req.wake is not None and not req.lead]
+        for req, nxt in pairwise(waiting):
+            req.then = nxt
+        self._pass(leader, waiting[0] if waiting else None)
+
+    def _pass(self, owner: Request, nxt: Request | None) -> None:
         """Wake ``nxt`` or the first caller after it in its chain that still waits; past the
-        chain's end, hand the turn to the oldest caller queued (or end the turns)."""
+        chain's end, hand the turn to the oldest caller queued (or end the turns). ``owner``
+        (the waker) does so once only, however often it is asked to."""
         with self._lock:
+            if owner.passed:
+                return
+            owner.passed = True
             while nxt is not None and nxt.abandoned:
                 nxt = nxt.then
             if nxt is None:
@@ -166,82 +282,198 @@ class Coalescer:
             assert nxt.wake is not None
             nxt.wake.release()
 
-    def _abandon(self, req: Request) -> None:
-        """Its caller was interrupted while waiting. Not yet sent: it leaves the queue and is
-        never sent. Already sent: its reply is dropped (the tasks may be stored, as for any
-        interrupted call). A wake-up or turn that reached it goes on to the next caller."""
+    def _expire(self, req: Request) -> None:
+        """Its wait ran out (``enqueue_timeout``). Not yet sent: it leaves the queue, never to be
+        sent, and ``BackendUnavailableError`` says nothing was stored. Sent but not answered:
+        ``EnqueueOutcomeUnknown``. Returns if a wake-up crossed the timeout, or its round trip
+        ended and only the wake-up is late (it is then skipped by it)."""
         with self._lock:
-            req.abandoned = True
-            if req in self._queue and not req.woken:
-                self._queue.remove(req)
+            if req.woken:
                 return
-            if req.lead and req in self._queue:
+            req.abandoned = True
+            if req.result is not None or req.error is not None:
+                return
+            queued = req in self._queue
+            if queued:
                 self._queue.remove(req)
-        if req.woken:
-            self._pass(None if req.lead else req.then)
+        raise self.backend.enqueue_timed_out(req.stream, req.items, sent=not queued)
+
+    def _abandon(self, req: Request) -> None:
+        """Its caller left (interrupted, or its wait ran out). Not yet sent: it leaves the queue
+        and is never sent. Already sent: its reply is dropped (the tasks may be stored, as for
+        any interrupted call). A wake-up or turn that reached it goes on to the next caller; a
+        round trip it leads is finished by ``_conclude``."""
+        with self._lock:
+            if req.abandoned:
+                return
+            req.abandoned = True
+            if req in self._queue:
+                self._queue.remove(req)
+                if not req.lead:
+                    return
+            elif not req.woken or req.lead:
+                return
+        self._pass(req, None if req.lead else req.then)
+
+
+#: What a waiting caller's future is resolved with when ``enqueue_timeout`` ran out (a result,
+#: not an exception: a caller that left meanwhile leaves no unretrieved exception behind).
+_EXPIRED = object()
+
+Turn = asyncio.Future[Any]
 
 
 class AsyncCoalescer:
-    """The event loop's side: one per backend and loop."""
+    """The event loop's side: one per backend and event loop.
 
-    def __init__(self, backend: RedisQueueBackend) -> None:
+    Waits are bounded by one timer per turn rather than one per caller: armed when a turn has
+    callers waiting on it, cancelled when it ends; if it fires, the turn did not end within
+    ``enqueue_timeout`` and every caller waiting gives up (see ``_expire``)."""
+
+    def __init__(self, backend: RedisQueueBackend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
-        self._queue: list[tuple[Request, asyncio.Future[None]]] = []
+        self.loop = loop
+        self.reset()
+        _LIVE.add(self)
+
+    def reset(self) -> None:
+        """Start empty (in a forked child: see the module)."""
+        self._queue: list[tuple[Request, Turn | None]] = []
         self._busy = False
         self._spawned: set[asyncio.Future[None]] = set()
-
-    def _spawn_turn(self) -> None:
-        # Kept referenced until done: the loop holds only a weak reference to a task.
-        task = asyncio.ensure_future(self._send_turn())
-        self._spawned.add(task)
-        task.add_done_callback(self._spawned.discard)
+        #: The round trip under way (its callers), and the future its leader awaits if shared.
+        self._flight: list[tuple[Request, Turn | None]] = []
+        self._leading: Turn | None = None
+        self._watch: asyncio.TimerHandle | None = None
 
     async def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> list[tuple[str, bool]]:
+        started = time.monotonic()
         req = Request(stream, items, dedup)
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((req, turn))
         if self._busy:
+            turn: Turn = self.loop.create_future()
+            self._queue.append((req, turn))
+            if self._watch is None:
+                self._arm()
             try:
-                await turn
+                woken = await turn
             except asyncio.CancelledError:
-                if req.lead and req.result is None:  # handed the turn as it was cancelled: pass it on
-                    self._spawn_turn()
+                self._leave(req)
                 raise
+            if woken is _EXPIRED:
+                sent = not self._leave(req)
+                if req.result is None and req.error is None:
+                    raise self.backend.enqueue_timed_out(stream, items, sent)
         else:
             self._busy = req.lead = True
-        if req.lead and req.result is None and req.error is None:
-            await self._send_turn()
+            self._queue.append((req, None))
+        if req.lead:
+            await self._lead(req)
         if req.result is not None:
             return req.result
-        return await self.backend.aenqueue_alone(stream, items, dedup)
+        # Not answered by the shared round trip: alone, on the usual path, unless it may be stored.
+        return await self.backend.aenqueue_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
 
-    async def _send_turn(self) -> None:
+    def _arm(self) -> None:
+        self._watch = self.loop.call_later(self.backend.settings.enqueue_timeout, self._expire)
+
+    def _expire(self) -> None:
+        """The turn under way did not end within ``enqueue_timeout``: everyone waiting gives up,
+        those queued for the next turn (never sent, so not stored) and those in it (maybe
+        stored), its leader too."""
+        self._watch = None
+        for _, turn in (*self._queue, *self._flight):
+            if turn is not None and not turn.done():
+                turn.set_result(_EXPIRED)
+        if self._leading is not None and not self._leading.done():
+            self._leading.set_result(_EXPIRED)
+
+    def _leave(self, req: Request) -> bool:
+        """Its caller left while waiting; returns whether its request had not been sent (it
+        then never is). A turn handed to it goes on to the next caller."""
+        if req.abandoned:
+            return True
+        for i, (queued, _) in enumerate(self._queue):
+            if queued is req:
+                del self._queue[i]
+                req.abandoned = True
+                if req.lead:
+                    self._hand_on()
+                return True
+        return False
+
+    async def _lead(self, req: Request) -> None:
         batch, self._queue = self._queue, []
+        self._flight = batch
+        if len(batch) == 1:
+            # Alone: only its own outcome is at stake, so it sends itself, with no task.
+            try:
+                await self._send(batch)
+            finally:
+                self._finish(batch, None)
+            return
+        # Shared: sent and read by a task of its own, which a cancelled leader does not stop.
+        done: Turn = self.loop.create_future()
+        self._leading = done
+        if self._watch is None:
+            self._arm()
+        task = asyncio.ensure_future(self._shared(batch, done))
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+        if await done is _EXPIRED:
+            raise self.backend.enqueue_timed_out(req.stream, req.items, sent=True)
+
+    async def _shared(self, batch: list[tuple[Request, Turn | None]], done: Turn) -> None:
+        try:
+            await self._send(batch)
+        finally:
+            self._finish(batch, done)
+
+    async def _send(self, batch: list[tuple[Request, Turn | None]]) -> None:
         requests = [req for req, _ in batch]
+        attempt = Attempt()
         try:
             if len(requests) == 1:
                 req = requests[0]
                 try:
-                    req.result = await self.backend.aenqueue_once(req.stream, req.items, req.dedup)
+                    req.result = await self.backend.aenqueue_once(req.stream, req.items, req.dedup, attempt)
                 except Exception as exc:
-                    req.error = exc
-            elif requests:
+                    req.error, req.sent = exc, attempt.sent
+            else:
                 calls = merged(self.backend.ops, requests)
                 try:
-                    replies = await self.backend.asend_enqueues([call for call, _ in calls])
+                    replies = await self.backend.asend_enqueues([call for call, _ in calls], attempt)
                 except Exception as exc:
-                    replies = [exc] * len(calls)
-                deliver(calls, replies)
-        finally:
-            if self._queue:
-                nxt, turn = self._queue[0]
-                nxt.lead = True
-                if turn.done():  # its caller was cancelled meanwhile: its request still goes
-                    self._spawn_turn()
+                    deliver(calls, [], exc, attempt.sent)
                 else:
-                    turn.set_result(None)
-            else:
-                self._busy = False
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+                    deliver(calls, replies)
+        except BaseException as exc:  # cancelled all the same (the loop is closing)
+            for req in requests:
+                _fail(req, exc, attempt.sent)
+            raise
+
+    def _finish(self, batch: list[tuple[Request, Turn | None]], done: Turn | None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._flight, self._leading = [], None
+        self._hand_on()
+        for _, turn in batch:
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _hand_on(self) -> None:
+        """The turn to the oldest caller still waiting, or the end of the turns. A caller whose
+        wait already ran out leaves the queue here, unsent."""
+        while self._queue:
+            nxt, turn = self._queue[0]
+            if turn is not None and turn.done():
+                del self._queue[0]
+                nxt.abandoned = True
+                continue
+            nxt.lead = True
+            if turn is not None:
+                turn.set_result(None)
+            return
+        self._busy = False

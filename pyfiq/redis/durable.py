@@ -1,11 +1,19 @@
 """Durable mode (``Settings.min_replicas``): a state-changing script call followed by ``WAIT``.
 
 ``WAIT n timeout`` counts the replicas that have what *its own connection* wrote, so it must
-travel on the connection that ran the script: EVALSHA and WAIT go out as one pipeline. On one
-server or Sentinel's primary a plain pipeline uses one connection. On a cluster both commands
-name the node that owns the call's slot (redis-py's cluster pipeline would otherwise send WAIT
-to every primary), and redirections are followed here rather than by redis-py, which would
-re-send a redirected script alone and let a WAIT on another connection vouch for it.
+travel on the connection that ran the script: EVALSHA and WAIT go out in one write on one
+connection checked out here (the server's, Sentinel's primary's, or on a cluster the node that
+owns the call's slot; redis-py's cluster pipeline would send WAIT to every primary). Redirections
+are followed here rather than by redis-py, which would re-send a redirected script alone and let
+a WAIT on another connection vouch for it; they, and a script Redis lost, ran nothing.
+
+WAIT's reply is read with ``replica_timeout`` on top of the socket timeout: WAIT blocks that long
+by design, so a ``replica_timeout`` longer than the socket timeout (from ``redis_options``, the
+URL or a given client) still works, and a shortfall is reported as one (``NotReplicatedError``)
+rather than as a lost connection. A failure after the write may have run the script and is
+raised as it is: nothing here sends it again (an enqueue's caller is told it may be stored, see
+``RedisQueueBackend.enqueue_alone``; a worker does not repeat a failed step, it hands its
+stream over with a fenced release, which a repeat cannot apply twice).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from ..engine.protocol import Call, Ops
 from ..errors import NotReplicatedError
 from ..logs import get_logger
 from .connect import is_cluster_client
+from .lean import Attempt, aexchange_on, apooled_exchange, exchange_on
 
 if TYPE_CHECKING:
     from .backend import RedisQueueBackend
@@ -55,12 +64,12 @@ def _node(client: Any, call: Call, ask: redis.exceptions.AskError | None) -> Any
     return node
 
 
-def _queue(pipe: Any, call: Call, sha: str, backend: RedisQueueBackend, target: dict[str, Any], asking: bool) -> None:
-    if asking:
-        pipe.execute_command("ASKING", **target)
-    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args, **target)
+def _commands(call: Call, sha: str, backend: RedisQueueBackend, asking: bool) -> list[tuple[Any, ...]]:
     settings = backend.settings
-    pipe.execute_command("WAIT", settings.min_replicas, settings.replica_timeout_ms, **target)
+    commands: list[tuple[Any, ...]] = [("ASKING",)] if asking else []
+    commands.append(("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
+    commands.append(("WAIT", settings.min_replicas, settings.replica_timeout_ms))
+    return commands
 
 
 def _step(reply: Any) -> str:
@@ -85,6 +94,10 @@ def confirm(backend: RedisQueueBackend, call: Call, reply: Any, replicas: Any) -
     if confirmed >= wanted:
         return reply
     timeout = backend.settings.replica_timeout
+    lost = isinstance(replicas, (redis.ConnectionError, redis.TimeoutError))
+    if lost and call.script not in RAISED:
+        # A worker's step whose WAIT was cut off: raised as before, the stream handed over.
+        raise replicas
     if call.script not in RAISED:
         log.warning("pyfiq.not_replicated", step=call.script, key=call.keys[0], replicas=confirmed, wanted=wanted)
         return reply
@@ -96,9 +109,13 @@ def confirm(backend: RedisQueueBackend, call: Call, reply: Any, replicas: Any) -
         ids = []
         what = f"the {call.script} on {call.keys[0]!r} IS applied on {backend.address}"
         advice = "check the result after the failover, if one follows"
+    if lost:
+        # The script's reply came: it ran. Only WAIT's answer was lost with the connection.
+        shortfall = f"the connection was lost before any of {wanted} replicas confirmed it ({replicas})"
+    else:
+        shortfall = f"only {confirmed} of {wanted} replicas confirmed within {timeout} s"
     raise NotReplicatedError(
-        f"{what}, but only {confirmed} of {wanted} replicas confirmed within {timeout} s, so a "
-        f"failover now could lose it: {advice}",
+        f"{what}, but {shortfall}, so a failover now could lose it: {advice}",
         ids,
         confirmed,
         wanted,
@@ -111,19 +128,23 @@ def _refresh(client: Any) -> None:
         client.nodes_manager.initialize()
 
 
-def call_durably(backend: RedisQueueBackend, call: Call) -> Any:
-    """Run ``call`` and WAIT for its replication on the same connection (see the module)."""
+def call_durably(backend: RedisQueueBackend, call: Call, attempt: Attempt | None = None) -> Any:
+    """Run ``call`` and WAIT for its replication on the same connection (see the module);
+    ``attempt`` records whether the request may have been written."""
+    attempt = attempt or Attempt()
     script = getattr(backend.scripts, call.script)
     client, ask = backend.client, None
     reply: Any = None
     for _ in range(TRIES):
         node = _node(client, call, ask)
-        # A cluster node's own client: a plain pipeline, one connection, no redirections.
-        pipe = (client if node is None else client.get_redis_connection(node)).pipeline(transaction=False)
-        _queue(pipe, call, script.sha, backend, {}, ask is not None)
+        # A cluster node's own client: one connection, no redirections.
+        target = client if node is None else client.get_redis_connection(node)
+        commands = _commands(call, script.sha, backend, ask is not None)
         try:
             with backend.translated():
-                replies = pipe.execute(raise_on_error=False)
+                replies = exchange_on(
+                    target.connection_pool, commands, attempt, backend.settings.replica_timeout, last_in_place=True
+                )
         except (redis.ConnectionError, redis.TimeoutError):
             if node is not None:
                 _refresh(client)
@@ -131,7 +152,10 @@ def call_durably(backend: RedisQueueBackend, call: Call) -> Any:
         reply, ask = replies[-2], None
         step = _step(reply)
         if step == "done":
+            if node is not None and isinstance(replies[-1], (redis.ConnectionError, redis.TimeoutError)):
+                _refresh(client)
             return confirm(backend, call, reply, replies[-1])
+        attempt.sent = False  # refused: the script did not run, and what follows is a new try
         if step == "load":
             client.script_load(script.script)
         elif step == "moved":
@@ -148,30 +172,44 @@ async def _arefresh(client: Any) -> None:
         await client.nodes_manager.initialize()
 
 
-async def acall_durably(backend: RedisQueueBackend, call: Call, client: Any, scripts: Any) -> Any:
+async def acall_durably(
+    backend: RedisQueueBackend, call: Call, client: Any, scripts: Any, attempt: Attempt | None = None
+) -> Any:
     """``call_durably`` on the backend's ``redis.asyncio`` ``client`` and its ``scripts``."""
+    attempt = attempt or Attempt()
     script = getattr(scripts, call.script)
     ask = None
     reply: Any = None
-    if is_cluster_client(client):
+    cluster = is_cluster_client(client)
+    if cluster:
         await client.initialize()  # an asyncio cluster client reads its slot map on first use
+    timeout = backend.settings.replica_timeout
     for _ in range(TRIES):
         node = _node(client, call, ask)
-        # Both commands name the node: its pipeline goes out on one of its connections.
-        target = {} if node is None else {"target_nodes": node}
-        pipe = client.pipeline(transaction=False)
-        _queue(pipe, call, script.sha, backend, target, ask is not None)
+        commands = _commands(call, script.sha, backend, ask is not None)
         try:
             with backend.translated():
-                replies = await pipe.execute(raise_on_error=False, **({"allow_redirections": False} if target else {}))
+                if node is None:
+                    replies = await apooled_exchange(
+                        client.connection_pool, commands, attempt, timeout, last_in_place=True
+                    )
+                else:
+                    conn = node.acquire_connection()
+                    try:
+                        replies = await aexchange_on(conn, commands, attempt, timeout, last_in_place=True)
+                    finally:
+                        node.release(conn)
         except (redis.ConnectionError, redis.TimeoutError):
-            if target:
+            if cluster:
                 await _arefresh(client)
             raise
         reply, ask = replies[-2], None
         step = _step(reply)
         if step == "done":
+            if cluster and isinstance(replies[-1], (redis.ConnectionError, redis.TimeoutError)):
+                await _arefresh(client)
             return confirm(backend, call, reply, replies[-1])
+        attempt.sent = False  # refused: the script did not run, and what follows is a new try
         if step == "load":
             await client.script_load(script.script)
         elif step == "moved":
@@ -180,6 +218,4 @@ async def acall_durably(backend: RedisQueueBackend, call: Call, client: Any, scr
             ask = reply
         else:
             break
-    if target and isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
-        await _arefresh(client)
     raise backend.translate(reply)

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,100 @@ def test_a_stalled_replica_makes_a_durable_enqueue_raise_saying_the_task_is_stor
     wait_until(lambda: _pending_on(healthy.replicas[0], plain, q) == 3, timeout=10)
     durable.close()
     plain.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "asyncio"])
+@pytest.mark.parametrize("where", ["redis_options", "url"])
+def test_a_replica_timeout_past_the_socket_timeout_reports_the_shortfall_and_stores_once(
+    healthy: Replicated, side: str, where: str
+) -> None:
+    """``replica_timeout`` longer than the connection's socket timeout (the review's 6 s against
+    5 s, scaled down to 1 s against 0.4 s): WAIT's reply is read with the replica timeout on top
+    of the socket timeout, so a stalled replica is reported as what it is, and the task, stored
+    on the primary, is not sent again: before, the socket gave up first, the enqueue was retried
+    as a transient failure, stored twice or more, and ``BackendUnavailableError`` raised."""
+    prefix = unique_prefix()
+    settings: dict[str, Any] = {**DURABLE, "lease_ttl": 3.0, "replica_timeout": 1.0, "enqueue_timeout": 3.0}
+    url = healthy.url
+    if where == "url":
+        url += "?socket_timeout=0.4"
+    else:
+        settings["redis_options"] = {"socket_timeout": 0.4}
+    durable = RedisQueueBackend(url, prefix=prefix, **settings)
+    plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
+    q = f"outlived-{side}-{where}"
+    record = pyfiq.task.TaskRecord(f"{q}.noop", [], {})
+    durable.enqueue_encoded(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
+    task_id = uuid.uuid4().hex
+    items = durable.encode([(task_id, record)])
+    healthy.replicas[0].pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NotReplicatedError) as caught:
+            if side == "sync":
+                durable.enqueue_encoded(q, items)
+            else:
+                asyncio.run(_aenqueue(durable, q, items))
+        waited = time.monotonic() - t0
+    finally:
+        healthy.replicas[0].resume()
+    try:
+        assert caught.value.task_ids == [task_id] and (caught.value.replicas, caught.value.wanted) == (0, 1)
+        assert 0.9 < waited < 2.5, f"reported after {waited:.2f} s, not after replica_timeout"
+        stored = [pyfiq.task.Entry.parse(r).id for r in plain.client.lrange(plain.keys.stream(q).pending, 0, -1)]
+        assert stored.count(task_id) == 1, f"the task is stored {stored.count(task_id)} times"
+    finally:
+        durable.close()
+        plain.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "asyncio"])
+def test_a_durable_enqueue_whose_connection_is_lost_during_wait_says_it_is_stored_and_stores_once(
+    healthy: Replicated, side: str
+) -> None:
+    """The script ran (its reply came) and the connection is lost while WAIT waits (the primary
+    killed in a failover, a proxy cutting idle-looking connections): the task IS stored on the
+    primary, unconfirmed, which is what ``NotReplicatedError`` says; it is not sent again."""
+    prefix = unique_prefix()
+    durable = RedisQueueBackend(healthy.url, prefix=prefix, **{**DURABLE, "lease_ttl": 6.0, "replica_timeout": 2.0})
+    plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
+    q = f"cut-{side}"
+    record = pyfiq.task.TaskRecord(f"{q}.noop", [], {})
+    durable.enqueue_encoded(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
+    task_id = uuid.uuid4().hex
+    items = durable.encode([(task_id, record)])
+    killer = healthy.primary.client()
+
+    def cut() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            waiting = [c for c in killer.client_list() if c.get("cmd") == "wait" and "b" in c.get("flags", "")]
+            if waiting:
+                killer.client_kill_filter(_id=waiting[0]["id"])
+                return
+            time.sleep(0.02)
+
+    healthy.replicas[0].pause()
+    cutter = threading.Thread(target=cut, daemon=True)
+    try:
+        cutter.start()
+        with pytest.raises(BackendUnavailableError) as caught:
+            if side == "sync":
+                durable.enqueue_encoded(q, items)
+            else:
+                asyncio.run(_aenqueue(durable, q, items))
+    finally:
+        cutter.join(10)
+        healthy.replicas[0].resume()
+        killer.close()
+    try:
+        stored = [pyfiq.task.Entry.parse(r).id for r in plain.client.lrange(plain.keys.stream(q).pending, 0, -1)]
+        assert stored.count(task_id) == 1, f"the task is stored {stored.count(task_id)} times"
+        assert isinstance(caught.value, NotReplicatedError) and caught.value.task_ids == [task_id]
+        assert "ARE stored" in str(caught.value) and "connection was lost" in str(caught.value)
+    finally:
+        durable.close()
+        plain.close()
 
 
 async def _aenqueue(backend: RedisQueueBackend, q: str, items: Any) -> None:

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend
+from pyfiq.redis.lean import Attempt
 from tests.conftest import RedisServer, unique_prefix
 
 # Replies "late" after keeping the server busy for half a second.
@@ -75,4 +76,27 @@ def test_a_forked_child_opens_its_own_connections(redis_server: RedisServer) -> 
         assert os.waitstatus_to_exitcode(status) == 0, "the child talked on the parent's connection"
         assert lean.call(("CLIENT", "GETNAME")) == b"parent", "the child closed the parent's connection"
     finally:
+        backend.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_anything_is_written(
+    redis_server: RedisServer,
+) -> None:
+    """An idle connection the server closed (a restart, a timeout, CLIENT KILL) is found closed
+    before the write, and replaced: the call then runs once, and a failure after the write is
+    left to mean what it says (the request may have run)."""
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix())
+    lean = _connections(backend)
+    admin = redis_server.client()
+    try:
+        assert lean.call(("CLIENT", "SETNAME", "idle-one")) == b"OK"
+        (idle,) = [c for c in admin.client_list() if c.get("name") == "idle-one"]
+        admin.client_kill_filter(_id=idle["id"])
+        time.sleep(0.1)
+        attempt = Attempt()
+        assert lean.call(("INCR", f"{backend.keys.prefix}:n"), attempt=attempt) == 1
+        assert attempt.sent
+        assert admin.get(f"{backend.keys.prefix}:n") == b"1"
+    finally:
+        admin.close()
         backend.close()
