@@ -88,8 +88,8 @@ class PartialEnqueueError(BackendUnavailableError):
 
     - ``accepted``: Redis confirmed them; ``handles[i]`` is each one's handle (``duplicate``
       when a ``batch_id`` found it stored already);
-    - ``unknown``: sent, but no reply came back: maybe stored (without a ``batch_id``, maybe
-      more than once, as a chunk's send is retried); re-sending the whole batch with the same
+    - ``unknown``: sent, but no reply came back: maybe stored, at most once (a send that may
+      have reached Redis is never repeated blindly); re-sending the whole batch with the same
       ``batch_id`` settles them without storing any twice;
     - ``unsent``: never sent, certainly not stored; ``handles[i].id`` was never used.
     """

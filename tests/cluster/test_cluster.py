@@ -20,6 +20,7 @@ from redis.crc import key_slot
 import pyfiq
 from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.lease import Lease
+from pyfiq.errors import EnqueueOutcomeUnknown
 from pyfiq.task import Entry
 from tests.conftest import FAST, unique_prefix, wait_until
 from tests.servers import Cluster, ProducerLoop
@@ -164,7 +165,10 @@ def test_a_primary_sigkilled_under_load_is_ridden_out_by_producers_and_both_driv
     # Asynchronous replication can lose what the dead primary acknowledged but had not yet sent
     # to its replica: only the last moments before the kill.
     assert all(t > killed_at - 0.1 for _, _, t in lost), f"lost tasks acknowledged well before the kill: {lost[:5]}"
-    assert producer.errors == [], "enqueues ride out the failover within enqueue_timeout"
+    # The one error allowed is the truthful one: an enqueue whose request the kill caught in
+    # flight may or may not have been applied, and is never re-sent blindly.
+    unexpected = [e for e in producer.errors if not isinstance(e, EnqueueOutcomeUnknown)]
+    assert unexpected == [], "enqueues ride out the failover within enqueue_timeout"
     for key in {k for k, _, _ in acked}:
         order = [n for k, n in first if k == key]
         assert order == sorted(order), f"first executions of {key} out of acceptance order"
