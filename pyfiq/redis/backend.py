@@ -21,8 +21,10 @@ import redis
 import redis.asyncio
 import redis.asyncio.connection
 import redis.asyncio.retry
+import redis.asyncio.sentinel
 import redis.connection
 import redis.retry
+import redis.sentinel
 
 from ..config import SecretURL, Settings, validate_seconds
 from ..engine.keys import KeySchema, queue_of, stream_name, validate_queue_name
@@ -93,6 +95,15 @@ def is_transient(exc: BaseException) -> bool:
 _UNUSED_CONNECTION = ("Connection has data", "Connection not ready")
 
 
+#: What a Sentinel-managed client raises, before sending anything, while no primary is known.
+_NO_PRIMARY = (
+    redis.sentinel.MasterNotFoundError,
+    redis.sentinel.SlaveNotFoundError,
+    redis.asyncio.sentinel.MasterNotFoundError,
+    redis.asyncio.sentinel.SlaveNotFoundError,
+)
+
+
 def never_ran(exc: BaseException) -> bool:
     """Whether a call that failed with ``exc`` certainly did not run: Redis answered with a
     refusal (every transient one refuses before running: CLUSTERDOWN, TRYAGAIN, READONLY, a
@@ -103,6 +114,8 @@ def never_ran(exc: BaseException) -> bool:
     if is_denied(exc) or redirections_exhausted(exc):
         return True
     if isinstance(exc, (redis.exceptions.SlotNotCoveredError, redis.exceptions.MaxConnectionsError)):
+        return True
+    if isinstance(exc, _NO_PRIMARY):  # Sentinel named no primary (a failover): nothing was sent
         return True
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         text = str(exc)

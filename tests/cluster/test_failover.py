@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from pyfiq import NotReplicatedError, RedisQueueBackend, Settings
+from pyfiq import EnqueueOutcomeUnknown, NotReplicatedError, RedisQueueBackend, Settings
 from pyfiq.chaos.scenario import QUEUES, STEPS, check, read_journal
 from tests.conftest import unique_prefix, wait_until
 from tests.servers import Cluster, Node, ProducerLoop, Sentinels
@@ -181,7 +181,10 @@ def _judge(outcome: Outcome, durable: bool) -> None:
     report = outcome.report
     assert not report.order_violations, report.order_violations
     assert not report.overlaps_unexplained, report.overlaps_unexplained[:3]
-    assert outcome.errors == [], outcome.errors[:3]
+    # The one error allowed is the truthful one: an enqueue whose request the kill caught in
+    # flight may or may not have been applied, and is never re-sent blindly.
+    unexpected = [e for e in outcome.errors if not isinstance(e, EnqueueOutcomeUnknown)]
+    assert unexpected == [], unexpected[:3]
     assert outcome.accepted > 200
     if durable:
         assert outcome.lost == [], "an acknowledged durable enqueue was lost"
