@@ -19,6 +19,10 @@ one replica; Redis restarted, crashed, or restarted with its wall clock shifted 
 through the ``clock_shift.c`` LD_PRELOAD shim); malformed entries pushed into a live queue
 (``vandal``); an asyncio worker stopped with a short timeout mid-task in a process that lives
 on (``async-stop``); a task holding the GIL past the lease TTL (``gil``); a rolling restart.
+An operator's actions against a holder with tasks taken ahead: a skip of the head it runs
+(``skip``), a pause and a later resume (``pause``), dead letters requeued to the front of a
+stream, in one step or in pages (``requeue-front``); and a worker stopped with a short timeout
+mid-task, followed by a SIGKILL of another replica (``stop-kill``).
 
 ``verify`` turns them into a :class:`Verdict`, one checker per property (``CHECKERS``: each reads
 the run's :class:`RunFacts` and returns a :class:`Finding`, its breaches and its figures);
@@ -58,9 +62,12 @@ from urllib.parse import urlparse
 import click
 import redis
 
-from ..config import Settings
+from ..config import GROUP_PREFETCH, Settings
+from ..engine.keys import queue_of, stream_name
 from ..engine.protocol import Ops
-from ..redis.backend import RedisQueueBackend
+from ..engine.scheduler import poll_owners
+from ..redis.backend import REQUEUE_STEP, RedisQueueBackend
+from ..redis.halts import MARGIN_SECONDS as PAUSE_MARGIN
 from ..task import TaskRecord, new_task_id
 from .faults import FaultProxy, free_port, require_loopback
 from .scenario import (
@@ -73,6 +80,7 @@ from .scenario import (
     check,
     queue_names,
     read_journal,
+    step_name,
 )
 
 Event = dict[str, Any]
@@ -89,18 +97,22 @@ REPLICA_FAULTS = ("kill", "stop", "cut", "blackhole", "delay", "slow-reply")
 NETWORK_FAULTS = ("cut", "blackhole", "delay", "slow-reply")
 #: Faults that restart Redis (``clock``: with its wall clock shifted).
 REDIS_FAULTS = ("redis-restart", "redis-crash", "clock")
-#: Faults that pick their own target: a queue (``vandal``) or whichever replica runs the task
-#: they enqueue (``async-stop``, ``gil``).
-TASK_FAULTS = ("vandal", "async-stop", "gil")
+#: An operator's actions against a live holder with tasks taken ahead (``backend.skip``,
+#: ``pause``/``resume``, ``requeue_dead_letters(front=True)``), each on a queue of its own.
+OPERATOR_FAULTS = ("skip", "pause", "requeue-front")
+#: Faults that pick their own target: a queue (``vandal``, the operator's) or whichever replica
+#: runs the task they enqueue (``async-stop``, ``gil``, ``stop-kill``).
+TASK_FAULTS = ("vandal", "async-stop", "gil", "stop-kill", *OPERATOR_FAULTS)
 FAULT_KINDS = (*REPLICA_FAULTS, *REDIS_FAULTS, *TASK_FAULTS, "rolling-restart")
-#: Faults after which another replica must take the victim's queues over (lease lapse).
-TAKEOVER_FAULTS = ("kill", "stop", "cut", "blackhole")
+#: Faults after which another replica must take the victim's queues over (lease lapse);
+#: ``stop-kill`` is a SIGKILL right after another replica's stop timed out.
+TAKEOVER_FAULTS = ("kill", "stop", "cut", "blackhole", "stop-kill")
 #: Whole-process freezes (SIGSTOP; a task holding the GIL, derived from the journal): the one
 #: excuse for starting a task on a lease that lapsed meanwhile, since no check made before the
 #: freeze can see it coming.
 PAUSE_FAULTS = ("stop", "gil-hold")
 #: Faults that can explain a lost lease or acknowledgement (hence a re-execution).
-EXPLAINING_FAULTS = (*REPLICA_FAULTS, *REDIS_FAULTS, "async-stop", "gil-hold")
+EXPLAINING_FAULTS = (*REPLICA_FAULTS, *REDIS_FAULTS, "async-stop", "gil-hold", "stop-kill")
 #: How far back each ``clock`` fault sets Redis's wall clock (they alternate with a true clock).
 CLOCK_LAG_MS = -3000
 #: Slack on top of lease TTL + poll interval for a takeover on a busy 2-core machine.
@@ -110,6 +122,9 @@ TAKEOVER_SLACK = 2.0
 EVERYSEC_WINDOW = 2.0
 #: Producer name of the tasks the injector enqueues for its own faults.
 INJECTOR = "injector"
+#: Long tasks a ``stop-kill`` places, at most, until one runs on a replica with a share of the
+#: safety poll: the fleet picks who runs a task, and in runs of the drill about half did.
+LONG_TASK_ATTEMPTS = 10
 
 
 # -- profiles ----------------------------------------------------------------------------------
@@ -208,8 +223,16 @@ PROFILES: dict[str, Profile] = {
         gap=0.3,
         lanes=2,
         drain_timeout=90.0,
-        # The GIL drill too: each one freezes a replica for 2.5 TTLs, so it stays rare.
-        weights=(*Profile.weights, ("gil", 0.05)),
+        # The GIL drill too: each one freezes a replica for 2.5 TTLs, so it stays rare. A paged
+        # requeue fills and empties 500+ dead letters: rarer than the other operator actions.
+        weights=(
+            *Profile.weights,
+            ("gil", 0.05),
+            ("skip", 0.3),
+            ("pause", 0.3),
+            ("requeue-front", 0.15),
+            ("stop-kill", 0.2),
+        ),
     ),
 }
 
@@ -246,6 +269,14 @@ PROFILES.update(
         # Few deliveries: a task miscounted as a consumer death turns poison quickly.
         "gil": _drill("gil", 1, max_deliveries=4),
         "clock": _drill("clock", 3, replicas=2),
+        # Each operator action against a holder with tasks taken ahead (a skip whose head ends
+        # at once and one whose head runs on, a requeue in one step and one in pages: the
+        # injector alternates them), then a worker stop that times out and a SIGKILL elsewhere.
+        # Queues on every shard, so that the stop finds one on a shard the stopped replica
+        # polled, with a few to spare while it looks for a replica with such a share.
+        "operator": _drill(
+            "operator", 6, queues=6, schedule=("skip", "skip", "pause", "requeue-front", "requeue-front", "stop-kill")
+        ),
     }
 )
 
@@ -629,6 +660,7 @@ def enqueue_stamped(
     *,
     give_up_at: float,
     task_id: str | None = None,
+    name: str | None = None,
 ) -> Event:
     """Enqueue ``pyfiq.chaos.scenario.step(seq, **kwargs)`` on ``queue`` and return what Redis
     accepted, with its exact place in the acceptance order.
@@ -637,11 +669,31 @@ def enqueue_stamped(
     TIME, so (Redis time, counter) orders acceptances exactly across producers and across
     Redis restarts. A connection error leaves the outcome unknown: the enqueue is retried
     under a dedup key, and a retry that finds the first attempt accepted (``duplicate``)
-    records an acceptance whose place is unknown.
+    records an acceptance whose place is unknown. ``name``: the task's registered name
+    (default: the queue's step).
     """
-    record = TaskRecord(f"pyfiq.chaos.scenario.step.{queue}", [seq], dict(kwargs))
-    items = backend.encode([(task_id or new_task_id(), record)])
-    call = backend.ops.enqueue(queue, items, [f"scenario-{seq}"])
+    (line,) = enqueue_stamped_many(backend, queue, [(seq, kwargs, task_id)], give_up_at=give_up_at, name=name)
+    return line
+
+
+def enqueue_stamped_many(
+    backend: RedisQueueBackend,
+    queue: str,
+    tasks: Sequence[tuple[int, dict[str, Any], str | None]],
+    *,
+    give_up_at: float,
+    name: str | None = None,
+) -> list[Event]:
+    """``enqueue_stamped`` of several (seq, kwargs, task id or None) in one MULTI/EXEC: they
+    reach the queue together, so a holder that claims it finds them all (and takes them ahead)."""
+    records = [
+        (task_id or new_task_id(), TaskRecord(name or step_name(queue), [seq], dict(kwargs)))
+        for seq, kwargs, task_id in tasks
+    ]
+    items = backend.encode(records)
+    calls = [
+        backend.ops.enqueue(queue, [item], [f"scenario-{seq}"]) for item, (seq, _, _) in zip(items, tasks, strict=True)
+    ]
     counter = order_key(queue, backend.keys)
     sent = time.time()
     attempts = 0
@@ -649,26 +701,36 @@ def enqueue_stamped(
         attempts += 1
         try:
             pipe = backend.client.pipeline(transaction=True)
-            pipe.incr(counter)
-            backend.call(call, client=pipe)
+            for call in calls:
+                pipe.incr(counter)
+                backend.call(call, client=pipe)
             pipe.time()
-            number, reply, (sec, usec) = pipe.execute()
+            *replies, (sec, usec) = pipe.execute()
             break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.time() > give_up_at:
-                return {"queue": queue, "seq": seq, "status": "failed", "attempts": attempts, "error": repr(exc)}
+                return [
+                    {"queue": queue, "seq": seq, "status": "failed", "attempts": attempts, "error": repr(exc)}
+                    for seq, _, _ in tasks
+                ]
             time.sleep(min(0.02 * 2**attempts, 0.5))
-    ((task_id, new),) = Ops.parse_enqueue(call, reply)
-    return {
-        "queue": queue,
-        "seq": seq,
-        "task_id": task_id,
-        "status": "accepted" if new else "duplicate",
-        "order": [int(sec) * 1_000_000 + int(usec), int(number)],
-        "sent": sent,
-        "t": time.time(),
-        "attempts": attempts,
-    }
+    lines = []
+    for i, (call, (seq, _, _)) in enumerate(zip(calls, tasks, strict=True)):
+        number, reply = replies[2 * i], replies[2 * i + 1]
+        ((task_id, new),) = Ops.parse_enqueue(call, reply)
+        lines.append(
+            {
+                "queue": queue,
+                "seq": seq,
+                "task_id": task_id,
+                "status": "accepted" if new else "duplicate",
+                "order": [int(sec) * 1_000_000 + int(usec), int(number)],
+                "sent": sent,
+                "t": time.time(),
+                "attempts": attempts,
+            }
+        )
+    return lines
 
 
 def produce(
@@ -813,6 +875,7 @@ class Injector:
         backend: RedisQueueBackend | None = None,
         queues: Sequence[str] = (),
         drivers: dict[str, str] | None = None,
+        producers: Sequence[subprocess.Popen[bytes]] = (),
     ) -> None:
         self.p = profile
         self.fleet = fleet
@@ -823,6 +886,8 @@ class Injector:
         self.backend = backend
         self.queues = list(queues)
         self.drivers = drivers or {}
+        #: The producer processes, which ``stop-kill`` holds still for a moment.
+        self.producers = producers
         self._seq = itertools.count()
         self.aof_modes = aof_modes
         self._aof_index = 0
@@ -835,6 +900,13 @@ class Injector:
         self._tail_lock = threading.Lock()
         self.done: Counter[str] = Counter()
         self.errors: list[str] = []
+        #: Queues a fault is working on (its tasks, its dead letters, its pause): one at a time,
+        #: so that one fault's dead letters or pause never meet another's rules.
+        self.queues_busy: set[str] = set()
+        #: Keyed streams the faults created, for the drain.
+        self.streams: list[str] = []
+        self._requeues = 0
+        self._skips = 0
 
     def available(self, kinds: Iterable[str]) -> list[str]:
         out = []
@@ -900,6 +972,51 @@ class Injector:
     def _release(self, name: str) -> None:
         with self._lock:
             self.gate.busy.discard(name)
+
+    def _claim(self, pid: int) -> str | None:
+        """The live replica of ``pid``, marked busy; None if it is gone or in another fault."""
+        with self._lock:
+            name = self.fleet.live_pids().get(pid)
+            if name is None or name in self.gate.busy:
+                return None
+            self.gate.busy.add(name)
+            return name
+
+    def _take_queue(self, among: Iterable[str] | None = None, wait: float = 30.0) -> str:
+        """A queue no other fault works on (among ``among``, default all), marked busy."""
+        candidates = list(self.queues if among is None else among)
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                free = [q for q in candidates if q not in self.queues_busy]
+                if free:
+                    queue = self.rng.choice(free)
+                    self.queues_busy.add(queue)
+                    return queue
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no queue free for the fault among {candidates}")
+            time.sleep(0.05)
+
+    def _free_queues(self, *queues: str) -> None:
+        with self._lock:
+            self.queues_busy.difference_update(queues)
+
+    @contextlib.contextmanager
+    def _operator(self) -> Iterator[RedisQueueBackend]:
+        """A client of the operator's own for one action. The runner's shared one may hold idle
+        connections that a Redis restart has closed since, and a script call sent on one fails
+        once (``Connection closed by server``) instead of reconnecting: a fault of the
+        runner's instrument, not of what it tests."""
+        assert self.backend is not None
+        backend = RedisQueueBackend(self.backend.url, self.backend.settings)
+        try:
+            yield backend
+        finally:
+            backend.close()
+
+    def _release_file(self) -> Path:
+        """A path that does not exist yet: a task given it as ``until`` holds until it does."""
+        return self.path.parent / f"release-{uuid.uuid4().hex[:8]}"
 
     # -- the faults --
 
@@ -1044,17 +1161,26 @@ class Injector:
     def _enqueue_task(self, queue: str, kwargs: dict[str, Any]) -> Event:
         """Enqueue one scenario task for a fault, journaled like any producer's acceptance (the
         checker holds it to the same order and no-loss rules)."""
+        return self._enqueue_burst(queue, [kwargs])[0]
+
+    def _enqueue_burst(self, stream: str, kwargs: Sequence[dict[str, Any]], *, fragile: bool = False) -> list[Event]:
+        """Enqueue fault tasks on ``stream`` in one transaction (``fragile``: the step without
+        retries), journaled like any producer's acceptances: a holder claiming the stream
+        finds them all, and takes them ahead."""
         assert self.backend is not None
-        seq = next(self._seq)
-        task_id = new_task_id()
-        with self._tail_lock:  # watched before it can start, so no line of it is missed
-            self.tail.watch(task_id)
-        line = enqueue_stamped(self.backend, queue, seq, kwargs, give_up_at=time.time() + 30, task_id=task_id)
-        line["producer"] = INJECTOR
-        append_line(self.path.parent / f"accepted-{INJECTOR}.jsonl", line)
-        if line["status"] == "failed":
-            raise RuntimeError(f"could not enqueue the fault's task on {queue}: {line.get('error')}")
-        return line
+        tasks = [(next(self._seq), dict(kw), new_task_id()) for kw in kwargs]
+        with self._tail_lock:  # watched before they can start, so no line of them is missed
+            for _, _, task_id in tasks:
+                self.tail.watch(task_id)
+        name = step_name(queue_of(stream), fragile=fragile)
+        lines = enqueue_stamped_many(self.backend, stream, tasks, give_up_at=time.time() + 30, name=name)
+        for line in lines:
+            line["producer"] = INJECTOR
+            append_line(self.path.parent / f"accepted-{INJECTOR}.jsonl", line)
+        failed = [line for line in lines if line["status"] == "failed"]
+        if failed:
+            raise RuntimeError(f"could not enqueue the fault's tasks on {stream}: {failed[0].get('error')}")
+        return lines
 
     def _wait_line(self, task_id: str, event: str, timeout: float, after: int = 0) -> Event | None:
         """The first ``event`` line (start, end, fail) of a watched task past its ``after``-th
@@ -1075,8 +1201,15 @@ class Injector:
         hostile writer would: pyfiq must dead-letter each one (``undecodable``, raw bytes kept)
         and carry on with the tasks behind them."""
         assert self.backend is not None
-        queue = self.rng.choice(self.queues)
-        record = TaskRecord(f"pyfiq.chaos.scenario.step.{queue}", [-1], {"hold": self.p.hold})
+        queue = self._take_queue()
+        try:
+            self._write_vandal_entries(queue)
+        finally:
+            self._free_queues(queue)
+
+    def _write_vandal_entries(self, queue: str) -> None:
+        assert self.backend is not None
+        record = TaskRecord(step_name(queue), [-1], {"hold": self.p.hold})
         payload = record.encode(self.backend.settings.serializer)
         tag = uuid.uuid4().hex
         entries = [
@@ -1097,10 +1230,11 @@ class Injector:
         hold = round(self.p.lease_ttl * 2 + 0.5, 3)
         asyncio_replicas = {n for n in self.names if self.drivers.get(n) == "asyncio"}
         for _ in range(6):  # until an asyncio replica is the one that runs it
-            queue = self.rng.choice(self.queues)
+            queue = self._take_queue()
             line = self._enqueue_task(queue, {"hold": hold})
             start = self._wait_line(line["task_id"], "start", timeout=15)
             if start is None:
+                self._free_queues(queue)
                 continue
             with self._lock:
                 name = self.fleet.live_pids().get(start["pid"])
@@ -1108,6 +1242,7 @@ class Injector:
                     self.gate.busy.add(name)
                     break
             self._wait_line(line["task_id"], "end", timeout=hold + 5 * self.p.lease_ttl)
+            self._free_queues(queue)
         else:
             self.echo("  ! async-stop: no asyncio replica picked up the slow task; skipped")
             return
@@ -1126,22 +1261,310 @@ class Injector:
             self.record(event)
         finally:
             self._release(name)
+            self._free_queues(queue)
 
     def _gil(self) -> None:
         """Enqueue a task that holds the GIL for 2.5 lease TTLs: its replica's heartbeat cannot
         run, the lease lapses under it, and the task must end dead-lettered for outliving its
         lease, not re-run on every take-over until it counts as poison."""
         seconds = round(self.p.lease_ttl * 2.5, 3)
-        queue = self.rng.choice(self.queues)
-        line = self._enqueue_task(queue, {"gil": seconds})
-        event: Event = {"kind": "gil", "target": queue, "t": time.time(), "seconds": seconds}
-        event |= {"seq": line["seq"], "task_id": line["task_id"]}
-        if self._wait_line(line["task_id"], "start", timeout=15) is None:
-            self.echo(f"  ! gil: the task on {queue} did not start within 15 s")
-        # Let the take-overs it causes play out before the next fault.
-        time.sleep(seconds + self.p.lease_ttl + self.p.poll_interval)
-        event["t_end"] = time.time()
-        self.record(event)
+        queue = self._take_queue()
+        try:
+            line = self._enqueue_task(queue, {"gil": seconds})
+            event: Event = {"kind": "gil", "target": queue, "t": time.time(), "seconds": seconds}
+            event |= {"seq": line["seq"], "task_id": line["task_id"]}
+            if self._wait_line(line["task_id"], "start", timeout=15) is None:
+                self.echo(f"  ! gil: the task on {queue} did not start within 15 s")
+            # Let the take-overs it causes play out before the next fault.
+            time.sleep(seconds + self.p.lease_ttl + self.p.poll_interval)
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            self._free_queues(queue)
+
+    # -- an operator's actions, and a stop that times out --
+
+    def _skip(self) -> None:
+        """Skip the head of a stream while its holder runs it, tasks it took ahead queued behind:
+        the skip must dead-letter the task the holder runs, the stream must move on at once
+        (the skipped execution runs on, its result no longer counts), and the tasks taken ahead
+        must run once each, in order, never two at once. Every other skip lets the head end
+        right after it, before the holder's next renewal, with the tasks it took ahead still in
+        its hands; the others hold the head until the tasks behind it have run elsewhere."""
+        assert self.backend is not None
+        self._skips += 1
+        early = self._skips % 2 == 1
+        queue = self._take_queue()
+        release = self._release_file()
+        holder: str | None = None
+        try:
+            # One transaction: whoever claims the stream takes the tasks behind the head at once.
+            head, *behind = self._enqueue_burst(queue, [{"hold": 60.0, "until": str(release)}] + [{"hold": 0.05}] * 6)
+            start = self._wait_line(head["task_id"], "start", timeout=15)
+            holder = self._claim(start["pid"]) if start else None
+            if start is None or holder is None:
+                self.echo(f"  ! skip: the head on {queue} did not start on a replica free of other faults; skipped")
+                return
+            # Its renewals name the task it runs, which is what a skip dead-letters.
+            time.sleep(2 * self.p.lease_ttl / 5 + 0.1)
+            event: Event = {"kind": "skip", "target": queue, "holder": holder, "pid": start["pid"]}
+            event |= {"head_task_id": head["task_id"], "head_seq": head["seq"]}
+            event["behind"] = [line["task_id"] for line in behind]
+            with self._operator() as operator:
+                event["t"] = time.time()
+                event["skipped_task_id"] = operator.skip(queue, "scenario skip drill")
+                event["t_returned"] = time.time()
+            if early:
+                time.sleep(self.rng.uniform(0.0, self.p.lease_ttl / 10))
+            else:
+                # Had the holder waited for the head to end (or for its lease to lapse), the
+                # tasks behind would wait this long: the checker sees it.
+                deadline = time.monotonic() + self.p.lease_ttl + self.p.poll_interval + TAKEOVER_SLACK
+                for line in behind:
+                    self._wait_line(line["task_id"], "end", max(0.0, deadline - time.monotonic()))
+            event["t_release"] = time.time()
+            release.touch()
+            for line in behind:
+                self._wait_line(line["task_id"], "end", timeout=15)
+            self._wait_line(head["task_id"], "end", timeout=5)
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            release.touch()
+            if holder is not None:
+                self._release(holder)
+            self._free_queues(queue)
+
+    def _pause(self) -> None:
+        """Pause a queue whose holder runs a burst of tasks, some taken ahead; resume it later.
+        From the moment ``pause()`` returned until the resume, no task of the queue may start
+        anywhere: what the holder took ahead goes back to the stream, in order."""
+        assert self.backend is not None
+        queue = self._take_queue()
+        try:
+            burst = self._enqueue_burst(queue, [{"hold": 0.15}] * 8)
+            start = self._wait_line(burst[0]["task_id"], "start", timeout=15)
+            event: Event = {"kind": "pause", "target": queue}
+            if start is not None:
+                event |= {"holder": start["replica"], "pid": start["pid"]}
+            with self._operator() as operator:
+                event["t"] = time.time()
+                report = operator.pause(queue)
+                event["t_returned"] = time.time()
+                event |= {"confirmed": report.confirmed, "ended": report.ended, "unconfirmed": report.unconfirmed}
+                # Several of the burst's tasks' time: one taken ahead and not handed back would
+                # start meanwhile.
+                time.sleep(max(1.0, self.p.lease_ttl))
+                event["t_resume"] = time.time()
+                operator.resume(queue)
+            for line in burst:
+                self._wait_line(line["task_id"], "end", timeout=15)
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            with contextlib.suppress(redis.RedisError), self._operator() as operator:
+                operator.resume(queue)  # never leave the queue paused
+            self._free_queues(queue)
+
+    def _requeue_front(self) -> None:
+        """Fill a fresh keyed stream's dead letters, then requeue them to the front while its
+        holder runs a backlog, some of it taken ahead: they must run again in their original
+        order, all before the backlog that was still pending. Every other requeue moves more
+        than one page (``REQUEUE_STEP``), which halts the stream while it moves them."""
+        assert self.backend is not None
+        self._requeues += 1
+        count = self.rng.randint(5, 20) + (REQUEUE_STEP if self._requeues % 2 == 0 else 0)
+        queue = self._take_queue()
+        stream = stream_name(queue, f"requeue-{uuid.uuid4().hex[:8]}")
+        self.streams.append(stream)
+        succeed = self.path.parent / f"succeed-{uuid.uuid4().hex[:8]}"
+        try:
+            failing = self._enqueue_burst(stream, [{"fail_unless": str(succeed)}] * count, fragile=True)
+            deadline = time.monotonic() + 30 + count * 0.05
+            while (dead := int(self.backend.queue_info(stream)["dead"])) < count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {dead} of the {count} failing tasks on {stream} were dead-lettered")
+                time.sleep(0.05)
+            succeed.touch()
+            # More than any holder takes ahead, so that some of it is still pending at the
+            # requeue; short tasks, so that the holder takes more all the while.
+            backlog = self._enqueue_burst(stream, [{"hold": 0.002}] * (4 * GROUP_PREFETCH))
+            if self._wait_line(backlog[0]["task_id"], "start", timeout=15) is None:
+                raise RuntimeError(f"the backlog on {stream} did not start within 15 s")
+            event: Event = {"kind": "requeue-front", "target": stream, "count": count}
+            event["task_ids"] = [line["task_id"] for line in failing]
+            with self._operator() as operator:
+                event["t"] = time.time()
+                event["moved"] = operator.requeue_dead_letters(stream, front=True)
+                event["t_returned"] = time.time()
+            for line in [*failing, *backlog]:
+                self._wait_line(line["task_id"], "end", timeout=max(0.0, event["t_returned"] + 30 - time.time()))
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            succeed.touch()
+            self._free_queues(queue)
+
+    def _stop_kill(self) -> None:
+        """Stop one replica's worker with ``stop(timeout=STOP_DRILL_TIMEOUT)`` while a long task
+        runs (the process lives on, renewing that task's lease, dispatching nothing), then
+        SIGKILL another replica mid-task on a queue whose shard the stopped one polled: that
+        queue must still be taken over within the lease TTL plus a poll interval (plus slack)."""
+        assert self.backend is not None
+        holds: list[Path] = []
+        queues: list[str] = []
+        claimed: list[str] = []
+        try:
+            found = self._long_task_on_a_poller(holds, queues, claimed)
+            if found is None:
+                self.echo("  ! stop-kill: no replica free of other faults picked up the long task; skipped")
+                return
+            stopped, long_line, polled, attempts = found
+            hold_long = holds[-1]
+            stop: Event = {"replica": stopped, "pid": self.fleet.procs[stopped].pid, "t": time.time()}
+            stop |= {"queue": long_line["queue"], "seq": long_line["seq"], "task_id": long_line["task_id"]}
+            self.fleet.signal(stopped, signal.SIGUSR1)
+            said = self._wait_log(stop["pid"], f"stop_drill replica={stopped} ", timeout=5)
+            stop |= {"t_stopped": time.time(), "clean": None if said is None else "clean=True" in said}
+            try:
+                queue = self._take_queue(polled, wait=1.0) if polled else self._take_queue()
+            except RuntimeError:  # taken meanwhile by a fault of the other lane
+                queue = self._take_queue()
+            queues.append(queue)
+            victim = self._victim_task(queue, stopped, holds, claimed)
+            if victim is None:
+                raise RuntimeError(f"no replica but the stopped one ran the victim's task on {queue}")
+            name, line = victim
+            event = self._base("stop-kill", name, True)
+            event |= {"queue": queue, "seq": line["seq"], "task_id": line["task_id"]}
+            event |= {"polled_by_stopped": queue in polled, "attempts": attempts, "stopped": stop}
+            bound = self.p.lease_ttl + self.p.poll_interval + TAKEOVER_SLACK
+            # Every enqueue wakes the idle replicas to look at its shard, which finds a lapsed
+            # lease whoever polls the shard: only a quiet shard shows one that nobody polls.
+            # The killed replica starts again only after the take-over, since a fresh replica
+            # looks at every shard until it has a view of the pollers.
+            with self._producers_still():
+                self.fleet.kill(name)
+                event["t"] = time.time()  # the moment it was certainly dead
+                timeout = max(0.0, event["t"] + bound + 1 - time.time())
+                again = self._wait_line(line["task_id"], "start", timeout, after=1)
+            event["takeover_s"] = None if again is None else round(again["t"] - event["t"], 3)
+            self.fleet.spawn(name)
+            self.fleet.wait_ready([name])
+            holds[-1].touch()
+            # The long task ends, the stopped worker hands its queue over; the process lives on
+            # for a while, as an application that stopped consuming would.
+            hold_long.touch()
+            self._wait_line(long_line["task_id"], "end", timeout=5)
+            time.sleep(self.p.lease_ttl)
+            stop["t_exit"] = time.time()
+            stop["rc"], _ = self.fleet.terminate(stopped, timeout=15)
+            self.fleet.spawn(stopped)
+            self.fleet.wait_ready([stopped])
+            event["t_end"] = time.time()
+            self.record(event)
+        finally:
+            for hold in holds:
+                hold.touch()
+            for name in claimed:
+                self._release(name)
+            self._free_queues(*queues)
+
+    def _long_task_on_a_poller(
+        self, holds: list[Path], queues: list[str], claimed: list[str]
+    ) -> tuple[str, Event, list[str], int] | None:
+        """A long task (held until the last of ``holds`` exists) running on a replica free of
+        other faults, preferably one whose share of the safety poll covers a free queue:
+        (replica, the task's acceptance, the free queues on the shards it polls, attempts).
+        Which replica claims a task is the fleet's choice, so it tries up to LONG_TASK_ATTEMPTS
+        times; what it takes goes to ``holds``, ``queues`` and ``claimed``."""
+        assert self.backend is not None
+        # Long tasks that went to a replica with no share are left running a while: with both
+        # its slots full, the next one goes to another replica.
+        parked: list[tuple[Path, Event, str]] = []
+        try:
+            for attempt in range(LONG_TASK_ATTEMPTS):
+                if len(parked) > 2:
+                    self._unpark(parked)
+                hold, queue = self._release_file(), self._take_queue()
+                line = self._enqueue_task(queue, {"hold": 60.0, "until": str(hold)})
+                start = self._wait_line(line["task_id"], "start", timeout=15)
+                name = self._claim(start["pid"]) if start else None
+                if name is not None:
+                    shards = self._poll_share(name)
+                    mine = {q for _, _, q in parked}
+                    with self._lock:
+                        free = [q for q in self.queues if q not in self.queues_busy or q in mine]
+                    polled = [q for q in free if self.backend.keys.stream(q).shard in shards]
+                    if polled or attempt == LONG_TASK_ATTEMPTS - 1:
+                        holds.append(hold)
+                        queues.append(queue)
+                        claimed.append(name)
+                        return name, line, polled, attempt + 1
+                    self._release(name)
+                parked.append((hold, line, queue))
+            return None
+        finally:
+            self._unpark(parked)
+
+    def _unpark(self, parked: list[tuple[Path, Event, str]]) -> None:
+        """End the long tasks of ``parked`` (hold file, acceptance, queue) and free their queues."""
+        for hold, _, _ in parked:
+            hold.touch()
+        for _, line, queue in parked:
+            self._wait_line(line["task_id"], "end", timeout=5)
+            self._free_queues(queue)
+        parked.clear()
+
+    def _poll_share(self, name: str) -> set[int]:
+        """The shards replica ``name`` would poll among the replicas that Redis lists as pollers
+        now: what nobody else polls as long as the fleet counts it among them."""
+        assert self.backend is not None
+        members = self.backend.client.zrange(self.backend.keys.pollers, 0, -1)
+        pollers = {m.decode().partition("|")[2] for m in members} | {name}
+        owners = poll_owners(sorted(pollers), self.backend.keys.shards)
+        return {shard for shard, owner in enumerate(owners) if owner == name}
+
+    def _victim_task(self, queue: str, stopped: str, holds: list[Path], claimed: list[str]) -> tuple[str, Event] | None:
+        """A long task on ``queue`` (held until the last of ``holds`` exists) running on a
+        replica other than ``stopped`` and free of other faults: (that replica, the task's
+        acceptance)."""
+        for _ in range(3):
+            holds.append(self._release_file())
+            line = self._enqueue_task(queue, {"hold": 60.0, "until": str(holds[-1])})
+            start = self._wait_line(line["task_id"], "start", timeout=15)
+            name = self._claim(start["pid"]) if start else None
+            if name is not None and name != stopped:
+                claimed.append(name)
+                return name, line
+            if name is not None:
+                self._release(name)
+            holds[-1].touch()
+            if start is not None:
+                self._wait_line(line["task_id"], "end", timeout=5)
+        return None
+
+    @contextlib.contextmanager
+    def _producers_still(self) -> Iterator[None]:
+        """The producer processes stopped (SIGSTOP) meanwhile: no enqueue wakes a replica."""
+        live = [proc for proc in self.producers if proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for proc in live:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+
+    def _wait_log(self, pid: int, needle: str, timeout: float) -> str | None:
+        """The first line of process ``pid``'s log holding ``needle``, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in self.fleet.log(pid).splitlines() if needle in line), None)
+            if found is not None or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
     def _redis(self, kind: str, crash: bool, clock_shift_ms: int | None = None) -> None:
         assert self.redis is not None
@@ -1313,8 +1736,8 @@ class Executions:
     starts_by_queue: dict[str, list[Event]]
     #: End times per (pid, queue), in time order.
     ends_by_pid_queue: dict[tuple[int, str], list[float]]
-    #: When each run, (pid, task id, attempt), ended or failed.
-    ends: dict[tuple[int, str, int], float]
+    #: When each run, (pid, task id, attempt, start time), ended or failed (see ``end_of``).
+    ends: dict[RunKey, float]
     #: (pid, t) -> the runs that process had started and not finished at t.
     open_at: Callable[[int, float], list[Event]]
 
@@ -1334,8 +1757,36 @@ class Executions:
                 starts_by_queue[e["queue"]].append(e)
             elif e["event"] == "end":
                 ends_by_pid_queue[(e["pid"], e["queue"])].append(e["t"])
-        ends = {(e["pid"], e["task_id"], e["attempt"]): e["t"] for e in journal if e["event"] != "start"}
+        ends = _run_ends(journal)
         return cls(journal, by_task, first_seen, starts_by_queue, ends_by_pid_queue, ends, _open_runs_at(journal))
+
+    def end_of(self, start: Event) -> float | None:
+        """When the run that ``start`` began ended or failed; None if its process died first."""
+        return self.ends.get(_run_key(start))
+
+
+#: One run of a task: (pid, task id, attempt, start time). A task can run more than once in
+#: one process under one attempt number (taken over by a later lease of that process, requeued
+#: from the dead letters), so the start time tells the runs apart.
+RunKey = tuple[int, str, int, float]
+
+
+def _run_key(start: Event) -> RunKey:
+    return (start["pid"], start["task_id"], start["attempt"], start["t"])
+
+
+def _run_ends(journal: Iterable[Event]) -> dict[RunKey, float]:
+    """When each run ended or failed: the first end or fail line after its start, in its
+    process, of that task and attempt."""
+    open_: dict[tuple[int, str, int], Event] = {}
+    ends: dict[RunKey, float] = {}
+    for e in sorted(journal, key=lambda e: e["t"]):
+        key = (e["pid"], e["task_id"], e["attempt"])
+        if e["event"] == "start":
+            open_[key] = e
+        elif key in open_:
+            ends[_run_key(open_.pop(key))] = e["t"]
+    return ends
 
 
 class Overlaps(NamedTuple):
@@ -1433,10 +1884,44 @@ class RunFacts:
         ]
 
     @cached_property
+    def voided(self) -> dict[tuple[int, str], float]:
+        """(pid, task id) -> when an operator's skip dead-lettered the task that process was
+        running: from then on that execution no longer counts (the stream moves on while it
+        runs, README "Operator actions and work taken ahead")."""
+        return {
+            (f["pid"], f["skipped_task_id"]): float(f["t"])
+            for f in self.faults
+            if f["kind"] == "skip" and f.get("skipped_task_id")
+        }
+
+    @cached_property
+    def requeued_at(self) -> dict[str, list[float]]:
+        """Task id -> when an operator requeued it from the dead letters."""
+        out: dict[str, list[float]] = defaultdict(list)
+        for f in self.faults:
+            if f["kind"] == "requeue-front":
+                for task_id in f["task_ids"]:
+                    out[task_id].append(float(f["t"]))
+        return out
+
+    @cached_property
+    def overlap_lines(self) -> list[Event]:
+        """The journal as the overlap checks read it: a skipped execution ends at its skip."""
+        if not self.voided:
+            return self.executions.lines
+        lines = []
+        for e in self.executions.lines:
+            skipped_at = self.voided.get((e["pid"], e["task_id"]))
+            if skipped_at is not None and e["event"] != "start" and e["t"] > skipped_at:
+                e = {**e, "t": skipped_at}
+            lines.append(e)
+        return lines
+
+    @cached_property
     def report(self) -> Report:
         """Loss and order (``pyfiq.chaos.scenario.check``) over the tasks whose place is known."""
         exact_keys = {(q, s) for q, seqs in self.accepted.seqs.items() for s in seqs}
-        journal = [e for e in self.executions.lines if (e["queue"], e["seq"]) in exact_keys]
+        journal = [e for e in self.overlap_lines if (e["queue"], e["seq"]) in exact_keys]
         return check(journal, self.accepted.seqs, self.dead)
 
     @cached_property
@@ -1454,7 +1939,7 @@ class RunFacts:
         """Overlaps over every execution. ``check()`` takes the earlier-started run as the one
         whose lease lapsed; a stale holder can also *start* late: the later-started run then
         has the lower fence."""
-        every = check(self.executions.lines, {})
+        every = check(self.overlap_lines, {})
         unexplained: list[tuple[Event, Event]] = []
         stale_late = 0
         for a, b in every.overlaps_unexplained:
@@ -1467,6 +1952,20 @@ class RunFacts:
                 unexplained.append((a, b))
         return Overlaps(unexplained, stale_late, every.overlaps_explained)
 
+    def restart_before(self, key: tuple[str, int]) -> Event | None:
+        """The Redis restart that could have lost acceptance ``key``: the first one to take Redis
+        down (``t_down``) after the producer had the acceptance back, within EVERYSEC_WINDOW.
+        The fault's own start is recorded before its signal is sent, so an acceptance can come
+        back after it and still be Redis's last write."""
+        at = self.accepted.at.get(key)
+        if at is None:
+            return None
+        downs = [(float(f["t_down"] if "t_down" in f else f["t"]), i, f) for i, f in enumerate(self.faults)]
+        after = [d for d in downs if d[2]["kind"] in REDIS_FAULTS and d[0] >= at]
+        if not after or min(after)[0] - at > EVERYSEC_WINDOW:
+            return None
+        return min(after)[2]
+
     @cached_property
     def redis_restarts(self) -> list[tuple[Event, Event]]:
         """Each Redis restart with what it lost: the lost tasks accepted within EVERYSEC_WINDOW
@@ -1475,7 +1974,7 @@ class RunFacts:
         for f in self.faults:
             if f["kind"] not in REDIS_FAULTS:
                 continue
-            before = {k for k in self.lost if f["t"] - EVERYSEC_WINDOW <= self.accepted.at.get(k, 0) <= f["t"]}
+            before = {k for k in self.lost if self.restart_before(k) is f}
             loss = {"kind": f["kind"], "appendfsync": f["appendfsync"], "lost_tasks": len(before)}
             loss["acknowledged_writes_lost"] = _counter_rollback(self.accepted.exact, f)
             out.append((f, loss))
@@ -1524,14 +2023,11 @@ def check_lost_tasks(run: RunFacts) -> Finding:
     """Every accepted task ended or was dead-lettered. A task lost in a Redis crash under
     appendfsync=everysec, accepted within the window before the crash, is Redis's documented
     durability limit, not pyfiq's: counted apart, not a breach."""
-    crashes = [f for f in run.faults if f["kind"] == "redis-crash"]
     durability_lost: list[tuple[str, int]] = []
     pyfiq_lost: list[tuple[str, int]] = []
     for key in run.lost:
-        t = run.accepted.at.get(key)
-        if t is not None and any(
-            c["appendfsync"] == "everysec" and c["t"] - EVERYSEC_WINDOW <= t <= c["t"] for c in crashes
-        ):
+        restart = run.restart_before(key)
+        if restart is not None and restart["kind"] == "redis-crash" and restart["appendfsync"] == "everysec":
             durability_lost.append(key)
         else:
             pyfiq_lost.append(key)
@@ -1591,6 +2087,8 @@ def _rerun_cause(run: RunFacts, events: list[Event], prev: Event, rerun: Event) 
     """What explains ``rerun``, a task started again after its run ``prev`` (``events``: the
     task's lines): a fault, a graceful stop during its retry back-off, or nothing (None)."""
     prev_last = [e for e in events if e["pid"] == prev["pid"] and e["t"] < rerun["t"]][-1]
+    if any(prev["t"] < t < rerun["t"] for t in run.requeued_at.get(rerun["task_id"], ())):
+        return "requeue-front"
     # Usually the earlier run was interrupted (a fault on its replica, or on Redis). A re-run
     # under an *older* fence is the other way round: a holder paused or cut off after it was
     # handed the task wakes up and runs it although the new holder already has; fencing keeps
@@ -1644,7 +2142,7 @@ def check_overlaps(run: RunFacts) -> Finding:
             f"lease, e.g. {a['queue']} #{a['seq']} on {a['replica']} (fence {a['fence']}) and #{b['seq']} on "
             f"{b['replica']} (fence {b['fence']})"
         )
-    lapsed_without_fault = _lapses_without_fault(run.executions.lines, run.causes, run.lease_ttl, run.poll_interval)
+    lapsed_without_fault = _lapses_without_fault(run.overlap_lines, run.causes, run.lease_ttl, run.poll_interval)
     if lapsed_without_fault:
         finding.breaches.append(f"{lapsed_without_fault} overlaps (lapsed leases) with no fault on that replica")
     finding.figures = {
@@ -1830,20 +2328,29 @@ def check_fencing_order(run: RunFacts) -> Finding:
     return finding
 
 
-def check_async_stop(run: RunFacts) -> Finding:
-    """After an asyncio worker's stop timed out in a live process (the ``async-stop`` drill),
-    no other replica starts on the queue while the task it left running in a thread runs."""
-    drills = [f for f in run.faults if f["kind"] == "async-stop"]
-    finding = Finding(figures={"async_stop_drills": len(drills)})
-    for f in drills:
-        for a in run.executions.open_at(f["pid"], f["t"]):
-            until = min(run.executions.ends.get((a["pid"], a["task_id"], a["attempt"]), f["t_exit"]), f["t_exit"])
+def check_timed_out_stops(run: RunFacts) -> Finding:
+    """After a worker's stop timed out in a live process (the ``async-stop`` drill, and the stop
+    of a ``stop-kill``), no other replica starts on the queue while the task it left running
+    runs; and such a stop never says it was clean while that task still ran."""
+    drills = [(f, f) for f in run.faults if f["kind"] == "async-stop"]
+    drills += [(f, f["stopped"]) for f in run.faults if f["kind"] == "stop-kill"]
+    finding = Finding(figures={"async_stop_drills": sum(f["kind"] == "async-stop" for f, _ in drills)})
+    for f, stop in drills:
+        replica = stop.get("replica", stop.get("target"))
+        for a in run.executions.open_at(stop["pid"], stop["t"]):
+            end = run.executions.end_of(a) or stop["t_exit"]
+            until = min(end, stop["t_exit"])
+            if stop.get("clean") and end > stop["t_stopped"]:
+                finding.breaches.append(
+                    f"{a['queue']}: the stop of {replica} with a {STOP_DRILL_TIMEOUT}s timeout said it was clean, "
+                    f"yet #{a['seq']} ran on for {end - stop['t_stopped']:.2f}s"
+                )
             starts = run.executions.starts_by_queue[a["queue"]]
-            b = next((e for e in starts if f["t"] < e["t"] < until and e["pid"] != a["pid"]), {})
+            b = next((e for e in starts if stop["t"] < e["t"] < until and e["pid"] != a["pid"]), {})
             if b and not _lease_lost_to_another_fault(run, f, a, b):
                 finding.breaches.append(
                     f"{a['queue']}: #{b['seq']} started on {b['replica']} (fence {b['fence']}) {until - b['t']:.2f}s "
-                    f"before #{a['seq']} ended on {f['target']}, whose asyncio worker was stopped with a "
+                    f"before #{a['seq']} ended on {replica}, whose worker was stopped with a "
                     f"{STOP_DRILL_TIMEOUT}s timeout while that task ran in a thread of the live process "
                     f"(fence {a['fence']}): the lease was given up under a running task"
                 )
@@ -1851,9 +2358,9 @@ def check_async_stop(run: RunFacts) -> Finding:
 
 
 #: Faults after which a replica's lease may lapse under a running task: an overlap they explain
-#: is judged by the overlap checks, not blamed on an asyncio stop that happened meanwhile.
+#: is judged by the overlap checks, not blamed on a stop that timed out meanwhile.
 LEASE_LOSING = frozenset(
-    {"blackhole", "cut", "stop", "delay", "slow-reply", "kill", "redis-restart", "redis-crash", "clock"}
+    {"blackhole", "cut", "stop", "delay", "slow-reply", "kill", "redis-restart", "redis-crash", "clock", "stop-kill"}
 )
 
 
@@ -1865,6 +2372,204 @@ def _lease_lost_to_another_fault(run: RunFacts, drill: Event, a: Event, b: Event
         and g["t"] <= b["t"]
         and g.get("t_end", g["t"]) >= a["t"] - run.lease_ttl
         for g in run.faults
+    )
+
+
+def _faulted(run: RunFacts, pid: int, since: float, until: float) -> bool:
+    """Whether a fault that can cost process ``pid`` a lease (one on that process, or on Redis)
+    was under way between ``since`` and ``until``. A stop, even one that timed out, is none."""
+    return any(
+        g["kind"] in EXPLAINING_FAULTS
+        and g["kind"] != "async-stop"
+        and (g.get("pid") == pid or g["target"] == "redis")
+        and run.window(g)[0] <= until
+        and run.window(g)[1] >= since
+        for g in run.causes
+    )
+
+
+def check_skips(run: RunFacts) -> Finding:
+    """An operator's skip of a stream's head while its holder runs it, tasks it took ahead
+    queued behind (README "Operator actions and work taken ahead"): the skip dead-letters the
+    task the holder runs, not one it finished; the stream moves on at once (the holder lets go
+    as soon as it hears, it does not wait out its lease); and from the skip on no two runs of
+    the stream overlap, but for the skipped execution, which may run on and no longer counts.
+    A higher fencing token excuses no overlap here: only a fault on the earlier run's replica."""
+    skips = [f for f in run.faults if f["kind"] == "skip"]
+    finding = Finding()
+    moves: list[float] = []
+    overlaps: list[tuple[Event, Event, Event]] = []
+    for f in skips:
+        q = f["target"]
+        head = f"#{f['head_seq']} ({f['head_task_id']})"
+        if f.get("skipped_task_id") != f["head_task_id"]:
+            finding.breaches.append(
+                f"{q}: the skip dead-lettered {f.get('skipped_task_id')!r}, not the head {head} its holder "
+                f"{f['holder']} was running"
+            )
+        elif run.dead_letters is not None and not any(
+            d["queue"] == q and d.get("seq") == f["head_seq"] and d["reason"] == "operator" for d in run.dead_letters
+        ):
+            finding.breaches.append(f"{q}: the skipped head {head} is not in the dead letters as 'operator'")
+        runs = [e for e in run.executions.starts_by_queue[q] if (e["pid"], e["task_id"]) not in run.voided]
+        after = [e for e in runs if e["t"] >= f["t"]]
+        if after:
+            moves.append(after[0]["t"] - f["t"])
+            # Only a fault that can slow a claim down (a lost replica, Redis) excuses a wait.
+            quiet = not any(
+                g["kind"] in EXPLAINING_FAULTS and run.window(g)[0] <= after[0]["t"] <= run.window(g)[1]
+                for g in run.causes
+            )
+            if quiet and moves[-1] > run.lease_ttl + run.poll_interval:
+                finding.breaches.append(
+                    f"{q}: the first task after the skip started {moves[-1]:.2f}s after it, although its holder "
+                    f"{f['holder']} was running the skipped head itself and should have let go at once"
+                )
+        overlaps += _overlaps_since(run, runs, f)
+    if overlaps:
+        f, a, b = overlaps[0]
+        finding.breaches.append(
+            f"{len(overlaps)} overlapping runs of a stream after a skip, e.g. {a['queue']} #{a['seq']} on "
+            f"{a['replica']} (fence {a['fence']}) still ran when #{b['seq']} started on {b['replica']} (fence "
+            f"{b['fence']}) {b['t'] - f['t']:.3f}s after the skip of {f['target']}"
+        )
+    finding.figures = {"skips": len(skips), "skip_move_on_max": _max(moves), "skip_overlaps": len(overlaps)}
+    return finding
+
+
+def _overlaps_since(run: RunFacts, runs: list[Event], f: Event) -> list[tuple[Event, Event, Event]]:
+    """Pairs of ``runs`` (one stream's starts, in time order) that overlap, the later one
+    started after fault ``f`` and before it ended (plus a lease TTL), and no fault on the
+    earlier one's replica to explain it."""
+    found = []
+    horizon = float(f["t_end"] if "t_end" in f else f["t"]) + run.lease_ttl
+    for i, a in enumerate(runs):
+        if a["t"] > horizon:
+            break
+        a_end = run.executions.end_of(a)
+        if a_end is None or a_end <= f["t"]:
+            continue  # ended before, or killed mid-task: nothing of it ran on
+        for b in runs[i + 1 :]:
+            if b["t"] >= a_end or b["t"] > horizon:
+                break
+            if b["t"] >= f["t"] and not _faulted(run, a["pid"], a["t"], b["t"]):
+                found.append((f, a, b))
+    return found
+
+
+def check_pauses(run: RunFacts) -> Finding:
+    """Once an operator's ``pause()`` has returned, no task of the paused queue (any stream of
+    it) starts anywhere until the resume: every holder has confirmed that it starts nothing
+    more, what it took ahead going back to the stream, or its lease has ended. A process
+    frozen whole (SIGSTOP, a GIL hold) is the one excuse, as for any start on a lapsed lease.
+    ``pause()`` returns within the lease TTL and a second (plus slack)."""
+    pauses = [f for f in run.faults if f["kind"] == "pause"]
+    finding = Finding()
+    late: list[tuple[Event, Event]] = []
+    frozen = 0
+    waits = [f["t_returned"] - f["t"] for f in pauses]
+    for f, wait in zip(pauses, waits, strict=True):
+        if wait > run.lease_ttl + PAUSE_MARGIN + TAKEOVER_SLACK:
+            finding.breaches.append(f"{f['target']}: pause() took {wait:.2f}s to return")
+        for stream, starts in run.executions.starts_by_queue.items():
+            if queue_of(stream) != f["target"]:
+                continue
+            for e in starts:
+                if f["t_returned"] < e["t"] < f["t_resume"]:
+                    if run.paused(e["pid"], e["t"]):
+                        frozen += 1
+                    else:
+                        late.append((f, e))
+    if late:
+        f, e = late[0]
+        finding.breaches.append(
+            f"{len(late)} tasks started while their queue was paused, e.g. {e['queue']} #{e['seq']} on "
+            f"{e['replica']} (fence {e['fence']}) {e['t'] - f['t_returned']:.3f}s after pause() returned "
+            f"(confirmed by {f['confirmed']}, unconfirmed {f['unconfirmed']})"
+        )
+    finding.figures = {
+        "pauses": len(pauses),
+        "pause_wait_max": _max(waits),
+        "pause_holders_confirmed": sum(len(f["confirmed"]) for f in pauses),
+        "pause_holders_unconfirmed": sum(len(f["unconfirmed"]) for f in pauses),
+        "starts_while_paused": len(late),
+        "starts_while_paused_after_a_freeze": frozen,
+    }
+    return finding
+
+
+def check_requeues(run: RunFacts) -> Finding:
+    """Dead letters requeued to the front of a stream while its holder runs a backlog (README
+    "Operator actions and work taken ahead"): every one is moved and runs again; in their
+    original (acceptance) order, as one block that no other task starts in the middle of;
+    ahead of the work pending at the requeue, but for what a holder had already taken (at
+    most a prefetch window and the task it ran)."""
+    requeues = [f for f in run.faults if f["kind"] == "requeue-front"]
+    finding = Finding()
+    pending_after = 0
+    pending_before: list[float] = []
+    for f in requeues:
+        stream, ids = f["target"], set(f["task_ids"])
+        if f["moved"] != len(ids):
+            finding.breaches.append(f"{stream}: the requeue moved {f['moved']} of {len(ids)} dead letters")
+        starts = run.executions.starts_by_queue[stream]
+        first: dict[str, float] = {}
+        again: dict[str, Event] = {}
+        for e in starts:
+            first.setdefault(e["task_id"], e["t"])
+            if e["t"] > f["t"] and e["task_id"] in ids:
+                again.setdefault(e["task_id"], e)
+        if len(again) < len(ids):
+            finding.breaches.append(f"{stream}: {len(ids) - len(again)} requeued tasks never ran again")
+        if not again:
+            continue
+        accepted = run.accepted.exact.get(stream, [])
+        expected = [a["task_id"] for a in accepted if a["task_id"] in again]
+        ran = [e["task_id"] for e in sorted(again.values(), key=lambda e: e["t"])]
+        if ran != expected:
+            at = next((i for i, (x, y) in enumerate(zip(ran, expected, strict=False)) if x != y), len(expected))
+            finding.breaches.append(
+                f"{stream}: requeued tasks ran again out of their original order, from position {at} of {len(ran)}"
+            )
+        low, high = min(e["t"] for e in again.values()), max(e["t"] for e in again.values())
+        fresh = [e for e in starts if e["task_id"] not in ids and first[e["task_id"]] == e["t"]]
+        inside = [e for e in fresh if low < e["t"] < high]
+        if inside:
+            finding.breaches.append(
+                f"{stream}: {len(inside)} other tasks started in the middle of the requeued ones, e.g. "
+                f"#{inside[0]['seq']} {inside[0]['t'] - low:.3f}s after the first requeued one"
+            )
+        pending = {a["task_id"] for a in accepted if a["t"] <= f["t"] and a["task_id"] not in ids}
+        # Counted from when the requeue had certainly taken effect: a holder may start tasks
+        # while the call is on its way.
+        ahead = [e for e in fresh if e["task_id"] in pending and f["t_returned"] < e["t"] < low]
+        pending_after += sum(1 for e in fresh if e["task_id"] in pending and e["t"] > high)
+        pending_before.append(len(ahead))
+        if len(ahead) > GROUP_PREFETCH + 1:
+            finding.breaches.append(
+                f"{stream}: {len(ahead)} tasks pending at the requeue to the front started before the requeued "
+                f"ones; a holder takes at most {GROUP_PREFETCH} ahead of the one it runs"
+            )
+    finding.figures = {
+        "requeues": len(requeues),
+        "requeued_tasks": sum(len(f["task_ids"]) for f in requeues),
+        "requeues_paged": sum(len(f["task_ids"]) > REQUEUE_STEP for f in requeues),
+        "requeue_pending_ran_before_max": _max(pending_before),
+        "requeue_pending_ran_after": pending_after,
+    }
+    return finding
+
+
+def check_stop_kills(run: RunFacts) -> Finding:
+    """Figures of the ``stop-kill`` drills (their take-overs are judged with the others, their
+    timed-out stops by ``check_timed_out_stops``): how many, and how many killed a replica on a
+    shard whose safety poll the stopped replica had."""
+    drills = [f for f in run.faults if f["kind"] == "stop-kill"]
+    return Finding(
+        figures={
+            "stop_kills": len(drills),
+            "stop_kills_on_a_stopped_pollers_shard": sum(bool(f.get("polled_by_stopped")) for f in drills),
+        }
     )
 
 
@@ -1979,7 +2684,11 @@ CHECKERS: tuple[Callable[[RunFacts], Finding], ...] = (
     check_handoffs,
     check_redis_restarts,
     check_fencing_order,
-    check_async_stop,
+    check_timed_out_stops,
+    check_skips,
+    check_pauses,
+    check_requeues,
+    check_stop_kills,
     check_vandal_entries,
     check_gil_tasks,
     check_replica_exits,
@@ -1995,9 +2704,13 @@ STATS_ORDER = (
     "overlaps_unexplained", "overlaps_explained_by_fencing", "faults", "faults_mid_task", "interrupted",
     "interrupted_rerun_first", "interrupted_rerun_delivery_raised", "takeover_max", "takeover_median",
     "takeover_by_kind", "takeover_bound", "handoff_max", "handoff_median", "redis_resume_max", "redis_losses",
-    "lease_ttl", "stale_starts", "stale_starts_after_a_pause", "async_stop_drills", "vandal_entries",
-    "vandal_entries_lost", "vandal_entries_misfiled", "vandal_stall_max", "gil_tasks_dead_lettered_as",
-    "throughput_tasks_per_s", "span_s", "replica_log_counts",
+    "lease_ttl", "stale_starts", "stale_starts_after_a_pause", "async_stop_drills", "stop_kills",
+    "stop_kills_on_a_stopped_pollers_shard", "skips", "skip_move_on_max", "skip_overlaps", "pauses",
+    "pause_wait_max", "pause_holders_confirmed", "pause_holders_unconfirmed", "starts_while_paused",
+    "starts_while_paused_after_a_freeze", "requeues", "requeued_tasks", "requeues_paged",
+    "requeue_pending_ran_before_max", "requeue_pending_ran_after", "vandal_entries", "vandal_entries_lost",
+    "vandal_entries_misfiled", "vandal_stall_max", "gil_tasks_dead_lettered_as", "throughput_tasks_per_s", "span_s",
+    "replica_log_counts",
 )  # fmt: skip
 
 
@@ -2060,8 +2773,17 @@ def _summary(run: RunFacts, stats: dict[str, Any]) -> list[str]:
         _redis_restarts_line(s["redis_losses"]),
         f"fencing tokens: {s['stale_starts']} starts under a lower token than one already started on their "
         f"queue ({s['stale_starts_after_a_pause']} more right after a process freeze)",
-        f"asyncio stop drills: {s['async_stop_drills']}; GIL-holding tasks dead-lettered as: "
+        f"asyncio stop drills: {s['async_stop_drills']}; stops timed out then a SIGKILL elsewhere: {s['stop_kills']} "
+        f"({s['stop_kills_on_a_stopped_pollers_shard']} on a shard the stopped replica polled); GIL-holding tasks "
+        "dead-lettered as: "
         + (json.dumps(s["gil_tasks_dead_lettered_as"]) if s["gil_tasks_dead_lettered_as"] else "none"),
+        f"operator: {s['skips']} skips of a running head (next task after max {s['skip_move_on_max']}s, "
+        f"{s['skip_overlaps']} overlaps after them); {s['pauses']} pauses (returned after max {s['pause_wait_max']}s, "
+        f"{s['pause_holders_confirmed']} holders confirmed, {s['pause_holders_unconfirmed']} unconfirmed; "
+        f"{s['starts_while_paused']} starts while paused, {s['starts_while_paused_after_a_freeze']} more right after "
+        f"a freeze); {s['requeues']} requeues to the front ({s['requeued_tasks']} tasks, {s['requeues_paged']} paged; "
+        f"of the tasks pending then, at most {s['requeue_pending_ran_before_max']} ran before them, "
+        f"{s['requeue_pending_ran_after']} after)",
         f"vandal entries: {s['vandal_entries']} written, "
         + (
             f"{s['vandal_entries_lost']} lost, {s['vandal_entries_misfiled']} dead-lettered under another reason"
@@ -2119,12 +2841,12 @@ def _lapses_without_fault(journal: list[Event], faults: list[Event], ttl: float,
     for e in journal:
         if e["event"] == "start":
             runs[e["queue"]].append(e)
-    ends = {(e["pid"], e["task_id"], e["attempt"]): e["t"] for e in journal if e["event"] != "start"}
+    ends = _run_ends(journal)
     count = 0
     for starts_ in runs.values():
         starts_.sort(key=lambda e: e["t"])
         for i, a in enumerate(starts_):
-            until = ends.get((a["pid"], a["task_id"], a["attempt"]))
+            until = ends.get(_run_key(a))
             if until is None:
                 continue  # killed mid-task: nothing of it ran on
             for b in starts_[i + 1 :]:
@@ -2180,10 +2902,10 @@ def _gil_holds(journal: list[Event], faults: list[Event]) -> list[Event]:
     holds: list[Event] = []
     if not asked:
         return holds
-    ends = {(e["pid"], e["task_id"], e["attempt"]): e["t"] for e in journal if e["event"] != "start"}
+    ends = _run_ends(journal)
     for e in journal:
         if e["event"] == "start" and e["task_id"] in asked:
-            end = ends.get((e["pid"], e["task_id"], e["attempt"]), e["t"] + asked[e["task_id"]])
+            end = ends.get(_run_key(e), e["t"] + asked[e["task_id"]])
             holds.append({"kind": "gil-hold", "target": e["replica"], "pid": e["pid"], "t": e["t"], "t_end": end})
     return holds
 
@@ -2422,6 +3144,7 @@ class Scenario:
             backend=self.observer,
             queues=self.queues,
             drivers={name: self.driver_of(name) for name in self.names},
+            producers=self.producers,
         )
         if self.kinds:
             wanted = self.injector.available(self.kinds)
@@ -2455,7 +3178,8 @@ class Scenario:
     def drain(self) -> None:
         """Wait until the queues are empty, then stop every replica gracefully, which hands
         every lease over."""
-        self.remaining = _wait_drained(self.observer, self.queues, self.profile.drain_timeout, self.fleet)
+        streams = [*self.queues, *self.injector.streams]
+        self.remaining = _wait_drained(self.observer, streams, self.profile.drain_timeout, self.fleet)
         self.fleet.reap()
         for name in self.names:
             if self.fleet.alive(name):

@@ -68,6 +68,7 @@ def step(
     exit_deliveries: int = 0,
     gil: float = 0.0,
     until: str = "",
+    fail_unless: str = "",
 ) -> int:
     """One journaled unit of ordered work.
 
@@ -76,7 +77,9 @@ def step(
     first deliveries (``-1``: always, a poison task). ``gil``: seconds of one C call that never
     lets go of the GIL (no other thread of the process runs meanwhile, heartbeats included).
     ``until``: a path; the hold then ends early once that file exists (a fault drill decides
-    when the replica running the task comes free).
+    when the replica running the task comes free). ``fail_unless``: a path; every attempt
+    fails while that file does not exist (a drill fills the dead letters, then lets the tasks
+    it requeues succeed).
     """
     ctx = current_task()
     _journal("start", seq)
@@ -90,7 +93,7 @@ def step(
             time.sleep(0.01)
     elif hold:
         time.sleep(hold)
-    if fail_attempts == -1 or ctx.attempt <= fail_attempts:
+    if fail_attempts == -1 or ctx.attempt <= fail_attempts or (fail_unless and not os.path.exists(fail_unless)):
         _journal("fail", seq)
         raise RuntimeError(f"simulated failure of #{seq} on attempt {ctx.attempt}")
     _journal("end", seq)
@@ -121,9 +124,9 @@ def hold_gil(seconds: float) -> None:
     sum(range(int(seconds * _gil_rate)))
 
 
-STEPS: dict[str, FifoFunction[..., int]] = {
-    q: fifo(queue=q, name=f"pyfiq.chaos.scenario.step.{q}", max_retries=2, retry_wait=0.05)(step) for q in QUEUES
-}
+STEPS: dict[str, FifoFunction[..., int]] = {}
+#: The same step without retries: its first failure dead-letters it (the requeue drill's tasks).
+FRAGILE: dict[str, FifoFunction[..., int]] = {}
 
 #: Comma-separated scenario queues beyond ``QUEUES`` that a replica process registers at import
 #: (the scenario runner sets it for more than four queues).
@@ -140,17 +143,22 @@ def queue_names(count: int) -> list[str]:
     return names
 
 
+def step_name(queue: str, *, fragile: bool = False) -> str:
+    """The registered name of a scenario queue's step (``fragile``: the one without retries)."""
+    return f"pyfiq.chaos.scenario.{'fragile' if fragile else 'step'}.{queue}"
+
+
 def step_for(queue: str) -> FifoFunction[..., int]:
-    """The journaled step of a scenario queue, registered in this process on first use."""
+    """The journaled step of a scenario queue, registered in this process on first use (with
+    its fragile twin, so that every replica can run both)."""
     if queue not in STEPS:
-        STEPS[queue] = fifo(queue=queue, name=f"pyfiq.chaos.scenario.step.{queue}", max_retries=2, retry_wait=0.05)(
-            step
-        )
+        STEPS[queue] = fifo(queue=queue, name=step_name(queue), max_retries=2, retry_wait=0.05)(step)
+        FRAGILE[queue] = fifo(queue=queue, name=step_name(queue, fragile=True), max_retries=0)(step)
     return STEPS[queue]
 
 
-for _extra in filter(None, os.environ.get(EXTRA_QUEUES_ENV, "").split(",")):
-    step_for(_extra.strip())
+for _queue in (*QUEUES, *filter(None, os.environ.get(EXTRA_QUEUES_ENV, "").split(","))):
+    step_for(_queue.strip())
 
 
 # -- the stop drill ---------------------------------------------------------------------------
@@ -163,11 +171,12 @@ _drills: set[asyncio.Task[None]] = set()
 
 
 def _on_stop_drill(signum: int, frame: object) -> None:
-    # Python runs signal handlers in the main thread, where ``pyfiq replica --driver asyncio``
-    # runs its loop; a threaded replica has no loop there and ignores the drill.
+    # Python runs signal handlers in the main thread, where ``pyfiq worker --driver asyncio``
+    # runs its loop; a threaded replica's main thread only waits, and must not block in a stop.
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
+        threading.Thread(target=_threaded_stop_drill, name="pyfiq-stop-drill", daemon=True).start()
         return
     loop.call_soon_threadsafe(_start_stop_drill, loop)
 
@@ -190,12 +199,26 @@ async def _stop_drill() -> None:
     for worker in [o for o in gc.get_objects() if isinstance(o, AsyncWorker)]:
         started = time.monotonic()
         clean = await worker.stop(timeout=STOP_DRILL_TIMEOUT)
-        print(
-            f"pyfiq.chaos.scenario.stop_drill replica={worker.replica} clean={clean} "
-            f"took={time.monotonic() - started:.3f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        _report_stop_drill(worker.replica, clean, time.monotonic() - started)
+
+
+def _threaded_stop_drill() -> None:
+    """``worker.stop(timeout=STOP_DRILL_TIMEOUT)`` on the replica's ThreadedWorker, the process
+    living on (the replica command exits only once its own stop has returned)."""
+    from ..workers.threaded import ThreadedWorker
+
+    for worker in [o for o in gc.get_objects() if isinstance(o, ThreadedWorker)]:
+        started = time.monotonic()
+        clean = worker.stop(timeout=STOP_DRILL_TIMEOUT)
+        _report_stop_drill(worker.replica, clean, time.monotonic() - started)
+
+
+def _report_stop_drill(replica: str, clean: bool, took: float) -> None:
+    print(
+        f"pyfiq.chaos.scenario.stop_drill replica={replica} clean={clean} took={took:.3f}s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if os.environ.get(DRILL_ENV) and threading.current_thread() is threading.main_thread():

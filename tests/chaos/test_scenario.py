@@ -7,7 +7,9 @@ enqueuing concurrently to the same queues, and the classic fault kinds; then ass
 checker's verdict and that each fault really happened. The ``test_drill_*`` tests run one
 newer fault kind each (vandal entries, replies slower than the lease, an asyncio stop that
 times out in a live process, a task holding the GIL, a Redis clock set back) on a small
-fleet. The soak profile runs only with PYFIQ_SOAK=1.
+fleet; ``test_drill_operator`` an operator's skip, pause and requeue to the front against holders
+with tasks taken ahead, and a worker stop that times out beside a SIGKILL. The soak profile runs
+only with PYFIQ_SOAK=1.
 """
 
 from __future__ import annotations
@@ -455,6 +457,217 @@ def test_checker_orders_acceptances_stamped_by_a_redis_clock_set_back(tmp_path: 
     assert any("fencing token lower than one already started" in b for b in verdict.breaches), verdict.breaches
 
 
+def _lines(
+    queue: str, *spec: tuple[str, int, int, int, float, float | None], fail: bool = False
+) -> list[dict[str, Any]]:
+    """(replica, pid, fence, seq, start, end or None: killed) -> journal lines on ``queue``;
+    ``fail``: the run ends in a failure instead."""
+    lines = []
+    for replica, pid, fence, seq, start, end in spec:
+        base = {"queue": queue, "seq": seq, "task_id": f"{queue}-t{seq}", "replica": replica, "pid": pid}
+        base |= {"fence": fence, "deliveries": 1, "attempt": 1}
+        lines.append({**base, "event": "start", "t": start})
+        if end is not None:
+            lines.append({**base, "event": "fail" if fail else "end", "t": end})
+    return lines
+
+
+def _accepted(queue: str, seqs: Sequence[int], at: float = 1000.0) -> list[dict[str, Any]]:
+    return [
+        {
+            "queue": queue,
+            "seq": s,
+            "task_id": f"{queue}-t{s}",
+            "status": "accepted",
+            "order": [int(at * 1e6) + i, i + 1],
+        }
+        | {"sent": at + i / 1000, "t": at + i / 1000, "attempts": 1, "producer": "p1"}
+        for i, s in enumerate(seqs)
+    ]
+
+
+def _verify(run: Path, **kwargs: Any) -> Any:
+    return verify(run, lease_ttl=1.0, poll_interval=0.2, **kwargs)
+
+
+Q = "scenario-a"
+
+
+def _skip_run(
+    tmp_path: Path, name: str, *, skipped: int = 0, holder_runs_ahead: bool = False, wait: float = 0.02
+) -> Path:
+    """replica-1 runs head #0 (fence 5) and is skipped at 1001.5; replica-2 takes the stream over
+    (fence 6) ``wait`` seconds later and runs #1..#3 while the skipped head still runs on until
+    1003."""
+    t = 1001.5 + wait
+    executions = _lines(
+        Q,
+        ("replica-1", 10, 5, 0, 1001.0, 1003.0),
+        ("replica-2", 11, 6, 1, t, t + 0.08),
+        ("replica-2", 11, 6, 2, t + 0.08, t + 0.18),
+        ("replica-2", 11, 6, 3, t + 0.18, t + 0.28),
+    )
+    if holder_runs_ahead:  # the old holder also starts #2, which it had taken ahead
+        executions += _lines(Q, ("replica-1", 10, 5, 2, t + 0.13, t + 0.23))
+    skip = {"kind": "skip", "target": Q, "holder": "replica-1", "pid": 10, "t": 1001.5, "t_returned": 1001.51}
+    skip |= {"head_task_id": f"{Q}-t0", "head_seq": 0, "skipped_task_id": f"{Q}-t{skipped}", "behind": []}
+    skip |= {"t_release": 1002.9, "t_end": 1003.1}
+    run = tmp_path / name
+    run.mkdir()
+    _write(run / "accepted-p1.jsonl", _accepted(Q, range(4)))
+    _write(run / EXECUTIONS, executions)
+    _write(run / FAULTS, [skip])
+    return run
+
+
+def test_checker_allows_only_the_skipped_head_to_run_on_after_a_skip(tmp_path: Path) -> None:
+    dead = [_dead(Q, "operator", b"t0", seq=0)]
+    verdict = _verify(_skip_run(tmp_path, "ok"), dead_letters=dead)
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["skips"] == 1 and verdict.stats["skip_overlaps"] == 0
+    assert verdict.stats["overlaps_explained_by_fencing"] == 0, "the skipped execution no longer counts"
+
+    # The old holder starts a task it had taken ahead while the new holder runs it: a breach
+    # even though the new holder's fencing token is the higher one.
+    verdict = _verify(_skip_run(tmp_path, "twice", holder_runs_ahead=True), dead_letters=dead)
+    assert any("overlapping runs of a stream after a skip" in b for b in verdict.breaches), verdict.breaches
+
+    # The stream waited out the lease instead of moving on at once.
+    verdict = _verify(_skip_run(tmp_path, "late", wait=1.5), dead_letters=dead)
+    assert any("should have let go at once" in b for b in verdict.breaches), verdict.breaches
+
+    # The skip dead-lettered a task other than the one the holder ran.
+    verdict = _verify(_skip_run(tmp_path, "wrong", skipped=1), dead_letters=[_dead(Q, "operator", b"t1", seq=1)])
+    assert any("not the head" in b for b in verdict.breaches), verdict.breaches
+
+
+def _pause_run(tmp_path: Path, name: str, late: float, faults: Sequence[dict[str, Any]] = ()) -> Path:
+    """#0 and #1 run, the queue is paused at 1001.3 (pause() returns at 1001.35) and resumed at
+    1002.5; #2 starts at ``late``."""
+    executions = _lines(
+        Q,
+        ("replica-1", 10, 5, 0, 1001.0, 1001.2),
+        ("replica-1", 10, 5, 1, 1001.2, 1001.3),
+        ("replica-1", 10, 5, 2, late, late + 0.1),
+    )
+    pause = {"kind": "pause", "target": Q, "t": 1001.3, "t_returned": 1001.35, "t_resume": 1002.5, "t_end": 1002.8}
+    pause |= {"holder": "replica-1", "pid": 10, "confirmed": ["replica-1"], "ended": [], "unconfirmed": []}
+    run = tmp_path / name
+    run.mkdir()
+    _write(run / "accepted-p1.jsonl", _accepted(Q, range(3)))
+    _write(run / EXECUTIONS, executions)
+    _write(run / FAULTS, [pause, *faults])
+    return run
+
+
+def test_checker_flags_a_start_between_pause_returning_and_resume(tmp_path: Path) -> None:
+    verdict = _verify(_pause_run(tmp_path, "ok", late=1002.6))
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["pauses"] == 1 and verdict.stats["pause_holders_confirmed"] == 1
+
+    verdict = _verify(_pause_run(tmp_path, "late", late=1001.8))
+    assert any("started while their queue was paused" in b for b in verdict.breaches), verdict.breaches
+
+    # A start while pause() has not returned yet is allowed: the holder had not confirmed.
+    verdict = _verify(_pause_run(tmp_path, "during", late=1001.32))
+    assert verdict.ok, verdict.text()
+
+    # A process frozen whole (SIGSTOP) right before is the one excuse.
+    stop = {"kind": "stop", "target": "replica-1", "pid": 10, "mid_task": False, "t": 1001.41, "t_end": 1001.75}
+    verdict = _verify(_pause_run(tmp_path, "frozen", late=1001.8, faults=[stop]))
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["starts_while_paused_after_a_freeze"] == 1
+
+
+def _requeue_run(tmp_path: Path, name: str, after: Sequence[tuple[int, float]], pending: int = 4) -> Path:
+    """#0..#2 fail and are dead-lettered; #3 starts before the requeue (taken ahead), #4.. are
+    pending; the requeue to the front happens at 1001.0. ``after``: (seq, start) of the runs
+    that follow, each 0.05 s long."""
+    stream = f"{Q}#requeue-x"
+    executions = _lines(
+        stream, *(("replica-1", 10, 5, s, 1000.1 + s / 10, 1000.15 + s / 10) for s in range(3)), fail=True
+    )
+    executions += _lines(stream, ("replica-1", 10, 5, 3, 1000.95, 1001.05))
+    executions += _lines(stream, *(("replica-1", 10, 5, s, t, t + 0.05) for s, t in after))
+    requeue = {"kind": "requeue-front", "target": stream, "t": 1001.0, "count": 3, "moved": 3, "t_returned": 1001.01}
+    requeue |= {"task_ids": [f"{stream}-t{s}" for s in range(3)], "t_end": 1003.0}
+    run = tmp_path / name
+    run.mkdir()
+    _write(run / "accepted-p1.jsonl", _accepted(stream, range(4 + pending)))
+    _write(run / EXECUTIONS, executions)
+    _write(run / FAULTS, [requeue])
+    return run
+
+
+def test_checker_holds_requeued_tasks_to_their_order_and_to_the_front(tmp_path: Path) -> None:
+    in_order = [(0, 1001.1), (1, 1001.2), (2, 1001.3), (4, 1001.4), (5, 1001.5), (6, 1001.6), (7, 1001.7)]
+    verdict = _verify(_requeue_run(tmp_path, "ok", in_order))
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["reexecutions_by_cause"] == {"requeue-front": 3}
+    assert verdict.stats["requeue_pending_ran_after"] == 4
+
+    swapped = [(0, 1001.1), (2, 1001.2), (1, 1001.3), (4, 1001.4), (5, 1001.5), (6, 1001.6), (7, 1001.7)]
+    verdict = _verify(_requeue_run(tmp_path, "swapped", swapped))
+    assert any("out of their original order" in b for b in verdict.breaches), verdict.breaches
+
+    between = [(0, 1001.1), (4, 1001.15), (1, 1001.2), (2, 1001.3), (5, 1001.5), (6, 1001.6), (7, 1001.7)]
+    verdict = _verify(_requeue_run(tmp_path, "between", between))
+    assert any("in the middle of the requeued ones" in b for b in verdict.breaches), verdict.breaches
+
+    # Requeued to the back: all the pending work, more than any holder takes ahead, ran first.
+    pending = 40
+    back = [(s, 1001.1 + s / 100) for s in range(4, 4 + pending)] + [(s, 1002.0 + s / 10) for s in range(3)]
+    verdict = _verify(_requeue_run(tmp_path, "back", back, pending=pending))
+    assert any("started before the requeued ones" in b for b in verdict.breaches), verdict.breaches
+
+
+def _stop_kill_run(tmp_path: Path, name: str, *, rerun_at: float, clean: bool = False) -> Path:
+    """replica-1's worker is stopped at 1000.8 while it runs #0 of scenario-b until 1002.0;
+    replica-2, killed at 1001.2 while it runs #0 of scenario-a, which replica-3 runs again at
+    ``rerun_at``."""
+    executions = _lines("scenario-b", ("replica-1", 10, 4, 0, 1000.5, 1002.0))
+    executions += _lines(Q, ("replica-2", 11, 5, 0, 1001.0, None), ("replica-3", 12, 7, 0, rerun_at, rerun_at + 0.1))
+    stopped = {"replica": "replica-1", "pid": 10, "t": 1000.8, "t_stopped": 1001.1, "clean": clean, "t_exit": 1003.0}
+    stopped |= {"queue": "scenario-b", "seq": 0, "task_id": "scenario-b-t0", "rc": 0}
+    fault = {"kind": "stop-kill", "target": "replica-2", "pid": 11, "mid_task": True, "t": 1001.2, "t_end": 1002.4}
+    fault |= {"queue": Q, "seq": 0, "task_id": f"{Q}-t0", "polled_by_stopped": True, "stopped": stopped}
+    run = tmp_path / name
+    run.mkdir()
+    _write(run / "accepted-p1.jsonl", _accepted(Q, [0]) + _accepted("scenario-b", [0]))
+    _write(run / EXECUTIONS, executions)
+    _write(run / FAULTS, [fault])
+    return run
+
+
+def test_checker_bounds_the_takeover_after_a_kill_beside_a_timed_out_stop(tmp_path: Path) -> None:
+    verdict = _verify(_stop_kill_run(tmp_path, "ok", rerun_at=1002.3))
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["takeover_by_kind"]["stop-kill"]["n"] == 1
+    assert verdict.stats["reexecutions_by_cause"] == {"stop-kill": 1}
+
+    verdict = _verify(_stop_kill_run(tmp_path, "slow", rerun_at=1004.6))
+    assert any("takeover after stop-kill of replica-2 took 3.40s" in b for b in verdict.breaches), verdict.breaches
+
+    verdict = _verify(_stop_kill_run(tmp_path, "clean", rerun_at=1002.3, clean=True))
+    assert any("said it was clean" in b for b in verdict.breaches), verdict.breaches
+
+
+def test_checker_charges_a_lost_acceptance_to_the_restart_that_took_redis_down_after_it(tmp_path: Path) -> None:
+    """A crash is journaled before its SIGKILL is sent: an acceptance that comes back in
+    between is still Redis's last write (lost to appendfsync=everysec), and a graceful restart
+    that follows is not charged with it."""
+    executions = _lines(Q, ("replica-1", 10, 5, 0, 1000.5, 1000.6))
+    accepted = _accepted(Q, [0], at=1000.0) + _accepted(Q, [1], at=1001.005)
+    crash = {"kind": "redis-crash", "target": "redis", "appendfsync": "everysec", "t": 1001.0, "t_down": 1001.1}
+    crash |= {"t_end": 1001.4, "shift_ms": 0, "previous_shift_ms": 0}
+    clock = {"kind": "clock", "target": "redis", "appendfsync": "always", "t": 1002.0, "t_down": 1002.1}
+    clock |= {"t_end": 1002.4, "shift_ms": -3000, "previous_shift_ms": 0}
+    verdict = _verify(_journal_run(tmp_path, executions, [crash, clock], accepted=accepted))
+    assert verdict.ok, verdict.text()
+    assert verdict.stats["lost_to_redis_durability"] == 1
+    assert [r["lost_tasks"] for r in verdict.stats["redis_losses"]] == [1, 0]
+
+
 # -- whole scenarios ---------------------------------------------------------------------------
 
 
@@ -508,6 +721,38 @@ def _drill(tmp_path: Path, kind: str) -> Result:
     assert result.verdict.stats["faults"].get(kind) == len(profile.schedule or ()), result.verdict.stats["faults"]
     assert time.monotonic() - started < 60
     return result
+
+
+@pytest.mark.timeout(120)
+def test_drill_operator(tmp_path: Path) -> None:
+    """An operator's actions against holders with tasks taken ahead, then a worker stop that
+    times out beside a SIGKILL: two skips of a running head (one ending right after the skip,
+    one running on), a pause and a resume, a requeue to the front in one step and one in
+    pages, and a stop with a 0.3 s timeout followed by a kill on a shard the stopped replica
+    polled. The checker finds no breach, and each fault did what it is meant to."""
+    profile = PROFILES["operator"]
+    started = time.monotonic()
+    result = run_scenario(profile, run_dir=tmp_path / "operator", seed=5, echo=lambda line: None)
+    verdict = result.verdict
+    print(verdict.text())
+    assert verdict.ok, verdict.text()
+    assert time.monotonic() - started < 60
+    stats = verdict.stats
+    assert stats["faults"] == {"skip": 2, "pause": 1, "requeue-front": 2, "stop-kill": 1}
+    faults = read_lines(result.run_dir / FAULTS)
+    for skip in (f for f in faults if f["kind"] == "skip"):
+        assert skip["skipped_task_id"] == skip["head_task_id"]
+    assert stats["skip_overlaps"] == 0
+    (pause,) = (f for f in faults if f["kind"] == "pause")
+    assert (pause["confirmed"] or pause["ended"]) and not pause["unconfirmed"], pause
+    assert stats["starts_while_paused"] == 0
+    assert stats["requeues_paged"] == 1
+    assert stats["requeue_pending_ran_after"] > 0, "no pending work was left to prove the requeue went to the front"
+    assert stats["reexecutions_by_cause"].get("requeue-front") == stats["requeued_tasks"]
+    (stop_kill,) = (f for f in faults if f["kind"] == "stop-kill")
+    assert stop_kill["stopped"]["clean"] is False, "the stop did not time out mid-task"
+    assert stop_kill["polled_by_stopped"], "the killed replica's queue was not on a shard the stopped one polled"
+    assert stats["takeover_by_kind"]["stop-kill"]["max"] <= stats["takeover_bound"]
 
 
 @pytest.mark.timeout(90)
@@ -593,6 +838,7 @@ def test_soak_profile(tmp_path: Path) -> None:
     assert verdict.ok, verdict.text()
     faults = verdict.stats["faults"]
     assert sum(faults.values()) >= seconds / 3, faults
-    for kind in ("kill", "stop", "cut", "blackhole", "slow-reply", "vandal"):
+    kinds = ("kill", "stop", "cut", "blackhole", "slow-reply", "vandal", "skip", "pause", "requeue-front", "stop-kill")
+    for kind in kinds:
         assert faults.get(kind, 0) >= 1, faults
     assert verdict.stats["lost"] == 0
