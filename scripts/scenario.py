@@ -5,7 +5,7 @@
     python scripts/scenario.py --profile soak            # 30 minutes, thousands of faults
     python scripts/scenario.py --faults kill,stop --redis redis://127.0.0.1:6390/0
     python scripts/scenario.py --profile vandal          # one fault kind, a few times, 10-30 s:
-                                                         # also slow-reply, async-stop, gil, clock
+                                                         # also slow-reply, async-stop, gil, clock, operator
 
 Exit status 0 means the checker found no breach; the journals, logs and verdict.json stay
 in the run directory it prints.
