@@ -579,6 +579,21 @@ class RedisQueueBackend:
                 raise
             raise mine from None
 
+    def operator_call(self, call: Call) -> Any:
+        """An operator's script call (skip, requeue), which may not be sent twice: it goes on an
+        idle connection checked first, so one whose server restarted meanwhile is dropped
+        instead of failing the action after its request may have been written."""
+        if self._connections is None or waited(self, call):
+            return self.call(call)
+        script = getattr(self.scripts, call.script)
+        command = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+        with self.translated():
+            try:
+                return self._connections.call(command, attempt=Attempt())
+            except redis.exceptions.NoScriptError:  # Redis lost it (a restart): nothing ran
+                self.client.script_load(script.script)
+                return self._connections.call(command, attempt=Attempt())
+
     def own_connection(self) -> Any:
         """A connection outside the pool for one thread's calls alone, or None where the client
         is not a plain one this backend made; close it with ``connection.disconnect()``."""
@@ -1057,7 +1072,7 @@ class RedisQueueBackend:
         header = dead_letter_header(
             "operator", replica=f"operator@{socket.gethostname()}", deliveries=0, error=RuntimeError(reason)
         )
-        reply = self.call(self.ops.skip(stream, header))
+        reply = self.operator_call(self.ops.skip(stream, header))
         return Entry.load(reply[1]).id if int(reply[0]) in (1, 2) else None
 
     def active_streams(self) -> list[str]:
@@ -1113,7 +1128,7 @@ class RedisQueueBackend:
         Each script call looks at no more than ``REQUEUE_STEP`` records, so a requeue from a
         dead-letter set of any size never stalls Redis for its other clients."""
         if task_id is not None:
-            moved, _, _ = self.call(self.ops.requeue(stream, front=front, limit=1, task_id=task_id))
+            moved, _, _ = self.operator_call(self.ops.requeue(stream, front=front, limit=1, task_id=task_id))
             return int(moved)
         k = self.keys.stream(stream)
         low, high = "-inf", "+inf"
@@ -1149,7 +1164,7 @@ class RedisQueueBackend:
         total = 0
         while True:
             call = self.ops.requeue(stream, front=front, limit=REQUEUE_STEP, low=low, high=high)
-            moved, skipped, last = (int(x) for x in self.call(call))
+            moved, skipped, last = (int(x) for x in self.operator_call(call))
             total += moved
             if moved + skipped < REQUEUE_STEP:
                 return total

@@ -146,3 +146,23 @@ def test_replicas_register_through_their_heartbeats_with_what_they_hold(redis_ba
     time.sleep(3 * redis_backend.settings.heartbeat + 0.2)
     assert redis_backend.replicas() == [], "a stopped replica is no longer listed as live"
     assert [r["replica"] for r in redis_backend.replicas(include_silent=True)] == [w.replica]
+
+
+def test_an_operator_action_right_after_a_redis_restart_is_carried_out(own_redis: Any) -> None:
+    """A long-lived backend (a dashboard, an app) keeps idle connections; after Redis restarted
+    they are dead. A skip (which may not be sent twice) must not fail on one of them."""
+    backend = RedisQueueBackend(own_redis.url, prefix=unique_prefix(), **FAST)
+    pyfiq.configure(backend)
+    q = qname()
+
+    @fifo(queue=q, name=f"{q}.t")
+    def t(i: int) -> None: ...
+
+    t(0)
+    t(1)
+    assert backend.queue_info(q)["pending"] == 2  # connections made and left idle
+    backend.skip(q, "warm")
+    own_redis.restart()
+    assert backend.skip(q, "after the restart") is not None
+    assert [d.reason for d in backend.dead_letters(q)] == ["operator", "operator"]
+    backend.close()
