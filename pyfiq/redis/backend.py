@@ -1151,6 +1151,10 @@ class RedisQueueBackend:
             added = bool(self.client.sadd(k.paused, stream))
         try:
             halts.wait_for_holders(self, stream, [stream], None)
+            # A halted holder lets go once its running task ends, putting what it took ahead
+            # back at the head of pending: between two pages that would land in the middle of
+            # the requeued block. Waiting for it (bounded) keeps the block whole.
+            halts.wait_for_release(self, stream, self.settings.lease_ttl + halts.MARGIN_SECONDS)
             return action()
         finally:
             if added:  # an operator's own pause of the stream stays

@@ -130,3 +130,16 @@ def wait_for_holders(backend: RedisQueueBackend, target: str, streams: Sequence[
         time.sleep(POLL_SECONDS)
     report.unconfirmed.extend(holder_of(waiting[i]) for i in waiting)
     return report
+
+
+def wait_for_release(backend: RedisQueueBackend, stream: str, wait: float) -> bool:
+    """Wait (at most ``wait`` seconds) until nobody holds ``stream``; True if nobody does."""
+    lease = backend.keys.stream(stream).lease
+    deadline = time.monotonic() + wait
+    while True:
+        with backend.translated():
+            if not backend.client.exists(lease):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
