@@ -5,9 +5,13 @@ meta hash (handed count, deliveries, started, lost and outlived marks), the leas
 score and the dead letters with their reasons. Hypothesis drives the real scripts (through
 ``Ops`` and the backend, as the workers do) with random sequences of enqueues, claims by two
 clients, takes, renewals, releases, dead-letters, requeues, lapsed leases, injected garbage,
-a flushed script cache and calls by holders whose lease is gone, and after every step
-compares Redis with the model and checks the guarantees directly: no task lost or stored
-twice, order kept, fenced calls refused without a trace, the index consistent.
+a flushed script cache and calls by holders whose lease is gone, and operator actions
+interleaved with a holder that has tasks taken ahead: skips (revoking the lease), pauses and
+resumes of the stream and of its queue, halt confirmations, and front requeues paged step by
+step. After every step it compares Redis with the model and checks the guarantees directly: no
+task lost or stored twice, order kept, fenced and revoked calls refused without a trace, the
+index consistent, nothing handed out while paused, nobody else claiming a revoked lease, and
+the holder's count of handed tasks matching what it was handed.
 
 The default run is short; ``PYFIQ_SOAK=1`` runs many more and longer examples.
 """
@@ -20,6 +24,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +46,13 @@ from pyfiq import RedisQueueBackend
 from pyfiq.config import MAX_PREFETCH
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.outcomes import dead_letter_header
+from pyfiq.redis import halts
 from pyfiq.task import Entry, new_task_id
 from tests.conftest import RedisServer, unique_prefix
 
 STREAM = "orders#c-1"
 QUEUE = "orders"
+KEY = "c-1"
 #: Small, so poison and lease-lost are reached within a few dozen steps.
 MAX_DELIVERIES = 2
 #: Long enough never to lapse by itself: lapses are steps of the model.
@@ -93,7 +100,10 @@ class StreamModel:
     pending: list[bytes] = field(default_factory=list)
     inflight: list[bytes] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
+    #: The lease key's value: the holder's token, or "!" and it once a skip revoked the lease.
     token: str | None = None
+    #: Members of the shard's paused set naming this stream: "stream" and/or "queue".
+    paused: set[str] = field(default_factory=set)
     #: None (not in the ready set), "due" (claimable now) or "future".
     ready: str | None = None
     dead: list[Dead] = field(default_factory=list)
@@ -101,6 +111,13 @@ class StreamModel:
     @property
     def handed(self) -> int:
         return int(self.meta.get("handed", "0"))
+
+    @property
+    def is_paused(self) -> bool:
+        return bool(self.paused)
+
+    def revoked(self, token: str) -> bool:
+        return self.token == "!" + token
 
     def clear_marks(self, task: str) -> None:
         for mark in ("d:", "s:", "x:", "l:"):
@@ -168,7 +185,7 @@ class StreamModel:
 
     def acquire(self, want: int) -> tuple[str, list[tuple[bytes, int]]]:
         """("none" | "held" | "ok", tasks handed); the caller sets ``token`` on "ok"."""
-        if self.ready != "due":
+        if self.ready != "due" or self.is_paused:
             return "none", []
         if self.token is not None:
             self.ready = "future"
@@ -186,6 +203,8 @@ class StreamModel:
                 self.ready = None
                 return "none", []
         self.meta["handed"] = str(handed)
+        for name in ("running", "skipped", "halted"):  # said of an earlier holder, not of this one
+            self.meta.pop(name, None)
         return "ok", out
 
     def _strict_acks(self, acks: list[str]) -> None:
@@ -202,13 +221,13 @@ class StreamModel:
 
     def take(self, token: str, acks: list[str], want: int, ahead: bool = False) -> tuple[int, list[tuple[bytes, int]]]:
         if token != self.token:
-            return -1, []
+            return (-2 if self.revoked(token) else -1), []
         self._strict_acks(acks)
         self._drop_head(len(acks))
         handed = max(0, self.handed - len(acks))
-        if want == 0:
+        if want == 0 or self.is_paused:
             self.meta["handed"] = str(handed)
-            return 2, []
+            return (2 if want == 0 else 3), []
         handed, out = self.hand_out(handed, want, ahead)
         if not out and not self.inflight:
             self.token, self.meta, self.ready = None, {}, None
@@ -259,23 +278,75 @@ class StreamModel:
             self.meta.pop(f"s:{task}", None)
             if task not in started:
                 self.meta[f"d:{task}"] = str(max(0, int(self.meta.get(f"d:{task}", "1")) - 1))
+        self.give_up(delay_ms)
+        return 1, acked
+
+    def give_up(self, delay_ms: int) -> None:
         self.token = None
         if self.inflight:
             self.meta["handed"] = "0"
+            for name in ("halted", "skipped", "running"):
+                self.meta.pop(name, None)
         else:
             self.meta = {}
         if self.pending or self.inflight:
             self.ready = "due" if delay_ms == 0 else "future"
         else:
             self.ready = None
-        return 1, acked
 
-    def renew(self, token: str) -> int:
-        if token != self.token:
-            return 0
+    def renew(self, token: str, running: str | None) -> tuple[int, str]:
+        """(reply code, the skipped ids a revoked holder is told)."""
+        if token == self.token:
+            code = 1
+        elif self.revoked(token):
+            code = 3
+        else:
+            return 0, ""
+        if running:
+            self.meta["running"] = running
+        else:
+            self.meta.pop("running", None)
         if self.ready is not None:
             self.ready = "future"
+        if code == 3:
+            return 3, self.meta.get("skipped", "")
+        return (2 if self.is_paused else 1), ""
+
+    def halted(self, sent: str) -> int:
+        if sent != self.token:
+            return 0
+        self.meta["halted"] = sent
         return 1
+
+    def skip(self) -> tuple[int, bytes | None]:
+        """(reply code, the entry dead-lettered as 'operator')."""
+        held = self.token
+        running = self.meta.get("running") if held is not None else None
+        at = next((i for i, raw in enumerate(self.inflight) if tid(raw) == running), None)
+        if at is not None:
+            entry, source = self.inflight.pop(at), "inflight"
+            del self.meta["running"]
+        elif self.inflight:
+            entry, source = self.inflight.pop(0), "inflight"
+        elif self.pending:
+            entry, source = self.pending.pop(0), "pending"
+        else:
+            return 0, None
+        p = parse(entry)
+        if p is not None:
+            self.clear_marks(p[0])
+        self.dead_add("operator", entry, {"deliveries": 0})
+        if held is None:
+            self.give_up(0)
+            return 1, entry
+        if source == "inflight":
+            self.meta["handed"] = str(max(0, self.handed - 1))
+        if not held.startswith("!"):
+            self.token = "!" + held
+        before = self.meta.get("skipped")
+        self.meta["skipped"] = ("" if before is None else before + " ") + (p[0] if p else "")
+        self.ready = "future"  # scored at the lease's expiry
+        return 2, entry
 
     def lost(self, raw: bytes) -> int:
         if raw not in self.inflight[: MAX_PREFETCH + 1]:
@@ -303,6 +374,20 @@ class StreamModel:
         if fresh:
             self.ready_nx_due()
         return len(fresh)
+
+    def requeue_page(self, below: int | None, limit: int) -> tuple[int, int, int]:
+        """One 'front' step of requeue.lua over the sequences below ``below`` (None: all):
+        (moved, skipped, last sequence looked at)."""
+        picked = [d for d in reversed(self.dead) if below is None or d.seq < below][:limit]
+        fresh = []
+        for d in picked:
+            if parse(d.raw) is not None:
+                fresh.append(without_deadline(d.raw))
+                self.dead.remove(d)
+        self.pending[:0] = reversed(fresh)
+        if fresh:
+            self.ready_nx_due()
+        return len(fresh), len(picked) - len(fresh), picked[-1].seq if picked else 0
 
 
 def now_ms() -> int:
@@ -376,11 +461,51 @@ DEADLINES = st.sampled_from(["none", "future", "past", "odd"])
 CLIENTS = st.sampled_from(["A", "B"])
 WHERE = st.sampled_from(["pending", "pending-unclaimable", "inflight-tail", "inflight-head"])
 OUT_OF_ORDER = st.sampled_from(["ack-unknown", "ack-skips-head", "dead-letter-not-next", "dead-letter-bad-header"])
-STALE_CALLS = st.sampled_from(["take", "ack-only", "release", "dead-letter", "renew", "report-outlived"])
+STALE_CALLS = st.sampled_from(["take", "ack-only", "release", "dead-letter", "renew", "report-outlived", "halted"])
+#: How the holder answers a halt notice (a pause, or a front requeue in pages): it renews and
+#: confirms, lets go, dies (its lease lapses) or has not heard yet. A front requeue waits for
+#: the answer up to the lease TTL, by when a live holder has renewed and heard, so its wait
+#: never ends with a holder that has not heard; a pause here does not wait.
+HALT_ANSWERS = st.sampled_from(["confirm", "confirm", "confirm", "deaf", "deaf", "let-go", "lapse"])
+WAITED_ANSWERS = st.sampled_from(["confirm", "confirm", "confirm", "let-go", "lapse"])
+
+
+@dataclass
+class Paging:
+    """A front requeue driven one requeue.lua step at a time, newest page first, as
+    ``requeue_dead_letters`` pages it, with the other rules' steps in between."""
+
+    limit: int
+    #: The stream was paused for the paging (and is resumed after its last page).
+    added: bool
+    #: The stream has been paused at every step since the first page.
+    paused_throughout: bool
+    #: The lease value when the paging began: the backend waits for a holder to let go before
+    #: its first page, so a let-go between pages (which puts what it took ahead back at the
+    #: head of pending, inside the block) is outside the ordering claim.
+    held: str | None = None
+    below: int | None = None
+    #: The task ids moved so far, in dead-letter order.
+    moved: list[str] = field(default_factory=list)
+
+
+_wait_for_holders = halts.wait_for_holders
+
+
+def _holders_answer(backend: Any, target: str, streams: list[str], wait: float | None) -> Any:
+    """``halts.wait_for_holders`` with the model's holder answering the halt notice first (as
+    its heartbeat does on the 'h' message), so one poll finds the answer instead of a wait for
+    the lease TTL."""
+    machine = StreamMachine.live
+    if machine is not None and backend is machine.backend:
+        machine.hear_halt()
+    return _wait_for_holders(backend, target, streams, 0.0)
 
 
 class StreamMachine(RuleBasedStateMachine):
     server: RedisServer  # set by the test function from the session fixture
+    #: The machine running now, for ``_holders_answer``.
+    live: StreamMachine | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -390,10 +515,20 @@ class StreamMachine(RuleBasedStateMachine):
         self.r = self.backend.client
         self.ops = self.backend.ops
         self.k = self.backend.keys.stream(STREAM)
+        self.sub = self.r.pubsub()
+        self.sub.subscribe(self.backend.keys.wake(self.k.shard))
         self.m = StreamModel()
         #: The client holding the live lease, and that lease.
         self.holder: str | None = None
         self.lease: Lease | None = None
+        #: What the live holder was handed and has not had acknowledged, as it knows it: a skip
+        #: takes one of them away in Redis without telling it. With the deliveries it was told.
+        self.had: list[bytes] = []
+        self.deliveries: dict[bytes, int] = {}
+        #: How the holder answers the next halt notice, and how many of its tasks it acknowledges
+        #: if it lets go.
+        self.answer: tuple[str, int] = ("deaf", 0)
+        self.paging: Paging | None = None
         #: Leases that ended (lapsed, released, drained), with the tasks their holder had.
         self.stale: list[tuple[Lease, list[bytes]]] = []
         self.rank: dict[str, int] = {}  # task id -> place in acceptance order
@@ -403,8 +538,11 @@ class StreamMachine(RuleBasedStateMachine):
         self.dedup: dict[str, str] = {}
         self.last_fence = 0
         self.last_acked: str | None = None
+        StreamMachine.live = self
 
     def teardown(self) -> None:
+        StreamMachine.live = None
+        self.sub.close()
         keys = list(self.r.scan_iter(f"{self.backend.keys.prefix}:*"))
         if keys:
             self.r.delete(*keys)
@@ -433,19 +571,39 @@ class StreamMachine(RuleBasedStateMachine):
     def expect_unchanged(self, before: dict[bytes, Any]) -> None:
         assert self.snapshot() == before, "a refused call changed Redis"
 
+    def notices(self) -> list[bytes]:
+        """Wake-up messages published since the last look: a PING on the subscriber's
+        connection is answered after every message published before it was sent."""
+        marker = new_task_id()
+        self.sub.ping(marker)
+        out = []
+        while True:
+            message = self.sub.get_message(timeout=5.0)
+            assert message is not None, "the subscriber's PING went unanswered"
+            if message["type"] == "pong" and message["data"] == marker.encode():
+                return out
+            if message["type"] == "message":
+                out.append(message["data"])
+
     def mine(self) -> list[bytes]:
-        """The entries the live holder was handed and has not finished."""
+        """The entries Redis counts as handed to the live holder and not finished."""
         return self.m.inflight[: self.m.handed]
 
     def held(self) -> Lease:
         assert self.lease is not None
         return self.lease
 
+    @staticmethod
+    def sent(lease: Lease) -> str:
+        """The lease value a release or halt confirmation names (see ``Ops.release``)."""
+        return "!" + lease.token if lease.revoked else lease.token
+
     def end_lease(self, had: list[bytes]) -> None:
         """The live lease is over; its holder may still call with it (and must be refused)."""
         self.stale.append((self.held(), had))
         del self.stale[:-4]
         self.holder = self.lease = None
+        self.had = []
 
     def accept(self, raw: bytes) -> None:
         p = parse(raw)
@@ -471,8 +629,23 @@ class StreamMachine(RuleBasedStateMachine):
     def check_handed(self, got: list[Any], want: list[tuple[bytes, int]]) -> None:
         pairs = [(got[i], int(got[i + 1])) for i in range(0, len(got), 2)]
         assert pairs == want, "tasks handed (entry, deliveries) differ from the model"
-        for raw, _ in pairs:  # what the scripts hand out, Python must parse
+        for raw, deliveries in pairs:  # what the scripts hand out, Python must parse
             assert Entry.parse(raw).id == tid(raw)
+            self.deliveries[raw] = deliveries
+
+    def expected_back(self, rest: list[bytes], started: list[str]) -> list[bytes]:
+        """What a release must put back at the head of pending, in order, as the holder sees
+        it: the tail of what it still has that it never started and that nobody was handed
+        before, provided nothing but its tasks is in flight."""
+        inflight = set(self.m.inflight)
+        if len(self.m.inflight) != sum(raw in inflight for raw in self.had):
+            return []
+        back: list[bytes] = []
+        for raw in reversed([raw for raw in rest if raw in inflight]):
+            if tid(raw) in started or self.deliveries.get(raw) != 1:
+                break
+            back.insert(0, raw)
+        return back
 
     # -- producers --------------------------------------------------------------------------
 
@@ -502,18 +675,24 @@ class StreamMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holder is not None)
     @rule(data=st.data())
     def work(self, data: st.DataObject) -> None:
-        kinds = ["hot-path", "hot-path", "take", "take", "ahead", "renew"]
-        if self.m.handed:
-            kinds += ["dead-letter", "out-of-order"]
+        kinds = ["hot-path", "hot-path", "take", "take", "ahead", "ahead", "renew", "renew", "halted"]
+        if self.had:
+            kinds.append("dead-letter")
+            if not self.m.revoked(self.held().token):
+                kinds.append("out-of-order")
         kind = data.draw(st.sampled_from(kinds), "work")
         if kind == "hot-path":  # as the workers do: acknowledge all that was handed, take more
-            self.take(self.m.handed, data.draw(st.integers(1, 3), "want"))
+            self.take(len(self.had), data.draw(st.integers(1, 3), "want"))
         elif kind == "take":
             self.take(data.draw(st.integers(0, 3), "acks"), data.draw(st.integers(0, 3), "want"))
         elif kind == "ahead":  # group commit: acknowledge some, take more while running the rest
             self.take(data.draw(st.integers(0, 3), "acks"), data.draw(st.integers(0, 3), "want"), ahead=True)
         elif kind == "renew":
-            self.renew()
+            # The heartbeat names the task running now: with group commit, tasks it finished
+            # may still be in flight ahead of it.
+            self.renew(data.draw(st.integers(0, len(self.had)), "running"))
+        elif kind == "halted":
+            self.confirm_halt()
         elif kind == "dead-letter":
             self.dead_letter_head(data.draw(st.integers(0, 2), "acks"))
         else:
@@ -522,7 +701,10 @@ class StreamMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holder is not None)
     @rule(data=st.data())
     def hand_over(self, data: st.DataObject) -> None:
-        kind = data.draw(st.sampled_from(["release", "release", "lapse", "take-over", "take-over"]), "hand over")
+        kinds = ["release", "release", "let-go", "lapse", "take-over", "take-over"]
+        if self.held().revoked:
+            kinds += ["let-go"] * 3
+        kind = data.draw(st.sampled_from(kinds), "hand over")
         if kind == "release":
             # The workers name nothing (stop, yield, defer, park) or the head they were running
             # (aborted, or an I/O error mid-task); any subset checks the script's generality.
@@ -533,6 +715,9 @@ class StreamMachine(RuleBasedStateMachine):
                 data.draw(st.booleans(), "resend"),
                 data.draw(st.sampled_from([0, 0, 60_000]), "delay"),
             )
+        elif kind == "let-go":
+            # After a skip or a pause: the tasks it finished are acknowledged, the rest go back.
+            self.release(data.draw(st.integers(0, 3), "acks"), 0, False, 0)
         elif kind == "lapse":
             self.lease_lapses()
         else:
@@ -551,13 +736,34 @@ class StreamMachine(RuleBasedStateMachine):
         else:
             self.redis_event(kind)
 
-    @precondition(lambda self: bool(self.m.dead))
-    @rule(
-        mode=st.sampled_from(["all", "all-front", "id", "id-front", "count", "count-front", "unknown-id"]),
-        pick=st.integers(0, 8),
-    )
-    def operator_requeues(self, mode: str, pick: int) -> None:
-        self.requeue(mode, pick)
+    @rule(data=st.data())
+    def operate(self, data: st.DataObject) -> None:
+        kinds = ["skip"] * 4 + ["pause-stream", "pause-queue"]
+        if self.m.paused:  # pauses are short: a holder's steps under one, then on
+            kinds += ["resume"] * 8
+        kind = data.draw(st.sampled_from(kinds), "operate")
+        if kind == "skip":
+            if self.holder is not None and data.draw(st.booleans(), "heartbeat first"):
+                self.renew(data.draw(st.integers(0, len(self.had)), "running"))
+            self.skip(data)
+        elif kind == "resume":
+            self.resume(data.draw(st.sampled_from(sorted(self.m.paused)), "resume") == "queue")
+        else:
+            self.answer = (data.draw(HALT_ANSWERS, "answer"), data.draw(st.integers(0, 3), "acks"))
+            self.pause(kind == "pause-queue")
+
+    @precondition(lambda self: bool(self.m.dead) or self.paging is not None)
+    @rule(data=st.data())
+    def operator_requeues(self, data: st.DataObject) -> None:
+        if self.paging is not None:
+            self.page_requeue(data)
+            return
+        modes = ["all", "all-front", "id", "id-front", "count", "count-front", "unknown-id"] + ["paged"] * 4
+        mode = data.draw(st.sampled_from(modes), "mode")
+        if mode == "paged":
+            self.page_requeue(data)
+        else:
+            self.requeue(mode, data.draw(st.integers(0, 8), "pick"), data)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -625,8 +831,13 @@ class StreamMachine(RuleBasedStateMachine):
             self.m.inflight.insert(0, garbage)
 
     def acquire(self, client: str, want: int) -> None:
+        leased = self.r.get(self.k.lease)
         call = self.ops.acquire(STREAM, want)
         reply = self.call(call)
+        if leased is not None or self.m.is_paused:
+            # Exclusion, revoked leases included (a holder may still run tasks it took ahead),
+            # and nothing handed out while paused.
+            assert int(reply[0]) == 0, f"claimed a leased ({leased!r}) or paused stream: {reply}"
         outcome, handed = self.m.acquire(want)
         if outcome == "none":
             assert reply == [0]
@@ -642,64 +853,128 @@ class StreamMachine(RuleBasedStateMachine):
             self.check_handed(reply[4:], handed)
             self.m.token = lease.token
             self.holder, self.lease = client, lease
+            self.had = [raw for raw, _ in handed]
 
     def take(self, k: int, want: int, ahead: bool = False) -> None:
-        lease, mine = self.held(), self.mine()
-        acks = [tid(raw) for raw in mine[:k]]
+        lease, had = self.held(), self.had
+        acks = [tid(raw) for raw in had[:k]]
+        before = self.snapshot() if self.m.revoked(lease.token) else None
         reply = self.call(self.ops.take(lease, acks, want, ahead=ahead))
         status, handed = self.m.take(lease.token, acks, want, ahead)
         assert int(reply[0]) == status, f"take replied {reply}, the model says {status}"
+        if self.m.is_paused:
+            assert status in (-2, 2, 3) and len(reply) == 1, "a task was handed out while paused"
+        if status == -2:  # revoked: refused without a trace, and the holder learns of it
+            assert before is not None
+            self.expect_unchanged(before)
+            lease.revoke()
+            return
         self.acked.update(acks)
         if acks:
             self.last_acked = acks[-1]
+        self.had = had[k:] + [raw for raw, _ in handed]
         if status == 1:
             self.check_handed(reply[2:], handed)
         if status == 0:
-            self.end_lease(mine[k:])
+            self.end_lease(had[k:])
 
     def release(self, k: int, started_mask: int, resend: bool, delay: int) -> None:
-        lease, mine = self.held(), self.mine()
-        acks = [tid(raw) for raw in mine[:k]]
-        rest = [tid(raw) for raw in mine[k:]]
-        started = [t for bit, t in enumerate(rest) if started_mask >> bit & 1]
+        lease, had = self.held(), self.had
+        acks = [tid(raw) for raw in had[:k]]
+        rest = had[k:]
+        started = [tid(raw) for bit, raw in enumerate(rest) if started_mask >> bit & 1]
         if resend and self.last_acked is not None:
             # A retried call after a lost reply: an acknowledgement that was applied already.
             acks.insert(0, self.last_acked)
+        sent = self.sent(lease)
+        before = self.snapshot() if sent != self.m.token else None
+        back = self.expected_back(rest, started)
         reply = self.call(self.ops.release(lease, acks, started, delay))
-        expected, acked = self.m.release(lease.token, acks, started, delay)
-        assert reply == expected == 1
+        expected, acked = self.m.release(sent, acks, started, delay)
+        assert reply == expected
+        if expected == -1:
+            # Its lease was revoked and it has not heard yet: the let-go waits for it to hear.
+            assert before is not None
+            self.expect_unchanged(before)
+            return
         assert set(acked) <= set(acks)
         self.acked.update(acked)
-        self.end_lease(mine[k:])
+        if back:  # what it took ahead and never started goes back to the head of pending, in order
+            assert self.r.lrange(self.k.pending, 0, len(back) - 1) == back, "tasks taken ahead came back out of order"
+        self.end_lease(rest)
 
     def dead_letter_head(self, k: int) -> None:
-        lease, mine = self.held(), self.mine()
-        k = min(k, len(mine) - 1)
-        acks = [tid(raw) for raw in mine[:k]]
-        task = tid(mine[k])
+        lease, had = self.held(), self.had
+        k = min(k, len(had) - 1)
+        acks = [tid(raw) for raw in had[:k]]
+        task = tid(had[k])
         deliveries = int(self.m.meta.get(f"d:{task}", "1"))
         header = dead_letter_header("exhausted", replica="model", deliveries=deliveries, attempts=3, name="t")
+        before = self.snapshot() if self.m.revoked(lease.token) else None
         reply = self.call(self.ops.dead_letter(lease, acks, task, header))
-        assert reply == self.m.dead_letter(lease.token, acks, task, "exhausted", {"deliveries": deliveries}) == 1
+        assert reply == self.m.dead_letter(lease.token, acks, task, "exhausted", {"deliveries": deliveries})
+        if reply == -1:  # a revoked lease dead-letters nothing
+            assert before is not None
+            self.expect_unchanged(before)
+            return
         self.acked.update(acks)
         if acks:
             self.last_acked = acks[-1]
+        self.had = had[k + 1 :]
 
-    def renew(self) -> None:
+    def renew(self, running: int | None = None) -> None:
+        """A heartbeat naming ``had[running]`` as the task it runs (none past the end; None:
+        whatever it named last)."""
         lease = self.held()
+        if running is not None:
+            lease.running = (tid(self.had[running]), 0) if running < len(self.had) else None
         (reply,) = self.backend.call_many([self.ops.renew(lease)])  # the pipelined path
-        assert reply == self.m.renew(lease.token) == 1
+        code, skipped = self.m.renew(lease.token, lease.running[0] if lease.running else None)
+        assert code != 0, "a live holder's renewal was refused"
+        # Renewed, the revoked value too: a live holder that still runs tasks taken ahead keeps
+        # everyone else out for as long as it renews.
+        assert self.r.pttl(self.k.lease) > (LEASE_TTL - 60) * 1000
+        if code == 3:
+            assert [int(reply[0]), reply[1].decode()] == [3, skipped]
+            lease.revoke(skipped)
+        else:
+            assert reply == code
+
+    def confirm_halt(self) -> None:
+        lease = self.held()
+        sent = self.sent(lease)
+        before = self.snapshot() if sent != self.m.token else None
+        reply = self.call(self.ops.halted(lease))
+        assert reply == self.m.halted(sent)
+        if reply == 0:  # revoked before it heard: it confirms again once it has
+            assert before is not None
+            self.expect_unchanged(before)
+        else:
+            lease.halt_confirmed = True
+
+    def hear_halt(self) -> None:
+        """The holder answers a halt notice as drawn in ``answer``."""
+        kind, k = self.answer
+        if self.holder is None or kind == "deaf":
+            return
+        if kind == "confirm":
+            self.renew()
+            self.confirm_halt()
+        elif kind == "let-go":
+            self.release(k, 0, False, 0)
+        else:
+            self.lease_lapses()
 
     def holder_call_out_of_order(self, kind: str) -> None:
         """Calls that do not match the in-flight list fail before they write anything."""
-        lease, mine = self.held(), self.mine()
+        lease, had = self.held(), self.had
         before = self.snapshot()
         header = dead_letter_header("exhausted", replica="model", deliveries=1)
         call = {
             "ack-unknown": lambda: self.ops.take(lease, [new_task_id()], 1),
-            "ack-skips-head": lambda: self.ops.take(lease, [tid(raw) for raw in mine[1:2]] or [new_task_id()], 1),
+            "ack-skips-head": lambda: self.ops.take(lease, [tid(raw) for raw in had[1:2]] or [new_task_id()], 1),
             "dead-letter-not-next": lambda: self.ops.dead_letter(lease, [], new_task_id(), header),
-            "dead-letter-bad-header": lambda: self.ops.dead_letter(lease, [], tid(mine[0]), "not json"),
+            "dead-letter-bad-header": lambda: self.ops.dead_letter(lease, [], tid(had[0]), "not json"),
         }[kind]()
         with pytest.raises(redis.ResponseError, match="pyfiq: "):
             self.call(call)
@@ -718,7 +993,7 @@ class StreamMachine(RuleBasedStateMachine):
         self.reindex()
         self.m.token = None
         self.m.ready = "due"
-        self.end_lease(self.mine())
+        self.end_lease(self.had)
 
     def redis_event(self, kind: str) -> None:
         if kind == "script-flush":  # as after a restart: every script call must reload
@@ -733,7 +1008,7 @@ class StreamMachine(RuleBasedStateMachine):
     def stale_holder_call(self, which: int, kind: str) -> None:
         """A holder whose lease is gone (lapsed, or released) calls on: refused, no trace."""
         lease, had = self.stale[which % len(self.stale)]
-        assert lease.token != self.m.token
+        assert lease.token != self.m.token and "!" + lease.token != self.m.token
         if kind == "report-outlived" and had:
             # Unfenced on purpose: a holder that woke past its lease says its task outlived it.
             reply = self.call(self.ops.lost(lease, Entry.load(had[0])))
@@ -751,11 +1026,13 @@ class StreamMachine(RuleBasedStateMachine):
             task = acks[0] if acks else new_task_id()
             header = dead_letter_header("exhausted", replica="stale", deliveries=1)
             assert self.call(self.ops.dead_letter(lease, [], task, header)) == -1
+        elif kind == "halted":
+            assert self.call(self.ops.halted(lease)) == 0
         else:
             assert self.backend.call_many([self.ops.renew(lease)]) == [0]
         self.expect_unchanged(before)
 
-    def requeue(self, mode: str, pick: int) -> None:
+    def requeue(self, mode: str, pick: int, data: st.DataObject) -> None:
         front = mode.endswith("front")
         task = count = None
         if mode.startswith("id"):
@@ -765,11 +1042,101 @@ class StreamMachine(RuleBasedStateMachine):
             task = new_task_id()
         elif mode.startswith("count"):
             count = pick + 1
+        # More records than one page to the front: the backend pauses the stream around the
+        # pages and waits for its holder's answer.
+        halting = (
+            front
+            and task is None
+            and min(count or len(self.m.dead), len(self.m.dead)) > pyfiq.redis.backend.REQUEUE_STEP
+        )
+        paused = "stream" in self.m.paused
+        if halting:
+            self.m.paused.add("stream")
+            self.answer = (data.draw(WAITED_ANSWERS, "answer"), data.draw(st.integers(0, 3), "acks"))
         moved = self.backend.requeue_dead_letters(STREAM, count=count, task_id=task, front=front)
+        if not paused:
+            self.m.paused.discard("stream")
         before = {p[0] for d in self.m.dead if (p := parse(d.raw))}
         assert moved == self.m.requeue(front, task, count)
         after = {p[0] for d in self.m.dead if (p := parse(d.raw))}
         self.requeued |= before - after
+
+    def page_requeue(self, data: st.DataObject) -> None:
+        """One step of a front requeue in pages (the first one pausing the stream unless
+        drawn otherwise). Paused throughout, nothing is handed out between the pages, so the
+        requeued tasks end up ahead of pending work in their original order."""
+        if self.paging is None:
+            added = False
+            if data.draw(st.booleans(), "pause for it"):
+                added = bool(self.r.sadd(self.k.paused, STREAM))
+                self.m.paused.add("stream")
+                self.answer = (data.draw(WAITED_ANSWERS, "answer"), data.draw(st.integers(0, 3), "acks"))
+                halts.wait_for_holders(self.backend, STREAM, [STREAM], None)
+            self.paging = Paging(data.draw(st.integers(1, 3), "page"), added, self.m.is_paused, self.m.token)
+        paging = self.paging
+        looked = [d for d in reversed(self.m.dead) if paging.below is None or d.seq < paging.below][: paging.limit]
+        page = [p[0] for d in reversed(looked) if (p := parse(d.raw))]  # in dead-letter order
+        high = "+inf" if paging.below is None else f"({paging.below}"
+        reply = self.call(self.ops.requeue(STREAM, front=True, limit=paging.limit, high=high))
+        moved, skipped, last = self.m.requeue_page(paging.below, paging.limit)
+        assert [int(x) for x in reply] == [moved, skipped, last]
+        self.requeued.update(page)
+        paging.moved[:0] = page
+        paging.below = last
+        if moved + skipped == paging.limit:
+            return
+        if paging.paused_throughout:
+            waiting = [tid(raw) for raw in self.r.lrange(self.k.pending, 0, -1)]
+            there = [t for t in paging.moved if t in waiting]
+            assert waiting[: len(there)] == there, "requeued tasks are not ahead of pending work in their order"
+        if paging.added:
+            self.r.srem(self.k.paused, STREAM)
+            self.m.paused.discard("stream")
+        self.paging = None
+
+    def skip(self, data: st.DataObject) -> None:
+        header = dead_letter_header("operator", replica="operator@model", deliveries=0)
+        self.notices()
+        ttl = self.r.pttl(self.k.lease)
+        reply = self.call(self.ops.skip(STREAM, header))
+        code, entry = self.m.skip()
+        assert int(reply[0]) == code, f"skip replied {reply}, the model says {code}"
+        if code:
+            assert reply[1] == entry
+        shard = str(self.k.shard).encode()
+        notices = self.notices()
+        if code == 2:
+            assert b"h" + shard in notices, "the holder was not told of the skip"
+            # The revocation keeps the lease's expiry: a holder that died lets nobody wait longer.
+            assert 0 < self.r.pttl(self.k.lease) <= ttl
+            if data.draw(st.booleans(), "claim after"):
+                # Another replica read the score as due just before: still refused (in acquire).
+                self.redis_event("ready-score-falls-due")
+                self.acquire("B" if self.holder == "A" else "A", 1)
+            if self.holder is not None and data.draw(st.booleans(), "heard"):
+                self.renew()  # the notice makes the holder's heartbeat renew at once
+        elif code == 1 and (self.m.pending or self.m.inflight):
+            assert shard in notices, "idle workers were not woken"
+
+    def pause(self, whole_queue: bool) -> None:
+        # A queue's pause looks for leases among the streams scored from a minute ago on (a
+        # held stream is scored at its lease's expiry); the model's due scores are long past,
+        # and its other scores within seconds of now.
+        score = self.r.zscore(self.k.ready, STREAM)
+        looked = not whole_queue or (score is not None and score >= now_ms() - halts.CLOCK_SLACK_MS + 1000)
+        self.m.paused.add("queue" if whole_queue else "stream")
+        report = self.backend.pause(QUEUE, None if whole_queue else KEY, wait=0.0)
+        lease = self.m.token if looked else None
+        confirmed = lease is not None and self.m.meta.get("halted") == lease
+        assert (len(report.confirmed), len(report.unconfirmed), len(report.ended)) == (
+            int(confirmed),
+            int(lease is not None and not confirmed),
+            0,
+        ), report
+
+    def resume(self, whole_queue: bool) -> None:
+        self.backend.resume(QUEUE, None if whole_queue else KEY)
+        self.m.paused.discard("queue" if whole_queue else "stream")
 
     # -- checks after every step --------------------------------------------------------------
 
@@ -779,6 +1146,9 @@ class StreamMachine(RuleBasedStateMachine):
         pipe.lrange(k.pending, 0, -1).lrange(k.inflight, 0, -1).hgetall(k.meta).get(k.lease)
         pipe.zscore(k.ready, STREAM).zrange(k.ready, 0, 0, withscores=True).zscore(k.queues, QUEUE)
         pipe.zrange(k.dead, 0, -1, withscores=True).hgetall(k.dead_ids).sismember(k.dlq_index, STREAM).time()
+        pipe.pttl(k.lease)
+        for shard in range(self.backend.keys.shards):
+            pipe.smembers(self.backend.keys.paused(shard))
         names = [
             "pending",
             "inflight",
@@ -791,8 +1161,12 @@ class StreamMachine(RuleBasedStateMachine):
             "deadids",
             "indexed_dead",
             "time",
+            "pttl",
         ]
-        return dict(zip(names, pipe.execute(), strict=True))
+        replies = pipe.execute()
+        out = dict(zip(names, replies[: len(names)], strict=True))
+        out["paused"] = replies[len(names) :]  # per shard
+        return out
 
     @invariant()
     def guarantees_hold(self) -> None:
@@ -847,11 +1221,32 @@ class StreamMachine(RuleBasedStateMachine):
             header = by_seq[d.seq][0]
             assert {key: header.get(key) for key in d.expect} == d.expect, f"dead letter {d.seq}: {header}"
 
+        # A lease lapses by itself, a revoked one too (its TTL is kept), or a stream whose
+        # holder died after a skip would wait for it forever.
+        if s["lease"] is not None:
+            assert 0 < s["pttl"] <= LEASE_TTL * 1000, f"lease TTL {s['pttl']}"
+        assert (STREAM.encode() in s["paused"][self.k.shard]) == ("stream" in self.m.paused)
+        assert [QUEUE.encode() in members for members in s["paused"]] == ["queue" in self.m.paused] * len(s["paused"])
+        # Redis's count of tasks handed to the live holder covers exactly what it was handed,
+        # less what a skip took away: a release and the next holder's hand-out rely on it.
+        if self.holder is None:
+            assert self.m.token is None
+        else:
+            inflight = set(self.m.inflight)
+            assert self.mine() == [raw for raw in self.had if raw in inflight], "'handed' lost track of the holder"
+        if self.paging is not None and (not self.m.is_paused or self.m.token != self.paging.held):
+            self.paging.paused_throughout = False
 
-def _run(server: RedisServer, monkeypatch: pytest.MonkeyPatch, examples: int, steps: int) -> None:
+
+def _prepare(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny requeue pages, so the paging over dead letters is exercised as well.
     monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 2)
+    monkeypatch.setattr(halts, "wait_for_holders", _holders_answer)
     StreamMachine.server = server
+
+
+def _run(server: RedisServer, monkeypatch: pytest.MonkeyPatch, examples: int, steps: int) -> None:
+    _prepare(server, monkeypatch)
     run_state_machine_as_test(
         StreamMachine,
         settings=settings(
@@ -871,3 +1266,83 @@ def test_stream_scripts_match_the_model(redis_server: RedisServer, monkeypatch: 
 @pytest.mark.timeout(3600)
 def test_stream_scripts_match_the_model_soak(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     _run(redis_server, monkeypatch, examples=int(os.environ.get("PYFIQ_MODEL_EXAMPLES", "3000")), steps=80)
+
+
+# -- fixed sequences ------------------------------------------------------------------------
+#
+# Sequences the machine found, replayed step by step so that they fail every run, not only in
+# the runs whose random examples happen to reach them.
+
+
+class Draws:
+    """Stands in for ``st.data()`` in a fixed sequence: each draw takes the next value."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: Any, label: str | None = None) -> Any:
+        return self.values.pop(0)
+
+
+@pytest.fixture
+def machine(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[StreamMachine]:
+    _prepare(redis_server, monkeypatch)
+    machine = StreamMachine()
+    yield machine
+    machine.teardown()
+
+
+def test_skip_ignores_the_task_a_lapsed_holder_was_running(machine: StreamMachine) -> None:
+    """The 'running' a renewal wrote outlives its lease when the lease lapses. A skip under the
+    next holder must not take it for the task that holder runs: it would dead-letter a task
+    nobody runs, and count one of the new holder's tasks as not handed to it, so that holder's
+    release leaves the task marked started and the next hand-out charges it a lost consumer."""
+    machine.enqueue(Draws([("none", b"t")] * 2, None))
+    machine.acquire("A", 2)
+    t0 = machine.had[0]
+    machine.renew(1)  # A runs t1; t0 finished and is not acknowledged yet
+    machine.take_over(1)  # A dies; B is handed t0 again and has not renewed yet
+    assert machine.had == [t0]
+    header = dead_letter_header("operator", replica="operator@model", deliveries=0)
+    reply = machine.call(machine.ops.skip(STREAM, header))
+    assert reply == [2, t0], "the skip hit the task a lapsed holder ran, not the head of the live holder"
+    k = machine.k
+    handed = int(machine.r.hget(k.meta, "handed"))
+    assert machine.r.lrange(k.inflight, 0, -1)[:handed] == [], "'handed' lost track of the holder"
+
+
+def test_paged_front_requeue_stays_ahead_of_a_let_go_between_pages(
+    machine: StreamMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A front requeue in pages halts the stream, waits for its holder to confirm and then to
+    let go once its running task ends, and only then moves the pages: what the holder took
+    ahead goes back before the requeued block, never between two of its pages, and the
+    requeued tasks come back together, in their order, ahead of the pending work."""
+    machine.enqueue(Draws([("none", b"t")] * 6, None))
+    for _ in range(3):  # nobody holds the stream: the first three tasks become dead letters
+        machine.skip(Draws())
+    dead = [tid(d.raw) for d in machine.m.dead]
+    machine.acquire("A", 1)
+    machine.take(0, 2, ahead=True)
+    ahead = [tid(raw) for raw in machine.had[1:]]
+    machine.answer = ("confirm", 0)
+    machine.m.paused.add("stream")  # as the requeue pauses it, for the holder's steps below
+    page, pages, waited = machine.ops.requeue, [], []
+    real_wait = halts.wait_for_release
+
+    def holder_lets_go(backend: Any, stream: str, wait: float) -> bool:
+        waited.append(stream)
+        machine.release(1, 0, False, 0)  # A's running task ends: it lets go, as halted
+        return real_wait(backend, stream, wait)
+
+    def next_page(*args: Any, **kwargs: Any) -> Any:
+        pages.append(args)
+        assert waited, "a page moved before the holder let go"
+        return page(*args, **kwargs)
+
+    monkeypatch.setattr(halts, "wait_for_release", holder_lets_go)
+    monkeypatch.setattr(machine.ops, "requeue", next_page)
+    assert machine.backend.requeue_dead_letters(STREAM, front=True) == 3
+    assert len(pages) > 1
+    waiting = [tid(raw) for raw in machine.r.lrange(machine.k.pending, 0, -1)]
+    assert waiting[:5] == dead + ahead, "the requeued tasks come first, as one block, in order"

@@ -84,4 +84,6 @@ if tonumber(ARGV[4]) > 0 then
   end
 end
 redis.call('HSET', meta, 'handed', handed)
+-- What an operator's action or a renewal said of an earlier holder is not about this one.
+redis.call('HDEL', meta, 'running', 'skipped', 'halted')
 return out
