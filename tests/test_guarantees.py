@@ -114,13 +114,13 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
 
     ids = _fill_dead_letters(redis_backend, "q", 1050)
     calls: list[Any] = []
-    real = redis_backend.call
+    real = redis_backend.operator_call
 
-    def counting(call: Any, client: Any = None) -> Any:
+    def counting(call: Any) -> Any:
         calls.append(call)
-        return real(call, client)
+        return real(call)
 
-    monkeypatch.setattr(redis_backend, "call", counting)
+    monkeypatch.setattr(redis_backend, "operator_call", counting)
     monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 100)
     # By id: one call that looks at one record, wherever it sits.
     assert redis_backend.requeue_dead_letters("q", task_id=ids[700]) == 1

@@ -490,6 +490,7 @@ class Paging:
 
 
 _wait_for_holders = halts.wait_for_holders
+_wait_for_release = halts.wait_for_release
 
 
 def _holders_answer(backend: Any, target: str, streams: list[str], wait: float | None) -> Any:
@@ -1242,6 +1243,8 @@ def _prepare(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny requeue pages, so the paging over dead letters is exercised as well.
     monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 2)
     monkeypatch.setattr(halts, "wait_for_holders", _holders_answer)
+    # The model's holder lets go only as a step of its own: look once, never wait out its TTL.
+    monkeypatch.setattr(halts, "wait_for_release", lambda backend, stream, wait: _wait_for_release(backend, stream, 0))
     StreamMachine.server = server
 
 
