@@ -171,8 +171,10 @@ class ThreadedWorker(WorkerBase):
             self._nudge.set()
             # The dispatcher first: a lease it is acquiring right now must reach an executor
             # (which releases it) before the executors are told to exit.
-            assert self._dispatcher is not None
-            self._dispatcher.join(max(0.0, deadline - time.monotonic()))
+            # None only while start() is still naming it: a dispatcher that died at once and
+            # called this stop (an assertion here left the worker never marked stopped).
+            if self._dispatcher is not None:
+                self._dispatcher.join(max(0.0, deadline - time.monotonic()))
             self.scheduler.abort_all()  # end retry back-offs; running attempts finish
             for _ in self._threads:
                 self._work.put(None)
