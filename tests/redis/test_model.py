@@ -1261,14 +1261,16 @@ def _run(server: RedisServer, monkeypatch: pytest.MonkeyPatch, examples: int, st
     )
 
 
-def test_stream_scripts_match_the_model(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    _run(redis_server, monkeypatch, examples=50, steps=40)
+def test_stream_scripts_match_the_model(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server of its own: every step snapshots the keyspace with SCAN, whose cost grows with
+    # the keys other tests left on the shared server (the run outlived its timeout there).
+    _run(own_redis, monkeypatch, examples=50, steps=40)
 
 
 @pytest.mark.skipif(not SOAK, reason="soak test: set PYFIQ_SOAK=1")
 @pytest.mark.timeout(3600)
-def test_stream_scripts_match_the_model_soak(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    _run(redis_server, monkeypatch, examples=int(os.environ.get("PYFIQ_MODEL_EXAMPLES", "3000")), steps=80)
+def test_stream_scripts_match_the_model_soak(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(own_redis, monkeypatch, examples=int(os.environ.get("PYFIQ_MODEL_EXAMPLES", "3000")), steps=80)
 
 
 # -- fixed sequences ------------------------------------------------------------------------
