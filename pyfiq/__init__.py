@@ -1,7 +1,7 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
 from . import hooks, metrics, tracing
-from .api import FifoFunction, configure, fifo, get_backend
+from .backend.backend import DeadLetter, RedisQueueBackend, TaskHandle
 from .config import Settings
 from .errors import (
     AccessDeniedError,
@@ -16,7 +16,7 @@ from .errors import (
     SerializationError,
     TimeLimitExceeded,
 )
-from .redis.backend import DeadLetter, RedisQueueBackend, TaskHandle
+from .functions import FifoFunction, configure, fifo, get_backend
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
 from .task import TaskContext, current_task
 from .workers.aio import AsyncWorker, async_worker

@@ -183,9 +183,9 @@ class Settings:
         for name in ("heartbeat_interval", "time_limit", "time_warning"):
             if getattr(self, name) is not None:
                 validate_seconds(name, getattr(self, name))
-        if not 0 < self.heartbeat <= self.lease_ttl / 3:
+        if not 0 < self.effective_heartbeat <= self.lease_ttl / 3:
             raise ConfigurationError(
-                f"heartbeat_interval ({self.heartbeat}) must be positive and at most "
+                f"heartbeat_interval ({self.effective_heartbeat}) must be positive and at most "
                 f"lease_ttl / 3 ({self.lease_ttl / 3:.3f}) so one late renewal does not lose a lease"
             )
         if self.ack_mode not in ACK_MODES:
@@ -196,8 +196,8 @@ class Settings:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._validate_durable()
-        if self.batch_limit < self.window:
-            raise ConfigurationError(f"batch_limit must be at least prefetch ({self.window})")
+        if self.batch_limit < self.effective_prefetch:
+            raise ConfigurationError(f"batch_limit must be at least prefetch ({self.effective_prefetch})")
 
     def _validate_durable(self) -> None:
         replicas = self.min_replicas
@@ -222,14 +222,14 @@ class Settings:
         return int(self.replica_timeout * 1000)
 
     @property
-    def window(self) -> int:
+    def effective_prefetch(self) -> int:
         """The ``prefetch`` in force."""
         if self.prefetch is not None:
             return self.prefetch
         return GROUP_PREFETCH if self.ack_mode == "group" else 1
 
     @property
-    def heartbeat(self) -> float:
+    def effective_heartbeat(self) -> float:
         """The renewal interval in force."""
         if self.heartbeat_interval is None:
             return self.lease_ttl / 5

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .redis.backend import TaskHandle
+    from .backend.backend import TaskHandle
 
 
 class PyfiqError(Exception):

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from . import api
-from .redis.backend import RedisQueueBackend
+from . import functions
+from .backend.backend import RedisQueueBackend
 from .workers.threaded import ThreadedWorker
 
 __all__ = ["drain", "memory_backend"]
@@ -30,7 +30,7 @@ def memory_backend(**settings: Any) -> RedisQueueBackend:
 
     Keyword arguments are ``Settings`` overrides on top of ``FAST``."""
     backend = RedisQueueBackend(f"memory://{uuid.uuid4().hex}", **{**FAST, **settings})
-    api.configure(backend)
+    functions.configure(backend)
     return backend
 
 

@@ -64,8 +64,8 @@ import structlog
 
 import pyfiq
 from pyfiq import RedisQueueBackend, Settings, ThreadedWorker, current_task, fifo
-from pyfiq.api import FifoFunction
 from pyfiq.engine.outcomes import dead_letter_header
+from pyfiq.functions import FifoFunction
 from pyfiq.task import TaskRecord, new_task_id
 
 SECTIONS = (
@@ -503,7 +503,7 @@ def measure_drain(
         "ceiling_around": ceiling,
         "ratio_to_ceiling": done / elapsed / ceiling,
         "ack_mode": settings.ack_mode,
-        "prefetch": settings.window,
+        "prefetch": settings.effective_prefetch,
         "batch_limit": settings.batch_limit,
         "evalsha_per_task": calls / max(done, 1),
         "redis_script_usec_per_task": usec / max(done, 1),

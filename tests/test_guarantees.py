@@ -1,5 +1,5 @@
 """Regression tests for holes an outside review found in the guarantees (G1-G5): each one
-failed on the code before its fix. Script-level tests drive the Lua scripts through ``Ops``
+failed on the code before its fix. Script-level tests drive the Lua scripts through ``ScriptCalls``
 against a real redis-server; worker-level ones run real workers (and real loopback faults)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.chaos.faults import FaultProxy
 from pyfiq.engine.lease import Lease
-from pyfiq.engine.protocol import Ops
+from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.task import Entry, TaskRecord, new_task_id
 from tests.conftest import FAST, unique_prefix, wait_until
 
@@ -110,7 +110,7 @@ def _fill_dead_letters(backend: RedisQueueBackend, stream: str, n: int) -> list[
 
 
 def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.redis.backend
+    import pyfiq.backend.backend
 
     ids = _fill_dead_letters(redis_backend, "q", 1050)
     calls: list[Any] = []
@@ -121,7 +121,7 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
         return real(call)
 
     monkeypatch.setattr(redis_backend, "operator_call", counting)
-    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 100)
+    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 100)
     # By id: one call that looks at one record, wherever it sits.
     assert redis_backend.requeue_dead_letters("q", task_id=ids[700]) == 1
     assert len(calls) == 1
@@ -137,9 +137,9 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
 
 
 def test_requeue_count_takes_the_oldest(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.redis.backend
+    import pyfiq.backend.backend
 
-    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 7)
+    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 7)
     ids = _fill_dead_letters(redis_backend, "q", 30)
     assert redis_backend.requeue_dead_letters("q", count=20) == 20
     k = redis_backend.keys.stream("q")
@@ -472,7 +472,7 @@ def test_pyfiq_prints_nothing_unless_the_application_configures_logging(
 def test_ops_release_signature_names_started_tasks() -> None:
     from pyfiq.engine.keys import KeySchema
 
-    ops = Ops(KeySchema("p", 1), pyfiq.Settings())
+    ops = ScriptCalls(KeySchema("p", 1), pyfiq.Settings())
     lease = Lease("s", ops.keys.stream("s"), "1:x", 1, threading.Event())
     call = ops.release(lease, ["a" * 32], ["b" * 32], delay_ms=250)
     assert call.args[2:4] == [1, 1] and call.args[6] == 250 and call.args[7:] == ["a" * 32, "b" * 32]

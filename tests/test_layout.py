@@ -39,7 +39,7 @@ def modules_under(*parts: str) -> list[Path]:
 
 @pytest.mark.parametrize("path", modules_under("engine"), ids=lambda p: p.name)
 def test_the_engine_does_no_io_and_knows_no_driver(path: Path) -> None:
-    forbidden = ("redis", "pyfiq.redis", "pyfiq.api", "pyfiq.workers", "pyfiq.ops", "pyfiq.chaos", "asyncio")
+    forbidden = ("redis", "pyfiq.backend", "pyfiq.functions", "pyfiq.workers", "pyfiq.ops", "pyfiq.chaos", "asyncio")
     bad = {m for m in module_imports(path) if m.startswith(forbidden) and not m.startswith("redis_")}
     assert not bad, f"{path.name} imports {sorted(bad)}"
 

@@ -218,7 +218,7 @@ async def _async_ping(backend: RedisQueueBackend) -> bool:
 
 def test_every_secret_option_shows_as_stars() -> None:
     from pyfiq import Settings
-    from pyfiq.redis.connect import Topology
+    from pyfiq.backend.connect import Topology
 
     options = {
         "password": SECRET,

@@ -62,12 +62,12 @@ from urllib.parse import urlparse
 import click
 import redis
 
+from ..backend.backend import REQUEUE_STEP, RedisQueueBackend
+from ..backend.halts import MARGIN_SECONDS as PAUSE_MARGIN
 from ..config import GROUP_PREFETCH, Settings
 from ..engine.keys import queue_of, stream_name
-from ..engine.protocol import Ops
+from ..engine.protocol import ScriptCalls
 from ..engine.scheduler import poll_owners
-from ..redis.backend import REQUEUE_STEP, RedisQueueBackend
-from ..redis.halts import MARGIN_SECONDS as PAUSE_MARGIN
 from ..task import TaskRecord, new_task_id
 from .faults import FaultProxy, free_port, require_loopback
 from .scenario import (
@@ -717,7 +717,7 @@ def enqueue_stamped_many(
     lines = []
     for i, (call, (seq, _, _)) in enumerate(zip(calls, tasks, strict=True)):
         number, reply = replies[2 * i], replies[2 * i + 1]
-        ((task_id, new),) = Ops.parse_enqueue(call, reply)
+        ((task_id, new),) = ScriptCalls.parse_enqueue(call, reply)
         lines.append(
             {
                 "queue": queue,

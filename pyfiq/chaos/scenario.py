@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..api import FifoFunction, fifo
+from ..functions import FifoFunction, fifo
 from ..task import current_task
 
 JOURNAL_ENV = "PYFIQ_JOURNAL"

@@ -19,7 +19,7 @@ from ..errors import ConfigurationError
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from ..redis.backend import RedisQueueBackend
+    from ..backend.backend import RedisQueueBackend
 
 __all__ = ["create_app"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..backend.backend import RedisQueueBackend
 from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_queue_name
 from ..ops import inspect
-from ..redis.backend import RedisQueueBackend
 
 NAMES = ("pause", "resume", "skip", "requeue", "purge")
 #: Reason recorded with a head task skipped from the dashboard.

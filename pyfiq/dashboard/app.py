@@ -40,11 +40,11 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..backend.backend import RedisQueueBackend
 from ..engine.keys import queue_of, validate_queue_name
 from ..engine.outcomes import describe_error
 from ..errors import ConfigurationError, PyfiqError
 from ..ops import inspect
-from ..redis.backend import RedisQueueBackend
 from . import actions
 
 CSRF_COOKIE = "pyfiq_csrf"

@@ -127,7 +127,7 @@ def stream_call(script: str, k: StreamKeys, args: list[Any], extra_keys: Sequenc
     return Call(script, [*keys, *extra_keys], args)
 
 
-class Ops:
+class ScriptCalls:
     def __init__(self, keys: KeySchema, settings: Settings) -> None:
         self.keys = keys
         self.settings = settings

@@ -4,7 +4,7 @@ Both drivers (threads and asyncio) own one ``Scheduler``: they ask it which scri
 make, hand it the replies, and wait as long as it says. It is guarded by a lock because the
 threaded driver touches it from several threads; under asyncio the lock is never contended.
 It learns about the application's tasks only through the ``TaskDirectory`` it is given (the
-``pyfiq.api`` module in a worker, anything with the same three functions in a test); it must
+``pyfiq.functions`` module in a worker, anything with the same three functions in a test); it must
 not import redis, the API or the drivers.
 """
 
@@ -23,12 +23,12 @@ from ..logs import log
 from .keys import queue_of
 from .lease import Flag, Lease
 from .outcomes import DeadLettered, Deferred, Prepared, describe_error, prepare
-from .protocol import Call, Ops, PollBeat, RateLimit, RenewReply
+from .protocol import Call, PollBeat, RateLimit, RenewReply, ScriptCalls
 from .stream import Finished, RunTask, StreamRun
 
 
 class TaskDirectory(Protocol):
-    """Where the scheduler finds the application's tasks (``pyfiq.api`` satisfies it)."""
+    """Where the scheduler finds the application's tasks (``pyfiq.functions`` satisfies it)."""
 
     def registered_queues(self) -> list[str]: ...
 
@@ -64,7 +64,7 @@ def poll_owners(pollers: Sequence[str], shards: int) -> list[str]:
 
 
 class Scheduler:
-    def __init__(self, ops: Ops, concurrency: int, queues: Sequence[str] | None, tasks: TaskDirectory) -> None:
+    def __init__(self, ops: ScriptCalls, concurrency: int, queues: Sequence[str] | None, tasks: TaskDirectory) -> None:
         self.ops = ops
         self.settings: Settings = ops.settings
         self.concurrency = concurrency
@@ -102,13 +102,13 @@ class Scheduler:
         self._unknown_since: dict[str, float] = {}
         self._backoff = 0.0
         self._identity: tuple[str, dict[str, Any]] | None = None
-        self._next_beat = time.monotonic() + self.settings.heartbeat
+        self._next_beat = time.monotonic() + self.settings.effective_heartbeat
         #: Tasks ended under leases given up since the start, and (time, total) per heartbeat
         #: over the last minute: the replica's rate that operators see.
         self._done = 0
         self._done_seen: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
         #: Tasks taken together with a lease: a claim and the first batch in one round trip.
-        self.first_batch = min(self.settings.window, self.settings.batch_limit)
+        self.first_batch = min(self.settings.effective_prefetch, self.settings.batch_limit)
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class Scheduler:
     def _polled_now(self, now: float) -> frozenset[int] | None:
         """The shards this replica's safety poll covers now (None: all). A view older than a
         few heartbeats (the registry unreachable) is not trusted: then every shard is polled."""
-        if now - self._view_at > 3 * self.settings.heartbeat:
+        if now - self._view_at > 3 * self.settings.effective_heartbeat:
             return None
         return self._polled
 
@@ -239,7 +239,7 @@ class Scheduler:
         short enough that its shards are polled by others before a lease it held can lapse
         (a lease lives ``lease_ttl`` from its holder's last round, the others notice within a
         heartbeat of this)."""
-        beat, ttl = self.settings.heartbeat, self.settings.lease_ttl
+        beat, ttl = self.settings.effective_heartbeat, self.settings.lease_ttl
         return int(1000 * min(2.5 * beat, ttl - 1.5 * beat))
 
     def _poll_beat(self, replica: str) -> PollBeat:
@@ -352,12 +352,12 @@ class Scheduler:
 
     def identify(self, replica: str, **info: Any) -> None:
         """Who this worker is, for the replica registry its heartbeats keep up to date."""
-        self._identity = (replica, {**info, "heartbeat_ms": int(self.settings.heartbeat * 1000)})
+        self._identity = (replica, {**info, "heartbeat_ms": int(self.settings.effective_heartbeat * 1000)})
 
     def heartbeat_round(self, now: float) -> tuple[list[Lease], list[Call]]:
         """Start a round of renewals at ``now``; a round later than a whole interval is logged
         (the process was paused, or the GIL held), since it eats into every lease's margin."""
-        interval = self.settings.heartbeat
+        interval = self.settings.effective_heartbeat
         late = now - self._next_beat
         if late > interval:
             log.warning("pyfiq.heartbeat_late", late_by=round(late, 3), interval=interval)

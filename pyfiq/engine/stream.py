@@ -23,7 +23,7 @@ from ..task import Entry
 from .keys import queue_of
 from .lease import Lease
 from .outcomes import Aborted, Acked, DeadLettered, Deferred, Fenced, Outcome
-from .protocol import PARK_AFTER_MS, Call, FencedReply, Ops, RateLimit, TakeReply
+from .protocol import PARK_AFTER_MS, Call, FencedReply, RateLimit, ScriptCalls, TakeReply
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class StreamRun:
 
     def __init__(
         self,
-        ops: Ops,
+        ops: ScriptCalls,
         lease: Lease,
         *,
         stopping: Callable[[], bool],
@@ -153,7 +153,7 @@ class StreamRun:
 
     def start(self) -> Step:
         self.buffer.extend(self.lease.initial)
-        self._drained = len(self.lease.initial) < min(self.settings.window, self.settings.batch_limit)
+        self._drained = len(self.lease.initial) < min(self.settings.effective_prefetch, self.settings.batch_limit)
         self.lease.initial = []
         return self._next()
 
@@ -186,7 +186,9 @@ class StreamRun:
         if not self.group or len(self._sent) >= MAX_SENT:
             return None
         asked = sum(want for _, want, _ in self._sent)
-        room = min(self.settings.window, self.settings.batch_limit - self.processed) - len(self.buffer) - asked
+        room = (
+            min(self.settings.effective_prefetch, self.settings.batch_limit - self.processed) - len(self.buffer) - asked
+        )
         if not self.acks and (room <= 0 or self._drained or self._sent):
             return None
         want = max(room, 0)
@@ -252,7 +254,7 @@ class StreamRun:
             return RunTask(entry, deliveries, self._ahead())
         if self._sent:  # out of tasks: the background takes may bring some
             return self._sync(self._next)
-        want = min(self.settings.window, self.settings.batch_limit - self.processed)
+        want = min(self.settings.effective_prefetch, self.settings.batch_limit - self.processed)
         if self.rate_limit is not None:
             want = 1  # one permit, one task: each start is asked for when it happens
         self._want = want

@@ -18,13 +18,13 @@ import click
 import redis
 
 from .. import __version__
+from ..backend.backend import RedisQueueBackend
+from ..backend.connect import primary_options
 from ..config import Settings
 from ..engine.keys import STREAM_SEPARATOR, queue_of, stream_name
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
 from ..logs import escape_controls
-from ..redis.backend import RedisQueueBackend
-from ..redis.connect import primary_options
 from . import inspect
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import click
 
+from ..backend.backend import RedisQueueBackend
 from ..chaos.scenario import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 from ..config import Settings
-from ..redis.backend import RedisQueueBackend
 from ..workers.threaded import ThreadedWorker
 
 HOLD = 0.08

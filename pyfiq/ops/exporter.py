@@ -31,10 +31,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import click
 
+from ..backend.backend import RedisQueueBackend
 from ..engine.keys import STREAM_SEPARATOR, queue_of
 from ..errors import ConfigurationError, DecodeError
 from ..metrics import prometheus
-from ..redis.backend import RedisQueueBackend
 from ..task import Entry
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..backend.backend import DeadLetter, RedisQueueBackend
 from ..engine.keys import COUNT_MINUTES, STREAM_SEPARATOR, queue_of
 from ..errors import DecodeError
-from ..redis.backend import DeadLetter, RedisQueueBackend
 from ..task import Entry, TaskRecord
 
 

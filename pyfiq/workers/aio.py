@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .. import api, hooks
+from .. import functions, hooks
+from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
@@ -22,7 +23,6 @@ from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError
 from ..logs import log
-from ..redis.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
@@ -454,5 +454,5 @@ async def async_worker(
 ) -> AsyncWorker:
     """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the default."""
     if backend is not None:
-        api.configure(backend)
+        functions.configure(backend)
     return await AsyncWorker(backend, queues=queues, concurrency=concurrency, replica=replica).start()

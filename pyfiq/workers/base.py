@@ -7,12 +7,12 @@ import os
 import socket
 from collections.abc import Iterable
 
-from .. import api
+from .. import functions
+from ..backend.backend import RedisQueueBackend
 from ..engine.keys import consumed_queues
 from ..engine.lease import replica_id
 from ..engine.scheduler import Scheduler
 from ..errors import ConfigurationError
-from ..redis.backend import RedisQueueBackend
 
 
 class WorkerBase:
@@ -28,12 +28,12 @@ class WorkerBase:
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-        self.backend = backend or api.get_backend()
+        self.backend = backend or functions.get_backend()
         self.settings = self.backend.settings
         self.ops = self.backend.ops
         self.concurrency = concurrency
         self.replica = replica or replica_id()
-        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), api)
+        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), functions)
         self.scheduler.identify(
             self.replica, host=socket.gethostname(), pid=os.getpid(), driver=driver, concurrency=concurrency
         )

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from .. import api, hooks
+from .. import functions, hooks
+from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
 from ..engine.outcomes import Fenced, Outcome, Prepared, describe_error
@@ -26,7 +27,6 @@ from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
 from ..logs import log
-from ..redis.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
@@ -474,7 +474,7 @@ def threaded_worker(
 ) -> ThreadedWorker:
     """Start a :class:`ThreadedWorker` and make ``backend`` this process's default backend."""
     if backend is not None:
-        api.configure(backend)
+        functions.configure(backend)
     return ThreadedWorker(
         backend,
         queues=queues,

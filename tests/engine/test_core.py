@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from pyfiq.api import RetryPolicy
 from pyfiq.config import MAX_PREFETCH, Settings
 from pyfiq.engine import scheduler as scheduler_module
 from pyfiq.engine.keys import KeySchema
@@ -30,10 +29,11 @@ from pyfiq.engine.outcomes import (
     prepare,
     safe_text,
 )
-from pyfiq.engine.protocol import KEY_NAMES, PARK_AFTER_MS, Call, Ops, RateLimit
+from pyfiq.engine.protocol import KEY_NAMES, PARK_AFTER_MS, Call, RateLimit, ScriptCalls
 from pyfiq.engine.scheduler import Scheduler
 from pyfiq.engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from pyfiq.engine.task_run import BLOCK_MIN_PAUSE, TaskRun
+from pyfiq.functions import RetryPolicy
 from pyfiq.task import Entry, TaskRecord
 
 STREAM = "orders#c-1"
@@ -41,7 +41,7 @@ SETTINGS = Settings(
     prefix="core", shards=4, lease_ttl=10.0, ack_mode="inline", prefetch=2, batch_limit=4, max_deliveries=3
 )
 KEYS = KeySchema("core", 4)
-OPS = Ops(KEYS, SETTINGS)
+OPS = ScriptCalls(KEYS, SETTINGS)
 SK = KEYS.stream(STREAM)
 TOKEN = "1700000000000000:00ff00ff00ff00ff"
 FENCE = 1700000000000000
@@ -88,7 +88,7 @@ def run_of(
     clock: Clock | None = None,
 ) -> StreamRun:
     return StreamRun(
-        Ops(KEYS, settings),
+        ScriptCalls(KEYS, settings),
         lease,
         stopping=stopping,
         abandoned=abandoned,
@@ -659,7 +659,7 @@ def test_acquire_granted_holds_the_lease_counted_from_the_send_time() -> None:
 def test_first_take_is_zero_for_a_rate_limited_queue() -> None:
     plain = Scheduler(OPS, 1, None, Directory())
     limited = Scheduler(OPS, 1, None, Directory(limits={"orders": RateLimit(2)}))
-    assert plain.first_take(STREAM) == SETTINGS.window
+    assert plain.first_take(STREAM) == SETTINGS.effective_prefetch
     assert limited.first_take(STREAM) == 0
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 from pyfiq.config import Settings
 from pyfiq.engine.keys import KeySchema
-from pyfiq.engine.protocol import Ops
+from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.engine.scheduler import VIEW_REFRESH_BEATS, Scheduler, poll_group, poll_owners
 
 SHARDS = 8
 SETTINGS = Settings(prefix="poll", shards=SHARDS, lease_ttl=5.0, poll_interval=1.0)
-OPS = Ops(KeySchema("poll", SHARDS), SETTINGS)
+OPS = ScriptCalls(KeySchema("poll", SHARDS), SETTINGS)
 GROUP = poll_group(["orders"])
 ALL = list(range(SHARDS))
 
@@ -127,7 +127,7 @@ def test_a_stale_view_falls_back_to_every_shard() -> None:
     assert len(polled_at(s, 10.5)) < SHARDS
     s.on_renewed([], [ConnectionError("reset")], 11.0)  # the registry cannot be read
     assert len(polled_at(s, 11.0)) < SHARDS, "the last view stands for a while"
-    assert polled_at(s, 10.0 + 3 * SETTINGS.heartbeat + 0.1) == ALL
+    assert polled_at(s, 10.0 + 3 * SETTINGS.effective_heartbeat + 0.1) == ALL
 
 
 def test_the_heartbeat_reads_the_pollers_afresh_now_and_then_and_checks_its_view_otherwise() -> None:
@@ -151,8 +151,8 @@ def test_the_heartbeat_reads_the_pollers_afresh_now_and_then_and_checks_its_view
 
 def test_a_poller_counts_as_gone_before_a_lease_it_held_can_lapse() -> None:
     for ttl in (1.5, 5.0, 60.0):
-        s = Scheduler(Ops(KeySchema("p", SHARDS), Settings(lease_ttl=ttl)), 1, ["orders"], Directory())
-        beat_s = s.settings.heartbeat
+        s = Scheduler(ScriptCalls(KeySchema("p", SHARDS), Settings(lease_ttl=ttl)), 1, ["orders"], Directory())
+        beat_s = s.settings.effective_heartbeat
         live = s.poll_live_ms() / 1000
         # Gone after `live` of silence, noticed within one more heartbeat, before the lease
         # renewed in its last round lapses; and never on a single late heartbeat.

@@ -143,7 +143,7 @@ def test_replicas_register_through_their_heartbeats_with_what_they_hold(redis_ba
         )
         assert result.exit_code == 0 and w.replica in result.output and q in result.output
         gate.set()
-    time.sleep(3 * redis_backend.settings.heartbeat + 0.2)
+    time.sleep(3 * redis_backend.settings.effective_heartbeat + 0.2)
     assert redis_backend.replicas() == [], "a stopped replica is no longer listed as live"
     assert [r["replica"] for r in redis_backend.replicas(include_silent=True)] == [w.replica]
 

@@ -15,9 +15,9 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 import pyfiq
 from pyfiq import ConfigurationError, RedisQueueBackend, Settings, TimeLimitExceeded, current_task, fifo
-from pyfiq.api import RetryPolicy
 from pyfiq.engine.outcomes import Prepared, prepare
 from pyfiq.engine.task_run import TaskRun
+from pyfiq.functions import RetryPolicy
 from pyfiq.task import Entry
 from pyfiq.workers import limits
 from pyfiq.workers.limits import call_with_limits

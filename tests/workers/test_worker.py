@@ -565,7 +565,7 @@ def test_settings_are_validated() -> None:
         pyfiq.Settings(prefetch=0)
     with pytest.raises(ConfigurationError, match="at most 1000"):
         pyfiq.Settings(prefetch=5000, batch_limit=5000)
-    assert pyfiq.Settings(lease_ttl=5).heartbeat == 1.0
+    assert pyfiq.Settings(lease_ttl=5).effective_heartbeat == 1.0
 
 
 def test_replicas_with_different_shard_counts_are_refused(redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -1,5 +1,5 @@
 --[[
-  Helpers prepended to every script by pyfiq/redis/scripts.py (Redis scripts cannot include
+  Helpers prepended to every script by pyfiq/backend/scripts.py (Redis scripts cannot include
   files), after the constants ID_LENGTH and TIME_DIGITS that pyfiq/task.py defines.
 
   Redis does not roll a script back when it fails half-way, so nothing here may raise once a

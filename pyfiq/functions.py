@@ -23,6 +23,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from . import hooks
+from .backend.backend import RedisQueueBackend, TaskHandle, expires_in_ms
 from .config import validate_seconds
 from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
@@ -34,7 +35,6 @@ from .errors import (
     TimeLimitExceeded,
 )
 from .logs import log
-from .redis.backend import RedisQueueBackend, TaskHandle, expires_in_ms
 from .task import TaskRecord, encode_record, new_task_id, new_task_ids
 
 P = ParamSpec("P")

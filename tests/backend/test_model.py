@@ -3,7 +3,7 @@
 ``StreamModel`` is a pure-Python reference of one stream: pending and in-flight lists, the
 meta hash (handed count, deliveries, started, lost and outlived marks), the lease, the ready
 score and the dead letters with their reasons. Hypothesis drives the real scripts (through
-``Ops`` and the backend, as the workers do) with random sequences of enqueues, claims by two
+``ScriptCalls`` and the backend, as the workers do) with random sequences of enqueues, claims by two
 clients, takes, renewals, releases, dead-letters, requeues, lapsed leases, injected garbage,
 a flushed script cache and calls by holders whose lease is gone, and operator actions
 interleaved with a holder that has tasks taken ahead: skips (revoking the lease), pauses and
@@ -41,12 +41,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import pyfiq.redis.backend
+import pyfiq.backend.backend
 from pyfiq import RedisQueueBackend
+from pyfiq.backend import halts
 from pyfiq.config import MAX_PREFETCH
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.outcomes import dead_letter_header
-from pyfiq.redis import halts
 from pyfiq.task import Entry, new_task_id
 from tests.conftest import RedisServer, unique_prefix
 
@@ -596,7 +596,7 @@ class StreamMachine(RuleBasedStateMachine):
 
     @staticmethod
     def sent(lease: Lease) -> str:
-        """The lease value a release or halt confirmation names (see ``Ops.release``)."""
+        """The lease value a release or halt confirmation names (see ``ScriptCalls.release``)."""
         return "!" + lease.token if lease.revoked else lease.token
 
     def end_lease(self, had: list[bytes]) -> None:
@@ -1048,7 +1048,7 @@ class StreamMachine(RuleBasedStateMachine):
         halting = (
             front
             and task is None
-            and min(count or len(self.m.dead), len(self.m.dead)) > pyfiq.redis.backend.REQUEUE_STEP
+            and min(count or len(self.m.dead), len(self.m.dead)) > pyfiq.backend.backend.REQUEUE_STEP
         )
         paused = "stream" in self.m.paused
         if halting:
@@ -1241,7 +1241,7 @@ class StreamMachine(RuleBasedStateMachine):
 
 def _prepare(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny requeue pages, so the paging over dead letters is exercised as well.
-    monkeypatch.setattr(pyfiq.redis.backend, "REQUEUE_STEP", 2)
+    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 2)
     monkeypatch.setattr(halts, "wait_for_holders", _holders_answer)
     # The model's holder lets go only as a step of its own: look once, never wait out its TTL.
     monkeypatch.setattr(halts, "wait_for_release", lambda backend, stream, wait: _wait_for_release(backend, stream, 0))

@@ -487,7 +487,7 @@ def test_a_sentinel_naming_no_primary_ran_nothing_so_the_enqueue_is_retried() ->
     import redis.asyncio.sentinel
     import redis.sentinel
 
-    from pyfiq.redis.backend import never_ran
+    from pyfiq.backend.backend import never_ran
 
     assert never_ran(redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"))
     assert never_ran(redis.asyncio.sentinel.MasterNotFoundError("No master found for 'mymaster'"))

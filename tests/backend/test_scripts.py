@@ -1,4 +1,4 @@
-"""The Lua scripts, driven directly through the sans-I/O ``Ops`` against a real redis-server:
+"""The Lua scripts, driven directly through the sans-I/O ``ScriptCalls`` against a real redis-server:
 fencing, ordering, in-flight recovery, poison detection, expiry, dedup and clean-up."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from pyfiq import RedisQueueBackend
 from pyfiq.engine.lease import Lease
-from pyfiq.engine.protocol import Ops
+from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.task import Entry, TaskRecord, new_task_id
 
 
@@ -233,7 +233,7 @@ def test_due_filters_streams_by_consumed_queue(redis_backend: RedisQueueBackend)
     enqueue(b, "mine", 1)
     enqueue(b, "theirs", 1)
     enqueue(b, "mine#k1", 1)
-    _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 10, ["mine"])))
+    _, offset, due = ScriptCalls.parse_due(b.call(b.ops.due(0, 10, ["mine"])))
     assert [s for s, _ in due] == ["mine", "mine#k1"] and offset == 0
     assert due[0][1] <= due[1][1], "oldest first"
 
@@ -246,7 +246,7 @@ def test_due_cost_does_not_grow_with_foreign_backlog(redis_backend: RedisQueueBa
 
     def commands_per_poll() -> int:
         before = int(b.client.info("stats")["total_commands_processed"])
-        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, ["mine"])))
+        _, offset, due = ScriptCalls.parse_due(b.call(b.ops.due(0, 4, ["mine"])))
         assert [s for s, _ in due] == ["mine"] and offset == 0
         return int(b.client.info("stats")["total_commands_processed"]) - before
 
@@ -271,7 +271,7 @@ def test_due_with_many_consumed_queues_pages_the_queue_index(redis_backend: Redi
     offset, found, calls = 0, [], 0
     while True:
         calls += 1
-        _, offset, due = Ops.parse_due(b.call(b.ops.due(0, 4, consumed, offset)))
+        _, offset, due = ScriptCalls.parse_due(b.call(b.ops.due(0, 4, consumed, offset)))
         found += [s for s, _ in due]
         if not offset:
             break
@@ -296,7 +296,7 @@ def test_pipelined_calls_survive_a_lost_script_cache(redis_backend: RedisQueueBa
     redis_backend.client.script_flush()  # as after a Redis restart
     shard = redis_backend.keys.shard_of("q")
     (reply,) = redis_backend.call_many([redis_backend.ops.due(shard, 5, None)])
-    assert Ops.parse_due(reply)[2][0][0] == "q"
+    assert ScriptCalls.parse_due(reply)[2][0][0] == "q"
 
 
 def test_acquire_takes_the_first_tasks_in_the_same_round_trip(redis_backend: RedisQueueBackend) -> None:
@@ -334,8 +334,8 @@ def test_every_script_names_its_keys_in_the_order_the_python_side_sends_them() -
     import re
     from importlib import resources
 
+    from pyfiq.backend.scripts import NAMES
     from pyfiq.engine.protocol import KEY_NAMES
-    from pyfiq.redis.scripts import NAMES
 
     assert set(KEY_NAMES) == set(NAMES)
     for name in NAMES:

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend, TaskHandle, fifo
+from pyfiq.backend import coalesce
 from pyfiq.errors import EnqueueOutcomeUnknown
-from pyfiq.redis import coalesce
 from pyfiq.task import Entry, TaskRecord
 from tests.conftest import wait_until
 from tests.workers.test_worker import qname

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..engine.protocol import Call, Ops
+from ..engine.protocol import Call, ScriptCalls
 from ..errors import NotReplicatedError
 from ..logs import get_logger
 from .connect import is_cluster_client
@@ -102,7 +102,7 @@ def confirm(backend: RedisQueueBackend, call: Call, reply: Any, replicas: Any) -
         log.warning("pyfiq.not_replicated", step=call.script, key=call.keys[0], replicas=confirmed, wanted=wanted)
         return reply
     if call.script == "enqueue":
-        ids = [task_id for task_id, _ in Ops.parse_enqueue(call, reply)]
+        ids = [task_id for task_id, _ in ScriptCalls.parse_enqueue(call, reply)]
         what = f"{len(ids)} task(s) ARE stored in {call.args[0]!r} on {backend.address}"
         advice = "not re-sent, which could store them twice; re-send with a dedup_key to be sure"
     else:

@@ -29,7 +29,7 @@ import redis.sentinel
 from ..config import SecretURL, Settings, validate_seconds
 from ..engine.keys import KeySchema, queue_of, stream_name, validate_queue_name
 from ..engine.outcomes import dead_letter_header
-from ..engine.protocol import ENQUEUE_ITEMS, Call, Ops
+from ..engine.protocol import ENQUEUE_ITEMS, Call, ScriptCalls
 from ..errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -463,7 +463,7 @@ class RedisQueueBackend:
         given_cluster = is_cluster_client(client or async_client)
         self.is_cluster = given_cluster or (_topology is not None and _topology.sharded_pubsub)
         self.keys = KeySchema(settings.prefix, settings.shards, sharded_wake=self.is_cluster)
-        self.ops = Ops(self.keys, settings)
+        self.ops = ScriptCalls(self.keys, settings)
         self._memory_name = (urlparse(url).netloc if self.is_memory else "") or "default"
         self._given_async = async_client
         self._memory_async = client is None and async_client is None and self.is_memory
@@ -710,7 +710,7 @@ class RedisQueueBackend:
         attempt: Attempt,
     ) -> list[tuple[str, bool]]:
         call = self.ops.enqueue(stream, items, dedup_keys)
-        return Ops.parse_enqueue(call, await self._aenqueue_call(call, attempt))
+        return ScriptCalls.parse_enqueue(call, await self._aenqueue_call(call, attempt))
 
     async def aenqueue_alone(
         self,
@@ -875,7 +875,7 @@ class RedisQueueBackend:
     ) -> list[tuple[str, bool]]:
         """One plain attempt, no retry bookkeeping (it costs a fifth of an enqueue)."""
         call = self.ops.enqueue(stream, items, dedup_keys)
-        return Ops.parse_enqueue(call, self._enqueue_call(call, attempt))
+        return ScriptCalls.parse_enqueue(call, self._enqueue_call(call, attempt))
 
     def enqueue_alone(
         self,
@@ -935,9 +935,9 @@ class RedisQueueBackend:
 
     @staticmethod
     def _own(call: Call, reply: Any) -> list[tuple[str, bool]]:
-        """``Ops.parse_enqueue``, where a task a dedup key found stored under its own id (random,
+        """``ScriptCalls.parse_enqueue``, where a task a dedup key found stored under its own id (random,
         128 bits) is new: an earlier attempt whose reply was lost stored it."""
-        parsed = Ops.parse_enqueue(call, reply)
+        parsed = ScriptCalls.parse_enqueue(call, reply)
         if isinstance(reply, int):
             return parsed
         ids = call.args[ENQUEUE_ITEMS::3]

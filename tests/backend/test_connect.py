@@ -18,8 +18,8 @@ import redis
 from click.testing import CliRunner
 
 from pyfiq import AccessDeniedError, BackendUnavailableError, RedisQueueBackend, fifo
+from pyfiq.backend.connect import ACL_COMMANDS, acl_rules
 from pyfiq.ops.cli import main
-from pyfiq.redis.connect import ACL_COMMANDS, acl_rules
 from tests.conftest import unique_prefix
 from tests.servers import Node, Sentinels, TLSFiles, free_ports, wait_for
 from tests.smoke import run_smoke, smoke_settings

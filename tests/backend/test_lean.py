@@ -1,4 +1,4 @@
-"""The lean path's own idle connections (``pyfiq.redis.lean``), against a real Redis: what the
+"""The lean path's own idle connections (``pyfiq.backend.lean``), against a real Redis: what the
 client's pool guarded against must still hold without it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend
-from pyfiq.redis.lean import Attempt
+from pyfiq.backend.lean import Attempt
 from tests.conftest import RedisServer, unique_prefix
 
 # Replies "late" after keeping the server busy for half a second.

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..engine.protocol import Call, Ops
+from ..engine.protocol import Call, ScriptCalls
 from .lean import Attempt
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class Request:
     abandoned: bool = False
 
 
-def merged(ops: Ops, batch: Sequence[Request]) -> list[tuple[Call, list[Request]]]:
+def merged(ops: ScriptCalls, batch: Sequence[Request]) -> list[tuple[Call, list[Request]]]:
     """The script calls that carry ``batch``: requests to the same stream without dedup keys
     go in one call, in the order queued; a request with dedup keys goes alone."""
     calls: list[tuple[Call, list[Request]]] = []
@@ -134,7 +134,7 @@ def deliver(
                 _fail(req, reply, False)
             continue
         try:
-            parsed = Ops.parse_enqueue(call, reply)
+            parsed = ScriptCalls.parse_enqueue(call, reply)
         except Exception as exc:  # a reply that does not fit its call: it ran, but to what effect?
             for req in group:
                 _fail(req, exc, True)
