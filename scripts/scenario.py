@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Run a pyfiq fault-injection scenario and check it (a thin wrapper of ``pyfiq.chaos.runner run``).
+"""Run a pyfiq fault-injection scenario and check it (a thin wrapper of ``python -m pyfiq_harness run``;
+the harness installs with ``pip install -e harness``).
 
     python scripts/scenario.py --profile short           # well under 2 minutes
     python scripts/scenario.py --profile soak            # 30 minutes, thousands of faults
@@ -13,7 +14,7 @@ in the run directory it prints.
 
 from __future__ import annotations
 
-from pyfiq.chaos.runner import run_command
+from pyfiq_harness.cli import run_command
 
 if __name__ == "__main__":
     run_command()

@@ -20,7 +20,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyfiq.chaos.runner import RedisProcess  # noqa: E402
+from pyfiq_harness.servers import RedisProcess  # noqa: E402
 from tests.dashboard.scene import build_scene, dashboard, serve  # noqa: E402
 
 

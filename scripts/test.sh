@@ -28,13 +28,6 @@ if [ -z "${PYFIQ_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
-
-.venv/bin/ruff check pyfiq tests scripts examples
-.venv/bin/ruff format --check pyfiq tests scripts examples
-.venv/bin/mypy
+bash scripts/install.sh
+bash scripts/lint.sh
 exec .venv/bin/python -m pytest "$@"

@@ -1,13 +1,5 @@
-"""A keyed queue for multi-process stream tests (imported by replicas with --import)."""
+"""Moved to ``tests.support.keyed_app``; replicas still ``--import tests.keyed_app``."""
 
-from __future__ import annotations
+from tests.support.keyed_app import KEYED_QUEUE, keyed_step
 
-from pyfiq import fifo
-from pyfiq.chaos.scenario import step
-
-KEYED_QUEUE = "keyed-scenario"
-
-
-@fifo(queue=KEYED_QUEUE, name="tests.keyed_app.keyed_step", key=lambda seq, key, hold=0.0: key)
-def keyed_step(seq: int, key: str, hold: float = 0.0) -> int:
-    return step(seq, hold=hold)
+__all__ = ["KEYED_QUEUE", "keyed_step"]

@@ -1,32 +1,27 @@
-"""The benchmark at a tiny size, so that it cannot rot. No timing assertions: only that it
-runs to the end and reports positive figures for the ceiling, the drain, the enqueue, the
-take-over with default settings, leases under a saturated CPU, the dead-letter requeue at scale
-and the idle worker beside another queue's backlog."""
+"""Every benchmark at a tiny size, through the command users run, so that none can rot. No
+timing assertions: only that each runs to the end and reports positive figures."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
 
 import pyfiq
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--skip-peers", "--json", str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    data = json.loads(out.read_text())
-
+def check_main(data: dict[str, Any], stdout: str) -> None:
+    """The ceiling, the drain, the enqueue, the take-over with default settings, leases under a
+    saturated CPU, the dead-letter requeue at scale and the idle worker beside another queue's
+    backlog."""
     assert data["ceiling"]["evalsha_per_s"] > 0
     for aof in ("drain", "drain_aof"):
         assert set(data[aof]) == {"default", "strict", "group_100", "inline_100"}
@@ -54,4 +49,55 @@ def test_bench_quick_run_writes_positive_figures(tmp_path: Path) -> None:
         assert window["lowest_lease_left_s"] is not None, "every lease was held at once"
     assert data["lease_load"]["saturated"]["busy_processes"] > 0
     assert data["takeover"]["sigkill"]["lease_ttl_s"] == pyfiq.Settings().lease_ttl
-    assert "machine:" in proc.stdout
+    assert "machine:" in stdout
+
+
+def check_streams(data: dict[str, Any], stdout: str) -> None:
+    assert data["throughput"] and all(r["executed"] == r["tasks"] for r in data["throughput"])
+    assert all(r["tasks_per_s"] > 0 for r in data["throughput"])
+    assert data["latency"]["latency_p99_ms"] >= data["latency"]["latency_p50_ms"] > 0
+
+
+def check_streams_cluster(data: dict[str, Any], stdout: str) -> None:
+    rows = data["cluster"]
+    assert rows and all(r["single_tasks_per_s"] > 0 and r["cluster_tasks_per_s"] > 0 for r in rows)
+    for row in rows:
+        assert all(r["executed"] == r["tasks"] for side in ("single", "cluster") for r in row["runs"][side])
+
+
+def check_durable(data: dict[str, Any], stdout: str) -> None:
+    for name in ("single", "enqueue_many_100", "threads_16", "drain"):
+        assert data[name]["plain_per_s"] > 0 and data[name]["durable_per_s"] > 0 and data[name]["ratio"] > 0
+
+
+class Bench(NamedTuple):
+    script: str
+    args: tuple[str, ...]
+    timeout: float
+    check: Callable[[dict[str, Any], str], None]
+
+
+BENCHES = {
+    "main": Bench("bench.py", ("--quick", "--skip-peers"), 100, check_main),
+    "streams": Bench("bench_streams.py", ("--quick",), 120, check_streams),
+    "streams-cluster": Bench("bench_streams.py", ("--quick", "--cluster"), 180, check_streams_cluster),
+    "durable": Bench("bench_durable.py", ("--quick",), 120, check_durable),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", BENCHES)
+def test_benchmark_quick_run_reports_positive_figures(name: str, tmp_path: Path) -> None:
+    bench = BENCHES[name]
+    if name == "streams-cluster" and shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is needed to create a cluster")
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / bench.script), *bench.args, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=bench.timeout,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    bench.check(json.loads(out.read_text()), proc.stdout)

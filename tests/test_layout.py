@@ -1,8 +1,10 @@
-"""The shape of the package: what may import what, the twin workers, and pyfiq.testing."""
+"""The shape of the package: what may import what, the twin workers, pyfiq.testing, and a wheel
+that holds the runtime alone (the fault-injection harness is a distribution of its own)."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,19 +41,48 @@ def modules_under(*parts: str) -> list[Path]:
 
 @pytest.mark.parametrize("path", modules_under("engine"), ids=lambda p: p.name)
 def test_the_engine_does_no_io_and_knows_no_driver(path: Path) -> None:
-    forbidden = ("redis", "pyfiq.backend", "pyfiq.functions", "pyfiq.workers", "pyfiq.ops", "pyfiq.chaos", "asyncio")
+    forbidden = ("redis", "pyfiq.backend", "pyfiq.functions", "pyfiq.workers", "pyfiq.ops", "pyfiq_harness", "asyncio")
     bad = {m for m in module_imports(path) if m.startswith(forbidden) and not m.startswith("redis_")}
     assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
-RUNTIME = [p for p in modules_under() if not p.is_relative_to(PACKAGE / "chaos") and p.name != "testing.py"]
+RUNTIME = [p for p in modules_under() if p.name != "testing.py"]
+#: What only the repository uses around the runtime: never imported by it, at any depth.
+TOOLING = {"pyfiq_harness", "benchmarks", "tests"}
+
+
+def every_import(path: Path) -> set[str]:
+    """Absolute names of every module a file imports, inside functions too."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            found.add(".".join([*base, *([node.module] if node.module else [])]))
+    return found
 
 
 @pytest.mark.parametrize("path", RUNTIME, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_the_runtime_never_imports_test_tooling(path: Path) -> None:
-    allowed = {PACKAGE / "ops" / "demo.py"}  # the demo runs the journaled scenario tasks
-    bad = {m for m in module_imports(path) if m.startswith(("pyfiq.chaos", "pyfiq.testing"))}
-    assert path in allowed or not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+    bad = {m for m in every_import(path) if m.split(".")[0] in TOOLING or m.startswith("pyfiq.testing")}
+    assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def test_the_wheel_holds_the_runtime_alone() -> None:
+    """The wheel's hatch configuration packages ``pyfiq`` and nothing else, and nothing of the
+    harness (its modules, the clock shim's C source) sits inside the package directory."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    wheel = config["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["packages"] == ["pyfiq"]
+    assert not {"include", "only-include", "force-include", "sources"} & set(wheel), wheel
+    assert not (PACKAGE / "chaos").exists()
+    assert not [p for p in PACKAGE.rglob("*") if p.suffix in {".c", ".so"}]
+    harness = PACKAGE.parent / "harness" / "pyfiq_harness"
+    assert harness.is_dir() and not harness.is_relative_to(PACKAGE)
 
 
 def _function_lengths(path: Path) -> list[tuple[str, int]]:

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import click
 
 from ..backend.backend import RedisQueueBackend
-from ..chaos.scenario import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 from ..config import Settings
 from ..workers.threaded import ThreadedWorker
+from .scenario_tasks import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 
 HOLD = 0.08
 
@@ -81,7 +81,7 @@ class ProcessFleet:
     @staticmethod
     def argv(url: str, settings: Settings, queues: list[str], name: str) -> list[str]:
         return [
-            sys.executable, "-m", "pyfiq", "worker", "pyfiq.chaos.scenario",
+            sys.executable, "-m", "pyfiq", "worker", "pyfiq.ops.scenario_tasks",
             "--redis", url, "--prefix", settings.prefix, "--shards", str(settings.shards),
             "--queues", ",".join(queues), "--name", name, "--concurrency", "2",
             "--lease-ttl", str(settings.lease_ttl), "--poll-interval", str(settings.poll_interval),

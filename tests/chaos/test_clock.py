@@ -1,4 +1,4 @@
-"""The fencing token across Redis restarts with a wrong clock (the clock shim, pyfiq/chaos/clock_shift.c).
+"""The fencing token across Redis restarts with a wrong clock (the clock shim, pyfiq_harness/clock_shift.c).
 
 The README's claim under test: the fencing token rises as long as the shard's counter survives;
 if the counter is lost (a failover that loses writes, an empty restart) it still rises provided
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pyfiq import RedisQueueBackend
-from pyfiq.chaos.runner import build_clock_shim
 from pyfiq.task import TaskRecord, new_task_id
+from pyfiq_harness.clock import build_clock_shim
 from tests.conftest import RedisServer, unique_prefix
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the clock shim is an LD_PRELOAD library (Linux)")

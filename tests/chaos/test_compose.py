@@ -4,7 +4,7 @@ The file is parsed with PyYAML and checked for what ``docker compose up --scale 
 the services, their healthchecks and depends_on conditions, no fixed container name or host
 port on the scalable app, and commands that exist: each one's ``--help`` runs in a subprocess,
 its arguments are parsed by the very click command the image runs, and the app's command is
-the one the process-based scenario runner builds (``pyfiq.chaos.runner.replica_argv``).
+the one the process-based scenario runner builds (``pyfiq_harness.fleet.replica_argv``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import click
 import pytest
 import yaml
 
-from pyfiq.chaos.runner import cli as runner_cli
-from pyfiq.chaos.runner import replica_argv
-from pyfiq.chaos.scenario import QUEUES
 from pyfiq.ops.cli import main as pyfiq_cli
+from pyfiq.ops.scenario_tasks import QUEUES
+from pyfiq_harness.cli import cli as runner_cli
+from pyfiq_harness.fleet import replica_argv
 from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENTRY_POINTS: dict[tuple[str, ...], click.Group] = {
     ("python", "-m", "pyfiq"): pyfiq_cli,
-    ("python", "-m", "pyfiq.chaos.runner"): runner_cli,
+    ("python", "-m", "pyfiq_harness"): runner_cli,
 }
 
 
@@ -184,7 +184,7 @@ def test_app_healthcheck_tells_a_live_replica_from_anything_else(redis_server: R
             "-m",
             "pyfiq",
             "worker",
-            "pyfiq.chaos.scenario",
+            "pyfiq_harness.replica",
             "--redis",
             redis_server.url,
             "--prefix",
@@ -197,7 +197,7 @@ def test_app_healthcheck_tells_a_live_replica_from_anything_else(redis_server: R
     try:
 
         def health(pid: int, url: str = redis_server.url) -> int:
-            argv = [sys.executable, "-m", "pyfiq.chaos.runner", "health", "--redis", url, "--pid", str(pid)]
+            argv = [sys.executable, "-m", "pyfiq_harness", "health", "--redis", url, "--pid", str(pid)]
             return subprocess.run(argv, capture_output=True, timeout=60).returncode
 
         deadline = time.monotonic() + 20

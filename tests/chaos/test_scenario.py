@@ -1,5 +1,5 @@
-"""The fault-injection scenario runner (pyfiq/chaos/runner.py), its proxy (pyfiq/chaos/faults.py) and its
-checker.
+"""The fault-injection scenario runner (the harness distribution, ``pyfiq_harness``), its proxy
+(``pyfiq_harness.proxy``) and its checker.
 
 ``test_short_profile`` runs the whole short profile: real redis-server with AOF, four replica
 processes (threaded and asyncio) each behind its own fault proxy, three producer processes
@@ -29,9 +29,12 @@ from typing import Any
 import pytest
 import redis
 
-from pyfiq.chaos.faults import FaultProxy
-from pyfiq.chaos.runner import DEAD_LETTERS, EXECUTIONS, FAULTS, PROFILES, Result, read_lines, run_scenario, verify
-from pyfiq.chaos.scenario import hold_gil
+from pyfiq.ops.scenario_tasks import hold_gil
+from pyfiq_harness.journal import DEAD_LETTERS, EXECUTIONS, FAULTS, read_lines
+from pyfiq_harness.profiles import PROFILES
+from pyfiq_harness.proxy import FaultProxy
+from pyfiq_harness.scenario import Result, run_scenario
+from pyfiq_harness.verdict import verify
 from tests.conftest import RedisServer
 
 # -- the proxy ---------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def test_checker_finds_each_breach(tmp_path: Path, tamper: str | None, breach: s
         assert any(breach in b for b in verdict.breaches), verdict.breaches
     # The compose checker's command: its exit status is the verdict.
     proc = subprocess.run(
-        [sys.executable, "-m", "pyfiq.chaos.runner", "check", "--offline", "--dir", str(run), "--lease-ttl", "1"],
+        [sys.executable, "-m", "pyfiq_harness", "check", "--offline", "--dir", str(run), "--lease-ttl", "1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -791,7 +794,7 @@ def test_drill_async_stop(tmp_path: Path) -> None:
     result = _drill(tmp_path, "async-stop")
     (fault,) = read_lines(result.run_dir / FAULTS)
     log = (result.run_dir / "logs").glob(f"{fault['target']}.*.log")
-    assert any("pyfiq.chaos.scenario.stop_drill" in p.read_text() and "clean=False" in p.read_text() for p in log), (
+    assert any("pyfiq_harness.replica.stop_drill" in p.read_text() and "clean=False" in p.read_text() for p in log), (
         "the stop did not time out mid-task"
     )
     assert result.verdict.ok, result.verdict.text()

@@ -1,8 +1,8 @@
 """Failover under load, judged by the scenario checker: replica processes (``python -m pyfiq
-[--cluster | --sentinel ...] worker pyfiq.chaos.scenario``) journal every execution, a producer
+[--cluster | --sentinel ...] worker pyfiq.ops.scenario_tasks``) journal every execution, a producer
 enqueues to two queues and records each enqueue Redis acknowledged, the primary serving them
 is SIGKILLed and a replica promoted (by the cluster, or by three sentinels), and
-``pyfiq.chaos.scenario.check`` judges the journal: every acknowledged task run, first
+``pyfiq.ops.scenario_tasks.check`` judges the journal: every acknowledged task run, first
 executions in acceptance order, no unexplained overlap.
 
 The replica is stalled (SIGSTOP) for the last ``LAG`` seconds before the kill and resumed as
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from pyfiq import EnqueueOutcomeUnknown, NotReplicatedError, RedisQueueBackend, Settings
-from pyfiq.chaos.scenario import QUEUES, STEPS, check, read_journal
+from pyfiq.ops.scenario_tasks import QUEUES, STEPS, check, read_journal
 from tests.conftest import unique_prefix, wait_until
 from tests.servers import Cluster, Node, ProducerLoop, Sentinels
 from tests.workers.test_processes import MAX_DELIVERIES, POLL, SHARDS, TTL, Fleet

@@ -2,9 +2,9 @@
 slot of a busy shard's hash tag moved to another primary, key by key, as ``redis-cli --cluster
 reshard`` does) and a manual ``CLUSTER FAILOVER`` run on a replica.
 
-Worker processes of both drivers (``pyfiq --cluster worker pyfiq.chaos.scenario``; replica-2
+Worker processes of both drivers (``pyfiq --cluster worker pyfiq.ops.scenario_tasks``; replica-2
 runs the AsyncWorker) journal every execution; a producer enqueues to keyed streams every few
-milliseconds and records each enqueue Redis acknowledged; ``pyfiq.chaos.scenario.check`` judges
+milliseconds and records each enqueue Redis acknowledged; ``pyfiq.ops.scenario_tasks.check`` judges
 the journal. Neither change may lose anything: a migration moves every key, and a manual
 failover waits for the replica to catch up before it swaps roles. So, unlike a SIGKILLed
 primary (``test_failover.py``), no loss at all is allowed.
@@ -31,7 +31,7 @@ import pytest
 from redis.crc import key_slot
 
 from pyfiq import RedisQueueBackend, Settings
-from pyfiq.chaos.scenario import QUEUES, STEPS, Report, check, read_journal
+from pyfiq.ops.scenario_tasks import QUEUES, STEPS, Report, check, read_journal
 from pyfiq.engine.keys import stream_name
 from tests.cluster.test_failover import TopologyFleet
 from tests.conftest import unique_prefix, wait_until

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from .servers import require_loopback
 
 T = TypeVar("T")
 
@@ -38,18 +39,6 @@ PASS, CUT, BLACKHOLE = "pass", "cut", "blackhole"
 #: Directions a delay applies to: client to Redis, Redis to client.
 REQUESTS, REPLIES = "requests", "replies"
 CHUNK = 65536
-
-
-def require_loopback(host: str) -> str:
-    """Return ``host`` if it is a loopback address (or ``localhost``), else raise ValueError."""
-    if host == "localhost":
-        return host
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return host
-    except ValueError:
-        pass
-    raise ValueError(f"FaultProxy only works on loopback addresses, not {host!r}")
 
 
 @dataclass
@@ -298,35 +287,3 @@ class FaultProxy:
             self._close(link)
         except asyncio.CancelledError:
             return
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((require_loopback(host), 0))
-        return int(s.getsockname()[1])
-
-
-#: A Redis Cluster node also listens on its port + 10000 (the cluster bus).
-BUS_OFFSET = 10000
-
-
-def free_ports(count: int, *, bus: bool = False) -> list[int]:
-    """``count`` distinct free loopback ports; with ``bus``, each one's cluster bus port is
-    free too."""
-    found: list[int] = []
-    while len(found) < count:
-        port = free_port()
-        if port in found or (bus and (port + BUS_OFFSET > 65535 or not _port_free(port + BUS_OFFSET))):
-            continue
-        found.append(port)
-    return found
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -3,7 +3,7 @@
  * real-time clock reads PYFIQ_CLOCK_SHIFT_MS milliseconds off (negative: behind), while its
  * monotonic clocks stay true, as on a host whose NTP-disciplined clock is simply wrong.
  *
- * Built at test time by pyfiq.runner.build_clock_shim (gcc -shared -fPIC); never shipped as
+ * Built at test time by pyfiq_harness.clock.build_clock_shim (gcc -shared -fPIC); never shipped as
  * a binary. Linux/glibc only.
  */
 #define _GNU_SOURCE

@@ -1,0 +1,153 @@
+"""What one dashboard refresh costs Redis, by the number of streams.
+
+    python -m benchmarks.dashboard [--streams 1000,10000,100000] [--json out.json]
+
+Starts its own redis-server (no persistence) on a free port, fills one keyed queue with that
+many streams (one pending task each, plus dead letters on 100 of them and two small queues
+beside it), and for each size measures one overview (``backend.admin.overview``, what the
+dashboard's front page reads on every refresh), the first page of the queue's streams, and a
+search for one key among all of them: Redis commands run (``INFO commandstats``), the time
+Redis spent in them, round trips, and the wall time seen by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+import redis.client
+
+from pyfiq import RedisQueueBackend
+from pyfiq.backend.views import StreamPage
+from pyfiq.task import TaskRecord, new_task_id
+from pyfiq_harness.servers import RedisProcess
+
+QUEUE = "fanout"
+
+
+class RoundTrips:
+    """Counts requests sent to Redis: each plain command and each pipeline is one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        # redis-py leaves execute_command untyped.
+        self._plain: Callable[..., Any] = redis.client.Redis.execute_command
+        self._pipe = redis.client.Pipeline.execute
+
+    def __enter__(self) -> RoundTrips:
+        plain, pipe = self._plain, self._pipe
+
+        def count_plain(client: Any, *args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return plain(client, *args, **kwargs)
+
+        def count_pipe(p: Any, *args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return pipe(p, *args, **kwargs)
+
+        redis.client.Redis.execute_command = count_plain  # type: ignore[method-assign,assignment]
+        redis.client.Pipeline.execute = count_pipe  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        redis.client.Redis.execute_command = self._plain  # type: ignore[method-assign]
+        redis.client.Pipeline.execute = self._pipe  # type: ignore[method-assign]
+
+
+def grow(backend: RedisQueueBackend, have: int, want: int) -> None:
+    """Add streams ``have``..``want - 1`` of the keyed queue, 1,000 enqueue calls per pipeline."""
+    for start in range(have, want, 1000):
+        calls = []
+        for i in range(start, min(want, start + 1000)):
+            item = (new_task_id(), 0, TaskRecord("bench.deliver", [i], {}).encode(backend.settings.serializer))
+            calls.append(backend.ops.enqueue(f"{QUEUE}#k-{i}", [item]))
+        backend.call_many(calls)
+
+
+def measure(backend: RedisQueueBackend, what: Callable[[], object]) -> dict[str, float]:
+    stats = redis.Redis(connection_pool=backend.client.connection_pool)
+    stats.config_resetstat()
+    with RoundTrips() as trips:
+        started = time.perf_counter()
+        what()
+        wall = time.perf_counter() - started
+    commands = stats.info("commandstats")
+    ran = {k: v for k, v in commands.items() if not k.startswith(("cmdstat_config", "cmdstat_info"))}
+    return {
+        "commands": sum(int(v["calls"]) for v in ran.values()),
+        "redis_ms": round(sum(float(v["usec"]) for v in ran.values()) / 1000, 2),
+        "round_trips": trips.count,
+        "wall_ms": round(wall * 1000, 1),
+    }
+
+
+def seed(backend: RedisQueueBackend) -> None:
+    """Dead letters on 100 streams (expired tasks, dead-lettered by a claim) and two small queues."""
+    for i in range(100):
+        stream = f"{QUEUE}#dead-{i}"
+        backend.enqueue(stream, [(new_task_id(), TaskRecord("bench.deliver", [i], {}))], expires_in=0.001)
+    time.sleep(0.01)
+    backend.call_many([backend.ops.acquire(f"{QUEUE}#dead-{i}", 1) for i in range(100)])
+    for queue in ("billing", "mail"):
+        backend.enqueue(queue, [(new_task_id(), TaskRecord("bench.other", [], {})) for _ in range(5)])
+
+
+def run(url: str, sizes: list[int]) -> list[dict[str, Any]]:
+    backend = RedisQueueBackend(url, prefix="bench-dash", shards=16)
+    seed(backend)
+    rows = []
+    have = 0
+    for n in sizes:
+        grow(backend, have, n)
+        have = n
+        overview = measure(backend, lambda: backend.admin.overview(blocked_after=60.0))
+        page = measure(backend, lambda: backend.admin.stream_page(QUEUE))
+        last = f"k-{n - 1}"
+        found: list[StreamPage] = []
+        search = measure(
+            backend, partial(lambda key, out: out.append(backend.admin.stream_page(QUEUE, search=key)), last, found)
+        )
+        assert [r.stream for r in found[0].rows][:1] == [f"{QUEUE}#{last}"], "the exact key comes first"
+        rows.append({"streams": n, "overview": overview, "stream_page": page, "search": search})
+    backend.close()
+    return rows
+
+
+@click.command()
+@click.option("--streams", default="1000,10000,100000", show_default=True, help="Stream counts, ascending.")
+@click.option("--redis", "url", default=None, help="Use this Redis instead of starting one (its data is added to).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+def main(streams: str, url: str | None, json_out: str | None) -> None:
+    sizes = sorted(int(s) for s in streams.split(","))
+    server = None
+    if url is None:
+        server = RedisProcess(Path(tempfile.mkdtemp(prefix="pyfiq-bench-dash-")), appendfsync=None).start()
+        url = server.url
+    try:
+        version = redis.Redis.from_url(url).info("server")["redis_version"]
+        rows = run(url, sizes)
+    finally:
+        if server is not None:
+            server.stop()
+    click.echo(f"python {platform.python_version()}, redis-server {version}, redis-py {redis.__version__}")
+    click.echo("streams\tview\tcommands\tround trips\tRedis ms\twall ms")
+    for row in rows:
+        for view in ("overview", "stream_page", "search"):
+            m = row[view]
+            click.echo(
+                f"{row['streams']}\t{view}\t{m['commands']}\t{m['round_trips']}\t{m['redis_ms']}\t{m['wall_ms']}"
+            )
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
