@@ -1,7 +1,7 @@
 """pyfiq: an embedded, Redis-backed, strictly ordered task queue."""
 
 from . import hooks, metrics, tracing
-from .backend.backend import DeadLetter, RedisQueueBackend, TaskHandle
+from .backend.backend import RedisQueueBackend
 from .config import Settings
 from .errors import (
     AccessDeniedError,
@@ -18,7 +18,7 @@ from .errors import (
 )
 from .functions import FifoFunction, configure, fifo, get_backend
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
-from .task import TaskContext, current_task
+from .task import DeadLetter, TaskContext, TaskHandle, current_task
 from .workers.aio import AsyncWorker, async_worker
 from .workers.threaded import ThreadedWorker, threaded_worker
 

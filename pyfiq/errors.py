@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backend.backend import TaskHandle
+    from .task import TaskHandle
 
 
 class PyfiqError(Exception):

@@ -1,15 +1,19 @@
-"""The task record, its stored encoding, and the context a running task can read."""
+"""The task record, its stored encoding, the value types enqueue and the operator tools hand
+out (``EncodedTask``, ``TaskHandle``, ``DeadLetter``), and the context a running task can read."""
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import json
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from .config import validate_seconds
 from .errors import DecodeError, SerializationError
 from .serializers import Serializer
 
@@ -124,6 +128,82 @@ def encode_record(
         raise SerializationError(
             f"cannot serialize the arguments of task {name!r} with {type(serializer).__name__}: {exc}"
         ) from exc
+
+
+class EncodedTask(NamedTuple):
+    """A task ready for the enqueue script: its id, how long it may wait before it expires (ms,
+    0 for never) and its encoded record."""
+
+    id: str
+    expires_in_ms: int
+    payload: bytes
+
+
+def expires_in_ms(expires_in: float | None) -> int:
+    """An enqueue's ``expires_in`` as the scripts take it: ms, 0 for never. Rounded up, so any
+    positive value is at least the 1 ms Redis can express."""
+    if expires_in is not None:
+        validate_seconds("expires_in", expires_in)
+    return math.ceil(expires_in * 1000) if expires_in else 0
+
+
+def encode_tasks(
+    records: Sequence[tuple[str, TaskRecord]], serializer: Serializer, expires_in: float | None = None
+) -> list[EncodedTask]:
+    """``(task id, record)`` pairs encoded for enqueue, all before any I/O: a task whose
+    arguments cannot be serialized fails at once, and nothing of the batch is sent."""
+    ttl_ms = expires_in_ms(expires_in)
+    return [EncodedTask(task_id, ttl_ms, rec.encode(serializer)) for task_id, rec in records]
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """What enqueuing returns. ``duplicate`` is true when a dedup key matched an earlier task,
+    whose id is then ``id``."""
+
+    id: str
+    queue: str
+    stream: str
+    name: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-letter record: why, when, where, and the task itself."""
+
+    stream: str
+    reason: str
+    header: dict[str, Any]
+    entry: Entry | None
+    record: TaskRecord | None
+    raw: bytes
+
+    @property
+    def task_id(self) -> str | None:
+        return self.entry.id if self.entry else None
+
+    @classmethod
+    def load(cls, stream: str, raw: bytes, serializer: Serializer) -> DeadLetter:
+        """A record as stored (a JSON header line, then the task's entry), whatever its state:
+        an unreadable header or task is kept as far as it can be read, never raised."""
+        head, _, body = raw.partition(b"\n")
+        try:
+            loaded: Any = json.loads(head)
+        except ValueError:
+            loaded = None
+        header: dict[str, Any] = (
+            loaded
+            if isinstance(loaded, dict)
+            else {"reason": "unknown", "error": f"unreadable dead-letter header {head[:80]!r}"}
+        )
+        entry = record = None
+        try:
+            entry = Entry.parse(body)
+            record = TaskRecord.decode(entry.payload, serializer)
+        except DecodeError:
+            pass
+        return cls(stream, str(header.get("reason")), header, entry, record, raw)
 
 
 def _from_ms(ms: int) -> dt.datetime:

@@ -1,7 +1,8 @@
 """What an application's own test suite needs to test code that uses pyfiq.
 
-- ``memory_backend()``: a fresh embedded in-process Redis (fakeredis with Lua), isolated from
-  every other test, made the process-wide default so ``@fifo`` functions enqueue to it.
+- ``memory_backend()``: a fresh embedded in-process Redis (fakeredis with Lua, the
+  ``pyfiq[memory]`` extra), isolated from every other test, made the process-wide default so
+  ``@fifo`` functions enqueue to it.
 - ``drain(backend, queues)``: run a real worker until the given queues hold no task, so a test
   can call ``charge(...)`` and then assert on what the task did.
 

@@ -21,6 +21,8 @@ from tests.support.servers import RedisServer, require_redis_server
 
 # Names other test modules import from here (the helpers themselves live in tests.support and
 # the harness distribution).
+pytest_plugins = ["tests.support.markers"]
+
 __all__ = ["FAST", "RedisServer", "drained", "free_port", "unique_prefix", "wait_until"]
 
 

@@ -1,3 +1,6 @@
-"""The I/O edge: the Redis backend (sync and asyncio clients from one description, the
-embedded ``memory://`` server, enqueue, inspection and operator actions) and script loading.
+"""The I/O edge: ``RedisQueueBackend`` (``backend``), a thin facade over its rooms:
+``transport`` (clients, script calls, ``lean`` and ``durable`` paths, ``failures``, ``twin``
+clients, the embedded ``memory`` server), ``enqueue`` (with ``coalesce``), ``admin`` (with
+``reads``, ``views`` and ``halts``); ``connect`` describes where Redis is, ``scripts`` loads
+the Lua.
 """

@@ -28,7 +28,7 @@ says whether its tasks may be stored. What can happen to a round trip from outsi
 - Redis fails it: a call Redis refused, or that failed before its request was written, ran
   nothing, and its callers retry alone; one whose request may have reached Redis is never sent
   again blindly (``EnqueueOutcomeUnknown``, unless each task has a dedup key, which makes the
-  re-send safe: see ``RedisQueueBackend.enqueue_alone``).
+  re-send safe: see ``enqueue``).
 - a caller waiting gives up (interrupted, cancelled, or ``enqueue_timeout`` ran out: every wait
   is bounded by it): a request not yet sent leaves the queue and is never sent; one already
   sent may be stored, and the error says so.
@@ -48,17 +48,72 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
+from ..config import Settings
 from ..engine.protocol import Call, ScriptCalls
+from ..task import EncodedTask
 from .lean import Attempt
 
-if TYPE_CHECKING:
-    from .backend import RedisQueueBackend
+Items = Sequence[EncodedTask]
+Stored = list[tuple[str, bool]]
 
-Items = Sequence[tuple[str, int, bytes]]
+
+class RoundTrip(Protocol):
+    """A shared round trip another thread can finish (``lean.Exchange``)."""
+
+    sent: bool
+    replies: list[Any]
+
+    def run(self) -> list[Any]: ...
+
+    def finish(self) -> list[Any]: ...
+
+
+class EnqueuePath(Protocol):
+    """What the coalescers need of the enqueue path they serve (``enqueue.Enqueuer``)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def ops(self) -> ScriptCalls: ...
+
+    def try_once(self, stream: str, tasks: Items, dedup_keys: Sequence[str] | None, attempt: Attempt) -> Stored: ...
+
+    async def atry_once(
+        self, stream: str, tasks: Items, dedup_keys: Sequence[str] | None, attempt: Attempt
+    ) -> Stored: ...
+
+    def shared_round_trip(self, calls: Sequence[Call]) -> RoundTrip: ...
+
+    async def ashared_round_trip(self, calls: Sequence[Call], attempt: Attempt) -> list[Any]: ...
+
+    def retry_alone(
+        self,
+        stream: str,
+        tasks: Items,
+        dedup_keys: Sequence[str] | None,
+        *,
+        sent: bool = False,
+        cause: BaseException | None = None,
+        started: float | None = None,
+    ) -> Stored: ...
+
+    async def aretry_alone(
+        self,
+        stream: str,
+        tasks: Items,
+        dedup_keys: Sequence[str] | None,
+        *,
+        sent: bool = False,
+        cause: BaseException | None = None,
+        started: float | None = None,
+    ) -> Stored: ...
+
+    def timed_out(self, stream: str, tasks: Items, sent: bool) -> Exception: ...
 
 
 @dataclass(eq=False)
@@ -66,7 +121,7 @@ class Request:
     stream: str
     items: Items
     dedup: Sequence[str] | None
-    result: list[tuple[str, bool]] | None = None
+    result: Stored | None = None
     error: BaseException | None = None
     #: With ``error``: its request may have been written to Redis, so its tasks may be stored.
     sent: bool = False
@@ -162,8 +217,8 @@ if hasattr(os, "register_at_fork"):
 class Coalescer:
     """The threads' side: one per backend."""
 
-    def __init__(self, backend: RedisQueueBackend) -> None:
-        self.backend = backend
+    def __init__(self, path: EnqueuePath) -> None:
+        self.path = path
         self.reset()
         _LIVE.add(self)
 
@@ -173,7 +228,7 @@ class Coalescer:
         self._queue: list[Request] = []
         self._busy = False
 
-    def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> list[tuple[str, bool]]:
+    def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> Stored:
         started = time.monotonic()
         req = Request(stream, items, dedup)
         try:
@@ -185,7 +240,7 @@ class Coalescer:
                 else:
                     self._busy = req.lead = True
             if req.wake is not None:
-                if not req.wake.acquire(timeout=self.backend.settings.enqueue_timeout):
+                if not req.wake.acquire(timeout=self.path.settings.enqueue_timeout):
                     self._expire(req)
                 if req.woken and not req.lead:
                     self._pass(req, req.then)
@@ -197,7 +252,7 @@ class Coalescer:
         if req.result is not None:
             return req.result
         # Not answered by the shared round trip: alone, on the usual path, unless it may be stored.
-        return self.backend.enqueue_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
+        return self.path.retry_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
 
     def _send_turn(self, leader: Request) -> None:
         batch: list[Request] = []
@@ -209,8 +264,8 @@ class Coalescer:
             if len(batch) == 1:
                 self._send_alone(batch[0])
             else:
-                calls = merged(self.backend.ops, batch)
-                trip = self.backend.shared_enqueues([call for call, _ in calls])
+                calls = merged(self.path.ops, batch)
+                trip = self.path.shared_round_trip([call for call, _ in calls])
                 try:
                     replies = trip.run()
                 except Exception as exc:
@@ -233,7 +288,7 @@ class Coalescer:
     def _send_alone(self, req: Request) -> None:
         attempt = Attempt()
         try:
-            req.result = self.backend.enqueue_once(req.stream, req.items, req.dedup, attempt)
+            req.result = self.path.try_once(req.stream, req.items, req.dedup, attempt)
         except Exception as exc:
             req.error, req.sent = exc, attempt.sent
 
@@ -296,7 +351,7 @@ class Coalescer:
             queued = req in self._queue
             if queued:
                 self._queue.remove(req)
-        raise self.backend.enqueue_timed_out(req.stream, req.items, sent=not queued)
+        raise self.path.timed_out(req.stream, req.items, sent=not queued)
 
     def _abandon(self, req: Request) -> None:
         """Its caller left (interrupted, or its wait ran out). Not yet sent: it leaves the queue
@@ -330,8 +385,8 @@ class AsyncCoalescer:
     callers waiting on it, cancelled when it ends; if it fires, the turn did not end within
     ``enqueue_timeout`` and every caller waiting gives up (see ``_expire``)."""
 
-    def __init__(self, backend: RedisQueueBackend, loop: asyncio.AbstractEventLoop) -> None:
-        self.backend = backend
+    def __init__(self, path: EnqueuePath, loop: asyncio.AbstractEventLoop) -> None:
+        self.path = path
         self.loop = loop
         self.reset()
         _LIVE.add(self)
@@ -346,7 +401,7 @@ class AsyncCoalescer:
         self._leading: Turn | None = None
         self._watch: asyncio.TimerHandle | None = None
 
-    async def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> list[tuple[str, bool]]:
+    async def enqueue(self, stream: str, items: Items, dedup: Sequence[str] | None) -> Stored:
         started = time.monotonic()
         req = Request(stream, items, dedup)
         if self._busy:
@@ -362,7 +417,7 @@ class AsyncCoalescer:
             if woken is _EXPIRED:
                 sent = not self._leave(req)
                 if req.result is None and req.error is None:
-                    raise self.backend.enqueue_timed_out(stream, items, sent)
+                    raise self.path.timed_out(stream, items, sent)
         else:
             self._busy = req.lead = True
             self._queue.append((req, None))
@@ -371,10 +426,10 @@ class AsyncCoalescer:
         if req.result is not None:
             return req.result
         # Not answered by the shared round trip: alone, on the usual path, unless it may be stored.
-        return await self.backend.aenqueue_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
+        return await self.path.aretry_alone(stream, items, dedup, sent=req.sent, cause=req.error, started=started)
 
     def _arm(self) -> None:
-        self._watch = self.loop.call_later(self.backend.settings.enqueue_timeout, self._expire)
+        self._watch = self.loop.call_later(self.path.settings.enqueue_timeout, self._expire)
 
     def _expire(self) -> None:
         """The turn under way did not end within ``enqueue_timeout``: everyone waiting gives up,
@@ -420,7 +475,7 @@ class AsyncCoalescer:
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         if await done is _EXPIRED:
-            raise self.backend.enqueue_timed_out(req.stream, req.items, sent=True)
+            raise self.path.timed_out(req.stream, req.items, sent=True)
 
     async def _shared(self, batch: list[tuple[Request, Turn | None]], done: Turn) -> None:
         try:
@@ -435,13 +490,13 @@ class AsyncCoalescer:
             if len(requests) == 1:
                 req = requests[0]
                 try:
-                    req.result = await self.backend.aenqueue_once(req.stream, req.items, req.dedup, attempt)
+                    req.result = await self.path.atry_once(req.stream, req.items, req.dedup, attempt)
                 except Exception as exc:
                     req.error, req.sent = exc, attempt.sent
             else:
-                calls = merged(self.backend.ops, requests)
+                calls = merged(self.path.ops, requests)
                 try:
-                    replies = await self.backend.asend_enqueues([call for call, _ in calls], attempt)
+                    replies = await self.path.ashared_round_trip([call for call, _ in calls], attempt)
                 except Exception as exc:
                     deliver(calls, [], exc, attempt.sent)
                 else:

@@ -12,25 +12,24 @@ by design, so a ``replica_timeout`` longer than the socket timeout (from ``redis
 URL or a given client) still works, and a shortfall is reported as one (``NotReplicatedError``)
 rather than as a lost connection. A failure after the write may have run the script and is
 raised as it is: nothing here sends it again (an enqueue's caller is told it may be stored, see
-``RedisQueueBackend.enqueue_alone``; a worker does not repeat a failed step, it hands its
+``enqueue.Enqueuer``; a worker does not repeat a failed step, it hands its
 stream over with a fenced release, which a repeat cannot apply twice).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
+from ..config import Settings
 from ..engine.protocol import Call, ScriptCalls
 from ..errors import NotReplicatedError
 from ..logs import get_logger
 from .connect import is_cluster_client
 from .lean import Attempt, aexchange_on, apooled_exchange, exchange_on
-
-if TYPE_CHECKING:
-    from .backend import RedisQueueBackend
+from .scripts import Scripts
 
 #: Scripts that change what a stream holds: each is followed by WAIT in durable mode. Left out:
 #: ``due`` (a poll), ``renew`` and ``beat`` (heartbeats, redone within a second) and ``rate`` (a
@@ -47,7 +46,32 @@ TRIES = 4
 log = get_logger()
 
 
-def waited(backend: RedisQueueBackend, call: Call) -> bool:
+class Durable(Protocol):
+    """What durable mode needs of the transport it runs on."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def client(self) -> Any: ...
+
+    @property
+    def scripts(self) -> Scripts: ...
+
+    def translated(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def translate(self, exc: BaseException) -> BaseException: ...
+
+
+class HasSettings(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+
+
+def waited(backend: HasSettings, call: Call) -> bool:
     """Whether ``call`` goes through durable mode on ``backend``."""
     return backend.settings.durable and call.script in WAITED
 
@@ -64,7 +88,7 @@ def _node(client: Any, call: Call, ask: redis.exceptions.AskError | None) -> Any
     return node
 
 
-def _commands(call: Call, sha: str, backend: RedisQueueBackend, asking: bool) -> list[tuple[Any, ...]]:
+def _commands(call: Call, sha: str, backend: Durable, asking: bool) -> list[tuple[Any, ...]]:
     settings = backend.settings
     commands: list[tuple[Any, ...]] = [("ASKING",)] if asking else []
     commands.append(("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
@@ -86,7 +110,7 @@ def _step(reply: Any) -> str:
     return "raise"
 
 
-def confirm(backend: RedisQueueBackend, call: Call, reply: Any, replicas: Any) -> Any:
+def confirm(backend: Durable, call: Call, reply: Any, replicas: Any) -> Any:
     """``reply`` once ``replicas`` (WAIT's answer) reaches ``min_replicas``; otherwise
     ``NotReplicatedError`` for a producer's or operator's call, a warning for a worker's."""
     wanted = backend.settings.min_replicas
@@ -128,7 +152,7 @@ def _refresh(client: Any) -> None:
         client.nodes_manager.initialize()
 
 
-def call_durably(backend: RedisQueueBackend, call: Call, attempt: Attempt | None = None) -> Any:
+def call_durably(backend: Durable, call: Call, attempt: Attempt | None = None) -> Any:
     """Run ``call`` and WAIT for its replication on the same connection (see the module);
     ``attempt`` records whether the request may have been written."""
     attempt = attempt or Attempt()
@@ -172,9 +196,7 @@ async def _arefresh(client: Any) -> None:
         await client.nodes_manager.initialize()
 
 
-async def acall_durably(
-    backend: RedisQueueBackend, call: Call, client: Any, scripts: Any, attempt: Attempt | None = None
-) -> Any:
+async def acall_durably(backend: Durable, call: Call, client: Any, scripts: Any, attempt: Attempt | None = None) -> Any:
     """``call_durably`` on the backend's ``redis.asyncio`` ``client`` and its ``scripts``."""
     attempt = attempt or Attempt()
     script = getattr(scripts, call.script)

@@ -12,15 +12,14 @@ within ``lease_ttl``, and a holder starts no task once its lease may have lapsed
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..engine.keys import STREAM_SEPARATOR
-
-if TYPE_CHECKING:
-    from .backend import RedisQueueBackend
+from ..config import Settings
+from ..engine.keys import STREAM_SEPARATOR, KeySchema
 
 #: How often the holders' answers are read while a pause waits for them.
 POLL_SECONDS = 0.02
@@ -30,6 +29,21 @@ MARGIN_SECONDS = 1.0
 #: concurrency; parked streams, also scored in the future, are the rest).
 SCAN_LIMIT = 10_000
 CLOCK_SLACK_MS = 60_000
+
+
+class Halting(Protocol):
+    """What waiting for the holders needs of the backend."""
+
+    @property
+    def keys(self) -> KeySchema: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def client(self) -> Any: ...
+
+    def translated(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ def holder_of(token: str) -> str:
     return token.lstrip("!").partition(":")[2].rpartition("/")[0] or token
 
 
-def leased_streams(backend: RedisQueueBackend, queue: str, key: str | None) -> list[str]:
+def leased_streams(backend: Halting, queue: str, key: str | None) -> list[str]:
     """Streams of ``queue`` (or its one stream ``key``) that may be leased now: a leased
     stream's ready score is its lease's expiry, so only streams scored in the future."""
     if key is not None:
@@ -80,7 +94,7 @@ def leased_streams(backend: RedisQueueBackend, queue: str, key: str | None) -> l
         return sorted({m.decode() for members in pipe.execute() for m in members})
 
 
-def wait_for_holders(backend: RedisQueueBackend, target: str, streams: Sequence[str], wait: float | None) -> HaltReport:
+def wait_for_holders(backend: Halting, target: str, streams: Sequence[str], wait: float | None) -> HaltReport:
     """Ask the holders of ``streams`` to hear of a pause now, then wait (at most ``wait``
     seconds, by default the longest lease's TTL and a margin) until each has confirmed that it
     starts nothing more, or its lease has ended."""
@@ -132,7 +146,7 @@ def wait_for_holders(backend: RedisQueueBackend, target: str, streams: Sequence[
     return report
 
 
-def wait_for_release(backend: RedisQueueBackend, stream: str, wait: float) -> bool:
+def wait_for_release(backend: Halting, stream: str, wait: float) -> bool:
     """Wait (at most ``wait`` seconds) until nobody holds ``stream``; True if nobody does."""
     lease = backend.keys.stream(stream).lease
     deadline = time.monotonic() + wait

@@ -2,7 +2,7 @@
 
 ``create_app(backend)`` returns an ASGI application (Starlette, server-rendered with Jinja2) to
 serve with ``pyfiq dashboard`` or to mount inside your own FastAPI or Starlette app, behind your
-own authentication. It reads Redis through ``pyfiq.ops.inspect`` in bounded steps and carries
+own authentication. It reads Redis through ``backend.admin`` in bounded steps and carries
 out the operators' actions (pause, resume, skip, requeue, purge) through the backend.
 
 Starlette and Jinja2 are imported only when an app is created, so ``import pyfiq`` works

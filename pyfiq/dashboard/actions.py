@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from ..backend.backend import RedisQueueBackend
 from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_queue_name
-from ..ops import inspect
 
 NAMES = ("pause", "resume", "skip", "requeue", "purge")
 #: Reason recorded with a head task skipped from the dashboard.
@@ -76,7 +75,7 @@ def _streams(backend: RedisQueueBackend, action: Action) -> list[str]:
     action, unlike a page, goes through the whole dead-letter index)."""
     if action.stream is not None:
         return [action.stream]
-    return inspect.dead_streams_of(backend, action.queue, budget=10**12).streams
+    return backend.admin.dead_streams_of(action.queue, budget=10**12).streams
 
 
 def _dead_count(backend: RedisQueueBackend, streams: list[str]) -> int:
@@ -88,7 +87,7 @@ def describe(backend: RedisQueueBackend, action: Action) -> str:
     if action.name in ("pause", "resume"):
         return f"{action.name.capitalize()} {action.target} across the fleet."
     if action.name == "skip":
-        head = inspect.read_streams(backend, [action.target])[0].head
+        head = backend.admin.read_streams([action.target])[0].head
         if head is None:
             return f"{action.target} holds no task: there is nothing to skip."
         return (

@@ -1,6 +1,6 @@
 """The dashboard's Starlette application: its routes, pages and the POST route of the actions.
 
-Pages read Redis through ``pyfiq.ops.inspect`` and are rendered in a worker thread (the backend's
+Pages read Redis through ``backend.admin`` and are rendered in a worker thread (the backend's
 client is synchronous, and a page of dead letters can be large), so neither a slow Redis nor a
 big page blocks the event loop of an application that mounts the dashboard.
 
@@ -41,10 +41,11 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backend.backend import RedisQueueBackend
+from ..backend.views import Rate, held_streams
 from ..engine.keys import queue_of, validate_queue_name
 from ..engine.outcomes import describe_error
 from ..errors import ConfigurationError, PyfiqError
-from ..ops import inspect
+from ..ops.render import task_traceback
 from . import actions
 
 CSRF_COOKIE = "pyfiq_csrf"
@@ -164,8 +165,8 @@ class Dashboard:
     async def overview(self, request: Request) -> Response:
         def read() -> dict[str, Any]:
             fleet = self.backend.replicas()
-            queues = inspect.overview(self.backend, blocked_after=self.blocked_after, replicas=fleet)
-            total = sum((q.rate for q in queues), inspect.Rate())
+            queues = self.backend.admin.overview(blocked_after=self.blocked_after, replicas=fleet)
+            total = sum((q.rate for q in queues), Rate())
             return {"queues": queues, "replicas": fleet, "total": total}
 
         return await self.render(request, "overview.html", await run_in_threadpool(read))
@@ -179,16 +180,16 @@ class Dashboard:
 
         def read() -> dict[str, Any]:
             fleet = self.backend.replicas()
-            held = {s: r for s, r in inspect.held_streams(fleet).items() if queue_of(s) == name}
-            found = inspect.overview(self.backend, queue=name, blocked_after=self.blocked_after, replicas=fleet)
+            held = {s: r for s, r in held_streams(fleet).items() if queue_of(s) == name}
+            found = self.backend.admin.overview(queue=name, blocked_after=self.blocked_after, replicas=fleet)
             after = self.blocked_after
             return {
                 "queue": name,
                 "summary": found[0] if found else None,
-                "held": inspect.read_streams(self.backend, sorted(held), blocked_after=after),
+                "held": self.backend.admin.read_streams(sorted(held), blocked_after=after),
                 "holders": held,
-                "waiting": inspect.waiting_longest(self.backend, name, 10, blocked_after=after),
-                "page": inspect.stream_page(self.backend, name, cursor=cursor, search=search, blocked_after=after),
+                "waiting": self.backend.admin.waiting_longest(name, 10, blocked_after=after),
+                "page": self.backend.admin.stream_page(name, cursor=cursor, search=search, blocked_after=after),
                 "search": search,
                 "first_page": cursor == "0:0",
                 "replicas": {r["replica"]: r for r in fleet},
@@ -207,7 +208,7 @@ class Dashboard:
             raise HTTPException(400, f"reason: {_shown(reason)} is none of {', '.join(REASONS)}")
 
         def read() -> dict[str, Any]:
-            found = inspect.dead_streams_of(self.backend, name)
+            found = self.backend.admin.dead_streams_of(name)
             shown = [stream] if stream is not None else found.streams
             return {
                 "queue": name,
@@ -217,7 +218,7 @@ class Dashboard:
                 "stream": stream,
                 "reason": reason,
                 "reasons": REASONS,
-                "page": inspect.dead_letter_page(self.backend, shown, offset=offset, reason=reason),
+                "page": self.backend.admin.dead_letter_page(shown, offset=offset, reason=reason),
                 "offset": offset,
             }
 
@@ -471,9 +472,9 @@ def clip(value: Any) -> Clipped:
 
 
 def clip_traceback(value: Any) -> Clipped:
-    """A task's traceback without the machinery's frames (``inspect.task_traceback``), cut short."""
+    """A task's traceback without the machinery's frames (``render.task_traceback``), cut short."""
     text = str(value or "")
-    shown = inspect.task_traceback(text[:TRACEBACK_SCAN])
+    shown = task_traceback(text[:TRACEBACK_SCAN])
     if len(text) <= TRACEBACK_SCAN and len(shown) <= SHOWN_CHARS:
         return Clipped(shown, None)
     return Clipped(shown[:SHOWN_CHARS], len(text))

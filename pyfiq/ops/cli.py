@@ -20,12 +20,13 @@ import redis
 from .. import __version__
 from ..backend.backend import RedisQueueBackend
 from ..backend.connect import primary_options
+from ..backend.views import QueueStatus
 from ..config import Settings
 from ..engine.keys import STREAM_SEPARATOR, queue_of, stream_name
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
 from ..logs import escape_controls
-from . import inspect
+from . import render
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -56,14 +57,14 @@ def show(value: Any) -> str:
 def json_line(row: dict[str, Any]) -> str:
     """``row`` as one JSON line: the encoder escapes every control character but DEL (it escapes
     all that is not ASCII and the C0 controls), so DEL is written as JSON's own escape."""
-    return inspect.to_json(row).replace("\x7f", "\\u007f")
+    return render.to_json(row).replace("\x7f", "\\u007f")
 
 
 def _known(backend: RedisQueueBackend, queue: str, key: str | None = None) -> bool:
     """Whether Redis knows the queue (or its stream ``queue#key``): it has a live stream (work or
     a lease), dead letters or a pause, or, for a queue, tasks of it finished within the hour its
     per-minute counts are kept."""
-    if inspect.streams_of(backend, queue, key):
+    if backend.admin.streams_of(queue, key):
         return True
     paused = backend.paused()
     if key is not None:
@@ -386,8 +387,8 @@ def dlq_list(
             click.echo(json_line({"queue": q, "dead": n}) if as_json else f"{show(q)}\t{n}")
         return
     _require_known(backend, queue, key)
-    for d in inspect.dead_letters_of(backend, queue, key, limit):
-        row = inspect.dead_letter_dict(d)
+    for d in backend.admin.dead_letters_of(queue, key, limit):
+        row = render.dead_letter_dict(d)
         if as_json:
             click.echo(json_line(row))
             continue
@@ -405,10 +406,10 @@ def dlq_show(url: str, prefix: str, shards: int | None, queue: str, task_id: str
     """Show one dead letter of QUEUE, with the task's own traceback."""
     backend = _backend(url, prefix, shards)
     _require_known(backend, queue)
-    found = inspect.find_dead_letter(backend, queue, task_id)
+    found = backend.admin.find_dead_letter(queue, task_id)
     if found is None:
         raise click.ClickException(f"no dead letter {task_id} in {queue}")
-    row = inspect.dead_letter_dict(found)
+    row = render.dead_letter_dict(found)
     if as_json:
         click.echo(json_line(row))
         return
@@ -440,7 +441,7 @@ def dlq_requeue(
     """Move dead letters of QUEUE (every stream, or --stream) back to pending."""
     backend = _backend(url, prefix, shards)
     _require_known(backend, queue, key)
-    streams = [s for s in inspect.streams_of(backend, queue, key) if backend.queue_info(s)["dead"]]
+    streams = [s for s in backend.admin.streams_of(queue, key) if backend.queue_info(s)["dead"]]
     if not streams:
         raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
     moved = 0
@@ -462,7 +463,7 @@ def dlq_purge(url: str, prefix: str, shards: int | None, queue: str, key: str | 
     """Delete the dead letters of QUEUE (every stream, or --stream)."""
     backend = _backend(url, prefix, shards)
     _require_known(backend, queue, key)
-    streams = inspect.streams_of(backend, queue, key)
+    streams = backend.admin.streams_of(queue, key)
     total = sum(backend.queue_info(s)["dead"] for s in streams)
     if total == 0:
         raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
@@ -496,18 +497,18 @@ def status(
 def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: bool, as_json: bool) -> None:
     if per_stream:
         rows: list[dict[str, Any]] = [
-            inspect.stream_status(backend, s).as_dict()
-            for s in inspect.known_streams(backend)
+            backend.admin.stream_status(s).as_dict()
+            for s in backend.admin.known_streams()
             if queue is None or queue_of(s) == queue
         ]
         columns = ["stream", "pending", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence"]
         columns += ["lease_ms", "running_s"]
     else:
-        rows = [q.as_dict() for q in inspect.queue_statuses(backend, queue)]
+        rows = [q.as_dict() for q in backend.admin.queue_statuses(queue)]
         if queue is not None and not rows:
             # Known (paused, or it ran within the hour) but with no live stream: all zeros.
             paused = queue in backend.paused()
-            rows = [inspect.QueueStatus(queue, 0, 0, 0, 0, paused, None, 0).as_dict()]
+            rows = [QueueStatus(queue, 0, 0, 0, 0, paused, None, 0).as_dict()]
         columns = ["queue", "streams", "pending", "inflight", "dead", "oldest_age_s", "paused", "held"]
     if as_json:
         for row in rows:

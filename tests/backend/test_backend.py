@@ -34,8 +34,8 @@ from pyfiq import (
     Settings,
     fifo,
 )
-from pyfiq.chaos.faults import FaultProxy
-from pyfiq.task import Entry, new_task_id
+from pyfiq.task import EncodedTask, Entry, new_task_id
+from pyfiq_harness.proxy import FaultProxy
 from tests.conftest import FAST, RedisServer, free_port, unique_prefix, wait_until
 
 PASSWORD = "s3cret-pw-do-not-print"
@@ -285,14 +285,20 @@ class FaultAfter(RedisQueueBackend):
     fault: Callable[[], None] | None = None
     answered_before_fault = 1
 
-    def enqueue_encoded(
-        self, stream: str, items: Sequence[tuple[str, int, bytes]], dedup_keys: Sequence[str] | None = None
-    ) -> list[tuple[str, bool]]:
-        reply = super().enqueue_encoded(stream, items, dedup_keys)
-        self.answered_before_fault -= 1
-        if self.answered_before_fault == 0 and self.fault is not None:
-            self.fault()
-        return reply
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        enqueue = self.enqueuer.enqueue
+
+        def answered_then_fault(
+            stream: str, tasks: Sequence[EncodedTask], dedup_keys: Sequence[str] | None = None
+        ) -> list[tuple[str, bool]]:
+            reply = enqueue(stream, tasks, dedup_keys)
+            self.answered_before_fault -= 1
+            if self.answered_before_fault == 0 and self.fault is not None:
+                self.fault()
+            return reply
+
+        self.enqueuer.enqueue = answered_then_fault  # type: ignore[method-assign]
 
 
 def test_enqueue_many_cut_after_the_first_chunk_says_what_was_stored_and_a_retry_stores_the_rest(
@@ -504,9 +510,9 @@ def test_one_enqueue_call_larger_than_a_push_slice_stores_every_task_in_order(
     9,001 are kept, in order, and answered; with dedup keys, a key repeated in the call is a
     duplicate of the first."""
     stream = qname()
-    items = [(new_task_id(), 0, f"payload-{i}".encode()) for i in range(9001)]
+    items = [EncodedTask(new_task_id(), 0, f"payload-{i}".encode()) for i in range(9001)]
     keys = [f"k{i}" for i in range(9000)] + ["k7"] if dedup else None
-    reply = redis_backend.enqueue_encoded(stream, items, keys)
+    reply = redis_backend.enqueuer.enqueue(stream, items, keys)
     assert [task_id for task_id, _ in reply[:-1]] == [task_id for task_id, _, _ in items[:-1]]
     assert all(new for _, new in reply[:-1])
     if dedup:

@@ -101,7 +101,7 @@ def test_dedup_keys_in_a_shared_round_trip_answer_each_caller(redis_backend: Red
     plain = coalesce.Request(q, redis_backend.encode([("c" * 32, TaskRecord("x", [3], {}))], None), None)
     calls = coalesce.merged(redis_backend.ops, [first, plain, again])
     assert [len(group) for _, group in calls] == [1, 1, 1], "a request with dedup keys goes alone"
-    coalesce.deliver(calls, redis_backend.shared_enqueues([call for call, _ in calls]).run())
+    coalesce.deliver(calls, redis_backend.enqueuer.shared_round_trip([call for call, _ in calls]).run())
     assert first.result == [("a" * 32, True)] and plain.result == [("c" * 32, True)]
     assert again.result == [("a" * 32, False)], "the repeat answers with the first task"
     assert [r[0] for r in stored(redis_backend, q)] == [1, 3]
@@ -127,7 +127,7 @@ def test_a_shared_round_trip_that_failed_before_its_write_is_retried_by_each_cal
     work = fifo(queue=q, name=f"{q}.work")(lambda p, i: None)
     work.send_with_options(args=(0, -1), backend=redis_backend)
     failures: list[int] = []
-    monkeypatch.setattr(redis_backend, "shared_enqueues", lambda calls: Unsent(failures, calls))
+    monkeypatch.setattr(redis_backend.enqueuer, "shared_round_trip", lambda calls: Unsent(failures, calls))
     gate = threading.Barrier(8)
 
     def produce(p: int) -> None:
@@ -213,7 +213,9 @@ def test_a_caller_interrupted_while_it_waits_never_hangs_the_others(redis_backen
         signal.signal(signal.SIGUSR1, previous)
     assert not any(t.is_alive() for t in producers), "producers left waiting behind an interrupted caller"
     assert interrupted_inside > 0, "the main thread was never interrupted inside the coalescer"
-    wait_until(lambda: not redis_backend._coalescer._busy and not redis_backend._coalescer._queue, timeout=10)
+    wait_until(
+        lambda: not redis_backend.enqueuer._coalescer._busy and not redis_backend.enqueuer._coalescer._queue, timeout=10
+    )
     raw = redis_backend.client.lrange(redis_backend.keys.stream(f"{q}#k").pending, 0, -1)
     ids = Counter(Entry.parse(r).id for r in raw)
     assert all(n == 1 for n in ids.values()), "a task was stored twice"

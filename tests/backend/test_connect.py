@@ -1,7 +1,7 @@
 """Connecting to Redis as production runs it: TLS with a client certificate, a unix socket, a
 primary found through Sentinel, and a user with only the ACL the README documents. Each server
 here is started by the test on free ports (certificates made with openssl), and the backend's
-representative behaviour set (``tests/smoke.py``) runs over it, on both drivers."""
+representative behaviour set (``tests/support/smoke.py``) runs over it, on both drivers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pyfiq.backend.connect import ACL_COMMANDS, acl_rules
 from pyfiq.ops.cli import main
 from tests.conftest import unique_prefix
 from tests.servers import Node, Sentinels, TLSFiles, free_ports, wait_for
-from tests.smoke import run_smoke, smoke_settings
+from tests.support.smoke import run_smoke, smoke_settings
 
 README = Path(__file__).parents[2] / "README.md"
 LUA = Path(__file__).parents[2] / "pyfiq" / "engine" / "lua"

@@ -105,7 +105,7 @@ def test_a_durable_enqueue_is_on_the_replica_when_it_returns(healthy: Replicated
         return seen
 
     # The first call loads the script (NOSCRIPT, then a second EVALSHA + WAIT): not counted.
-    backend.enqueue_encoded("warm", backend.encode([("9" * 32, pyfiq.task.TaskRecord("warm", [], {}))]))
+    backend.enqueuer.enqueue("warm", backend.encode([("9" * 32, pyfiq.task.TaskRecord("warm", [], {}))]))
     waits_before = _waits(healthy.primary)
     if side == "sync":
         seen = []
@@ -129,18 +129,18 @@ def test_a_stalled_replica_makes_a_durable_enqueue_raise_saying_the_task_is_stor
     plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
     q = f"stalled-{side}"
     items = durable.encode([(f"{i:032x}", pyfiq.task.TaskRecord(f"{q}.noop", [i], {})) for i in range(1)])
-    plain.enqueue_encoded(q, plain.encode([("f" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [0], {}))]))
+    plain.enqueuer.enqueue(q, plain.encode([("f" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [0], {}))]))
     healthy.replicas[0].pause()
     try:
         t0 = time.monotonic()
         with pytest.raises(NotReplicatedError) as caught:
             if side == "sync":
-                durable.enqueue_encoded(q, items)
+                durable.enqueuer.enqueue(q, items)
             else:
                 asyncio.run(_aenqueue(durable, q, items))
         waited = time.monotonic() - t0
         t0 = time.monotonic()
-        plain.enqueue_encoded(q, plain.encode([("e" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [2], {}))]))
+        plain.enqueuer.enqueue(q, plain.encode([("e" * 32, pyfiq.task.TaskRecord(f"{q}.noop", [2], {}))]))
         unwaited = time.monotonic() - t0
     finally:
         healthy.replicas[0].resume()
@@ -178,7 +178,7 @@ def test_a_replica_timeout_past_the_socket_timeout_reports_the_shortfall_and_sto
     plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
     q = f"outlived-{side}-{where}"
     record = pyfiq.task.TaskRecord(f"{q}.noop", [], {})
-    durable.enqueue_encoded(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
+    durable.enqueuer.enqueue(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
     task_id = uuid.uuid4().hex
     items = durable.encode([(task_id, record)])
     healthy.replicas[0].pause()
@@ -186,7 +186,7 @@ def test_a_replica_timeout_past_the_socket_timeout_reports_the_shortfall_and_sto
         t0 = time.monotonic()
         with pytest.raises(NotReplicatedError) as caught:
             if side == "sync":
-                durable.enqueue_encoded(q, items)
+                durable.enqueuer.enqueue(q, items)
             else:
                 asyncio.run(_aenqueue(durable, q, items))
         waited = time.monotonic() - t0
@@ -214,7 +214,7 @@ def test_a_durable_enqueue_whose_connection_is_lost_during_wait_says_it_is_store
     plain = RedisQueueBackend(healthy.url, prefix=prefix, **FAST)
     q = f"cut-{side}"
     record = pyfiq.task.TaskRecord(f"{q}.noop", [], {})
-    durable.enqueue_encoded(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
+    durable.enqueuer.enqueue(q, durable.encode([("a" * 32, record)]))  # laid out, the script loaded
     task_id = uuid.uuid4().hex
     items = durable.encode([(task_id, record)])
     killer = healthy.primary.client()
@@ -234,7 +234,7 @@ def test_a_durable_enqueue_whose_connection_is_lost_during_wait_says_it_is_store
         cutter.start()
         with pytest.raises(BackendUnavailableError) as caught:
             if side == "sync":
-                durable.enqueue_encoded(q, items)
+                durable.enqueuer.enqueue(q, items)
             else:
                 asyncio.run(_aenqueue(durable, q, items))
     finally:
@@ -253,7 +253,7 @@ def test_a_durable_enqueue_whose_connection_is_lost_during_wait_says_it_is_store
 
 async def _aenqueue(backend: RedisQueueBackend, q: str, items: Any) -> None:
     try:
-        await backend.aenqueue_encoded(q, items)
+        await backend.enqueuer.aenqueue(q, items)
     finally:
         await backend.aclose()
 
@@ -305,11 +305,11 @@ def test_workers_wait_after_each_step_and_carry_on_logging_when_the_replica_lags
 def test_a_script_redis_lost_is_loaded_again_before_the_wait(healthy: Replicated) -> None:
     backend = RedisQueueBackend(healthy.url, prefix=unique_prefix(), **DURABLE)
     record = pyfiq.task.TaskRecord("lost.noop", [], {})
-    backend.enqueue_encoded("lost", backend.encode([("a" * 32, record)]))
+    backend.enqueuer.enqueue("lost", backend.encode([("a" * 32, record)]))
     c = healthy.primary.client()
     c.script_flush()
     c.close()
-    assert backend.enqueue_encoded("lost", backend.encode([("b" * 32, record)])) == [("b" * 32, True)]
+    assert backend.enqueuer.enqueue("lost", backend.encode([("b" * 32, record)])) == [("b" * 32, True)]
     assert _pending_on(healthy.replicas[0], backend, "lost") == 2
     backend.close()
 
@@ -317,7 +317,7 @@ def test_a_script_redis_lost_is_loaded_again_before_the_wait(healthy: Replicated
 def test_durable_operator_actions_raise_when_not_replicated(healthy: Replicated, tmp_path: Path) -> None:
     backend = RedisQueueBackend(healthy.url, prefix=unique_prefix(), **DURABLE)
     record = pyfiq.task.TaskRecord("op.noop", [], {})
-    backend.enqueue_encoded("op", backend.encode([("c" * 32, record)]))
+    backend.enqueuer.enqueue("op", backend.encode([("c" * 32, record)]))
     healthy.replicas[0].pause()
     try:
         with pytest.raises(NotReplicatedError, match=r"the skip on .* IS applied"):

@@ -23,7 +23,7 @@ return 'late'
 
 
 def _connections(backend: RedisQueueBackend):  # type: ignore[no-untyped-def]
-    connections = backend._connections
+    connections = backend.transport.lean
     assert connections is not None, "a backend made from a redis:// URL takes the lean path"
     return connections
 

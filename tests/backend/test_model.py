@@ -41,7 +41,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import pyfiq.backend.backend
+import pyfiq.backend.admin
 from pyfiq import RedisQueueBackend
 from pyfiq.backend import halts
 from pyfiq.config import MAX_PREFETCH
@@ -1048,7 +1048,7 @@ class StreamMachine(RuleBasedStateMachine):
         halting = (
             front
             and task is None
-            and min(count or len(self.m.dead), len(self.m.dead)) > pyfiq.backend.backend.REQUEUE_STEP
+            and min(count or len(self.m.dead), len(self.m.dead)) > pyfiq.backend.admin.REQUEUE_STEP
         )
         paused = "stream" in self.m.paused
         if halting:
@@ -1241,7 +1241,7 @@ class StreamMachine(RuleBasedStateMachine):
 
 def _prepare(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny requeue pages, so the paging over dead letters is exercised as well.
-    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 2)
+    monkeypatch.setattr(pyfiq.backend.admin, "REQUEUE_STEP", 2)
     monkeypatch.setattr(halts, "wait_for_holders", _holders_answer)
     # The model's holder lets go only as a step of its own: look once, never wait out its TTL.
     monkeypatch.setattr(halts, "wait_for_release", lambda backend, stream, wait: _wait_for_release(backend, stream, 0))

@@ -203,10 +203,10 @@ def test_an_interrupted_leader_thread_leaves_every_other_caller_its_own_handle(
 
     def stage() -> None:
         holding.wait(10)
-        wait_until(lambda: len(backend._coalescer._queue) == 1, timeout=10)  # the main thread
+        wait_until(lambda: len(backend.enqueuer._coalescer._queue) == 1, timeout=10)  # the main thread
         for i in range(1, 6):
             threading.Thread(target=produce, args=(i,), name=f"p{i}", daemon=True).start()
-        wait_until(lambda: len(backend._coalescer._queue) == 6, timeout=10)
+        wait_until(lambda: len(backend.enqueuer._coalescer._queue) == 6, timeout=10)
         gate.set()
 
     writes.append(hook)
@@ -233,7 +233,7 @@ def test_an_interrupted_leader_thread_leaves_every_other_caller_its_own_handle(
         rows = stored_rows(backend, q)
         assert all(rows[(i,)] == 1 for i in range(6)), f"each task stored once, the leader's too: {rows}"
         assert all(stored_ids(backend, q)[h.id] == 1 for h in handles)
-        wait_until(lambda: not backend._coalescer._busy, timeout=5, message="the turn handed on")
+        wait_until(lambda: not backend.enqueuer._coalescer._busy, timeout=5, message="the turn handed on")
         assert isinstance(send(7), TaskHandle)
     finally:
         backend.close()
@@ -289,7 +289,7 @@ def test_a_fork_inside_a_shared_round_trip_leaves_the_child_free_to_enqueue(
             with held:
                 assert held.wait_for(lambda: holding[0] > 0, 10), "no round trip under way"
             time.sleep(0.05)  # the other producers wait meanwhile: in that round trip, or queued behind it
-            assert backend._coalescer._busy
+            assert backend.enqueuer._coalescer._busy
             read_end, write_end = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child
@@ -487,7 +487,7 @@ def test_a_sentinel_naming_no_primary_ran_nothing_so_the_enqueue_is_retried() ->
     import redis.asyncio.sentinel
     import redis.sentinel
 
-    from pyfiq.backend.backend import never_ran
+    from pyfiq.backend.failures import never_ran
 
     assert never_ran(redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"))
     assert never_ran(redis.asyncio.sentinel.MasterNotFoundError("No master found for 'mymaster'"))

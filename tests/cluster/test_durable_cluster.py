@@ -46,7 +46,9 @@ def test_a_durable_enqueue_waits_on_the_replica_of_its_own_slot(redis_cluster: C
             for stream in (other_stream, stalled_stream):
                 t0 = time.monotonic()
                 try:
-                    out.append((await backend.aenqueue_encoded(stream, _items(backend, 1, "a")), time.monotonic() - t0))
+                    out.append(
+                        (await backend.enqueuer.aenqueue(stream, _items(backend, 1, "a")), time.monotonic() - t0)
+                    )
                 except NotReplicatedError as exc:
                     out.append((exc, time.monotonic() - t0))
             return out
@@ -58,7 +60,7 @@ def test_a_durable_enqueue_waits_on_the_replica_of_its_own_slot(redis_cluster: C
         for stream in (other_stream, stalled_stream):
             t0 = time.monotonic()
             try:
-                out.append((backend.enqueue_encoded(stream, _items(backend, 1, "b")), time.monotonic() - t0))
+                out.append((backend.enqueuer.enqueue(stream, _items(backend, 1, "b")), time.monotonic() - t0))
             except NotReplicatedError as exc:
                 out.append((exc, time.monotonic() - t0))
         return out
@@ -80,7 +82,7 @@ def test_durable_calls_follow_a_manual_cluster_failover(redis_cluster: Cluster) 
     backend = RedisQueueBackend(redis_cluster.url, cluster=True, prefix=unique_prefix(), **DURABLE)
     stream = "moved"
     key = backend.keys.stream(stream).pending
-    assert backend.enqueue_encoded(stream, _items(backend, 1, "c"))
+    assert backend.enqueuer.enqueue(stream, _items(backend, 1, "c"))
     old = redis_cluster.primary_of(key)
     new = redis_cluster.replica_of(old)
     c = new.client()
@@ -89,7 +91,7 @@ def test_durable_calls_follow_a_manual_cluster_failover(redis_cluster: Cluster) 
     wait_until(lambda: redis_cluster.role(new) == "master" and redis_cluster.role(old) == "slave", timeout=15)
     redis_cluster.wait_ready()
     # The backend's slot map still names the old primary: the call meets MOVED and follows it.
-    assert backend.enqueue_encoded(stream, _items(backend, 1, "d"))
+    assert backend.enqueuer.enqueue(stream, _items(backend, 1, "d"))
     assert backend.queue_info(stream)["pending"] == 2
     replica = old.client()
     replica.execute_command("READONLY")  # a cluster replica serves reads only when asked to

@@ -31,8 +31,8 @@ import pytest
 from redis.crc import key_slot
 
 from pyfiq import RedisQueueBackend, Settings
-from pyfiq.ops.scenario_tasks import QUEUES, STEPS, Report, check, read_journal
 from pyfiq.engine.keys import stream_name
+from pyfiq.ops.scenario_tasks import QUEUES, STEPS, Report, check, read_journal
 from tests.cluster.test_failover import TopologyFleet
 from tests.conftest import unique_prefix, wait_until
 from tests.servers import Cluster, Node, ProducerLoop

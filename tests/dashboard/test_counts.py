@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from pyfiq import RedisQueueBackend
+from pyfiq.backend.views import Rate
 from pyfiq.engine.keys import COUNT_MINUTES
-from pyfiq.ops import inspect
 from pyfiq.task import TaskRecord, new_task_id
 from tests.dashboard.scene import enqueue
 
@@ -47,12 +47,12 @@ def test_acknowledged_tasks_count_as_succeeded_and_dead_letters_as_failed(redis_
     last = max(minutes)
     if len(minutes) == 1:  # (unless the minute turned during the test)
         # The rate over the last minute, read at the end of the minute they were counted in.
-        rate = inspect.rates(b, ["counted"], last * 60_000 + 59_999)["counted"]
+        rate = b.admin.rates(["counted"], last * 60_000 + 59_999)["counted"]
         assert (round(rate.succeeded * 60), round(rate.failed * 60)) == (2, 2)
         # Half a minute later, half of that minute is still in the window.
-        rate = inspect.rates(b, ["counted"], (last + 1) * 60_000 + 30_000)["counted"]
+        rate = b.admin.rates(["counted"], (last + 1) * 60_000 + 30_000)["counted"]
         assert (rate.succeeded * 60, rate.failed * 60) == (1.0, 1.0)
-    assert inspect.rates(b, ["counted"], (last + 2) * 60_000 + 1)["counted"] == inspect.Rate()
+    assert b.admin.rates(["counted"], (last + 2) * 60_000 + 1)["counted"] == Rate()
 
 
 def test_a_refused_call_counts_nothing(redis_backend: RedisQueueBackend) -> None:

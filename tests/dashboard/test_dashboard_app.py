@@ -23,7 +23,6 @@ from starlette.testclient import TestClient
 from pyfiq import RedisQueueBackend
 from pyfiq.dashboard import create_app
 from pyfiq.dashboard.app import CSRF_COOKIE
-from pyfiq.ops import inspect
 from tests.conftest import RedisServer, free_port, unique_prefix
 from tests.dashboard.scene import enqueue, wait_for
 
@@ -126,11 +125,11 @@ def test_streams_page_through_every_stream_once_and_search_by_key(backend: Redis
     seen: list[str] = []
     cursor: str | None = "0:0"
     while cursor is not None:
-        page = inspect.stream_page(backend, "wide", cursor=cursor, size=50)
+        page = backend.admin.stream_page("wide", cursor=cursor, size=50)
         seen += [r.stream for r in page.rows]
         cursor = page.next_cursor
     assert sorted(seen) == sorted(streams)
-    found = inspect.stream_page(backend, "wide", search="k-12")
+    found = backend.admin.stream_page("wide", search="k-12")
     assert {r.stream for r in found.rows} == {s for s in streams if "k-12" in s}
     assert found.rows[0].stream == "wide#k-12", "the exact key first"
     client = TestClient(create_app(backend))
@@ -151,9 +150,9 @@ def test_dead_letters_filter_by_reason_and_stream_and_page_on(backend: RedisQueu
     client = TestClient(create_app(backend))
     text = client.get("/dead/mixed", params={"stream": "mixed", "reason": "operator"}).text
     assert f'data-task="{skipped}"' in text and not any(f'data-task="{t}"' in text for t in expired)
-    page = inspect.dead_letter_page(backend, ["mixed"], size=2)
+    page = backend.admin.dead_letter_page(["mixed"], size=2)
     assert [d.task_id for d in page.letters] == expired[:2] and page.next_offset == 2
-    rest = inspect.dead_letter_page(backend, ["mixed"], offset=2, size=2)
+    rest = backend.admin.dead_letter_page(["mixed"], offset=2, size=2)
     assert [d.task_id for d in rest.letters] == [expired[2], skipped] and rest.next_offset is None
     assert client.get("/dead/mixed", params={"stream": "billing#x"}).status_code == 400
 

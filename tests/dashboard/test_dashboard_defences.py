@@ -22,8 +22,8 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from pyfiq import RedisQueueBackend
+from pyfiq.backend import pages
 from pyfiq.dashboard import create_app
-from pyfiq.ops import inspect
 from tests.conftest import unique_prefix
 from tests.dashboard.scene import enqueue, serve
 
@@ -318,7 +318,7 @@ def test_the_dead_letter_page_finds_dead_letters_in_every_shard(wide: RedisQueue
     assert "No dead letters" not in text and text.count('<tr data-task="') == 2
     overview = re.search(rf'<tr data-queue="{deep}".*?</tr>', client.get("/").text, flags=re.S)
     assert overview is not None and re.search(r'data-col="dead"><a [^>]*>2</a>', overview.group(0))
-    found = inspect.dead_streams_of(b, "hooks")
+    found = b.admin.dead_streams_of("hooks")
     assert (found.streams, found.complete, found.shards_scanned) == (sorted(streams), True, 16)
 
 
@@ -333,15 +333,15 @@ def test_a_dead_letter_page_that_stopped_early_says_how_far_it_got(
     b.call_many([b.ops.acquire(s, 1) for s in streams])
     assert {b.keys.shard_of(s) for s in streams} == {0, 1}
     assert all(b.client.object("encoding", b.keys.dlq_index(s)) == b"hashtable" for s in (0, 1))
-    monkeypatch.setattr(inspect, "SCAN_BUDGET", 100)
+    monkeypatch.setattr(pages, "SCAN_BUDGET", 100)
     text = TestClient(create_app(b)).get("/dead/many").text
     shown = len(streams_listed(text))
     assert 0 < shown < 400
     said = re.search(r"showing (\d+) streams; more may exist: scanned (\d+) of 2 shards in full", text)
     assert said is not None, text
     assert (int(said.group(1)), int(said.group(2))) == (shown, 0)
-    found = inspect.dead_streams_of(b, "many", budget=100)
+    found = b.admin.dead_streams_of("many", budget=100)
     assert not found.complete and found.shards_scanned == 0 and 0 < len(found.streams) < 400
-    everything = inspect.dead_streams_of(b, "many", budget=10**9)
+    everything = b.admin.dead_streams_of("many", budget=10**9)
     assert everything.complete and everything.streams == sorted(streams)
     b.close()

@@ -8,7 +8,6 @@ import threading
 import time
 
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
-from pyfiq.ops import inspect
 from tests.conftest import wait_until
 from tests.workers.test_worker import qname
 
@@ -37,13 +36,13 @@ def test_a_head_taken_ahead_shows_as_running_and_blocked(redis_backend: RedisQue
         (replica,) = said()
         task_id, since_ms = replica["running"][q]  # type: ignore[index]
         assert task_id == blocked_id
-        assert 0 <= inspect.redis_now_ms(redis_backend) - since_ms < 10_000, "on Redis's clock"
+        assert 0 <= redis_backend.admin.redis_now_ms() - since_ms < 10_000, "on Redis's clock"
         time.sleep(0.3)
-        wait_until(lambda: inspect.read_streams(redis_backend, [q])[0].head.id == blocked_id)  # type: ignore[union-attr]
-        detail = inspect.read_streams(redis_backend, [q], blocked_after=0.2)[0]
+        wait_until(lambda: redis_backend.admin.read_streams([q])[0].head.id == blocked_id)  # type: ignore[union-attr]
+        detail = redis_backend.admin.read_streams([q], blocked_after=0.2)[0]
         assert detail.running_s is not None and detail.running_s >= 0.2
         assert detail.blocked and detail.holder == worker.replica
-        assert inspect.stream_status(redis_backend, q).as_dict()["running_s"] is not None
+        assert redis_backend.admin.stream_status(q).as_dict()["running_s"] is not None
     finally:
         gate.set()
         worker.stop(timeout=10)

@@ -1,0 +1,160 @@
+"""The operator's views as typed values: what ``admin.Admin`` reads from Redis for the CLI, the
+dashboard and tools of your own (stream and queue status, overviews, pages)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..engine.keys import STREAM_SEPARATOR
+from ..task import DeadLetter
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """One stream: counts, how old its oldest pending task is, and who holds its lease."""
+
+    stream: str
+    queue: str
+    pending: int
+    inflight: int
+    dead: int
+    paused: bool
+    holder: str | None
+    fence: int | None
+    lease_ms: int | None
+    oldest_age_s: float | None
+    #: How long the task running now has run (from the holder's heartbeat, or Redis's mark).
+    running_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """A queue: its streams' counts summed, the oldest task among them, and whether paused."""
+
+    queue: str
+    streams: int
+    pending: int
+    inflight: int
+    dead: int
+    paused: bool
+    oldest_age_s: float | None
+    held: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """A task as stored: id, name (None when its payload cannot be decoded), when it was
+    enqueued, how many consumers were handed it, and when its current hand-out started."""
+
+    id: str
+    name: str | None
+    enqueued_ms: int
+    deliveries: int = 0
+    started_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamDetail:
+    """One stream as an operator sees it. ``head`` is the next task in line (the first in
+    flight, else the first pending); ``running_s`` how long the holder has had that task, when
+    Redis recorded its hand-out; ``blocked`` when that is longer than the caller's threshold."""
+
+    stream: str
+    queue: str
+    pending: int
+    inflight: int
+    dead: int
+    paused: bool
+    holder: str | None
+    fence: int | None
+    lease_ms: int | None
+    head: TaskSummary | None
+    oldest_age_s: float | None
+    running_s: float | None = None
+    blocked: bool = False
+
+    @property
+    def key(self) -> str | None:
+        return self.stream.partition(STREAM_SEPARATOR)[2] if STREAM_SEPARATOR in self.stream else None
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Tasks per second over the last minute: ``succeeded`` (acknowledged) and ``failed``
+    (dead-lettered, whatever the reason), across the fleet."""
+
+    succeeded: float = 0.0
+    failed: float = 0.0
+
+    def __add__(self, other: Rate) -> Rate:
+        return Rate(self.succeeded + other.succeeded, self.failed + other.failed)
+
+
+@dataclass(frozen=True)
+class QueueOverview:
+    """A queue summed over the streams an overview read (``read`` of ``streams`` live ones).
+    ``complete`` is false when there were more than it reads: the sums are then lower bounds."""
+
+    queue: str
+    streams: int
+    read: int
+    pending: int
+    inflight: int
+    dead: int
+    paused: bool
+    paused_streams: int
+    blocked: int
+    held: int
+    oldest_age_s: float | None
+    rate: Rate
+    complete: bool
+
+    @property
+    def trouble(self) -> tuple[int, int, float, int]:
+        """Sorts trouble first: blocked streams, dead letters growing, the oldest task, dead letters."""
+        return (-self.blocked, -(self.rate.failed > 0), -(self.oldest_age_s or 0.0), -self.dead)
+
+
+@dataclass(frozen=True)
+class StreamPage:
+    """One page of a queue's live streams, and the cursor of the next (None: the last)."""
+
+    rows: list[StreamDetail]
+    next_cursor: str | None
+    examined: int
+
+
+@dataclass(frozen=True)
+class DeadStreams:
+    """Streams of a queue with dead letters, as far as a bounded scan got: ``shards_scanned`` of
+    ``shards`` dead-letter indexes were read whole, and ``complete`` when that is all of them."""
+
+    streams: list[str]
+    shards_scanned: int
+    shards: int
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_scanned == self.shards
+
+
+@dataclass(frozen=True)
+class DeadPage:
+    """Dead letters of one page, and the offset the next page starts from (None: the last)."""
+
+    letters: list[DeadLetter]
+    next_offset: int | None
+    total: int
+
+
+def held_streams(replicas: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stream -> the live replica (as ``backend.replicas()`` lists it) holding it now."""
+    return {str(stream): r for r in replicas for stream in r.get("held", [])}

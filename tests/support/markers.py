@@ -1,0 +1,67 @@
+"""Marks every test by what it needs, so a run can choose: ``unit`` (no server, no process),
+``redis`` (a real redis-server), ``process`` (starts other OS processes), ``cluster`` (the
+session's Redis Cluster), ``browser`` (headless Chromium). The fast subset is ``-m unit``.
+
+Marks come from what a test really uses (its fixtures, its parameters, what its module starts), so
+a new test is marked without anyone remembering to: a test that starts a process or a server in a
+module that does so is never counted as a unit test."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+KINDS = ("unit", "redis", "process", "cluster", "browser")
+
+#: Fixtures that start a redis-server (directly or through another fixture).
+REDIS_FIXTURES = frozenset(
+    {
+        "redis_server",
+        "own_redis",
+        "redis_backend",
+        "private_redis",
+        "aof_server",
+        "volatile_server",
+        "acl_server",
+        "tls",
+        "unix_socket",
+        "replicated",
+        "sentinels",
+        "rbackend",
+        "rb",
+    }
+)
+CLUSTER_FIXTURES = frozenset({"redis_cluster", "cluster_backend", "restored"})
+BROWSER_FIXTURES = frozenset({"browser", "page"})
+#: What a module that starts processes or servers of its own contains.
+PROCESS_SOURCE = re.compile(r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\()")
+
+
+@cache
+def _starts_processes(path: Path) -> bool:
+    return bool(PROCESS_SOURCE.search(path.read_text()))
+
+
+def kinds_of(item: pytest.Item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    found: set[str] = set()
+    if names & BROWSER_FIXTURES:
+        found.add("browser")
+    if names & CLUSTER_FIXTURES or "cluster" in Path(str(item.fspath)).parts:
+        found.add("cluster")
+    callspec = getattr(item, "callspec", None)
+    params = " ".join(str(v) for v in callspec.params.values()) if callspec else ""
+    if names & REDIS_FIXTURES or ("backend" in names and "redis" in item.name.lower()) or "redis" in params:
+        found.add("redis")
+    if _starts_processes(Path(str(item.fspath))):
+        found.add("process")
+    return found or {"unit"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in kinds_of(item):
+            item.add_marker(getattr(pytest.mark, kind))
