@@ -66,7 +66,13 @@ def fill_dead_letters(client: redis.Redis, backend: RedisQueueBackend, stream: s
         raise RuntimeError("downstream refused the request")
     except RuntimeError as exc:
         header = dead_letter_header(
-            "exhausted", replica="bench", deliveries=3, attempts=3, name="bench.dead", error=exc
+            "exhausted",
+            replica="bench",
+            deliveries=3,
+            attempts=3,
+            name="bench.dead",
+            error=exc,
+            at_ms=int(time.time() * 1000),
         )
     tail = b"," + header[1:].encode() + b"\n"  # dead_add puts "seq" first in the header
     entry_tail = b"|%d|0|" % int(time.time() * 1000) + TaskRecord("bench.dead", [0], {}).encode(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .errors import ConfigurationError
@@ -15,7 +15,9 @@ MAX_PREFETCH = 1000
 #: The default ``prefetch`` of ``ack_mode="group"``: enough tasks buffered that a worker does
 #: not wait for the next take while the previous one is on the wire, even for no-op tasks.
 GROUP_PREFETCH = 32
-ACK_MODES = ("group", "inline")
+#: How a lease holder acknowledges finished tasks (see ``Settings.ack_mode``).
+AckMode = Literal["group", "inline"]
+ACK_MODES: tuple[AckMode, ...] = get_args(AckMode)
 #: The most replicas durable mode may wait for: more than any deployment has is a typo.
 MAX_REPLICAS = 100
 
@@ -139,7 +141,7 @@ class Settings:
     #: a crash re-runs the tasks that finished within about one round trip before it.
     #: ``"inline"``: before taking more, so a crash re-runs at most ``prefetch`` tasks (one
     #: with its default ``prefetch`` of 1: the strict setting), at one round trip per take.
-    ack_mode: str = "group"
+    ack_mode: AckMode = "group"
     #: Most tasks a holder has taken and not yet run; None: 32 for ``"group"``, 1 for ``"inline"``.
     prefetch: int | None = None
     #: Tasks a holder runs before it yields the stream so other streams get a turn.

@@ -23,7 +23,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from . import hooks
-from .backend.backend import RedisQueueBackend, TaskHandle, expires_in_ms
+from .backend.backend import RedisQueueBackend
 from .config import validate_seconds
 from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
@@ -35,7 +35,7 @@ from .errors import (
     TimeLimitExceeded,
 )
 from .logs import log
-from .task import TaskRecord, encode_record, new_task_id, new_task_ids
+from .task import EncodedTask, TaskHandle, TaskRecord, encode_record, expires_in_ms, new_task_id, new_task_ids
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -188,9 +188,9 @@ class FifoFunction(Generic[P, R]):
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
         seconds after which the task is dead-lettered as expired instead of run."""
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
-        ((task_id, new),) = backend.enqueue_encoded(stream, items, dedup)
+        ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
-            hooks.emit("on_enqueue", self.queue, 1)
+            hooks.dispatcher.on_enqueue(self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
 
     async def asend_with_options(
@@ -205,9 +205,9 @@ class FifoFunction(Generic[P, R]):
     ) -> TaskHandle:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
-        ((task_id, new),) = await backend.aenqueue_encoded(stream, items, dedup)
+        ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:
-            hooks.emit("on_enqueue", self.queue, 1)
+            hooks.dispatcher.on_enqueue(self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
 
     def check_call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -228,7 +228,7 @@ class FifoFunction(Generic[P, R]):
         dedup_key: str | None,
         expires_in: float | None,
         backend: RedisQueueBackend | None,
-    ) -> tuple[RedisQueueBackend, str, list[tuple[str, int, bytes]], list[str] | None]:
+    ) -> tuple[RedisQueueBackend, str, list[EncodedTask], list[str] | None]:
         kwargs = kwargs or {}
         self.check_call(args, kwargs)
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
@@ -270,7 +270,7 @@ class FifoFunction(Generic[P, R]):
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
         by_stream: dict[str, list[int]] = {}
-        encoded: dict[str, list[tuple[str, int, bytes]]] = {}
+        encoded: dict[str, list[EncodedTask]] = {}
         handles: list[TaskHandle] = []
         headers = hooks.enqueue_headers(self.queue)
         serializer = backend.settings.serializer
@@ -285,7 +285,7 @@ class FifoFunction(Generic[P, R]):
             if stream not in by_stream:
                 by_stream[stream], encoded[stream] = [], []
             by_stream[stream].append(index)
-            encoded[stream].append((task_id, ttl_ms, payload))
+            encoded[stream].append(EncodedTask(task_id, ttl_ms, payload))
             handles.append(TaskHandle(task_id, self.queue, stream, self.name))
         accepted: list[int] = []
         for stream, indexes in by_stream.items():
@@ -294,7 +294,7 @@ class FifoFunction(Generic[P, R]):
                 chunk = indexes[start : start + ENQUEUE_CHUNK]
                 dedup = None if batch_id is None else [f"{batch_id}:{i}" for i in chunk]
                 try:
-                    reply = backend.enqueue_encoded(stream, items[start : start + ENQUEUE_CHUNK], dedup)
+                    reply = backend.enqueuer.enqueue(stream, items[start : start + ENQUEUE_CHUNK], dedup)
                 except (BackendUnavailableError, redis.RedisError) as exc:
                     raise _partial(exc, handles, accepted, chunk, batch_id) from exc
                 for i, (task_id, new) in zip(chunk, reply, strict=True):
@@ -302,7 +302,7 @@ class FifoFunction(Generic[P, R]):
                         handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True)
                 accepted.extend(chunk)
                 if stored := sum(new for _, new in reply):
-                    hooks.emit("on_enqueue", self.queue, stored)
+                    hooks.dispatcher.on_enqueue(self.queue, stored)
         return handles
 
 

@@ -26,6 +26,7 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from .engine.events import LeaseChange, TaskOutcome
     from .task import TaskContext
 
 INSTALL_HINT = "pip install 'pyfiq[metrics]'"
@@ -48,7 +49,7 @@ def prometheus() -> Any:
     return prometheus_client
 
 
-class PrometheusListener:
+class PrometheusListener(hooks.Hooks):
     """The hooks listener ``enable()`` registers: one set of metrics in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -76,7 +77,7 @@ class PrometheusListener:
         )
         self.enqueued = prom.Counter("pyfiq_enqueued", "New tasks stored.", ["queue"], registry=registry)
 
-    def after_execution(self, ctx: TaskContext, outcome: str, duration: float) -> None:
+    def after_execution(self, ctx: TaskContext, outcome: TaskOutcome, duration: float) -> None:
         self.tasks.labels(ctx.queue, outcome).inc()
         self.duration.labels(ctx.queue).observe(duration)
 
@@ -86,7 +87,7 @@ class PrometheusListener:
     def on_dead_letter(self, stream: str, reason: str, ctx: TaskContext | None) -> None:
         self.tasks.labels(queue_of(stream), "dead_lettered").inc()
 
-    def on_lease(self, stream: str, event: str) -> None:
+    def on_lease(self, stream: str, event: LeaseChange) -> None:
         self.leases.labels(queue_of(stream), event).inc()
 
     def on_enqueue(self, queue: str, count: int) -> None:

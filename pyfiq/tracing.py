@@ -27,6 +27,7 @@ from . import hooks
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from .engine.events import TaskOutcome
     from .task import TaskContext
 
 INSTALL_HINT = "pip install 'pyfiq[otel]'"
@@ -45,7 +46,7 @@ def _otel() -> Any:
     return opentelemetry
 
 
-class TracingListener:
+class TracingListener(hooks.Hooks):
     """The hooks listener ``enable()`` registers."""
 
     def __init__(self, tracer_provider: Any = None) -> None:
@@ -97,7 +98,7 @@ class TracingListener:
         if opened is not None:
             opened[0].record_exception(error, escaped=True)
 
-    def after_execution(self, ctx: TaskContext, outcome: str, duration: float) -> None:
+    def after_execution(self, ctx: TaskContext, outcome: TaskOutcome, duration: float) -> None:
         opened = self._open.pop(id(ctx), None)
         if opened is None:
             return

@@ -16,10 +16,10 @@ import pytest
 
 import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
-from pyfiq.chaos.faults import FaultProxy
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.task import Entry, TaskRecord, new_task_id
+from pyfiq_harness.proxy import FaultProxy
 from tests.conftest import FAST, unique_prefix, wait_until
 
 
@@ -110,7 +110,7 @@ def _fill_dead_letters(backend: RedisQueueBackend, stream: str, n: int) -> list[
 
 
 def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.backend.backend
+    import pyfiq.backend.admin
 
     ids = _fill_dead_letters(redis_backend, "q", 1050)
     calls: list[Any] = []
@@ -121,7 +121,7 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
         return real(call)
 
     monkeypatch.setattr(redis_backend, "operator_call", counting)
-    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 100)
+    monkeypatch.setattr(pyfiq.backend.admin, "REQUEUE_STEP", 100)
     # By id: one call that looks at one record, wherever it sits.
     assert redis_backend.requeue_dead_letters("q", task_id=ids[700]) == 1
     assert len(calls) == 1
@@ -137,9 +137,9 @@ def test_requeue_is_bounded_per_script_call(redis_backend: RedisQueueBackend, mo
 
 
 def test_requeue_count_takes_the_oldest(redis_backend: RedisQueueBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyfiq.backend.backend
+    import pyfiq.backend.admin
 
-    monkeypatch.setattr(pyfiq.backend.backend, "REQUEUE_STEP", 7)
+    monkeypatch.setattr(pyfiq.backend.admin, "REQUEUE_STEP", 7)
     ids = _fill_dead_letters(redis_backend, "q", 30)
     assert redis_backend.requeue_dead_letters("q", count=20) == 20
     k = redis_backend.keys.stream("q")

@@ -62,15 +62,15 @@ def test_enable_is_idempotent_per_registry_and_disable_stops_counting() -> None:
     try:
         assert metrics.enable(first) is listener
         metrics.enable(second)
-        hooks.emit("on_enqueue", "q-metrics-unit", 2)
+        hooks.dispatcher.on_enqueue("q-metrics-unit", 2)
         metrics.disable(second)
-        hooks.emit("on_enqueue", "q-metrics-unit", 3)
+        hooks.dispatcher.on_enqueue("q-metrics-unit", 3)
         assert first.get_sample_value("pyfiq_enqueued_total", {"queue": "q-metrics-unit"}) == 5
         assert second.get_sample_value("pyfiq_enqueued_total", {"queue": "q-metrics-unit"}) is None
     finally:
         metrics.disable(first)
         metrics.disable(second)
-    hooks.emit("on_enqueue", "q-metrics-unit", 1)
+    hooks.dispatcher.on_enqueue("q-metrics-unit", 1)
     assert first.get_sample_value("pyfiq_enqueued_total", {"queue": "q-metrics-unit"}) is None
 
 

@@ -111,9 +111,9 @@ def test_the_trace_context_is_stored_with_the_task(backend, exporter) -> None:  
 def test_a_listener_can_attach_headers_and_a_bad_one_is_dropped(backend, exporter) -> None:  # type: ignore[no-untyped-def]
     q = qname()
 
-    class Tagger:
-        def before_enqueue(self, queue: str, headers: dict[str, Any]) -> None:
-            headers.update({"tenant": "acme", "bad": 3})
+    class Tagger(hooks.Hooks):
+        def before_enqueue(self, queue: str, headers: dict[str, str]) -> None:
+            headers.update({"tenant": "acme", "bad": 3})  # type: ignore[dict-item]
 
     tagger = Tagger()
     hooks.add(tagger)

@@ -1,7 +1,8 @@
 """A lease on one stream as its holder sees it: the fencing token, and how long it is surely
 held, counted from the moment the acquiring or renewing request was sent.
 
-Pure bookkeeping; must not import redis or do any I/O.
+Pure bookkeeping; must not import redis or do any I/O. It reads no clock: what depends on the
+time takes ``now`` (monotonic seconds) from its caller, which has the driver's clock.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
-import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .keys import StreamKeys
 
@@ -27,6 +27,10 @@ class Flag(Protocol):
     def set(self) -> None: ...
 
     def is_set(self) -> bool: ...
+
+
+#: Why a lease lets nothing more start: not halted, an operator's pause, an operator's skip.
+Halt = Literal["", "paused", "skipped"]
 
 
 def lease_margin(ttl: float) -> float:
@@ -64,7 +68,7 @@ class Lease:
     #: Why nothing more may start under this lease ('paused', 'skipped'): an operator acted on
     #: the stream. Set under ``gate``, which a task's first attempt also takes to check it, so
     #: once ``halt`` has returned no task starts here (what a pause's confirmation promises).
-    halted: str = ""
+    halted: Halt = ""
     #: An operator's skip revoked the lease: the holder lets go under the revoked value.
     revoked: bool = False
     #: The tasks skips dead-lettered under this lease, space-separated (one may still run here).
@@ -76,9 +80,11 @@ class Lease:
     halt_confirmed: bool = False
     #: A let-go on the stuck run's behalf is under way.
     letting_go: bool = False
-    gate: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    #: Given by the driver: a lock where halts and first attempts run in different threads
+    #: (the threaded worker), no lock where one event loop runs both.
+    gate: AbstractContextManager[Any] = field(default_factory=nullcontext, repr=False, compare=False)
 
-    def halt(self, why: str) -> bool:
+    def halt(self, why: Halt) -> bool:
         """Start nothing more under this lease; True the first time it is said."""
         with self.gate:
             first = not self.halted
@@ -99,10 +105,10 @@ class Lease:
         """A renewal sent at ``sent_at`` succeeded."""
         self.valid_until = max(self.valid_until, sent_at + self.ttl - lease_margin(self.ttl))
 
-    def lapsed(self) -> bool:
-        """True once the lease may be gone even if no heartbeat said so yet (this process was
-        paused, or replies are slow): start nothing new."""
-        if not self.lost and time.monotonic() >= self.valid_until:
+    def lapsed(self, now: float) -> bool:
+        """True once the lease may be gone at ``now`` even if no heartbeat said so yet (this
+        process was paused, or replies are slow): start nothing new."""
+        if not self.lost and now >= self.valid_until:
             self.mark_lost("no renewal confirmed within the lease TTL (counted from when it was sent)")
         return self.lost
 
@@ -114,10 +120,10 @@ class Lease:
     def clock(self, redis_ms: int, sent_at: float) -> None:
         self.redis_ms, self.redis_at = redis_ms, sent_at
 
-    def redis_now_ms(self) -> float:
-        """Redis's clock now, estimated from the last reply: counted from the request's send
-        time, so it errs late by at most a round trip (a deadline is never passed unseen)."""
-        return self.redis_ms + (time.monotonic() - self.redis_at) * 1000
+    def redis_now_ms(self, now: float) -> float:
+        """Redis's clock at ``now``, estimated from the last reply: counted from the request's
+        send time, so it errs late by at most a round trip (a deadline is never passed unseen)."""
+        return self.redis_ms + (now - self.redis_at) * 1000
 
 
 def release_retry_delays(lease_ttl: float) -> list[float]:

@@ -1,23 +1,28 @@
 """What running one task can come to (the outcomes a driver feeds back to ``StreamRun``), how a
 taken task is prepared (decoded, checked, its function found), and dead-letter records.
 
-Must not import redis or do any I/O.
+Must not import redis or do any I/O, and reads no clock: ``prepare`` is given the driver's.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..config import Settings
 from ..errors import DecodeError
 from ..task import Entry, TaskContext, TaskRecord
+from .events import Clock
 from .keys import queue_of
 from .lease import Lease
+
+#: Why this process dead-letters a task (Redis's scripts add ``poison`` and ``lease-lost``, and
+#: stamp malformed or expired tasks they meet when handing out).
+DeadLetterReason = Literal["exhausted", "undecodable", "expired", "unknown-task", "operator"]
+_REASONS: dict[str, DeadLetterReason] = {reason: reason for reason in get_args(DeadLetterReason)}
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,9 @@ class DeadLettered:
     context: TaskContext | None = field(default=None, compare=False)
 
     @property
-    def reason(self) -> str:
+    def reason(self) -> DeadLetterReason | Literal["unknown"]:
         try:
-            return str(json.loads(self.header).get("reason", "unknown"))
+            return _REASONS.get(str(json.loads(self.header).get("reason")), "unknown")
         except (ValueError, AttributeError):
             return "unknown"
 
@@ -117,21 +122,21 @@ def _bounded_traceback(error: BaseException) -> tuple[str, int | None]:
 
 
 def dead_letter_header(
-    reason: str,
+    reason: DeadLetterReason,
     *,
     replica: str,
     deliveries: int,
     attempts: int = 0,
     name: str | None = None,
     error: BaseException | None = None,
+    at_ms: int | None = None,
 ) -> str:
-    header: dict[str, Any] = {
-        "reason": reason,
-        "deliveries": deliveries,
-        "attempts": attempts,
-        "at_ms": int(time.time() * 1000),
-        "replica": replica,
-    }
+    """The JSON header of a dead-letter record. ``at_ms``: when, by the caller's wall clock (the
+    engine reads none); a header without it sorts first among a stream's dead letters."""
+    header: dict[str, Any] = {"reason": reason, "deliveries": deliveries, "attempts": attempts}
+    if at_ms is not None:
+        header["at_ms"] = at_ms
+    header["replica"] = replica
     if name is not None:
         header["name"] = name
     if error is not None:
@@ -180,6 +185,8 @@ def prepare(
     lookup: Callable[[str], Any],
     settings: Settings,
     replica: str,
+    *,
+    clock: Clock,
     unknown_for: Callable[[str], float] = lambda task_id: float("inf"),
 ) -> Prepared | DeadLettered | Deferred:
     """Decode a taken task and find its function, or say why it must be dead-lettered.
@@ -190,38 +197,28 @@ def prepare(
     A task whose deadline has passed by Redis's clock (estimated from the last reply) is
     dead-lettered as expired, however long it waited in this holder's buffer.
     """
+
+    def refused(reason: DeadLetterReason, error: BaseException, name: str | None = None) -> DeadLettered:
+        header = dead_letter_header(
+            reason, replica=replica, deliveries=deliveries, name=name, error=error, at_ms=clock.wall_ms()
+        )
+        return DeadLettered(header)
+
     if entry.malformed:
-        error = DecodeError(f"malformed task entry {entry.raw[:80]!r}")
-        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=error))
+        return refused("undecodable", DecodeError(f"malformed task entry {entry.raw[:80]!r}"))
     try:
         record = TaskRecord.decode(entry.payload, settings.serializer)
     except DecodeError as exc:
-        return DeadLettered(dead_letter_header("undecodable", replica=replica, deliveries=deliveries, error=exc))
-    if entry.expires_ms and entry.expires_ms <= lease.redis_now_ms():
-        return DeadLettered(
-            dead_letter_header(
-                "expired",
-                replica=replica,
-                deliveries=deliveries,
-                name=record.name,
-                error=TimeoutError(f"the task's deadline passed before it could start (expires_ms={entry.expires_ms})"),
-            )
-        )
+        return refused("undecodable", exc)
+    if entry.expires_ms and entry.expires_ms <= lease.redis_now_ms(clock.monotonic()):
+        late = f"the task's deadline passed before it could start (expires_ms={entry.expires_ms})"
+        return refused("expired", TimeoutError(late), record.name)
     func = lookup(record.name)
     if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
         return Deferred(entry.id)
     if func is None:
-        return DeadLettered(
-            dead_letter_header(
-                "unknown-task",
-                replica=replica,
-                deliveries=deliveries,
-                name=record.name,
-                error=LookupError(
-                    f"no replica ran a @fifo function named {record.name!r} within {settings.unknown_task_grace}s"
-                ),
-            )
-        )
+        unknown = f"no replica ran a @fifo function named {record.name!r} within {settings.unknown_task_grace}s"
+        return refused("unknown-task", LookupError(unknown), record.name)
     context = TaskContext(
         id=entry.id,
         name=record.name,

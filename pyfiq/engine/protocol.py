@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import chain
@@ -185,13 +186,23 @@ class ScriptCalls:
             "acquire", k, [stream, self.settings.lease_ttl_ms, nonce, want, self.settings.max_deliveries]
         )
 
-    def parse_acquire(self, stream: str, reply: list[Any], abort: Flag, sent_at: float) -> Lease | None:
+    def parse_acquire(
+        self,
+        stream: str,
+        reply: list[Any],
+        abort: Flag,
+        sent_at: float,
+        gate: AbstractContextManager[Any] | None = None,
+    ) -> Lease | None:
         """The lease a successful ``acquire`` reply grants; ``sent_at`` is the monotonic time the
-        request was sent, from which the lease's validity is counted."""
+        request was sent, from which the lease's validity is counted. ``gate``: the driver's
+        lock for the lease's halts (see ``Lease.gate``); None where one thread does it all."""
         if AcquireReply(int(reply[0])) is not AcquireReply.GRANTED:
             return None
         ttl = self.settings.lease_ttl
         lease = Lease(stream, self.keys.stream(stream), _text(reply[1]), int(reply[2]), abort, ttl=ttl)
+        if gate is not None:
+            lease.gate = gate
         lease.confirm(sent_at)
         lease.clock(int(reply[3]), sent_at)
         lease.initial = [(Entry.load(reply[i]), int(reply[i + 1])) for i in range(4, len(reply), 2)]

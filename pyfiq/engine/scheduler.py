@@ -1,8 +1,10 @@
 """What a worker claims and when, and what its heartbeats mean, without I/O.
 
 Both drivers (threads and asyncio) own one ``Scheduler``: they ask it which script calls to
-make, hand it the replies, and wait as long as it says. It is guarded by a lock because the
-threaded driver touches it from several threads; under asyncio the lock is never contended.
+make, hand it the replies, and wait as long as it says. The driver gives it its clock and its
+locks: the threaded driver touches it from several threads and gives real ones, the asyncio
+driver runs it on one loop and gives none. What it has to say (a lease lost, a late
+heartbeat, a failed claim) is kept in ``events`` for the driver to log.
 It learns about the application's tasks only through the ``TaskDirectory`` it is given (the
 ``pyfiq.functions`` module in a worker, anything with the same three functions in a test); it must
 not import redis, the API or the drivers.
@@ -12,14 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from ..config import Settings
-from ..logs import log
+from .events import (
+    ClaimFailed,
+    Clock,
+    HeartbeatLate,
+    LayoutMismatch,
+    LeaseLost,
+    LeaseRevoked,
+    Outbox,
+    StreamHalted,
+    TaskDeferred,
+    TaskRefused,
+)
 from .keys import queue_of
 from .lease import Flag, Lease
 from .outcomes import DeadLettered, Deferred, Prepared, describe_error, prepare
@@ -63,9 +75,27 @@ def poll_owners(pollers: Sequence[str], shards: int) -> list[str]:
     return [max(pollers, key=lambda r: weight(r, shard)) for shard in range(shards)]
 
 
+#: Makes a lock-like context manager: ``threading.Lock`` in threads, ``nullcontext`` on one loop.
+LockFactory = Callable[[], AbstractContextManager[Any]]
+
+
 class Scheduler:
-    def __init__(self, ops: ScriptCalls, concurrency: int, queues: Sequence[str] | None, tasks: TaskDirectory) -> None:
+    """``clock``: the driver's; ``lock``: makes the scheduler's lock and each lease's ``gate``."""
+
+    def __init__(
+        self,
+        ops: ScriptCalls,
+        concurrency: int,
+        queues: Sequence[str] | None,
+        tasks: TaskDirectory,
+        *,
+        clock: Clock,
+        lock: LockFactory,
+    ) -> None:
         self.ops = ops
+        self.clock = clock
+        self.events = Outbox()
+        self._new_lock = lock
         self.settings: Settings = ops.settings
         self.concurrency = concurrency
         self._queues = list(queues) if queues is not None else None
@@ -81,7 +111,7 @@ class Scheduler:
         self.dispatching = True
         # Calls a heartbeat's replies asked for (a pause's confirmation, a skip's let-go).
         self._followups: list[tuple[Lease, str, Call]] = []
-        self._lock = threading.Lock()
+        self._lock = lock()
         self._shard_due = [0.0] * shards
         # Looks asked for by events (a claim, a lease about to lapse, a scan paging on), made
         # whichever replica polls the shard.
@@ -102,11 +132,12 @@ class Scheduler:
         self._unknown_since: dict[str, float] = {}
         self._backoff = 0.0
         self._identity: tuple[str, dict[str, Any]] | None = None
-        self._next_beat = time.monotonic() + self.settings.effective_heartbeat
+        started = clock.monotonic()
+        self._next_beat = started + self.settings.effective_heartbeat
         #: Tasks ended under leases given up since the start, and (time, total) per heartbeat
         #: over the last minute: the replica's rate that operators see.
         self._done = 0
-        self._done_seen: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
+        self._done_seen: deque[tuple[float, int]] = deque([(started, 0)])
         #: Tasks taken together with a lease: a claim and the first batch in one round trip.
         self.first_batch = min(self.settings.effective_prefetch, self.settings.batch_limit)
 
@@ -158,12 +189,8 @@ class Scheduler:
                 # producer after an empty restart): say so loudly, keep serving other shards.
                 self._shard_due[shard] = now + self.settings.poll_interval
                 self._look_at[shard] = math.inf
-                log.error(
-                    "pyfiq.layout_mismatch",
-                    shard=shard,
-                    shards=self.ops.keys.shards,
-                    error=str(reply).split("PYFIQLAYOUT ", 1)[-1],
-                )
+                error = str(reply).split("PYFIQLAYOUT ", 1)[-1]
+                self.events.put(LayoutMismatch(shard, self.ops.keys.shards, error))
                 continue
             if isinstance(reply, Exception):
                 raise reply
@@ -187,7 +214,7 @@ class Scheduler:
 
     def on_acquired(self, shard: int, stream: str, reply: Any, abort: Flag, now: float) -> Lease | None:
         """``now``: the monotonic time the acquire request was sent."""
-        lease = self.ops.parse_acquire(stream, reply, abort, now)
+        lease = self.ops.parse_acquire(stream, reply, abort, now, gate=self._new_lock())
         if lease is None:
             if len(reply) > 1:  # still leased for a moment: look again right when it lapses
                 self._look_at[shard] = min(self._look_at[shard], now + int(reply[1]) / 1000)
@@ -205,7 +232,7 @@ class Scheduler:
             self._stuck.discard(id(lease))
             self._done += lease.done
             if run is not None and run.deferred is not None:
-                self._avoid[lease.stream] = time.monotonic() + max(self.settings.poll_interval, 1.0)
+                self._avoid[lease.stream] = self.clock.monotonic() + max(self.settings.poll_interval, 1.0)
             if run is not None and run.yielded:
                 # Look at every shard before claiming again, so the stream that has waited
                 # longest wins even if its wake-up message has not arrived yet.
@@ -292,35 +319,37 @@ class Scheduler:
 
     def poll_view(self) -> tuple[list[str], frozenset[int] | None]:
         """(the pollers of the last view by name, the shards this replica polls; None: all)."""
-        return list(self._view), self._polled_now(time.monotonic())
+        return list(self._view), self._polled_now(self.clock.monotonic())
 
     def prepare(self, lease: Lease, step: RunTask, replica: str) -> Prepared | DeadLettered | Deferred:
-        """Decode a taken task and find its function (see ``core.prepare``), logging why a task
-        is dead-lettered instead."""
+        """Decode a taken task and find its function (see ``outcomes.prepare``), noting why a
+        task is dead-lettered instead."""
         prepared = prepare(
-            step.entry, step.deliveries, lease, self.tasks.lookup, self.settings, replica, unknown_for=self.unknown_for
+            step.entry,
+            step.deliveries,
+            lease,
+            self.tasks.lookup,
+            self.settings,
+            replica,
+            clock=self.clock,
+            unknown_for=self.unknown_for,
         )
         if not isinstance(prepared, Deferred):
             # The grace starts again at the task's next meeting (say, after a requeue).
             self.forget_unknown(step.entry.id)
         if isinstance(prepared, DeadLettered):
-            log.error("pyfiq.task_dead_lettered", stream=lease.stream, task_id=step.entry.id, header=prepared.header)
+            self.events.put(TaskRefused(lease.stream, step.entry.id, prepared.header))
         return prepared
 
-    def report(self, run: StreamRun, step: Finished) -> None:
-        """Say loudly how a lease ended when it did not end well."""
+    def ended(self, run: StreamRun, step: Finished) -> None:
+        """Note how a lease ended when it did not end well, for the driver to say loudly."""
         lease = run.lease
         if run.deferred is not None:
-            log.warning(
-                "pyfiq.task_deferred_unknown",
-                stream=lease.stream,
-                task_id=run.deferred,
-                grace=self.settings.unknown_task_grace,
-            )
+            self.events.put(TaskDeferred(lease.stream, run.deferred, self.settings.unknown_task_grace))
         if step.reason == "fenced" and lease.revoked:
-            log.info("pyfiq.lease_revoked", stream=lease.stream, fencing_token=lease.fence, skipped=lease.skipped)
+            self.events.put(LeaseRevoked(lease.stream, lease.fence, lease.skipped))
         elif step.reason == "fenced":
-            log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
+            self.events.put(LeaseLost(lease.stream, lease.fence, lease.lost_reason))
 
     def forget_unknown(self, task_id: str) -> None:
         if self._unknown_since:
@@ -328,7 +357,7 @@ class Scheduler:
                 self._unknown_since.pop(task_id, None)
 
     def unknown_for(self, task_id: str) -> float:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             if len(self._unknown_since) > UNKNOWN_MEMORY:
                 self._unknown_since.clear()
@@ -338,7 +367,7 @@ class Scheduler:
         """A look or claim failed (Redis unreachable, a restart): how long to wait before the
         next one, doubling up to the poll interval."""
         self._backoff = min(max(self._backoff * 2, 0.1), self.settings.poll_interval)
-        log.warning("pyfiq.claim_failed", error=describe_error(exc), retry_in=self._backoff)
+        self.events.put(ClaimFailed(describe_error(exc), self._backoff))
         return self._backoff
 
     def claim_succeeded(self) -> None:
@@ -360,7 +389,7 @@ class Scheduler:
         interval = self.settings.effective_heartbeat
         late = now - self._next_beat
         if late > interval:
-            log.warning("pyfiq.heartbeat_late", late_by=round(late, 3), interval=interval)
+            self.events.put(HeartbeatLate(round(late, 3), interval))
         self._next_beat = now + interval
         leases, calls = self.renew_calls()
         if self._identity is not None:
@@ -393,10 +422,11 @@ class Scheduler:
         if len(replies) > len(leases):
             self._on_beat(replies[len(leases)], sent_at)
         lost: list[Lease] = []
+        arrived = self.clock.monotonic()
         for lease, reply in zip(leases, replies[: len(leases)], strict=True):
             if isinstance(reply, Exception):
                 # Unknown whether Redis still holds it: assume lost once it may have lapsed.
-                if time.monotonic() >= lease.valid_until:
+                if arrived >= lease.valid_until:
                     lease.mark_lost(f"renewal failed until the lease may have lapsed: {describe_error(reply)}")
                     lost.append(lease)
             else:
@@ -412,7 +442,7 @@ class Scheduler:
                 elif status is RenewReply.REVOKED:
                     self._on_revoked(lease, reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1]))
         for lease in lost:
-            log.error("pyfiq.lease_lost", stream=lease.stream, fencing_token=lease.fence, reason=lease.lost_reason)
+            self.events.put(LeaseLost(lease.stream, lease.fence, lease.lost_reason))
         return lost
 
     # -- operator actions reaching work taken ahead ------------------------------------------
@@ -421,7 +451,7 @@ class Scheduler:
         """The stream is paused: start nothing more under the lease, then say so in Redis,
         which is what ``pause()`` waits for (the halt is in place before the call is made)."""
         if lease.halt("paused"):
-            log.info("pyfiq.stream_halted", stream=lease.stream, reason="paused")
+            self.events.put(StreamHalted(lease.stream, "paused"))
         if lease.halted and not lease.halt_confirmed:
             self._followups.append((lease, "halted", self.ops.halted(lease)))
 
@@ -431,7 +461,7 @@ class Scheduler:
         in one endless call), the heartbeat lets go on its behalf at once, so the stream moves
         on while that execution, whose result no longer counts, keeps its worker slot."""
         if lease.revoke(skipped):
-            log.info("pyfiq.lease_revoked", stream=lease.stream, fencing_token=lease.fence, skipped=skipped)
+            self.events.put(LeaseRevoked(lease.stream, lease.fence, skipped))
         running = lease.running
         if running is not None and running[0] in lease.skipped.split() and not lease.letting_go:
             lease.letting_go = True

@@ -7,19 +7,19 @@ With ``ack_mode="group"`` a run keeps up to ``MAX_SENT`` calls in the background
 run (takes that acknowledge what finished and take more). The driver sends ``RunTask.send``
 before running the task, after any call still in flight and never beside one (so Redis applies
 acknowledgements in order), hands their replies to ``collect`` in the order sent, and waits for
-the oldest when told to (``Await``).
+the oldest when told to (``Await``). A dead letter Redis confirmed is kept in ``events`` for
+the driver's hooks.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from .. import hooks
 from ..task import Entry
+from .events import Clock, DeadLetterConfirmed, Outbox
 from .keys import queue_of
 from .lease import Lease
 from .outcomes import Aborted, Acked, DeadLettered, Deferred, Fenced, Outcome
@@ -52,13 +52,18 @@ class Pause:
     seconds: float
 
 
+#: How a run ended: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back
+#: until its rate permit), 'paused' (an operator paused it), 'skipped' (an operator's skip
+#: revoked the lease: let go), 'fenced', 'abandoned', 'failed' (the background call failed: the
+#: driver raises its error and hands the stream back).
+FinishReason = Literal["empty", "released", "parked", "paused", "skipped", "fenced", "abandoned", "failed"]
+#: The ways a run hands its lease back with a ``release`` call.
+ReleaseReason = Literal["released", "parked", "paused", "skipped"]
+
+
 @dataclass(frozen=True)
 class Finished:
-    #: 'empty' (stream drained and forgotten), 'released', 'parked' (handed back until its rate
-    #: permit), 'paused' (an operator paused it), 'skipped' (an operator's skip revoked the
-    #: lease: let go), 'fenced', 'abandoned', 'failed' (the background call failed: the driver
-    #: raises its error and hands the stream back)
-    reason: str
+    reason: FinishReason
 
 
 Step = Call | RunTask | Pause | Await | Finished
@@ -100,8 +105,8 @@ class StreamRun:
         *,
         stopping: Callable[[], bool],
         abandoned: Callable[[], bool],
+        clock: Clock,
         rate_limit: RateLimit | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ops = ops
         self.lease = lease
@@ -110,7 +115,8 @@ class StreamRun:
         self.settings = ops.settings
         self._stopping = stopping
         self._abandoned = abandoned
-        self._clock = clock
+        self.clock = clock
+        self.events = Outbox()
         self.acks: list[str] = []
         self.buffer: deque[tuple[Entry, int]] = deque()
         self.processed = 0
@@ -123,7 +129,7 @@ class StreamRun:
         self._waiting: str | None = None
         self._head_started = False
         self._sent_at = 0.0
-        self._final = "released"
+        self._final: ReleaseReason = "released"
         self.group = self.settings.ack_mode == "group" and rate_limit is None
         #: The background calls outstanding, oldest first: the acknowledgements each carries,
         #: how many tasks it asks for and when it was handed to the driver.
@@ -159,12 +165,12 @@ class StreamRun:
 
     def _call(self, call: Call) -> Call:
         self._waiting = call.script
-        self._sent_at = self._clock()
+        self._sent_at = self.clock.monotonic()
         # take may release an empty stream, release always does.
         self.lease.ending = call.script in ("take", "release")
         return call
 
-    def _release(self, started: list[str], delay_ms: int = 0, final: str = "released") -> Step:
+    def _release(self, started: list[str], delay_ms: int = 0, final: ReleaseReason = "released") -> Step:
         def release() -> Step:
             self._final = final
             # Acknowledgements a revoked lease's takes carried were refused: they go again here.
@@ -193,7 +199,7 @@ class StreamRun:
             return None
         want = max(room, 0)
         call = self.ops.take(self.lease, self.acks, want, ahead=True)
-        self._sent.append((self.acks, want, self._clock()))
+        self._sent.append((self.acks, want, self.clock.monotonic()))
         self.acks = []
         return call
 
@@ -250,7 +256,7 @@ class StreamRun:
             self._waiting = "run"
             entry, deliveries = self.buffer[0]
             if self.lease.running is None or self.lease.running[0] != entry.id:
-                self.lease.running = (entry.id, int(self.lease.redis_now_ms()))
+                self.lease.running = (entry.id, int(self.lease.redis_now_ms(self.clock.monotonic())))
             return RunTask(entry, deliveries, self._ahead())
         if self._sent:  # out of tasks: the background takes may bring some
             return self._sync(self._next)
@@ -321,7 +327,7 @@ class StreamRun:
         self.lease.done += 1
         dead, self._dead = self._dead, None
         if dead is not None:
-            hooks.emit("on_dead_letter", self.lease.stream, dead.reason, dead.context)
+            self.events.put(DeadLetterConfirmed(self.lease.stream, dead.reason, dead.context))
         return self._next()
 
     def _on_release(self, result: Any) -> Step:

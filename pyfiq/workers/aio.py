@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .. import functions, hooks
+from .. import functions
 from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
@@ -26,6 +26,7 @@ from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
+from .reports import lease_ended, lease_started, report
 
 
 async def run_task_async(
@@ -35,22 +36,29 @@ async def run_task_async(
     permit: Callable[[], Awaitable[bool]] | None = None,
 ) -> Outcome:
     """Run one task under its retry policy, awaiting it; ``sleep`` returns True when the wait
-    was cut short by the lease's abort flag; ``permit`` as in ``run_task_sync``."""
+    was cut short by the lease's abort flag; ``permit`` and the events as in ``run_task_sync``."""
     while (ctx := task.begin()) is not None:
+        report(task.events.take())
         try:
             result = await invoke(ctx)
         except asyncio.CancelledError:
             task.cancelled()
+            report(task.events.take())
             raise  # the worker's own control flow, not the task's failure
         except BaseException as exc:
             decision = task.after_failure(exc)
+            report(task.events.take())
             if not isinstance(decision, float):
                 return decision
             if await sleep(decision) or (permit is not None and not await permit()):
                 break
             continue
-        return task.succeeded(result)
-    return task.interrupted()
+        outcome = task.succeeded(result)
+        report(task.events.take())
+        return outcome
+    outcome = task.interrupted()
+    report(task.events.take())
+    return outcome
 
 
 def _background(call: Awaitable[Any]) -> asyncio.Future[Any]:
@@ -104,7 +112,8 @@ class AsyncWorker(WorkerBase):
         concurrency: int = 16,
         replica: str | None = None,
     ) -> None:
-        self._setup(backend, queues, concurrency, replica, "asyncio")
+        # One event loop runs the scheduler and every lease's halts and first attempts: no locks.
+        self._setup(backend, queues, concurrency, replica, "asyncio", contextlib.nullcontext)
         self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._nudge = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -264,29 +273,32 @@ class AsyncWorker(WorkerBase):
             except AccessDeniedError:
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
-                await _wait(self._nudge, self.scheduler.claim_failed(exc))
+                backoff = self.scheduler.claim_failed(exc)
+                report(self.scheduler.events.take())
+                await _wait(self._nudge, backoff)
                 continue
             self.scheduler.claim_succeeded()
-            wait = self.scheduler.idle_wait(time.monotonic())
+            wait = self.scheduler.idle_wait(self.clock.monotonic())
             if wait > 0:
                 await _wait(self._nudge, wait)
 
     async def _claim(self) -> None:
         await self.backend.acheck_layout()  # once: refuses a deployment with another shard count
-        now = time.monotonic()
+        now = self.clock.monotonic()
         shards, calls = self.scheduler.due_calls(now)
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
+        report(self.scheduler.events.take())
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            sent = time.monotonic()
+            sent = self.clock.monotonic()
             reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))
             lease = self.scheduler.on_acquired(shard, stream, reply, asyncio.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
-                hooks.lease_started(lease)
+                lease_started(lease)
                 self._work.put_nowait(lease)
 
     async def _listen(self) -> None:
@@ -313,19 +325,21 @@ class AsyncWorker(WorkerBase):
 
     async def _heartbeat(self) -> None:
         while True:
-            await _wait(self._beat_now, self.scheduler.heartbeat_wait(time.monotonic()))
+            await _wait(self._beat_now, self.scheduler.heartbeat_wait(self.clock.monotonic()))
             self._beat_now.clear()
             if self._abandoned.is_set() or self._stopped.is_set():
                 break
-            now = time.monotonic()
+            now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
+                report(self.scheduler.events.take())
                 continue
             try:
                 replies: list[Any] = await self.backend.acall_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            report(self.scheduler.events.take())
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = await self.backend.acall_many([call for _, _, call in followups])
@@ -338,20 +352,14 @@ class AsyncWorker(WorkerBase):
 
     async def _executor(self) -> None:
         while (lease := await self._work.get()) is not None:
-            run = StreamRun(
-                self.ops,
-                lease,
-                stopping=self._stopping.is_set,
-                abandoned=self._abandoned.is_set,
-                rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
-            )
+            run = self._stream_run(lease, self._stopping.is_set, self._abandoned.is_set)
             try:
                 await self._run_stream(run)
             finally:
                 self.scheduler.finished(lease, run)
                 self._nudge.set()
                 if not self._abandoned.is_set():  # a dead process reports nothing either
-                    hooks.lease_ended(lease)
+                    lease_ended(lease)
 
     async def _run_stream(self, run: StreamRun) -> None:
         lease = run.lease
@@ -377,6 +385,7 @@ class AsyncWorker(WorkerBase):
                     step = run.feed(None)
                 else:
                     step = run.feed(await self.backend.acall(step))
+                report(run.events.take())
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:
@@ -400,7 +409,8 @@ class AsyncWorker(WorkerBase):
             if not isinstance(exc, Exception):
                 raise
             return
-        self.scheduler.report(run, step)
+        self.scheduler.ended(run, step)
+        report(self.scheduler.events.take())
 
     async def _send_in_order(self, lock: asyncio.Lock, call: Call) -> Any:
         async with lock:
@@ -408,13 +418,14 @@ class AsyncWorker(WorkerBase):
 
     async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
+        report(self.scheduler.events.take())
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: asyncio.Event = lease.abort  # type: ignore[assignment]
-        task = TaskRun(prepared, lease)
+        task = TaskRun(prepared, lease, self.clock)
 
         async def invoke(ctx: TaskContext) -> Any:
             token = set_current(ctx)

@@ -1,18 +1,20 @@
 """What the two worker twins share before they differ in how they wait: the backend, settings,
-replica identity and the engine's ``Scheduler`` they drive."""
+replica identity, the clock they give the engine and the ``Scheduler`` they drive."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .. import functions
 from ..backend.backend import RedisQueueBackend
-from ..engine.keys import consumed_queues
-from ..engine.lease import replica_id
-from ..engine.scheduler import Scheduler
+from ..engine.keys import consumed_queues, queue_of
+from ..engine.lease import Lease, replica_id
+from ..engine.scheduler import LockFactory, Scheduler
+from ..engine.stream import StreamRun
 from ..errors import ConfigurationError
+from .reports import SYSTEM_CLOCK
 
 
 class WorkerBase:
@@ -25,6 +27,7 @@ class WorkerBase:
         concurrency: int,
         replica: str | None,
         driver: str,
+        lock: LockFactory,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
@@ -33,7 +36,10 @@ class WorkerBase:
         self.ops = self.backend.ops
         self.concurrency = concurrency
         self.replica = replica or replica_id()
-        self.scheduler = Scheduler(self.ops, concurrency, consumed_queues(queues), functions)
+        self.clock = SYSTEM_CLOCK
+        self.scheduler = Scheduler(
+            self.ops, concurrency, consumed_queues(queues), functions, clock=self.clock, lock=lock
+        )
         self.scheduler.identify(
             self.replica, host=socket.gethostname(), pid=os.getpid(), driver=driver, concurrency=concurrency
         )
@@ -42,3 +48,14 @@ class WorkerBase:
     def held_streams(self) -> list[str]:
         """The streams this worker holds a lease on now."""
         return sorted(lease.stream for lease in self.scheduler.held_leases())
+
+    def _stream_run(self, lease: Lease, stopping: Callable[[], bool], abandoned: Callable[[], bool]) -> StreamRun:
+        """The engine's run of one lease, with this worker's clock and the queue's rate limit."""
+        return StreamRun(
+            self.ops,
+            lease,
+            stopping=stopping,
+            abandoned=abandoned,
+            clock=self.clock,
+            rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
+        )

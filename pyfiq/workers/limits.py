@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ..engine.task_run import TaskRun
 from ..errors import TimeLimitExceeded
 from ..logs import log
+from .reports import report
 
 T = TypeVar("T")
 
@@ -66,6 +67,7 @@ class _Watch:
         with self.lock:  # not for an attempt that ended while this timer fell due
             if self.running:
                 self.task.running_long()
+                report(self.task.events.take())
 
     def expire(self) -> None:
         with self.lock:
@@ -73,6 +75,7 @@ class _Watch:
                 return
             self.fired = True
             self.task.limit_reached()
+            report(self.task.events.take())
             self.interrupt()
 
     def end(self) -> bool:

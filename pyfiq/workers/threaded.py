@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from .. import functions, hooks
+from .. import functions
 from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
@@ -30,6 +30,7 @@ from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
+from .reports import lease_ended, lease_started, report
 
 
 def run_task_sync(
@@ -40,19 +41,26 @@ def run_task_sync(
 ) -> Outcome:
     """Run one task under its retry policy in this thread; ``sleep`` returns True when the
     wait was cut short by the lease's abort flag. ``permit`` (rate-limited queues) waits for
-    the queue's permit before every retry, False if aborted: retries hit the same downstream."""
+    the queue's permit before every retry, False if aborted: retries hit the same downstream.
+    The task's events are reported after each of its steps, before the next one."""
     while (ctx := task.begin()) is not None:
+        report(task.events.take())
         try:
             result = invoke(ctx)
         except BaseException as exc:
             decision = task.after_failure(exc)
+            report(task.events.take())
             if not isinstance(decision, float):
                 return decision
             if sleep(decision) or (permit is not None and not permit()):
                 break
             continue
-        return task.succeeded(result)
-    return task.interrupted()
+        outcome = task.succeeded(result)
+        report(task.events.take())
+        return outcome
+    outcome = task.interrupted()
+    report(task.events.take())
+    return outcome
 
 
 class ThreadedWorker(WorkerBase):
@@ -75,7 +83,9 @@ class ThreadedWorker(WorkerBase):
         install_signal_handlers: bool = False,
         replica: str | None = None,
     ) -> None:
-        self._setup(backend, queues, concurrency, replica, "threaded")
+        # Its scheduler and every lease's gate are touched by the dispatcher, the heartbeat and
+        # the executors at once: they get real locks.
+        self._setup(backend, queues, concurrency, replica, "threaded", threading.Lock)
         self._install_signals = install_signal_handlers
         self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
         self._nudge = threading.Event()
@@ -254,29 +264,32 @@ class ThreadedWorker(WorkerBase):
             except AccessDeniedError:
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
-                self._nudge.wait(self.scheduler.claim_failed(exc))
+                backoff = self.scheduler.claim_failed(exc)
+                report(self.scheduler.events.take())
+                self._nudge.wait(backoff)
                 continue
             self.scheduler.claim_succeeded()
-            wait = self.scheduler.idle_wait(time.monotonic())
+            wait = self.scheduler.idle_wait(self.clock.monotonic())
             if wait > 0:
                 self._nudge.wait(wait)
 
     def _claim(self) -> None:
         self.backend.check_layout()  # once: refuses a deployment with another shard count
-        now = time.monotonic()
+        now = self.clock.monotonic()
         shards, calls = self.scheduler.due_calls(now)
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, self.backend.call_many(calls), now)
+        report(self.scheduler.events.take())
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
-            sent = time.monotonic()
+            sent = self.clock.monotonic()
             reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))
             lease = self.scheduler.on_acquired(shard, stream, reply, threading.Event(), sent)
             if lease is not None:
                 self.log.debug("pyfiq.lease_acquired", stream=stream, fencing_token=lease.fence)
-                hooks.lease_started(lease)
+                lease_started(lease)
                 self._work.put(lease)
 
     def _listen(self) -> None:
@@ -309,21 +322,23 @@ class ThreadedWorker(WorkerBase):
 
     def _heartbeat(self) -> None:
         while True:
-            self._beat_now.wait(self.scheduler.heartbeat_wait(time.monotonic()))
+            self._beat_now.wait(self.scheduler.heartbeat_wait(self.clock.monotonic()))
             self._beat_now.clear()
             # Past a stop, heartbeats go on while a task still runs: its lease must not lapse
             # under a live execution (another replica would run the same task meanwhile).
             if self._abandoned.is_set() or (self._stopped.is_set() and not self._busy()):
                 break
-            now = time.monotonic()
+            now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
+                report(self.scheduler.events.take())
                 continue
             try:
                 replies: list[Any] = self.backend.call_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
+            report(self.scheduler.events.take())
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = self.backend.call_many([call for _, _, call in followups])
@@ -351,20 +366,14 @@ class ThreadedWorker(WorkerBase):
                     self.scheduler.finished(lease, run)
                     self._nudge.set()
                     if not self._abandoned.is_set():  # a dead process reports nothing either
-                        hooks.lease_ended(lease)
+                        lease_ended(lease)
         finally:
             sender.shutdown(wait=False)
             if connection is not None:
                 connection.disconnect()
 
     def _run_stream(self, lease: Lease, sender: concurrent.futures.ThreadPoolExecutor, connection: Any) -> StreamRun:
-        run = StreamRun(
-            self.ops,
-            lease,
-            stopping=self._stopping.is_set,
-            abandoned=self._abandoned.is_set,
-            rate_limit=self.scheduler.tasks.rate_limit_of(queue_of(lease.stream)),
-        )
+        run = self._stream_run(lease, self._stopping.is_set, self._abandoned.is_set)
         sent: deque[concurrent.futures.Future[Any]] = deque()
         try:
             step = run.start()
@@ -383,6 +392,7 @@ class ThreadedWorker(WorkerBase):
                     step = run.feed(None)
                 else:
                     step = run.feed(self.backend.call(step, connection=connection))
+                report(run.events.take())
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:
@@ -404,18 +414,20 @@ class ThreadedWorker(WorkerBase):
             if not isinstance(exc, Exception):
                 raise
             return run
-        self.scheduler.report(run, step)
+        self.scheduler.ended(run, step)
+        report(self.scheduler.events.take())
         return run
 
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
+        report(self.scheduler.events.take())
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: threading.Event = lease.abort  # type: ignore[assignment]
-        task = TaskRun(prepared, lease)
+        task = TaskRun(prepared, lease, self.clock)
 
         def invoke(ctx: TaskContext) -> Any:
             token = set_current(ctx)

@@ -1,17 +1,19 @@
 """Sharing the safety poll, without Redis: which shards a replica polls, decided from the view
 its heartbeat brings back (``beat.lua``'s reply), and what its heartbeat sends. Replies are
-exact shapes; times are explicit monotonic seconds."""
+exact shapes; times are explicit monotonic seconds (the scheduler's own clock is a ``FakeClock``)."""
 
 from __future__ import annotations
 
 import json
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 from pyfiq.config import Settings
 from pyfiq.engine.keys import KeySchema
 from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.engine.scheduler import VIEW_REFRESH_BEATS, Scheduler, poll_group, poll_owners
+from tests.engine.helpers import FakeClock
 
 SHARDS = 8
 SETTINGS = Settings(prefix="poll", shards=SHARDS, lease_ttl=5.0, poll_interval=1.0)
@@ -32,7 +34,7 @@ class Directory:
 
 
 def scheduler(replica: str = "b", concurrency: int = 2) -> Scheduler:
-    s = Scheduler(OPS, concurrency, ["orders"], Directory())
+    s = Scheduler(OPS, concurrency, ["orders"], Directory(), clock=FakeClock(), lock=nullcontext)
     s.identify(replica, host="h", pid=1, driver="threaded", concurrency=concurrency)
     return s
 
@@ -151,7 +153,8 @@ def test_the_heartbeat_reads_the_pollers_afresh_now_and_then_and_checks_its_view
 
 def test_a_poller_counts_as_gone_before_a_lease_it_held_can_lapse() -> None:
     for ttl in (1.5, 5.0, 60.0):
-        s = Scheduler(ScriptCalls(KeySchema("p", SHARDS), Settings(lease_ttl=ttl)), 1, ["orders"], Directory())
+        ops = ScriptCalls(KeySchema("p", SHARDS), Settings(lease_ttl=ttl))
+        s = Scheduler(ops, 1, ["orders"], Directory(), clock=FakeClock(), lock=nullcontext)
         beat_s = s.settings.effective_heartbeat
         live = s.poll_live_ms() / 1000
         # Gone after `live` of silence, noticed within one more heartbeat, before the lease

@@ -52,9 +52,9 @@ def kinds_of(item: pytest.Item) -> set[str]:
         found.add("browser")
     if names & CLUSTER_FIXTURES or "cluster" in Path(str(item.fspath)).parts:
         found.add("cluster")
-    callspec = getattr(item, "callspec", None)
-    params = " ".join(str(v) for v in callspec.params.values()) if callspec else ""
-    if names & REDIS_FIXTURES or ("backend" in names and "redis" in item.name.lower()) or "redis" in params:
+    # A parametrized test's id names its backend (``[redis-threaded]``, ``[memory-asyncio]``).
+    params = getattr(getattr(item, "callspec", None), "id", "").lower()
+    if names & REDIS_FIXTURES or "redis" in params:
         found.add("redis")
     if _starts_processes(Path(str(item.fspath))):
         found.add("process")

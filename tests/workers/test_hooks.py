@@ -13,13 +13,13 @@ import pytest
 
 import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, TaskContext, current_task, fifo, hooks
-from pyfiq.task import new_task_id
+from pyfiq.task import EncodedTask, new_task_id
 from tests.conftest import drained, wait_until
 from tests.workers.test_worker import qname
 from tests.workers.test_worker import start_worker as start_worker  # the fixture, over both drivers
 
 
-class Recorder:
+class Recorder(hooks.Hooks):
     """Every hook event of one queue, as plain tuples; tasks named by ``names[task id]``."""
 
     def __init__(self, queue: str) -> None:
@@ -112,7 +112,7 @@ def test_a_run_reports_the_same_events_from_both_drivers(backend, start_worker, 
 
 def test_a_task_that_cannot_be_decoded_is_reported_without_a_context(backend, start_worker, recorder) -> None:  # type: ignore[no-untyped-def]
     q = recorder.queue
-    backend.enqueue_encoded(q, [(new_task_id(), 0, b"\xff not a task record")])
+    backend.enqueuer.enqueue(q, [EncodedTask(new_task_id(), 0, b"\xff not a task record")])
     start_worker([q])
     wait_until(lambda: recorder.seen("lease", q, "released"), message="the lease handed back")
     assert recorder.events == [("lease", q, "acquired"), ("dead", q, "undecodable", None), ("lease", q, "released")]
@@ -122,12 +122,12 @@ def test_a_task_that_cannot_be_decoded_is_reported_without_a_context(backend, st
 def test_a_listener_that_raises_is_logged_and_breaks_nothing(backend, start_worker, recorder, caplog) -> None:  # type: ignore[no-untyped-def]
     q, ran = recorder.queue, []
 
-    class Broken:
+    class Broken(hooks.Hooks):
         def fail(self, *args: Any) -> None:
             raise RuntimeError("listener boom")
 
-        before_execution = on_failure = after_execution = on_retry = on_dead_letter = fail
-        on_lease = before_enqueue = on_enqueue = fail
+        before_execution = on_failure = after_execution = on_retry = on_dead_letter = fail  # type: ignore[assignment]
+        on_lease = before_enqueue = on_enqueue = fail  # type: ignore[assignment]
 
     broken = Broken()
     hooks.remove(recorder)
@@ -238,21 +238,45 @@ def test_enqueues_report_the_tasks_they_stored(backend, recorder) -> None:  # ty
     assert recorder.events == [("enqueue", n) for n in (1, 1, 2, 1, 1, 1, 1, 1)]
 
 
-def test_listeners_are_added_once_removed_and_must_listen_to_something() -> None:
+def test_listeners_are_added_once_removed_and_must_subclass_hooks() -> None:
     calls: list[tuple[str, int]] = []
 
-    class Counter:
+    class Counter(hooks.Hooks):
         def on_enqueue(self, queue: str, count: int) -> None:
             calls.append((queue, count))
 
     listener = Counter()
     hooks.add(listener)
     hooks.add(listener)
-    hooks.emit("on_enqueue", "q-hooks-unit", 2)
-    hooks.emit("on_lease", "q-hooks-unit", "acquired")  # a method it lacks: not called, no error
+    assert hooks.dispatcher.listens(hooks.Hooks.on_enqueue)
+    hooks.dispatcher.on_enqueue("q-hooks-unit", 2)
+    hooks.dispatcher.on_lease("q-hooks-unit", "acquired")  # not overridden: the no-op, never called
     hooks.remove(listener)
-    hooks.emit("on_enqueue", "q-hooks-unit", 3)
+    hooks.dispatcher.on_enqueue("q-hooks-unit", 3)
     hooks.remove(listener)  # not registered any more: ignored
     assert calls == [("q-hooks-unit", 2)]
-    with pytest.raises(ConfigurationError, match="none of the hook methods"):
-        hooks.add(object())
+
+    class Duck:  # the right method name, but not a Hooks: a typo in it would go unnoticed
+        def on_enqueue(self, queue: str, count: int) -> None: ...
+
+    for wrong in (Duck(), object(), hooks.dispatcher):
+        with pytest.raises(ConfigurationError, match="subclass Hooks"):
+            hooks.add(wrong)  # type: ignore[arg-type]
+
+
+def test_the_hook_methods_are_typed_no_ops_and_the_dispatcher_has_each() -> None:
+    assert hooks.EVENTS == (
+        "before_execution",
+        "on_failure",
+        "after_execution",
+        "on_retry",
+        "on_dead_letter",
+        "on_lease",
+        "before_enqueue",
+        "on_enqueue",
+    )
+    plain = hooks.Hooks()
+    assert plain.on_enqueue("q", 1) is None and plain.on_lease("s", "lost") is None
+    for name in hooks.EVENTS:
+        assert getattr(hooks.Dispatcher, name) is not getattr(hooks.Hooks, name), name
+        assert (getattr(hooks.Hooks, name).__doc__ or "").strip(), f"{name} says when it is called"

@@ -1,7 +1,7 @@
 """Failure tests with real OS processes: replicas are ``python -m pyfiq replica`` processes
-that journal every execution of ``pyfiq.chaos.scenario.step``; the test process is the producer,
+that journal every execution of ``pyfiq.ops.scenario_tasks.step``; the test process is the producer,
 the fault injector (SIGKILL, SIGSTOP/SIGCONT, SIGTERM, a Redis restart, a poison task) and
-the judge (``pyfiq.chaos.scenario.check`` over the journal, plus the queue state in Redis).
+the judge (``pyfiq.ops.scenario_tasks.check`` over the journal, plus the queue state in Redis).
 
 Every process a test starts is SIGKILLed in the fixture teardown, whatever happens.
 """
@@ -24,8 +24,8 @@ import pytest
 import redis
 
 from pyfiq import RedisQueueBackend
-from pyfiq.chaos.scenario import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 from pyfiq.config import Settings
+from pyfiq.ops.scenario_tasks import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 from tests.conftest import unique_prefix, wait_until
 
 TTL = 1.5
@@ -77,7 +77,7 @@ class Fleet:
 
     def argv(self, name: str) -> list[str]:
         return [
-            sys.executable, "-m", "pyfiq", "worker", "pyfiq.chaos.scenario",
+            sys.executable, "-m", "pyfiq", "worker", "pyfiq.ops.scenario_tasks",
             "--redis", self.url, "--prefix", self.prefix, "--shards", str(SHARDS),
             "--queues", ",".join(self.queues), "--name", name,
             "--lease-ttl", str(self.lease_ttl), "--poll-interval", str(POLL),

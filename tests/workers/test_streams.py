@@ -19,7 +19,7 @@ import pytest
 
 import pyfiq
 from pyfiq import RedisQueueBackend, ThreadedWorker, current_task, fifo
-from pyfiq.chaos.scenario import JOURNAL_ENV, check, read_journal
+from pyfiq.ops.scenario_tasks import JOURNAL_ENV, check, read_journal
 from tests.conftest import FAST, unique_prefix, wait_until
 from tests.keyed_app import KEYED_QUEUE, keyed_step
 

@@ -15,6 +15,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 import pyfiq
 from pyfiq import ConfigurationError, RedisQueueBackend, Settings, TimeLimitExceeded, current_task, fifo
+from pyfiq.engine.events import Outbox
 from pyfiq.engine.outcomes import Prepared, prepare
 from pyfiq.engine.task_run import TaskRun
 from pyfiq.functions import RetryPolicy
@@ -22,7 +23,7 @@ from pyfiq.task import Entry
 from pyfiq.workers import limits
 from pyfiq.workers.limits import call_with_limits
 from tests.conftest import drained, wait_until
-from tests.engine.test_core import SETTINGS, entry, granted, header_of, lookup_of
+from tests.engine.helpers import SETTINGS, FakeClock, entry, granted, header_of, lookup_of
 from tests.workers import test_worker as behaviour
 from tests.workers.test_worker import Journal, qname
 
@@ -201,8 +202,8 @@ def test_settings_give_the_defaults_and_a_task_s_own_options_win(backend, start_
 
 def engine_run(retry: Retrying | None = None, **options: Any) -> TaskRun:
     """A ``TaskRun`` of a function with a 0.3 s limit, without a worker."""
-    lease = granted()
-    prepared = prepare(Entry.parse(entry(1)), 1, lease, lookup_of("app.charge"), SETTINGS, "r")
+    lease, clock = granted(), FakeClock()
+    prepared = prepare(Entry.parse(entry(1)), 1, lease, lookup_of("app.charge"), SETTINGS, "r", clock=clock)
     assert isinstance(prepared, Prepared)
     fn = SimpleNamespace(
         policy=RetryPolicy.build(retry, options.get("max_retries"), options.get("retry_wait")),
@@ -210,7 +211,7 @@ def engine_run(retry: Retrying | None = None, **options: Any) -> TaskRun:
         on_success=None,
         on_exhausted="dead-letter",
     )
-    return TaskRun(Prepared(fn, prepared.record, prepared.context, time_limit=0.3), lease)
+    return TaskRun(Prepared(fn, prepared.record, prepared.context, time_limit=0.3), lease, clock)
 
 
 def test_a_tenacity_predicate_decides_for_itself_whether_a_time_limit_is_retried() -> None:
@@ -274,6 +275,7 @@ def test_a_timer_interrupts_the_running_function_and_never_the_code_after_it(mon
         time_warning=30.0,
         running_long=lambda: reports.append("running long"),
         limit_reached=lambda: reports.append("limit"),
+        events=Outbox(),
     )
 
     def fire(timer: Any) -> None:

@@ -447,7 +447,7 @@ def test_worker_as_context_manager_stops_cleanly(backend) -> None:  # type: igno
 
 
 def test_enqueue_with_nothing_configured_fails_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from pyfiq import api as registry
+    from pyfiq import functions as registry
 
     monkeypatch.setattr(registry, "_default_backend", None)
 
