@@ -16,7 +16,7 @@ from .errors import (
     SerializationError,
     TimeLimitExceeded,
 )
-from .functions import FifoFunction, configure, fifo, get_backend
+from .functions import FifoFunction, Registry, configure, fifo, get_backend
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
 from .task import DeadLetter, TaskContext, TaskHandle, current_task
 from .workers.aio import AsyncWorker, async_worker
@@ -39,6 +39,7 @@ __all__ = [
     "PickleSerializer",
     "PyfiqError",
     "RedisQueueBackend",
+    "Registry",
     "SerializationError",
     "Serializer",
     "Settings",

@@ -1,4 +1,9 @@
-"""``@fifo``: the decorator, the process-wide function registry and the default backend."""
+"""The application's ``@fifo`` functions: ``FifoFunction`` (a function bound to a queue; calling
+it enqueues) and the ``Registry`` that knows them and the backend they enqueue to.
+
+A default registry serves ``@pyfiq.fifo``, ``pyfiq.configure`` and ``pyfiq.get_backend``;
+an application (or a test) that wants its tasks apart from the rest of the process makes its own.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +12,159 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import redis
-from tenacity import (
-    BaseRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_never,
-    wait_exponential,
-    wait_fixed,
-    wait_random,
-)
-from tenacity.stop import stop_base
-from tenacity.wait import wait_base
+from tenacity import BaseRetrying
 
 from . import hooks
 from .backend.backend import RedisQueueBackend
-from .config import validate_seconds
-from .engine.keys import stream_name, validate_key, validate_queue_name
+from .engine.keys import stream_name, validate_key
 from .engine.protocol import RateLimit
-from .errors import (
-    BackendUnavailableError,
-    ConfigurationError,
-    NotConfiguredError,
-    PartialEnqueueError,
-    TimeLimitExceeded,
-)
+from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
 from .logs import log
+from .options import FifoOptions, OnExhausted, RetryPolicy
 from .task import EncodedTask, TaskHandle, TaskRecord, encode_record, expires_in_ms, new_task_id, new_task_ids
+
+__all__ = [
+    "ENQUEUE_CHUNK",
+    "FifoFunction",
+    "FifoOptions",
+    "Registry",
+    "RetryPolicy",
+    "configure",
+    "default_registry",
+    "fifo",
+    "get_backend",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-OnExhausted = Literal["dead-letter", "block"]
+class Registry:
+    """The ``@fifo`` functions of one application, and the backend they enqueue to.
 
-_registry: dict[str, FifoFunction[Any, Any]] = {}
-_registry_lock = threading.Lock()
-_default_backend: RedisQueueBackend | None = None
+    ``registry.fifo(...)`` binds a function to a queue in this registry; a worker made with
+    ``registry=`` runs only this registry's tasks (any other task name is unknown to it) and,
+    unless given ``queues``, consumes only this registry's queues. Two registries in one
+    process therefore do not see each other's tasks. ``@pyfiq.fifo``, ``pyfiq.configure`` and
+    ``pyfiq.get_backend`` are the default registry's.
 
+    Hook listeners (``pyfiq.hooks``) and ``memory://`` servers stay process-wide: hooks observe
+    the process, whichever registry a task belongs to, and backends with the same
+    ``memory://name`` share one dataset.
+    """
 
-def configure(backend: RedisQueueBackend) -> None:
-    """Set the process-wide backend that ``@fifo`` functions enqueue to."""
-    global _default_backend
-    _default_backend = backend
+    def __init__(self, backend: RedisQueueBackend | None = None) -> None:
+        self._functions: dict[str, FifoFunction[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._backend = backend
 
+    def __repr__(self) -> str:
+        return f"<Registry of {len(self._functions)} functions on {self.registered_queues()}>"
 
-def get_backend() -> RedisQueueBackend:
-    """The process-wide backend (see ``configure``); ``NotConfiguredError`` if there is none."""
-    if _default_backend is None:
-        raise NotConfiguredError(
-            "pyfiq has no backend: call pyfiq.configure(backend=RedisQueueBackend(url)) or "
-            "start a worker with threaded_worker(backend=...) before enqueuing"
+    def configure(self, backend: RedisQueueBackend) -> None:
+        """Set the backend that the registry's functions enqueue to (``pyfiq.configure``: the
+        default registry's, which ``@pyfiq.fifo`` functions use)."""
+        self._backend = backend
+
+    def get_backend(self) -> RedisQueueBackend:
+        """The registry's backend (see ``configure``); ``NotConfiguredError`` if there is none."""
+        if self._backend is None:
+            raise NotConfiguredError(
+                "pyfiq has no backend: call pyfiq.configure(backend=RedisQueueBackend(url)) or "
+                "start a worker with threaded_worker(backend=...) before enqueuing"
+            )
+        return self._backend
+
+    def fifo(
+        self,
+        queue: str | None = None,
+        *,
+        name: str | None = None,
+        retry: BaseRetrying | None = None,
+        max_retries: int | None = None,
+        retry_wait: float | None = None,
+        on_success: Callable[..., Any] | None = None,
+        on_error: Callable[..., Any] | None = None,
+        on_exhausted: OnExhausted = "dead-letter",
+        expires_in: float | None = None,
+        key: Callable[..., Any] | None = None,
+        rate_limit: float | None = None,
+        rate_burst: int = 1,
+        time_limit: float | None = None,
+        time_warning: float | None = None,
+    ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
+        """Bind a function to an ordered queue; calling it then enqueues a task.
+
+        - ``name``: the task name stored in Redis (default ``module.qualname``); set it so that
+          moving the function does not strand queued tasks.
+        - ``max_retries`` / ``retry_wait``: retries in place (the queue waits); ``-1`` retries
+          forever. ``retry``: a tenacity ``Retrying`` whose stop/wait/retry are used instead.
+        - ``on_success(result, task, binding)`` after success; ``on_error(exc, task, binding)``
+          after every failed attempt. ``task`` is the ``TaskContext``, ``binding`` this function.
+        - ``on_exhausted``: ``"dead-letter"`` (default) or ``"block"``: keep retrying with the
+          policy's waits, holding the queue, until the task succeeds or an operator steps in.
+        - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
+        - ``key``: a function of the call's arguments naming the ordered stream within the queue;
+          its ``str()`` has at most 200 characters and 512 bytes of UTF-8 and no control
+          characters, or the call raises ``ConfigurationError`` and stores nothing.
+        - ``rate_limit``: at most this many task starts per second on the queue, across every
+          replica and stream; ``rate_burst`` starts may follow each other without spacing.
+        - ``time_limit``: seconds an attempt may run; past them an ``async def`` task is cancelled
+          and a plain function gets ``TimeLimitExceeded`` raised in its thread, a failed attempt.
+          ``time_warning``: seconds after which a running attempt logs ``pyfiq.task_running_long``
+          once. Both default to the backend's settings (off).
+
+        The options are checked here, before any function is bound (``FifoOptions``).
+        """
+        options = FifoOptions(
+            queue,
+            name=name,
+            retry=retry,
+            max_retries=max_retries,
+            retry_wait=retry_wait,
+            on_success=on_success,
+            on_error=on_error,
+            on_exhausted=on_exhausted,
+            expires_in=expires_in,
+            key=key,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            time_limit=time_limit,
+            time_warning=time_warning,
         )
-    return _default_backend
+
+        def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
+            return self._add(FifoFunction(func, options, registry=self))
+
+        return bind
+
+    def _add(self, binding: FifoFunction[P, R]) -> FifoFunction[P, R]:
+        """Register ``binding`` under its task name; a name taken by another function warns and
+        is taken over (the last definition wins, as a module reloaded in place expects)."""
+        with self._lock:
+            existing = self._functions.get(binding.name)
+            if existing is not None and existing.func is not binding.func:
+                log.warning("pyfiq.task_redefined", task=binding.name, queue=binding.queue)
+            self._functions[binding.name] = binding
+        return binding
+
+    # -- what a worker's scheduler asks (the engine's TaskDirectory) ---------------------
+
+    def lookup(self, name: str) -> FifoFunction[Any, Any] | None:
+        """The function registered as ``name``, or None: a task this registry cannot run."""
+        return self._functions.get(name)
+
+    def registered_queues(self) -> list[str]:
+        """The queues of this registry's functions: what its workers consume by default."""
+        return sorted({f.queue for f in list(self._functions.values())})
+
+    def rate_limit_of(self, queue: str) -> RateLimit | None:
+        """The strictest rate limit any function of ``queue`` declares."""
+        limits = [f.rate_limit for f in list(self._functions.values()) if f.queue == queue and f.rate_limit]
+        return min(limits, key=lambda r: (r.per_second, r.burst)) if limits else None
 
 
 def _loop_running() -> bool:
@@ -72,90 +175,26 @@ def _loop_running() -> bool:
     return True
 
 
-def lookup(name: str) -> FifoFunction[Any, Any] | None:
-    return _registry.get(name)
-
-
-def registered_queues() -> list[str]:
-    return sorted({f.queue for f in list(_registry.values())})
-
-
-def rate_limit_of(queue: str) -> RateLimit | None:
-    """The strictest rate limit any function of ``queue`` declares."""
-    limits = [f.rate_limit for f in list(_registry.values()) if f.queue == queue and f.rate_limit]
-    return min(limits, key=lambda r: (r.per_second, r.burst)) if limits else None
-
-
-class RetryPolicy:
-    """The tenacity stop/wait/retry triple a task runs under."""
-
-    # tenacity accepts its policy objects or plain callables of a RetryCallState.
-    def __init__(self, stop: Any, wait: Any, retry: Any, forever: bool) -> None:
-        self.stop, self.wait, self.retry, self.forever = stop, wait, retry, forever
-
-    @classmethod
-    def build(
-        cls,
-        retry: BaseRetrying | None,
-        max_retries: int | None,
-        retry_wait: float | None,
-    ) -> RetryPolicy:
-        if retry is not None:
-            if max_retries is not None or retry_wait is not None:
-                raise ConfigurationError("give either retry= or max_retries=/retry_wait=, not both")
-            if not isinstance(retry, BaseRetrying):
-                raise ConfigurationError(
-                    "retry= takes a tenacity Retrying object, e.g. "
-                    "Retrying(stop=stop_after_attempt(5), wait=wait_exponential_jitter())"
-                )
-            return cls(retry.stop, retry.wait, retry.retry, retry.stop is stop_never)
-        if max_retries is not None and (not isinstance(max_retries, int) or max_retries < -1):
-            raise ConfigurationError(f"max_retries must be an int >= -1, got {max_retries!r}")
-        if retry_wait is not None and retry_wait < 0:
-            raise ConfigurationError(f"retry_wait must be >= 0, got {retry_wait!r}")
-        retries = 3 if max_retries is None else max_retries
-        wait: wait_base = (
-            wait_exponential(multiplier=1, max=30) + wait_random(0, 1) if retry_wait is None else wait_fixed(retry_wait)
-        )
-        stop: stop_base = stop_never if retries == -1 else stop_after_attempt(retries + 1)
-        # A time limit is a BaseException (a task's `except Exception` must not swallow it),
-        # and still a failed attempt like any other.
-        return cls(stop, wait, retry_if_exception_type((Exception, TimeLimitExceeded)), retries == -1)
-
-
 class FifoFunction(Generic[P, R]):
     """A function bound to a queue. Calling it enqueues; ``.func`` is the plain function."""
 
-    def __init__(
-        self,
-        func: Callable[P, R],
-        *,
-        queue: str,
-        name: str | None,
-        policy: RetryPolicy,
-        on_success: Callable[..., Any] | None,
-        on_error: Callable[..., Any] | None,
-        on_exhausted: OnExhausted,
-        expires_in: float | None,
-        key: Callable[..., Any] | None,
-        rate_limit: RateLimit | None = None,
-        time_limit: float | None = None,
-        time_warning: float | None = None,
-    ) -> None:
+    def __init__(self, func: Callable[P, R], options: FifoOptions, *, registry: Registry | None = None) -> None:
         self.func = func
-        self.time_limit = None if time_limit is None else validate_seconds("time_limit", time_limit)
-        self.time_warning = None if time_warning is None else validate_seconds("time_warning", time_warning)
-        self.rate_limit = rate_limit
-        self.queue = validate_queue_name(queue)
-        self.name = name or f"{func.__module__}.{func.__qualname__}"
-        self.policy = policy
-        self.on_success = on_success
-        self.on_error = on_error
-        if on_exhausted not in ("dead-letter", "block"):
-            raise ConfigurationError(f"on_exhausted must be 'dead-letter' or 'block', got {on_exhausted!r}")
-        self.on_exhausted = on_exhausted
-        self.expires_in = expires_in
-        self.key = key
+        self.options = options
+        #: Where it is registered, and so which backend a call without ``backend=`` enqueues to.
+        self.registry = default_registry if registry is None else registry
+        self.queue = options.queue_name
+        self.name = options.name or f"{func.__module__}.{func.__qualname__}"
+        # The engine and the enqueue paths read these off the binding, not off the options.
+        self.policy: RetryPolicy = options.policy
+        self.rate_limit = options.rate
+        self.on_success = options.on_success
+        self.on_error = options.on_error
+        self.on_exhausted: OnExhausted = options.on_exhausted
+        self.expires_in = options.expires_in
+        self.key = options.key
+        self.time_limit = options.time_limit
+        self.time_warning = options.time_warning
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = inspect.signature(func)
         #: How many positional arguments a call may give with no keywords and need no binding
@@ -233,7 +272,7 @@ class FifoFunction(Generic[P, R]):
         self.check_call(args, kwargs)
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
         key = None if raw_key is None else validate_key(str(raw_key))
-        backend = backend or get_backend()
+        backend = backend or self.registry.get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
         items = backend.encode([(new_task_id(), record)], expires)
@@ -266,7 +305,7 @@ class FifoFunction(Generic[P, R]):
         a key per task for ``dedup_window``, so it is off by default; without it, only the
         ``unsent`` calls can be sent again without risk of running twice.
         """
-        backend = backend or get_backend()
+        backend = backend or self.registry.get_backend()
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
         by_stream: dict[str, list[int]] = {}
@@ -339,102 +378,8 @@ def _partial(
 ENQUEUE_CHUNK = 500
 
 
-@overload
-def fifo(queue: str, /) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
-
-
-@overload
-def fifo(
-    queue: str | None = None,
-    *,
-    name: str | None = None,
-    retry: BaseRetrying | None = None,
-    max_retries: int | None = None,
-    retry_wait: float | None = None,
-    on_success: Callable[..., Any] | None = None,
-    on_error: Callable[..., Any] | None = None,
-    on_exhausted: OnExhausted = "dead-letter",
-    expires_in: float | None = None,
-    key: Callable[..., Any] | None = None,
-    rate_limit: float | None = None,
-    rate_burst: int = 1,
-    time_limit: float | None = None,
-    time_warning: float | None = None,
-) -> Callable[[Callable[P, R]], FifoFunction[P, R]]: ...
-
-
-def fifo(
-    queue: str | None = None,
-    *,
-    name: str | None = None,
-    retry: BaseRetrying | None = None,
-    max_retries: int | None = None,
-    retry_wait: float | None = None,
-    on_success: Callable[..., Any] | None = None,
-    on_error: Callable[..., Any] | None = None,
-    on_exhausted: OnExhausted = "dead-letter",
-    expires_in: float | None = None,
-    key: Callable[..., Any] | None = None,
-    rate_limit: float | None = None,
-    rate_burst: int = 1,
-    time_limit: float | None = None,
-    time_warning: float | None = None,
-) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
-    """Bind a function to an ordered queue; calling it then enqueues a task.
-
-    - ``name``: the task name stored in Redis (default ``module.qualname``); set it so that
-      moving the function does not strand queued tasks.
-    - ``max_retries`` / ``retry_wait``: retries in place (the queue waits); ``-1`` retries
-      forever. ``retry``: a tenacity ``Retrying`` whose stop/wait/retry are used instead.
-    - ``on_success(result, task, binding)`` after success; ``on_error(exc, task, binding)``
-      after every failed attempt. ``task`` is the ``TaskContext``, ``binding`` this function.
-    - ``on_exhausted``: ``"dead-letter"`` (default) or ``"block"``: keep retrying with the
-      policy's waits, holding the queue, until the task succeeds or an operator steps in.
-    - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
-    - ``key``: a function of the call's arguments naming the ordered stream within the queue;
-      its ``str()`` has at most 200 characters and 512 bytes of UTF-8 and no control
-      characters, or the call raises ``ConfigurationError`` and stores nothing.
-    - ``rate_limit``: at most this many task starts per second on the queue, across every
-      replica and stream; ``rate_burst`` starts may follow each other without spacing.
-    - ``time_limit``: seconds an attempt may run; past them an ``async def`` task is cancelled
-      and a plain function gets ``TimeLimitExceeded`` raised in its thread, a failed attempt.
-      ``time_warning``: seconds after which a running attempt logs ``pyfiq.task_running_long``
-      once. Both default to the backend's settings (off).
-    """
-    if queue is None:
-        raise ConfigurationError("@fifo needs a queue name: @fifo(queue='billing')")
-    if not isinstance(queue, str):
-        raise ConfigurationError(
-            f"@fifo needs a queue name, got {queue!r}: "
-            "write @fifo(queue='billing') (with parentheses), not a bare @fifo"
-        )
-    policy = RetryPolicy.build(retry, max_retries, retry_wait)
-    limit = None
-    if rate_limit is not None:
-        if not rate_limit > 0 or rate_burst < 1:
-            raise ConfigurationError(f"rate_limit must be > 0 and rate_burst >= 1, got {rate_limit}, {rate_burst}")
-        limit = RateLimit(float(rate_limit), int(rate_burst))
-
-    def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
-        binding = FifoFunction(
-            func,
-            queue=queue,
-            name=name,
-            policy=policy,
-            on_success=on_success,
-            on_error=on_error,
-            on_exhausted=on_exhausted,
-            expires_in=expires_in,
-            key=key,
-            rate_limit=limit,
-            time_limit=time_limit,
-            time_warning=time_warning,
-        )
-        with _registry_lock:
-            existing = _registry.get(binding.name)
-            if existing is not None and existing.func is not func:
-                log.warning("pyfiq.task_redefined", task=binding.name, queue=binding.queue)
-            _registry[binding.name] = binding
-        return binding
-
-    return bind
+#: The registry of ``@pyfiq.fifo``: what a worker made without ``registry=`` runs.
+default_registry = Registry()
+fifo = default_registry.fifo
+configure = default_registry.configure
+get_backend = default_registry.get_backend

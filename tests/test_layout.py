@@ -43,7 +43,16 @@ def modules_under(*parts: str) -> list[Path]:
 def test_the_engine_does_no_io_and_knows_no_driver(path: Path) -> None:
     # No I/O, no driver, and nothing a driver does for it: no clock, no threads, no logging, no hooks.
     forbidden = (
-        *("redis", "pyfiq.backend", "pyfiq.functions", "pyfiq.workers", "pyfiq.ops", "pyfiq_harness", "asyncio"),
+        *(
+            "redis",
+            "pyfiq.backend",
+            "pyfiq.functions",
+            "pyfiq.options",
+            "pyfiq.workers",
+            "pyfiq.ops",
+            "pyfiq_harness",
+            "asyncio",
+        ),
         *("time", "threading", "logging", "structlog", "pyfiq.logs", "pyfiq.hooks"),
     )
     bad = {m for m in module_imports(path) if m.startswith(forbidden) and not m.startswith("redis_")}

@@ -6,8 +6,8 @@ locks: the threaded driver touches it from several threads and gives real ones, 
 driver runs it on one loop and gives none. What it has to say (a lease lost, a late
 heartbeat, a failed claim) is kept in ``events`` for the driver to log.
 It learns about the application's tasks only through the ``TaskDirectory`` it is given (the
-``pyfiq.functions`` module in a worker, anything with the same three functions in a test); it must
-not import redis, the API or the drivers.
+worker's ``pyfiq.Registry``, anything with the same three methods in a test); it must not import
+redis, the API or the drivers.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .stream import Finished, RunTask, StreamRun
 
 
 class TaskDirectory(Protocol):
-    """Where the scheduler finds the application's tasks (``pyfiq.functions`` satisfies it)."""
+    """Where the scheduler finds the application's tasks (a ``pyfiq.Registry`` satisfies it)."""
 
     def registered_queues(self) -> list[str]: ...
 

@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .. import functions
 from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
@@ -22,6 +21,7 @@ from ..engine.protocol import Call, RateLimit, is_halt_notice
 from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError
+from ..functions import Registry, default_registry
 from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
@@ -101,19 +101,21 @@ class AsyncWorker(WorkerBase):
 
     ``async def`` tasks are awaited on this loop; plain functions run in the default thread
     pool so they never block it. A graceful ``stop()`` cancels nothing until its deadline;
-    past it, running tasks are cancelled and stay in Redis for redelivery.
+    past it, running tasks are cancelled and stay in Redis for redelivery. ``registry``,
+    ``queues`` and ``backend`` default as for ``ThreadedWorker``.
     """
 
     def __init__(
         self,
         backend: RedisQueueBackend | None = None,
         *,
+        registry: Registry | None = None,
         queues: Iterable[str] | None = None,
         concurrency: int = 16,
         replica: str | None = None,
     ) -> None:
         # One event loop runs the scheduler and every lease's halts and first attempts: no locks.
-        self._setup(backend, queues, concurrency, replica, "asyncio", contextlib.nullcontext)
+        self._setup(backend, registry, queues, concurrency, replica, "asyncio", contextlib.nullcontext)
         self._work: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._nudge = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -459,11 +461,14 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
 async def async_worker(
     backend: RedisQueueBackend | None = None,
     *,
+    registry: Registry | None = None,
     queues: Iterable[str] | None = None,
     concurrency: int = 16,
     replica: str | None = None,
 ) -> AsyncWorker:
-    """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the default."""
+    """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the backend of its
+    registry's functions (the default registry's unless ``registry`` is given)."""
     if backend is not None:
-        functions.configure(backend)
-    return await AsyncWorker(backend, queues=queues, concurrency=concurrency, replica=replica).start()
+        (default_registry if registry is None else registry).configure(backend)
+    worker = AsyncWorker(backend, registry=registry, queues=queues, concurrency=concurrency, replica=replica)
+    return await worker.start()

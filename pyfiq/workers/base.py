@@ -1,5 +1,6 @@
 """What the two worker twins share before they differ in how they wait: the backend, settings,
-replica identity, the clock they give the engine and the ``Scheduler`` they drive."""
+the registry whose tasks they run, replica identity, the clock they give the engine and the
+``Scheduler`` they drive."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
-from .. import functions
 from ..backend.backend import RedisQueueBackend
 from ..engine.keys import consumed_queues, queue_of
 from ..engine.lease import Lease, replica_id
 from ..engine.scheduler import LockFactory, Scheduler
 from ..engine.stream import StreamRun
 from ..errors import ConfigurationError
+from ..functions import Registry, default_registry
 from .reports import SYSTEM_CLOCK
 
 
@@ -23,6 +24,7 @@ class WorkerBase:
     def _setup(
         self,
         backend: RedisQueueBackend | None,
+        registry: Registry | None,
         queues: Iterable[str] | None,
         concurrency: int,
         replica: str | None,
@@ -31,14 +33,16 @@ class WorkerBase:
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-        self.backend = backend or functions.get_backend()
+        #: Whose tasks this worker runs, and whose queues it consumes unless given ``queues``.
+        self.registry = default_registry if registry is None else registry
+        self.backend = backend or self.registry.get_backend()
         self.settings = self.backend.settings
         self.ops = self.backend.ops
         self.concurrency = concurrency
         self.replica = replica or replica_id()
         self.clock = SYSTEM_CLOCK
         self.scheduler = Scheduler(
-            self.ops, concurrency, consumed_queues(queues), functions, clock=self.clock, lock=lock
+            self.ops, concurrency, consumed_queues(queues), self.registry, clock=self.clock, lock=lock
         )
         self.scheduler.identify(
             self.replica, host=socket.gethostname(), pid=os.getpid(), driver=driver, concurrency=concurrency

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from .. import functions
 from ..backend.backend import TRANSIENT, RedisQueueBackend, is_transient
 from ..engine.keys import queue_of
 from ..engine.lease import Lease, release_retry_delays
@@ -26,6 +25,7 @@ from ..engine.protocol import RateLimit, is_halt_notice
 from ..engine.stream import Await, Finished, Pause, RunTask, StreamRun
 from ..engine.task_run import TaskRun
 from ..errors import AccessDeniedError, ConfigurationError
+from ..functions import Registry, default_registry
 from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
@@ -66,8 +66,10 @@ def run_task_sync(
 class ThreadedWorker(WorkerBase):
     """Consumes pyfiq queues in background threads of this process.
 
-    ``queues``: the queues to consume; by default every queue named by a ``@fifo`` function of
-    this process, including ones defined after the worker started. ``concurrency``: how many
+    ``registry``: whose tasks it runs (default: the registry of ``@pyfiq.fifo``); a task of any
+    other registry is unknown to it. ``queues``: the queues to consume; by default every queue
+    named by a function of that registry, including ones defined after the worker started.
+    ``backend``: by default the registry's (``configure``). ``concurrency``: how many
     streams run at once, whatever the number of queues. ``async def`` tasks run on an event
     loop the worker owns. Signal handlers are installed only with
     ``install_signal_handlers=True`` (from the main thread): the first SIGINT/SIGTERM stops
@@ -78,6 +80,7 @@ class ThreadedWorker(WorkerBase):
         self,
         backend: RedisQueueBackend | None = None,
         *,
+        registry: Registry | None = None,
         queues: Iterable[str] | None = None,
         concurrency: int = 4,
         install_signal_handlers: bool = False,
@@ -85,7 +88,7 @@ class ThreadedWorker(WorkerBase):
     ) -> None:
         # Its scheduler and every lease's gate are touched by the dispatcher, the heartbeat and
         # the executors at once: they get real locks.
-        self._setup(backend, queues, concurrency, replica, "threaded", threading.Lock)
+        self._setup(backend, registry, queues, concurrency, replica, "threaded", threading.Lock)
         self._install_signals = install_signal_handlers
         self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
         self._nudge = threading.Event()
@@ -479,16 +482,19 @@ async def _in_context(context: contextvars.Context, task: TaskRun, func: Any, re
 def threaded_worker(
     backend: RedisQueueBackend | None = None,
     *,
+    registry: Registry | None = None,
     queues: Iterable[str] | None = None,
     concurrency: int = 4,
     install_signal_handlers: bool = False,
     replica: str | None = None,
 ) -> ThreadedWorker:
-    """Start a :class:`ThreadedWorker` and make ``backend`` this process's default backend."""
+    """Start a :class:`ThreadedWorker` and make ``backend`` the backend of its registry's functions
+    (the default registry's unless ``registry`` is given)."""
     if backend is not None:
-        functions.configure(backend)
+        (default_registry if registry is None else registry).configure(backend)
     return ThreadedWorker(
         backend,
+        registry=registry,
         queues=queues,
         concurrency=concurrency,
         install_signal_handlers=install_signal_handlers,

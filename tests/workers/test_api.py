@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tenacity import Retrying, stop_after_attempt, wait_fixed
 
 import pyfiq
-from pyfiq import AccessDeniedError, AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq import AccessDeniedError, AsyncWorker, ConfigurationError, RedisQueueBackend, Registry, ThreadedWorker, fifo
+from pyfiq.engine.protocol import RateLimit
+from pyfiq.options import FifoOptions
 
 
 def _stored(backend: RedisQueueBackend) -> list[bytes]:
@@ -42,9 +48,88 @@ def test_a_call_the_function_cannot_accept_is_refused_before_anything_is_stored(
 def test_a_bare_fifo_is_refused_at_decoration() -> None:
     with pytest.raises(ConfigurationError, match=r"with parentheses"):
 
-        @fifo  # type: ignore[call-overload]
+        @fifo  # type: ignore[arg-type]
         def forgot() -> None:
             pass
+
+
+def _option_fields() -> list[tuple[str, Any]]:
+    return [(f.name, f.default) for f in dataclasses.fields(FifoOptions) if f.init]
+
+
+@pytest.mark.parametrize("decorator", [fifo, Registry.fifo, Registry().fifo], ids=["pyfiq.fifo", "Registry", "bound"])
+def test_fifos_keywords_are_the_options_fields(decorator: Callable[..., Any]) -> None:
+    """The keyword signature users see and ``FifoOptions`` cannot drift apart: same names, same
+    order, same defaults."""
+    params = [p for p in inspect.signature(decorator).parameters.values() if p.name != "self"]
+    assert [(p.name, p.default) for p in params] == _option_fields()
+
+
+def test_fifo_hands_every_option_to_its_binding() -> None:
+    given: dict[str, Any] = {
+        "queue": "api-options",
+        "name": "tests.api.options",
+        "max_retries": 7,
+        "retry_wait": 0.5,
+        "on_success": print,
+        "on_error": repr,
+        "on_exhausted": "block",
+        "expires_in": 60.0,
+        "key": str,
+        "rate_limit": 2.5,
+        "rate_burst": 3,
+        "time_limit": 9.0,
+        "time_warning": 4.0,
+    }
+    assert set(given) | {"retry"} == {name for name, _ in _option_fields()}, "a new option needs a value here"
+    binding = Registry().fifo(**given)(lambda: None)
+    assert {name: getattr(binding.options, name) for name in given} == given
+    assert (binding.queue, binding.name, binding.on_exhausted, binding.key) == (
+        "api-options",
+        given["name"],
+        "block",
+        str,
+    )
+    assert binding.rate_limit == binding.options.rate == RateLimit(2.5, 3)
+    assert (binding.time_limit, binding.time_warning, binding.expires_in) == (9.0, 4.0, 60.0)
+    assert binding.policy is binding.options.policy and not binding.policy.forever
+    retrying = Retrying(stop=stop_after_attempt(2), wait=wait_fixed(0))
+    tenacious = Registry().fifo("api-options", retry=retrying)(lambda: None)
+    assert tenacious.options.retry is retrying and tenacious.policy.stop is retrying.stop
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "@fifo needs a queue name: @fifo(queue='billing')"),
+        ({"queue": print}, "got <built-in function print>: write @fifo(queue='billing') (with parentheses)"),
+        ({"queue": "bad name"}, "invalid queue name 'bad name': use 1-200 characters"),
+        ({"queue": "q", "max_retries": -2}, "max_retries must be an int >= -1, got -2"),
+        ({"queue": "q", "retry_wait": -1}, "retry_wait must be >= 0, got -1"),
+        ({"queue": "q", "retry": "often"}, "retry= takes a tenacity Retrying object"),
+        (
+            {"queue": "q", "retry": Retrying(), "retry_wait": 1},
+            "give either retry= or max_retries=/retry_wait=, not both",
+        ),
+        ({"queue": "q", "rate_limit": 0}, "rate_limit must be > 0 and rate_burst >= 1, got 0, 1"),
+        ({"queue": "q", "rate_limit": 1, "rate_burst": 0}, "rate_limit must be > 0 and rate_burst >= 1, got 1, 0"),
+        ({"queue": "q", "on_exhausted": "ignore"}, "on_exhausted must be 'dead-letter' or 'block', got 'ignore'"),
+        ({"queue": "q", "time_limit": -1}, "time_limit must be positive seconds, got -1"),
+        ({"queue": "q", "time_warning": "soon"}, "time_warning must be a number of seconds, got 'soon'"),
+    ],
+)
+def test_options_are_refused_when_made_with_fifos_messages(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        FifoOptions(**options)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        fifo(**options)
+
+
+def test_options_are_frozen() -> None:
+    options = FifoOptions("q", max_retries=-1)
+    assert options.policy.forever and options.rate is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.queue = "other"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("worker", [ThreadedWorker, AsyncWorker])

@@ -447,9 +447,9 @@ def test_worker_as_context_manager_stops_cleanly(backend) -> None:  # type: igno
 
 
 def test_enqueue_with_nothing_configured_fails_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from pyfiq import functions as registry
+    from pyfiq.functions import default_registry
 
-    monkeypatch.setattr(registry, "_default_backend", None)
+    monkeypatch.setattr(default_registry, "_backend", None)
 
     @fifo(queue="nowhere", name="tests.nowhere")
     def nowhere() -> None:
