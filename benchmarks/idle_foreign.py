@@ -22,7 +22,7 @@ def fill_due_streams(backend: RedisQueueBackend, queue: str, n: int) -> None:
         return
     record = TaskRecord("bench.foreign", [0], {})
     backend.enqueue(f"{queue}#0", [(new_task_id(), record)])  # layout checked, script loaded
-    sha = backend.scripts.enqueue.sha
+    sha = backend.scripts["enqueue"].sha
     for start in range(1, n, 1000):
         pipe = backend.client.pipeline(transaction=False)
         for i in range(start, min(n, start + 1000)):

@@ -180,3 +180,121 @@ def test_drain_gives_up_on_a_queue_that_never_empties() -> None:
     blocked()
     with pytest.raises(TimeoutError, match="layout-blocked"):
         drain(backend, ["layout-blocked"], timeout=0.5)
+
+
+# -- the script table: every fact about a Lua script is stated once, in pyfiq/engine/scripts.py --
+
+SCRIPT_TABLE = PACKAGE / "engine" / "scripts.py"
+LUA = PACKAGE / "engine" / "lua"
+
+
+def test_the_script_table_the_names_and_the_lua_files_agree() -> None:
+    from typing import get_args
+
+    from pyfiq.engine.scripts import SCRIPTS, SPECS, ScriptName
+
+    names = [spec.name for spec in SCRIPTS]
+    assert len(names) == len(set(names)) == len(SPECS)
+    assert set(names) == set(get_args(ScriptName))
+    assert set(names) == {p.stem for p in LUA.glob("*.lua")} - {"lib"}
+
+
+def test_every_key_the_table_names_is_one_the_schema_builds() -> None:
+    from dataclasses import fields
+
+    from pyfiq.engine.keys import KeySchema, StreamKeys
+    from pyfiq.engine.scripts import SCRIPTS
+
+    schema = KeySchema("layout", 4)
+    stream_keys = {f.name for f in fields(StreamKeys)} - {"stream", "shard", "_dedup_prefix"}
+    for spec in SCRIPTS:
+        for name in spec.keys:
+            if spec.scope == "stream":
+                assert name in stream_keys, (spec.name, name)
+                continue
+            key = getattr(schema, name)
+            key = key if spec.scope == "fleet" else key(1 if spec.scope == "shard" else "q")
+            assert isinstance(key, str) and key.startswith("layout:"), (spec.name, name)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in LUA.glob("*.lua") if p.stem != "lib"))
+def test_every_script_names_its_keys_in_the_order_the_table_states(name: str) -> None:
+    """Each ``KEYS[n]`` is bound once, at the top, to the name the table gives it, documented in
+    the header, and used nowhere else by number."""
+    import re
+
+    from pyfiq.engine.scripts import SPECS
+
+    text = (LUA / f"{name}.lua").read_text()
+    declared = re.findall(r"^local (\w+) = KEYS\[(\d+)\]$", text, flags=re.M)
+    assert [n for n, _ in declared] == list(SPECS[name].keys)  # type: ignore[index]
+    assert [int(i) for _, i in declared] == list(range(1, len(declared) + 1))
+    documented = re.findall(r"^\s+KEYS\[(\d+)\]\s", text, flags=re.M)
+    assert [int(i) for i in documented] == list(range(1, len(declared) + 1)), "header"
+    body = text[text.index("]]") :]
+    prelude = "".join(f"local {n} = KEYS[{i}]\n" for n, i in declared)
+    assert not re.search(r"KEYS\[\d+\]", body.replace(prelude, "")), "a key used by number"
+
+
+#: What builds a script call from a script's name.
+CALL_BUILDERS = {"Call", "stream_call", "_schema_call"}
+
+
+def _key_names() -> set[str]:
+    from dataclasses import fields
+
+    from pyfiq.engine.keys import StreamKeys
+    from pyfiq.engine.scripts import SCRIPTS
+
+    return {f.name for f in fields(StreamKeys)} | {name for spec in SCRIPTS for name in spec.keys}
+
+
+def _script_lists(tree: ast.Module, names: set[str]) -> list[str]:
+    """Module-level tables of scripts by name (a list of the mutating ones, of every one)."""
+    found = []
+    values = [s.value for s in tree.body if isinstance(s, ast.Assign | ast.AnnAssign) and s.value is not None]
+    for node in (n for value in values for n in ast.walk(value)):
+        elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", [])
+        listed = [e.value for e in elts if isinstance(e, ast.Constant) and e.value in names]
+        if isinstance(node, ast.Dict | ast.Tuple | ast.List | ast.Set) and len(elts) > 1 and len(listed) == len(elts):
+            found.append(f"line {node.lineno}: scripts listed by name")
+    return found
+
+
+def _script_facts(path: Path) -> list[str]:
+    """Where ``path`` names a script by a string in a call it builds, lists keys in order, or
+    keeps its own table of scripts by name."""
+    from pyfiq.engine.scripts import SPECS
+
+    tree = ast.parse(path.read_text())
+    keys, found = _key_names(), _script_lists(tree, set(SPECS))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            named = [*node.args[:1], *(k.value for k in node.keywords if k.arg == "script")]
+            if called in CALL_BUILDERS and any(isinstance(a, ast.Constant) and a.value in SPECS for a in named):
+                found.append(f"line {node.lineno}: {called}() names its script by a string")
+        elif isinstance(node, ast.Tuple | ast.List) and len(node.elts) > 1:
+            values = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if len(values) == len(node.elts) and all(isinstance(v, str) and v in keys for v in values):
+                found.append(f"line {node.lineno}: keys listed in order {values}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in modules_under() if p != SCRIPT_TABLE], ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_no_module_but_the_table_states_a_scripts_keys_or_names_it_by_a_string(path: Path) -> None:
+    found = _script_facts(path)
+    assert not found, f"{path.relative_to(PACKAGE)}: {found}; state it in engine/scripts.py and read it from there"
+
+
+def test_the_script_check_finds_what_it_looks_for(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        'KEYS = ("lease", "meta")\nc = Call("take", [], [])\nd = stream_call(script="due")\n'
+        'MUTATING = frozenset({"take", "release"})\n'
+        'ok = TAKE\nending = call.script in (TAKE.name, RELEASE.name)\nSTATES = {"run": 1, "take": 2}\n'
+    )
+    assert len(_script_facts(sample)) == 4

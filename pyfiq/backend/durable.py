@@ -25,21 +25,20 @@ import redis
 
 from ..config import Settings
 from ..engine.protocol import Call, ScriptCalls
+from ..engine.scripts import ENQUEUE, SCRIPTS, ScriptName
 from ..errors import NotReplicatedError
 from ..logs import get_logger
 from .connect import is_cluster_client
 from .lean import Attempt, aexchange_on, apooled_exchange, exchange_on
 from .scripts import Scripts
 
-#: Scripts that change what a stream holds: each is followed by WAIT in durable mode. Left out:
-#: ``due`` (a poll), ``renew`` and ``beat`` (heartbeats, redone within a second) and ``rate`` (a
-#: rate window). A failover that loses one of those loses no task and no acknowledgement.
-WAITED = frozenset({"enqueue", "acquire", "take", "dead_letter", "release", "lost", "skip", "requeue"})
+#: Scripts that change what a stream holds: each is followed by WAIT in durable mode (the table
+#: says which, and why the others need not be).
+WAITED: frozenset[ScriptName] = frozenset(spec.name for spec in SCRIPTS if spec.changes_stream)
 #: Of those, the calls whose caller hears of a shortfall (``NotReplicatedError``): a producer's
-#: and an operator's. A worker's change that a failover loses can only make tasks run again
-#: (in every earlier state each task is still pending or in flight), so a worker logs the
-#: shortfall and goes on rather than stop the fleet whenever a replica is away.
-RAISED = frozenset({"enqueue", "skip", "requeue"})
+#: and an operator's; a worker logs the shortfall and goes on rather than stop the fleet
+#: whenever a replica is away.
+RAISED: frozenset[ScriptName] = frozenset(spec.name for spec in SCRIPTS if spec.raises_shortfall)
 #: Redirections and script reloads one call follows before it gives up.
 TRIES = 4
 
@@ -125,7 +124,7 @@ def confirm(backend: Durable, call: Call, reply: Any, replicas: Any) -> Any:
     if call.script not in RAISED:
         log.warning("pyfiq.not_replicated", step=call.script, key=call.keys[0], replicas=confirmed, wanted=wanted)
         return reply
-    if call.script == "enqueue":
+    if call.script == ENQUEUE.name:
         ids = [task_id for task_id, _ in ScriptCalls.parse_enqueue(call, reply)]
         what = f"{len(ids)} task(s) ARE stored in {call.args[0]!r} on {backend.address}"
         advice = "not re-sent, which could store them twice; re-send with a dedup_key to be sure"
@@ -156,7 +155,7 @@ def call_durably(backend: Durable, call: Call, attempt: Attempt | None = None) -
     """Run ``call`` and WAIT for its replication on the same connection (see the module);
     ``attempt`` records whether the request may have been written."""
     attempt = attempt or Attempt()
-    script = getattr(backend.scripts, call.script)
+    script = backend.scripts[call.script]
     client, ask = backend.client, None
     reply: Any = None
     for _ in range(TRIES):
@@ -196,10 +195,12 @@ async def _arefresh(client: Any) -> None:
         await client.nodes_manager.initialize()
 
 
-async def acall_durably(backend: Durable, call: Call, client: Any, scripts: Any, attempt: Attempt | None = None) -> Any:
+async def acall_durably(
+    backend: Durable, call: Call, client: Any, scripts: Scripts, attempt: Attempt | None = None
+) -> Any:
     """``call_durably`` on the backend's ``redis.asyncio`` ``client`` and its ``scripts``."""
     attempt = attempt or Attempt()
-    script = getattr(scripts, call.script)
+    script = scripts[call.script]
     ask = None
     reply: Any = None
     cluster = is_cluster_client(client)

@@ -151,7 +151,7 @@ class Transport:
         makes many calls (a worker's executor); durable mode sends on the pool as it must."""
         if client is None and waited(self, call):
             return call_durably(self, call)
-        script = getattr(self.scripts, call.script)
+        script = self.scripts[call.script]
         try:  # what translated() does, without a generator's cost on every task's call
             if client is None and self.lean is not None:
                 return self._lean_call(script, call, connection)
@@ -179,7 +179,7 @@ class Transport:
         client's own path from the error (``failures.never_ran``)."""
         if waited(self, call):
             return call_durably(self, call, attempt)
-        script = getattr(self.scripts, call.script)
+        script = self.scripts[call.script]
         with self.translated():
             if self.lean is None:
                 attempt.sent = True
@@ -218,14 +218,14 @@ class Transport:
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
             for c in calls:
-                pipe.execute_command(*command_of(c, getattr(self.scripts, c.script).sha))
+                pipe.execute_command(*command_of(c, self.scripts[c.script].sha))
             with self.translated():
                 replies = list(pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 return replies
             for name in {c.script for c in calls}:
-                self.client.script_load(getattr(self.scripts, name).script)
+                self.client.script_load(self.scripts[name].script)
         return replies
 
     def exchange(self, calls: Sequence[Call]) -> Exchange | PipelineExchange:
@@ -233,7 +233,7 @@ class Transport:
         ``sent``, ``replies``; see ``lean.Exchange``) that another thread can finish: a shared
         round trip. A call refused for a missing script did not run: its caller sends it again
         alone (``call_once``), which loads the script."""
-        commands = [command_of(c, getattr(self.scripts, c.script).sha) for c in calls]
+        commands = [command_of(c, self.scripts[c.script].sha) for c in calls]
         if self.lean is not None:
             return self.lean.exchange(commands)
         return PipelineExchange(self.client, commands)
@@ -301,7 +301,7 @@ class Transport:
     async def acall(self, call: Call, client: AsyncClient = None) -> Any:
         if client is None and waited(self, call):
             return await acall_durably(self, call, *self.async_side())
-        script = getattr(self.async_side()[1], call.script)
+        script = self.async_side()[1][call.script]
         with self.translated():
             return await script(keys=call.keys, args=call.args, client=client)
 
@@ -310,7 +310,7 @@ class Transport:
         client, scripts = self.async_side()
         if waited(self, call):
             return await acall_durably(self, call, client, scripts, attempt)
-        script = getattr(scripts, call.script)
+        script = scripts[call.script]
         with self.translated():
             if self.lean is None:
                 attempt.sent = True
@@ -334,21 +334,21 @@ class Transport:
         for _ in range(2):
             pipe = client.pipeline(transaction=False)
             for c in calls:
-                pipe.execute_command(*command_of(c, getattr(scripts, c.script).sha))
+                pipe.execute_command(*command_of(c, scripts[c.script].sha))
             with self.translated():
                 replies = list(await pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 return replies
             for name in {c.script for c in calls}:
-                await client.script_load(getattr(scripts, name).script)
+                await client.script_load(scripts[name].script)
         return replies
 
     async def aexchange(self, calls: Sequence[Call], attempt: Attempt) -> list[Any]:
         """``exchange`` on the asyncio client, run to its end: replies (an error reply as its
         exception) in order, ``attempt`` telling whether the request may have been written."""
         client, scripts = self.async_side()
-        commands = [command_of(c, getattr(scripts, c.script).sha) for c in calls]
+        commands = [command_of(c, scripts[c.script].sha) for c in calls]
         with self.translated():
             if self.lean is not None:
                 return list(await apooled_exchange(client.connection_pool, commands, attempt))

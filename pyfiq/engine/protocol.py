@@ -1,62 +1,52 @@
 """The wire protocol between pyfiq and Redis, without I/O: each atomic step as a script call
-(name, keys in the order ``KEY_NAMES`` states, args), and what each reply means.
+(name, keys in the order the script table in ``scripts`` states, args), and what each reply means.
 
-Owns the shape of every call and reply; must not import redis or do any I/O.
+Owns the arguments of every call and the parsing of replies; what a script is (its keys, its
+reply codes) is the table's. Must not import redis or do any I/O.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from enum import IntEnum
 from itertools import chain
-from operator import attrgetter
 from typing import Any
 
 from ..config import MAX_PREFETCH, Settings
 from ..task import Entry
 from .keys import KeySchema, StreamKeys
 from .lease import Flag, Lease
-
-
-class TakeReply(IntEnum):
-    """First element of a ``take`` reply."""
-
-    REVOKED = -2  # an operator's skip revoked the lease: nothing changed; let go
-    FENCED = -1  # the caller's lease is gone: nothing changed
-    EMPTY = 0  # nothing left: the lease was released and the stream forgotten
-    TASKS = 1  # acknowledged; the tasks handed over follow (possibly none)
-    ACKED = 2  # acknowledged only (nothing was asked for)
-    PAUSED = 3  # acknowledged; the queue or stream is paused, so nothing was handed over
-
-
-class AcquireReply(IntEnum):
-    NOT_CLAIMABLE = 0
-    GRANTED = 1
-
-
-class FencedReply(IntEnum):
-    """Reply of ``dead_letter`` and ``release``."""
-
-    FENCED = -1
-    DONE = 1
-
-
-class RenewReply(IntEnum):
-    """First element of a ``renew`` reply."""
-
-    REFUSED = 0
-    RENEWED = 1
-    PAUSED = 2  # renewed; the stream or its queue is paused: start nothing more, confirm
-    REVOKED = 3  # an operator's skip revoked the lease (the skipped task id follows): let go
+from .scripts import (
+    ACQUIRE,
+    BEAT,
+    DEAD_LETTER,
+    DUE,
+    ENQUEUE,
+    HALTED,
+    LOST,
+    RATE,
+    RELEASE,
+    RENEW,
+    REQUEUE,
+    SKIP,
+    TAKE,
+    ScriptName,
+    ScriptSpec,
+)
+from .scripts import AcquireReply as AcquireReply
+from .scripts import FencedReply as FencedReply
+from .scripts import RenewReply as RenewReply
+from .scripts import TakeReply as TakeReply
 
 
 @dataclass(frozen=True)
 class Call:
-    script: str
+    """One script call: its keys in the order the script's ``ScriptSpec`` states, then its args."""
+
+    script: ScriptName
     keys: list[str]
     args: list[Any]
 
@@ -72,66 +62,39 @@ DUE_SCAN = 200
 PARK_AFTER_MS = 50
 
 
-#: The keys each script takes, in order, by name: a stream's keys are ``StreamKeys`` attributes;
-#: every script names them the same way (``local pending = KEYS[2]``), which a test checks, so the
-#: order is stated once. ``enqueue`` takes one dedup key per task after these.
-KEY_NAMES: dict[str, tuple[str, ...]] = {
-    "enqueue": ("pending", "ready", "queues", "layout"),
-    "due": ("queues", "layout", "paused"),
-    "acquire": (
-        "queues",
-        "ready",
-        "epoch",
-        "lease",
-        "meta",
-        "pending",
-        "inflight",
-        "dead",
-        "dead_ids",
-        "dlq_index",
-        "paused",
-        "counts",
-    ),
-    "renew": ("lease", "ready", "queues", "paused", "meta"),
-    "halted": ("lease", "meta"),
-    "take": (
-        "lease",
-        "pending",
-        "inflight",
-        "meta",
-        "ready",
-        "queues",
-        "dead",
-        "dead_ids",
-        "dlq_index",
-        "paused",
-        "counts",
-    ),
-    "skip": ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "counts"),
-    "dead_letter": ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index", "counts"),
-    "release": ("lease", "pending", "inflight", "meta", "ready", "queues", "counts"),
-    "requeue": ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
-    "rate": ("rate",),
-    "beat": ("replicas", "pollers"),
-    "lost": ("inflight", "meta"),
-}
-
-
-#: Each script's keys read off a ``StreamKeys`` in one C call (a hot path: every take builds 11).
-_KEYS_OF: dict[str, Callable[[StreamKeys], Any]] = {script: attrgetter(*names) for script, names in KEY_NAMES.items()}
-
-
-def stream_call(script: str, k: StreamKeys, args: list[Any], extra_keys: Sequence[str] = ()) -> Call:
-    keys = _KEYS_OF[script](k)
+def stream_call(spec: ScriptSpec, k: StreamKeys, args: list[Any], extra_keys: Sequence[str] = ()) -> Call:
+    """A call of a script whose keys are one stream's (``spec.scope == "stream"``)."""
+    keys = spec.read_keys(k)
     if isinstance(keys, str):  # one name: attrgetter gives the value itself
         keys = (keys,)
-    return Call(script, [*keys, *extra_keys], args)
+    return Call(spec.name, [*keys, *extra_keys], args)
 
 
 class ScriptCalls:
     def __init__(self, keys: KeySchema, settings: Settings) -> None:
         self.keys = keys
         self.settings = settings
+        self._schema_keys: dict[tuple[ScriptName, int | str | None], tuple[str, ...]] = {}
+
+    def _schema_call(self, spec: ScriptSpec, args: list[Any], of: int | str | None = None) -> Call:
+        """A call of a script whose keys are the schema's own: ``KeySchema`` methods of a shard
+        or a queue (``of``), or its properties (the fleet's keys), as ``spec.scope`` says."""
+        keys = self._schema_keys.get((spec.name, of))
+        if keys is None:
+            keys = self._schema_keys_of(spec, of)
+        return Call(spec.name, list(keys), args)
+
+    def _schema_keys_of(self, spec: ScriptSpec, of: int | str | None) -> tuple[str, ...]:
+        schema = self.keys
+        if of is None:
+            keys = tuple(getattr(schema, name) for name in spec.keys)
+        else:
+            keys = tuple(getattr(schema, name)(of) for name in spec.keys)
+        # A poll builds one call per shard: a shard's keys (and the fleet's) are kept, a set
+        # bounded by the shard count. A queue's are not: queue names come from callers.
+        if spec.scope != "queue":
+            self._schema_keys[(spec.name, of)] = keys
+        return keys
 
     def enqueue(
         self,
@@ -149,7 +112,7 @@ class ScriptCalls:
             len(items),
         ]
         args.extend(chain.from_iterable(items))  # (task id, expires-in ms, payload) per task
-        return stream_call("enqueue", k, args, [k.dedup(d) for d in dedup_keys or ()])
+        return stream_call(ENQUEUE, k, args, [k.dedup(d) for d in dedup_keys or ()])
 
     @staticmethod
     def parse_enqueue(call: Call, reply: Any) -> list[tuple[str, bool]]:
@@ -163,11 +126,7 @@ class ScriptCalls:
         return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
     def due(self, shard: int, want: int, queues: Sequence[str] | None, offset: int = 0) -> Call:
-        return Call(
-            "due",
-            [self.keys.queues(shard), self.keys.layout(shard), self.keys.paused(shard)],
-            [want, self.keys.shards, DUE_SCAN, offset, *(queues or ())],
-        )
+        return self._schema_call(DUE, [want, self.keys.shards, DUE_SCAN, offset, *(queues or ())], shard)
 
     @staticmethod
     def parse_due(reply: list[Any]) -> tuple[float | None, int, list[tuple[str, float]]]:
@@ -182,9 +141,7 @@ class ScriptCalls:
         ``holder`` (the replica id) goes into the lease token, so operators see who holds it."""
         k = self.keys.stream(stream)
         nonce = f"{holder}/{secrets.token_hex(6)}"
-        return stream_call(
-            "acquire", k, [stream, self.settings.lease_ttl_ms, nonce, want, self.settings.max_deliveries]
-        )
+        return stream_call(ACQUIRE, k, [stream, self.settings.lease_ttl_ms, nonce, want, self.settings.max_deliveries])
 
     def parse_acquire(
         self,
@@ -211,24 +168,22 @@ class ScriptCalls:
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
         running = lease.running
-        return stream_call(
-            "renew", k, [lease.token, self.settings.lease_ttl_ms, k.stream, running[0] if running else ""]
-        )
+        return stream_call(RENEW, k, [lease.token, self.settings.lease_ttl_ms, k.stream, running[0] if running else ""])
 
     def halted(self, lease: Lease) -> Call:
         """Confirm that this holder starts nothing more under ``lease`` (its stream was paused)."""
-        return stream_call("halted", lease.keys, ["!" + lease.token if lease.revoked else lease.token])
+        return stream_call(HALTED, lease.keys, ["!" + lease.token if lease.revoked else lease.token])
 
     def take(self, lease: Lease, acks: Sequence[str], want: int, *, ahead: bool = False) -> Call:
         """Acknowledge ``acks`` and take up to ``want`` tasks. ``ahead``: the holder still runs
         earlier tasks, so none of these starts at once (see ``hand_out`` in lib.lua)."""
         k = lease.keys
         argv = [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, 1 if ahead else 0, *acks]
-        return stream_call("take", k, argv)
+        return stream_call(TAKE, k, argv)
 
     def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
         k = lease.keys
-        return stream_call("dead_letter", k, [lease.token, k.stream, len(acks), task_id, header, *acks])
+        return stream_call(DEAD_LETTER, k, [lease.token, k.stream, len(acks), task_id, header, *acks])
 
     def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
         """Give the lease up. ``started``: tasks this holder started and did not finish (they
@@ -237,7 +192,7 @@ class ScriptCalls:
         lease an operator's skip revoked is let go under its revoked value."""
         k = lease.keys
         return stream_call(
-            "release",
+            RELEASE,
             k,
             [
                 "!" + lease.token if lease.revoked else lease.token,
@@ -255,12 +210,12 @@ class ScriptCalls:
     def lost(self, lease: Lease, entry: Entry) -> Call:
         """Note that ``entry`` ran past this holder's lease while the holder was alive."""
         k = lease.keys
-        return stream_call("lost", k, [entry.raw, MAX_PREFETCH + 1])
+        return stream_call(LOST, k, [entry.raw, MAX_PREFETCH + 1])
 
     def skip(self, stream: str, header: str) -> Call:
         """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
         k = self.keys.stream(stream)
-        return stream_call("skip", k, [stream, header, self.keys.wake(k.shard), k.shard])
+        return stream_call(SKIP, k, [stream, header, self.keys.wake(k.shard), k.shard])
 
     def beat(self, replica: str, info: dict[str, Any], poll: PollBeat) -> Call:
         """A worker's heartbeat in the replica registry (what operators list as live), which
@@ -268,9 +223,8 @@ class ScriptCalls:
         "poll" field: the group when the replica polls, else empty."""
         forget_ms = max(3_600_000, int(self.settings.lease_ttl_ms * 10))
         report = json.dumps({**info, "poll": poll.group if poll.polls else ""}, separators=(",", ":"))
-        return Call(
-            "beat",
-            [self.keys.replicas, self.keys.pollers],
+        return self._schema_call(
+            BEAT,
             [
                 replica,
                 report,
@@ -291,7 +245,7 @@ class ScriptCalls:
         return [(_text(reply[i]), bool(int(reply[i + 1]))) for i in range(1, len(reply) - 1, 2)]
 
     def rate(self, queue: str, limit: RateLimit) -> Call:
-        return Call("rate", [self.keys.rate(queue)], [1000.0 / limit.per_second, limit.burst])
+        return self._schema_call(RATE, [1000.0 / limit.per_second, limit.burst], queue)
 
     def requeue(
         self, stream: str, *, front: bool, limit: int, low: str = "-inf", high: str = "+inf", task_id: str | None = None
@@ -299,7 +253,7 @@ class ScriptCalls:
         """One bounded step of moving dead letters back to pending; see ``requeue.lua``."""
         k = self.keys.stream(stream)
         return stream_call(
-            "requeue",
+            REQUEUE,
             k,
             [stream, self.keys.wake(k.shard), k.shard, "front" if front else "back", limit, low, high, task_id or ""],
         )

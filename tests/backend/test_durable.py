@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,6 +51,27 @@ def test_durable_mode_is_off_by_default_and_memory_has_no_replicas_to_wait_for()
     assert Settings(min_replicas=2).durable
     with pytest.raises(ConfigurationError, match="memory:// has no replicas"):
         RedisQueueBackend("memory://durable", min_replicas=1)
+
+
+def test_the_script_table_says_which_steps_wait_and_whose_callers_hear_of_a_shortfall() -> None:
+    """Every step that changes what a stream holds waits; polls, heartbeats, halt confirmations
+    and rate windows do not. Only a producer's and an operator's steps raise a shortfall."""
+    from pyfiq.backend.durable import RAISED, WAITED
+
+    assert {"enqueue", "acquire", "take", "dead_letter", "release", "lost", "skip", "requeue"} == WAITED
+    assert {"enqueue", "skip", "requeue"} == RAISED
+
+
+def test_a_step_waited_for_only_in_durable_mode() -> None:
+    from pyfiq.backend.durable import waited
+    from pyfiq.engine.keys import KeySchema
+    from pyfiq.engine.protocol import ScriptCalls
+
+    ops = ScriptCalls(KeySchema("t", 2), Settings())
+    enqueue, due = ops.enqueue("q", [("a" * 32, 0, b"x")]), ops.due(0, 1, None)
+    durable = SimpleNamespace(settings=Settings(min_replicas=1))
+    assert waited(durable, enqueue) and not waited(durable, due)
+    assert not waited(SimpleNamespace(settings=Settings()), enqueue)
 
 
 @pytest.fixture(scope="module")

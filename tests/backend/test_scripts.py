@@ -328,24 +328,3 @@ def test_release_after_an_error_keeps_delivery_counts(redis_backend: RedisQueueB
     assert redis_backend.call(ops.release(lease, [], [task])) == 1
     again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event(), time.monotonic())
     assert again is not None and [(e.id, d) for e, d in again.initial] == [(task, 2)]
-
-
-def test_every_script_names_its_keys_in_the_order_the_python_side_sends_them() -> None:
-    import re
-    from importlib import resources
-
-    from pyfiq.backend.scripts import NAMES
-    from pyfiq.engine.protocol import KEY_NAMES
-
-    assert set(KEY_NAMES) == set(NAMES)
-    for name in NAMES:
-        text = resources.files("pyfiq.engine").joinpath("lua", f"{name}.lua").read_text()
-        declared = re.findall(r"^local (\w+) = KEYS\[(\d+)\]$", text, flags=re.M)
-        assert [n for n, _ in declared] == list(KEY_NAMES[name]), name
-        assert [int(i) for _, i in declared] == list(range(1, len(declared) + 1)), name
-        documented = re.findall(r"^\s+KEYS\[(\d+)\]\s", text, flags=re.M)
-        assert [int(i) for i in documented] == list(range(1, len(declared) + 1)), f"{name}: header"
-        body = text[text.index("]]") :]
-        assert not re.search(
-            r"KEYS\[\d+\]", body.replace("".join(f"local {n} = KEYS[{i}]\n" for n, i in declared), "")
-        ), f"{name} uses a key by number"

@@ -16,8 +16,9 @@ from pyfiq.engine.events import Event
 from pyfiq.engine.keys import KeySchema
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.outcomes import DeadLettered
-from pyfiq.engine.protocol import KEY_NAMES, Call, RateLimit, ScriptCalls
+from pyfiq.engine.protocol import Call, RateLimit, ScriptCalls
 from pyfiq.engine.scheduler import Scheduler
+from pyfiq.engine.scripts import SPECS
 from pyfiq.engine.stream import RunTask, StreamRun
 from pyfiq.task import Entry, TaskRecord
 
@@ -60,7 +61,7 @@ def entry(n: int, *, expires_ms: int = 0, name: str = "app.charge", payload: byt
 
 
 def stream_keys(script: str) -> list[str]:
-    return [getattr(SK, name) for name in KEY_NAMES[script]]
+    return [getattr(SK, name) for name in SPECS[script].keys]
 
 
 def granted(*tasks: tuple[bytes, int], redis_ms: int = 5_000, sent_at: float = START) -> Lease:
