@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.ops.cli import main
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 MEGABYTE = 1_000_000
 #: The stored bounds (README, Dead letters): the message's first 4,000 characters, the traceback's last 16,000.

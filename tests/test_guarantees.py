@@ -20,7 +20,7 @@ from pyfiq.engine.lease import Lease
 from pyfiq.engine.protocol import ScriptCalls
 from pyfiq.task import Entry, TaskRecord, new_task_id
 from pyfiq_harness.proxy import FaultProxy
-from tests.conftest import FAST, unique_prefix, wait_until
+from tests.support.helpers import FAST, unique_prefix, wait_until
 
 
 def enqueue(backend: RedisQueueBackend, stream: str, n: int, **kw: Any) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.task import TaskRecord, new_task_id
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 FORGED = "\n2026-01-01 00:00:00 [error    ] pyfiq.task_succeeded queue=billing\r\x1b[2K\x1b]0;owned\x07\x9b\x85"
 KEY = f"c-1{FORGED}"

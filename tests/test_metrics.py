@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pyfiq import ConfigurationError, ThreadedWorker, configure, current_task, fifo, hooks, metrics
-from tests.conftest import drained, wait_until
+from tests.support.helpers import drained, wait_until
 from tests.workers.test_worker import qname
 
 

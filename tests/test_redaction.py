@@ -19,7 +19,9 @@ from click.testing import CliRunner
 from pyfiq import AsyncWorker, PyfiqError, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.ops.cli import main
 from pyfiq.ops.exporter import snapshot
-from tests.conftest import RedisServer, free_port, unique_prefix, wait_until
+from pyfiq_harness.servers import free_port
+from tests.support.helpers import unique_prefix, wait_until
+from tests.support.servers import RedisServer
 from tests.workers.test_worker import qname
 
 SECRET = "Sup3r-S3cret-pw"

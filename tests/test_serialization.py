@@ -25,7 +25,7 @@ from pyfiq import (
     fifo,
 )
 from pyfiq.task import Entry, TaskRecord
-from tests.conftest import FAST, unique_prefix, wait_until
+from tests.support.helpers import FAST, unique_prefix, wait_until
 
 
 def test_json_round_trips_the_common_non_json_types() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 import pyfiq
 from pyfiq import ConfigurationError, RedisQueueBackend, fifo
-from tests.conftest import unique_prefix
+from tests.support.helpers import unique_prefix
 
 #: The bounds the README states.
 MAX_KEY_CHARS, MAX_KEY_BYTES = 200, 512

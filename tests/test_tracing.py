@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from pyfiq import ConfigurationError, current_task, fifo, hooks, tracing
 from pyfiq.task import Entry, TaskRecord
-from tests.conftest import drained, wait_until
+from tests.support.helpers import drained, wait_until
 from tests.workers.test_worker import qname
 from tests.workers.test_worker import start_worker as start_worker  # the fixture, over both drivers
 

@@ -36,7 +36,9 @@ from pyfiq import (
 )
 from pyfiq.task import EncodedTask, Entry, new_task_id
 from pyfiq_harness.proxy import FaultProxy
-from tests.conftest import FAST, RedisServer, free_port, unique_prefix, wait_until
+from pyfiq_harness.servers import free_port
+from tests.support.helpers import FAST, unique_prefix, wait_until
+from tests.support.servers import RedisServer
 
 PASSWORD = "s3cret-pw-do-not-print"
 

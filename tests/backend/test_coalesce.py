@@ -18,7 +18,7 @@ from pyfiq import RedisQueueBackend, TaskHandle, fifo
 from pyfiq.backend import coalesce
 from pyfiq.errors import EnqueueOutcomeUnknown
 from pyfiq.task import Entry, TaskRecord
-from tests.conftest import wait_until
+from tests.support.helpers import wait_until
 from tests.workers.test_worker import qname
 
 

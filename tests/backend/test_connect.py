@@ -20,8 +20,9 @@ from click.testing import CliRunner
 from pyfiq import AccessDeniedError, BackendUnavailableError, RedisQueueBackend, fifo
 from pyfiq.backend.connect import ACL_COMMANDS, acl_rules
 from pyfiq.ops.cli import main
-from tests.conftest import unique_prefix
-from tests.servers import Node, Sentinels, TLSFiles, free_ports, wait_for
+from pyfiq_harness.servers import Node, free_ports, wait_for
+from pyfiq_harness.topologies import Sentinels, TLSFiles
+from tests.support.helpers import unique_prefix
 from tests.support.smoke import run_smoke, smoke_settings
 
 README = Path(__file__).parents[2] / "README.md"

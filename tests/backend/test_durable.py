@@ -20,8 +20,9 @@ import pytest
 import pyfiq
 from pyfiq import NotReplicatedError, RedisQueueBackend, Settings, ThreadedWorker, fifo
 from pyfiq.errors import BackendUnavailableError, ConfigurationError
-from tests.conftest import FAST, unique_prefix, wait_until
-from tests.servers import Node, Replicated
+from pyfiq_harness.servers import Node
+from pyfiq_harness.topologies import Replicated
+from tests.support.helpers import FAST, unique_prefix, wait_until
 from tests.workers.test_worker import AsyncWorkerInThread
 
 DURABLE = {**FAST, "min_replicas": 1, "replica_timeout": 0.5}

@@ -24,7 +24,8 @@ import redis.asyncio.connection
 from pyfiq import RedisQueueBackend, TaskHandle, fifo
 from pyfiq.errors import BackendUnavailableError, EnqueueOutcomeUnknown
 from pyfiq.task import Entry, TaskRecord
-from tests.conftest import FAST, RedisServer, unique_prefix, wait_until
+from tests.support.helpers import FAST, unique_prefix, wait_until
+from tests.support.servers import RedisServer
 from tests.workers.test_worker import qname
 
 # Keeps the server busy (every other client waits) for ARGV[1] milliseconds.

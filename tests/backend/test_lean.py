@@ -11,7 +11,8 @@ import redis
 
 from pyfiq import RedisQueueBackend
 from pyfiq.backend.lean import Attempt
-from tests.conftest import RedisServer, unique_prefix
+from tests.support.helpers import unique_prefix
+from tests.support.servers import RedisServer
 
 # Replies "late" after keeping the server busy for half a second.
 SLOW = """

@@ -48,7 +48,8 @@ from pyfiq.config import MAX_PREFETCH
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.outcomes import dead_letter_header
 from pyfiq.task import Entry, new_task_id
-from tests.conftest import RedisServer, unique_prefix
+from tests.support.helpers import unique_prefix
+from tests.support.servers import RedisServer
 
 STREAM = "orders#c-1"
 QUEUE = "orders"

@@ -116,7 +116,7 @@ def test_recovery_hands_earlier_in_flight_tasks_one_at_a_time(redis_backend: Red
 
 
 def test_poison_task_is_dead_lettered_after_max_deliveries(redis_server) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import unique_prefix
+    from tests.support.helpers import unique_prefix
 
     backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), max_deliveries=3, shards=2)
     ids = enqueue(backend, "q", 2)

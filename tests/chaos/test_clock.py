@@ -20,7 +20,8 @@ import pytest
 from pyfiq import RedisQueueBackend
 from pyfiq.task import TaskRecord, new_task_id
 from pyfiq_harness.clock import build_clock_shim
-from tests.conftest import RedisServer, unique_prefix
+from tests.support.helpers import unique_prefix
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the clock shim is an LD_PRELOAD library (Linux)")
 

@@ -23,7 +23,7 @@ from pyfiq.ops.cli import main as pyfiq_cli
 from pyfiq.ops.scenario_tasks import QUEUES
 from pyfiq_harness.cli import cli as runner_cli
 from pyfiq_harness.fleet import replica_argv
-from tests.conftest import RedisServer
+from tests.support.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -35,7 +35,7 @@ from pyfiq_harness.profiles import PROFILES
 from pyfiq_harness.proxy import FaultProxy
 from pyfiq_harness.scenario import Result, run_scenario
 from pyfiq_harness.verdict import verify
-from tests.conftest import RedisServer
+from tests.support.servers import RedisServer
 
 # -- the proxy ---------------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.lease import Lease
 from pyfiq.errors import EnqueueOutcomeUnknown
 from pyfiq.task import Entry
-from tests.conftest import FAST, unique_prefix, wait_until
-from tests.servers import Cluster, ProducerLoop
+from pyfiq_harness.topologies import Cluster
+from tests.support.helpers import FAST, ProducerLoop, unique_prefix, wait_until
 from tests.workers.test_worker import AsyncWorkerInThread
 
 ROOT = Path(__file__).parents[2]

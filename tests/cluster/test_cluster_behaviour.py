@@ -16,8 +16,8 @@ import pytest
 
 import pyfiq
 from pyfiq import RedisQueueBackend
-from tests.conftest import FAST, unique_prefix
-from tests.servers import Cluster
+from pyfiq_harness.topologies import Cluster
+from tests.support.helpers import FAST, unique_prefix
 from tests.workers import test_asyncio, test_streams, test_worker
 
 #: Fixtures that stand for "a backend on a real Redis" in the modules re-collected here.

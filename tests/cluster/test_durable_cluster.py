@@ -12,8 +12,8 @@ import pytest
 
 from pyfiq import NotReplicatedError, RedisQueueBackend
 from pyfiq.task import TaskRecord
-from tests.conftest import FAST, unique_prefix, wait_until
-from tests.servers import Cluster
+from pyfiq_harness.topologies import Cluster
+from tests.support.helpers import FAST, unique_prefix, wait_until
 
 DURABLE = {**FAST, "min_replicas": 1, "replica_timeout": 0.5}
 

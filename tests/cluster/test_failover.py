@@ -28,8 +28,9 @@ import pytest
 
 from pyfiq import EnqueueOutcomeUnknown, NotReplicatedError, RedisQueueBackend, Settings
 from pyfiq.ops.scenario_tasks import QUEUES, STEPS, check, read_journal
-from tests.conftest import unique_prefix, wait_until
-from tests.servers import Cluster, Node, ProducerLoop, Sentinels
+from pyfiq_harness.servers import Node
+from pyfiq_harness.topologies import Cluster, Sentinels
+from tests.support.helpers import ProducerLoop, unique_prefix, wait_until
 from tests.workers.test_processes import MAX_DELIVERIES, POLL, SHARDS, TTL, Fleet
 
 #: Seconds the replica lags (stalled) before the primary is killed.

@@ -33,9 +33,10 @@ from redis.crc import key_slot
 from pyfiq import RedisQueueBackend, Settings
 from pyfiq.engine.keys import stream_name
 from pyfiq.ops.scenario_tasks import QUEUES, STEPS, Report, check, read_journal
+from pyfiq_harness.servers import Node
+from pyfiq_harness.topologies import Cluster
 from tests.cluster.test_failover import TopologyFleet
-from tests.conftest import unique_prefix, wait_until
-from tests.servers import Cluster, Node, ProducerLoop
+from tests.support.helpers import ProducerLoop, unique_prefix, wait_until
 from tests.workers.test_processes import MAX_DELIVERIES, POLL, SHARDS, TTL
 
 QUEUE = QUEUES[0]

@@ -86,7 +86,7 @@ def test_the_counts_are_a_ring_of_minutes_that_expires(redis_backend: RedisQueue
 
 @pytest.mark.parametrize("shards", [1, 8])
 def test_every_shard_of_a_keyed_queue_counts_into_its_own_key(redis_server: Any, shards: int) -> None:
-    from tests.conftest import unique_prefix
+    from tests.support.helpers import unique_prefix
 
     b = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), shards=shards)
     streams = [f"wide#k-{i}" for i in range(20)]

@@ -23,8 +23,10 @@ from starlette.testclient import TestClient
 from pyfiq import RedisQueueBackend
 from pyfiq.dashboard import create_app
 from pyfiq.dashboard.app import CSRF_COOKIE
-from tests.conftest import RedisServer, free_port, unique_prefix
+from pyfiq_harness.servers import free_port
 from tests.dashboard.scene import enqueue, wait_for
+from tests.support.helpers import unique_prefix
+from tests.support.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

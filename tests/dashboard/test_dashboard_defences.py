@@ -24,8 +24,8 @@ from starlette.testclient import TestClient
 from pyfiq import RedisQueueBackend
 from pyfiq.backend import pages
 from pyfiq.dashboard import create_app
-from tests.conftest import unique_prefix
 from tests.dashboard.scene import enqueue, serve
+from tests.support.helpers import unique_prefix
 
 SIBLING = "https://evil.example.com"
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
-from tests.conftest import wait_until
+from tests.support.helpers import wait_until
 from tests.workers.test_worker import qname
 
 

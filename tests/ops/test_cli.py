@@ -14,7 +14,7 @@ import pyfiq
 from pyfiq import RedisQueueBackend, fifo
 from pyfiq.ops.cli import main
 from pyfiq.task import TaskRecord, new_task_id
-from tests.conftest import unique_prefix
+from tests.support.helpers import unique_prefix
 
 
 @pytest.fixture

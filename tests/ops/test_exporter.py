@@ -18,7 +18,9 @@ from pyfiq import RedisQueueBackend
 from pyfiq.engine.keys import stream_name
 from pyfiq.ops.exporter import QueueCollector, snapshot
 from pyfiq.task import TaskRecord, new_task_id
-from tests.conftest import RedisServer, free_port, unique_prefix
+from pyfiq_harness.servers import free_port
+from tests.support.helpers import unique_prefix
+from tests.support.servers import RedisServer
 
 GAUGES = (
     "pyfiq_queue_depth",

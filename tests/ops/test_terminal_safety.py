@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.ops.cli import main
 from pyfiq.task import TaskRecord, new_task_id
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 #: A title change, an erased line, a carriage return, an OSC 52 clipboard write, a C1 CSI, NEL,
 #: DEL, NUL, a line break, a tab (a fake column) and a right-to-left override.

@@ -13,7 +13,7 @@ import pytest
 
 import pyfiq
 from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, current_task, fifo
-from tests.conftest import FAST, drained, unique_prefix, wait_until
+from tests.support.helpers import FAST, drained, unique_prefix, wait_until
 
 
 def qname() -> str:

@@ -17,7 +17,7 @@ import pytest
 import pyfiq
 from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.scheduler import poll_owners
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 #: A lease TTL long enough that waiting it out is not what makes these tests pass.
 SLOW_LEASE = {"lease_ttl": 6.0, "poll_interval": 0.2, "shards": 4}

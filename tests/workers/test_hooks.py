@@ -14,7 +14,7 @@ import pytest
 import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, TaskContext, current_task, fifo, hooks
 from pyfiq.task import EncodedTask, new_task_id
-from tests.conftest import drained, wait_until
+from tests.support.helpers import drained, wait_until
 from tests.workers.test_worker import qname
 from tests.workers.test_worker import start_worker as start_worker  # the fixture, over both drivers
 

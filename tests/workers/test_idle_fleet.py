@@ -24,7 +24,7 @@ from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.keys import KeySchema
 from pyfiq.engine.protocol import Call
 from pyfiq.engine.scheduler import poll_owners
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 SHARDS = 8
 TTL = 1.5

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import pyfiq
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.ops.cli import main
-from tests.conftest import FAST, unique_prefix, wait_until
+from tests.support.helpers import FAST, unique_prefix, wait_until
 
 
 def qname() -> str:

@@ -26,7 +26,7 @@ import redis
 from pyfiq import RedisQueueBackend
 from pyfiq.config import Settings
 from pyfiq.ops.scenario_tasks import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
-from tests.conftest import unique_prefix, wait_until
+from tests.support.helpers import unique_prefix, wait_until
 
 TTL = 1.5
 POLL = 0.2

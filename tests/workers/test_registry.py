@@ -15,7 +15,7 @@ import pyfiq
 from pyfiq import AsyncWorker, NotConfiguredError, RedisQueueBackend, Registry, ThreadedWorker, async_worker, fifo
 from pyfiq.functions import default_registry
 from pyfiq.testing import drain, memory_backend
-from tests.conftest import FAST, drained, unique_prefix, wait_until
+from tests.support.helpers import FAST, drained, unique_prefix, wait_until
 
 
 @pytest.fixture(params=["memory", "redis"])

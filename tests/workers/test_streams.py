@@ -20,8 +20,8 @@ import pytest
 import pyfiq
 from pyfiq import RedisQueueBackend, ThreadedWorker, current_task, fifo
 from pyfiq.ops.scenario_tasks import JOURNAL_ENV, check, read_journal
-from tests.conftest import FAST, unique_prefix, wait_until
-from tests.keyed_app import KEYED_QUEUE, keyed_step
+from tests.support.helpers import FAST, unique_prefix, wait_until
+from tests.support.keyed_app import KEYED_QUEUE, keyed_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -186,7 +186,7 @@ def test_per_key_order_across_processes(redis_server: Any, tmp_path: Path) -> No
     env = {**os.environ, JOURNAL_ENV: str(journal), "PYTHONPATH": str(ROOT)}
     argv = [
         sys.executable, "-m", "pyfiq", "worker", "--redis", redis_server.url, "--prefix", prefix,
-        "--shards", "4", "--import", "tests.keyed_app", "--queues", KEYED_QUEUE,
+        "--shards", "4", "--import", "tests.support.keyed_app", "--queues", KEYED_QUEUE,
         "--lease-ttl", "1.5", "--poll-interval", "0.2", "--concurrency", "3", "--log-level", "warning",
     ]  # fmt: skip
     procs = [

@@ -22,8 +22,8 @@ from pyfiq.functions import RetryPolicy
 from pyfiq.task import Entry
 from pyfiq.workers import limits
 from pyfiq.workers.limits import call_with_limits
-from tests.conftest import drained, wait_until
 from tests.engine.helpers import SETTINGS, FakeClock, entry, granted, header_of, lookup_of
+from tests.support.helpers import drained, wait_until
 from tests.workers import test_worker as behaviour
 from tests.workers.test_worker import Journal, qname
 

@@ -25,7 +25,8 @@ from pyfiq import (
     fifo,
 )
 from pyfiq.task import TaskRecord
-from tests.conftest import FAST, drained, free_port, unique_prefix, wait_until
+from pyfiq_harness.servers import free_port
+from tests.support.helpers import FAST, drained, unique_prefix, wait_until
 
 
 class Journal:
