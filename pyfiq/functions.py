@@ -273,7 +273,7 @@ class FifoFunction(Generic[P, R]):
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
         key = None if raw_key is None else validate_key(str(raw_key))
         backend = backend or self.registry.get_backend()
-        record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.enqueue_headers(self.queue))
+        record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.dispatcher.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
         items = backend.encode([(new_task_id(), record)], expires)
         return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
@@ -311,7 +311,7 @@ class FifoFunction(Generic[P, R]):
         by_stream: dict[str, list[int]] = {}
         encoded: dict[str, list[EncodedTask]] = {}
         handles: list[TaskHandle] = []
-        headers = hooks.enqueue_headers(self.queue)
+        headers = hooks.dispatcher.enqueue_headers(self.queue)
         serializer = backend.settings.serializer
         ttl_ms = expires_in_ms(self.expires_in)
         calls = list(calls)

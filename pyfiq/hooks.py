@@ -89,6 +89,8 @@ class Dispatcher(Hooks):
         self._lock = threading.Lock()
         self._listeners: list[Hooks] = []
         self._handlers: dict[str, tuple[tuple[Hooks, Callable[..., Any]], ...]] = {}
+        #: Whether any listener is registered: the per-task events skip the dispatch without.
+        self.active = False
 
     def add(self, listener: Hooks) -> None:
         if not isinstance(listener, Hooks) or isinstance(listener, Dispatcher):
@@ -113,6 +115,7 @@ class Dispatcher(Hooks):
             overriding = [listener for listener in self._listeners if getattr(type(listener), name) is not base]
             handlers[name] = tuple((listener, getattr(listener, name)) for listener in overriding)
         self._handlers = handlers
+        self.active = bool(self._listeners)
 
     def listens(self, hook: Callable[..., None]) -> bool:
         """Whether a listener overrides ``hook`` (a method of ``Hooks``)."""

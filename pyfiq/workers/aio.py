@@ -38,26 +38,31 @@ async def run_task_async(
     """Run one task under its retry policy, awaiting it; ``sleep`` returns True when the wait
     was cut short by the lease's abort flag; ``permit`` and the events as in ``run_task_sync``."""
     while (ctx := task.begin()) is not None:
-        report(task.events.take())
+        if task.events:
+            report(task.events.take())
         try:
             result = await invoke(ctx)
         except asyncio.CancelledError:
             task.cancelled()
-            report(task.events.take())
+            if task.events:
+                report(task.events.take())
             raise  # the worker's own control flow, not the task's failure
         except BaseException as exc:
             decision = task.after_failure(exc)
-            report(task.events.take())
+            if task.events:
+                report(task.events.take())
             if not isinstance(decision, float):
                 return decision
             if await sleep(decision) or (permit is not None and not await permit()):
                 break
             continue
         outcome = task.succeeded(result)
-        report(task.events.take())
+        if task.events:
+            report(task.events.take())
         return outcome
     outcome = task.interrupted()
-    report(task.events.take())
+    if task.events:
+        report(task.events.take())
     return outcome
 
 
@@ -276,7 +281,8 @@ class AsyncWorker(WorkerBase):
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
                 backoff = self.scheduler.claim_failed(exc)
-                report(self.scheduler.events.take())
+                if self.scheduler.events:
+                    report(self.scheduler.events.take())
                 await _wait(self._nudge, backoff)
                 continue
             self.scheduler.claim_succeeded()
@@ -291,7 +297,8 @@ class AsyncWorker(WorkerBase):
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
@@ -334,14 +341,16 @@ class AsyncWorker(WorkerBase):
             now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
-                report(self.scheduler.events.take())
+                if self.scheduler.events:
+                    report(self.scheduler.events.take())
                 continue
             try:
                 replies: list[Any] = await self.backend.acall_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
-            report(self.scheduler.events.take())
+            if self.scheduler.events:
+                report(self.scheduler.events.take())
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = await self.backend.acall_many([call for _, _, call in followups])
@@ -387,7 +396,8 @@ class AsyncWorker(WorkerBase):
                     step = run.feed(None)
                 else:
                     step = run.feed(await self.backend.acall(step))
-                report(run.events.take())
+                if run.events:
+                    report(run.events.take())
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:
@@ -412,7 +422,8 @@ class AsyncWorker(WorkerBase):
                 raise
             return
         self.scheduler.ended(run, step)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
 
     async def _send_in_order(self, lock: asyncio.Lock, call: Call) -> Any:
         async with lock:
@@ -420,7 +431,8 @@ class AsyncWorker(WorkerBase):
 
     async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():

@@ -67,7 +67,8 @@ class _Watch:
         with self.lock:  # not for an attempt that ended while this timer fell due
             if self.running:
                 self.task.running_long()
-                report(self.task.events.take())
+                if self.task.events:
+                    report(self.task.events.take())
 
     def expire(self) -> None:
         with self.lock:
@@ -75,7 +76,8 @@ class _Watch:
                 return
             self.fired = True
             self.task.limit_reached()
-            report(self.task.events.take())
+            if self.task.events:
+                report(self.task.events.take())
             self.interrupt()
 
     def end(self) -> bool:

@@ -44,10 +44,10 @@ from ..task import TaskContext
 
 
 class SystemClock:
-    """The process's clocks, as the engine's ``Clock`` protocol asks for them."""
+    """The process's clocks, as the engine's ``Clock`` protocol asks for them. ``monotonic`` is
+    the builtin itself: the engine reads it several times per task."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    monotonic = staticmethod(time.monotonic)
 
     def wall_ms(self) -> int:
         return int(time.time() * 1000)
@@ -88,8 +88,14 @@ def task_log(ctx: TaskContext) -> Any:
     )
 
 
+def _attempt_started(event: AttemptStarted) -> None:
+    if dispatcher.active:
+        dispatcher.before_execution(event.ctx)
+
+
 def _attempt_ended(event: AttemptEnded) -> None:
-    dispatcher.after_execution(event.ctx, event.outcome, event.duration)
+    if dispatcher.active:
+        dispatcher.after_execution(event.ctx, event.outcome, event.duration)
     if event.outcome == "succeeded" and debug_enabled():  # binding costs more than a no-op task
         task_log(event.ctx).debug("pyfiq.task_succeeded", attempt=event.ctx.attempt, duration=round(event.duration, 6))
 
@@ -173,7 +179,7 @@ def _refused(event: TaskRefused) -> None:
 
 #: By event type, what reporting it means; every type of ``Event`` has one (a test checks).
 _REPORTERS: dict[type[Any], Callable[[Any], None]] = {
-    AttemptStarted: lambda e: dispatcher.before_execution(e.ctx),
+    AttemptStarted: _attempt_started,
     AttemptFailed: lambda e: dispatcher.on_failure(e.ctx, e.error),
     AttemptEnded: _attempt_ended,
     CallbackDue: _callback,

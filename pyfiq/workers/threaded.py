@@ -44,22 +44,26 @@ def run_task_sync(
     the queue's permit before every retry, False if aborted: retries hit the same downstream.
     The task's events are reported after each of its steps, before the next one."""
     while (ctx := task.begin()) is not None:
-        report(task.events.take())
+        if task.events:
+            report(task.events.take())
         try:
             result = invoke(ctx)
         except BaseException as exc:
             decision = task.after_failure(exc)
-            report(task.events.take())
+            if task.events:
+                report(task.events.take())
             if not isinstance(decision, float):
                 return decision
             if sleep(decision) or (permit is not None and not permit()):
                 break
             continue
         outcome = task.succeeded(result)
-        report(task.events.take())
+        if task.events:
+            report(task.events.take())
         return outcome
     outcome = task.interrupted()
-    report(task.events.take())
+    if task.events:
+        report(task.events.take())
     return outcome
 
 
@@ -268,7 +272,8 @@ class ThreadedWorker(WorkerBase):
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
                 backoff = self.scheduler.claim_failed(exc)
-                report(self.scheduler.events.take())
+                if self.scheduler.events:
+                    report(self.scheduler.events.take())
                 self._nudge.wait(backoff)
                 continue
             self.scheduler.claim_succeeded()
@@ -283,7 +288,8 @@ class ThreadedWorker(WorkerBase):
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, self.backend.call_many(calls), now)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
@@ -334,14 +340,16 @@ class ThreadedWorker(WorkerBase):
             now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
-                report(self.scheduler.events.take())
+                if self.scheduler.events:
+                    report(self.scheduler.events.take())
                 continue
             try:
                 replies: list[Any] = self.backend.call_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
-            report(self.scheduler.events.take())
+            if self.scheduler.events:
+                report(self.scheduler.events.take())
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = self.backend.call_many([call for _, _, call in followups])
@@ -395,7 +403,8 @@ class ThreadedWorker(WorkerBase):
                     step = run.feed(None)
                 else:
                     step = run.feed(self.backend.call(step, connection=connection))
-                report(run.events.take())
+                if run.events:
+                    report(run.events.take())
                 if run.broken is not None:
                     raise run.broken
         except BaseException as exc:
@@ -418,12 +427,14 @@ class ThreadedWorker(WorkerBase):
                 raise
             return run
         self.scheduler.ended(run, step)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
         return run
 
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
-        report(self.scheduler.events.take())
+        if self.scheduler.events:
+            report(self.scheduler.events.take())
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():
