@@ -26,7 +26,7 @@ from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
-from .reports import lease_ended, lease_started, report
+from .reports import lease_ended, lease_started, report, report_kept
 
 
 async def run_task_async(
@@ -281,8 +281,7 @@ class AsyncWorker(WorkerBase):
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
                 backoff = self.scheduler.claim_failed(exc)
-                if self.scheduler.events:
-                    report(self.scheduler.events.take())
+                report_kept(self.scheduler.events)
                 await _wait(self._nudge, backoff)
                 continue
             self.scheduler.claim_succeeded()
@@ -297,8 +296,7 @@ class AsyncWorker(WorkerBase):
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
@@ -341,16 +339,14 @@ class AsyncWorker(WorkerBase):
             now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
-                if self.scheduler.events:
-                    report(self.scheduler.events.take())
+                report_kept(self.scheduler.events)
                 continue
             try:
                 replies: list[Any] = await self.backend.acall_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
-            if self.scheduler.events:
-                report(self.scheduler.events.take())
+            report_kept(self.scheduler.events)
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = await self.backend.acall_many([call for _, _, call in followups])
@@ -422,8 +418,7 @@ class AsyncWorker(WorkerBase):
                 raise
             return
         self.scheduler.ended(run, step)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
 
     async def _send_in_order(self, lock: asyncio.Lock, call: Call) -> Any:
         async with lock:
@@ -431,8 +426,7 @@ class AsyncWorker(WorkerBase):
 
     async def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():

@@ -27,6 +27,7 @@ from ..engine.events import (
     LeaseLost,
     LeaseRevoked,
     LimitReached,
+    Outbox,
     RetryScheduled,
     RunningLong,
     StreamHalted,
@@ -61,6 +62,13 @@ def report(events: Iterable[Event]) -> None:
     """Log each event, hand it to the hooks and run the callbacks it asks for, in order."""
     for event in events:
         _REPORTERS[type(event)](event)
+
+
+def report_kept(outbox: Outbox) -> None:
+    """Report what ``outbox`` holds, if anything (off the per-task path, where drivers test the
+    outbox inline to spare the call)."""
+    if outbox:
+        report(outbox.take())
 
 
 def lease_started(lease: Lease) -> None:

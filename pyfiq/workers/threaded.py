@@ -30,7 +30,7 @@ from ..logs import log
 from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
-from .reports import lease_ended, lease_started, report
+from .reports import lease_ended, lease_started, report, report_kept
 
 
 def run_task_sync(
@@ -272,8 +272,7 @@ class ThreadedWorker(WorkerBase):
                 raise  # no wait fixes a password or an ACL: the worker goes down, loudly
             except Exception as exc:
                 backoff = self.scheduler.claim_failed(exc)
-                if self.scheduler.events:
-                    report(self.scheduler.events.take())
+                report_kept(self.scheduler.events)
                 self._nudge.wait(backoff)
                 continue
             self.scheduler.claim_succeeded()
@@ -288,8 +287,7 @@ class ThreadedWorker(WorkerBase):
         if not calls:
             return
         candidates = self.scheduler.candidates(shards, self.backend.call_many(calls), now)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
         for shard, stream in candidates:
             if self.scheduler.free() <= 0 or self._stopping.is_set():
                 break
@@ -340,16 +338,14 @@ class ThreadedWorker(WorkerBase):
             now = self.clock.monotonic()
             leases, calls = self.scheduler.heartbeat_round(now)
             if not calls:
-                if self.scheduler.events:
-                    report(self.scheduler.events.take())
+                report_kept(self.scheduler.events)
                 continue
             try:
                 replies: list[Any] = self.backend.call_many(calls)
             except Exception as exc:
                 replies = [exc] * len(calls)
             self.scheduler.on_renewed(leases, replies, now)
-            if self.scheduler.events:
-                report(self.scheduler.events.take())
+            report_kept(self.scheduler.events)
             if followups := self.scheduler.followups():
                 try:
                     answers: list[Any] = self.backend.call_many([call for _, _, call in followups])
@@ -427,14 +423,12 @@ class ThreadedWorker(WorkerBase):
                 raise
             return run
         self.scheduler.ended(run, step)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
         return run
 
     def _execute(self, lease: Lease, step: RunTask) -> Outcome:
         prepared = self.scheduler.prepare(lease, step, self.replica)
-        if self.scheduler.events:
-            report(self.scheduler.events.take())
+        report_kept(self.scheduler.events)
         if not isinstance(prepared, Prepared):
             return prepared
         if self._abandoned.is_set():

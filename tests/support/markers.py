@@ -1,4 +1,5 @@
-"""Marks every test by what it needs, so a run can choose: ``unit`` (no server, no process),
+"""Marks every test by what it needs, so a run can choose: ``unit`` (no server, no process, no
+whole worker), ``worker`` (whole workers with their threads and timers, on ``memory://``),
 ``redis`` (a real redis-server), ``process`` (starts other OS processes), ``cluster`` (the
 session's Redis Cluster), ``browser`` (headless Chromium). The fast subset is ``-m unit``.
 
@@ -8,13 +9,14 @@ module that does so is never counted as a unit test."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-KINDS = ("unit", "redis", "process", "cluster", "browser")
+KINDS = ("unit", "worker", "redis", "process", "cluster", "browser")
 
 #: Fixtures that start a redis-server (directly or through another fixture).
 REDIS_FIXTURES = frozenset(
@@ -40,6 +42,20 @@ BROWSER_FIXTURES = frozenset({"browser", "page"})
 PROCESS_SOURCE = re.compile(r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\()")
 
 
+#: What a test that runs whole workers (threads, heartbeats, real waits) contains.
+WORKER_SOURCE = re.compile(r"\b(ThreadedWorker|AsyncWorker|threaded_worker|async_worker|start_worker|drain)\b")
+
+
+def _runs_workers(item: pytest.Item) -> bool:
+    if "start_worker" in getattr(item, "fixturenames", ()):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        return function is not None and bool(WORKER_SOURCE.search(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+
+
 @cache
 def _starts_processes(path: Path) -> bool:
     return bool(PROCESS_SOURCE.search(path.read_text()))
@@ -58,6 +74,8 @@ def kinds_of(item: pytest.Item) -> set[str]:
         found.add("redis")
     if _starts_processes(Path(str(item.fspath))):
         found.add("process")
+    if not found and _runs_workers(item):
+        found.add("worker")
     return found or {"unit"}
 
 
