@@ -16,9 +16,9 @@ from .errors import (
     SerializationError,
     TimeLimitExceeded,
 )
-from .functions import FifoFunction, Registry, configure, fifo, get_backend
+from .functions import FifoFunction, Registry, configure, fifo, get_backend, handle
 from .serializers import JSONSerializer, MsgpackSerializer, PickleSerializer, Serializer
-from .task import DeadLetter, TaskContext, TaskHandle, current_task
+from .task import DeadLetter, TaskContext, TaskHandle, TaskStatus, current_task
 from .workers.aio import AsyncWorker, async_worker
 from .workers.threaded import ThreadedWorker, threaded_worker
 
@@ -45,6 +45,7 @@ __all__ = [
     "Settings",
     "TaskContext",
     "TaskHandle",
+    "TaskStatus",
     "ThreadedWorker",
     "TimeLimitExceeded",
     "async_worker",
@@ -52,6 +53,7 @@ __all__ = [
     "current_task",
     "fifo",
     "get_backend",
+    "handle",
     "hooks",
     "metrics",
     "threaded_worker",

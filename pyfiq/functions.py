@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -19,12 +20,21 @@ from tenacity import BaseRetrying
 
 from . import hooks
 from .backend.backend import RedisQueueBackend
-from .engine.keys import stream_name, validate_key
+from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
 from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
 from .logs import log
 from .options import FifoOptions, OnExhausted, RetryPolicy
-from .task import EncodedTask, TaskHandle, TaskRecord, encode_record, expires_in_ms, new_task_id, new_task_ids
+from .task import (
+    ID_LENGTH,
+    EncodedTask,
+    TaskHandle,
+    TaskRecord,
+    encode_record,
+    expires_in_ms,
+    new_task_id,
+    new_task_ids,
+)
 
 __all__ = [
     "ENQUEUE_CHUNK",
@@ -230,7 +240,7 @@ class FifoFunction(Generic[P, R]):
         ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
-        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new, backend=backend)
 
     async def asend_with_options(
         self,
@@ -247,7 +257,13 @@ class FifoFunction(Generic[P, R]):
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
-        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new)
+        return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new, backend=backend)
+
+    def handle(self, task_id: str, *, key: str | None = None, backend: RedisQueueBackend | None = None) -> TaskHandle:
+        """The handle of a task of this function enqueued earlier, perhaps by another process or
+        request, rebuilt from its id: ``key`` names its stream in a keyed queue (the one its
+        ``key`` function gave). Asks ``backend`` (default: this function's registry's)."""
+        return _handle(task_id, self.queue, key, self.name, backend or self.registry.get_backend())
 
     def check_call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Refuse, before anything is stored, a call the function could never accept (wrong
@@ -325,7 +341,7 @@ class FifoFunction(Generic[P, R]):
                 by_stream[stream], encoded[stream] = [], []
             by_stream[stream].append(index)
             encoded[stream].append(EncodedTask(task_id, ttl_ms, payload))
-            handles.append(TaskHandle(task_id, self.queue, stream, self.name))
+            handles.append(TaskHandle(task_id, self.queue, stream, self.name, backend=backend))
         accepted: list[int] = []
         for stream, indexes in by_stream.items():
             items = encoded[stream]
@@ -338,7 +354,7 @@ class FifoFunction(Generic[P, R]):
                     raise _partial(exc, handles, accepted, chunk, batch_id) from exc
                 for i, (task_id, new) in zip(chunk, reply, strict=True):
                     if not new:
-                        handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True)
+                        handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True, backend=backend)
                 accepted.extend(chunk)
                 if stored := sum(new for _, new in reply):
                     hooks.dispatcher.on_enqueue(self.queue, stored)
@@ -379,6 +395,26 @@ ENQUEUE_CHUNK = 500
 
 
 #: The registry of ``@pyfiq.fifo``: what a worker made without ``registry=`` runs.
+#: What a task id is (``new_task_id``): checked before a handle is made from one a caller gives.
+_TASK_ID = re.compile(rf"[0-9a-f]{{{ID_LENGTH}}}")
+
+
+def _handle(task_id: str, queue: str, key: str | None, name: str, backend: RedisQueueBackend) -> TaskHandle:
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        raise ConfigurationError(
+            f"{task_id!r} is not a task id: pyfiq's ids are {ID_LENGTH} lowercase hex digits (TaskHandle.id)"
+        )
+    stream = stream_name(validate_queue_name(queue), None if key is None else validate_key(str(key)))
+    return TaskHandle(task_id, queue, stream, name, backend=backend)
+
+
+def handle(task_id: str, *, queue: str, key: str | None = None, backend: RedisQueueBackend | None = None) -> TaskHandle:
+    """The handle of task ``task_id`` on ``queue`` (and keyed stream ``key``), rebuilt from its
+    id in any process: ``pyfiq.handle(task_id, queue="billing").status()``. ``backend``: where to
+    ask (default: the default registry's). ``FifoFunction.handle`` does the same for one function."""
+    return _handle(task_id, queue, key, "", backend or default_registry.get_backend())
+
+
 default_registry = Registry()
 fifo = default_registry.fifo
 configure = default_registry.configure

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from .config import validate_seconds
 from .errors import DecodeError, SerializationError
@@ -156,16 +156,69 @@ def encode_tasks(
     return [EncodedTask(task_id, ttl_ms, rec.encode(serializer)) for task_id, rec in records]
 
 
+#: Where a task is, as ``TaskHandle.status()`` tells it.
+#:
+#: - ``pending``: waiting in its stream (``place``: how many of the stream's tasks are ahead);
+#: - ``taken``: handed to a holder (``replica``) that runs an earlier task first (taken ahead),
+#:   or has just ended it and is acknowledging it;
+#: - ``running``: its holder runs it (``replica``, ``since``, ``deliveries``), a retry in place
+#:   included; a holder names the task it runs at each heartbeat, so a task that started since
+#:   the last one shows as ``taken`` for up to a heartbeat interval;
+#: - ``dead_lettered``, ``expired``, ``skipped`` (by an operator): in its stream's dead letters,
+#:   with ``reason``, ``error_type`` and ``error``;
+#: - ``unknown``: in none of these. It finished (pyfiq keeps no record of a task that succeeded)
+#:   or was never enqueued on this stream; ``detail`` says which of these is possible.
+TaskState = Literal["pending", "taken", "running", "dead_lettered", "expired", "skipped", "unknown"]
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """A task's state as Redis holds it at one moment, read in one round trip:
+    ``handle.status()``. ``state`` is a ``pyfiq.task.TaskState``: ``pending`` (with ``place``),
+    ``taken`` (handed to ``replica`` ahead of its turn), ``running`` (on ``replica`` since
+    ``since``, delivery ``deliveries``), ``dead_lettered`` / ``expired`` / ``skipped`` (with
+    ``reason``, ``error_type``, ``error``), or ``unknown``; ``detail`` says it in a sentence."""
+
+    id: str
+    stream: str
+    state: TaskState
+    detail: str
+    place: int | None = None
+    replica: str | None = None
+    since: dt.datetime | None = None
+    deliveries: int | None = None
+    reason: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
 @dataclass(frozen=True)
 class TaskHandle:
-    """What enqueuing returns. ``duplicate`` is true when a dedup key matched an earlier task,
-    whose id is then ``id``."""
+    """What enqueuing returns, or ``FifoFunction.handle(task_id)`` rebuilds in another process.
+    ``duplicate`` is true when a dedup key matched an earlier task, whose id is then ``id``.
+    ``backend``: where it asks about its task (by default the backend its function enqueues to)."""
 
     id: str
     queue: str
     stream: str
     name: str
     duplicate: bool = False
+    backend: Any = field(default=None, repr=False, compare=False)
+
+    def status(self) -> TaskStatus:
+        """Where the task is now, in one round trip (see ``TaskState``)."""
+        return self._backend().task_status(self.stream, self.id)  # type: ignore[no-any-return]
+
+    async def astatus(self) -> TaskStatus:
+        """``status()`` for asyncio code."""
+        return await self._backend().atask_status(self.stream, self.id)  # type: ignore[no-any-return]
+
+    def _backend(self) -> Any:
+        if self.backend is not None:
+            return self.backend
+        from .functions import get_backend  # the default registry's: a late import, no cycle
+
+        return get_backend()
 
 
 @dataclass(frozen=True)

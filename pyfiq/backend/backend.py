@@ -18,8 +18,9 @@ from typing import Any
 
 from ..config import Settings
 from ..engine.protocol import Call, ScriptCalls
+from ..engine.status import parse_status
 from ..errors import ConfigurationError
-from ..task import DeadLetter, EncodedTask, TaskRecord, encode_tasks
+from ..task import DeadLetter, EncodedTask, TaskRecord, TaskStatus, encode_tasks
 from .admin import REQUEUE_STEP, Admin
 from .connect import AsyncWakeListener, Topology, WakeListener, sentinel_addresses
 from .enqueue import Enqueuer, Stored
@@ -223,6 +224,17 @@ class RedisQueueBackend:
     ) -> list[Stored]:
         """``enqueue`` without blocking the event loop."""
         return await self.enqueuer.aenqueue(stream, self.encode(records, expires_in), dedup_keys)
+
+    # -- what became of a task ---------------------------------------------------------------
+
+    def task_status(self, stream: str, task_id: str) -> TaskStatus:
+        """Where task ``task_id`` of ``stream`` is now, in one read-only script call (see
+        ``pyfiq.task.TaskState``); ``TaskHandle.status()`` asks this."""
+        return parse_status(stream, task_id, self.call(self.ops.status(stream, task_id)))
+
+    async def atask_status(self, stream: str, task_id: str) -> TaskStatus:
+        """``task_status`` for asyncio code."""
+        return parse_status(stream, task_id, await self.acall(self.ops.status(stream, task_id)))
 
     # -- the operator's methods of earlier releases (see ``admin``) ----------------------------
 

@@ -32,6 +32,7 @@ from .scripts import (
     RENEW,
     REQUEUE,
     SKIP,
+    STATUS,
     TAKE,
     ScriptName,
     ScriptSpec,
@@ -40,6 +41,7 @@ from .scripts import AcquireReply as AcquireReply
 from .scripts import FencedReply as FencedReply
 from .scripts import RenewReply as RenewReply
 from .scripts import TakeReply as TakeReply
+from .status import STATUS_SCAN
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,10 @@ class ScriptCalls:
         """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
         k = self.keys.stream(stream)
         return stream_call(SKIP, k, [stream, header, self.keys.wake(k.shard), k.shard])
+
+    def status(self, stream: str, task_id: str) -> Call:
+        """Where one task of ``stream`` is now (read only; see ``parse_status``)."""
+        return stream_call(STATUS, self.keys.stream(stream), [task_id, STATUS_SCAN])
 
     def beat(self, replica: str, info: dict[str, Any], poll: PollBeat) -> Call:
         """A worker's heartbeat in the replica registry (what operators list as live), which

@@ -35,6 +35,7 @@ ScriptName = Literal[
     "rate",
     "beat",
     "lost",
+    "status",
 ]
 
 #: What a script's key names are looked up on (``keys.py``): a stream's ``StreamKeys``
@@ -194,6 +195,11 @@ LOST = ScriptSpec(
     "note that a task ran past its live holder's lease",
     changes_stream=True,
 )
+STATUS = ScriptSpec(
+    "status",
+    ("lease", "pending", "inflight", "meta", "dead", "dead_ids"),
+    "tell where one task of a stream is now (read only)",
+)
 
 #: Every script, each once.
 SCRIPTS: tuple[ScriptSpec, ...] = (
@@ -210,5 +216,6 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     RATE,
     BEAT,
     LOST,
+    STATUS,
 )
 SPECS: dict[ScriptName, ScriptSpec] = {spec.name: spec for spec in SCRIPTS}

@@ -4,8 +4,10 @@ by ``pyfiq.ops.cli``, which holds the shared options and the worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 import click
@@ -13,6 +15,8 @@ import click
 from ..backend.backend import RedisQueueBackend
 from ..backend.views import QueueStatus
 from ..engine.keys import STREAM_SEPARATOR, queue_of, stream_name
+from ..errors import PyfiqError
+from ..functions import handle
 from ..logs import escape_controls
 from . import render
 from .cli import _backend, _require_known, backend_options, json_line, main, show
@@ -79,6 +83,41 @@ def dlq_show(url: str, prefix: str, shards: int | None, queue: str, task_id: str
     traceback = escape_controls(row["traceback"].rstrip(), keep_newlines=True)
     # Its line breaks stay, for reading; indented, no line of it passes for a field above.
     click.echo("traceback:" + ("".join(f"\n  {line}" for line in traceback.split("\n")) if traceback else " -"))
+
+
+@main.group()
+def task() -> None:
+    """What became of one task: where it waits, who runs it, why it was dead-lettered."""
+
+
+@task.command("show")
+@backend_options
+@click.argument("queue")
+@click.argument("task_id")
+@click.option("--stream", "key", default=None, help="The keyed stream of QUEUE the task was enqueued on.")
+@json_option
+def task_show(
+    url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None, as_json: bool
+) -> None:
+    """Show where task TASK_ID of QUEUE is now (one read, changing nothing)."""
+    backend = _backend(url, prefix, shards)
+    try:
+        status = handle(task_id, queue=queue, key=key, backend=backend).status()
+    except PyfiqError as exc:
+        raise click.ClickException(str(exc)) from None
+    row = {
+        "task_id": status.id,
+        "stream": status.stream,
+        **{k: v for k, v in dataclasses.asdict(status).items() if k not in ("id", "stream")},
+    }
+    if isinstance(status.since, datetime):
+        row["since"] = status.since.isoformat(timespec="milliseconds")
+    if as_json:
+        click.echo(json_line(row))
+        return
+    for name, value in row.items():
+        if value is not None:
+            click.echo(f"{name}: {show(value)}")
 
 
 @dlq.command("requeue")

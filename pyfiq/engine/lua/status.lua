@@ -1,0 +1,63 @@
+--[[
+  Where one task of a stream is now, read in one call and changing nothing: dead-lettered (its
+  record's header), in flight (handed to a holder or about to be again), pending (its place),
+  or none of these.
+
+  Input:
+    KEYS[1]      lease key of the stream
+    KEYS[2]      pending list
+    KEYS[3]      in-flight list
+    KEYS[4]      meta hash of the stream
+    KEYS[5]      dead letters of the stream
+    KEYS[6]      dead letter ids of the stream
+    ARGV[1]      task id
+    ARGV[2]      how many pending entries to look through at most (the scan is O(place))
+
+  Output:
+    { 'dead', header }                 the task's dead-letter record header (JSON)
+    { 'inflight', index, handed, started ms or '', deliveries, running id or '', lease or '', now }
+                                       index: 0-based in the in-flight list; handed: how many
+                                       leading entries the holder was given
+    { 'pending', place, deliveries }   place: how many tasks of the stream are ahead of it,
+                                       in flight included
+    { 'none', complete }               not found: complete = 1 when the whole pending list was
+                                       looked through, 0 when it is longer than ARGV[2]
+]]
+local lease = KEYS[1]
+local pending = KEYS[2]
+local inflight = KEYS[3]
+local meta = KEYS[4]
+local dead = KEYS[5]
+local dead_ids = KEYS[6]
+local id = ARGV[1]
+local seq = redis.call('HGET', dead_ids, id)
+if seq then
+  local record = redis.call('ZRANGEBYSCORE', dead, seq, seq, 'LIMIT', 0, 1)[1]
+  if record then
+    local newline = string.find(record, '\n', 1, true)
+    return { 'dead', newline and string.sub(record, 1, newline - 1) or record }
+  end
+end
+local flying = redis.call('LRANGE', inflight, 0, -1)
+for i, entry in ipairs(flying) do
+  if task_id(entry) == id then
+    local marks = redis.call('HMGET', meta, 'handed', 's:' .. id, 'd:' .. id, 'running')
+    return { 'inflight', i - 1, tonumber(marks[1] or '0'), marks[2] or '', tonumber(marks[3] or '1'),
+             marks[4] or '', redis.call('GET', lease) or '', now_ms() }
+  end
+end
+local limit = tonumber(ARGV[2])
+local total = redis.call('LLEN', pending)
+local page = 500
+local from = 0
+while from < total and from < limit do
+  local upto = math.min(from + page, limit, total) - 1
+  local entries = redis.call('LRANGE', pending, from, upto)
+  for i, entry in ipairs(entries) do
+    if task_id(entry) == id then
+      return { 'pending', #flying + from + i - 1, tonumber(redis.call('HGET', meta, 'd:' .. id) or '0') }
+    end
+  end
+  from = upto + 1
+end
+return { 'none', total <= limit and 1 or 0 }
