@@ -40,11 +40,14 @@ def test_pending_tasks_tell_their_place_from_any_handle(backend: RedisQueueBacke
         pass
 
     handles = [t(i) for i in range(3)]
+    client, pattern = backend.client, f"{backend.keys.prefix}*"
+    before = {k: client.dump(k) for k in client.scan_iter(pattern)}
     for place, h in enumerate(handles):
         for same in (h, t.handle(h.id), pyfiq.handle(h.id, queue=q)):
             status = same.status()
             assert (status.state, status.place, status.stream) == ("pending", place, q), status
     assert asyncio.run(handles[2].astatus()).place == 2
+    assert {k: client.dump(k) for k in client.scan_iter(pattern)} == before, "a status read changed Redis"
 
 
 def test_a_keyed_task_is_found_in_its_stream_and_a_wrong_key_finds_nothing(backend: RedisQueueBackend) -> None:
