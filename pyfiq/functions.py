@@ -223,6 +223,11 @@ class FifoFunction(Generic[P, R]):
             return self.asend_with_options(args=args, kwargs=kwargs)
         return self.send_with_options(args=args, kwargs=kwargs)
 
+    async def aenqueue(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Enqueue from asyncio code without blocking the loop, whatever the function is (plain
+        ``def`` or ``async def``): one spelling for an endpoint that need not know."""
+        return await self.asend_with_options(args=args, kwargs=kwargs)
+
     def send_with_options(
         self,
         *,

@@ -194,3 +194,22 @@ def test_the_cli_shows_a_task(backend: RedisQueueBackend, redis_server: Any) -> 
     assert (row["task_id"], row["state"], row["place"]) == (h.id, "pending", 1)
     bad = CliRunner().invoke(main, [*base, "task", "show", q, "nope", "--shards", "4"])
     assert bad.exit_code != 0 and "not a task id" in bad.output
+
+
+def test_one_spelling_enqueues_from_async_code_whatever_the_task_is(backend: RedisQueueBackend) -> None:
+    q = qname()
+
+    @fifo(queue=q, name=f"{q}.plain")
+    def plain(i: int) -> None:
+        pass
+
+    @fifo(queue=q, name=f"{q}.coroutine")
+    async def coroutine(i: int) -> None:
+        pass
+
+    async def main() -> list[Any]:
+        return [await plain.aenqueue(0), await coroutine.aenqueue(1), await plain(2), await coroutine(3)]
+
+    handles = asyncio.run(main())
+    assert [h.status().place for h in handles] == [0, 1, 2, 3]
+    assert backend.queue_info(q)["pending"] == 4, "each call stored exactly once"
