@@ -213,6 +213,12 @@ class TaskHandle:
         yield from ()  # a generator that finishes at once, with the handle as its value
         return self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A handle sent to another process (a pickled error, a job handed on) carries its task,
+        not its backend: connections and pools do not cross processes, and the receiving side
+        asks through its own default backend, or ``fn.handle(task_id)`` there."""
+        return (TaskHandle, (self.id, self.queue, self.stream, self.name, self.duplicate))
+
     def status(self) -> TaskStatus:
         """Where the task is now, in one round trip (see ``TaskState``)."""
         return self._backend().task_status(self.stream, self.id)  # type: ignore[no-any-return]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import threading
 import time
 import uuid
@@ -213,3 +214,20 @@ def test_one_spelling_enqueues_from_async_code_whatever_the_task_is(backend: Red
     handles = asyncio.run(main())
     assert [h.status().place for h in handles] == [0, 1, 2, 3]
     assert backend.queue_info(q)["pending"] == 4, "each call stored exactly once"
+
+
+def test_a_handle_sent_to_another_process_carries_its_task_not_its_backend(redis_server: Any) -> None:
+    q, prefix = qname(), unique_prefix()
+    pyfiq.configure(RedisQueueBackend(redis_server.url, prefix=prefix, **FAST))
+
+    @fifo(queue=q, name=f"{q}.t")
+    def t(i: int) -> None:
+        pass
+
+    own = RedisQueueBackend(redis_server.url, prefix=prefix, **FAST)
+    handle = t.send_with_options(args=(1,), backend=own)
+    copy = pickle.loads(pickle.dumps(handle))
+    assert copy == handle and copy.backend is None
+    # The copy asks through the default backend, which sees the same task.
+    assert copy.status().state == handle.status().state == "pending"
+    own.close()
