@@ -27,6 +27,10 @@ An operator's actions against a holder with tasks taken ahead: a skip of the hea
 stream, in one step or in pages (``requeue-front``); and a worker stopped with a short timeout
 mid-task, followed by a SIGKILL of another replica (``stop-kill``).
 
+The producer side has a drill of its own (``enqueue_drill``): enqueues sharing round trips
+while a caller is cancelled or interrupted, the process forks, or durable mode's replica stalls,
+each call's outcome judged against what Redis stored.
+
 ``verdict.verify`` turns them into a ``Verdict``, one checker per property (``CHECKERS``: each
 reads the run's ``RunFacts`` and returns a ``Finding``, its breaches and its figures);
 ``scenario.Scenario`` is one run, step by step. The docker-compose ``checker`` service runs

@@ -1,4 +1,5 @@
-"""The scenario runner's command line: ``run``, ``producer``, ``check`` and ``health``."""
+"""The scenario runner's command line: ``run``, ``producer``, ``check``, ``enqueue-drill`` and
+``health``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pyfiq.ops.scenario_tasks import (
     QUEUES,
 )
 
+from .enqueue_drill import FAULTS, run_enqueue_drill
 from .facts import read_accepted
 from .journal import Event
 from .producers import produce
@@ -193,6 +195,26 @@ def check_command(
     )
     click.echo(verdict.text())
     sys.exit(0 if verdict.ok else 1)
+
+
+@cli.command("enqueue-drill")
+@click.option("--faults", default=",".join(FAULTS), show_default=True, help="Comma-separated producer faults.")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True, help="Rounds of each fault.")
+@click.option("--calls", type=click.IntRange(1), default=60, show_default=True, help="Calls per producer a round.")
+@click.option("--dir", "run_dir", type=click.Path(path_type=Path), required=True, help="Where journals and logs go.")
+@click.option("--seed", type=int, default=None)
+def enqueue_drill_command(faults: str, rounds: int, calls: int, run_dir: Path, seed: int | None) -> None:
+    """Enqueue under producer faults (a cancelled or interrupted caller, a fork, a stalled
+    replica in durable mode) and hold every call's outcome to what Redis stored; exit status 0
+    means no breach."""
+    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+    unknown = set(kinds) - set(FAULTS)
+    if unknown:
+        raise click.BadParameter(f"unknown faults {sorted(unknown)}", param_hint="--faults")
+    verdicts = run_enqueue_drill(run_dir, faults=kinds, rounds=rounds, calls=calls, seed=seed)
+    for verdict in verdicts:
+        click.echo(verdict.text())
+    sys.exit(0 if all(v.ok for v in verdicts) else 1)
 
 
 @cli.command("health")

@@ -39,7 +39,9 @@ REDIS_FIXTURES = frozenset(
 CLUSTER_FIXTURES = frozenset({"redis_cluster", "cluster_backend", "restored"})
 BROWSER_FIXTURES = frozenset({"browser", "page"})
 #: What a module that starts processes or servers of its own contains.
-PROCESS_SOURCE = re.compile(r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\()")
+PROCESS_SOURCE = re.compile(
+    r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\(|run_enqueue_drill)"
+)
 
 
 #: What a test that runs whole workers (threads, heartbeats, real waits) contains.
