@@ -170,6 +170,9 @@ class Settings:
     #: with this on top of the connection's socket timeout, so it may exceed ``socket_timeout``
     #: (nothing to refuse: the two cannot conflict).
     replica_timeout: float = 1.0
+    #: The largest result a ``store_result`` function may return, encoded, in bytes: a larger
+    #: one is not stored and its task is dead-lettered as ``result-refused``.
+    result_max_bytes: int = 1_048_576
     serializer: Serializer = field(default_factory=JSONSerializer)
     #: Extra keyword arguments for the redis-py client / connection pool.
     redis_options: dict[str, Any] = field(default_factory=dict)
@@ -194,7 +197,7 @@ class Settings:
             raise ConfigurationError(f"ack_mode must be one of {', '.join(ACK_MODES)}, got {self.ack_mode!r}")
         if self.prefetch is not None and self.prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
-        for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts"):
+        for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts", "result_max_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._validate_durable()

@@ -72,6 +72,53 @@ class EnqueueOutcomeUnknown(BackendUnavailableError):
         return type(self), (str(self), self.task_ids)
 
 
+class TaskFailed(PyfiqError):
+    """``handle.result()``: the task will not return a value, because it was dead-lettered.
+    ``reason`` is the dead letter's (``exhausted``, ``poison``, ``result-refused``...), and
+    ``error_type``, ``error`` and ``traceback`` are the text of what the task last raised, as the
+    dead letter keeps it (None when nothing was raised, e.g. a poison task). Requeuing the dead
+    letter runs the task again; a later ``result()`` then waits for that run."""
+
+    def __init__(
+        self,
+        message: str,
+        task_id: str = "",
+        reason: str = "",
+        error_type: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.reason = reason
+        self.error_type = error_type
+        self.error = error
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.task_id, self.reason, self.error_type, self.error, self.traceback)
+
+
+class TaskExpired(TaskFailed):
+    """``handle.result()``: the task's deadline (``expires_in``) passed before it could start."""
+
+
+class TaskSkipped(TaskFailed):
+    """``handle.result()``: an operator skipped the task (``queue skip``, the dashboard)."""
+
+
+class ResultUnavailable(PyfiqError, LookupError):
+    """``handle.result()``: Redis holds neither the task nor its result: it finished without
+    storing one (its function has no ``store_result``, or ``result_ttl`` has passed), or no task
+    with this id was ever enqueued on this stream."""
+
+
+class ResultRefused(PyfiqError):
+    """A ``store_result`` function returned a value that cannot be stored (larger than
+    ``Settings.result_max_bytes`` encoded, or refused by the serializer): its task is
+    dead-lettered as ``result-refused`` with this error, and ``result()`` raises ``TaskFailed``."""
+
+
 class TimeLimitExceeded(BaseException):
     """A task ran past its ``time_limit``: raised inside a plain function's thread, and in place
     of the cancellation of an ``async def`` task. A ``BaseException``, like
@@ -97,7 +144,7 @@ class PartialEnqueueError(BackendUnavailableError):
     def __init__(
         self,
         message: str,
-        handles: Sequence[TaskHandle],
+        handles: Sequence[TaskHandle[Any]],
         accepted: Sequence[int],
         unknown: Sequence[int],
         unsent: Sequence[int],
@@ -109,7 +156,7 @@ class PartialEnqueueError(BackendUnavailableError):
         self.unsent = list(unsent)
 
     @property
-    def accepted_handles(self) -> list[TaskHandle]:
+    def accepted_handles(self) -> list[TaskHandle[Any]]:
         return [self.handles[i] for i in self.accepted]
 
     def __reduce__(self) -> tuple[Any, ...]:

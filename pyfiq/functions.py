@@ -12,8 +12,8 @@ import functools
 import inspect
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 import redis
 from tenacity import BaseRetrying
@@ -50,6 +50,18 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Bind(Protocol):
+    """What ``@fifo(...)`` returns: binds a function, typed by what the function gives back,
+    so ``handle.result()`` of an ``async def f() -> T`` task is a ``T``, not its coroutine."""
+
+    @overload
+    def __call__(self, func: Callable[P, Coroutine[Any, Any, T]], /) -> FifoFunction[P, T]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, T], /) -> FifoFunction[P, T]: ...
 
 
 class Registry:
@@ -105,7 +117,9 @@ class Registry:
         rate_burst: int = 1,
         time_limit: float | None = None,
         time_warning: float | None = None,
-    ) -> Callable[[Callable[P, R]], FifoFunction[P, R]]:
+        store_result: bool = False,
+        result_ttl: float = 3600.0,
+    ) -> Bind:
         """Bind a function to an ordered queue; calling it then enqueues a task.
 
         - ``name``: the task name stored in Redis (default ``module.qualname``); set it so that
@@ -126,6 +140,11 @@ class Registry:
           and a plain function gets ``TimeLimitExceeded`` raised in its thread, a failed attempt.
           ``time_warning``: seconds after which a running attempt logs ``pyfiq.task_running_long``
           once. Both default to the backend's settings (off).
+        - ``store_result``: keep what the function returns (through the backend's serializer,
+          written by the script that acknowledges the task) for ``result_ttl`` seconds, so
+          ``handle.result()`` can wait for it from any process. A result larger than
+          ``Settings.result_max_bytes``, or one the serializer refuses, is not stored: the task
+          is dead-lettered as ``result-refused``.
 
         The options are checked here, before any function is bound (``FifoOptions``).
         """
@@ -144,12 +163,14 @@ class Registry:
             rate_burst=rate_burst,
             time_limit=time_limit,
             time_warning=time_warning,
+            store_result=store_result,
+            result_ttl=result_ttl,
         )
 
-        def bind(func: Callable[P, R]) -> FifoFunction[P, R]:
+        def bind(func: Callable[P, Any]) -> FifoFunction[P, Any]:
             return self._add(FifoFunction(func, options, registry=self))
 
-        return bind
+        return cast(Bind, bind)
 
     def _add(self, binding: FifoFunction[P, R]) -> FifoFunction[P, R]:
         """Register ``binding`` under its task name; a name taken by another function warns and
@@ -186,9 +207,11 @@ def _loop_running() -> bool:
 
 
 class FifoFunction(Generic[P, R]):
-    """A function bound to a queue. Calling it enqueues; ``.func`` is the plain function."""
+    """A function bound to a queue. Calling it enqueues; ``.func`` is the plain function. ``R``
+    is what a run returns (an ``async def`` function's awaited value), which
+    ``TaskHandle[R].result()`` gives back."""
 
-    def __init__(self, func: Callable[P, R], options: FifoOptions, *, registry: Registry | None = None) -> None:
+    def __init__(self, func: Callable[P, Any], options: FifoOptions, *, registry: Registry | None = None) -> None:
         self.func = func
         self.options = options
         #: Where it is registered, and so which backend a call without ``backend=`` enqueues to.
@@ -205,6 +228,8 @@ class FifoFunction(Generic[P, R]):
         self.key = options.key
         self.time_limit = options.time_limit
         self.time_warning = options.time_warning
+        self.store_result = options.store_result
+        self.result_ttl = options.result_ttl
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = inspect.signature(func)
         #: How many positional arguments a call may give with no keywords and need no binding
@@ -223,7 +248,7 @@ class FifoFunction(Generic[P, R]):
             return self.asend_with_options(args=args, kwargs=kwargs)
         return self.send_with_options(args=args, kwargs=kwargs)
 
-    async def aenqueue(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+    async def aenqueue(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Enqueue from asyncio code without blocking the loop, whatever the function is (plain
         ``def`` or ``async def``): one spelling for an endpoint that need not know."""
         return await self.asend_with_options(args=args, kwargs=kwargs)
@@ -237,7 +262,7 @@ class FifoFunction(Generic[P, R]):
         dedup_key: str | None = None,
         expires_in: float | None = None,
         backend: RedisQueueBackend | None = None,
-    ) -> TaskHandle:
+    ) -> TaskHandle[R]:
         """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
         seconds after which the task is dead-lettered as expired instead of run."""
@@ -256,7 +281,7 @@ class FifoFunction(Generic[P, R]):
         dedup_key: str | None = None,
         expires_in: float | None = None,
         backend: RedisQueueBackend | None = None,
-    ) -> TaskHandle:
+    ) -> TaskHandle[R]:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
@@ -264,7 +289,9 @@ class FifoFunction(Generic[P, R]):
             hooks.dispatcher.on_enqueue(self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new, backend=backend)
 
-    def handle(self, task_id: str, *, key: str | None = None, backend: RedisQueueBackend | None = None) -> TaskHandle:
+    def handle(
+        self, task_id: str, *, key: str | None = None, backend: RedisQueueBackend | None = None
+    ) -> TaskHandle[R]:
         """The handle of a task of this function enqueued earlier, perhaps by another process or
         request, rebuilt from its id: ``key`` names its stream in a keyed queue (the one its
         ``key`` function gave). Asks ``backend`` (default: this function's registry's)."""
@@ -305,7 +332,7 @@ class FifoFunction(Generic[P, R]):
         *,
         backend: RedisQueueBackend | None = None,
         batch_id: str | None = None,
-    ) -> list[TaskHandle]:
+    ) -> list[TaskHandle[R]]:
         """Enqueue one task per positional-argument tuple, in order, in as few round trips as
         possible (one per stream and ``ENQUEUE_CHUNK`` tasks). Every call is encoded before
         anything is sent, so one bad argument enqueues nothing.
@@ -331,7 +358,7 @@ class FifoFunction(Generic[P, R]):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
         by_stream: dict[str, list[int]] = {}
         encoded: dict[str, list[EncodedTask]] = {}
-        handles: list[TaskHandle] = []
+        handles: list[TaskHandle[R]] = []
         headers = hooks.dispatcher.enqueue_headers(self.queue)
         serializer = backend.settings.serializer
         ttl_ms = expires_in_ms(self.expires_in)
@@ -375,7 +402,7 @@ def _plain_arity(signature: inspect.Signature) -> int:
 
 
 def _partial(
-    exc: Exception, handles: list[TaskHandle], accepted: list[int], failed: list[int], batch_id: str | None
+    exc: Exception, handles: list[TaskHandle[Any]], accepted: list[int], failed: list[int], batch_id: str | None
 ) -> PartialEnqueueError:
     done = set(accepted) | set(failed)
     unsent = [i for i in range(len(handles)) if i not in done]
@@ -404,7 +431,7 @@ ENQUEUE_CHUNK = 500
 _TASK_ID = re.compile(rf"[0-9a-f]{{{ID_LENGTH}}}")
 
 
-def _handle(task_id: str, queue: str, key: str | None, name: str, backend: RedisQueueBackend) -> TaskHandle:
+def _handle(task_id: str, queue: str, key: str | None, name: str, backend: RedisQueueBackend) -> TaskHandle[Any]:
     if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
         raise ConfigurationError(
             f"{task_id!r} is not a task id: pyfiq's ids are {ID_LENGTH} lowercase hex digits (TaskHandle.id)"
@@ -413,7 +440,9 @@ def _handle(task_id: str, queue: str, key: str | None, name: str, backend: Redis
     return TaskHandle(task_id, queue, stream, name, backend=backend)
 
 
-def handle(task_id: str, *, queue: str, key: str | None = None, backend: RedisQueueBackend | None = None) -> TaskHandle:
+def handle(
+    task_id: str, *, queue: str, key: str | None = None, backend: RedisQueueBackend | None = None
+) -> TaskHandle[Any]:
     """The handle of task ``task_id`` on ``queue`` (and keyed stream ``key``), rebuilt from its
     id in any process: ``pyfiq.handle(task_id, queue="billing").status()``. ``backend``: where to
     ask (default: the default registry's). ``FifoFunction.handle`` does the same for one function."""

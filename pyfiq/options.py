@@ -87,6 +87,8 @@ class FifoOptions:
     rate_burst: int = 1
     time_limit: float | None = None
     time_warning: float | None = None
+    store_result: bool = False
+    result_ttl: float = 3600.0
     policy: RetryPolicy = dataclasses.field(init=False, repr=False, compare=False)
     rate: RateLimit | None = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -106,6 +108,9 @@ class FifoOptions:
             if (value := getattr(self, seconds)) is not None:
                 set_(self, seconds, validate_seconds(seconds, value))
         validate_queue_name(self.queue)
+        if not isinstance(self.store_result, bool):
+            raise ConfigurationError(f"store_result must be True or False, got {self.store_result!r}")
+        set_(self, "result_ttl", validate_seconds("result_ttl", self.result_ttl, redis_ms=True))
         if self.on_exhausted not in ("dead-letter", "block"):
             raise ConfigurationError(f"on_exhausted must be 'dead-letter' or 'block', got {self.on_exhausted!r}")
 

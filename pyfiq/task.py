@@ -11,11 +11,14 @@ import os
 import re
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from .config import validate_seconds
 from .errors import DecodeError, SerializationError
 from .serializers import Serializer
+
+#: What a task's function returns: ``TaskHandle[R].result()`` gives it back.
+R = TypeVar("R")
 
 #: Version of the record inside the payload; a replica refuses records from the future.
 FORMAT_VERSION = 1
@@ -168,7 +171,7 @@ def encode_tasks(
 #:   with ``reason``, ``error_type`` and ``error``;
 #: - ``unknown``: in none of these. It finished (pyfiq keeps no record of a task that succeeded)
 #:   or was never enqueued on this stream; ``detail`` says which of these is possible.
-TaskState = Literal["pending", "taken", "running", "dead_lettered", "expired", "skipped", "unknown"]
+TaskState = Literal["pending", "taken", "running", "succeeded", "dead_lettered", "expired", "skipped", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,11 @@ class TaskStatus:
     """A task's state as Redis holds it at one moment, read in one round trip:
     ``handle.status()``. ``state`` is a ``pyfiq.task.TaskState``: ``pending`` (with ``place``),
     ``taken`` (handed to ``replica`` ahead of its turn), ``running`` (on ``replica`` since
-    ``since``, delivery ``deliveries``), ``dead_lettered`` / ``expired`` / ``skipped`` (with
-    ``reason``, ``error_type``, ``error``), or ``unknown``; ``detail`` says it in a sentence."""
+    ``since``, delivery ``deliveries``), ``succeeded`` (its result is stored: only a
+    ``store_result`` function's task says so), ``dead_lettered`` / ``expired`` / ``skipped`` (with
+    ``reason``, ``error_type``, ``error``, ``traceback``), or ``unknown``; ``detail`` says it in a
+    sentence. ``unknown`` with ``searched_all`` false: the task may still wait, deeper in a long
+    stream than a status read looks."""
 
     id: str
     stream: str
@@ -190,10 +196,14 @@ class TaskStatus:
     reason: str | None = None
     error_type: str | None = None
     error: str | None = None
+    traceback: str | None = field(default=None, repr=False)
+    #: The stored result as encoded (``succeeded``); ``handle.result()`` decodes it.
+    encoded_result: bytes | None = field(default=None, repr=False)
+    searched_all: bool = True
 
 
 @dataclass(frozen=True)
-class TaskHandle:
+class TaskHandle(Generic[R]):
     """What enqueuing returns, or ``FifoFunction.handle(task_id)`` rebuilds in another process.
     ``duplicate`` is true when a dedup key matched an earlier task, whose id is then ``id``.
     ``backend``: where it asks about its task (by default the backend its function enqueues to)."""
@@ -205,7 +215,7 @@ class TaskHandle:
     duplicate: bool = False
     backend: Any = field(default=None, repr=False, compare=False)
 
-    def __await__(self) -> Generator[Any, None, TaskHandle]:
+    def __await__(self) -> Generator[Any, None, TaskHandle[R]]:
         """``await fn(...)`` gives the handle whatever ``fn`` is: calling a plain ``def`` task
         enqueues at once and returns this handle, and awaiting it must not raise after the task
         was stored (a caller that retried would store it twice). ``fn.aenqueue`` does not block
@@ -226,6 +236,43 @@ class TaskHandle:
     async def astatus(self) -> TaskStatus:
         """``status()`` for asyncio code."""
         return await self._backend().atask_status(self.stream, self.id)  # type: ignore[no-any-return]
+
+    def result(self, timeout: float | None = None) -> R:
+        """Wait for the task to end and return what its function returned (``@fifo(...,
+        store_result=True)``), from any process. The wait blocks on the task's own channel,
+        which the script that acknowledges or dead-letters the task announces on, so it costs
+        Redis one status read per announcement, not a poll.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (None: no limit), leaving the task
+        alone; ``TaskFailed`` when it was dead-lettered (``TaskExpired``, ``TaskSkipped`` when it
+        expired or an operator skipped it), with the error it raised; ``ResultUnavailable``
+        when Redis holds neither the task nor a result; ``ConfigurationError`` at once when its
+        function is known here and stores no result. A task run again after a crash stores the
+        result of its last run."""
+        from .backend.results import settle, wait_result  # late: the backend imports this module
+
+        backend = self._backend()
+        self._check_stores()
+        return settle(wait_result(backend, self.stream, self.id, timeout), backend.settings.serializer)  # type: ignore[no-any-return]
+
+    async def aresult(self, timeout: float | None = None) -> R:
+        """``result()`` for asyncio code: the wait does not block the event loop."""
+        from .backend.results import await_result, settle
+
+        backend = self._backend()
+        self._check_stores()
+        return settle(await await_result(backend, self.stream, self.id, timeout), backend.settings.serializer)  # type: ignore[no-any-return]
+
+    def _check_stores(self) -> None:
+        from .errors import ConfigurationError
+        from .functions import default_registry
+
+        fn = default_registry.lookup(self.name)
+        if fn is not None and not fn.store_result:
+            raise ConfigurationError(
+                f"{self.name} does not store its results: declare it with @fifo(..., store_result=True) "
+                "to wait for what it returns, or ask handle.status() how it went"
+            )
 
     def _backend(self) -> Any:
         if self.backend is not None:

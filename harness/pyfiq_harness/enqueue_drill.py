@@ -75,7 +75,9 @@ class Journal:
     def __post_init__(self) -> None:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def record(self, producer: str, seq: int, outcome: str, elapsed: float, handle: TaskHandle | None = None) -> None:
+    def record(
+        self, producer: str, seq: int, outcome: str, elapsed: float, handle: TaskHandle[Any] | None = None
+    ) -> None:
         line = {"producer": producer, "seq": seq, "outcome": outcome, "elapsed": round(elapsed, 4)}
         if handle is not None:
             line |= {"id": handle.id, "duplicate": handle.duplicate}
@@ -117,12 +119,12 @@ class Round:
         # safe, and it must never come back as ``duplicate``.
         return f"{producer}:{seq}" if zlib.crc32(producer.encode()) % 2 else None
 
-    def send(self, producer: str, seq: int) -> TaskHandle:
+    def send(self, producer: str, seq: int) -> TaskHandle[Any]:
         return self.fn.send_with_options(
             args=(producer, seq), dedup_key=self.dedup(producer, seq), backend=self.backend
         )
 
-    async def asend(self, producer: str, seq: int) -> TaskHandle:
+    async def asend(self, producer: str, seq: int) -> TaskHandle[Any]:
         return await self.fn.asend_with_options(
             args=(producer, seq), dedup_key=self.dedup(producer, seq), backend=self.backend
         )
@@ -162,7 +164,7 @@ def round_cancel(rnd: Round, calls: int) -> None:
     request timeout, a client gone), wherever it is: queued, leading a round trip, reading."""
 
     async def main() -> None:
-        in_flight: set[asyncio.Task[TaskHandle]] = set()
+        in_flight: set[asyncio.Task[TaskHandle[Any]]] = set()
 
         async def produce(name: str) -> None:
             for seq in range(calls):

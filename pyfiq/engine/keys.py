@@ -124,7 +124,13 @@ class StreamKeys:
     epoch: str
     dlq_index: str
     counts: str
+    #: Stored results: the result of task ``id`` is the key ``results + id``, and its waiters
+    #: listen on the sharded channel of the same name (see ``lib.lua``'s ``store_results``).
+    results: str
     _dedup_prefix: str
+
+    def result(self, task_id: str) -> str:
+        return self.results + task_id
 
     def dedup(self, key: str) -> str:
         return self._dedup_prefix + key
@@ -217,5 +223,6 @@ class KeySchema:
             epoch=self.epoch(shard),
             dlq_index=self.dlq_index(shard),
             counts=self.counts(shard, queue_of(stream)),
+            results=base + "res:",
             _dedup_prefix=base + "dedup:",
         )

@@ -76,6 +76,10 @@ class Lease:
     #: The acknowledgements the holder has not had confirmed yet (set by its run), for a let-go
     #: sent on the run's behalf while it is stuck in the skipped task.
     unconfirmed_acks: Callable[[], list[str]] | None = None
+    #: Results to store with the acknowledgement of their task (id -> TTL ms, encoded value),
+    #: kept until Redis confirms that acknowledgement: every call that carries the ack, a resend
+    #: or a let-go on the run's behalf included, carries the result too.
+    results: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     #: The holder told Redis it starts nothing more (a pause waits for it).
     halt_confirmed: bool = False
     #: A let-go on the stuck run's behalf is under way.

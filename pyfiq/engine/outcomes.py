@@ -21,13 +21,26 @@ from .lease import Lease
 
 #: Why this process dead-letters a task (Redis's scripts add ``poison`` and ``lease-lost``, and
 #: stamp malformed or expired tasks they meet when handing out).
-DeadLetterReason = Literal["exhausted", "undecodable", "expired", "unknown-task", "operator"]
+DeadLetterReason = Literal["exhausted", "undecodable", "expired", "unknown-task", "operator", "result-refused"]
 _REASONS: dict[str, DeadLetterReason] = {reason: reason for reason in get_args(DeadLetterReason)}
 
 
 @dataclass(frozen=True)
 class Acked:
-    """The task succeeded: acknowledge it."""
+    """The task succeeded: acknowledge it. ``result``: for a ``store_result`` function, the
+    encoded return value and how long Redis keeps it (ms), sent with the acknowledgement."""
+
+    result: tuple[int, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class ResultSpec:
+    """How a ``store_result`` function's return values are kept: for ``ttl_ms``, encoded by
+    ``serializer``, at most ``max_bytes`` each."""
+
+    ttl_ms: int
+    serializer: Any  # serializers.Serializer
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,16 @@ class Prepared:
     #: running long (the function's own, else the settings' default); None: never.
     time_limit: float | None = None
     time_warning: float | None = None
+    #: Set for a function that stores its results (``@fifo(store_result=True)``).
+    results: ResultSpec | None = None
+
+
+def result_spec(func: Any, settings: Settings) -> ResultSpec | None:
+    """How ``func``'s results are kept, or None when it keeps none."""
+    # getattr: a task directory may hand the engine anything callable-like (test doubles).
+    if not getattr(func, "store_result", False):
+        return None
+    return ResultSpec(int(func.result_ttl * 1000), settings.serializer, settings.result_max_bytes)
 
 
 def time_limits(func: Any, settings: Settings) -> tuple[float | None, float | None]:
@@ -233,4 +256,4 @@ def prepare(
         replica=replica,
         headers=record.headers or {},
     )
-    return Prepared(func, record, context, *time_limits(func, settings))
+    return Prepared(func, record, context, *time_limits(func, settings), result_spec(func, settings))

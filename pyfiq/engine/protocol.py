@@ -72,6 +72,17 @@ def stream_call(spec: ScriptSpec, k: StreamKeys, args: list[Any], extra_keys: Se
     return Call(spec.name, [*keys, *extra_keys], args)
 
 
+def results_argv(lease: Lease, acks: Sequence[str]) -> list[Any]:
+    """The results that go with ``acks``: a count, then (task id, TTL ms, value) each."""
+    out: list[Any] = [0]
+    for task_id in acks:
+        stored = lease.results.get(task_id)
+        if stored is not None:
+            out += (task_id, *stored)
+    out[0] = (len(out) - 1) // 3
+    return out
+
+
 class ScriptCalls:
     def __init__(self, keys: KeySchema, settings: Settings) -> None:
         self.keys = keys
@@ -181,11 +192,16 @@ class ScriptCalls:
         earlier tasks, so none of these starts at once (see ``hand_out`` in lib.lua)."""
         k = lease.keys
         argv = [lease.token, k.stream, len(acks), want, self.settings.max_deliveries, 1 if ahead else 0, *acks]
+        if lease.results:
+            argv += results_argv(lease, acks)
         return stream_call(TAKE, k, argv)
 
     def dead_letter(self, lease: Lease, acks: Sequence[str], task_id: str | bytes, header: str) -> Call:
         k = lease.keys
-        return stream_call(DEAD_LETTER, k, [lease.token, k.stream, len(acks), task_id, header, *acks])
+        argv = [lease.token, k.stream, len(acks), task_id, header, *acks]
+        if lease.results:
+            argv += results_argv(lease, acks)
+        return stream_call(DEAD_LETTER, k, argv)
 
     def release(self, lease: Lease, acks: Sequence[str], started: Sequence[str] = (), delay_ms: int = 0) -> Call:
         """Give the lease up. ``started``: tasks this holder started and did not finish (they
@@ -206,6 +222,7 @@ class ScriptCalls:
                 max(0, int(delay_ms)),
                 *acks,
                 *started,
+                *(results_argv(lease, acks) if lease.results else ()),
             ],
         )
 

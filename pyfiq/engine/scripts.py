@@ -135,6 +135,7 @@ ACQUIRE = ScriptSpec(
         "dlq_index",
         "paused",
         "counts",
+        "results",
     ),
     "claim a stream's lease under a new fencing token and take its first tasks",
     changes_stream=True,
@@ -149,28 +150,41 @@ RENEW = ScriptSpec(
 HALTED = ScriptSpec("halted", ("lease", "meta"), "confirm that a paused stream's holder starts nothing more")
 TAKE = ScriptSpec(
     "take",
-    ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "paused", "counts"),
+    (
+        "lease",
+        "pending",
+        "inflight",
+        "meta",
+        "ready",
+        "queues",
+        "dead",
+        "dead_ids",
+        "dlq_index",
+        "paused",
+        "counts",
+        "results",
+    ),
     "acknowledge finished tasks and hand the next ones over (the hot path)",
     changes_stream=True,
     reply=TakeReply,
 )
 SKIP = ScriptSpec(
     "skip",
-    ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "counts"),
+    ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "counts", "results"),
     "dead-letter a stream's head task as an operator, revoking its lease",
     changes_stream=True,
     raises_shortfall=True,
 )
 DEAD_LETTER = ScriptSpec(
     "dead_letter",
-    ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index", "counts"),
+    ("lease", "inflight", "meta", "dead", "dead_ids", "dlq_index", "counts", "results"),
     "acknowledge finished tasks, then dead-letter the next one in flight",
     changes_stream=True,
     reply=FencedReply,
 )
 RELEASE = ScriptSpec(
     "release",
-    ("lease", "pending", "inflight", "meta", "ready", "queues", "counts"),
+    ("lease", "pending", "inflight", "meta", "ready", "queues", "counts", "results"),
     "acknowledge finished tasks and give the lease up, handing back what did not run",
     changes_stream=True,
     reply=FencedReply,
@@ -197,7 +211,7 @@ LOST = ScriptSpec(
 )
 STATUS = ScriptSpec(
     "status",
-    ("lease", "pending", "inflight", "meta", "dead", "dead_ids"),
+    ("lease", "pending", "inflight", "meta", "dead", "dead_ids", "results"),
     "tell where one task of a stream is now (read only)",
 )
 

@@ -1,8 +1,9 @@
 """What a ``status`` script reply says about one task, as a ``TaskStatus``: no I/O here.
 
 The reply is what Redis holds at one moment (see ``lua/status.lua``). Redis knows whether a task
-waits, was handed to a holder, or was dead-lettered; it does not keep a task that succeeded, so a
-task found nowhere is ``unknown``, and the detail says what that can mean.
+waits, was handed to a holder, or was dead-lettered; of a task that succeeded it keeps only the
+result of a ``store_result`` function, until ``result_ttl``, so a task found nowhere is
+``unknown``, and the detail says what that can mean.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def holder_of(lease_value: str) -> str | None:
 def parse_status(stream: str, task_id: str, reply: Any) -> TaskStatus:
     """The ``TaskStatus`` a ``status`` script's reply describes."""
     kind = _text(reply[0])
+    if kind == "result":
+        detail = "succeeded: its result is stored until result_ttl after it ended"
+        return TaskStatus(task_id, stream, "succeeded", detail, encoded_result=bytes(reply[1]))
     if kind == "dead":
         return _dead(stream, task_id, _text(reply[1]))
     if kind == "inflight":
@@ -54,12 +58,12 @@ def parse_status(stream: str, task_id: str, reply: Any) -> TaskStatus:
         return TaskStatus(task_id, stream, "pending", detail, place=place, deliveries=deliveries or None)
     complete = int(reply[1]) == 1
     detail = (
-        "not in the stream: it finished (pyfiq keeps no record of a task that succeeded) or was never "
-        f"enqueued on {stream!r}"
+        "not in the stream: it finished (pyfiq keeps a record of a task that succeeded only for a "
+        f"store_result function, until result_ttl) or was never enqueued on {stream!r}"
     )
     if not complete:
         detail += f"; only the first {STATUS_SCAN:,} pending tasks were looked through, and it may wait behind them"
-    return TaskStatus(task_id, stream, "unknown", detail)
+    return TaskStatus(task_id, stream, "unknown", detail, searched_all=complete)
 
 
 def _dead(stream: str, task_id: str, header_text: str) -> TaskStatus:
@@ -83,6 +87,7 @@ def _dead(stream: str, task_id: str, header_text: str) -> TaskStatus:
         reason=reason,
         error_type=str(header["error_type"]) if "error_type" in header else None,
         error=str(error) if error is not None else None,
+        traceback=str(header["traceback"]) if header.get("traceback") else None,
     )
 
 

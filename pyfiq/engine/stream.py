@@ -211,6 +211,8 @@ class StreamRun:
             self._unconfirmed += acks
             return
         status = TakeReply(int(result[0]))
+        if status not in (TakeReply.FENCED, TakeReply.REVOKED):
+            self._confirmed(acks)
         if status is TakeReply.FENCED:
             self.lease.mark_lost("take refused")
         elif status is TakeReply.REVOKED:
@@ -225,6 +227,12 @@ class StreamRun:
             for i in range(2, len(result), 2):
                 self.buffer.append((Entry.load(result[i]), int(result[i + 1])))
             self._drained = len(result) - 2 < 2 * want
+
+    def _confirmed(self, acks: list[str]) -> None:
+        """Redis applied ``acks``: their results are stored, and need not travel again."""
+        if self.lease.results:
+            for task_id in acks:
+                self.lease.results.pop(task_id, None)
 
     def _on_await(self, result: Any) -> Step:
         self.collect(result)
@@ -299,6 +307,7 @@ class StreamRun:
         if status is TakeReply.REVOKED:
             self.lease.revoke()  # the acknowledgements it carried go with the let-go
             return self._next()
+        self._confirmed(self.acks)
         self.acks = []
         if status is TakeReply.EMPTY:
             return Finished("empty")
@@ -320,6 +329,7 @@ class StreamRun:
         if FencedReply(int(result)) is FencedReply.FENCED:
             self.lease.mark_lost("dead-letter refused")
             return Finished("fenced")
+        self._confirmed(self.acks)
         self.acks = []
         self.buffer.popleft()
         self._head_started = False
@@ -334,6 +344,7 @@ class StreamRun:
         if FencedReply(int(result)) is FencedReply.FENCED:
             self.lease.mark_lost("release refused")
             return Finished("fenced")
+        self.lease.results.clear()  # every acknowledgement went with the release
         self.acks = []
         return Finished(self._final)
 
@@ -356,6 +367,8 @@ class StreamRun:
             entry, _ = self.buffer.popleft()
             self._head_started = False
             self.acks.append(entry.id)
+            if outcome.result is not None:
+                self.lease.results[entry.id] = outcome.result
             self.processed += 1
             self.lease.running = None
             self.lease.done += 1

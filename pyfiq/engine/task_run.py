@@ -13,7 +13,7 @@ from typing import Any
 
 from tenacity import DoSleep, RetryCallState, Retrying, stop_when_event_set
 
-from ..errors import TimeLimitExceeded
+from ..errors import ResultRefused, TimeLimitExceeded
 from ..task import TaskContext
 from .events import (
     AttemptEnded,
@@ -60,6 +60,7 @@ class TaskRun:
         #: long; the drivers time them, the how (a thread's exception, a cancel) is theirs.
         self.time_limit = prepared.time_limit
         self.time_warning = prepared.time_warning
+        self.results = prepared.results
         self.started = 0.0
         self._warned = 0  # the attempt the running-long warning was logged for
 
@@ -181,6 +182,42 @@ class TaskRun:
         self.events.put(AttemptEnded(self.ctx, "fenced" if fenced else "succeeded", duration))
         if fenced:
             return self._fenced()
+        stored: tuple[int, bytes] | None = None
+        if self.results is not None:
+            encoded = self._encode_result(result)
+            if isinstance(encoded, DeadLettered):
+                return encoded
+            stored = encoded
         if self.fn.on_success is not None:
             self.events.put(CallbackDue("on_success", self.fn.on_success, (result, self.ctx, self.fn), self.ctx))
-        return Acked()
+        return Acked(stored)
+
+    def _encode_result(self, result: Any) -> tuple[int, bytes] | DeadLettered:
+        """The result to store with the acknowledgement, or the dead letter of a task whose
+        result cannot be kept: a caller waiting for it must hear why, not wait in vain."""
+        spec = self.results
+        assert spec is not None
+        try:
+            payload = spec.serializer.dumps(result)
+        except Exception as exc:
+            error: BaseException = ResultRefused(
+                f"the result of {self.ctx.name} cannot be stored: {type(spec.serializer).__name__} "
+                f"refused it ({describe_error(exc)})"
+            )
+        else:
+            if len(payload) <= spec.max_bytes:
+                return (spec.ttl_ms, payload)
+            error = ResultRefused(
+                f"the result of {self.ctx.name} is {len(payload):,} bytes encoded, more than "
+                f"result_max_bytes ({spec.max_bytes:,}): return less, or keep it elsewhere and return where"
+            )
+        header = dead_letter_header(
+            "result-refused",
+            replica=self.ctx.replica,
+            deliveries=self.ctx.deliveries,
+            attempts=self.attempts,
+            name=self.ctx.name,
+            error=error,
+            at_ms=self.clock.wall_ms(),
+        )
+        return DeadLettered(header, self.ctx)

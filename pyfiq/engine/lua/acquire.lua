@@ -14,6 +14,7 @@
     KEYS[10]     dead-letter index set of the shard
     KEYS[11]     paused queues and streams of the shard
     KEYS[12]     per-minute counts of finished tasks of the stream's queue in this shard
+    KEYS[13]     prefix of the stream's stored results (see take.lua)
     ARGV[1]      stream name
     ARGV[2]      lease TTL in ms
     ARGV[3]      "<holder>/<random>": who holds the lease (for operators), and a unique part
@@ -44,6 +45,7 @@ local dead_ids = KEYS[9]
 local dlq_index = KEYS[10]
 local paused = KEYS[11]
 local counts = KEYS[12]
+local results = KEYS[13]
 local now = now_ms()
 local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
 local score = redis.call('ZSCORE', ready, ARGV[1])
@@ -75,7 +77,8 @@ local out = { 1, token, fence, now }
 local handed = 0
 if tonumber(ARGV[4]) > 0 then
   handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
-                      dlq_index = dlq_index, stream = ARGV[1], counts = counts }, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), now, out)
+                      dlq_index = dlq_index, stream = ARGV[1], counts = counts, results = results }, 0,
+                    tonumber(ARGV[4]), tonumber(ARGV[5]), now, out)
   if #out == 4 and redis.call('LLEN', inflight) == 0 then
     -- Everything pending was dead-lettered (expired, undecodable): nothing to hold.
     redis.call('DEL', lease, meta)

@@ -137,8 +137,8 @@ end
 
 -- Append one dead letter: "<header>\n<entry>" scored by a sequence number, so records stay in
 -- the order they died, can be paged in bounded steps and found by task id in O(log n).
--- d: { dead, dead_ids, dlq_index, stream, counts (optional) }; header is a JSON object; id may
--- be nil.
+-- d: { dead, dead_ids, dlq_index, stream, counts (optional), results (optional) }; header is
+-- a JSON object; id may be nil. A task's result() waiter hears of it on the task's channel.
 local function dead_add(d, header, entry, id)
   local last = redis.call('ZRANGE', d.dead, -1, -1, 'WITHSCORES')
   local seq = 1
@@ -148,6 +148,21 @@ local function dead_add(d, header, entry, id)
   if id then redis.call('HSET', d.dead_ids, id, seq) end
   redis.call('SADD', d.dlq_index, d.stream)
   tally(d.counts, 'f', 1)
+  if id and d.results then redis.call('SPUBLISH', d.results .. id, 'd') end
+end
+
+-- Store the results that came with acknowledgements (only tasks of a store_result function send
+-- one): ARGV[from] says how many, then each is a task id, a TTL in ms and the encoded value. Each
+-- is kept under results .. id and announced on the sharded channel of that name, where a
+-- waiting result() listens. A resent acknowledgement stores its result again: the same value.
+local function store_results(results, from)
+  local n = tonumber(ARGV[from] or '0')
+  for i = 0, n - 1 do
+    local at = from + 1 + 3 * i
+    local key = results .. ARGV[at]
+    redis.call('SET', key, ARGV[at + 2], 'PX', ARGV[at + 1])
+    redis.call('SPUBLISH', key, 's')
+  end
 end
 
 local function simple_header(reason, deliveries, now, extra)
@@ -204,7 +219,7 @@ end
 -- `ahead`: the holder takes while it still runs earlier tasks (group commit), so it starts
 -- none of these at once: none is marked, and a task an earlier holder left in flight is not
 -- handed at all (it comes back one at a time, marked, once the holder has run out of tasks).
--- s: { pending, inflight, meta, dead, dead_ids, dlq_index, stream, counts }
+-- s: { pending, inflight, meta, dead, dead_ids, dlq_index, stream, counts, results }
 local function hand_out(s, handed, want, maxd, now, out, ahead)
   local base = #out
   if ahead and redis.call('LINDEX', s.inflight, handed) then return handed end

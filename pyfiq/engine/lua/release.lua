@@ -10,6 +10,7 @@
     KEYS[5]      ready set of the stream's queue in this shard
     KEYS[6]      queue index of the shard
     KEYS[7]      per-minute counts of finished tasks of the stream's queue in this shard
+    KEYS[8]      prefix of the stream's stored results (see take.lua)
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -18,7 +19,8 @@
     ARGV[6]      shard number
     ARGV[7]      ms before the stream may be claimed again (0: at once)
     ARGV[8..]    k acknowledged task ids, oldest first, then m ids of tasks the holder started
-                 and did not finish (they may have run)
+                 and did not finish (they may have run), then optionally a count r and r
+                 results to store (task id, TTL ms, value)
 
   Output:
     -1 if the caller's lease is gone (nothing changed), 1 when released
@@ -36,10 +38,12 @@ local meta = KEYS[4]
 local ready = KEYS[5]
 local queues = KEYS[6]
 local counts = KEYS[7]
+local results = KEYS[8]
 if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
 local applied = ack_head(inflight, meta, argv_slice(8, nack), true)
 tally(counts, 's', applied)
+store_results(results, 8 + nack + tonumber(ARGV[4]))
 local handed = handed_after(meta, applied)
 local started = {}
 for _, id in ipairs(argv_slice(8 + nack, tonumber(ARGV[4]))) do started[id] = true end

@@ -23,6 +23,7 @@
     KEYS[8]      dead letter ids of the stream
     KEYS[9]      dead-letter index set of the shard
     KEYS[10]     per-minute counts of finished tasks of the stream's queue in this shard
+    KEYS[11]     prefix of the stream's stored results (a result() waiter hears of the skip)
     ARGV[1]      stream name
     ARGV[2]      dead-letter record header (a JSON object on one line)
     ARGV[3]      wake-up channel
@@ -42,6 +43,7 @@ local dead = KEYS[7]
 local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local counts = KEYS[10]
+local results = KEYS[11]
 local held = redis.call('GET', lease)
 local source = inflight
 local entry = nil
@@ -65,7 +67,8 @@ else
 end
 local id = parse_entry(entry)
 if id then clear_marks(meta, id) end
-dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1], counts = counts }, ARGV[2], entry, id)
+dead_add({ dead = dead, dead_ids = dead_ids, dlq_index = dlq_index, stream = ARGV[1], counts = counts, results = results },
+         ARGV[2], entry, id)
 if held then
   if source == inflight then
     -- The holder was handed this entry: its count of leading in-flight entries shrinks by it.

@@ -1,6 +1,6 @@
 --[[
-  Where one task of a stream is now, read in one call and changing nothing: dead-lettered (its
-  record's header), in flight (handed to a holder or about to be again), pending (its place),
+  Where one task of a stream is now, read in one call and changing nothing: succeeded (its
+  stored result, for a store_result function), dead-lettered (its record's header), in flight (handed to a holder or about to be again), pending (its place),
   or none of these.
 
   Input:
@@ -10,10 +10,12 @@
     KEYS[4]      meta hash of the stream
     KEYS[5]      dead letters of the stream
     KEYS[6]      dead letter ids of the stream
+    KEYS[7]      prefix of the stream's stored results (see take.lua)
     ARGV[1]      task id
     ARGV[2]      how many pending entries to look through at most (the scan is O(place))
 
   Output:
+    { 'result', value }                the task succeeded and its result is stored
     { 'dead', header }                 the task's dead-letter record header (JSON)
     { 'inflight', index, handed, started ms or '', deliveries, running id or '', lease or '', now }
                                        index: 0-based in the in-flight list; handed: how many
@@ -29,7 +31,10 @@ local inflight = KEYS[3]
 local meta = KEYS[4]
 local dead = KEYS[5]
 local dead_ids = KEYS[6]
+local results = KEYS[7]
 local id = ARGV[1]
+local value = redis.call('GET', results .. id)
+if value then return { 'result', value } end
 local seq = redis.call('HGET', dead_ids, id)
 if seq then
   local record = redis.call('ZRANGEBYSCORE', dead, seq, seq, 'LIMIT', 0, 1)[1]

@@ -14,6 +14,7 @@
     KEYS[9]      dead-letter index set of the shard
     KEYS[10]     paused queues and streams of the shard
     KEYS[11]     per-minute counts of finished tasks of the stream's queue in this shard
+    KEYS[12]     prefix of the stream's stored results (result key and channel: prefix .. id)
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -21,6 +22,7 @@
     ARGV[5]      lost consumers after which a task is dead-lettered
     ARGV[6]      '1': taken ahead, while the holder still runs earlier tasks (see hand_out)
     ARGV[7..]    k task ids, oldest first
+    ARGV[7+k..]  optional: a count r, then r results (task id, TTL ms, value) to store
 
   Output:
     { -1 }                       the caller's lease is gone: nothing was changed
@@ -44,6 +46,7 @@ local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local paused = KEYS[10]
 local counts = KEYS[11]
+local results = KEYS[12]
 local held = redis.call('GET', lease)
 if held ~= ARGV[1] then
   if held == '!' .. ARGV[1] then return { -2 } end
@@ -53,6 +56,7 @@ local nack = tonumber(ARGV[3])
 if not ack_head(inflight, meta, argv_slice(7, nack), false) then
   return redis.error_reply('ERR pyfiq: acknowledged tasks are not at the head of the in-flight list')
 end
+store_results(results, 7 + nack)
 local now = now_ms()
 tally(counts, 's', nack, now)
 local handed = handed_after(meta, nack)
@@ -68,7 +72,7 @@ if is_paused(paused, ARGV[2]) then
 end
 local out = { 1, now }
 handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
-                    dlq_index = dlq_index, stream = ARGV[2], counts = counts }, handed, want, tonumber(ARGV[5]), now, out, ARGV[6] == '1')
+                    dlq_index = dlq_index, stream = ARGV[2], counts = counts, results = results }, handed, want, tonumber(ARGV[5]), now, out, ARGV[6] == '1')
 if #out == 2 and redis.call('LLEN', inflight) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
   redis.call('DEL', lease, meta)
