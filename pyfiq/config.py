@@ -78,6 +78,10 @@ def redact_url(url: str) -> str:
             query = urlencode([(k, "***" if is_secret_name(k) else v) for k, v in pairs], safe="*")
     except ValueError:
         return "<unparsable url>"
+    if parts.password is None and "@" in url and "@" not in parts.netloc:
+        # Not scheme://user:password@host (a missing "//" or scheme, a typo): whatever comes
+        # before the last "@" may be a password, so none of it is shown.
+        return "***@" + url.rpartition("@")[2]
     if (netloc, query) == (parts.netloc, parts.query):
         return str(url)  # a plain string, also for a SecretURL
     # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.

@@ -258,3 +258,55 @@ def test_the_sentinel_paths_show_no_password() -> None:
     assert backend.settings.redis_options["password"] == SECRET
     _assert_reprs_clean(backend, "cli sentinel")
     backend.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f":{SECRET}@127.0.0.1:6379/0",  # no scheme
+        f"redis:/:{SECRET}@127.0.0.1:6379/0",  # one slash
+        f"redis:app:{SECRET}@127.0.0.1:6379/0",  # no slashes
+        f"redis//:{SECRET}@127.0.0.1:6379/0",  # no colon
+    ],
+)
+def test_a_mistyped_url_shows_no_password(url: str) -> None:
+    """A URL urlsplit cannot read as scheme://user:password@host is refused with a message that
+    shows none of what came before its "@" (before: the URL as typed, password and all)."""
+    with pytest.raises(PyfiqError) as info:
+        RedisQueueBackend(url)
+    assert SECRET not in str(info.value) and "***@127.0.0.1" in str(info.value)
+    result = CliRunner().invoke(main, ["--redis", url, "status"])
+    assert result.exit_code != 0 and SECRET not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sentinel", "127.0.0.1:1", "--redis", f":{SECRET}@h:6379/0", "status"],
+        ["--sentinel", "127.0.0.1:1", "--redis", f"tcp://:{SECRET}@h:6379/0", "status"],
+        ["--cluster", "--redis", f"unix://:{SECRET}@/tmp/x.sock", "status"],
+    ],
+)
+def test_a_refused_scheme_is_named_without_any_of_the_url(args: list[str]) -> None:
+    """Sentinel and cluster refuse other schemes naming the scheme alone (before: the URL's
+    first ten characters, part of the password with them)."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert SECRET[:4] not in result.output and "URL" in result.output, result.output
+
+
+def test_the_demo_names_its_redis_without_the_password_and_its_replicas_do_not_carry_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pyfiq.ops.demo as demo_module
+    from pyfiq.config import Settings
+    from pyfiq.ops.scenario_tasks import ECHO_ENV, JOURNAL_ENV
+
+    for name in (JOURNAL_ENV, ECHO_ENV):  # Demo.create sets them; restored after the test
+        monkeypatch.setenv(name, "")
+    said: list[str] = []
+    monkeypatch.setattr(demo_module, "say", lambda *parts, **kw: said.append(" ".join(map(str, parts))))
+    demo_module.Demo.create(f"redis://app:{SECRET}@127.0.0.1:1/0", replicas=2, tasks=1).intro()
+    assert said and not any(SECRET in line for line in said), said
+    # On the command line of a process, any local user's ps reads the password.
+    assert not any(SECRET in arg for arg in demo_module.ProcessFleet.argv(Settings(), ["q"], "r1"))

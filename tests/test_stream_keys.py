@@ -97,3 +97,25 @@ def test_the_key_cache_keeps_a_bounded_amount_of_memory(backend: RedisQueueBacke
     kept = _kept(lambda: [keys.stream(f"{i:05d}{longest[5:]}") for i in range(5000)])
     assert kept < 8_000_000, f"{kept} bytes kept for 5,000 streams"
     assert keys.stream("q#c-1") is keys.stream("q#c-1"), "valid names are cached"
+
+
+def test_a_queue_name_ending_in_a_line_break_is_refused() -> None:
+    # A "$" anchor also matches before a final newline: "billing\n" was taken as a queue name.
+    with pytest.raises(ConfigurationError):
+        fifo(queue="billing\n", name="tests.keys.newline")
+
+
+@pytest.mark.parametrize("key", [REFUSED["a line break"], REFUSED["64 KB"], REFUSED["NUL"]], ids=["newline", "64KB", "NUL"])
+def test_pausing_a_stream_bounds_its_key_as_an_enqueue_does(backend: RedisQueueBackend, key: str) -> None:
+    """A pause or a resume writes the stream's name into Redis: the CLI's and the dashboard's
+    take only a key an enqueue could make (before: any string reached Redis)."""
+    from pyfiq.dashboard import actions
+
+    with pytest.raises(ConfigurationError):
+        backend.pause("keyed-bounds", key, wait=0)
+    with pytest.raises(ConfigurationError):
+        backend.resume("keyed-bounds", key)
+    for name in ("pause", "resume"):
+        with pytest.raises((ValueError, ConfigurationError)):
+            actions.parse(name, [("queue", "keyed-bounds"), ("stream", f"keyed-bounds#{key}")])
+    assert backend.paused() == []

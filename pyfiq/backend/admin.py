@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from ..engine.keys import stream_name, validate_queue_name
+from ..engine.keys import stream_name, validate_key, validate_queue_name
 from ..engine.outcomes import dead_letter_header
 from ..task import Entry
 from . import halts
@@ -53,6 +53,8 @@ class Admin(Pages):
 
     def _set_paused(self, queue: str, key: str | None, *, add: bool) -> None:
         validate_queue_name(queue)
+        if key is not None:
+            validate_key(key)  # the name is written into Redis: bounded as an enqueue's are
         if key is None:
             targets = [(self.keys.paused(shard), queue, shard) for shard in range(self.keys.shards)]
         else:

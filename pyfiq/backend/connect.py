@@ -148,9 +148,17 @@ class Topology:
 
 def _cluster_client(url: str, options: dict[str, Any], asynchronous: bool) -> Any:
     if not url.startswith(("redis://", "rediss://")):
-        raise ConfigurationError(f"a cluster is reached through a redis:// or rediss:// startup node, not {url[:10]!r}")
+        raise ConfigurationError(
+            f"a cluster is reached through a redis:// or rediss:// startup node, not {_scheme(url)}"
+        )
     kind: Any = redis.asyncio.cluster.RedisCluster if asynchronous else redis.cluster.RedisCluster
     return kind.from_url(url, **options)
+
+
+def _scheme(url: str) -> str:
+    """What a refused URL is, for a message: its scheme only (the rest may hold a password)."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    return f"a {scheme}:// URL" if scheme.isalnum() else "a URL without a scheme"
 
 
 def sentinel_addresses(sentinels: Sequence[Any]) -> tuple[tuple[str, int], ...]:
@@ -171,7 +179,7 @@ def primary_options(url: str) -> dict[str, Any]:
     """The credentials, database and TLS flag of a ``redis://`` or ``rediss://`` URL, without
     its address: what a Sentinel-managed primary is reached with."""
     if not url.startswith(("redis://", "rediss://")):
-        raise ConfigurationError(f"with Sentinel, a redis:// or rediss:// URL gives credentials, not {url[:10]!r}")
+        raise ConfigurationError(f"with Sentinel, a redis:// or rediss:// URL gives credentials, not {_scheme(url)}")
     parsed: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     options = Redacted({k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None})
     if url.startswith("rediss://"):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..backend.backend import RedisQueueBackend
-from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_queue_name
+from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_key, validate_queue_name
 
 NAMES = ("pause", "resume", "skip", "requeue", "purge")
 #: Reason recorded with a head task skipped from the dashboard.
@@ -49,6 +49,10 @@ def parse(name: str, form: Sequence[tuple[str, str]]) -> Action:
     stream = values.get("stream") or None
     if stream is not None and queue_of(stream) != queue:
         raise ValueError(f"stream {stream!r} is not a stream of {queue!r}")
+    if stream is not None and name in ("pause", "resume") and STREAM_SEPARATOR in stream:
+        # These write the name into Redis: only a name an enqueue could make (skip and
+        # requeue act on streams Redis already holds, whatever their names).
+        validate_key(stream.partition(STREAM_SEPARATOR)[2])
     if name == "skip" and stream is None:
         stream = queue
     op = values.get("op", "all-back")

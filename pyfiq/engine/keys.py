@@ -46,7 +46,7 @@ from functools import lru_cache
 
 from ..errors import ConfigurationError
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
 STREAM_SEPARATOR = "#"
 #: Bounds of a stream key. Redis keeps each stream's name in several keys, a process caches the
 #: names it meets, and logs and the operator's terminal show them.
@@ -65,7 +65,8 @@ COUNT_MINUTES = 60
 
 
 def validate_queue_name(queue: str) -> str:
-    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+    # fullmatch: "$" would also match before a final newline.
+    if not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue):
         raise ConfigurationError(f"invalid queue name {queue!r}: use 1-200 characters among letters, digits and _.:/@-")
     return queue
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import click
 
 from ..backend.backend import RedisQueueBackend
-from ..config import Settings
+from ..config import Settings, redact_url
 from ..workers.threaded import ThreadedWorker
 from .scenario_tasks import ECHO_ENV, JOURNAL_ENV, QUEUES, STEPS, check, read_journal
 
@@ -74,15 +74,16 @@ class ProcessFleet:
     """Replicas as ``python -m pyfiq worker`` processes on a real Redis."""
 
     def __init__(self, url: str, settings: Settings, queues: list[str], names: list[str]) -> None:
-        self.procs = {
-            name: subprocess.Popen(self.argv(url, settings, queues, name), env=os.environ.copy()) for name in names
-        }
+        # The URL goes in the environment, not on the command line, where any local user's
+        # ``ps`` would read its password.
+        env = {**os.environ, "PYFIQ_REDIS_URL": url}
+        self.procs = {name: subprocess.Popen(self.argv(settings, queues, name), env=env) for name in names}
 
     @staticmethod
-    def argv(url: str, settings: Settings, queues: list[str], name: str) -> list[str]:
+    def argv(settings: Settings, queues: list[str], name: str) -> list[str]:
         return [
             sys.executable, "-m", "pyfiq", "worker", "pyfiq.ops.scenario_tasks",
-            "--redis", url, "--prefix", settings.prefix, "--shards", str(settings.shards),
+            "--prefix", settings.prefix, "--shards", str(settings.shards),
             "--queues", ",".join(queues), "--name", name, "--concurrency", "2",
             "--lease-ttl", str(settings.lease_ttl), "--poll-interval", str(settings.poll_interval),
             "--max-deliveries", str(settings.max_deliveries), "--log-level", "error",
@@ -153,7 +154,7 @@ class Demo:
         replicas = (
             "threads on the embedded memory:// Redis"
             if self.embedded
-            else f"processes on {self.url}, key prefix {self.settings.prefix}"
+            else f"processes on {redact_url(self.url)}, key prefix {self.settings.prefix}"
         )
         say(click.style("pyfiq demo", bold=True))
         say(
