@@ -105,19 +105,33 @@ def task_show(
         status = handle(task_id, queue=queue, key=key, backend=backend).status()
     except PyfiqError as exc:
         raise click.ClickException(str(exc)) from None
+    hidden = ("id", "stream", "encoded_result", "searched_all", "traceback")
     row = {
         "task_id": status.id,
         "stream": status.stream,
-        **{k: v for k, v in dataclasses.asdict(status).items() if k not in ("id", "stream")},
+        **{k: v for k, v in dataclasses.asdict(status).items() if k not in hidden},
     }
     if isinstance(status.since, datetime):
         row["since"] = status.since.isoformat(timespec="milliseconds")
+    if status.encoded_result is not None:
+        row["result"] = _shown_result(status.encoded_result, backend)
     if as_json:
-        click.echo(json_line(row))
+        click.echo(json_line({**row, "traceback": status.traceback}))
         return
     for name, value in row.items():
         if value is not None:
             click.echo(f"{name}: {show(value)}")
+    if status.traceback:
+        click.echo("traceback: (pyfiq dlq show prints it whole)")
+
+
+def _shown_result(encoded: bytes, backend: Any) -> str:
+    """A stored result as the operator reads it: the repr of its value, cut short."""
+    try:
+        text = repr(backend.settings.serializer.loads(encoded))
+    except Exception as exc:
+        text = f"<{len(encoded)} bytes the serializer cannot read: {type(exc).__name__}>"
+    return text if len(text) <= 2_000 else text[:2_000] + f"... [{len(text):,} characters]"
 
 
 @dlq.command("requeue")

@@ -349,3 +349,31 @@ def test_durable_operator_actions_raise_when_not_replicated(healthy: Replicated,
         healthy.replicas[0].resume()
     assert [d.task_id for d in backend.dead_letters("op")] == ["c" * 32]
     backend.close()
+
+
+def test_stored_results_reach_the_replica(healthy: Replicated) -> None:
+    """Results are written by the scripts that acknowledge, which durable mode follows with
+    WAIT, so the replica holds each of them (a failover keeps it). A waiter may read a result
+    on the primary a moment before the replica confirms it, as it may read any state."""
+    prefix = unique_prefix()
+    backend = RedisQueueBackend(healthy.url, prefix=prefix, **DURABLE)
+    pyfiq.configure(backend)
+    q = f"results-{prefix}"
+
+    @fifo(queue=q, name=f"{q}.double", store_result=True)
+    def double(i: int) -> int:
+        return 2 * i
+
+    worker = ThreadedWorker(backend, queues=[q]).start()
+    try:
+        handles = [double(i) for i in range(10)]
+        assert [h.result(timeout=20) for h in handles] == [2 * i for i in range(10)]
+        replica = healthy.replicas[0].client()
+        try:
+            wait_until(lambda: replica.get(backend.keys.stream(q).result(handles[-1].id)) is not None, timeout=5)
+            assert all(replica.exists(backend.keys.stream(q).result(h.id)) for h in handles)
+        finally:
+            replica.close()
+    finally:
+        worker.stop(10)
+        backend.close()

@@ -1,6 +1,7 @@
 """The behaviour suite again, on a real Redis Cluster (3 primaries, 3 replicas) through
 ``RedisQueueBackend(url, cluster=True)``: every worker test of ``tests/workers/test_worker.py``
-that runs on a backend, with both drivers, the keyed-stream tests and the asyncio tests.
+that runs on a backend, with both drivers, the keyed-stream tests, the asyncio tests and the
+results tests (a result's key and channel in its stream's slot).
 
 Tests that take the ``backend`` (or ``rb``, ``rbackend``) fixture are collected here a second
 time with that fixture bound to the cluster; tests bound to a single server (killing it,
@@ -18,7 +19,7 @@ import pyfiq
 from pyfiq import RedisQueueBackend
 from pyfiq_harness.topologies import Cluster
 from tests.support.helpers import FAST, unique_prefix
-from tests.workers import test_asyncio, test_streams, test_worker
+from tests.workers import test_asyncio, test_results, test_streams, test_worker
 
 #: Fixtures that stand for "a backend on a real Redis" in the modules re-collected here.
 BACKEND_FIXTURES = {"backend", "rb", "rbackend"}
@@ -34,10 +35,11 @@ def _collect(module: Any) -> None:
             globals()[name] = value
 
 
-for _module in (test_worker, test_streams, test_asyncio):
+for _module in (test_worker, test_streams, test_asyncio, test_results):
     _collect(_module)
 
 start_worker = test_worker.start_worker
+driver = test_results.driver
 
 
 def _cluster_backend(cluster: Cluster) -> RedisQueueBackend:
@@ -47,6 +49,7 @@ def _cluster_backend(cluster: Cluster) -> RedisQueueBackend:
 @pytest.fixture(params=["cluster"])
 def backend(redis_cluster: Cluster) -> Iterator[RedisQueueBackend]:
     b = _cluster_backend(redis_cluster)
+    pyfiq.configure(b)  # as test_results' own fixture does
     yield b
     b.close()
 
