@@ -151,7 +151,7 @@ def test_a_timeout_leaves_the_task_alone(backend: RedisQueueBackend) -> None:
 
     handle = held()
     began = time.monotonic()
-    with pytest.raises(TimeoutError, match="did not end within 0.3"):
+    with pytest.raises(TimeoutError, match=r"did not end within 0\.3"):
         handle.result(timeout=0.3)
     assert time.monotonic() - began < 3
     assert handle.status().state == "pending"
