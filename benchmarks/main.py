@@ -17,7 +17,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import NamedTuple
 
-from . import drain, enqueue, idle, idle_foreign, latency, lease_load, memory, peers, requeue, reruns, takeover
+from . import drain, enqueue, idle, idle_foreign, latency, lease_load, memory, peers, requeue, reruns, results, takeover
 from .ceiling import measure_ceiling, report_ceiling
 from .drain import run_drains
 from .harness import PEERS, RedisServer, Report, Run, cleanup, log, machine, per_s, quiet_logging
@@ -36,6 +36,7 @@ SECTIONS = (
     "idle",
     "memory",
     "latency",
+    "results",
     "requeue",
     "idle-foreign",
 )
@@ -75,6 +76,7 @@ SECTION_RUNS: dict[str, Callable[[Run], None]] = {
     "idle": idle.section,
     "memory": memory.section,
     "latency": latency.section,
+    "results": results.section,
     "requeue": requeue.section,
     "idle-foreign": idle_foreign.section,
 }

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def check_main(data: dict[str, Any], stdout: str) -> None:
     """The ceiling, the drain, the enqueue, the take-over with default settings, leases under a
-    saturated CPU, the dead-letter requeue at scale and the idle worker beside another queue's
-    backlog."""
+    saturated CPU, the dead-letter requeue at scale, the idle worker beside another queue's
+    backlog, and what storing results costs."""
     assert data["ceiling"]["evalsha_per_s"] > 0
     for aof in ("drain", "drain_aof"):
         assert set(data[aof]) == {"default", "strict", "group_100", "inline_100"}
@@ -49,6 +49,9 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
         assert window["lowest_lease_left_s"] is not None, "every lease was held at once"
     assert data["lease_load"]["saturated"]["busy_processes"] > 0
     assert data["takeover"]["sigkill"]["lease_ttl_s"] == pyfiq.Settings().lease_ttl
+    results = data["results"]
+    assert results["ratio"] > 0 and min(results["plain_per_s"] + results["store_result_per_s"]) > 0
+    assert results["latency_tasks"] > 0 and results["latency_p99_s"] >= results["latency_p50_s"] > 0
     assert "machine:" in stdout
 
 
