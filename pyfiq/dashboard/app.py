@@ -45,7 +45,8 @@ from ..backend.views import Rate, held_streams
 from ..engine.keys import queue_of, validate_queue_name
 from ..engine.outcomes import describe_error
 from ..errors import ConfigurationError, PyfiqError
-from ..ops.render import task_traceback
+from ..functions import handle
+from ..ops.render import shown_result, task_traceback
 from . import actions
 
 CSRF_COOKIE = "pyfiq_csrf"
@@ -224,6 +225,24 @@ class Dashboard:
 
         return await self.render(request, "dead.html", await run_in_threadpool(read))
 
+    async def task(self, request: Request) -> Response:
+        """One task of the queue by its id (``?id=``, ``&key=`` for a keyed stream): its status."""
+        name = _queue_param(request)
+        task_id = request.query_params.get("id", "").strip().lower()
+        key = request.query_params.get("key", "").strip() or None
+        try:
+            found = handle(task_id, queue=name, key=key, backend=self.backend)
+        except ConfigurationError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+        def read() -> dict[str, Any]:
+            status = found.status()
+            encoded = status.encoded_result
+            result = None if encoded is None else shown_result(encoded, self.backend.settings.serializer)
+            return {"queue": name, "key": key, "status": status, "result": result}
+
+        return await self.render(request, "task.html", await run_in_threadpool(read))
+
     async def replicas(self, request: Request) -> Response:
         fleet = await run_in_threadpool(self.backend.replicas)
         return await self.render(request, "replicas.html", {"replicas": fleet})
@@ -299,6 +318,7 @@ def build(
         Route("/replicas", d.endpoint(d.replicas), name="replicas"),
         Route("/queue/{queue:path}", d.endpoint(d.queue), name="queue"),
         Route("/dead/{queue:path}", d.endpoint(d.dead), name="dead"),
+        Route("/task/{queue:path}", d.endpoint(d.task), name="task"),
         Route("/assets/{name}", d.endpoint(d.asset), name="asset"),
     ]
     if not read_only:

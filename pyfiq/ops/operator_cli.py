@@ -114,7 +114,7 @@ def task_show(
     if isinstance(status.since, datetime):
         row["since"] = status.since.isoformat(timespec="milliseconds")
     if status.encoded_result is not None:
-        row["result"] = _shown_result(status.encoded_result, backend)
+        row["result"] = render.shown_result(status.encoded_result, backend.settings.serializer)
     if as_json:
         click.echo(json_line({**row, "traceback": status.traceback}))
         return
@@ -123,15 +123,6 @@ def task_show(
             click.echo(f"{name}: {show(value)}")
     if status.traceback:
         click.echo("traceback: (pyfiq dlq show prints it whole)")
-
-
-def _shown_result(encoded: bytes, backend: Any) -> str:
-    """A stored result as the operator reads it: the repr of its value, cut short."""
-    try:
-        text = repr(backend.settings.serializer.loads(encoded))
-    except Exception as exc:
-        text = f"<{len(encoded)} bytes the serializer cannot read: {type(exc).__name__}>"
-    return text if len(text) <= 2_000 else text[:2_000] + f"... [{len(text):,} characters]"
 
 
 @dlq.command("requeue")

@@ -43,3 +43,12 @@ def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
 
 def to_json(row: dict[str, Any]) -> str:
     return json.dumps(row, default=str, separators=(",", ":"))
+
+
+def shown_result(encoded: bytes, serializer: Any, limit: int = 2_000) -> str:
+    """A stored result as an operator reads it: the repr of its value, cut to ``limit``."""
+    try:
+        text = repr(serializer.loads(encoded))
+    except Exception as exc:
+        text = f"<{len(encoded)} bytes the serializer cannot read: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text):,} characters]"

@@ -279,3 +279,38 @@ def test_the_replicas_page_shows_each_workers_rate(backend: RedisQueueBackend) -
     assert row is not None, page
     shown = re.search(r"<td class=\"num\" data-rate>([0-9.]+)</td>", row.group(1))
     assert shown is not None and float(shown.group(1)) > 0
+
+
+def test_a_task_is_found_by_its_id_with_its_state_and_result(backend: RedisQueueBackend) -> None:
+    from pyfiq import ThreadedWorker, fifo
+
+    q = f"find-{uuid.uuid4().hex[:6]}"
+
+    @fifo(queue=q, name=f"{q}.t", store_result=True, max_retries=0, key=lambda kind: kind)
+    def t(kind: str) -> dict[str, str]:
+        if kind == "bad":
+            raise ValueError("<script>no</script>")
+        return {"kind": kind}
+
+    waiting = t.send_with_options(args=("later",), backend=backend)
+    client = TestClient(create_app(backend))
+    page = client.get(f"/task/{q}", params={"id": waiting.id, "key": "later"})
+    assert page.status_code == 200 and 'data-stat="state">pending<' in page.text
+    assert "Find task" in client.get(f"/queue/{q}").text
+    good, bad = (t.send_with_options(args=(kind,), backend=backend) for kind in ("good", "bad"))
+    worker = ThreadedWorker(backend, queues=[q]).start()
+    try:
+        assert good.result(timeout=20) == {"kind": "good"}
+        with pytest.raises(Exception, match="no"):
+            bad.result(timeout=20)
+    finally:
+        worker.stop(5)
+    done = client.get(f"/task/{q}", params={"id": good.id, "key": "good"}).text
+    assert 'data-stat="state">succeeded<' in done and repr({"kind": "good"}) in html.unescape(done)
+    failed = client.get(f"/task/{q}", params={"id": bad.id, "key": "bad"}).text
+    assert 'data-stat="reason">exhausted<' in failed and "&lt;script&gt;no&lt;/script&gt;" in failed
+    assert "<script>no" not in failed
+    assert client.get(f"/task/{q}", params={"id": "nope"}).status_code == 400
+    assert client.get(f"/task/{q}", params={"id": good.id, "key": "k\x00"}).status_code == 400
+    unknown = client.get(f"/task/{q}", params={"id": "0" * 32}).text
+    assert 'data-stat="state">unknown<' in unknown
