@@ -72,6 +72,12 @@ def parse(raw: bytes) -> tuple[str, int] | None:
     return (m.group(1).decode(), int(m.group(3))) if m else None
 
 
+def with_results(lease: Lease, acks: list[str]) -> None:
+    """Every acknowledgement the model's holder sends carries a result of its task."""
+    for task in acks:
+        lease.results[task] = (600_000, f"result of {task}".encode())
+
+
 def tid(raw: bytes) -> str:
     """What the scripts take as a task id: the first 32 bytes."""
     return raw[:32].decode("latin-1")
@@ -861,6 +867,7 @@ class StreamMachine(RuleBasedStateMachine):
         lease, had = self.held(), self.had
         acks = [tid(raw) for raw in had[:k]]
         before = self.snapshot() if self.m.revoked(lease.token) else None
+        with_results(lease, acks)
         reply = self.call(self.ops.take(lease, acks, want, ahead=ahead))
         status, handed = self.m.take(lease.token, acks, want, ahead)
         assert int(reply[0]) == status, f"take replied {reply}, the model says {status}"
@@ -891,6 +898,7 @@ class StreamMachine(RuleBasedStateMachine):
         sent = self.sent(lease)
         before = self.snapshot() if sent != self.m.token else None
         back = self.expected_back(rest, started)
+        with_results(lease, acks)
         reply = self.call(self.ops.release(lease, acks, started, delay))
         expected, acked = self.m.release(sent, acks, started, delay)
         assert reply == expected
@@ -913,6 +921,7 @@ class StreamMachine(RuleBasedStateMachine):
         deliveries = int(self.m.meta.get(f"d:{task}", "1"))
         header = dead_letter_header("exhausted", replica="model", deliveries=deliveries, attempts=3, name="t")
         before = self.snapshot() if self.m.revoked(lease.token) else None
+        with_results(lease, acks)
         reply = self.call(self.ops.dead_letter(lease, acks, task, header))
         assert reply == self.m.dead_letter(lease.token, acks, task, "exhausted", {"deliveries": deliveries})
         if reply == -1:  # a revoked lease dead-letters nothing
@@ -1201,6 +1210,14 @@ class StreamMachine(RuleBasedStateMachine):
         found = {p[0]: seq for seq, (_, raw) in by_seq.items() if (p := parse(raw))}
         assert {k.decode(): int(v) for k, v in s["deadids"].items()} == found
         assert bool(s["indexed_dead"]) == bool(s["dead"])
+        # Results: every acknowledgement carries one; only a task this model saw acknowledged has
+        # one stored, and never a task in the dead letters (an operator's skip took it away).
+        pipe = self.r.pipeline(transaction=False)
+        for task in self.rank:
+            pipe.exists(self.k.result(task))
+        kept = {task for task, n in zip(self.rank, pipe.execute(), strict=True) if n}
+        assert kept <= self.acked, f"results of tasks never acknowledged: {kept - self.acked}"
+        assert not kept & set(found), f"results of dead-lettered tasks: {kept & set(found)}"
 
         # The reference model, exactly.
         assert s["pending"] == self.m.pending

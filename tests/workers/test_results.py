@@ -374,3 +374,39 @@ def test_the_cli_shows_a_result_and_a_dead_letters_error(redis_server: Any) -> N
     row = json.loads(CliRunner().invoke(main, [*base, bad.id, "--shards", "4", "--json"]).output)
     assert "RuntimeError" in row["traceback"]
     backend.close()
+
+
+def test_a_task_skipped_while_it_runs_has_no_result_whatever_it_returns(backend: RedisQueueBackend, driver: str) -> None:
+    """An operator skips the task a holder runs (a heartbeat has named it); it returns a moment
+    later. Its holder's let-go carries the acknowledgement and the result, and neither may
+    count: a waiter before and a waiter after both hear ``TaskSkipped``, and the status stays
+    ``skipped`` (before: the result was stored too, and the late waiter got the value)."""
+    q, gate = qname(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.held", store_result=True)
+    def held(i: int) -> str:
+        if i == 0:
+            gate.wait(10)
+        return f"value {i}"
+
+    head, after = held(0), held(1)
+    worker = start(driver, backend, q)
+    try:
+        wait_until(lambda: head.status().state == "running", timeout=10)
+        time.sleep(2 * backend.settings.effective_heartbeat)  # a heartbeat names the running task
+        early: list[BaseException] = []
+        waiter = threading.Thread(target=lambda: _catch(early, head.result, 20))
+        waiter.start()
+        assert backend.skip(head.stream) == head.id
+        gate.set()
+        waiter.join(20)
+        assert after.result(timeout=20) == "value 1"
+        wait_until(lambda: drained(backend, q), timeout=10)
+    finally:
+        gate.set()
+        worker.stop(5)
+    assert len(early) == 1 and isinstance(early[0], TaskSkipped), early
+    with pytest.raises(TaskSkipped):
+        head.result(timeout=5)
+    assert head.status().state == "skipped"
+    assert not backend.client.exists(backend.keys.stream(q).result(head.id))

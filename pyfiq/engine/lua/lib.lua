@@ -154,14 +154,18 @@ end
 -- Store the results that came with acknowledgements (only tasks of a store_result function send
 -- one): ARGV[from] says how many, then each is a task id, a TTL in ms and the encoded value. Each
 -- is kept under results .. id and announced on the sharded channel of that name, where a
--- waiting result() listens. A resent acknowledgement stores its result again: the same value.
-local function store_results(results, from)
+-- waiting result() listens. `acked`: the ids this call acknowledged, when it may have left some
+-- out (a tolerant release): only their results count. A task acknowledged earlier keeps the
+-- result stored then; one an operator's skip dead-lettered has none, whatever its run returned.
+local function store_results(results, from, acked)
   local n = tonumber(ARGV[from] or '0')
   for i = 0, n - 1 do
     local at = from + 1 + 3 * i
-    local key = results .. ARGV[at]
-    redis.call('SET', key, ARGV[at + 2], 'PX', ARGV[at + 1])
-    redis.call('SPUBLISH', key, 's')
+    if acked == nil or acked[ARGV[at]] then
+      local key = results .. ARGV[at]
+      redis.call('SET', key, ARGV[at + 2], 'PX', ARGV[at + 1])
+      redis.call('SPUBLISH', key, 's')
+    end
   end
 end
 
@@ -171,15 +175,18 @@ end
 
 -- Remove the first #ids entries of the in-flight list, which must be exactly these tasks in
 -- this order. Checked before anything is written. With `tolerant`, ids no longer in flight
--- count as already acknowledged (a retried call after a lost reply); returns how many entries
--- were removed, or false when the list does not match.
+-- count as already acknowledged (a retried call after a lost reply, or a task an operator's
+-- skip dead-lettered meanwhile); returns how many entries were removed, or false when the list
+-- does not match, and the set of the ids removed.
 local function ack_head(inflight, meta, ids, tolerant)
-  if #ids == 0 then return 0 end
+  local removed = {}
+  if #ids == 0 then return 0, removed end
   local heads = redis.call('LRANGE', inflight, 0, #ids - 1)
   local n = 0
   for _, id in ipairs(ids) do
     if heads[n + 1] ~= nil and task_id(heads[n + 1]) == id then
       n = n + 1
+      removed[id] = true
     elseif not tolerant then
       return false
     end
@@ -188,7 +195,7 @@ local function ack_head(inflight, meta, ids, tolerant)
     redis.call('LTRIM', inflight, n, -1)
     for i = 1, n do clear_marks(meta, task_id(heads[i])) end
   end
-  return n
+  return n, removed
 end
 
 local function handed_after(meta, nack)

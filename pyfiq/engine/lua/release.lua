@@ -41,9 +41,9 @@ local counts = KEYS[7]
 local results = KEYS[8]
 if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
-local applied = ack_head(inflight, meta, argv_slice(8, nack), true)
+local applied, acked = ack_head(inflight, meta, argv_slice(8, nack), true)
 tally(counts, 's', applied)
-store_results(results, 8 + nack + tonumber(ARGV[4]))
+store_results(results, 8 + nack + tonumber(ARGV[4]), acked)
 local handed = handed_after(meta, applied)
 local started = {}
 for _, id in ipairs(argv_slice(8 + nack, tonumber(ARGV[4]))) do started[id] = true end

@@ -15,8 +15,8 @@
     ARGV[2]      how many pending entries to look through at most (the scan is O(place))
 
   Output:
-    { 'result', value }                the task succeeded and its result is stored
     { 'dead', header }                 the task's dead-letter record header (JSON)
+    { 'result', value }                the task succeeded and its result is stored
     { 'inflight', index, handed, started ms or '', deliveries, running id or '', lease or '', now }
                                        index: 0-based in the in-flight list; handed: how many
                                        leading entries the holder was given
@@ -33,8 +33,7 @@ local dead = KEYS[5]
 local dead_ids = KEYS[6]
 local results = KEYS[7]
 local id = ARGV[1]
-local value = redis.call('GET', results .. id)
-if value then return { 'result', value } end
+-- A dead letter is the last word on its task until it is requeued (which forgets its id).
 local seq = redis.call('HGET', dead_ids, id)
 if seq then
   local record = redis.call('ZRANGEBYSCORE', dead, seq, seq, 'LIMIT', 0, 1)[1]
@@ -43,6 +42,8 @@ if seq then
     return { 'dead', newline and string.sub(record, 1, newline - 1) or record }
   end
 end
+local value = redis.call('GET', results .. id)
+if value then return { 'result', value } end
 local flying = redis.call('LRANGE', inflight, 0, -1)
 for i, entry in ipairs(flying) do
   if task_id(entry) == id then
