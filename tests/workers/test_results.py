@@ -376,7 +376,9 @@ def test_the_cli_shows_a_result_and_a_dead_letters_error(redis_server: Any) -> N
     backend.close()
 
 
-def test_a_task_skipped_while_it_runs_has_no_result_whatever_it_returns(backend: RedisQueueBackend, driver: str) -> None:
+def test_a_task_skipped_while_it_runs_has_no_result_whatever_it_returns(
+    backend: RedisQueueBackend, driver: str
+) -> None:
     """An operator skips the task a holder runs (a heartbeat has named it); it returns a moment
     later. Its holder's let-go carries the acknowledgement and the result, and neither may
     count: a waiter before and a waiter after both hear ``TaskSkipped``, and the status stays
