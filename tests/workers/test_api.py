@@ -80,6 +80,8 @@ def test_fifo_hands_every_option_to_its_binding() -> None:
         "rate_burst": 3,
         "time_limit": 9.0,
         "time_warning": 4.0,
+        "store_result": True,
+        "result_ttl": 120.0,
     }
     assert set(given) | {"retry"} == {name for name, _ in _option_fields()}, "a new option needs a value here"
     binding = Registry().fifo(**given)(lambda: None)
@@ -116,6 +118,8 @@ def test_fifo_hands_every_option_to_its_binding() -> None:
         ({"queue": "q", "on_exhausted": "ignore"}, "on_exhausted must be 'dead-letter' or 'block', got 'ignore'"),
         ({"queue": "q", "time_limit": -1}, "time_limit must be positive seconds, got -1"),
         ({"queue": "q", "time_warning": "soon"}, "time_warning must be a number of seconds, got 'soon'"),
+        ({"queue": "q", "store_result": "yes"}, "store_result must be True or False, got 'yes'"),
+        ({"queue": "q", "result_ttl": 0}, "result_ttl must be at least 0.001 seconds, got 0"),
     ],
 )
 def test_options_are_refused_when_made_with_fifos_messages(options: dict[str, Any], message: str) -> None:
