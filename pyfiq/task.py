@@ -171,7 +171,9 @@ def encode_tasks(
 #:   with ``reason``, ``error_type`` and ``error``;
 #: - ``unknown``: in none of these. It finished (pyfiq keeps no record of a task that succeeded)
 #:   or was never enqueued on this stream; ``detail`` says which of these is possible.
-TaskState = Literal["pending", "taken", "running", "succeeded", "dead_lettered", "expired", "skipped", "unknown"]
+TaskState = Literal[
+    "pending", "taken", "running", "retrying", "succeeded", "dead_lettered", "expired", "skipped", "unknown"
+]
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ class TaskStatus:
     """A task's state as Redis holds it at one moment, read in one round trip:
     ``handle.status()``. ``state`` is a ``pyfiq.task.TaskState``: ``pending`` (with ``place``),
     ``taken`` (handed to ``replica`` ahead of its turn), ``running`` (on ``replica`` since
-    ``since``, delivery ``deliveries``), ``succeeded`` (its result is stored: only a
+    ``since``, delivery ``deliveries``, ``attempt`` when past the first), ``retrying`` (its
+    ``attempt`` failed; the next starts at ``next_attempt``), ``succeeded`` (its result is stored: only a
     ``store_result`` function's task says so), ``dead_lettered`` / ``expired`` / ``skipped`` (with
     ``reason``, ``error_type``, ``error``, ``traceback``), or ``unknown``; ``detail`` says it in a
     sentence. ``unknown`` with ``searched_all`` false: the task may still wait, deeper in a long
@@ -193,6 +196,8 @@ class TaskStatus:
     replica: str | None = None
     since: dt.datetime | None = None
     deliveries: int | None = None
+    attempt: int | None = None
+    next_attempt: dt.datetime | None = None
     reason: str | None = None
     error_type: str | None = None
     error: str | None = None

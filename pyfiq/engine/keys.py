@@ -13,12 +13,16 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
     {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
-    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; per task id: 'd:' deliveries, 's:' started
+    {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; what the holder's last heartbeat said it
+                                       runs ('running', and 'attempt' while it retries it);
+                                       per task id: 'd:' deliveries, 's:' started
                                        by the holder (the Redis ms of its hand-out), 'x:' holders
                                        lost while it ran, 'l:' runs that outlived their lease
     {prefix}:{s<N>}:q:<stream>:dead    sorted set: "<header json>\\n<encoded task>" by sequence
     {prefix}:{s<N>}:q:<stream>:deadids hash: task id -> its dead letter's sequence
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
+    {prefix}:{s<N>}:q:<stream>:res:<id>     string: the stored result of task <id> (with a TTL);
+                                       also the sharded channel announcing that task's end
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
     {prefix}:{s<N>}:wake               on Redis Cluster instead: the shard's sharded channel

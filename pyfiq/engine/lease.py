@@ -65,6 +65,10 @@ class Lease:
     #: ended under this lease: what the heartbeat tells operators.
     running: tuple[str, int] | None = None
     done: int = 0
+    #: The attempt of the running task, and when (Redis ms, estimated) its next attempt starts
+    #: while it waits to retry (0: an attempt runs): what the heartbeat tells a status read.
+    attempt: int = 0
+    retry_at_ms: int = 0
     #: Why nothing more may start under this lease ('paused', 'skipped'): an operator acted on
     #: the stream. Set under ``gate``, which a task's first attempt also takes to check it, so
     #: once ``halt`` has returned no task starts here (what a pause's confirmation promises).

@@ -181,7 +181,10 @@ class ScriptCalls:
     def renew(self, lease: Lease) -> Call:
         k = lease.keys
         running = lease.running
-        return stream_call(RENEW, k, [lease.token, self.settings.lease_ttl_ms, k.stream, running[0] if running else ""])
+        argv = [lease.token, self.settings.lease_ttl_ms, k.stream, running[0] if running else ""]
+        if running and (lease.attempt > 1 or lease.retry_at_ms):
+            argv.append(f"{lease.attempt}:{lease.retry_at_ms}")  # a retry: say which, and when
+        return stream_call(RENEW, k, argv)
 
     def halted(self, lease: Lease) -> Call:
         """Confirm that this holder starts nothing more under ``lease`` (its stream was paused)."""

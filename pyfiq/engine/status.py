@@ -91,6 +91,15 @@ def _dead(stream: str, task_id: str, header_text: str) -> TaskStatus:
     )
 
 
+def _attempt(field: Any) -> tuple[int | None, int]:
+    """The heartbeat's "<attempt>:<Redis ms of the next attempt>" of a task being retried."""
+    attempt, _, retry_at = _text(field).partition(":")
+    try:
+        return int(attempt), int(retry_at or 0)
+    except ValueError:
+        return None, 0
+
+
 def _in_flight(stream: str, task_id: str, reply: Any) -> TaskStatus:
     index, handed, started = int(reply[1]), int(reply[2]), _text(reply[3])
     deliveries, running, lease = int(reply[4]), _text(reply[5]), _text(reply[6])
@@ -103,8 +112,22 @@ def _in_flight(stream: str, task_id: str, reply: Any) -> TaskStatus:
     # The holder names the task it runs at each heartbeat ('running'); before its first one, the
     # head it was handed with a start mark is the one it runs.
     if running == task_id or (not running and index == 0 and started):
-        detail = f"running on {replica or 'a replica'} (delivery {deliveries})"
-        return TaskStatus(task_id, stream, "running", detail, replica=replica, since=since, deliveries=deliveries)
+        attempt, retry_at = _attempt(reply[8] if len(reply) > 8 else "")
+        if retry_at and retry_at > int(reply[7]):
+            detail = (
+                f"retrying on {replica or 'a replica'}: attempt {attempt} failed, the next starts at "
+                f"{_when(retry_at):%H:%M:%S} UTC (delivery {deliveries})"
+            )
+            return TaskStatus(
+                task_id, stream, "retrying", detail, replica=replica, since=since, deliveries=deliveries,
+                attempt=attempt, next_attempt=_when(retry_at),
+            )  # fmt: skip
+        detail = f"running on {replica or 'a replica'} (delivery {deliveries}" + (
+            f", attempt {attempt})" if attempt else ")"
+        )
+        return TaskStatus(
+            task_id, stream, "running", detail, replica=replica, since=since, deliveries=deliveries, attempt=attempt
+        )
     detail = (
         f"handed to {replica or 'a replica'}: it runs after the task that holder runs now, or has just "
         "ended and its acknowledgement is on its way (a holder names what it runs at each heartbeat)"

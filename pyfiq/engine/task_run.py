@@ -78,6 +78,7 @@ class TaskRun:
                 self.attempts = 1
         else:
             self.attempts += 1
+        self.lease.attempt, self.lease.retry_at_ms = self.attempts, 0
         self.started = self.clock.monotonic()
         if self.attempts > 1:
             self.ctx = replace(self.ctx, attempt=self.attempts)
@@ -119,7 +120,12 @@ class TaskRun:
         if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
             raise RuntimeError(f"unexpected retry action {action!r}")
         self.events.put(RetryScheduled(self.ctx, failure, float(action), self.attempts))
+        self._retry_in(float(action))
         return float(action)
+
+    def _retry_in(self, seconds: float) -> None:
+        """Note when the next attempt starts, for the heartbeat to tell a status read."""
+        self.lease.retry_at_ms = int(self.lease.redis_now_ms(self.clock.monotonic()) + seconds * 1000)
 
     def _exhausted(self, exc: BaseException) -> Outcome | float:
         if self.lease.abort.is_set():
@@ -128,6 +134,7 @@ class TaskRun:
             pause = max(float(self.policy.wait(self._state)) if self._state else 0.0, BLOCK_MIN_PAUSE)
             self._retrying = None  # a fresh round of the policy after the pause
             self.events.put(RetryScheduled(self.ctx, exc, pause, self.attempts, blocking=True))
+            self._retry_in(pause)
             return pause
         self.events.put(TaskExhausted(self.ctx, exc, self.attempts))
         return DeadLettered(

@@ -111,8 +111,9 @@ def task_show(
         "stream": status.stream,
         **{k: v for k, v in dataclasses.asdict(status).items() if k not in hidden},
     }
-    if isinstance(status.since, datetime):
-        row["since"] = status.since.isoformat(timespec="milliseconds")
+    for name, value in list(row.items()):
+        if isinstance(value, datetime):
+            row[name] = value.isoformat(timespec="milliseconds")
     if status.encoded_result is not None:
         row["result"] = render.shown_result(status.encoded_result, backend.settings.serializer)
     if as_json:

@@ -5,6 +5,7 @@ real redis-server and real workers of both drivers."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import pickle
 import threading
@@ -231,3 +232,39 @@ def test_a_handle_sent_to_another_process_carries_its_task_not_its_backend(redis
     # The copy asks through the default backend, which sees the same task.
     assert copy.status().state == handle.status().state == "pending"
     own.close()
+
+
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
+def test_a_task_between_attempts_is_retrying_and_says_when_the_next_starts(
+    backend: RedisQueueBackend, driver: str
+) -> None:
+    from tests.workers.test_worker import AsyncWorkerInThread
+
+    q, gate, second = qname(), threading.Event(), threading.Event()
+
+    @fifo(queue=q, name=f"{q}.flaky", max_retries=2, retry_wait=2.0)
+    def flaky() -> None:
+        if not second.is_set():
+            second.set()
+            raise ConnectionError("the provider hung up")
+        gate.wait(10)
+
+    handle = flaky()
+    worker: Any = (
+        ThreadedWorker(backend, queues=[q]) if driver == "threaded" else AsyncWorkerInThread(backend.copy(), queues=[q])
+    ).start()
+    try:
+        wait_until(lambda: handle.status().state == "retrying", timeout=10, message="the heartbeat says it retries")
+        waiting = handle.status()
+        assert waiting.attempt == 1 and waiting.next_attempt is not None and waiting.replica is not None
+        left = (waiting.next_attempt - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        assert 0 < left <= 2.5, left
+        assert "attempt 1 failed" in waiting.detail
+        wait_until(lambda: handle.status().attempt == 2, timeout=10, message="the second attempt runs")
+        assert handle.status().state == "running"
+    finally:
+        gate.set()
+        worker.stop(5)
+        if isinstance(worker, AsyncWorkerInThread):
+            worker.close()
+    wait_until(lambda: drained(backend, q), timeout=10)

@@ -88,5 +88,5 @@ if tonumber(ARGV[4]) > 0 then
 end
 redis.call('HSET', meta, 'handed', handed)
 -- What an operator's action or a renewal said of an earlier holder is not about this one.
-redis.call('HDEL', meta, 'running', 'skipped', 'halted')
+redis.call('HDEL', meta, 'running', 'attempt', 'skipped', 'halted')
 return out

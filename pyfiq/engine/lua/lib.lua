@@ -92,7 +92,7 @@ local function give_up_lease(s, delay)
     redis.call('DEL', s.meta)
   else
     redis.call('HSET', s.meta, 'handed', 0)
-    redis.call('HDEL', s.meta, 'halted', 'skipped', 'running')
+    redis.call('HDEL', s.meta, 'halted', 'skipped', 'running', 'attempt')
   end
   local r = { ready = s.ready, queues = s.queues, queue = queue_of(s.stream) }
   if redis.call('LLEN', s.pending) + redis.call('LLEN', s.inflight) > 0 then

@@ -12,6 +12,8 @@
     ARGV[2]      lease TTL in ms
     ARGV[3]      stream name
     ARGV[4]      id of the task the holder runs now ('' for none): what a skip dead-letters
+    ARGV[5]      optional, for a task being retried: "<attempt>:<Redis ms of the next attempt,
+                 0 while one runs>", what a status read reports
 
   Output:
     1 renewed
@@ -38,6 +40,11 @@ if ARGV[4] ~= '' then
   redis.call('HSET', meta, 'running', ARGV[4])
 else
   redis.call('HDEL', meta, 'running')
+end
+if ARGV[5] and ARGV[4] ~= '' then
+  redis.call('HSET', meta, 'attempt', ARGV[5])
+else
+  redis.call('HDEL', meta, 'attempt')
 end
 ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[3]) }, ARGV[3], now + tonumber(ARGV[2]), 'XX')
 if code == 3 then return { 3, redis.call('HGET', meta, 'skipped') or '' } end

@@ -55,7 +55,7 @@ if running then
 end
 if entry then
   redis.call('LREM', inflight, 1, entry)
-  redis.call('HDEL', meta, 'running')
+  redis.call('HDEL', meta, 'running', 'attempt')
 else
   entry = redis.call('LINDEX', inflight, 0)
   if not entry then

@@ -17,7 +17,9 @@
   Output:
     { 'dead', header }                 the task's dead-letter record header (JSON)
     { 'result', value }                the task succeeded and its result is stored
-    { 'inflight', index, handed, started ms or '', deliveries, running id or '', lease or '', now }
+    { 'inflight', index, handed, started ms or '', deliveries, running id or '', lease or '', now,
+      attempt or '' }                  attempt: "<attempt>:<ms of the next, 0 while one runs>",
+                                       for the running task when its holder retries it
                                        index: 0-based in the in-flight list; handed: how many
                                        leading entries the holder was given
     { 'pending', place, deliveries }   place: how many tasks of the stream are ahead of it,
@@ -47,9 +49,9 @@ if value then return { 'result', value } end
 local flying = redis.call('LRANGE', inflight, 0, -1)
 for i, entry in ipairs(flying) do
   if task_id(entry) == id then
-    local marks = redis.call('HMGET', meta, 'handed', 's:' .. id, 'd:' .. id, 'running')
+    local marks = redis.call('HMGET', meta, 'handed', 's:' .. id, 'd:' .. id, 'running', 'attempt')
     return { 'inflight', i - 1, tonumber(marks[1] or '0'), marks[2] or '', tonumber(marks[3] or '1'),
-             marks[4] or '', redis.call('GET', lease) or '', now_ms() }
+             marks[4] or '', redis.call('GET', lease) or '', now_ms(), marks[5] or '' }
   end
 end
 local limit = tonumber(ARGV[2])
