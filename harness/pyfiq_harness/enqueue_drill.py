@@ -213,7 +213,8 @@ def round_interrupt(rnd: Round, calls: int) -> None:
             signal.pthread_kill(main, signal.SIGUSR1)
 
     threads = producer_threads(rnd, [f"t{p}" for p in range(5)], calls, stop)
-    threading.Thread(target=ticker, daemon=True).start()
+    ticking = threading.Thread(target=ticker, daemon=True)
+    ticking.start()
     try:
         for seq in range(calls):
             armed.set()
@@ -231,6 +232,8 @@ def round_interrupt(rnd: Round, calls: int) -> None:
         for t in threads:
             t.join(ROUND_LIMIT)
         stop.set()
+        # No signal may come once the default action (the process's end) is back.
+        ticking.join(ROUND_LIMIT)
         signal.signal(signal.SIGUSR1, previous)
 
 
