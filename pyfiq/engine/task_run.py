@@ -30,7 +30,17 @@ from .events import (
     TaskInterrupted,
 )
 from .lease import Lease
-from .outcomes import Aborted, Acked, DeadLettered, Fenced, Outcome, Prepared, dead_letter_header, describe_error
+from .outcomes import (
+    Aborted,
+    Acked,
+    DeadLettered,
+    DeadLetterReason,
+    Fenced,
+    Outcome,
+    Prepared,
+    dead_letter_header,
+    describe_error,
+)
 
 #: Pause between exhausted rounds of an ``on_exhausted="block"`` task whose policy has no wait.
 BLOCK_MIN_PAUSE = 0.1
@@ -137,18 +147,20 @@ class TaskRun:
             self._retry_in(pause)
             return pause
         self.events.put(TaskExhausted(self.ctx, exc, self.attempts))
-        return DeadLettered(
-            dead_letter_header(
-                "exhausted",
-                replica=self.ctx.replica,
-                deliveries=self.ctx.deliveries,
-                attempts=self.attempts,
-                name=self.ctx.name,
-                error=exc,
-                at_ms=self.clock.wall_ms(),
-            ),
-            context=self.ctx,
+        return self._dead_letter("exhausted", exc)
+
+    def _dead_letter(self, reason: DeadLetterReason, error: BaseException) -> DeadLettered:
+        """The dead letter of this task after its attempts, saying ``reason`` and ``error``."""
+        header = dead_letter_header(
+            reason,
+            replica=self.ctx.replica,
+            deliveries=self.ctx.deliveries,
+            attempts=self.attempts,
+            name=self.ctx.name,
+            error=error,
+            at_ms=self.clock.wall_ms(),
         )
+        return DeadLettered(header, context=self.ctx)
 
     def running_long(self) -> None:
         """The driver's timer says the attempt passed ``time_warning``: say so, once."""
@@ -218,13 +230,4 @@ class TaskRun:
                 f"the result of {self.ctx.name} is {len(payload):,} bytes encoded, more than "
                 f"result_max_bytes ({spec.max_bytes:,}): return less, or keep it elsewhere and return where"
             )
-        header = dead_letter_header(
-            "result-refused",
-            replica=self.ctx.replica,
-            deliveries=self.ctx.deliveries,
-            attempts=self.attempts,
-            name=self.ctx.name,
-            error=error,
-            at_ms=self.clock.wall_ms(),
-        )
-        return DeadLettered(header, self.ctx)
+        return self._dead_letter("result-refused", error)
