@@ -67,7 +67,7 @@ def grow(backend: RedisQueueBackend, have: int, want: int) -> None:
     for start in range(have, want, 1000):
         calls = []
         for i in range(start, min(want, start + 1000)):
-            item = (new_task_id(), 0, TaskRecord("bench.deliver", [i], {}).encode(backend.settings.serializer))
+            item = (new_task_id(), 0, "0", TaskRecord("bench.deliver", [i], {}).encode(backend.settings.serializer))
             calls.append(backend.ops.enqueue(f"{QUEUE}#k-{i}", [item]))
         backend.call_many(calls)
 

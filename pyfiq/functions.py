@@ -8,6 +8,7 @@ an application (or a test) that wants its tasks apart from the rest of the proce
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import inspect
 import re
@@ -22,14 +23,17 @@ from . import hooks
 from .backend.backend import RedisQueueBackend
 from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
+from .engine.ticks import CatchUp, Schedule, periodic_rule, validate_schedule_name
 from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
 from .logs import log
 from .options import FifoOptions, OnExhausted, RetryPolicy
 from .task import (
     ID_LENGTH,
+    NOW,
     EncodedTask,
     TaskHandle,
     TaskRecord,
+    due_spec,
     encode_record,
     expires_in_ms,
     new_task_id,
@@ -49,6 +53,7 @@ __all__ = [
 ]
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -172,6 +177,69 @@ class Registry:
 
         return cast(Bind, bind)
 
+    def periodic(
+        self,
+        queue: str | None = None,
+        *,
+        every: float | dt.timedelta | None = None,
+        cron: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        catch_up: CatchUp = "once",
+        version: int = 0,
+        schedule: str | None = None,
+        **options: Any,
+    ) -> Bind:
+        """Bind a function to an ordered queue, as ``fifo`` does (``options`` are ``fifo``'s),
+        and run it on a schedule: every tick enqueues exactly one task, fleet-wide, whichever
+        and however many workers consuming ``queue`` are alive (each of them fires the
+        schedule; Redis lets one of them per tick). Calling the function still enqueues.
+
+        - ``every`` (seconds or a ``timedelta``, ticks aligned to the epoch: ``every=60`` ticks on
+          the minute) or ``cron`` (a cron line, in UTC; ``pip install 'pyfiq[cron]'``).
+        - ``args`` / ``kwargs``: what each tick's task is called with (checked here).
+        - ``catch_up``: ticks that passed while no worker ran the schedule are enqueued
+          ``"once"`` (one task, the default), ``"skip"``-ped, or ``"all"`` enqueued, oldest first.
+        - ``schedule``: its name in Redis (default: the task name), its identity across deploys.
+          ``version``: a replica whose definition has a lower version than one Redis has seen
+          fires nothing, so bump it with a changed rule and the old replicas of a rolling deploy
+          stand down at once.
+
+        While the queue (or the schedule's stream) is paused, ticks enqueue nothing: they are
+        counted as skipped, and the first tick after the resume enqueues as usual.
+        """
+        rule = periodic_rule(every, cron, catch_up, version, schedule)
+        bind = self.fifo(queue, **options)
+        call_args, call_kwargs = tuple(args), dict(kwargs or {})
+
+        def bind_periodic(func: Callable[P, Any]) -> FifoFunction[P, Any]:
+            binding = bind(func)
+            binding.check_call(call_args, call_kwargs)
+            raw_key = binding.key(*call_args, **call_kwargs) if binding.key is not None else None
+            key = None if raw_key is None else validate_key(str(raw_key))
+            binding.schedule = Schedule(
+                name=validate_schedule_name(schedule or binding.name),
+                task=binding.name,
+                queue=binding.queue,
+                stream=stream_name(binding.queue, key),
+                rule=rule,
+                catch_up=catch_up,
+                version=version,
+                args=call_args,
+                kwargs=call_kwargs,
+                key=key,
+                expires_in_ms=expires_in_ms(binding.expires_in),
+            )
+            return binding
+
+        return cast(Bind, bind_periodic)
+
+    def schedules_of(self, queues: Iterable[str] | None) -> list[Schedule]:
+        """The schedules of this registry's functions on ``queues`` (None: on every queue)."""
+        wanted = None if queues is None else set(queues)
+        found = [f.schedule for f in list(self._functions.values()) if f.schedule is not None]
+        return [s for s in found if wanted is None or s.queue in wanted]
+
     def _add(self, binding: FifoFunction[P, R]) -> FifoFunction[P, R]:
         """Register ``binding`` under its task name; a name taken by another function warns and
         is taken over (the last definition wins, as a module reloaded in place expects)."""
@@ -230,6 +298,8 @@ class FifoFunction(Generic[P, R]):
         self.time_warning = options.time_warning
         self.store_result = options.store_result
         self.result_ttl = options.result_ttl
+        #: Its periodic schedule (``periodic``), or None.
+        self.schedule: Schedule | None = None
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = inspect.signature(func)
         #: How many positional arguments a call may give with no keywords and need no binding
@@ -261,12 +331,19 @@ class FifoFunction(Generic[P, R]):
         key: str | None = None,
         dedup_key: str | None = None,
         expires_in: float | None = None,
+        delay: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
         backend: RedisQueueBackend | None = None,
     ) -> TaskHandle[R]:
         """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
-        seconds after which the task is dead-lettered as expired instead of run."""
-        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        seconds after which the task is dead-lettered as expired instead of run.
+
+        ``delay`` (seconds or a ``timedelta``) or ``eta`` (an aware ``datetime``): the task joins
+        its stream then, by Redis's clock, behind every task enqueued to the stream before that
+        moment and ahead of every one enqueued after it; until then it is ``scheduled``.
+        ``expires_in`` still counts from now, so one that ends before the due time is refused."""
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
@@ -280,10 +357,12 @@ class FifoFunction(Generic[P, R]):
         key: str | None = None,
         dedup_key: str | None = None,
         expires_in: float | None = None,
+        delay: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
         backend: RedisQueueBackend | None = None,
     ) -> TaskHandle[R]:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
-        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, backend)
+        backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
@@ -314,16 +393,19 @@ class FifoFunction(Generic[P, R]):
         key: str | None,
         dedup_key: str | None,
         expires_in: float | None,
+        delay: float | dt.timedelta | None,
+        eta: dt.datetime | None,
         backend: RedisQueueBackend | None,
     ) -> tuple[RedisQueueBackend, str, list[EncodedTask], list[str] | None]:
         kwargs = kwargs or {}
         self.check_call(args, kwargs)
+        when = due_spec(delay, eta)
         raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
         key = None if raw_key is None else validate_key(str(raw_key))
         backend = backend or self.registry.get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.dispatcher.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
-        items = backend.encode([(new_task_id(), record)], expires)
+        items = backend.encode([(new_task_id(), record)], expires, when)
         return backend, stream_name(self.queue, key), items, [dedup_key] if dedup_key is not None else None
 
     def enqueue_many(
@@ -372,7 +454,7 @@ class FifoFunction(Generic[P, R]):
             if stream not in by_stream:
                 by_stream[stream], encoded[stream] = [], []
             by_stream[stream].append(index)
-            encoded[stream].append(EncodedTask(task_id, ttl_ms, payload))
+            encoded[stream].append(EncodedTask(task_id, ttl_ms, NOW, payload))
             handles.append(TaskHandle(task_id, self.queue, stream, self.name, backend=backend))
         accepted: list[int] = []
         for stream, indexes in by_stream.items():
@@ -449,7 +531,20 @@ def handle(
     return _handle(task_id, queue, key, "", backend or default_registry.get_backend())
 
 
+class FifoDecorator(Generic[P, Q]):
+    """``pyfiq.fifo``: ``@fifo(queue=...)`` binds a function to a queue (``Registry.fifo``), and
+    ``@fifo.periodic(...)`` one that also runs on a schedule (``Registry.periodic``)."""
+
+    def __init__(self, bind: Callable[P, Bind], periodic: Callable[Q, Bind]) -> None:
+        self._bind = bind
+        self.periodic = periodic
+        functools.update_wrapper(self, bind)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Bind:
+        return self._bind(*args, **kwargs)
+
+
 default_registry = Registry()
-fifo = default_registry.fifo
+fifo = FifoDecorator(default_registry.fifo, default_registry.periodic)
 configure = default_registry.configure
 get_backend = default_registry.get_backend

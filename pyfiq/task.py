@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from .config import validate_seconds
-from .errors import DecodeError, SerializationError
+from .errors import ConfigurationError, DecodeError, SerializationError
 from .serializers import Serializer
 
 #: What a task's function returns: ``TaskHandle[R].result()`` gives it back.
@@ -135,11 +135,53 @@ def encode_record(
 
 class EncodedTask(NamedTuple):
     """A task ready for the enqueue script: its id, how long it may wait before it expires (ms,
-    0 for never) and its encoded record."""
+    0 for never), when it joins its stream (``due_spec``) and its encoded record."""
 
     id: str
     expires_in_ms: int
+    when: str
     payload: bytes
+
+
+#: ``EncodedTask.when`` of a task that joins its stream at once.
+NOW = "0"
+
+
+def due_spec(delay: float | dt.timedelta | None = None, eta: dt.datetime | None = None) -> str:
+    """When a task joins its stream, as the enqueue script takes it: ``NOW``, ``"+<ms>"`` after
+    the enqueue by Redis's clock, or ``"=<ms>"`` at that time of Redis's clock (ms since the
+    epoch), so a replica's own clock never decides. ``delay``: seconds or a ``timedelta``;
+    ``eta``: an aware ``datetime`` (a naive one is refused: whose local time would it be?)."""
+    if delay is not None and eta is not None:
+        raise ConfigurationError("give delay= or eta=, not both; nothing was enqueued")
+    if eta is not None:
+        if not isinstance(eta, dt.datetime):
+            raise ConfigurationError(f"eta must be a datetime, got {type(eta).__name__}; nothing was enqueued")
+        if eta.tzinfo is None or eta.utcoffset() is None:
+            raise ConfigurationError(
+                f"eta={eta!r} has no time zone: give an aware datetime (e.g. tzinfo=datetime.timezone.utc); "
+                "nothing was enqueued"
+            )
+        return f"={math.ceil(eta.timestamp() * 1000)}"
+    if delay is None:
+        return NOW
+    seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else delay
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(
+            f"delay must be a non-negative number of seconds or a timedelta, got {delay!r}; nothing was enqueued"
+        )
+    ms = math.ceil(seconds * 1000)
+    return f"+{ms}" if ms > 0 else NOW
+
+
+def delay_of(when: str) -> float:
+    """Seconds from now until ``when`` (a ``due_spec``), by this process's clock: only to check
+    an enqueue's options against each other before anything is sent."""
+    if when.startswith("+"):
+        return int(when[1:]) / 1000
+    if when.startswith("="):
+        return int(when[1:]) / 1000 - dt.datetime.now(dt.timezone.utc).timestamp()
+    return 0.0
 
 
 def expires_in_ms(expires_in: float | None) -> int:
@@ -151,16 +193,26 @@ def expires_in_ms(expires_in: float | None) -> int:
 
 
 def encode_tasks(
-    records: Sequence[tuple[str, TaskRecord]], serializer: Serializer, expires_in: float | None = None
+    records: Sequence[tuple[str, TaskRecord]],
+    serializer: Serializer,
+    expires_in: float | None = None,
+    when: str = NOW,
 ) -> list[EncodedTask]:
     """``(task id, record)`` pairs encoded for enqueue, all before any I/O: a task whose
-    arguments cannot be serialized fails at once, and nothing of the batch is sent."""
+    arguments cannot be serialized fails at once, and nothing of the batch is sent. ``when``:
+    a ``due_spec`` for every task; an ``expires_in`` that ends before it is refused."""
     ttl_ms = expires_in_ms(expires_in)
-    return [EncodedTask(task_id, ttl_ms, rec.encode(serializer)) for task_id, rec in records]
+    if ttl_ms and when != NOW and ttl_ms / 1000 <= delay_of(when):
+        raise ConfigurationError(
+            f"expires_in={expires_in} s ends before the task is due ({delay_of(when):.3f} s from now): it could "
+            "never run; nothing was enqueued"
+        )
+    return [EncodedTask(task_id, ttl_ms, when, rec.encode(serializer)) for task_id, rec in records]
 
 
 #: Where a task is, as ``TaskHandle.status()`` tells it.
 #:
+#: - ``scheduled``: delayed, not in its stream yet: it joins it at ``due`` (Redis's clock);
 #: - ``pending``: waiting in its stream (``place``: how many of the stream's tasks are ahead);
 #: - ``taken``: handed to a holder (``replica``) that runs an earlier task first (taken ahead),
 #:   or has just ended it and is acknowledging it;
@@ -172,14 +224,24 @@ def encode_tasks(
 #: - ``unknown``: in none of these. It finished (pyfiq keeps no record of a task that succeeded)
 #:   or was never enqueued on this stream; ``detail`` says which of these is possible.
 TaskState = Literal[
-    "pending", "taken", "running", "retrying", "succeeded", "dead_lettered", "expired", "skipped", "unknown"
+    "scheduled",
+    "pending",
+    "taken",
+    "running",
+    "retrying",
+    "succeeded",
+    "dead_lettered",
+    "expired",
+    "skipped",
+    "unknown",
 ]
 
 
 @dataclass(frozen=True)
 class TaskStatus:
     """A task's state as Redis holds it at one moment, read in one round trip:
-    ``handle.status()``. ``state`` is a ``pyfiq.task.TaskState``: ``pending`` (with ``place``),
+    ``handle.status()``. ``state`` is a ``pyfiq.task.TaskState``: ``scheduled`` (delayed until
+    ``due``), ``pending`` (with ``place``),
     ``taken`` (handed to ``replica`` ahead of its turn), ``running`` (on ``replica`` since
     ``since``, delivery ``deliveries``, ``attempt`` when past the first), ``retrying`` (its
     ``attempt`` failed; the next starts at ``next_attempt``), ``succeeded`` (its result is stored: only a
@@ -205,6 +267,8 @@ class TaskStatus:
     #: The stored result as encoded (``succeeded``); ``handle.result()`` decodes it.
     encoded_result: bytes | None = field(default=None, repr=False)
     searched_all: bool = True
+    #: When a ``scheduled`` task joins its stream.
+    due: dt.datetime | None = None
 
 
 @dataclass(frozen=True)

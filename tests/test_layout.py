@@ -202,7 +202,7 @@ def test_the_script_table_the_names_and_the_lua_files_agree() -> None:
 def test_every_key_the_table_names_is_one_the_schema_builds() -> None:
     from dataclasses import fields
 
-    from pyfiq.engine.keys import KeySchema, StreamKeys
+    from pyfiq.engine.keys import KeySchema, ScheduleKeys, StreamKeys
     from pyfiq.engine.scripts import SCRIPTS
 
     schema = KeySchema("layout", 4)
@@ -211,6 +211,9 @@ def test_every_key_the_table_names_is_one_the_schema_builds() -> None:
         for name in spec.keys:
             if spec.scope == "stream":
                 assert name in stream_keys, (spec.name, name)
+                continue
+            if spec.scope == "schedule":
+                assert name in {f.name for f in fields(ScheduleKeys)}, (spec.name, name)
                 continue
             key = getattr(schema, name)
             key = key if spec.scope == "fleet" else key(1 if spec.scope == "shard" else "q")

@@ -20,7 +20,7 @@ from ..config import Settings
 from ..engine.protocol import Call, ScriptCalls
 from ..engine.status import parse_status
 from ..errors import ConfigurationError
-from ..task import DeadLetter, EncodedTask, TaskRecord, TaskStatus, encode_tasks
+from ..task import NOW, DeadLetter, EncodedTask, TaskRecord, TaskStatus, encode_tasks
 from .admin import REQUEUE_STEP, Admin
 from .connect import AsyncWakeListener, Topology, WakeListener, sentinel_addresses
 from .enqueue import Enqueuer, Stored
@@ -197,9 +197,11 @@ class RedisQueueBackend:
 
     # -- enqueue -----------------------------------------------------------------------------
 
-    def encode(self, records: Sequence[tuple[str, TaskRecord]], expires_in: float | None = None) -> list[EncodedTask]:
+    def encode(
+        self, records: Sequence[tuple[str, TaskRecord]], expires_in: float | None = None, when: str = NOW
+    ) -> list[EncodedTask]:
         """``(task id, record)`` pairs encoded with this backend's serializer, before any I/O."""
-        return encode_tasks(records, self.settings.serializer, expires_in)
+        return encode_tasks(records, self.settings.serializer, expires_in, when)
 
     def enqueue(
         self,

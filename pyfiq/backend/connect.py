@@ -43,10 +43,10 @@ ACL_COMMANDS = (
     # scripts
     "evalsha", "script|load",
     # inside the scripts
-    "del", "exists", "get", "hdel", "hexists", "hget", "hincrby", "hrandfield", "hset", "lindex", "llen", "lmove",
-    "lpop", "lpos", "lpush", "lrange", "lrem", "ltrim", "pexpire", "pttl", "publish", "rpop", "rpush", "sadd", "set",
-    "sismember", "spublish", "srem", "time", "zadd", "zcard", "zrange", "zrangebyscore", "zrem", "zrevrangebyscore",
-    "zscore",
+    "del", "exists", "get", "hdel", "hexists", "hget", "hincrby", "hrandfield", "hset", "incr", "lindex", "llen",
+    "lmove", "lpop", "lpos", "lpush", "lrange", "lrem", "ltrim", "pexpire", "pttl", "publish", "rpop", "rpush", "sadd",
+    "set", "sismember", "spublish", "srem", "time", "zadd", "zcard", "zrange", "zrangebyscore", "zrem",
+    "zremrangebyrank", "zrevrangebyscore", "zscore",
     # sent directly: wake-ups, inspection, operator actions, connection checks
     "subscribe", "unsubscribe", "ssubscribe", "sunsubscribe", "hgetall", "hmget", "smembers", "smismember", "unlink",
     "multi", "exec", "discard", "ping",

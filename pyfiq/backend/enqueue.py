@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import Settings
-from ..engine.protocol import ENQUEUE_ITEMS, Call, ScriptCalls
+from ..engine.protocol import ENQUEUE_ITEMS, ENQUEUE_STRIDE, Call, ScriptCalls
 from ..errors import BackendUnavailableError, EnqueueOutcomeUnknown, NotReplicatedError
 from ..task import EncodedTask
 from .coalesce import AsyncCoalescer, Coalescer
@@ -47,7 +47,7 @@ class RetryBudget:
         self.enqueuer, self.call, self.stream = enqueuer, call, stream
         self.started = time.monotonic() if started is None else started
         settings = enqueuer.settings
-        every = dedup_keys is not None and len(dedup_keys) == len(call.args[ENQUEUE_ITEMS::3])
+        every = dedup_keys is not None and len(dedup_keys) == len(call.args[ENQUEUE_ITEMS::ENQUEUE_STRIDE])
         self.resend_safe = every and settings.dedup_window > 2 * settings.enqueue_timeout
         self.tries = 0
         #: An earlier try may have stored the tasks (then re-sent with their dedup keys).
@@ -201,7 +201,7 @@ class Enqueuer:
         parsed = ScriptCalls.parse_enqueue(call, reply)
         if isinstance(reply, int):
             return parsed
-        ids = call.args[ENQUEUE_ITEMS::3]
+        ids = call.args[ENQUEUE_ITEMS::ENQUEUE_STRIDE]
         return [(task_id, new or task_id == own) for (task_id, new), own in zip(parsed, ids, strict=True)]
 
     # -- outcomes ------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ class Enqueuer:
         )
 
     def outcome_unknown(self, stream: str, call: Call, cause: BaseException | None) -> EnqueueOutcomeUnknown:
-        ids = [str(task_id) for task_id in call.args[ENQUEUE_ITEMS::3]]
+        ids = [str(task_id) for task_id in call.args[ENQUEUE_ITEMS::ENQUEUE_STRIDE]]
         return EnqueueOutcomeUnknown(
             f"{len(ids)} task(s) for {stream!r} MAY be stored on {self.address}: the request was written "
             f"but no reply came back ({type(cause).__name__}: {cause}); not sent again, which could store "

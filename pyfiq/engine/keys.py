@@ -11,6 +11,9 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:counts:<queue>     hash: per-minute counts of the queue's finished tasks in the
                                        shard, a ring of COUNT_MINUTES slots (see lib.lua tally)
     {prefix}:{s<N>}:q:<stream>:pending list of encoded tasks, oldest first
+    {prefix}:{s<N>}:q:<stream>:later   sorted set: delayed tasks by due time (Redis ms), as
+                                       "<seq>|<encoded task>" (see lib.lua promote)
+    {prefix}:{s<N>}:q:<stream>:lseq    counter giving delayed tasks their seq (enqueue order)
     {prefix}:{s<N>}:q:<stream>:inflight list of tasks handed to a lease holder, oldest first
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
     {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; what the holder's last heartbeat said it
@@ -23,6 +26,10 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
     {prefix}:{s<N>}:q:<stream>:res:<id>     string: the stored result of task <id> (with a TTL);
                                        also the sharded channel announcing that task's end
+
+    {prefix}:{s<N>}:sched:<name>       hash: a periodic schedule whose tasks go to a stream of
+                                       this shard (see tick.lua): its last tick, rule, version
+    {prefix}:{s<N>}:scheds             set of the names of the shard's schedules
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
     {prefix}:{s<N>}:wake               on Redis Cluster instead: the shard's sharded channel
@@ -117,6 +124,8 @@ class StreamKeys:
     stream: str
     shard: int
     pending: str
+    later: str
+    later_seq: str
     inflight: str
     lease: str
     meta: str
@@ -139,6 +148,24 @@ class StreamKeys:
 
     def dedup(self, key: str) -> str:
         return self._dedup_prefix + key
+
+
+@dataclass(frozen=True)
+class ScheduleKeys:
+    """The keys ``tick.lua`` takes: a periodic schedule's record, kept in the shard of the stream
+    its ticks' tasks go to (so one script both moves its last tick and enqueues the task), and
+    the keys of that stream it enqueues with."""
+
+    record: str
+    schedules: str
+    pending: str
+    ready: str
+    queues: str
+    layout: str
+    later: str
+    later_seq: str
+    lease: str
+    paused: str
 
 
 class KeySchema:
@@ -209,6 +236,24 @@ class KeySchema:
     def counts(self, shard: int, queue: str) -> str:
         return f"{self._tag(shard)}:counts:{queue}"
 
+    def schedules(self, shard: int) -> str:
+        return f"{self._tag(shard)}:scheds"
+
+    def schedule(self, name: str, stream: str) -> ScheduleKeys:
+        k = self.stream(stream)
+        return ScheduleKeys(
+            record=f"{self._tag(k.shard)}:sched:{name}",
+            schedules=self.schedules(k.shard),
+            pending=k.pending,
+            ready=k.ready,
+            queues=k.queues,
+            layout=k.layout,
+            later=k.later,
+            later_seq=k.later_seq,
+            lease=k.lease,
+            paused=k.paused,
+        )
+
     def _stream(self, stream: str) -> StreamKeys:
         shard = self.shard_of(stream)
         base = f"{self._tag(shard)}:q:{stream}:"
@@ -216,6 +261,8 @@ class KeySchema:
             stream=stream,
             shard=shard,
             pending=base + "pending",
+            later=base + "later",
+            later_seq=base + "lseq",
             inflight=base + "inflight",
             lease=base + "lease",
             meta=base + "meta",

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import MAX_PREFETCH, Settings
 from ..task import Entry
-from .keys import KeySchema, StreamKeys
+from .keys import KeySchema, ScheduleKeys, StreamKeys
 from .lease import Flag, Lease
 from .scripts import (
     ACQUIRE,
@@ -34,6 +34,7 @@ from .scripts import (
     SKIP,
     STATUS,
     TAKE,
+    TICK,
     ScriptName,
     ScriptSpec,
 )
@@ -42,6 +43,7 @@ from .scripts import FencedReply as FencedReply
 from .scripts import RenewReply as RenewReply
 from .scripts import TakeReply as TakeReply
 from .status import STATUS_SCAN
+from .ticks import Advance
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ class Call:
     args: list[Any]
 
 
-#: Where an ``enqueue`` call's arguments start listing its tasks (id, expires-in ms, payload).
+#: Where an ``enqueue`` call's arguments start listing its tasks, and how many each takes (id,
+#: expires-in ms, when, payload: ``EncodedTask``).
 ENQUEUE_ITEMS = 6
+ENQUEUE_STRIDE = 4
 
 #: Due queues of a shard's index one ``due`` call scans at most (it pages on in later calls).
 DUE_SCAN = 200
@@ -64,7 +68,9 @@ DUE_SCAN = 200
 PARK_AFTER_MS = 50
 
 
-def stream_call(spec: ScriptSpec, k: StreamKeys, args: list[Any], extra_keys: Sequence[str] = ()) -> Call:
+def stream_call(
+    spec: ScriptSpec, k: StreamKeys | ScheduleKeys, args: list[Any], extra_keys: Sequence[str] = ()
+) -> Call:
     """A call of a script whose keys are one stream's (``spec.scope == "stream"``)."""
     keys = spec.read_keys(k)
     if isinstance(keys, str):  # one name: attrgetter gives the value itself
@@ -112,7 +118,7 @@ class ScriptCalls:
     def enqueue(
         self,
         stream: str,
-        items: Sequence[tuple[str, int, bytes]],
+        items: Sequence[tuple[str, int, str, bytes]],
         dedup_keys: Sequence[str] | None = None,
     ) -> Call:
         k = self.keys.stream(stream)
@@ -124,7 +130,7 @@ class ScriptCalls:
             self.keys.shards,
             len(items),
         ]
-        args.extend(chain.from_iterable(items))  # (task id, expires-in ms, payload) per task
+        args.extend(chain.from_iterable(items))  # (task id, expires-in ms, when, payload) per task
         return stream_call(ENQUEUE, k, args, [k.dedup(d) for d in dedup_keys or ()])
 
     @staticmethod
@@ -132,7 +138,7 @@ class ScriptCalls:
         """(task id, appended) per task of an ``enqueue`` call. Without dedup keys Redis answers
         with the number appended, which is every task of the call."""
         if isinstance(reply, int):
-            ids = call.args[ENQUEUE_ITEMS::3]
+            ids = call.args[ENQUEUE_ITEMS::ENQUEUE_STRIDE]
             if reply != len(ids):
                 raise RuntimeError(f"enqueue stored {reply} of {len(ids)} tasks")  # a script/caller mismatch
             return [(task_id, True) for task_id in ids]
@@ -242,6 +248,28 @@ class ScriptCalls:
     def status(self, stream: str, task_id: str) -> Call:
         """Where one task of ``stream`` is now (read only; see ``parse_status``)."""
         return stream_call(STATUS, self.keys.stream(stream), [task_id, STATUS_SCAN])
+
+    def tick(self, advance: Advance, replica: str) -> Call:
+        """One ``tick`` call of a periodic schedule (see ``ticks.plan``)."""
+        sched = advance.ticker.schedule
+        shard = self.keys.shard_of(sched.stream)
+        args: list[Any] = [
+            sched.name,
+            sched.stream,
+            self.keys.wake(shard),
+            shard,
+            self.keys.shards,
+            sched.version,
+            sched.rule.text,
+            advance.expected,
+            advance.new_last,
+            sched.rule.after(advance.new_last) if advance.expected != "?" else 0,
+            replica,
+            len(advance.items),
+        ]
+        for item in advance.items:
+            args += (item.id, item.expires_in_ms, item.payload)
+        return stream_call(TICK, self.keys.schedule(sched.name, sched.stream), args)
 
     def beat(self, replica: str, info: dict[str, Any], poll: PollBeat) -> Call:
         """A worker's heartbeat in the replica registry (what operators list as live), which

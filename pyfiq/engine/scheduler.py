@@ -231,6 +231,10 @@ class Scheduler:
                 del self.held[lease.stream]
             self._stuck.discard(id(lease))
             self._done += lease.done
+            if run is not None and run.due_in is not None:
+                # Its delayed tasks are due then: this replica looks, whoever polls the shard.
+                shard = lease.keys.shard
+                self._look_at[shard] = min(self._look_at[shard], self.clock.monotonic() + run.due_in)
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = self.clock.monotonic() + max(self.settings.poll_interval, 1.0)
             if run is not None and run.yielded:

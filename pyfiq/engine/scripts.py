@@ -36,12 +36,13 @@ ScriptName = Literal[
     "beat",
     "lost",
     "status",
+    "tick",
 ]
 
 #: What a script's key names are looked up on (``keys.py``): a stream's ``StreamKeys``
-#: attributes, or ``KeySchema`` methods of a shard or of a queue, or ``KeySchema`` properties of
-#: the whole fleet.
-KeyScope = Literal["stream", "shard", "queue", "fleet"]
+#: attributes (a schedule's ``ScheduleKeys``), or ``KeySchema`` methods of a shard or of a
+#: queue, or ``KeySchema`` properties of the whole fleet.
+KeyScope = Literal["stream", "schedule", "shard", "queue", "fleet"]
 
 
 class TakeReply(IntEnum):
@@ -109,8 +110,8 @@ class ScriptSpec:
 # operator's calls raise.
 ENQUEUE = ScriptSpec(
     "enqueue",
-    ("pending", "ready", "queues", "layout"),  # then one dedup key per task, when asked for
-    "append tasks to a stream (optionally deduplicated) and make it claimable",
+    ("pending", "ready", "queues", "layout", "later", "later_seq", "lease"),  # then a dedup key per task
+    "append tasks to a stream, or delay them, (optionally deduplicated) and make it claimable",
     changes_stream=True,
     raises_shortfall=True,
 )
@@ -136,6 +137,8 @@ ACQUIRE = ScriptSpec(
         "paused",
         "counts",
         "results",
+        "later",
+        "later_seq",
     ),
     "claim a stream's lease under a new fencing token and take its first tasks",
     changes_stream=True,
@@ -163,6 +166,8 @@ TAKE = ScriptSpec(
         "paused",
         "counts",
         "results",
+        "later",
+        "later_seq",
     ),
     "acknowledge finished tasks and hand the next ones over (the hot path)",
     changes_stream=True,
@@ -170,7 +175,20 @@ TAKE = ScriptSpec(
 )
 SKIP = ScriptSpec(
     "skip",
-    ("lease", "pending", "inflight", "meta", "ready", "queues", "dead", "dead_ids", "dlq_index", "counts", "results"),
+    (
+        "lease",
+        "pending",
+        "inflight",
+        "meta",
+        "ready",
+        "queues",
+        "dead",
+        "dead_ids",
+        "dlq_index",
+        "counts",
+        "results",
+        "later",
+    ),
     "dead-letter a stream's head task as an operator, revoking its lease",
     changes_stream=True,
     raises_shortfall=True,
@@ -184,14 +202,14 @@ DEAD_LETTER = ScriptSpec(
 )
 RELEASE = ScriptSpec(
     "release",
-    ("lease", "pending", "inflight", "meta", "ready", "queues", "counts", "results"),
+    ("lease", "pending", "inflight", "meta", "ready", "queues", "counts", "results", "later"),
     "acknowledge finished tasks and give the lease up, handing back what did not run",
     changes_stream=True,
     reply=FencedReply,
 )
 REQUEUE = ScriptSpec(
     "requeue",
-    ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index"),
+    ("dead", "dead_ids", "pending", "ready", "queues", "dlq_index", "later", "later_seq", "lease"),
     "move dead letters back to their stream's pending list, in bounded steps",
     changes_stream=True,
     raises_shortfall=True,
@@ -211,8 +229,16 @@ LOST = ScriptSpec(
 )
 STATUS = ScriptSpec(
     "status",
-    ("lease", "pending", "inflight", "meta", "dead", "dead_ids", "results"),
+    ("lease", "pending", "inflight", "meta", "dead", "dead_ids", "results", "later"),
     "tell where one task of a stream is now (read only)",
+)
+
+TICK = ScriptSpec(
+    "tick",
+    ("record", "schedules", "pending", "ready", "queues", "layout", "later", "later_seq", "lease", "paused"),
+    "fire a periodic schedule's tick: move its last tick and enqueue the tick's task, once fleet-wide",
+    scope="schedule",
+    changes_stream=True,
 )
 
 #: Every script, each once.
@@ -231,5 +257,6 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     BEAT,
     LOST,
     STATUS,
+    TICK,
 )
 SPECS: dict[ScriptName, ScriptSpec] = {spec.name: spec for spec in SCRIPTS}

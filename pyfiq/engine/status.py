@@ -50,6 +50,11 @@ def parse_status(stream: str, task_id: str, reply: Any) -> TaskStatus:
         return _dead(stream, task_id, _text(reply[1]))
     if kind == "inflight":
         return _in_flight(stream, task_id, reply)
+    if kind == "scheduled":
+        due, now = int(reply[1]), int(reply[2])
+        detail = f"delayed: it joins {stream!r} at {_when(due):%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC"
+        detail += f" (in {max(0, due - now) / 1000:.3f} s, by Redis's clock), behind what was enqueued before then"
+        return TaskStatus(task_id, stream, "scheduled", detail, due=_when(due))
     if kind == "pending":
         place, deliveries = int(reply[1]), int(reply[2])
         detail = f"waiting in {stream!r} behind {place} task(s)"

@@ -126,6 +126,9 @@ class StreamRun:
         self.yielded = False
         #: Set when the run handed the stream back to wait for its rate permit.
         self.parked = False
+        #: Seconds until the stream's first delayed task falls due, when the run ended because the
+        #: stream had nothing else: the worker looks at it again then.
+        self.due_in: float | None = None
         self._waiting: str | None = None
         self._head_started = False
         self._sent_at = 0.0
@@ -310,6 +313,8 @@ class StreamRun:
         self._confirmed(self.acks)
         self.acks = []
         if status is TakeReply.EMPTY:
+            if len(result) > 1:
+                self.due_in = int(result[1]) / 1000
             return Finished("empty")
         self.lease.ending = False
         if status is TakeReply.ACKED:

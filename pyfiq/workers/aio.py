@@ -150,6 +150,7 @@ class AsyncWorker(WorkerBase):
         self._control = [
             self._spawn(self._heartbeat(), "pyfiq-heartbeat"),
             self._spawn(self._listen(), "pyfiq-wake"),
+            self._spawn(self._tick(), "pyfiq-ticks"),
             self._dispatcher,
         ]
         self.log.info("pyfiq.worker_started", concurrency=self.concurrency, driver="asyncio")
@@ -329,6 +330,19 @@ class AsyncWorker(WorkerBase):
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _tick(self) -> None:
+        ticks = self.ticks
+        while not self._stopping.is_set():
+            advances = ticks.due(self.clock.monotonic())
+            if not advances:
+                await _wait(self._stopping, ticks.wait(self.clock.monotonic()))
+                continue
+            try:
+                replies: list[Any] = await self.backend.acall_many([self.ops.tick(a, self.replica) for a in advances])
+            except Exception as exc:
+                replies = [exc] * len(advances)
+            ticks.apply(advances, replies, self.clock.monotonic())
 
     async def _heartbeat(self) -> None:
         while True:

@@ -13,8 +13,10 @@ from ..engine.keys import consumed_queues, queue_of
 from ..engine.lease import Lease, replica_id
 from ..engine.scheduler import LockFactory, Scheduler
 from ..engine.stream import StreamRun
+from ..engine.ticks import TickLoop
 from ..errors import ConfigurationError
 from ..functions import Registry, default_registry
+from ..logs import log
 from .reports import SYSTEM_CLOCK
 
 
@@ -47,6 +49,14 @@ class WorkerBase:
         self.scheduler.identify(
             self.replica, host=socket.gethostname(), pid=os.getpid(), driver=driver, concurrency=concurrency
         )
+        serializer = self.settings.serializer
+        #: The periodic schedules of the consumed queues, which this worker fires (with every
+        #: other replica that runs them: each tick still enqueues one task).
+        encode = lambda record: record.encode(serializer)  # noqa: E731
+        self.ticks = TickLoop(self.registry, consumed_queues(queues), encode, self._tick_log)
+
+    def _tick_log(self, level: str, event: str, **fields: object) -> None:
+        getattr(log, level)(event, replica=self.replica, **fields)
 
     @property
     def held_streams(self) -> list[str]:

@@ -126,6 +126,7 @@ class ThreadedWorker(WorkerBase):
             self._threads.append(self._spawn(self._executor, f"pyfiq-exec-{i}"))
         self._control.append(self._spawn(self._heartbeat, "pyfiq-heartbeat"))
         self._control.append(self._spawn(self._listen, "pyfiq-wake"))
+        self._control.append(self._spawn(self._tick, "pyfiq-ticks"))
         self._dispatcher = self._spawn(self._dispatch, "pyfiq-dispatch")
         self._control.append(self._dispatcher)
         if self._install_signals:
@@ -326,6 +327,19 @@ class ThreadedWorker(WorkerBase):
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 pubsub.close()
+
+    def _tick(self) -> None:
+        ticks = self.ticks
+        while not self._stopping.is_set():
+            advances = ticks.due(self.clock.monotonic())
+            if not advances:
+                self._stopping.wait(ticks.wait(self.clock.monotonic()))
+                continue
+            try:
+                replies: list[Any] = self.backend.call_many([self.ops.tick(a, self.replica) for a in advances])
+            except Exception as exc:
+                replies = [exc] * len(advances)
+            ticks.apply(advances, replies, self.clock.monotonic())
 
     def _heartbeat(self) -> None:
         while True:

@@ -512,14 +512,14 @@ def test_one_enqueue_call_larger_than_a_push_slice_stores_every_task_in_order(
     9,001 are kept, in order, and answered; with dedup keys, a key repeated in the call is a
     duplicate of the first."""
     stream = qname()
-    items = [EncodedTask(new_task_id(), 0, f"payload-{i}".encode()) for i in range(9001)]
+    items = [EncodedTask(new_task_id(), 0, "0", f"payload-{i}".encode()) for i in range(9001)]
     keys = [f"k{i}" for i in range(9000)] + ["k7"] if dedup else None
     reply = redis_backend.enqueuer.enqueue(stream, items, keys)
-    assert [task_id for task_id, _ in reply[:-1]] == [task_id for task_id, _, _ in items[:-1]]
+    assert [task_id for task_id, _ in reply[:-1]] == [item.id for item in items[:-1]]
     assert all(new for _, new in reply[:-1])
     if dedup:
         assert reply[-1] == (items[7][0], False)
-        assert stored_ids(redis_backend, stream) == [task_id for task_id, _, _ in items[:-1]]
+        assert stored_ids(redis_backend, stream) == [item.id for item in items[:-1]]
     else:
         assert reply[-1] == (items[-1][0], True)
-        assert stored_ids(redis_backend, stream) == [task_id for task_id, _, _ in items]
+        assert stored_ids(redis_backend, stream) == [item.id for item in items]

@@ -69,7 +69,7 @@ def test_a_step_waited_for_only_in_durable_mode() -> None:
     from pyfiq.engine.protocol import ScriptCalls
 
     ops = ScriptCalls(KeySchema("t", 2), Settings())
-    enqueue, due = ops.enqueue("q", [("a" * 32, 0, b"x")]), ops.due(0, 1, None)
+    enqueue, due = ops.enqueue("q", [("a" * 32, 0, "0", b"x")]), ops.due(0, 1, None)
     durable = SimpleNamespace(settings=Settings(min_replicas=1))
     assert waited(durable, enqueue) and not waited(durable, due)
     assert not waited(SimpleNamespace(settings=Settings()), enqueue)

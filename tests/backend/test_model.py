@@ -781,7 +781,8 @@ class StreamMachine(RuleBasedStateMachine):
         if all(kind in ("none", "future") for kind, _ in items):
             dedup = data.draw(st.none() | st.lists(st.sampled_from("xyz"), min_size=len(items), max_size=len(items)))
             ttl = {"none": 0, "future": 3_600_000}
-            call = self.ops.enqueue(STREAM, [(i, ttl[kind], p) for i, (kind, p) in zip(ids, items, strict=True)], dedup)
+            tasks = [(i, ttl[kind], "0", p) for i, (kind, p) in zip(ids, items, strict=True)]
+            call = self.ops.enqueue(STREAM, tasks, dedup)
             reply = self.ops.parse_enqueue(call, self.call(call))
             fresh = []
             expected = []

@@ -41,7 +41,7 @@ def test_every_script_call_touches_one_slot_and_the_shards_spread_over_every_pri
         k = keys.stream(stream)
         lease = Lease(stream, k, "1:n", 1, threading.Event(), ttl=1.0)
         calls = [
-            ops.enqueue(stream, [("a" * 32, 0, b"x")], ["d1"]),
+            ops.enqueue(stream, [("a" * 32, 0, "0", b"x")], ["d1"]),
             ops.acquire(stream, 1),
             ops.renew(lease),
             ops.take(lease, ["a" * 32], 1),

@@ -112,7 +112,7 @@ def test_a_run_reports_the_same_events_from_both_drivers(backend, start_worker, 
 
 def test_a_task_that_cannot_be_decoded_is_reported_without_a_context(backend, start_worker, recorder) -> None:  # type: ignore[no-untyped-def]
     q = recorder.queue
-    backend.enqueuer.enqueue(q, [EncodedTask(new_task_id(), 0, b"\xff not a task record")])
+    backend.enqueuer.enqueue(q, [EncodedTask(new_task_id(), 0, "0", b"\xff not a task record")])
     start_worker([q])
     wait_until(lambda: recorder.seen("lease", q, "released"), message="the lease handed back")
     assert recorder.events == [("lease", q, "acquired"), ("dead", q, "undecodable", None), ("lease", q, "released")]

@@ -15,6 +15,8 @@
     KEYS[11]     paused queues and streams of the shard
     KEYS[12]     per-minute counts of finished tasks of the stream's queue in this shard
     KEYS[13]     prefix of the stream's stored results (see take.lua)
+    KEYS[14]     delayed tasks of the stream (see enqueue.lua)
+    KEYS[15]     the counter ordering delayed tasks
     ARGV[1]      stream name
     ARGV[2]      lease TTL in ms
     ARGV[3]      "<holder>/<random>": who holds the lease (for operators), and a unique part
@@ -22,8 +24,10 @@
     ARGV[5]      lost consumers after which a task is dead-lettered (max deliveries)
 
   Output:
-    { 0 } when the stream is not claimable (not due, paused, or empty and now forgotten)
-    { 0, ms } when its lease is still held for ms more (e.g. it lapses within this millisecond)
+    { 0 } when the stream is not claimable (not due, paused, or empty and now forgotten, or
+      scored at its first delayed task's due time)
+    { 0, ms } when its lease is still held for ms more (e.g. it lapses within this millisecond),
+      or its first delayed task falls due in ms: look again then
     { 1, token, fencing token, Redis ms, entry, deliveries, ... } on success: the lease and the
       first tasks, taken as take.lua would, so a claim costs one round trip
 
@@ -46,6 +50,8 @@ local dlq_index = KEYS[10]
 local paused = KEYS[11]
 local counts = KEYS[12]
 local results = KEYS[13]
+local later = KEYS[14]
+local later_seq = KEYS[15]
 local now = now_ms()
 local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
 local score = redis.call('ZSCORE', ready, ARGV[1])
@@ -58,9 +64,12 @@ if redis.call('EXISTS', lease) == 1 then
   ready_set(r, ARGV[1], now + left)
   return { 0, left }
 end
+-- Delayed tasks due by now join the stream first (a poll claims a stream at its first due time).
+promote({ pending = pending, later = later, later_seq = later_seq }, now)
 if redis.call('LLEN', pending) + redis.call('LLEN', inflight) == 0 then
-  ready_remove(r, ARGV[1])
+  local due_at = rest(r, ARGV[1], later)
   redis.call('DEL', meta)
+  if due_at then return { 0, due_at - now } end
   return { 0 }
 end
 local t = redis.call('TIME')
@@ -82,7 +91,8 @@ if tonumber(ARGV[4]) > 0 then
   if #out == 4 and redis.call('LLEN', inflight) == 0 then
     -- Everything pending was dead-lettered (expired, undecodable): nothing to hold.
     redis.call('DEL', lease, meta)
-    ready_remove(r, ARGV[1])
+    local due_at = rest(r, ARGV[1], later)
+    if due_at then return { 0, due_at - now } end
     return { 0 }
   end
 end

@@ -1,51 +1,64 @@
 --[[
-  Append tasks to one stream's pending list (optionally deduplicated) and make the
-  stream claimable.
+  Append tasks to one stream (optionally deduplicated): at once to its pending list, or, when
+  delayed, to its later set until they fall due (see promote in lib.lua). Makes the stream
+  claimable (now, or from the first due time).
 
   Input:
     KEYS[1]      pending list of the stream
     KEYS[2]      ready set of the stream's queue in this shard (member: stream, score: ms)
     KEYS[3]      queue index of the shard
     KEYS[4]      layout key of the shard (its shard count)
-    KEYS[5..]    one dedup key per task, only when deduplication is asked for
+    KEYS[5]      delayed tasks of the stream (sorted set by due ms)
+    KEYS[6]      the counter ordering delayed tasks
+    KEYS[7]      lease key of the stream
+    KEYS[8..]    one dedup key per task, only when deduplication is asked for
     ARGV[1]      stream name
     ARGV[2]      wake-up channel
     ARGV[3]      shard number (published on the wake-up channel)
-    ARGV[4]      dedup window in ms (used when KEYS[5..] are given)
+    ARGV[4]      dedup window in ms (used when KEYS[8..] are given)
     ARGV[5]      the caller's shard count
     ARGV[6]      number of tasks n
-    ARGV[7..]    n triples: task id (32 hex chars), expires-in ms (0: never), payload
+    ARGV[7..]    n quadruples: task id (32 hex chars), expires-in ms (0: never), when, payload;
+                 when: '0' now, '+<ms>' that many ms from now, '=<ms>' at that Redis time (ms
+                 since the epoch); a due time not ahead of now is now
 
   Output:
-    without dedup keys, n (every task was appended: a per-task reply would only repeat the
-    ids the caller sent); with them, a flat list of n pairs: task id, 1 if appended or 0 if a
+    without dedup keys, n (every task was stored: a per-task reply would only repeat the ids
+    the caller sent); with them, a flat list of n pairs: task id, 1 if stored or 0 if a
     duplicate (the id is then the id of the task already accepted under that dedup key); an
     error reply, with nothing stored, when the shard is laid out with another shard count.
 
   Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
-  read the id and the deadline without decoding the payload; both times are Redis's clock.
+  read the id and the deadline without decoding the payload; both times are Redis's clock, and
+  a delayed task's deadline counts from its enqueue, as an immediate one's does.
 ]]
 local pending = KEYS[1]
 local ready = KEYS[2]
 local queues = KEYS[3]
 local layout = KEYS[4]
-local PUSH_SLICE = 1000
+local later = KEYS[5]
+local later_seq = KEYS[6]
+local lease = KEYS[7]
 local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
 local stamp = string.format('|%.0f|', now)
 local n = tonumber(ARGV[6])
-local dedup = #KEYS > 4
+local dedup = #KEYS > 7
+local s = { pending = pending, later = later, later_seq = later_seq, lease = lease, ready = ready, queues = queues,
+            stream = ARGV[1], channel = ARGV[2], shard = ARGV[3] }
 local out = {}
 local entries = {}
+local delayed = {}
+local stored = 0
 for i = 1, n do
-  local base = 6 + (i - 1) * 3
+  local base = 6 + (i - 1) * 4
   local id = ARGV[base + 1]
   local ttl = tonumber(ARGV[base + 2])
   local existing = false
   if dedup then
-    if not redis.call('SET', KEYS[4 + i], id, 'NX', 'PX', ARGV[4]) then
-      existing = redis.call('GET', KEYS[4 + i])
+    if not redis.call('SET', KEYS[7 + i], id, 'NX', 'PX', ARGV[4]) then
+      existing = redis.call('GET', KEYS[7 + i])
     end
     out[#out + 1] = existing or id
     out[#out + 1] = existing and 0 or 1
@@ -53,20 +66,23 @@ for i = 1, n do
   if not existing then
     local expires = '0|'
     if ttl > 0 then expires = string.format('%.0f|', now + ttl) end
-    entries[#entries + 1] = id .. stamp .. expires .. ARGV[base + 3]
+    local entry = id .. stamp .. expires .. ARGV[base + 4]
+    local when = ARGV[base + 3]
+    local due = now
+    if when ~= '0' then
+      due = tonumber(string.sub(when, 2)) or 0
+      if string.sub(when, 1, 1) == '+' then due = now + due end
+    end
+    if due > now then
+      delayed[#delayed + 1] = { entry, due }
+    else
+      entries[#entries + 1] = entry
+    end
+    stored = stored + 1
   end
 end
--- One RPUSH per PUSH_SLICE entries: one command instead of one per task, and unpack() stays
--- within Lua's stack limit however many tasks a call carries.
-for first = 1, #entries, PUSH_SLICE do
-  redis.call('RPUSH', pending, unpack(entries, first, math.min(first + PUSH_SLICE - 1, #entries)))
-end
-local added = #entries
--- A leased stream already has a ready entry (scored at its lease expiry): NX leaves it alone,
--- and the holder sees the new task on its next fetch, so only a newly claimable stream wakes
--- idle workers.
-if added > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now, 'NX') == 1 then
-  wake(ARGV[2], ARGV[3])
-end
-if not dedup then return added end
+-- Immediate tasks first: they join now, and a delayed task of this call joins later.
+push(s, entries, now)
+for _, task in ipairs(delayed) do postpone(s, task[1], task[2]) end
+if not dedup then return stored end
 return out

@@ -77,6 +77,110 @@ local function queue_of(stream)
   return stream
 end
 
+-- Delayed tasks wait in their stream's later set, scored by due time (Redis ms), as
+-- "<seq>|<entry>": the seq (SEQ_DIGITS digits, from the stream's counter) sorts tasks due in the
+-- same ms in enqueue order. A task joins its stream at its due time: whatever adds work to a
+-- stream's pending tail moves the due ones first (promote), so it lands behind them, and a
+-- stream with nothing else to do is scored at its first due time, so a poll claims it then.
+local SEQ_DIGITS = 16
+-- Due tasks one call moves at most: a script's run stays bounded however many fall due at once.
+local PROMOTE_SLICE = 500
+
+local function later_member(s, entry)
+  return string.format('%016.0f', redis.call('INCR', s.later_seq)) .. '|' .. entry
+end
+
+-- The first delayed task's due time, or nil.
+local function first_due(later)
+  local first = redis.call('ZRANGE', later, 0, 0, 'WITHSCORES')
+  if #first == 0 then return nil end
+  return tonumber(first[2])
+end
+
+-- Move delayed tasks due by `now` to the pending tail, in order, at most PROMOTE_SLICE.
+-- Returns whether the stream has delayed tasks at all (before the move), and whether due ones
+-- are still left (the slice was full). One ZRANGE when there are none: the hot path.
+-- s: { pending, later, later_seq }
+local function promote(s, now)
+  local due_at = first_due(s.later)
+  if not due_at then return false, false end
+  if due_at > now then return true, false end
+  local due = redis.call('ZRANGEBYSCORE', s.later, '-inf', now, 'LIMIT', 0, PROMOTE_SLICE)
+  local entries = {}
+  for i, member in ipairs(due) do entries[i] = string.sub(member, SEQ_DIGITS + 2) end
+  redis.call('RPUSH', s.pending, unpack(entries))
+  -- The first #due by rank are exactly these (ZRANGEBYSCORE from -inf reads in rank order).
+  redis.call('ZREMRANGEBYRANK', s.later, 0, #due - 1)
+  due_at = first_due(s.later)
+  if not due_at then
+    redis.call('DEL', s.later_seq)
+    return true, false
+  end
+  return true, due_at <= now
+end
+
+-- Work was added to the stream's pending list: make it claimable now, waking idle workers if it
+-- was not. A held stream is scored at its lease expiry and left so (its holder takes the work).
+-- `waiting`: the stream has delayed tasks, so unheld it may be scored at a due time still ahead.
+-- s: { ready, queues, stream, lease, channel, shard }
+local function arrived(s, now, waiting)
+  local r = { ready = s.ready, queues = s.queues, queue = queue_of(s.stream) }
+  local changed
+  if waiting and redis.call('EXISTS', s.lease) == 0 then
+    changed = redis.call('ZADD', s.ready, 'LT', 'CH', now, s.stream)
+    if changed == 1 then index_queue(r) end
+  else
+    changed = ready_set(r, s.stream, now, 'NX')
+  end
+  if changed == 1 then wake(s.channel, s.shard) end
+end
+
+-- Add a delayed task due at `due`; an unheld stream is claimable from then on (its holder, if it
+-- has one, promotes it in a take). Idle workers are woken when the stream's score moved earlier,
+-- so the shard's poller hears of the new earliest due time and sleeps until then.
+-- s: as arrived(), plus later, later_seq
+local function postpone(s, entry, due)
+  redis.call('ZADD', s.later, due, later_member(s, entry))
+  if redis.call('EXISTS', s.lease) == 1 then return end
+  if redis.call('ZADD', s.ready, 'LT', 'CH', due, s.stream) == 1 then
+    index_queue({ ready = s.ready, queues = s.queues, queue = queue_of(s.stream) })
+    wake(s.channel, s.shard)
+  end
+end
+
+-- Entries a single RPUSH carries at most: unpack() stays within Lua's stack limit.
+local PUSH_SLICE = 1000
+
+-- Append entries enqueued now to the stream: behind its delayed tasks due by now (moved first),
+-- or, when more are due than one call moves, into the later set behind those, in order.
+-- s: as postpone()
+local function push(s, entries, now)
+  if #entries == 0 then return end
+  local waiting, more = promote(s, now)
+  if more then
+    for _, entry in ipairs(entries) do redis.call('ZADD', s.later, now, later_member(s, entry)) end
+  else
+    for first = 1, #entries, PUSH_SLICE do
+      redis.call('RPUSH', s.pending, unpack(entries, first, math.min(first + PUSH_SLICE - 1, #entries)))
+    end
+  end
+  arrived(s, now, waiting)
+end
+
+-- The stream has nothing pending or in flight: forget it, or, with delayed tasks, score it at
+-- the first one's due time, which is returned (the caller's worker looks again then: a score
+-- that moved earlier is news to the shard's poller, which last saw the lease's expiry).
+local function rest(r, stream, later)
+  local due_at = first_due(later)
+  if due_at then
+    ready_set(r, stream, due_at)
+  else
+    ready_remove(r, stream)
+  end
+  return due_at
+end
+
+
 -- An operator paused the stream, or its whole queue (the queue is in every shard's set).
 local function is_paused(paused, stream)
   local found = redis.call('SMISMEMBER', paused, stream, queue_of(stream))
@@ -84,8 +188,8 @@ local function is_paused(paused, stream)
 end
 
 -- Give a stream's lease up: forget the holder's hand-over count, and make the stream claimable
--- again in `delay` ms (waking idle workers when that is now) if it holds work, else forget it.
--- s: { lease, pending, inflight, meta, ready, queues, stream, channel, shard }
+-- again in `delay` ms (waking idle workers when that is now) if it holds work, else rest it.
+-- s: { lease, pending, inflight, later, meta, ready, queues, stream, channel, shard }
 local function give_up_lease(s, delay)
   redis.call('DEL', s.lease)
   if redis.call('LLEN', s.inflight) == 0 then
@@ -99,7 +203,7 @@ local function give_up_lease(s, delay)
     ready_set(r, s.stream, now_ms() + delay)
     if delay == 0 then wake(s.channel, s.shard) end
   else
-    ready_remove(r, s.stream)
+    rest(r, s.stream, s.later)
   end
 end
 

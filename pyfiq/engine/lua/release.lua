@@ -11,6 +11,7 @@
     KEYS[6]      queue index of the shard
     KEYS[7]      per-minute counts of finished tasks of the stream's queue in this shard
     KEYS[8]      prefix of the stream's stored results (see take.lua)
+    KEYS[9]      delayed tasks of the stream (see enqueue.lua)
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -39,6 +40,7 @@ local ready = KEYS[5]
 local queues = KEYS[6]
 local counts = KEYS[7]
 local results = KEYS[8]
+local later = KEYS[9]
 if redis.call('GET', lease) ~= ARGV[1] then return -1 end
 local nack = tonumber(ARGV[3])
 local applied, acked = ack_head(inflight, meta, argv_slice(8, nack), true)
@@ -72,6 +74,6 @@ for i = 1, #mine - moved do
     redis.call('HSET', meta, 'd:' .. id, d)
   end
 end
-give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
-                stream = ARGV[2], channel = ARGV[5], shard = ARGV[6] }, tonumber(ARGV[7]))
+give_up_lease({ lease = lease, pending = pending, inflight = inflight, later = later, meta = meta, ready = ready,
+                queues = queues, stream = ARGV[2], channel = ARGV[5], shard = ARGV[6] }, tonumber(ARGV[7]))
 return 1

@@ -10,6 +10,9 @@
     KEYS[4]      ready set of the stream's queue in this shard
     KEYS[5]      queue index of the shard
     KEYS[6]      dead-letter index set of the shard
+    KEYS[7]      delayed tasks of the stream (those due join ahead of tasks requeued to the back)
+    KEYS[8]      the counter ordering delayed tasks
+    KEYS[9]      lease key of the stream
     ARGV[1]      stream name
     ARGV[2]      wake-up channel
     ARGV[3]      shard number
@@ -33,6 +36,9 @@ local pending = KEYS[3]
 local ready = KEYS[4]
 local queues = KEYS[5]
 local dlq_index = KEYS[6]
+local later = KEYS[7]
+local later_seq = KEYS[8]
+local lease = KEYS[9]
 local picked = {}
 if ARGV[8] ~= '' then
   local seq = redis.call('HGET', dead_ids, ARGV[8])
@@ -61,16 +67,17 @@ for i = 1, #picked, 2 do
     skipped = skipped + 1
   end
 end
+local now = now_ms()
+local s = { pending = pending, later = later, later_seq = later_seq, lease = lease, ready = ready, queues = queues,
+            stream = ARGV[1], channel = ARGV[2], shard = ARGV[3] }
 if ARGV[4] == 'front' then
   for i = 1, #fresh do redis.call('LPUSH', pending, fresh[i]) end
+  if #fresh > 0 then arrived(s, now, first_due(later) ~= nil) end
 else
-  for i = 1, #fresh do redis.call('RPUSH', pending, fresh[i]) end
+  push(s, fresh, now)
 end
 if redis.call('ZCARD', dead) == 0 then
   redis.call('SREM', dlq_index, ARGV[1])
   redis.call('DEL', dead_ids)
-end
-if #fresh > 0 and ready_set({ ready = ready, queues = queues, queue = queue_of(ARGV[1]) }, ARGV[1], now_ms(), 'NX') == 1 then
-  wake(ARGV[2], ARGV[3])
 end
 return { #fresh, skipped, last }

@@ -24,6 +24,7 @@
     KEYS[9]      dead-letter index set of the shard
     KEYS[10]     per-minute counts of finished tasks of the stream's queue in this shard
     KEYS[11]     prefix of the stream's stored results (a result() waiter hears of the skip)
+    KEYS[12]     delayed tasks of the stream (not yet in it: a skip leaves them alone)
     ARGV[1]      stream name
     ARGV[2]      dead-letter record header (a JSON object on one line)
     ARGV[3]      wake-up channel
@@ -44,6 +45,7 @@ local dead_ids = KEYS[8]
 local dlq_index = KEYS[9]
 local counts = KEYS[10]
 local results = KEYS[11]
+local later = KEYS[12]
 local held = redis.call('GET', lease)
 local source = inflight
 local entry = nil
@@ -88,6 +90,6 @@ if held then
   wake(ARGV[3], 'h' .. ARGV[4])
   return { 2, entry }
 end
-give_up_lease({ lease = lease, pending = pending, inflight = inflight, meta = meta, ready = ready, queues = queues,
-                stream = ARGV[1], channel = ARGV[3], shard = ARGV[4] }, 0)
+give_up_lease({ lease = lease, pending = pending, inflight = inflight, later = later, meta = meta, ready = ready,
+                queues = queues, stream = ARGV[1], channel = ARGV[3], shard = ARGV[4] }, 0)
 return { 1, entry }

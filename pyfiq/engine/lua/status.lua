@@ -11,8 +11,10 @@
     KEYS[5]      dead letters of the stream
     KEYS[6]      dead letter ids of the stream
     KEYS[7]      prefix of the stream's stored results (see take.lua)
+    KEYS[8]      delayed tasks of the stream (see enqueue.lua)
     ARGV[1]      task id
-    ARGV[2]      how many pending entries to look through at most (the scan is O(place))
+    ARGV[2]      how many pending entries, and then delayed ones, to look through at most (the
+                 scans are O(place))
 
   Output:
     { 'dead', header }                 the task's dead-letter record header (JSON)
@@ -24,8 +26,10 @@
                                        leading entries the holder was given
     { 'pending', place, deliveries }   place: how many tasks of the stream are ahead of it,
                                        in flight included
-    { 'none', complete }               not found: complete = 1 when the whole pending list was
-                                       looked through, 0 when it is longer than ARGV[2]
+    { 'scheduled', due ms, now }       delayed: it joins the stream at its due time (Redis ms)
+    { 'none', complete }               not found: complete = 1 when the whole pending list and
+                                       every delayed task were looked through, 0 when either is
+                                       longer than ARGV[2]
 ]]
 local lease = KEYS[1]
 local pending = KEYS[2]
@@ -34,6 +38,7 @@ local meta = KEYS[4]
 local dead = KEYS[5]
 local dead_ids = KEYS[6]
 local results = KEYS[7]
+local later = KEYS[8]
 local id = ARGV[1]
 -- A dead letter is the last word on its task until it is requeued (which forgets its id).
 local seq = redis.call('HGET', dead_ids, id)
@@ -68,4 +73,17 @@ while from < total and from < limit do
   end
   from = upto + 1
 end
-return { 'none', total <= limit and 1 or 0 }
+local waiting = redis.call('ZCARD', later)
+from = 0
+while from < waiting and from < limit do
+  local upto = math.min(from + page, limit, waiting) - 1
+  local members = redis.call('ZRANGE', later, from, upto, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    -- "<seq>|<entry>": the entry, hence its id, starts after the seq and its bar.
+    if string.sub(members[i], SEQ_DIGITS + 2, SEQ_DIGITS + 1 + ID_LENGTH) == id then
+      return { 'scheduled', members[i + 1], now_ms() }
+    end
+  end
+  from = upto + 1
+end
+return { 'none', (total <= limit and waiting <= limit) and 1 or 0 }

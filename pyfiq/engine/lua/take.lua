@@ -15,6 +15,8 @@
     KEYS[10]     paused queues and streams of the shard
     KEYS[11]     per-minute counts of finished tasks of the stream's queue in this shard
     KEYS[12]     prefix of the stream's stored results (result key and channel: prefix .. id)
+    KEYS[13]     delayed tasks of the stream (see enqueue.lua)
+    KEYS[14]     the counter ordering delayed tasks
     ARGV[1]      lease token
     ARGV[2]      stream name
     ARGV[3]      number of acknowledged task ids k
@@ -30,7 +32,10 @@
                                  was changed; the holder starts nothing more and lets go
     { 2 }                        acknowledged, nothing taken (ARGV[4] was 0)
     { 3 }                        acknowledged, nothing taken: the stream or its queue is paused
-    { 0 }                        the stream is empty: the lease was released and forgotten
+    { 0 }                        the stream is empty: the lease was released and the stream
+                                 forgotten
+    { 0, ms }                    the same, but the stream has delayed tasks, the first due in
+                                 ms: it is scored then
     { 1, Redis ms, entry, deliveries, ...} the tasks handed over, in order (possibly none)
 
   Which tasks are handed over, and which are dead-lettered instead, is hand_out() in lib.lua.
@@ -47,6 +52,8 @@ local dlq_index = KEYS[9]
 local paused = KEYS[10]
 local counts = KEYS[11]
 local results = KEYS[12]
+local later = KEYS[13]
+local later_seq = KEYS[14]
 local held = redis.call('GET', lease)
 if held ~= ARGV[1] then
   if held == '!' .. ARGV[1] then return { -2 } end
@@ -70,13 +77,16 @@ if is_paused(paused, ARGV[2]) then
   redis.call('HSET', meta, 'handed', handed)
   return { 3 }
 end
+-- Delayed tasks that fell due while the stream was held join it now, behind what it holds.
+promote({ pending = pending, later = later, later_seq = later_seq }, now)
 local out = { 1, now }
 handed = hand_out({ pending = pending, inflight = inflight, meta = meta, dead = dead, dead_ids = dead_ids,
                     dlq_index = dlq_index, stream = ARGV[2], counts = counts, results = results }, handed, want, tonumber(ARGV[5]), now, out, ARGV[6] == '1')
 if #out == 2 and redis.call('LLEN', inflight) == 0 then
   -- Nothing left anywhere: forget the stream so idle streams leave no keys behind.
   redis.call('DEL', lease, meta)
-  ready_remove({ ready = ready, queues = queues, queue = queue_of(ARGV[2]) }, ARGV[2])
+  local due_at = rest({ ready = ready, queues = queues, queue = queue_of(ARGV[2]) }, ARGV[2], later)
+  if due_at then return { 0, due_at - now } end
   return { 0 }
 end
 redis.call('HSET', meta, 'handed', handed)
