@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from ..engine.keys import stream_name, validate_key, validate_queue_name
 from ..engine.outcomes import dead_letter_header
+from ..engine.ticks import validate_schedule_name
 from ..task import Entry
 from . import halts
 from .halts import HaltReport
@@ -156,3 +157,19 @@ class Admin(Pages):
         # UNLINK frees a large set in the background instead of blocking Redis.
         pipe.zcard(k.dead).unlink(k.dead, k.dead_ids).srem(k.dlq_index, stream)
         return int(pipe.execute()[0])
+
+    def forget_schedule(self, name: str) -> bool:
+        """Delete the record of the periodic schedule ``name`` (its function was removed or
+        renamed, or a rollback carries a lower ``version``); False if there was none. A replica
+        that still runs it starts it afresh: its first tick is the next one after that."""
+        validate_schedule_name(name)
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.sismember(self.keys.schedules(shard), name)
+        with self.translated():
+            shards = [shard for shard, found in enumerate(pipe.execute()) if found]
+            for shard in shards:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.delete(self.keys.schedule_record(shard, name)).srem(self.keys.schedules(shard), name)
+                pipe.execute()
+        return bool(shards)

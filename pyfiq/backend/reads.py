@@ -9,6 +9,7 @@ The dashboard's views, bounded whatever the number of streams, are ``pages``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from ..errors import DecodeError
 from ..task import DeadLetter, Entry, TaskRecord
 from .views import (
     QueueStatus,
+    ScheduleView,
     StreamDetail,
     StreamStatus,
     TaskSummary,
@@ -191,6 +193,7 @@ class Reads:
             lease_ms=d.lease_ms,
             oldest_age_s=d.oldest_age_s,
             running_s=d.running_s,
+            scheduled=d.scheduled,
         )
 
     def queue_statuses(self, queue: str | None = None) -> list[QueueStatus]:
@@ -210,6 +213,7 @@ class Reads:
                 paused=q in paused or all(r.paused for r in rows),
                 oldest_age_s=max((r.oldest_age_s for r in rows if r.oldest_age_s is not None), default=None),
                 held=sum(r.holder is not None for r in rows),
+                scheduled=sum(r.scheduled for r in rows),
             )
             for q, rows in by_queue.items()
         ]
@@ -230,6 +234,28 @@ class Reads:
             if found is not None:
                 return found
         return None
+
+    def schedules(self) -> list[ScheduleView]:
+        """Every periodic schedule of this prefix (the shards' indexes), by name."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.smembers(self.keys.schedules(shard))
+        with self.translated():
+            found = sorted((as_text(n), shard) for shard, names in enumerate(pipe.execute()) for n in names)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            for name, shard in found:
+                pipe.hgetall(self.keys.schedule_record(shard, name))
+                pipe.smembers(self.keys.paused(shard))
+            replies = pipe.execute()
+        seconds, micros = replies[0]
+        now = int(seconds) * 1000 + int(micros) // 1000
+        out = []
+        for i, (name, _) in enumerate(found):
+            record = {as_text(k): as_text(v) for k, v in replies[1 + 2 * i].items()}
+            if record:
+                out.append(_schedule_view(name, record, {as_text(m) for m in replies[2 + 2 * i]}, now))
+        return out
 
     def redis_now_ms(self) -> int:
         seconds, micros = self.client.time()
@@ -261,12 +287,13 @@ class Reads:
             k = self.keys.stream(stream)
             pipe.llen(k.pending).llen(k.inflight).zcard(k.dead).get(k.lease).pttl(k.lease)
             pipe.smismember(k.paused, [stream, queue_of(stream)]).lindex(k.inflight, 0).lindex(k.pending, 0)
+            pipe.zcard(k.later)
         with self.translated():
             replies = pipe.execute()
         seconds, micros = replies[0]
         now = int(seconds) * 1000 + int(micros) // 1000
         heartbeats = _running(replies[1])
-        rows = [replies[2 + 8 * i : 10 + 8 * i] for i in range(len(streams))]
+        rows = [replies[2 + 9 * i : 11 + 9 * i] for i in range(len(streams))]
         marks: list[Any] = []
         running = [(i, Entry.load(row[6])) for i, row in enumerate(rows) if row[6] is not None]
         if running:
@@ -290,7 +317,7 @@ class Reads:
         blocked_after: float | None,
         running: dict[tuple[str, str], tuple[str, int]],
     ) -> StreamDetail:
-        pending, inflight, dead, lease, ttl, paused, first_inflight, first_pending = row
+        pending, inflight, dead, lease, ttl, paused, first_inflight, first_pending, scheduled = row
         token = lease.decode() if lease else None
         fence, _, nonce = (token or "").partition(":")
         deliveries, started = (int(marks[0] or 0), marks[1]) if marks else (0, None)
@@ -318,4 +345,37 @@ class Reads:
             oldest_age_s=oldest,
             running_s=running_s,
             blocked=blocked_after is not None and running_s is not None and running_s > blocked_after,
+            scheduled=int(scheduled),
         )
+
+
+def _schedule_view(name: str, record: dict[str, str], paused: set[str], now: int) -> ScheduleView:
+    def number(field: str) -> int:
+        value = record.get(field, "")
+        return int(value) if value.isdigit() else 0
+
+    def when(field: str) -> dt.datetime | None:
+        ms = number(field)
+        return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc) if ms else None
+
+    stream = record.get("stream", "")
+    return ScheduleView(
+        name=name,
+        stream=stream,
+        queue=queue_of(stream),
+        rule=record.get("rule", ""),
+        version=number("version"),
+        last_tick=when("last"),
+        next_tick=when("next"),
+        task_id=record.get("task"),
+        fired_at=when("at"),
+        fired_by=record.get("by"),
+        fired=number("fired"),
+        skipped=number("skipped"),
+        paused=stream in paused or queue_of(stream) in paused,
+        stale=0 < number("next") < now - STALE_AFTER_MS,
+    )
+
+
+#: A schedule whose next tick is this far past without being fired has no replica running it.
+STALE_AFTER_MS = 60_000

@@ -3,6 +3,7 @@ dashboard and tools of your own (stream and queue status, overviews, pages)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +28,8 @@ class StreamStatus:
     oldest_age_s: float | None
     #: How long the task running now has run (from the holder's heartbeat, or Redis's mark).
     running_s: float | None = None
+    #: Delayed tasks that have not joined the stream yet.
+    scheduled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +47,7 @@ class QueueStatus:
     paused: bool
     oldest_age_s: float | None
     held: int
+    scheduled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +84,7 @@ class StreamDetail:
     oldest_age_s: float | None
     running_s: float | None = None
     blocked: bool = False
+    scheduled: int = 0
 
     @property
     def key(self) -> str | None:
@@ -153,6 +158,33 @@ class DeadPage:
     letters: list[DeadLetter]
     next_offset: int | None
     total: int
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    """A periodic schedule as Redis keeps it (``tick.lua``): its rule and version as the last
+    replica to write them ran them, its last tick and the next, the task its last tick
+    enqueued, and counts of ticks fired and skipped (while paused). Times are Redis's clock.
+    ``stale``: its next tick is more than a minute past and nobody fired it (no replica runs
+    it: its function was removed or renamed, or every worker is down)."""
+
+    name: str
+    stream: str
+    queue: str
+    rule: str
+    version: int
+    last_tick: dt.datetime | None
+    next_tick: dt.datetime | None
+    task_id: str | None
+    fired_at: dt.datetime | None
+    fired_by: str | None
+    fired: int
+    skipped: int
+    paused: bool
+    stale: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def held_streams(replicas: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -243,6 +243,14 @@ class Dashboard:
 
         return await self.render(request, "task.html", await run_in_threadpool(read))
 
+    async def schedules(self, request: Request) -> Response:
+        def read() -> dict[str, Any]:
+            views = self.backend.admin.schedules()
+            states = [self.backend.task_status(v.stream, v.task_id).state if v.task_id else None for v in views]
+            return {"schedules": list(zip(views, states, strict=True))}
+
+        return await self.render(request, "schedules.html", await run_in_threadpool(read))
+
     async def replicas(self, request: Request) -> Response:
         fleet = await run_in_threadpool(self.backend.replicas)
         return await self.render(request, "replicas.html", {"replicas": fleet})
@@ -316,6 +324,7 @@ def build(
     routes = [
         Route("/", d.endpoint(d.overview), name="overview"),
         Route("/replicas", d.endpoint(d.replicas), name="replicas"),
+        Route("/schedules", d.endpoint(d.schedules), name="schedules"),
         Route("/queue/{queue:path}", d.endpoint(d.queue), name="queue"),
         Route("/dead/{queue:path}", d.endpoint(d.dead), name="dead"),
         Route("/task/{queue:path}", d.endpoint(d.task), name="task"),

@@ -239,10 +239,13 @@ class KeySchema:
     def schedules(self, shard: int) -> str:
         return f"{self._tag(shard)}:scheds"
 
+    def schedule_record(self, shard: int, name: str) -> str:
+        return f"{self._tag(shard)}:sched:{name}"
+
     def schedule(self, name: str, stream: str) -> ScheduleKeys:
         k = self.stream(stream)
         return ScheduleKeys(
-            record=f"{self._tag(k.shard)}:sched:{name}",
+            record=self.schedule_record(k.shard, name),
             schedules=self.schedules(k.shard),
             pending=k.pending,
             ready=k.ready,

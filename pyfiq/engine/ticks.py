@@ -131,7 +131,7 @@ def make_rule(every: float | dt.timedelta | None, cron: str | None) -> Rule:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         raise ConfigurationError(f"every= takes seconds or a timedelta, got {every!r}")
     ms = round(seconds * 1000)
-    if ms < 100 or abs(ms - seconds * 1000) > 0.5:
+    if ms < 100 or abs(ms - seconds * 1000) > 1e-6:
         raise ConfigurationError(f"every= must be a whole number of ms, at least 100 ms, got {every!r}")
     return Every(ms)
 

@@ -206,7 +206,7 @@ def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: boo
             for s in backend.admin.known_streams()
             if queue is None or queue_of(s) == queue
         ]
-        columns = ["stream", "pending", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence"]
+        columns = ["stream", "pending", "scheduled", "inflight", "dead", "oldest_age_s", "paused", "holder", "fence"]
         columns += ["lease_ms", "running_s"]
     else:
         rows = [q.as_dict() for q in backend.admin.queue_statuses(queue)]
@@ -214,7 +214,7 @@ def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: boo
             # Known (paused, or it ran within the hour) but with no live stream: all zeros.
             paused = queue in backend.paused()
             rows = [QueueStatus(queue, 0, 0, 0, 0, paused, None, 0).as_dict()]
-        columns = ["queue", "streams", "pending", "inflight", "dead", "oldest_age_s", "paused", "held"]
+        columns = ["queue", "streams", "pending", "scheduled", "inflight", "dead", "oldest_age_s", "paused", "held"]
     if as_json:
         for row in rows:
             click.echo(json_line(row))
@@ -250,6 +250,48 @@ def replicas(url: str, prefix: str, shards: int | None, include_silent: bool, as
         held = ",".join(map(str, r.get("held") or [])) or "-"
         fields = [r["replica"], r.get("host"), r.get("pid"), r.get("driver"), r.get("concurrency"), r["silent_s"], held]
         click.echo("\t".join(map(show, fields)))
+
+
+@main.group()
+def schedules() -> None:
+    """Periodic schedules (``@fifo.periodic``) across the fleet."""
+
+
+@schedules.command("list")
+@backend_options
+@json_option
+def schedules_list(url: str, prefix: str, shards: int | None, as_json: bool) -> None:
+    """Each schedule: its rule, the last tick (its task, and what became of it), the next tick,
+    ticks fired and skipped, whether its queue is paused, and whether it is stale (no replica
+    has fired it for a minute past its next tick)."""
+    backend = _backend(url, prefix, shards)
+    columns = ["name", "queue", "rule", "version", "last_tick", "task_id", "task_state", "next_tick", "fired"]
+    columns += ["skipped", "paused", "stale"]
+    if not as_json:
+        click.echo("\t".join(columns))
+    for view in backend.admin.schedules():
+        row = view.as_dict()
+        row["task_state"] = backend.task_status(view.stream, view.task_id).state if view.task_id else None
+        for name, value in list(row.items()):
+            if isinstance(value, datetime):
+                row[name] = value.isoformat(timespec="milliseconds")
+        if as_json:
+            click.echo(json_line(row))
+        else:
+            cells = [_cell(row[c]) for c in columns]
+            cells[columns.index("stale")] = "stale" if row["stale"] else ""
+            click.echo("\t".join(cells))
+
+
+@schedules.command("forget")
+@backend_options
+@click.argument("name")
+def schedules_forget(url: str, prefix: str, shards: int | None, name: str) -> None:
+    """Delete schedule NAME's record: for a function removed or renamed, or a rollback to a
+    lower version. A replica still running it starts afresh, from its next tick."""
+    if not _backend(url, prefix, shards).admin.forget_schedule(name):
+        raise click.ClickException(f"no schedule named {name!r}")
+    click.echo(f"forgot schedule {show(name)}")
 
 
 @main.group()

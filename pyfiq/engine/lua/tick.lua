@@ -39,7 +39,7 @@
     version of the schedule ran: nothing changed).
 ]]
 local record = KEYS[1]
-local index = KEYS[2]
+local schedules = KEYS[2]
 local pending = KEYS[3]
 local ready = KEYS[4]
 local queues = KEYS[5]
@@ -68,7 +68,7 @@ if last ~= ARGV[8] then return { 'moved', now, last, version } end
 local new_last = tonumber(ARGV[9])
 if new_last > now then return { 'early', now, last, version } end
 local n = tonumber(ARGV[12])
-redis.call('SADD', index, ARGV[1])
+redis.call('SADD', schedules, ARGV[1])
 redis.call('HSET', record, 'last', ARGV[9], 'version', ARGV[6], 'rule', ARGV[7], 'stream', ARGV[2],
            'next', ARGV[10])
 if n == 0 then return { 'fired', now, ARGV[9], mine } end

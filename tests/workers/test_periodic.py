@@ -1,0 +1,246 @@
+"""Time, through whole workers: delayed tasks start at their due time and not before, and a
+periodic schedule enqueues exactly one task per tick however many workers of either driver fire
+it, catches up as asked, stands down for a newer version, skips ticks while its queue is paused,
+and shows itself to operators (``pyfiq schedules list``, the dashboard)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import pyfiq
+from pyfiq import RedisQueueBackend, ThreadedWorker
+from pyfiq.engine.ticks import TICK_HEADER
+from pyfiq.functions import Registry
+from pyfiq.ops.cli import main
+from tests.support.helpers import FAST, unique_prefix, wait_until
+from tests.workers.test_worker import AsyncWorkerInThread
+
+
+def qname() -> str:
+    return f"time-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["redis", "memory"])
+def backend(request: pytest.FixtureRequest) -> Iterator[RedisQueueBackend]:
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+    else:
+        url = f"memory://time-{uuid.uuid4().hex[:8]}"
+    b = RedisQueueBackend(url, prefix=unique_prefix(), **FAST)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def redis_only(redis_server: Any) -> Iterator[RedisQueueBackend]:
+    b = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **FAST)
+    yield b
+    b.close()
+
+
+def redis_ms(backend: RedisQueueBackend) -> int:
+    return backend.admin.redis_now_ms()
+
+
+class Workers:
+    """Workers of both drivers on one registry, stopped together."""
+
+    def __init__(self, backend: RedisQueueBackend, registry: Registry, queues: list[str], threaded: int, aio: int):
+        self.all: list[Any] = [
+            ThreadedWorker(backend.copy(), registry=registry, queues=queues, concurrency=2).start()
+            for _ in range(threaded)
+        ]
+        self.all += [
+            AsyncWorkerInThread(backend.copy(), registry=registry, queues=queues).start() for _ in range(aio)
+        ]
+
+    def stop(self) -> None:
+        for w in self.all:
+            w.stop(5)
+            if isinstance(w, AsyncWorkerInThread):
+                w.close()
+
+
+def test_delayed_tasks_start_at_their_due_time_never_before(backend: RedisQueueBackend) -> None:
+    q, reg = qname(), Registry(backend)
+    started: dict[int, int] = {}
+
+    @reg.fifo(q, name=f"{q}.job")
+    def job(i: int) -> None:
+        started[i] = redis_ms(backend)
+
+    workers = Workers(backend, reg, [q], threaded=1, aio=1)
+    try:
+        eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.6)
+        handles = {0: job.send_with_options(args=(0,), delay=0.3), 1: job.send_with_options(args=(1,), eta=eta)}
+        handles[2] = job.send_with_options(args=(2,), delay=dt.timedelta(seconds=0.9))
+        due = {i: h.status().due for i, h in handles.items()}
+        wait_until(lambda: len(started) == 3, 15)
+    finally:
+        workers.stop()
+    for i, when in due.items():
+        assert when is not None and started[i] >= when.timestamp() * 1000, f"task {i} started before it was due"
+    assert sorted(started, key=started.__getitem__) == [0, 1, 2]
+
+
+def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(redis_only: RedisQueueBackend) -> None:
+    """Three threaded and two asyncio workers fire a 300 ms schedule for 3 s: each tick's task
+    ran once, the ticks follow each other without a gap, and Redis counts as many as ran."""
+    q, reg = qname(), Registry(redis_only)
+    ran: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    @reg.periodic(q, every=0.3, name=f"{q}.beat", args=("x",))
+    def beat(tag: str) -> None:
+        ctx = pyfiq.current_task()
+        with lock:
+            ran.append((int(ctx.headers[TICK_HEADER]), ctx.id))
+        assert tag == "x"
+
+    workers = Workers(redis_only, reg, [q], threaded=3, aio=2)
+    try:
+        time.sleep(3.2)
+    finally:
+        workers.stop()
+    ticks = sorted(t for t, _ in ran)
+    assert len(ticks) >= 8
+    assert len(set(ticks)) == len(ticks), "a tick ran twice"
+    assert len({task for _, task in ran}) == len(ran)
+    assert all(b - a == 300 for a, b in zip(ticks, ticks[1:], strict=False)), ticks
+    (view,) = redis_only.admin.schedules()
+    info = redis_only.queue_info(q)  # a tick fired as the workers stopped waits unrun
+    assert view.fired == len(ticks) + info["pending"] + info["inflight"]
+    assert view.name == f"{q}.beat" and view.rule == "every 300 ms"
+
+
+@pytest.mark.parametrize(("catch_up", "expected"), [("once", 1), ("all", 6), ("skip", 0)])
+def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
+    redis_only: RedisQueueBackend, catch_up: str, expected: int
+) -> None:
+    """Every worker was down for a minute: the record's last tick of a 10 s schedule is six
+    ticks back when the first worker starts. ``once`` enqueues one task (for the latest tick),
+    ``all`` one per tick, oldest first, ``skip`` none (the latest tick is past its grace)."""
+    q, reg = qname(), Registry(redis_only)
+    ran: list[int] = []
+
+    @reg.periodic(q, every=10, name=f"{q}.sync", catch_up=catch_up)  # type: ignore[arg-type]
+    def sync() -> None:
+        ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
+
+    now = redis_ms(redis_only)
+    latest = now - now % 10_000
+    if catch_up == "skip" and now - latest < 5_500:
+        time.sleep((5_500 - (now - latest)) / 1000)  # past the grace (5 s) of the latest tick
+    record = redis_only.keys.schedule_record(redis_only.keys.shard_of(q), f"{q}.sync")
+    redis_only.client.hset(record, mapping={"last": latest - 60_000, "version": 0, "stream": q})
+    workers = Workers(redis_only, reg, [q], threaded=2, aio=0)
+    try:
+        wait_until(lambda: redis_only.client.hget(record, "last") == str(latest).encode(), 10)
+        time.sleep(0.5)
+    finally:
+        workers.stop()
+    assert len(ran) == expected
+    if catch_up == "all":
+        assert ran == [latest - 50_000 + 10_000 * i for i in range(6)]
+    elif catch_up == "once":
+        assert ran == [latest]
+
+
+def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_only: RedisQueueBackend) -> None:
+    """A rolling deploy: old workers fire v1; a worker with v2 of the schedule starts and from its
+    first look on no v1 worker fires, and no tick is fired twice across the two."""
+    q = qname()
+    old_reg, new_reg = Registry(redis_only), Registry(redis_only)
+    ran: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def record(version: str) -> Any:
+        def body() -> None:
+            with lock:
+                ran.append((version, int(pyfiq.current_task().headers[TICK_HEADER])))
+
+        return body
+
+    old_reg.periodic(q, every=0.2, name=f"{q}.v1", schedule="report", version=1)(record("v1"))
+    new_reg.periodic(q, every=0.2, name=f"{q}.v2", schedule="report", version=2)(record("v2"))
+    # Each worker runs the tasks of its own registry; both consume the queue.
+    old = Workers(redis_only, old_reg, [q], threaded=2, aio=0)
+    new = None
+    try:
+        time.sleep(1.0)
+        new = Workers(redis_only, new_reg, [q], threaded=1, aio=0)
+        switched = redis_ms(redis_only) + 500  # its first look lands well within this
+        time.sleep(1.5)
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
+    ticks = [t for _, t in ran]
+    assert len(ticks) == len(set(ticks)), "a tick was fired twice"
+    assert any(v == "v1" for v, _ in ran) and any(v == "v2" for v, _ in ran)
+    assert all(v == "v2" for v, t in ran if t > switched), ran
+
+
+def test_a_paused_queue_skips_its_ticks_and_the_first_after_the_resume_runs(redis_only: RedisQueueBackend) -> None:
+    q, reg = qname(), Registry(redis_only)
+    ran: list[int] = []
+
+    @reg.periodic(q, every=0.2, name=f"{q}.tick")
+    def tick() -> None:
+        ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
+
+    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    try:
+        wait_until(lambda: len(ran) >= 2, 10)
+        redis_only.admin.pause(q)
+        paused_at, count = redis_ms(redis_only), len(ran)
+        time.sleep(1.0)
+        assert redis_only.queue_info(q)["pending"] == 0, "a paused queue's schedule enqueued a tick"
+        (view,) = redis_only.admin.schedules()
+        assert view.paused and view.skipped >= 3
+        redis_only.admin.resume(q)
+        wait_until(lambda: len(ran) > count + 1, 10)
+    finally:
+        workers.stop()
+    skipped = [t for t in ran if paused_at + 200 < t < paused_at + 1000]
+    assert skipped == [], "no tick of the paused stretch ran, even after the resume"
+
+
+def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBackend, redis_server: Any) -> None:
+    q, reg = qname(), Registry(redis_only)
+
+    @reg.periodic(q, every=0.2, name=f"{q}.shown")
+    def shown() -> None: ...
+
+    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    try:
+        wait_until(lambda: any(v.fired >= 2 for v in redis_only.admin.schedules()), 10)
+    finally:
+        workers.stop()
+    args = ["--redis", redis_server.url, "--prefix", redis_only.keys.prefix]
+    listed = CliRunner().invoke(main, [*args, "schedules", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (row,) = [json.loads(line) for line in listed.output.splitlines()]
+    assert row["name"] == f"{q}.shown" and row["rule"] == "every 200 ms" and row["task_state"] in (
+        "succeeded",
+        "unknown",
+        "pending",
+        "running",
+        "taken",
+    )
+    assert row["next_tick"] > row["last_tick"] and not row["paused"]
+    table = CliRunner().invoke(main, [*args, "schedules", "list"])
+    assert table.output.splitlines()[0].startswith("name\tqueue\trule")
+    forgot = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
+    assert forgot.exit_code == 0 and redis_only.admin.schedules() == []
+    again = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
+    assert again.exit_code != 0 and "no schedule named" in again.output
