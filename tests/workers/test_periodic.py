@@ -6,6 +6,7 @@ and shows itself to operators (``pyfiq schedules list``, the dashboard)."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import threading
 import time
@@ -115,7 +116,7 @@ def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(redis_on
     assert len(ticks) >= 8
     assert len(set(ticks)) == len(ticks), "a tick ran twice"
     assert len({task for _, task in ran}) == len(ran)
-    assert all(b - a == 300 for a, b in zip(ticks, ticks[1:], strict=False)), ticks
+    assert all(b - a == 300 for a, b in itertools.pairwise(ticks)), ticks
     (view,) = redis_only.admin.schedules()
     info = redis_only.queue_info(q)  # a tick fired as the workers stopped waits unrun
     assert view.fired == len(ticks) + info["pending"] + info["inflight"]
