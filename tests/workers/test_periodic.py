@@ -60,9 +60,7 @@ class Workers:
             ThreadedWorker(backend.copy(), registry=registry, queues=queues, concurrency=2).start()
             for _ in range(threaded)
         ]
-        self.all += [
-            AsyncWorkerInThread(backend.copy(), registry=registry, queues=queues).start() for _ in range(aio)
-        ]
+        self.all += [AsyncWorkerInThread(backend.copy(), registry=registry, queues=queues).start() for _ in range(aio)]
 
     def stop(self) -> None:
         for w in self.all:
@@ -231,12 +229,17 @@ def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBa
     listed = CliRunner().invoke(main, [*args, "schedules", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     (row,) = [json.loads(line) for line in listed.output.splitlines()]
-    assert row["name"] == f"{q}.shown" and row["rule"] == "every 200 ms" and row["task_state"] in (
-        "succeeded",
-        "unknown",
-        "pending",
-        "running",
-        "taken",
+    assert (
+        row["name"] == f"{q}.shown"
+        and row["rule"] == "every 200 ms"
+        and row["task_state"]
+        in (
+            "succeeded",
+            "unknown",
+            "pending",
+            "running",
+            "taken",
+        )
     )
     assert row["next_tick"] > row["last_tick"] and not row["paused"]
     table = CliRunner().invoke(main, [*args, "schedules", "list"])
