@@ -17,7 +17,21 @@ from pathlib import Path
 from time import perf_counter
 from typing import NamedTuple
 
-from . import drain, enqueue, idle, idle_foreign, latency, lease_load, memory, peers, requeue, reruns, results, takeover
+from . import (
+    delays,
+    drain,
+    enqueue,
+    idle,
+    idle_foreign,
+    latency,
+    lease_load,
+    memory,
+    peers,
+    requeue,
+    reruns,
+    results,
+    takeover,
+)
 from .ceiling import measure_ceiling, report_ceiling
 from .drain import run_drains
 from .harness import PEERS, RedisServer, Report, Run, cleanup, log, machine, per_s, quiet_logging
@@ -37,6 +51,7 @@ SECTIONS = (
     "memory",
     "latency",
     "results",
+    "delays",
     "requeue",
     "idle-foreign",
 )
@@ -77,6 +92,7 @@ SECTION_RUNS: dict[str, Callable[[Run], None]] = {
     "memory": memory.section,
     "latency": latency.section,
     "results": results.section,
+    "delays": delays.section,
     "requeue": requeue.section,
     "idle-foreign": idle_foreign.section,
 }

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def check_main(data: dict[str, Any], stdout: str) -> None:
     """The ceiling, the drain, the enqueue, the take-over with default settings, leases under a
     saturated CPU, the dead-letter requeue at scale, the idle worker beside another queue's
-    backlog, and what storing results costs."""
+    backlog, what storing results costs, and what waiting delayed tasks cost."""
     assert data["ceiling"]["evalsha_per_s"] > 0
     for aof in ("drain", "drain_aof"):
         assert set(data[aof]) == {"default", "strict", "group_100", "inline_100"}
@@ -52,6 +52,9 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
     results = data["results"]
     assert results["ratio"] > 0 and min(results["plain_per_s"] + results["store_result_per_s"]) > 0
     assert results["latency_tasks"] > 0 and results["latency_p99_s"] >= results["latency_p50_s"] > 0
+    delays = data["delays"]
+    assert min(delays["none"] + delays["few"] + delays["many"]) > 0 and delays["bytes_per_waiting_task"] > 0
+    assert delays["lateness_tasks"] > 0 and delays["lateness_min_s"] >= 0, "a delayed task started before its due time"
     assert "machine:" in stdout
 
 

@@ -108,7 +108,7 @@ def test_status_shows_queue_names_streams_and_holders_escaped(hostile: RedisQueu
     assert "evil\\x1b[2K\\r\t" in result.stdout
     result = run(hostile, "status", "--streams")
     row = next(line for line in result.stdout.splitlines() if line.startswith("evil"))
-    assert row.startswith(f"evil\\x1b[2K\\r#{SHOWN}\t") and len(row.split("\t")) == 10
+    assert row.startswith(f"evil\\x1b[2K\\r#{SHOWN}\t") and len(row.split("\t")) == 11
     assert "host\\x1b]0;x\\x07/" in row
     result = run(hostile, "status", "--streams", "--json")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -131,3 +131,23 @@ def test_what_an_operator_acts_on_is_echoed_escaped(hostile: RedisQueueBackend) 
     result = CliRunner().invoke(main, ["--redis", hostile.url, "--prefix", hostile.keys.prefix, "status", "x\x1b[2K"])
     assert result.exit_code != 0 and "x\\x1b[2K" in result.stderr
     assert_inert(result.stderr)
+
+
+def test_schedules_list_shows_a_hostile_record_escaped(hostile: RedisQueueBackend) -> None:
+    """A schedule record anyone could write: its name (in the shard's index), rule, stream and
+    the replica that fired it last, each carrying control sequences."""
+    keys = hostile.keys
+    name = f"s{HOSTILE}"
+    shard = keys.shard_of("hooks-terminal")
+    hostile.client.sadd(keys.schedules(shard), name)
+    hostile.client.hset(
+        keys.schedule_record(shard, name),
+        mapping={"rule": f"every{HOSTILE}", "stream": f"hooks-terminal#{HOSTILE}", "by": f"r{HOSTILE}", "last": 1},
+    )
+    result = run(hostile, "schedules", "list")
+    assert_inert(result.stdout)
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("s")]
+    assert row.startswith(f"s{SHOWN}\thooks-terminal\tevery{SHOWN}\t") and len(row.split("\t")) == 12
+    result = run(hostile, "schedules", "list", "--json")
+    assert_inert(result.stdout)
+    assert json.loads(result.stdout)["fired_by"] == f"r{HOSTILE}"

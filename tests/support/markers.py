@@ -40,7 +40,7 @@ CLUSTER_FIXTURES = frozenset({"redis_cluster", "cluster_backend", "restored"})
 BROWSER_FIXTURES = frozenset({"browser", "page"})
 #: What a module that starts processes or servers of its own contains.
 PROCESS_SOURCE = re.compile(
-    r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\(|run_enqueue_drill)"
+    r"\b(subprocess|Popen|multiprocessing|os\.fork|RedisServer\(|Node\(|Sentinels\(|run_enqueue_drill|run_time_drill)"
 )
 
 
