@@ -23,10 +23,11 @@ from . import hooks
 from .backend.backend import RedisQueueBackend
 from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.protocol import RateLimit
-from .engine.ticks import CatchUp, Schedule, periodic_rule, validate_schedule_name
+from .engine.ticks import Schedule
 from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
 from .logs import log
 from .options import FifoOptions, OnExhausted, RetryPolicy
+from .periodic import Periodic
 from .task import (
     ID_LENGTH,
     NOW,
@@ -69,7 +70,7 @@ class Bind(Protocol):
     def __call__(self, func: Callable[P, T], /) -> FifoFunction[P, T]: ...
 
 
-class Registry:
+class Registry(Periodic):
     """The ``@fifo`` functions of one application, and the backend they enqueue to.
 
     ``registry.fifo(...)`` binds a function to a queue in this registry; a worker made with
@@ -176,69 +177,6 @@ class Registry:
             return self._add(FifoFunction(func, options, registry=self))
 
         return cast(Bind, bind)
-
-    def periodic(
-        self,
-        queue: str | None = None,
-        *,
-        every: float | dt.timedelta | None = None,
-        cron: str | None = None,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-        catch_up: CatchUp = "once",
-        version: int = 0,
-        schedule: str | None = None,
-        **options: Any,
-    ) -> Bind:
-        """Bind a function to an ordered queue, as ``fifo`` does (``options`` are ``fifo``'s),
-        and run it on a schedule: every tick enqueues exactly one task, fleet-wide, whichever
-        and however many workers consuming ``queue`` are alive (each of them fires the
-        schedule; Redis lets one of them per tick). Calling the function still enqueues.
-
-        - ``every`` (seconds or a ``timedelta``, ticks aligned to the epoch: ``every=60`` ticks on
-          the minute) or ``cron`` (a cron line, in UTC; ``pip install 'pyfiq[cron]'``).
-        - ``args`` / ``kwargs``: what each tick's task is called with (checked here).
-        - ``catch_up``: ticks that passed while no worker ran the schedule are enqueued
-          ``"once"`` (one task, the default), ``"skip"``-ped, or ``"all"`` enqueued, oldest first.
-        - ``schedule``: its name in Redis (default: the task name), its identity across deploys.
-          ``version``: a replica whose definition has a lower version than one Redis has seen
-          fires nothing, so bump it with a changed rule and the old replicas of a rolling deploy
-          stand down at once.
-
-        While the queue (or the schedule's stream) is paused, ticks enqueue nothing: they are
-        counted as skipped, and the first tick after the resume enqueues as usual.
-        """
-        rule = periodic_rule(every, cron, catch_up, version, schedule)
-        bind = self.fifo(queue, **options)
-        call_args, call_kwargs = tuple(args), dict(kwargs or {})
-
-        def bind_periodic(func: Callable[P, Any]) -> FifoFunction[P, Any]:
-            binding = bind(func)
-            binding.check_call(call_args, call_kwargs)
-            raw_key = binding.key(*call_args, **call_kwargs) if binding.key is not None else None
-            key = None if raw_key is None else validate_key(str(raw_key))
-            binding.schedule = Schedule(
-                name=validate_schedule_name(schedule or binding.name),
-                task=binding.name,
-                queue=binding.queue,
-                stream=stream_name(binding.queue, key),
-                rule=rule,
-                catch_up=catch_up,
-                version=version,
-                args=call_args,
-                kwargs=call_kwargs,
-                key=key,
-                expires_in_ms=expires_in_ms(binding.expires_in),
-            )
-            return binding
-
-        return cast(Bind, bind_periodic)
-
-    def schedules_of(self, queues: Iterable[str] | None) -> list[Schedule]:
-        """The schedules of this registry's functions on ``queues`` (None: on every queue)."""
-        wanted = None if queues is None else set(queues)
-        found = [f.schedule for f in list(self._functions.values()) if f.schedule is not None]
-        return [s for s in found if wanted is None or s.queue in wanted]
 
     def _add(self, binding: FifoFunction[P, R]) -> FifoFunction[P, R]:
         """Register ``binding`` under its task name; a name taken by another function warns and

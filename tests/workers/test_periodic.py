@@ -248,3 +248,16 @@ def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBa
     assert forgot.exit_code == 0 and redis_only.admin.schedules() == []
     again = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
     assert again.exit_code != 0 and "no schedule named" in again.output
+
+
+def test_a_schedule_name_fired_by_two_functions_is_refused(redis_only: RedisQueueBackend) -> None:
+    q, reg = qname(), Registry(redis_only)
+    reg.periodic(q, every=1, name=f"{q}.a", schedule="shared")(lambda: None)
+    with pytest.raises(pyfiq.ConfigurationError, match="already fired by"):
+        reg.periodic(q, every=1, name=f"{q}.b", schedule="shared")(lambda: None)
+    assert reg.lookup(f"{q}.b") is None, "nothing was bound"
+    again = reg.periodic(q, every=2, name=f"{q}.a", schedule="shared")(lambda: None)  # a redefinition
+    assert [s.rule.text for s in reg.schedules_of([q])] == ["every 2 s"] and again.schedule is not None
+    with pytest.raises(TypeError, match="nothing was bound"):
+        reg.periodic(q, every=1, name=f"{q}.c", args=(1, 2))(lambda x: None)
+    assert reg.lookup(f"{q}.c") is None
