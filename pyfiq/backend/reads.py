@@ -243,18 +243,16 @@ class Reads:
         with self.translated():
             found = sorted((as_text(n), shard) for shard, names in enumerate(pipe.execute()) for n in names)
             pipe = self.client.pipeline(transaction=False)
-            pipe.time()
             for name, shard in found:
                 pipe.hgetall(self.keys.schedule_record(shard, name))
                 pipe.smembers(self.keys.paused(shard))
             replies = pipe.execute()
-        seconds, micros = replies[0]
-        now = int(seconds) * 1000 + int(micros) // 1000
+            now = self.redis_now_ms()  # not pipelined: a cluster's pipeline refuses TIME
         out = []
         for i, (name, _) in enumerate(found):
-            record = {as_text(k): as_text(v) for k, v in replies[1 + 2 * i].items()}
+            record = {as_text(k): as_text(v) for k, v in replies[2 * i].items()}
             if record:
-                out.append(_schedule_view(name, record, {as_text(m) for m in replies[2 + 2 * i]}, now))
+                out.append(_schedule_view(name, record, {as_text(m) for m in replies[1 + 2 * i]}, now))
         return out
 
     def redis_now_ms(self) -> int:

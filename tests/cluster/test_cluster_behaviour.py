@@ -1,7 +1,8 @@
 """The behaviour suite again, on a real Redis Cluster (3 primaries, 3 replicas) through
 ``RedisQueueBackend(url, cluster=True)``: every worker test of ``tests/workers/test_worker.py``
-that runs on a backend, with both drivers, the keyed-stream tests, the asyncio tests and the
-results tests (a result's key and channel in its stream's slot).
+that runs on a backend, with both drivers, the keyed-stream tests, the asyncio tests, the
+results tests (a result's key and channel in its stream's slot) and the delayed and periodic
+tasks' (a stream's delayed tasks and a schedule's record in the stream's slot).
 
 Tests that take the ``backend`` (or ``rb``, ``rbackend``) fixture are collected here a second
 time with that fixture bound to the cluster; tests bound to a single server (killing it,
@@ -19,7 +20,7 @@ import pyfiq
 from pyfiq import RedisQueueBackend
 from pyfiq_harness.topologies import Cluster
 from tests.support.helpers import FAST, unique_prefix
-from tests.workers import test_asyncio, test_results, test_streams, test_worker
+from tests.workers import test_asyncio, test_periodic, test_results, test_streams, test_worker
 
 #: Fixtures that stand for "a backend on a real Redis" in the modules re-collected here.
 BACKEND_FIXTURES = {"backend", "rb", "rbackend"}
@@ -35,7 +36,7 @@ def _collect(module: Any) -> None:
             globals()[name] = value
 
 
-for _module in (test_worker, test_streams, test_asyncio, test_results):
+for _module in (test_worker, test_streams, test_asyncio, test_results, test_periodic):
     _collect(_module)
 
 start_worker = test_worker.start_worker
