@@ -223,3 +223,31 @@ def test_an_eta_in_the_past_joins_at_once(redis_backend: RedisQueueBackend) -> N
     enqueue(redis_backend, q, "past", due_spec(eta=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)))
     assert redis_backend.queue_info(q)["pending"] == 2
     assert drain(redis_backend, q) == ["a", "past"]
+
+
+def test_a_holder_that_lets_go_by_a_release_wakes_the_fleet_for_the_first_delayed_task(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """A stop or a yield releases the stream with delayed tasks left: it is scored at the first
+    one's due time, earlier than the lease expiry the shard's poller last saw, and a wake-up tells
+    the fleet to look again (and set its timer for it)."""
+    q = qname()
+    enqueue(redis_backend, q, "a")
+    enqueue(redis_backend, q, "d", due_spec(5))
+    listener = redis_backend.client.pubsub()
+    listener.subscribe(redis_backend.keys.wake(redis_backend.keys.shard_of(q)))
+    try:
+        lease = redis_backend.ops.parse_acquire(
+            q, redis_backend.call(redis_backend.ops.acquire(q, 5)), threading.Event(), time.monotonic()
+        )
+        assert lease is not None
+        while listener.get_message(timeout=0.2) is not None:
+            pass  # the subscription's confirmation
+        done = [entry.id for entry, _ in lease.initial]
+        assert redis_backend.call(redis_backend.ops.release(lease, done)) == 1
+        message = listener.get_message(timeout=2)
+    finally:
+        listener.close()
+    assert message is not None and message["data"] == str(redis_backend.keys.shard_of(q)).encode()
+    score = redis_backend.client.zscore(redis_backend.keys.stream(q).ready, q)
+    assert score is not None and 4_000 < score - redis_ms(redis_backend) <= 5_000

@@ -202,8 +202,10 @@ local function give_up_lease(s, delay)
   if redis.call('LLEN', s.pending) + redis.call('LLEN', s.inflight) > 0 then
     ready_set(r, s.stream, now_ms() + delay)
     if delay == 0 then wake(s.channel, s.shard) end
-  else
-    rest(r, s.stream, s.later)
+  elseif rest(r, s.stream, s.later) then
+    -- Scored at its first delayed task's due time, earlier than the lease's expiry the shard's
+    -- poller last saw: the wake-up makes it look again, and wake for that task.
+    wake(s.channel, s.shard)
   end
 end
 
