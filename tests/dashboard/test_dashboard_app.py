@@ -314,3 +314,24 @@ def test_a_task_is_found_by_its_id_with_its_state_and_result(backend: RedisQueue
     assert client.get(f"/task/{q}", params={"id": good.id, "key": "k\x00"}).status_code == 400
     unknown = client.get(f"/task/{q}", params={"id": "0" * 32}).text
     assert 'data-stat="state">unknown<' in unknown
+
+
+def test_the_schedules_page_shows_each_schedule_with_its_last_task(backend: RedisQueueBackend) -> None:
+    from pyfiq import ThreadedWorker
+    from pyfiq.functions import Registry
+
+    q = f"sched-{uuid.uuid4().hex[:6]}"
+    registry = Registry(backend)
+    registry.periodic(q, every=0.2, name=f"{q}.beat")(lambda: None)
+    with ThreadedWorker(backend, registry=registry, queues=[q]):
+        wait_for(lambda: any(v.fired >= 2 for v in backend.admin.schedules()))
+    backend.admin.pause(q)
+    page = TestClient(create_app(backend)).get("/schedules")
+    assert page.status_code == 200
+    row = re.search(rf'<tr data-schedule="{re.escape(q)}\.beat">(.*?)</tr>', page.text, flags=re.S)
+    assert row is not None, page.text
+    (view,) = backend.admin.schedules()
+    assert "every 200 ms" in row.group(1) and "paused" in row.group(1)
+    assert view.task_id is not None and f"?id={view.task_id}" in row.group(1)
+    assert re.search(r"data-task-state>(succeeded|unknown|pending)<", row.group(1))
+    assert 'href="/schedules"' in page.text, "the page is in the navigation"
