@@ -118,7 +118,7 @@ def test_pause_stops_the_queue_across_the_fleet_until_resumed(scene: Scene, page
 
 def test_read_only_shows_no_action(scene: Scene, page: Any) -> None:
     with serve(dashboard(scene, read_only=True)) as url:
-        for path in ("/", "/queue/stuck", "/queue/hooks", "/dead/work", "/dead/hooks", "/replicas"):
+        for path in ("/", "/queue/stuck", "/queue/hooks", "/dead/work", "/dead/hooks", "/replicas", "/schedules"):
             page.goto(url + path)
             assert page.locator("table").count() > 0, path
             assert page.locator('form[method="post"]').count() == 0, path
@@ -227,7 +227,7 @@ def test_the_pages_work_under_their_content_security_policy(scene: Scene, page: 
         "document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective));"
     )
     with serve(dashboard(scene, refresh=0.3)) as url:
-        for path in ("/", "/queue/stuck", "/queue/hooks", "/dead/work", "/dead/hooks", "/replicas"):
+        for path in ("/", "/queue/stuck", "/queue/hooks", "/dead/work", "/dead/hooks", "/replicas", "/schedules"):
             response = page.goto(url + path)
             assert response is not None and response.status == 200, path
             for name, value in HEADERS.items():
