@@ -294,13 +294,20 @@ class Reads:
         rows = [replies[2 + 9 * i : 11 + 9 * i] for i in range(len(streams))]
         marks: list[Any] = []
         running = [(i, Entry.load(row[6])) for i, row in enumerate(rows) if row[6] is not None]
-        if running:
+        # Delayed tasks already due have joined their stream (whether or not anything has moved
+        # them into its list yet): they count as pending.
+        delayed = [i for i, row in enumerate(rows) if row[8]]
+        if running or delayed:
             pipe = self.client.pipeline(transaction=False)
             for i, entry in running:
                 pipe.hmget(self.keys.stream(streams[i]).meta, [f"d:{entry.id}", f"s:{entry.id}"])
+            for i in delayed:
+                pipe.zcount(self.keys.stream(streams[i]).later, "-inf", now)
             with self.translated():
                 marks = pipe.execute()
-        mark_of = {i: m for (i, _), m in zip(running, marks, strict=True)}
+            for i, due in zip(delayed, marks[len(running) :], strict=True):
+                rows[i] = [int(rows[i][0]) + int(due), *rows[i][1:8], int(rows[i][8]) - int(due)]
+        mark_of = {i: m for (i, _), m in zip(running, marks, strict=False)}
         return [
             self._detail(stream, row, mark_of.get(i), now, blocked_after, heartbeats)
             for i, (stream, row) in enumerate(zip(streams, rows, strict=True))

@@ -188,6 +188,7 @@ SKIP = ScriptSpec(
         "counts",
         "results",
         "later",
+        "later_seq",
     ),
     "dead-letter a stream's head task as an operator, revoking its lease",
     changes_stream=True,

@@ -218,8 +218,11 @@ def plan(ticker: Ticker, now: float, encode: Encode) -> Advance | None:
         return Advance(ticker, "?", 0, (), ())
     redis_now = ticker.redis_now(now)
     if ticker.last is None:
-        # A schedule first seen: its ticks start after now, none is owed for the past.
-        return Advance(ticker, "", sched.rule.latest(redis_now), (), ())
+        # No record: a schedule first seen, or one forgotten by an operator or lost with Redis's
+        # data. Nothing is owed for the past, except a tick within its grace: that is one a
+        # replica that knew the record may be about to fire, and must not be recorded unfired.
+        latest = sched.rule.latest(redis_now)
+        return Advance(ticker, "", sched.rule.latest(redis_now - sched.grace_ms(latest)), (), ())
     following = sched.rule.after(ticker.last)
     if following > redis_now:
         ticker.wake = now + (following - redis_now) / 1000

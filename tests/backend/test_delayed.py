@@ -17,7 +17,7 @@ from pyfiq import ConfigurationError, RedisQueueBackend
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.protocol import AcquireReply
 from pyfiq.functions import Registry
-from pyfiq.task import Entry, TaskRecord, due_spec, new_task_id
+from pyfiq.task import EncodedTask, Entry, TaskRecord, due_spec, new_task_id
 
 
 def qname() -> str:
@@ -251,3 +251,42 @@ def test_a_holder_that_lets_go_by_a_release_wakes_the_fleet_for_the_first_delaye
     assert message is not None and message["data"] == str(redis_backend.keys.shard_of(q)).encode()
     score = redis_backend.client.zscore(redis_backend.keys.stream(q).ready, q)
     assert score is not None and 4_000 < score - redis_ms(redis_backend) <= 5_000
+
+
+def test_a_due_task_is_in_its_stream_before_anything_moved_it(redis_backend: RedisQueueBackend) -> None:
+    """On a paused queue nothing moves due tasks into the list, yet a due task has joined its
+    stream: its status says pending (with its place), the counts say so, and an operator's skip
+    reaches it as the head."""
+    q = qname()
+    redis_backend.admin.pause(q)
+    first = enqueue(redis_backend, q, "a")
+    late = enqueue(redis_backend, q, "d", due_spec(0.2))
+    waiting = enqueue(redis_backend, q, "w", due_spec(30))
+    time.sleep(0.3)
+    status = redis_backend.task_status(q, late)
+    assert (status.state, status.place) == ("pending", 1)
+    assert redis_backend.task_status(q, waiting).state == "scheduled"
+    counts = redis_backend.admin.stream_status(q)
+    assert (counts.pending, counts.scheduled) == (2, 1)
+    assert redis_backend.admin.skip(q) == first
+    assert redis_backend.admin.skip(q) == late, "the due task was the head"
+    assert redis_backend.task_status(q, late).state == "skipped"
+    assert redis_backend.task_status(q, waiting).state == "scheduled"
+
+
+def test_an_eta_whose_expiry_passes_first_by_redis_time_is_dead_lettered_unrun(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """The call refuses an ``expires_in`` that ends before an ``eta`` by this process's clock; a
+    producer whose clock is off can still send one that Redis's clock says expires first: it is
+    dead-lettered as expired when it falls due, never run and never lost."""
+    q = qname()
+    now = redis_ms(redis_backend)
+    task_id = new_task_id()
+    items = [
+        EncodedTask(task_id, 200, f"={now + 400}", TaskRecord("t", ["x"], {}).encode(redis_backend.settings.serializer))
+    ]
+    redis_backend.enqueuer.enqueue(q, items)
+    time.sleep(0.5)
+    assert drain(redis_backend, q) == []
+    assert redis_backend.task_status(q, task_id).state == "expired"

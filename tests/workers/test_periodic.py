@@ -207,12 +207,41 @@ def test_a_paused_queue_skips_its_ticks_and_the_first_after_the_resume_runs(redi
         assert redis_only.queue_info(q)["pending"] == 0, "a paused queue's schedule enqueued a tick"
         (view,) = redis_only.admin.schedules()
         assert view.paused and view.skipped >= 3
+        assert view.task_id is None, "a tick skipped while paused enqueued no task"
         redis_only.admin.resume(q)
         wait_until(lambda: len(ran) > count + 1, 10)
     finally:
         workers.stop()
     skipped = [t for t in ran if paused_at + 200 < t < paused_at + 1000]
     assert skipped == [], "no tick of the paused stretch ran, even after the resume"
+
+
+@pytest.mark.parametrize("loss", ["forget", "flush"])
+def test_a_forgotten_or_lost_record_skips_no_tick_while_a_worker_runs(redis_only: RedisQueueBackend, loss: str) -> None:
+    """An operator forgets the record mid-interval, or Redis loses every key (an empty restart):
+    the worker that knew it fires the next tick all the same."""
+    q, reg = qname(), Registry(redis_only)
+    ran: list[int] = []
+
+    @reg.periodic(q, every=0.5, name=f"{q}.beat")
+    def beat() -> None:
+        ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
+
+    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    try:
+        wait_until(lambda: len(ran) >= 2, 10)
+        now = redis_ms(redis_only)
+        time.sleep(max(0.0, 0.3 - (now % 500) / 1000))  # mid-interval
+        if loss == "forget":
+            assert redis_only.admin.forget_schedule(f"{q}.beat")
+        else:  # this prefix's keys, all of them: what an empty restart leaves of the app
+            redis_only.client.delete(*redis_only.client.scan_iter(f"{redis_only.keys.prefix}:*"))
+        lost_at = redis_ms(redis_only)
+        wait_until(lambda: len([t for t in ran if t > lost_at]) >= 3, 10)
+    finally:
+        workers.stop()
+    ticks = sorted(set(ran))
+    assert all(b - a == 500 for a, b in itertools.pairwise(ticks)), (lost_at, ticks)
 
 
 def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBackend, redis_server: Any) -> None:

@@ -24,7 +24,8 @@
     KEYS[9]      dead-letter index set of the shard
     KEYS[10]     per-minute counts of finished tasks of the stream's queue in this shard
     KEYS[11]     prefix of the stream's stored results (a result() waiter hears of the skip)
-    KEYS[12]     delayed tasks of the stream (not yet in it: a skip leaves them alone)
+    KEYS[12]     delayed tasks of the stream (those due join it first: one may be the head)
+    KEYS[13]     the counter ordering delayed tasks
     ARGV[1]      stream name
     ARGV[2]      dead-letter record header (a JSON object on one line)
     ARGV[3]      wake-up channel
@@ -46,6 +47,9 @@ local dlq_index = KEYS[9]
 local counts = KEYS[10]
 local results = KEYS[11]
 local later = KEYS[12]
+local later_seq = KEYS[13]
+-- A delayed task joins its stream at its due time, whether or not anything has moved it yet.
+promote({ pending = pending, later = later, later_seq = later_seq }, now_ms())
 local held = redis.call('GET', lease)
 local source = inflight
 local entry = nil

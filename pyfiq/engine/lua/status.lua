@@ -26,7 +26,8 @@
                                        leading entries the holder was given
     { 'pending', place, deliveries }   place: how many tasks of the stream are ahead of it,
                                        in flight included
-    { 'scheduled', due ms, now }       delayed: it joins the stream at its due time (Redis ms)
+    { 'scheduled', due ms, now }       delayed: it joins the stream at its due time (Redis ms);
+                                       once due it is 'pending', behind the stream's tasks
     { 'none', complete }               not found: complete = 1 when the whole pending list and
                                        every delayed task were looked through, 0 when either is
                                        longer than ARGV[2]
@@ -74,6 +75,7 @@ while from < total and from < limit do
   from = upto + 1
 end
 local waiting = redis.call('ZCARD', later)
+local now = now_ms()
 from = 0
 while from < waiting and from < limit do
   local upto = math.min(from + page, limit, waiting) - 1
@@ -81,7 +83,11 @@ while from < waiting and from < limit do
   for i = 1, #members, 2 do
     -- "<seq>|<entry>": the entry, hence its id, starts after the seq and its bar.
     if string.sub(members[i], SEQ_DIGITS + 2, SEQ_DIGITS + 1 + ID_LENGTH) == id then
-      return { 'scheduled', members[i + 1], now_ms() }
+      if tonumber(members[i + 1]) <= now then
+        -- Due: it has joined the stream, behind what it holds, whatever has moved it there yet.
+        return { 'pending', #flying + total + from + (i - 1) / 2, 0 }
+      end
+      return { 'scheduled', members[i + 1], now }
     end
   end
   from = upto + 1

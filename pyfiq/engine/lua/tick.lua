@@ -73,6 +73,8 @@ redis.call('HSET', record, 'last', ARGV[9], 'version', ARGV[6], 'rule', ARGV[7],
            'next', ARGV[10])
 if n == 0 then return { 'fired', now, ARGV[9], mine } end
 if is_paused(paused, ARGV[2]) then
+  -- The last tick enqueued nothing: the task of an earlier one is not its task.
+  redis.call('HDEL', record, 'task')
   redis.call('HINCRBY', record, 'skipped', n)
   return { 'paused', now, ARGV[9], mine }
 end
