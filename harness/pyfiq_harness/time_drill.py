@@ -5,15 +5,16 @@ each replica a ``python -m pyfiq worker pyfiq_harness.time_replica`` process:
 
 - ``ticks``: five replicas fire a 1 s schedule for ``seconds`` s, two of them with their wall
   clock shifted (one ahead, one behind, by the clock shim), while replicas are SIGKILLed and
-  started again one at a time. Every tick of the window is enqueued exactly once (one task id)
-  and ran; none was enqueued before its tick by Redis's clock, or a tick or more late.
+  started again one at a time, and an operator forgets the schedule's record once. Every tick of
+  the window is enqueued exactly once (one task id) and ran; none was enqueued before its tick
+  by Redis's clock, or a tick or more late.
 - ``deploy``: a rolling deploy from version 1 to version 2 of the schedule, one replica at a
   time. No tick is enqueued twice, none is missing, and once a version-2 replica has fired a
   tick no version-1 replica fires another.
 - ``delayed``: delayed tasks are enqueued, every replica is SIGKILLed before any falls due, and
   new replicas start after all are due. Each ran, and none started before its due time.
 
-The judge reads the replicas' journal (``time_replica``) and what Redis holds.
+The judge reads the journal the replicas write (``time_replica``).
 """
 
 from __future__ import annotations
@@ -210,8 +211,13 @@ def part_ticks(directory: Path, url: str, seconds: int, rng: random.Random) -> P
         now = redis_ms(client)
         start = now - now % 1000 + 2000
         end = start + seconds * 1000
+        forget_at = start + seconds * 1000 // 2 + rng.randrange(1000)
+        forgotten = False
         while redis_ms(client) < end:
             time.sleep(rng.uniform(1.5, 3.0))
+            if not forgotten and redis_ms(client) >= forget_at:
+                # An operator forgets the record mid-interval: the live replicas fire on.
+                forgotten = backend.admin.forget_schedule(SCHEDULE)
             victim = rng.choice(sorted(replicas.procs))
             killed.add(replicas.procs[victim].pid)
             replicas.kill(victim)
@@ -230,6 +236,7 @@ def part_ticks(directory: Path, url: str, seconds: int, rng: random.Random) -> P
         "executions": len(window),
         "distinct_ticks": len({line["tick"] for line in window}),
         "kills": kills,
+        "forgotten": forgotten,
         "lateness_ms_p50": late[len(late) // 2] if late else None,
         "lateness_ms_max": late[-1] if late else None,
         "fired_by_shifted": sum(1 for line in window if line["shift"]),

@@ -62,7 +62,7 @@ def test_time_holds_across_kills_clock_shifts_and_a_rolling_deploy(tmp_path: Pat
     by_part = {v.part: v for v in verdicts}
     assert [v.breaches for v in verdicts] == [[], [], []], {v.part: v.facts for v in verdicts}
     ticks = by_part["ticks"].facts
-    assert ticks["distinct_ticks"] == 30 and ticks["kills"] >= 5
+    assert ticks["distinct_ticks"] == 30 and ticks["kills"] >= 5 and ticks["forgotten"]
     assert ticks["fired_by_shifted"] > 0, "the replicas with shifted clocks fired ticks too"
     deploy = by_part["deploy"].facts
     assert deploy["v1_ticks"] > 0 and deploy["v2_ticks"] > 0
