@@ -40,7 +40,7 @@ def _idle(backend: RedisQueueBackend, queues: list[str]) -> bool:
     for stream in backend.active_streams():
         if stream.split("#", 1)[0] in queues:
             info = backend.queue_info(stream)
-            if info["pending"] or info["inflight"]:
+            if info["pending"] or info["inflight"] or info["scheduled"]:
                 return False
     return True
 
@@ -54,9 +54,9 @@ def drain(
     registry: Registry | None = None,
 ) -> None:
     """Run a worker of ``registry`` (default: the registry of ``@pyfiq.fifo``) on ``queues``
-    until none of their streams holds a task (done or dead-lettered), then stop it. Raises
-    ``TimeoutError`` if that takes longer than ``timeout`` seconds (a task that blocks its
-    queue, say)."""
+    until none of their streams holds a task (done or dead-lettered), delayed ones included,
+    then stop it. Raises ``TimeoutError`` if that takes longer than ``timeout`` seconds (a task
+    that blocks its queue, or one delayed beyond it)."""
     names = list(queues)
     deadline = time.monotonic() + timeout
     with ThreadedWorker(backend, registry=registry, queues=names, concurrency=concurrency):

@@ -20,7 +20,8 @@ def census(run: RunFacts) -> Finding:
     starts = [e for e in run.executions.lines if e["event"] == "start"]
     ends = [e for e in run.executions.lines if e["event"] == "end"]
     span = (max(e["t"] for e in ends) - min(e["t"] for e in starts)) if ends and starts else 0.0
-    first_count = len({(e["queue"], e["seq"]) for e in starts})
+    # Tasks the producers and faults enqueued; the schedule's ticks are counted by check_ticks.
+    first_count = len({(e["queue"], e["seq"]) for e in starts if "tick" not in e})
     fault_counts = Counter(f["kind"] for f in run.faults)
     if run.stops:
         fault_counts["graceful-stop"] = len(run.stops)
@@ -67,7 +68,8 @@ def check_lost_tasks(run: RunFacts) -> Finding:
 
 
 def check_first_execution_order(run: RunFacts) -> Finding:
-    """On each queue, first executions follow Redis's acceptance order."""
+    """On each queue, first executions follow the order tasks joined it: Redis's acceptance
+    order, a delayed task taking its place at its due time (``facts._join_key``)."""
     finding = Finding(figures={"order_violations": len(run.report.order_violations)})
     for q, firsts in run.report.order_violations.items():
         expected = [s for s in run.accepted.seqs[q] if s in set(firsts)]
@@ -292,8 +294,8 @@ def check_handoffs(run: RunFacts) -> Finding:
                 continue
             starts = run.executions.starts_by_queue[q]
             nxt = next((e for e in starts if e["t"] > finish[0] and e["pid"] != s["pid"]), None)
-            if nxt is None or run.accepted.at.get((q, nxt["seq"]), float("inf")) > finish[0]:
-                continue  # the queue had nothing more to hand over
+            if nxt is None or run.accepted.available.get((q, nxt["seq"]), float("inf")) > finish[0]:
+                continue  # the queue had nothing more to hand over (a delayed task was not due yet)
             handoffs.append(nxt["t"] - finish[0])
     if handoffs and max(handoffs) >= run.lease_ttl:
         finding.breaches.append(f"a graceful hand-off took {max(handoffs):.2f}s, as long as a lease TTL: no hand-off")

@@ -25,7 +25,7 @@ from pyfiq.ops.scenario_tasks import (
 from .enqueue_drill import FAULTS, run_enqueue_drill
 from .facts import read_accepted
 from .journal import Event
-from .producers import produce
+from .producers import MAX_DELAY, MIN_DELAY, produce
 from .profiles import FAULT_KINDS, PROFILES
 from .scenario import _wait_drained, read_dead_letters, run_scenario
 from .verdict import verify
@@ -114,6 +114,8 @@ def run_command(
               help="Directory of the acceptance journal.")  # fmt: skip
 @click.option("--max-seconds", default=600.0, show_default=True, type=float)
 @click.option("--fail-every", default=97, show_default=True, type=int, help="Every Nth task fails once (0: none).")
+@click.option("--delayed", default=0.2, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help=f"Share of tasks enqueued with a delay of {MIN_DELAY}-{MAX_DELAY} s.")  # fmt: skip
 def producer_command(
     url: str,
     prefix: str,
@@ -125,6 +127,7 @@ def producer_command(
     journal_dir: Path,
     max_seconds: float,
     fail_every: int,
+    delayed: float,
 ) -> None:
     """Enqueue journaled scenario tasks, recording each acceptance; SIGTERM ends it cleanly."""
     stop = threading.Event()
@@ -146,6 +149,7 @@ def producer_command(
         journal_dir=journal_dir,
         max_seconds=max_seconds,
         fail_every=fail_every,
+        delayed=delayed,
         stop=stop,
     )
     click.echo(f"producer {producer}: {accepted} tasks accepted")

@@ -166,7 +166,11 @@ def check_requeues(run: RunFacts) -> Finding:
                 f"{stream}: {len(inside)} other tasks started in the middle of the requeued ones, e.g. "
                 f"#{inside[0]['seq']} {inside[0]['t'] - low:.3f}s after the first requeued one"
             )
-        pending = {a["task_id"] for a in accepted if a["t"] <= f["t"] and a["task_id"] not in ids}
+        pending = {
+            a["task_id"]
+            for a in accepted
+            if run.accepted.available.get((a["queue"], a["seq"]), a["t"]) <= f["t"] and a["task_id"] not in ids
+        }
         # Counted from when the requeue had certainly taken effect: a holder may start tasks
         # while the call is on its way.
         ahead = [e for e in fresh if e["task_id"] in pending and f["t_returned"] < e["t"] < low]
@@ -259,7 +263,8 @@ def _vandal_stall(run: RunFacts, f: Event) -> float | None:
         return None
     if any(g["kind"] != "vandal" and run.window(g)[0] <= start["t"] and run.window(g)[1] >= f["t"] for g in run.causes):
         return None
-    took: float = start["t"] - max(f["t_end"], first["t"])
+    # A delayed task behind them could not start before its due time.
+    took: float = start["t"] - max(f["t_end"], run.accepted.available.get((q, first["seq"]), first["t"]))
     return took
 
 

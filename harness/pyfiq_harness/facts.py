@@ -5,6 +5,8 @@ verdict types the checkers fill.
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pyfiq.ops.scenario_tasks import (
     read_journal,
 )
 
-from .journal import ACCEPTED_GLOB, EXECUTIONS, FAULTS, Event, read_lines
+from .journal import ACCEPTED_GLOB, EXECUTIONS, FAULTS, TICKS, Event, read_lines
 from .profiles import EVERYSEC_WINDOW, EXPLAINING_FAULTS, INJECTOR, PAUSE_FAULTS, REDIS_FAULTS, TAKEOVER_SLACK
 
 
@@ -50,15 +52,72 @@ def _fault_window(f: Event, ttl: float, poll: float) -> tuple[float, float]:
     return start, end + ttl + poll + TAKEOVER_SLACK
 
 
+@dataclass(frozen=True)
+class RedisClock:
+    """Redis's wall clock over a run: each Redis process in turn reads this machine's clock
+    shifted by a fixed offset (the ``clock`` fault's shim, ``clock_shift.c``), which only a
+    restart changes. It puts a Redis time (a due time, a tick, an enqueue's stamp) on this
+    machine's clock, the one replicas journal their starts by, to the microsecond.
+
+    A process's span is counted from when the one before it was certainly down (``t_down``). It
+    came up a little later; the earlier bound only makes a due time that a new process's clock
+    was already past when it came up count as reached while no Redis was up at all, when
+    nothing can be handed out, so no check built on it is wrong, only that much more lenient."""
+
+    #: (machine time from which, shift in ms) per Redis process, in order; the first from -inf.
+    spans: tuple[tuple[float, int], ...] = ((-math.inf, 0),)
+
+    @classmethod
+    def of(cls, faults: Sequence[Event]) -> RedisClock:
+        restarts = sorted(
+            (f for f in faults if f["kind"] in REDIS_FAULTS and "t_down" in f), key=lambda f: float(f["t_down"])
+        )
+        first = int(restarts[0].get("previous_shift_ms", 0)) if restarts else 0
+        later = tuple((float(f["t_down"]), int(f.get("shift_ms", 0))) for f in restarts)
+        return cls(((-math.inf, first), *later))
+
+    def span_at(self, t: float) -> int:
+        """The index of the span (Redis process) under way at machine time ``t``."""
+        return max(i for i, (since, _) in enumerate(self.spans) if since <= t)
+
+    def shift_at(self, t: float) -> int:
+        return self.spans[self.span_at(t)][1]
+
+    def reached(self, redis_ms: int, after: float = -math.inf) -> tuple[int, int]:
+        """When Redis's clock first read ``redis_ms`` or later, from the span under way at
+        machine time ``after`` on (a delayed task's enqueue: a clock that read its due time
+        before the task existed is no matter), as (machine time in µs, span).
+
+        Redis calls a time due once its clock, in whole ms, reads it: from ``redis_ms`` * 1000
+        µs on its own clock, so from that minus its shift on this machine's."""
+        first = self.span_at(after)
+        for i, (since, shift) in enumerate(self.spans):
+            if i < first:
+                continue
+            at = (redis_ms - shift) * 1000
+            if i > 0:
+                at = max(at, math.ceil(since * 1e6))
+            if i + 1 == len(self.spans) or at < self.spans[i + 1][0] * 1e6:
+                return at, i
+        raise AssertionError("the last span never ends")
+
+    def latest_tick(self, t: float, every_ms: int) -> int:
+        """The last tick of an ``every_ms`` schedule at or before machine time ``t`` by Redis's
+        clock then (ticks are aligned to Redis's clock)."""
+        now = math.floor(t * 1000) + self.shift_at(t)
+        return now - now % every_ms
+
+
 @dataclass
 class Acceptances:
-    """What Redis accepted, per queue in Redis's own order (exact across producers)."""
+    """What Redis accepted, per queue in the order tasks joined it (exact across producers)."""
 
-    #: Acceptances whose place is known, per queue, in Redis's order.
+    #: Acceptances whose place is known, per queue, in the order they joined it.
     exact: dict[str, list[Event]]
     #: The same, as sequence numbers.
     seqs: dict[str, list[int]]
-    #: Accepted on a retry (``duplicate``): the task is in, its place is unknown.
+    #: Accepted on a retry (``duplicate``), or delayed around a Redis clock set back (see
+    #: ``_set_back_ambiguous``): the task is in, its place is unknown.
     unsure: list[Event]
     #: Enqueues the producers gave up on.
     failed: int
@@ -67,21 +126,45 @@ class Acceptances:
     #: (queue, seq) -> when the producer had the acceptance back.
     at: dict[tuple[str, int], float]
     producers: set[str]
+    #: (queue, seq) -> from when a worker could take the task (machine time): its acceptance,
+    #: or for a delayed task the later of that and when Redis's clock reached its due time.
+    available: dict[tuple[str, int], float] = field(default_factory=dict)
+    #: Every delayed acceptance (``delay_ms``), exact or not, in the producers' order.
+    delayed: list[Event] = field(default_factory=list)
 
     @classmethod
-    def of(cls, lines: list[Event]) -> Acceptances:
+    def of(cls, lines: list[Event], clock: RedisClock | None = None, journal: Sequence[Event] = ()) -> Acceptances:
+        """``lines``: the acceptance journals (their Redis times on this machine's clock, see
+        ``_unshift_redis_clock``); ``journal``: the execution journal, whose enqueue stamps
+        place each task that ran to the ms (see ``_join_key``)."""
+        clock = clock or RedisClock()
+        enqueued: dict[str, int] = {}
+        first_start: dict[str, float] = {}
+        for e in sorted(journal, key=lambda e: e["t"]):
+            if "enqueued_ms" in e:
+                enqueued.setdefault(e["task_id"], int(e["enqueued_ms"]))
+            if e["event"] == "start":
+                first_start.setdefault(e["task_id"], e["t"])
         exact: dict[str, list[Event]] = defaultdict(list)
         unsure: list[Event] = []
         failed = 0
         for line in lines:
-            if line["status"] == "accepted":
+            if line["status"] == "accepted" and not ("delay_ms" in line and line.get("due") is None):
                 exact[line["queue"]].append(line)
-            elif line["status"] == "duplicate":
+            elif line["status"] in ("accepted", "duplicate"):
                 unsure.append(line)
             else:
                 failed += 1
-        for q_lines in exact.values():
-            q_lines.sort(key=lambda e: (e["order"][0], e["order"][1]))
+        for q, q_lines in exact.items():
+            joins = [(line, *_join_key(line, clock, enqueued)) for line in q_lines]
+            ambiguous = _set_back_ambiguous(joins, clock, first_start)
+            unsure += [line for line in q_lines if id(line) in ambiguous]
+            joins.sort(key=lambda j: j[1])
+            exact[q] = [line for line, *_ in joins if id(line) not in ambiguous]
+        available = {(e["queue"], e["seq"]): e["t"] for e in lines if "t" in e}
+        for e in lines:
+            if e.get("due") is not None and "t" in e:
+                available[(e["queue"], e["seq"])] = max(e["t"], due_reached(e, clock)[0] / 1e6)
         return cls(
             exact=exact,
             seqs={q: [e["seq"] for e in q_lines] for q, q_lines in exact.items()},
@@ -92,7 +175,136 @@ class Acceptances:
             ),
             at={(e["queue"], e["seq"]): e["t"] for e in lines if "t" in e},
             producers={e["producer"] for e in lines if e.get("producer") not in (None, INJECTOR)},
+            available=available,
+            delayed=[e for e in lines if "delay_ms" in e and e["status"] != "failed"],
         )
+
+
+@dataclass
+class Ticks:
+    """The periodic schedule the replicas ran: what its tasks journaled, and what the runner
+    found at the end (``ticks.json``: Redis's record of the schedule, the tick tasks Redis still
+    held, and the window in which the fleet ran it)."""
+
+    #: The schedule's interval in ms (None: no tick ran and the runner wrote nothing of it).
+    every_ms: int | None
+    #: Start lines of tick tasks, in time order.
+    starts: list[Event]
+    #: Tick -> the task ids that started for it.
+    ran: dict[int, set[str]]
+    #: Task ids of tick tasks that ran to an end line.
+    ended: set[str]
+    #: Tick -> task ids still pending or in flight when every replica had stopped, never run.
+    left: dict[int, set[str]]
+    #: Tick -> task ids dead-lettered.
+    dead: dict[int, set[str]]
+    #: Redis's record at the end: ``last`` tick (Redis ms), ``fired`` and ``skipped`` counts;
+    #: None if not read.
+    record: dict[str, int | None] | None
+    #: (fleet ready, queues drained), machine time; None if not known.
+    window: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, journal: Sequence[Event], facts: dict[str, Any] | None) -> Ticks:
+        lines = sorted((e for e in journal if "tick" in e), key=lambda e: e["t"])
+        starts = [e for e in lines if e["event"] == "start"]
+        ran: dict[int, set[str]] = defaultdict(set)
+        for e in starts:
+            ran[int(e["tick"])].add(e["task_id"])
+        facts = facts or {}
+        left: dict[int, set[str]] = defaultdict(set)
+        for t in facts.get("left", ()):
+            left[int(t["tick"])].add(t["task_id"])
+        dead: dict[int, set[str]] = defaultdict(set)
+        for t in facts.get("dead", ()):
+            dead[int(t["tick"])].add(t["task_id"])
+        window = facts.get("window")
+        every = facts.get("every_ms") or next((e.get("every_ms") for e in starts if e.get("every_ms")), None)
+        return cls(
+            every_ms=int(every) if every else None,
+            starts=starts,
+            ran=ran,
+            ended={e["task_id"] for e in lines if e["event"] == "end"},
+            left=left,
+            dead=dead,
+            record=facts.get("record"),
+            window=(float(window[0]), float(window[1])) if window else None,
+        )
+
+    @property
+    def present(self) -> bool:
+        return bool(self.starts or self.every_ms)
+
+    def ids(self) -> dict[int, set[str]]:
+        """Tick -> every task id known for it: started, left in the stream, dead-lettered."""
+        out: dict[int, set[str]] = defaultdict(set)
+        for source in (self.ran, self.left, self.dead):
+            for tick, ids in source.items():
+                out[tick] |= ids
+        return out
+
+
+def due_reached(line: Event, clock: RedisClock) -> tuple[int, int]:
+    """When Redis's clock reached the due time of delayed acceptance ``line`` (which has one),
+    from its enqueue on: (machine time in µs, span)."""
+    return clock.reached(int(line["due"]), after=int(line["order"][0]) / 1e6)
+
+
+#: Where a task joined its queue: a sort key, the span (Redis process) it joined under, and
+#: the Redis ms of its joining by that process's clock.
+JoinKey = tuple[tuple[int, ...], int, int]
+
+
+def _join_key(line: Event, clock: RedisClock, enqueued: dict[str, int]) -> JoinKey:
+    """Where an accepted task joined its queue, in the order tasks join it.
+
+    A task enqueued at once joins at its enqueue; a delayed one at its due time, behind every
+    task enqueued while Redis's clock read that ms or later (whatever adds to a stream first
+    moves the tasks due by then: ``promote`` in lib.lua), ahead of every task enqueued before.
+    So a delayed task goes ahead of a task enqueued at once iff its due time is at most that
+    task's enqueue stamp, both in Redis ms of one Redis process: compared on this machine's
+    clock, (due - shift) * 1000 µs against (stamp - shift) * 1000 µs, ties to the delayed task.
+    The stamp is the one the enqueue script wrote into the entry, which the replica journals
+    (``enqueued_ms``); a task that never started is placed by the TIME read after its enqueue,
+    a ms late at most, which matters to no check (only started tasks are ordered). Delayed
+    tasks that fall due together join by due time, then in enqueue order (the acceptance
+    counter's): a Redis restarted with its clock set forward finds several due at once.
+    """
+    order_us, counter = int(line["order"][0]), int(line["order"][1])
+    due = line.get("due")
+    if due is not None:
+        reached_us, span = due_reached(line, clock)
+        return (reached_us, 0, int(due), counter), span, int(due)
+    shift = int(line.get("redis_clock_shift_ms", 0))
+    stamp = enqueued.get(line["task_id"], (order_us + shift * 1000) // 1000)
+    return ((stamp - shift) * 1000, 1, order_us, counter), clock.span_at(order_us / 1e6), stamp
+
+
+def _set_back_ambiguous(
+    joins: list[tuple[Event, tuple[int, ...], int, int]], clock: RedisClock, first_start: dict[str, float]
+) -> set[int]:
+    """The delayed tasks of one queue whose place no journal can tell (``id()`` of their lines).
+
+    A Redis process restarted with its clock set back reads again due times its predecessor's
+    clock had passed. A delayed task due under the old process joined at once if something
+    added to its stream (or took from it) before the restart, else only when the new clock reads
+    its due time again, behind whatever the new process accepted until then: which one, nothing
+    journals. So such a task's place is unknown if it had not started by the restart and a task
+    of the new process (or a later one) joined its queue at a Redis time before its due time.
+    Without a clock set back no such task exists: a later process's clock reads past every due
+    time an earlier one reached."""
+    out: set[int] = set()
+    for line, _, span, due in joins:
+        if "delay_ms" not in line or span + 1 == len(clock.spans):
+            continue
+        started = first_start.get(line["task_id"], math.inf)
+        if started < clock.spans[span + 1][0]:
+            continue  # it had joined before its Redis process went down
+        if any(
+            other_span > span and clock.spans[other_span][0] < started and raw < due for _, _, other_span, raw in joins
+        ):
+            out.add(id(line))
+    return out
 
 
 @dataclass
@@ -192,6 +404,10 @@ class RunFacts:
     remaining: dict[str, int] | None
     unexpected_exits: Sequence[Event]
     log_counts: dict[str, int] | None
+    #: Redis's clock over the run, from its restarts.
+    clock: RedisClock = field(default_factory=RedisClock)
+    #: The periodic schedule the replicas ran (none if they ran none).
+    ticks: Ticks = field(default_factory=lambda: Ticks.of([], None))
 
     @classmethod
     def read(
@@ -216,10 +432,13 @@ class RunFacts:
                 if d.get("seq") is not None:
                     dead[d["queue"]].append(int(d["seq"]))
         _unshift_redis_clock(accepted_lines, faults)
+        clock = RedisClock.of(faults)
+        ticks_path = run_dir / TICKS
+        tick_facts = json.loads(ticks_path.read_text()) if ticks_path.exists() else None
         return cls(
             lease_ttl=lease_ttl,
             poll_interval=poll_interval,
-            accepted=Acceptances.of(accepted_lines),
+            accepted=Acceptances.of(accepted_lines, clock, journal),
             executions=Executions.of(journal),
             faults=faults,
             causes=faults + _gil_holds(journal, faults),
@@ -228,6 +447,8 @@ class RunFacts:
             remaining=remaining,
             unexpected_exits=unexpected_exits,
             log_counts=log_counts,
+            clock=clock,
+            ticks=Ticks.of(journal, tick_facts),
         )
 
     @property
@@ -440,6 +661,8 @@ def _unshift_redis_clock(accepted_lines: list[Event], faults: list[Event]) -> No
         shift = min(sorted(shifts), key=distance)
         if shift:
             e["order"] = [int(e["order"][0] - shift * 1000), e["order"][1]]
+            if "order_from" in e:
+                e["order_from"] = int(e["order_from"] - shift * 1000)
             e["redis_clock_shift_ms"] = shift
 
 

@@ -17,6 +17,8 @@ Event = dict[str, Any]
 EXECUTIONS = "executions.jsonl"
 FAULTS = "faults.jsonl"
 DEAD_LETTERS = "dead-letters.jsonl"
+#: What the runner found of the replicas' periodic schedule (``scenario.Scenario.collect``).
+TICKS = "ticks.json"
 ACCEPTED_GLOB = "accepted-*.jsonl"
 #: Sequence numbers of one producer run: ``producer number * SEQ_BLOCK + n``.
 SEQ_BLOCK = 10_000_000

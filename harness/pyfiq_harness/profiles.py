@@ -74,6 +74,11 @@ class Profile:
     shards: int = 4
     #: Every this-many-th task fails its first attempt (a retry in place).
     fail_every: int = 97
+    #: The share of producer tasks enqueued with a delay (``producers.MIN_DELAY``-``MAX_DELAY`` s).
+    delayed: float = 0.2
+    #: Seconds between the ticks of the periodic schedule every replica runs on a queue of its
+    #: own (``pyfiq.ops.scenario_tasks.TICK_QUEUE``); 0: none.
+    tick_every: float = 1.0
     #: Relative weights of random faults; a kind missing here is left out of the random mix
     #: unless asked for by name.
     weights: tuple[tuple[str, float], ...] = (

@@ -22,17 +22,23 @@ import redis
 
 from pyfiq.backend.backend import RedisQueueBackend
 from pyfiq.config import Settings
+from pyfiq.engine.ticks import TICK_HEADER
+from pyfiq.errors import DecodeError
 from pyfiq.ops.scenario_tasks import (
     EXTRA_QUEUES_ENV,
     JOURNAL_ENV,
     QUEUES,
+    TICK_QUEUE,
+    TICK_SCHEDULE,
+    TICKS_ENV,
     queue_names,
 )
+from pyfiq.task import Entry, TaskRecord
 
 from .facts import Verdict
 from .fleet import Fleet, replica_argv
 from .injector import Injector
-from .journal import DEAD_LETTERS, EXECUTIONS, FAULTS, Event, JournalTail
+from .journal import DEAD_LETTERS, EXECUTIONS, FAULTS, TICKS, Event, JournalTail
 from .producers import producer_argv
 from .profiles import Profile
 from .proxy import FaultProxy
@@ -107,6 +113,9 @@ class Scenario:
         self.dead_letters: list[Event] = []
         self.log_counts: dict[str, int] = {}
         self.unexpected: list[Event] = []
+        #: When every replica was first ready, and when the queues drained (the window in which
+        #: the fleet ran the periodic schedule).
+        self.t_ready = self.t_drained = 0.0
 
     def run(self) -> Result:
         """Every step in order; whatever was started is torn down even if a step fails."""
@@ -163,7 +172,7 @@ class Scenario:
             url,
             prefix=self.prefix,
             shards=p.shards,
-            queues=self.queues,
+            queues=[*self.queues, TICK_QUEUE] if p.tick_every else self.queues,
             lease_ttl=p.lease_ttl,
             poll_interval=p.poll_interval,
             max_deliveries=p.max_deliveries,
@@ -182,6 +191,8 @@ class Scenario:
         extra = [q for q in self.queues if q not in QUEUES]
         if extra:
             env[EXTRA_QUEUES_ENV] = ",".join(extra)
+        if self.profile.tick_every:
+            env[TICKS_ENV] = str(self.profile.tick_every)
         return env
 
     def start_fleet(self) -> None:
@@ -203,6 +214,7 @@ class Scenario:
         for name in self.names:
             self.fleet.spawn(name)
         self.fleet.wait_ready(self.names)
+        self.t_ready = time.time()
 
     def start_producers(self) -> None:
         """Start the producer processes (the compose ``producer`` command), each with its log."""
@@ -219,6 +231,7 @@ class Scenario:
                 journal_dir=self.run_dir,
                 max_seconds=p.duration + 30,
                 fail_every=p.fail_every,
+                delayed=p.delayed,
             )
             with open(self.run_dir / "logs" / f"producer-{i}.log", "wb") as out:
                 self.producers.append(popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT))
@@ -292,8 +305,9 @@ class Scenario:
     def drain(self) -> None:
         """Wait until the queues are empty, then stop every replica gracefully, which hands
         every lease over."""
-        streams = [*self.queues, *self.injector.streams]
+        streams = [*self.queues, *self.injector.streams, *([TICK_QUEUE] if self.profile.tick_every else [])]
         self.remaining = _wait_drained(self.observer, streams, self.profile.drain_timeout, self.fleet)
+        self.t_drained = time.time()
         self.fleet.reap()
         for name in self.names:
             if self.fleet.alive(name):
@@ -306,6 +320,10 @@ class Scenario:
         (self.run_dir / DEAD_LETTERS).write_text("".join(json.dumps(d) + "\n" for d in self.dead_letters))
         self.log_counts = self.fleet.log_counts()
         self.unexpected = list(self.fleet.unexpected)
+        if self.profile.tick_every:
+            ticks = read_ticks(self.observer, TICK_QUEUE, TICK_SCHEDULE)
+            ticks |= {"every_ms": round(self.profile.tick_every * 1000), "window": [self.t_ready, self.t_drained]}
+            (self.run_dir / TICKS).write_text(json.dumps(ticks))
         if self.redis_url is not None:
             with contextlib.suppress(redis.RedisError):
                 keys = list(self.observer.client.scan_iter(match=f"{self.prefix}:*", count=1000))
@@ -373,10 +391,52 @@ def read_dead_letters(backend: RedisQueueBackend, queues: Sequence[str]) -> list
     return out
 
 
+def read_ticks(backend: RedisQueueBackend, queue: str, schedule: str) -> Event:
+    """What Redis holds of a periodic schedule once no replica runs it any more, for the checker:
+    its record (``last`` tick, ``fired`` and ``skipped`` counts; None if Redis did not answer),
+    and the tick tasks still in its stream (``left``: pending, in flight or delayed) or
+    dead-lettered (``dead``), each as its task id and tick."""
+    k = backend.keys.stream(queue)
+    try:
+        pipe = backend.client.pipeline(transaction=False)
+        pipe.hgetall(backend.keys.schedule(schedule, queue).record)
+        pipe.lrange(k.inflight, 0, -1).lrange(k.pending, 0, -1).zrange(k.later, 0, -1)
+        stored, inflight, pending, later = pipe.execute()
+        dead = backend.dead_letters(queue, 100_000)
+    except redis.RedisError:
+        return {"record": None, "left": [], "dead": []}
+    record = {name.decode(): value.decode() for name, value in stored.items()}
+    left = []
+    # A delayed member is "<seq>|<entry>" (lib.lua): the entry follows the first bar.
+    for raw in [*inflight, *pending, *(m.partition(b"|")[2] for m in later)]:
+        entry = Entry.load(raw)
+        with contextlib.suppress(DecodeError):
+            tick = (TaskRecord.decode(entry.payload, backend.settings.serializer).headers or {}).get(TICK_HEADER)
+            if tick is not None:
+                left.append({"task_id": entry.id, "tick": int(tick)})
+    gone = []
+    for d in dead:
+        tick = (d.record.headers or {}).get(TICK_HEADER) if d.record is not None else None
+        if tick is not None:
+            gone.append({"task_id": d.task_id, "tick": int(tick), "reason": d.reason})
+    return {
+        "record": {
+            "last": int(record["last"]) if record.get("last") else None,
+            "fired": int(record.get("fired", 0)),
+            "skipped": int(record.get("skipped", 0)),
+        }
+        if record
+        else None,
+        "left": left,
+        "dead": gone,
+    }
+
+
 def _wait_drained(
     backend: RedisQueueBackend, queues: Sequence[str], timeout: float, fleet: Fleet | None = None
 ) -> dict[str, int]:
-    """Wait until no queue has pending or in-flight tasks; returns what is left per queue."""
+    """Wait until no queue has pending, in-flight or delayed tasks; returns what is left per
+    queue. (``queue_info`` leaves delayed tasks out: they are counted from the stream's later set.)"""
     deadline = time.monotonic() + timeout
     left: dict[str, int] = {}
     while True:
@@ -384,7 +444,8 @@ def _wait_drained(
             left = {}
             for q in queues:
                 info = backend.queue_info(q)
-                left[q] = int(info["pending"]) + int(info["inflight"])
+                delayed = int(backend.client.zcard(backend.keys.stream(q).later))
+                left[q] = int(info["pending"]) + int(info["inflight"]) + delayed
             if not any(left.values()):
                 return left
         except (redis.ConnectionError, redis.TimeoutError):

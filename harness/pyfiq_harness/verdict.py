@@ -31,6 +31,7 @@ from .drill_checks import (
 )
 from .facts import Finding, RunFacts, Verdict
 from .journal import Event
+from .schedule_checks import check_delayed_tasks, check_ticks
 
 CHECKERS: tuple[Callable[[RunFacts], Finding], ...] = (
     census,
@@ -43,6 +44,8 @@ CHECKERS: tuple[Callable[[RunFacts], Finding], ...] = (
     check_redis_restarts,
     check_fencing_order,
     check_timed_out_stops,
+    check_delayed_tasks,
+    check_ticks,
     check_skips,
     check_pauses,
     check_requeues,
@@ -67,8 +70,11 @@ STATS_ORDER = (
     "pause_wait_max", "pause_holders_confirmed", "pause_holders_unconfirmed", "starts_while_paused",
     "starts_while_paused_after_a_freeze", "requeues", "requeued_tasks", "requeues_paged",
     "requeue_pending_ran_before_max", "requeue_pending_ran_after", "vandal_entries", "vandal_entries_lost",
-    "vandal_entries_misfiled", "vandal_stall_max", "gil_tasks_dead_lettered_as", "throughput_tasks_per_s", "span_s",
-    "replica_log_counts",
+    "vandal_entries_misfiled", "vandal_stall_max", "gil_tasks_dead_lettered_as", "delayed", "delayed_started",
+    "delayed_place_unknown", "delayed_due_unknown", "delayed_early_starts", "delayed_wait_max", "delayed_wait_median",
+    "ticks", "tick_tasks", "ticks_fired_by_redis", "ticks_skipped_by_redis", "ticks_twice",
+    "ticks_twice_lost_to_redis_durability", "ticks_missing", "ticks_left_at_end", "tick_early_starts", "tick_lag_max",
+    "tick_lag_median", "throughput_tasks_per_s", "span_s", "replica_log_counts",
 )  # fmt: skip
 
 
@@ -149,11 +155,28 @@ def _summary(run: RunFacts, stats: dict[str, Any]) -> list[str]:
             else "dead letters not read"
         )
         + f"; slowest queue past them: {s['vandal_stall_max']}s",
+        f"delayed tasks: {s['delayed']} accepted, {s['delayed_started']} started, {s['delayed_early_starts']} runs "
+        f"before their due time; started after it by max {s['delayed_wait_max']}s, median "
+        f"{s['delayed_wait_median']}s ({s['delayed_place_unknown']} placed in no order: a Redis clock set back; "
+        f"{s['delayed_due_unknown']} with their due time unread: a retried enqueue)",
+        _ticks_line(s),
         f"throughput: {s['throughput_tasks_per_s']} tasks/s over {s['span_s']}s ({s['executions']} executions)",
     ]
     if run.log_counts:
         lines.append("replica logs: " + ", ".join(f"{k}={v}" for k, v in sorted(run.log_counts.items())))
     return lines
+
+
+def _ticks_line(s: dict[str, Any]) -> str:
+    if not s["ticks"]:
+        return "periodic schedule: none ran"
+    return (
+        f"periodic schedule: {s['ticks']} ticks ran ({s['tick_tasks']} tasks; Redis counted "
+        f"{s['ticks_fired_by_redis']} fired, {s['ticks_skipped_by_redis']} skipped), {s['ticks_twice']} enqueued twice "
+        f"(+{s['ticks_twice_lost_to_redis_durability']} after a crash lost the first), {s['ticks_missing']} missing, "
+        f"{s['ticks_left_at_end']} left at the end, {s['tick_early_starts']} runs before their tick; first run after "
+        f"the tick by max {s['tick_lag_max']}s, median {s['tick_lag_median']}s"
+    )
 
 
 def _redis_restarts_line(losses: list[Event]) -> str:

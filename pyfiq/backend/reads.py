@@ -86,13 +86,14 @@ class Reads:
     # -- per stream, and the indexes of streams --------------------------------------------
 
     def queue_info(self, stream: str) -> dict[str, Any]:
-        """Counts and lease of one stream: ``pending``, ``inflight``, ``dead``, ``lease`` (the
-        token), ``holder`` (the replica id in it), ``fence``, ``lease_ttl_ms``, ``paused``."""
+        """Counts and lease of one stream: ``pending``, ``inflight``, ``dead``, ``scheduled``
+        (delayed tasks not moved into the stream yet, due or not), ``lease`` (the token),
+        ``holder`` (the replica id in it), ``fence``, ``lease_ttl_ms``, ``paused``."""
         k = self.keys.stream(stream)
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(k.pending).llen(k.inflight).zcard(k.dead).get(k.lease).pttl(k.lease)
-        pipe.smismember(k.paused, [stream, queue_of(stream)])
-        pending, inflight, dead, lease, ttl, paused = pipe.execute()
+        pipe.smismember(k.paused, [stream, queue_of(stream)]).zcard(k.later)
+        pending, inflight, dead, lease, ttl, paused, scheduled = pipe.execute()
         token = lease.decode() if lease else None
         fence, _, nonce = (token or "").partition(":")
         return {
@@ -100,6 +101,7 @@ class Reads:
             "pending": pending,
             "inflight": inflight,
             "dead": dead,
+            "scheduled": scheduled,
             "lease": token,
             "holder": nonce.rpartition("/")[0] or None,
             "fence": int(fence) if token else None,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.ticks import TICK_HEADER, CatchUp
 from ..functions import FifoFunction, fifo
 from ..task import current_task
 
@@ -41,6 +42,9 @@ def _journal(event: str, seq: int, extra: Mapping[str, Any] | None = None) -> No
         "fence": ctx.fencing_token,
         "deliveries": ctx.deliveries,
         "attempt": ctx.attempt,
+        # Redis's clock when the task was enqueued (stamped by the enqueue script): a checker
+        # places it among delayed tasks by it, to the ms.
+        "enqueued_ms": ctx.enqueued_ms,
         "t": time.time(),
         **(extra or {}),
     }
@@ -157,6 +161,38 @@ def step_for(queue: str) -> FifoFunction[..., int]:
 
 for _queue in (*QUEUES, *filter(None, os.environ.get(EXTRA_QUEUES_ENV, "").split(","))):
     step_for(_queue.strip())
+
+#: Set (to the seconds between ticks) by the scenario runner: a replica process then also runs
+#: the periodic schedule ``TICK_SCHEDULE`` on ``TICK_QUEUE``, if it consumes that queue.
+TICKS_ENV = "PYFIQ_SCENARIO_TICKS"
+TICK_QUEUE = "scenario-ticks"
+TICK_SCHEDULE = "scenario-ticks"
+#: Ticks that passed while no replica could fire them (Redis down, a back-off after a failed
+#: call) are each still owed: a checker then expects every tick, with no outage to excuse one.
+TICK_CATCH_UP: CatchUp = "all"
+
+
+def tick(hold: float = 0.0) -> None:
+    """One tick of the scenario's periodic schedule, journaled like a step, with its tick (Redis
+    ms, the ``pyfiq-tick`` header) as both ``seq`` and ``tick``: a checker holds each tick to
+    one task id, and each task id to its tick."""
+    tick_ms = int(current_task().headers[TICK_HEADER])
+    every_ms = round(float(os.environ.get(TICKS_ENV) or 0) * 1000)
+    _journal("start", tick_ms, {"tick": tick_ms, "every_ms": every_ms})
+    if hold:
+        time.sleep(hold)
+    _journal("end", tick_ms, {"tick": tick_ms, "every_ms": every_ms})
+
+
+if os.environ.get(TICKS_ENV):
+    fifo.periodic(
+        TICK_QUEUE,
+        every=float(os.environ[TICKS_ENV]),
+        schedule=TICK_SCHEDULE,
+        catch_up=TICK_CATCH_UP,
+        kwargs={"hold": 0.02},
+        name="pyfiq.scenario.tick",
+    )(tick)
 
 
 def read_journal(path: str | Path) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ checker's verdict and that each fault really happened. The ``test_drill_*`` test
 newer fault kind each (vandal entries, replies slower than the lease, an asyncio stop that
 times out in a live process, a task holding the GIL, a Redis clock set back) on a small
 fleet; ``test_drill_operator`` an operator's skip, pause and requeue to the front against holders
-with tasks taken ahead, and a worker stop that times out beside a SIGKILL. The soak profile runs
-only with PYFIQ_SOAK=1.
+with tasks taken ahead, and a worker stop that times out beside a SIGKILL. Every run's producers
+delay a share of their tasks, and its replicas run a periodic schedule (their checks are in
+``test_schedule_checks.py``). The soak profile runs only with PYFIQ_SOAK=1.
 """
 
 from __future__ import annotations
@@ -713,6 +714,11 @@ def test_short_profile(tmp_path: Path) -> None:
     # (measured only where the stopped replica's queue had a next task waiting at the stop)
     assert stats["handoff_max"] is None or stats["handoff_max"] < profile.lease_ttl / 2
     assert stats["throughput_tasks_per_s"] > 20
+    # A share of the producers' tasks were delayed, and the replicas ran their periodic schedule
+    # through every fault: no run before its due time (its tick), no tick twice or missing.
+    assert stats["delayed"] > 100 and stats["delayed_started"] == stats["delayed"]
+    assert stats["delayed_early_starts"] == stats["tick_early_starts"] == 0
+    assert stats["ticks"] >= 15 and stats["ticks_missing"] == stats["ticks_twice"] == 0
     assert (result.run_dir / "verdict.json").exists()
 
 
@@ -819,6 +825,8 @@ def test_drill_clock(tmp_path: Path) -> None:
     verdict = result.verdict
     assert verdict.ok, verdict.text()
     assert verdict.stats["stale_starts"] == 0
+    # Delayed tasks and ticks are judged on Redis's clock, shifted or not.
+    assert verdict.stats["delayed_started"] > 0 and verdict.stats["ticks"] > 0
     shifts = [f["shift_ms"] for f in read_lines(result.run_dir / FAULTS)]
     assert shifts == [-3000, 0, -3000]
     # Tasks ran under each clock.

@@ -189,9 +189,13 @@ def test_drain_runs_a_registrys_tasks() -> None:
         ran.append(i)
 
     task(1)
+    task.send_with_options(args=(3,), delay=0.4)  # drain waits for a delayed task too
     task(2)
     drain(backend, [queue], registry=mine)
-    assert ran == [1, 2]
+    assert ran == [1, 2, 3]
+    task.send_with_options(args=(4,), delay=60)
+    with pytest.raises(TimeoutError, match="still hold tasks"):
+        drain(backend, [queue], registry=mine, timeout=0.5)
     backend.close()
 
 
