@@ -11,7 +11,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,30 +21,12 @@ from pyfiq import RedisQueueBackend, ThreadedWorker
 from pyfiq.engine.ticks import TICK_HEADER
 from pyfiq.functions import Registry
 from pyfiq.ops.cli import main
-from tests.support.helpers import FAST, unique_prefix, wait_until
+from tests.support.helpers import wait_until
 from tests.workers.test_worker import AsyncWorkerInThread
 
 
 def qname() -> str:
     return f"time-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(params=["redis", "memory"])
-def backend(request: pytest.FixtureRequest) -> Iterator[RedisQueueBackend]:
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_server").url
-    else:
-        url = f"memory://time-{uuid.uuid4().hex[:8]}"
-    b = RedisQueueBackend(url, prefix=unique_prefix(), **FAST)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def redis_only(redis_server: Any) -> Iterator[RedisQueueBackend]:
-    b = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **FAST)
-    yield b
-    b.close()
 
 
 def redis_ms(backend: RedisQueueBackend) -> int:
@@ -124,27 +105,27 @@ def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(backend:
 
 @pytest.mark.parametrize(("catch_up", "expected"), [("once", 1), ("all", 6), ("skip", 0)])
 def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
-    redis_only: RedisQueueBackend, catch_up: str, expected: int
+    redis_backend: RedisQueueBackend, catch_up: str, expected: int
 ) -> None:
     """Every worker was down for a minute: the record's last tick of a 10 s schedule is six
     ticks back when the first worker starts. ``once`` enqueues one task (for the latest tick),
     ``all`` one per tick, oldest first, ``skip`` none (the latest tick is past its grace)."""
-    q, reg = qname(), Registry(redis_only)
+    q, reg = qname(), Registry(redis_backend)
     ran: list[int] = []
 
     @reg.periodic(q, every=10, name=f"{q}.sync", catch_up=catch_up)  # type: ignore[arg-type]
     def sync() -> None:
         ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
 
-    now = redis_ms(redis_only)
+    now = redis_ms(redis_backend)
     latest = now - now % 10_000
     if catch_up == "skip" and now - latest < 5_500:
         time.sleep((5_500 - (now - latest)) / 1000)  # past the grace (5 s) of the latest tick
-    record = redis_only.keys.schedule_record(redis_only.keys.shard_of(q), f"{q}.sync")
-    redis_only.client.hset(record, mapping={"last": latest - 60_000, "version": 0, "stream": q})
-    workers = Workers(redis_only, reg, [q], threaded=2, aio=0)
+    record = redis_backend.keys.schedule_record(redis_backend.keys.shard_of(q), f"{q}.sync")
+    redis_backend.client.hset(record, mapping={"last": latest - 60_000, "version": 0, "stream": q})
+    workers = Workers(redis_backend, reg, [q], threaded=2, aio=0)
     try:
-        wait_until(lambda: redis_only.client.hget(record, "last") == str(latest).encode(), 10)
+        wait_until(lambda: redis_backend.client.hget(record, "last") == str(latest).encode(), 10)
         time.sleep(0.5)
     finally:
         workers.stop()
@@ -155,11 +136,11 @@ def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
         assert ran == [latest]
 
 
-def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_only: RedisQueueBackend) -> None:
+def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_backend: RedisQueueBackend) -> None:
     """A rolling deploy: old workers fire v1; a worker with v2 of the schedule starts and from its
     first look on no v1 worker fires, and no tick is fired twice across the two."""
     q = qname()
-    old_reg, new_reg = Registry(redis_only), Registry(redis_only)
+    old_reg, new_reg = Registry(redis_backend), Registry(redis_backend)
     ran: list[tuple[str, int]] = []
     lock = threading.Lock()
 
@@ -173,12 +154,12 @@ def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_only: Redi
     old_reg.periodic(q, every=0.2, name=f"{q}.v1", schedule="report", version=1)(record("v1"))
     new_reg.periodic(q, every=0.2, name=f"{q}.v2", schedule="report", version=2)(record("v2"))
     # Each worker runs the tasks of its own registry; both consume the queue.
-    old = Workers(redis_only, old_reg, [q], threaded=2, aio=0)
+    old = Workers(redis_backend, old_reg, [q], threaded=2, aio=0)
     new = None
     try:
         time.sleep(1.0)
-        new = Workers(redis_only, new_reg, [q], threaded=1, aio=0)
-        switched = redis_ms(redis_only) + 500  # its first look lands well within this
+        new = Workers(redis_backend, new_reg, [q], threaded=1, aio=0)
+        switched = redis_ms(redis_backend) + 500  # its first look lands well within this
         time.sleep(1.5)
     finally:
         old.stop()
@@ -190,25 +171,25 @@ def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_only: Redi
     assert all(v == "v2" for v, t in ran if t > switched), ran
 
 
-def test_a_paused_queue_skips_its_ticks_and_the_first_after_the_resume_runs(redis_only: RedisQueueBackend) -> None:
-    q, reg = qname(), Registry(redis_only)
+def test_a_paused_queue_skips_its_ticks_and_the_first_after_the_resume_runs(redis_backend: RedisQueueBackend) -> None:
+    q, reg = qname(), Registry(redis_backend)
     ran: list[int] = []
 
     @reg.periodic(q, every=0.2, name=f"{q}.tick")
     def tick() -> None:
         ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
 
-    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    workers = Workers(redis_backend, reg, [q], threaded=1, aio=0)
     try:
         wait_until(lambda: len(ran) >= 2, 10)
-        redis_only.admin.pause(q)
-        paused_at, count = redis_ms(redis_only), len(ran)
+        redis_backend.admin.pause(q)
+        paused_at, count = redis_ms(redis_backend), len(ran)
         time.sleep(1.0)
-        assert redis_only.queue_info(q)["pending"] == 0, "a paused queue's schedule enqueued a tick"
-        (view,) = redis_only.admin.schedules()
+        assert redis_backend.queue_info(q)["pending"] == 0, "a paused queue's schedule enqueued a tick"
+        (view,) = redis_backend.admin.schedules()
         assert view.paused and view.skipped >= 3
         assert view.task_id is None, "a tick skipped while paused enqueued no task"
-        redis_only.admin.resume(q)
+        redis_backend.admin.resume(q)
         wait_until(lambda: len(ran) > count + 1, 10)
     finally:
         workers.stop()
@@ -217,26 +198,28 @@ def test_a_paused_queue_skips_its_ticks_and_the_first_after_the_resume_runs(redi
 
 
 @pytest.mark.parametrize("loss", ["forget", "flush"])
-def test_a_forgotten_or_lost_record_skips_no_tick_while_a_worker_runs(redis_only: RedisQueueBackend, loss: str) -> None:
+def test_a_forgotten_or_lost_record_skips_no_tick_while_a_worker_runs(
+    redis_backend: RedisQueueBackend, loss: str
+) -> None:
     """An operator forgets the record mid-interval, or Redis loses every key (an empty restart):
     the worker that knew it fires the next tick all the same."""
-    q, reg = qname(), Registry(redis_only)
+    q, reg = qname(), Registry(redis_backend)
     ran: list[int] = []
 
     @reg.periodic(q, every=0.5, name=f"{q}.beat")
     def beat() -> None:
         ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
 
-    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    workers = Workers(redis_backend, reg, [q], threaded=1, aio=0)
     try:
         wait_until(lambda: len(ran) >= 2, 10)
-        now = redis_ms(redis_only)
+        now = redis_ms(redis_backend)
         time.sleep(max(0.0, 0.3 - (now % 500) / 1000))  # mid-interval
         if loss == "forget":
-            assert redis_only.admin.forget_schedule(f"{q}.beat")
+            assert redis_backend.admin.forget_schedule(f"{q}.beat")
         else:  # this prefix's keys, all of them: what an empty restart leaves of the app
-            redis_only.client.delete(*redis_only.client.scan_iter(f"{redis_only.keys.prefix}:*"))
-        lost_at = redis_ms(redis_only)
+            redis_backend.client.delete(*redis_backend.client.scan_iter(f"{redis_backend.keys.prefix}:*"))
+        lost_at = redis_ms(redis_backend)
         wait_until(lambda: len([t for t in ran if t > lost_at]) >= 3, 10)
     finally:
         workers.stop()
@@ -244,18 +227,18 @@ def test_a_forgotten_or_lost_record_skips_no_tick_while_a_worker_runs(redis_only
     assert all(b - a == 500 for a, b in itertools.pairwise(ticks)), (lost_at, ticks)
 
 
-def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBackend, redis_server: Any) -> None:
-    q, reg = qname(), Registry(redis_only)
+def test_operators_see_each_schedule_and_can_forget_one(redis_backend: RedisQueueBackend, redis_server: Any) -> None:
+    q, reg = qname(), Registry(redis_backend)
 
     @reg.periodic(q, every=0.2, name=f"{q}.shown")
     def shown() -> None: ...
 
-    workers = Workers(redis_only, reg, [q], threaded=1, aio=0)
+    workers = Workers(redis_backend, reg, [q], threaded=1, aio=0)
     try:
-        wait_until(lambda: any(v.fired >= 2 for v in redis_only.admin.schedules()), 10)
+        wait_until(lambda: any(v.fired >= 2 for v in redis_backend.admin.schedules()), 10)
     finally:
         workers.stop()
-    args = ["--redis", redis_server.url, "--prefix", redis_only.keys.prefix]
+    args = ["--redis", redis_server.url, "--prefix", redis_backend.keys.prefix]
     listed = CliRunner().invoke(main, [*args, "schedules", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     (row,) = [json.loads(line) for line in listed.output.splitlines()]
@@ -275,13 +258,13 @@ def test_operators_see_each_schedule_and_can_forget_one(redis_only: RedisQueueBa
     table = CliRunner().invoke(main, [*args, "schedules", "list"])
     assert table.output.splitlines()[0].startswith("name\tqueue\trule")
     forgot = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
-    assert forgot.exit_code == 0 and redis_only.admin.schedules() == []
+    assert forgot.exit_code == 0 and redis_backend.admin.schedules() == []
     again = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
     assert again.exit_code != 0 and "no schedule named" in again.output
 
 
-def test_a_schedule_name_fired_by_two_functions_is_refused(redis_only: RedisQueueBackend) -> None:
-    q, reg = qname(), Registry(redis_only)
+def test_a_schedule_name_fired_by_two_functions_is_refused(redis_backend: RedisQueueBackend) -> None:
+    q, reg = qname(), Registry(redis_backend)
     reg.periodic(q, every=1, name=f"{q}.a", schedule="shared")(lambda: None)
     with pytest.raises(pyfiq.ConfigurationError, match="already fired by"):
         reg.periodic(q, every=1, name=f"{q}.b", schedule="shared")(lambda: None)

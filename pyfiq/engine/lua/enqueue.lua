@@ -42,7 +42,6 @@ local lease = KEYS[7]
 local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
-local stamp = string.format('|%.0f|', now)
 local n = tonumber(ARGV[6])
 local dedup = #KEYS > 7
 local s = { pending = pending, later = later, later_seq = later_seq, lease = lease, ready = ready, queues = queues,
@@ -64,9 +63,7 @@ for i = 1, n do
     out[#out + 1] = existing and 0 or 1
   end
   if not existing then
-    local expires = '0|'
-    if ttl > 0 then expires = string.format('%.0f|', now + ttl) end
-    local entry = id .. stamp .. expires .. ARGV[base + 4]
+    local entry = new_entry(id, ttl, ARGV[base + 4], now)
     local when = ARGV[base + 3]
     local due = now
     if when ~= '0' then

@@ -33,6 +33,14 @@ local function wake(channel, shard)
   end
 end
 
+-- A task entry enqueued now: "<id>|<enqueued ms>|<expires ms or 0>|<payload>" (see
+-- parse_entry), both times Redis's, its deadline `ttl` ms (0: none) after its enqueue.
+local function new_entry(id, ttl, payload, now)
+  local expires = '0'
+  if ttl > 0 then expires = string.format('%.0f', now + ttl) end
+  return id .. string.format('|%.0f|', now) .. expires .. '|' .. payload
+end
+
 local function task_id(entry)
   return string.sub(entry, 1, ID_LENGTH)
 end

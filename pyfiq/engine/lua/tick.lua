@@ -78,14 +78,10 @@ if is_paused(paused, ARGV[2]) then
   redis.call('HINCRBY', record, 'skipped', n)
   return { 'paused', now, ARGV[9], mine }
 end
-local stamp = string.format('|%.0f|', now)
 local entries = {}
 for i = 1, n do
   local base = 12 + (i - 1) * 3
-  local ttl = tonumber(ARGV[base + 2])
-  local expires = '0|'
-  if ttl > 0 then expires = string.format('%.0f|', now + ttl) end
-  entries[i] = ARGV[base + 1] .. stamp .. expires .. ARGV[base + 3]
+  entries[i] = new_entry(ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3], now)
 end
 push({ pending = pending, later = later, later_seq = later_seq, lease = lease, ready = ready, queues = queues,
        stream = ARGV[2], channel = ARGV[3], shard = ARGV[4] }, entries, now)
