@@ -80,7 +80,9 @@ def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(backend:
     ran: list[tuple[int, str]] = []
     lock = threading.Lock()
 
-    @reg.periodic(q, every=0.3, name=f"{q}.beat", args=("x",))
+    # catch_up="all": a tick late past the next one (a starved CI machine) is still owed, so a
+    # gap can only be a lost tick.
+    @reg.periodic(q, every=0.3, name=f"{q}.beat", args=("x",), catch_up="all")
     def beat(tag: str) -> None:
         ctx = pyfiq.current_task()
         with lock:
@@ -126,7 +128,8 @@ def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
     workers = Workers(redis_backend, reg, [q], threaded=2, aio=0)
     try:
         wait_until(lambda: redis_backend.client.hget(record, "last") == str(latest).encode(), 10)
-        time.sleep(0.5)
+        wait_until(lambda: len(ran) >= expected, 10)
+        time.sleep(0.5)  # and no more
     finally:
         workers.stop()
     assert len(ran) == expected
@@ -159,7 +162,9 @@ def test_a_newer_version_stands_the_older_replicas_down_at_once(redis_backend: R
     try:
         time.sleep(1.0)
         new = Workers(redis_backend, new_reg, [q], threaded=1, aio=0)
-        switched = redis_ms(redis_backend) + 500  # its first look lands well within this
+        record = redis_backend.keys.schedule_record(redis_backend.keys.shard_of(q), "report")
+        wait_until(lambda: redis_backend.client.hget(record, "version") == b"2", 10)
+        switched = redis_ms(redis_backend)  # from here on Redis refuses version 1
         time.sleep(1.5)
     finally:
         old.stop()
@@ -206,7 +211,7 @@ def test_a_forgotten_or_lost_record_skips_no_tick_while_a_worker_runs(
     q, reg = qname(), Registry(redis_backend)
     ran: list[int] = []
 
-    @reg.periodic(q, every=0.5, name=f"{q}.beat")
+    @reg.periodic(q, every=0.5, name=f"{q}.beat", catch_up="all")
     def beat() -> None:
         ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
 
