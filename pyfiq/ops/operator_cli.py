@@ -222,6 +222,21 @@ def _print_status(backend: RedisQueueBackend, queue: str | None, per_stream: boo
     click.echo("\t".join(columns))
     for row in rows:
         click.echo("\t".join(_cell(row[c]) for c in columns))
+    if not per_stream:
+        _print_schedules(backend, queue)
+
+
+def _print_schedules(backend: RedisQueueBackend, queue: str | None) -> None:
+    """The periodic schedules (of ``queue``), below the queues: ``pyfiq schedules list`` says more."""
+    views = [v for v in backend.admin.schedules() if queue is None or v.queue == queue]
+    if not views:
+        return
+    click.echo("")
+    click.echo("schedule\tqueue\trule\tlast_tick\tnext_tick\tstate")
+    for v in views:
+        state = "paused" if v.paused else "stale" if v.stale else "running"
+        ticks = [t.isoformat(timespec="seconds") if t else None for t in (v.last_tick, v.next_tick)]
+        click.echo("\t".join(_cell(x) for x in (v.name, v.queue, v.rule, *ticks, state)))
 
 
 def _cell(value: Any) -> str:

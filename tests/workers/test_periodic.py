@@ -262,6 +262,9 @@ def test_operators_see_each_schedule_and_can_forget_one(redis_backend: RedisQueu
     assert row["next_tick"] > row["last_tick"] and not row["paused"]
     table = CliRunner().invoke(main, [*args, "schedules", "list"])
     assert table.output.splitlines()[0].startswith("name\tqueue\trule")
+    status = CliRunner().invoke(main, [*args, "status"]).output.splitlines()
+    below = status[status.index("schedule\tqueue\trule\tlast_tick\tnext_tick\tstate") + 1 :]
+    assert [line.split("\t")[::5] for line in below] == [[f"{q}.shown", "running"]]
     forgot = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
     assert forgot.exit_code == 0 and redis_backend.admin.schedules() == []
     again = CliRunner().invoke(main, [*args, "schedules", "forget", f"{q}.shown"])
