@@ -160,8 +160,10 @@ class Admin(Pages):
 
     def forget_schedule(self, name: str) -> bool:
         """Delete the record of the periodic schedule ``name`` (its function was removed or
-        renamed, or a rollback carries a lower ``version``); False if there was none. A replica
-        that still runs it starts it afresh: its first tick is the next one after that."""
+        renamed, or a rollback carries a lower ``version``); False if there was none. Its
+        version and rule go at once; its last tick stands for ``FORGOTTEN_MS`` more, so a
+        replica that starts meanwhile does not fire again the tick fired just before. A replica
+        that still runs the schedule goes on from its next tick."""
         validate_schedule_name(name)
         pipe = self.client.pipeline(transaction=False)
         for shard in range(self.keys.shards):
@@ -169,7 +171,15 @@ class Admin(Pages):
         with self.translated():
             shards = [shard for shard, found in enumerate(pipe.execute()) if found]
             for shard in shards:
+                record, aside = self.keys.schedule_record(shard, name), self.keys.schedule_forgotten(shard, name)
                 pipe = self.client.pipeline(transaction=True)
-                pipe.delete(self.keys.schedule_record(shard, name)).srem(self.keys.schedules(shard), name)
-                pipe.execute()
+                # The whole record moves aside at once; tick.lua reads only its last tick there.
+                pipe.rename(record, aside).pexpire(aside, FORGOTTEN_MS)
+                pipe.srem(self.keys.schedules(shard), name)
+                pipe.execute(raise_on_error=False)  # RENAME fails on a record already gone
         return bool(shards)
+
+
+#: How long a forgotten schedule's last tick still stands: past the longest grace (60 s) of a
+#: tick, so no replica starting meanwhile can owe that tick again.
+FORGOTTEN_MS = 120_000

@@ -49,6 +49,7 @@ ACL_COMMANDS = (
     "zremrangebyrank", "zrevrangebyscore", "zscore",
     # sent directly: wake-ups, inspection, operator actions, connection checks
     "subscribe", "unsubscribe", "ssubscribe", "sunsubscribe", "hgetall", "hmget", "smembers", "smismember", "unlink",
+    "rename",
     "multi", "exec", "discard", "ping",
 )  # fmt: skip
 

@@ -86,14 +86,18 @@ class Reads:
     # -- per stream, and the indexes of streams --------------------------------------------
 
     def queue_info(self, stream: str) -> dict[str, Any]:
-        """Counts and lease of one stream: ``pending``, ``inflight``, ``dead``, ``scheduled``
-        (delayed tasks not moved into the stream yet, due or not), ``lease`` (the token),
-        ``holder`` (the replica id in it), ``fence``, ``lease_ttl_ms``, ``paused``."""
+        """Counts and lease of one stream: ``pending`` (delayed tasks already due included: they
+        have joined the stream, moved into its list or not), ``inflight``, ``dead``,
+        ``scheduled`` (delayed tasks not due yet), ``lease`` (the token), ``holder`` (the replica
+        id in it), ``fence``, ``lease_ttl_ms``, ``paused``."""
         k = self.keys.stream(stream)
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(k.pending).llen(k.inflight).zcard(k.dead).get(k.lease).pttl(k.lease)
         pipe.smismember(k.paused, [stream, queue_of(stream)]).zcard(k.later)
         pending, inflight, dead, lease, ttl, paused, scheduled = pipe.execute()
+        if scheduled:
+            due = int(self.client.zcount(k.later, "-inf", self.redis_now_ms()))
+            pending, scheduled = pending + due, scheduled - due
         token = lease.decode() if lease else None
         fence, _, nonce = (token or "").partition(":")
         return {

@@ -29,6 +29,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
 
     {prefix}:{s<N>}:sched:<name>       hash: a periodic schedule whose tasks go to a stream of
                                        this shard (see tick.lua): its last tick, rule, version
+    {prefix}:{s<N>}:sched:<name>:forgotten  the record an operator forgot, kept FORGOTTEN_MS (admin)
     {prefix}:{s<N>}:scheds             set of the names of the shard's schedules
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
@@ -157,6 +158,8 @@ class ScheduleKeys:
     the keys of that stream it enqueues with."""
 
     record: str
+    #: The record as an operator's forget left it, for a while (see ``admin.forget_schedule``).
+    forgotten: str
     schedules: str
     pending: str
     ready: str
@@ -242,10 +245,14 @@ class KeySchema:
     def schedule_record(self, shard: int, name: str) -> str:
         return f"{self._tag(shard)}:sched:{name}"
 
+    def schedule_forgotten(self, shard: int, name: str) -> str:
+        return f"{self._tag(shard)}:sched:{name}:forgotten"
+
     def schedule(self, name: str, stream: str) -> ScheduleKeys:
         k = self.stream(stream)
         return ScheduleKeys(
             record=self.schedule_record(k.shard, name),
+            forgotten=self.schedule_forgotten(k.shard, name),
             schedules=self.schedules(k.shard),
             pending=k.pending,
             ready=k.ready,

@@ -236,7 +236,19 @@ STATUS = ScriptSpec(
 
 TICK = ScriptSpec(
     "tick",
-    ("record", "schedules", "pending", "ready", "queues", "layout", "later", "later_seq", "lease", "paused"),
+    (
+        "record",
+        "forgotten",
+        "schedules",
+        "pending",
+        "ready",
+        "queues",
+        "layout",
+        "later",
+        "later_seq",
+        "lease",
+        "paused",
+    ),
     "fire a periodic schedule's tick: move its last tick and enqueue the tick's task, once fleet-wide",
     scope="schedule",
     changes_stream=True,

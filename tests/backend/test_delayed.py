@@ -269,6 +269,8 @@ def test_a_due_task_is_in_its_stream_before_anything_moved_it(redis_backend: Red
     assert redis_backend.task_status(q, waiting).state == "scheduled"
     counts = redis_backend.admin.stream_status(q)
     assert (counts.pending, counts.scheduled) == (2, 1)
+    info = redis_backend.queue_info(q)
+    assert (info["pending"], info["scheduled"]) == (2, 1)
     assert redis_backend.admin.skip(q) == first
     assert redis_backend.admin.skip(q) == late, "the due task was the head"
     assert redis_backend.task_status(q, late).state == "skipped"

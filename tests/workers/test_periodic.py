@@ -282,3 +282,33 @@ def test_a_schedule_name_fired_by_two_functions_is_refused(redis_backend: RedisQ
     with pytest.raises(TypeError, match="nothing was bound"):
         reg.periodic(q, every=1, name=f"{q}.c", args=(1, 2))(lambda x: None)
     assert reg.lookup(f"{q}.c") is None
+
+
+def test_a_replica_starting_right_after_a_forget_does_not_fire_the_last_tick_again(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """The record is forgotten a moment after a tick fired and a second worker starts then (a
+    deploy): it must not take that tick for one still owed within its grace."""
+    q, reg = qname(), Registry(redis_backend)
+    ran: list[tuple[int, str]] = []
+
+    @reg.periodic(q, every=2, name=f"{q}.beat")
+    def beat() -> None:
+        ctx = pyfiq.current_task()
+        ran.append((int(ctx.headers[TICK_HEADER]), ctx.id))
+
+    first = Workers(redis_backend, reg, [q], threaded=1, aio=0)
+    second = None
+    try:
+        wait_until(lambda: bool(ran) and redis_ms(redis_backend) - ran[-1][0] < 400, 10, interval=0.005)
+        assert redis_backend.admin.forget_schedule(f"{q}.beat")
+        second = Workers(redis_backend, reg, [q], threaded=1, aio=0)
+        time.sleep(2.5)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    tasks: dict[int, set[str]] = {}
+    for tick, task in ran:
+        tasks.setdefault(tick, set()).add(task)
+    assert all(len(ids) == 1 for ids in tasks.values()), tasks

@@ -6,15 +6,16 @@
   Input:
     KEYS[1]      the schedule's record (hash: last, version, rule, stream, next, task, at, by,
                  fired, skipped)
-    KEYS[2]      the names of the shard's schedules
-    KEYS[3]      pending list of the schedule's stream
-    KEYS[4]      ready set of the stream's queue in this shard
-    KEYS[5]      queue index of the shard
-    KEYS[6]      layout key of the shard
-    KEYS[7]      delayed tasks of the stream
-    KEYS[8]      the counter ordering delayed tasks
-    KEYS[9]      lease key of the stream
-    KEYS[10]     paused queues and streams of the shard
+    KEYS[2]      the record as an operator's forget left it (expires): its last tick still counts
+    KEYS[3]      the names of the shard's schedules
+    KEYS[4]      pending list of the schedule's stream
+    KEYS[5]      ready set of the stream's queue in this shard
+    KEYS[6]      queue index of the shard
+    KEYS[7]      layout key of the shard
+    KEYS[8]      delayed tasks of the stream
+    KEYS[9]      the counter ordering delayed tasks
+    KEYS[10]     lease key of the stream
+    KEYS[11]     paused queues and streams of the shard
     ARGV[1]      schedule name
     ARGV[2]      stream name
     ARGV[3]      wake-up channel
@@ -39,21 +40,26 @@
     version of the schedule ran: nothing changed).
 ]]
 local record = KEYS[1]
-local schedules = KEYS[2]
-local pending = KEYS[3]
-local ready = KEYS[4]
-local queues = KEYS[5]
-local layout = KEYS[6]
-local later = KEYS[7]
-local later_seq = KEYS[8]
-local lease = KEYS[9]
-local paused = KEYS[10]
+local forgotten = KEYS[2]
+local schedules = KEYS[3]
+local pending = KEYS[4]
+local ready = KEYS[5]
+local queues = KEYS[6]
+local layout = KEYS[7]
+local later = KEYS[8]
+local later_seq = KEYS[9]
+local lease = KEYS[10]
+local paused = KEYS[11]
 local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
 local stored = redis.call('HMGET', record, 'last', 'version')
 local last = stored[1] or ''
 local version = tonumber(stored[2] or '0')
+-- A forgotten record's last tick stands until its copy expires: a replica that starts meanwhile
+-- must not take the tick that fired just before the forget for one still owed (its version and
+-- rule are forgotten).
+if last == '' then last = redis.call('HGET', forgotten, 'last') or '' end
 local mine = tonumber(ARGV[6])
 if version > mine then return { 'superseded', now, last, version } end
 if ARGV[8] == '?' then
