@@ -188,7 +188,6 @@ local function rest(r, stream, later)
   return due_at
 end
 
-
 -- An operator paused the stream, or its whole queue (the queue is in every shard's set).
 local function is_paused(paused, stream)
   local found = redis.call('SMISMEMBER', paused, stream, queue_of(stream))
