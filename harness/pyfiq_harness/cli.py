@@ -1,5 +1,5 @@
-"""The scenario runner's command line: ``run``, ``producer``, ``check``, ``enqueue-drill`` and
-``health``."""
+"""The scenario runner's command line: ``run``, ``producer``, ``check``, ``enqueue-drill``,
+``time-drill`` and ``health``."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from pyfiq.ops.scenario_tasks import (
     QUEUES,
 )
 
+from . import time_drill
 from .enqueue_drill import FAULTS, run_enqueue_drill
 from .facts import read_accepted
 from .journal import Event
 from .producers import MAX_DELAY, MIN_DELAY, produce
 from .profiles import FAULT_KINDS, PROFILES
 from .scenario import _wait_drained, read_dead_letters, run_scenario
+from .time_drill import PARTS as TIME_PARTS
 from .verdict import verify
 
 
@@ -219,6 +221,18 @@ def enqueue_drill_command(faults: str, rounds: int, calls: int, run_dir: Path, s
     for verdict in verdicts:
         click.echo(verdict.text())
     sys.exit(0 if all(v.ok for v in verdicts) else 1)
+
+
+@cli.command("time-drill")
+@click.option("--dir", "run_dir", type=click.Path(path_type=Path), required=True, help="Where journals and logs go.")
+@click.option("--seconds", type=click.IntRange(5), default=30, show_default=True, help="Length of the ticks part.")
+@click.option("--parts", default=",".join(TIME_PARTS), show_default=True, help="Comma-separated parts to run.")
+@click.option("--seed", type=int, default=1, show_default=True)
+def time_drill_command(run_dir: Path, seconds: int, parts: str, seed: int) -> None:
+    """A periodic schedule and delayed tasks across SIGKILLed replicas, shifted wall clocks, a
+    forgotten record and a rolling deploy (``pyfiq_harness.time_drill``); exit status 0 means
+    no breach."""
+    time_drill.main.callback(run_dir, seconds, parts, seed)  # type: ignore[misc]
 
 
 @cli.command("health")

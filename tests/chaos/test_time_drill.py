@@ -67,3 +67,13 @@ def test_time_holds_across_kills_clock_shifts_and_a_rolling_deploy(tmp_path: Pat
     deploy = by_part["deploy"].facts
     assert deploy["v1_ticks"] > 0 and deploy["v2_ticks"] > 0
     assert by_part["delayed"].facts["runs"] >= 20
+
+
+def test_the_command_refuses_an_unknown_part_before_starting_anything(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pyfiq_harness.cli import cli
+
+    result = CliRunner().invoke(cli, ["time-drill", "--dir", str(tmp_path), "--parts", "ticks,nosuch"])
+    assert result.exit_code == 2 and "unknown parts ['nosuch']" in result.output
+    assert not (tmp_path / "redis").exists()
