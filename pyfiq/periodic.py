@@ -49,7 +49,8 @@ class Periodic:
         - ``args`` / ``kwargs``: what each tick's task is called with (checked here).
         - ``catch_up``: ticks that passed while no worker ran the schedule are enqueued
           ``"once"`` (one task, the default), ``"skip"``-ped, or ``"all"`` enqueued, oldest first.
-        - ``schedule``: its name in Redis (default: the task name), its identity across deploys.
+        - ``schedule``: its name in Redis (default: the task name): with its stream, its identity
+          across deploys (moved to another queue or key, it is another schedule).
           ``version``: a replica whose definition has a lower version than one Redis has seen
           fires nothing, so bump it with a changed rule and the old replicas of a rolling deploy
           stand down at once.
@@ -63,7 +64,8 @@ class Periodic:
 
         def bind_periodic(func: Callable[P, Any]) -> FifoFunction[P, Any]:
             task = options.get("name") or f"{func.__module__}.{func.__qualname__}"
-            self._check_unique(schedule or task, task)
+            name = validate_schedule_name(schedule or task)
+            self._check_unique(name, task)
             try:
                 inspect.signature(func).bind(*call_args, **call_kwargs)
             except TypeError as exc:
@@ -72,7 +74,7 @@ class Periodic:
             raw_key = binding.key(*call_args, **call_kwargs) if binding.key is not None else None
             key = None if raw_key is None else validate_key(str(raw_key))
             binding.schedule = Schedule(
-                name=validate_schedule_name(schedule or binding.name),
+                name=name,
                 task=binding.name,
                 queue=binding.queue,
                 stream=stream_name(binding.queue, key),
