@@ -109,22 +109,24 @@ def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(backend:
 def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
     redis_backend: RedisQueueBackend, catch_up: str, expected: int
 ) -> None:
-    """Every worker was down for a minute: the record's last tick of a 10 s schedule is six
+    """Every worker was down for 48 s: the record's last tick of an 8 s schedule is six
     ticks back when the first worker starts. ``once`` enqueues one task (for the latest tick),
-    ``all`` one per tick, oldest first, ``skip`` none (the latest tick is past its grace)."""
+    ``all`` one per tick, oldest first, ``skip`` none (the latest tick is past its grace, 4 s)."""
     q, reg = qname(), Registry(redis_backend)
     ran: list[int] = []
 
-    @reg.periodic(q, every=10, name=f"{q}.sync", catch_up=catch_up)  # type: ignore[arg-type]
+    @reg.periodic(q, every=8, name=f"{q}.sync", catch_up=catch_up)  # type: ignore[arg-type]
     def sync() -> None:
         ran.append(int(pyfiq.current_task().headers[TICK_HEADER]))
 
+    # Start at a known point of the interval, so the next tick cannot fall within the test:
+    # just after a tick, or (skip) just past the latest tick's grace.
+    target = 4_400 if catch_up == "skip" else 200
+    time.sleep(((target - redis_ms(redis_backend) % 8_000) % 8_000) / 1000)
     now = redis_ms(redis_backend)
-    latest = now - now % 10_000
-    if catch_up == "skip" and now - latest < 5_500:
-        time.sleep((5_500 - (now - latest)) / 1000)  # past the grace (5 s) of the latest tick
+    latest = now - now % 8_000
     record = redis_backend.keys.schedule_record(redis_backend.keys.shard_of(q), f"{q}.sync")
-    redis_backend.client.hset(record, mapping={"last": latest - 60_000, "version": 0, "stream": q})
+    redis_backend.client.hset(record, mapping={"last": latest - 48_000, "version": 0, "stream": q})
     workers = Workers(redis_backend, reg, [q], threaded=2, aio=0)
     try:
         wait_until(lambda: redis_backend.client.hget(record, "last") == str(latest).encode(), 10)
@@ -132,9 +134,10 @@ def test_ticks_missed_while_every_worker_was_down_are_caught_up_as_asked(
         time.sleep(0.5)  # and no more
     finally:
         workers.stop()
+    assert redis_ms(redis_backend) < latest + 8_000, "the next tick fell within the test"
     assert len(ran) == expected
     if catch_up == "all":
-        assert ran == [latest - 50_000 + 10_000 * i for i in range(6)]
+        assert ran == [latest - 40_000 + 8_000 * i for i in range(6)]
     elif catch_up == "once":
         assert ran == [latest]
 
