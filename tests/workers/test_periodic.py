@@ -95,7 +95,7 @@ def test_every_tick_enqueues_exactly_one_task_whichever_workers_fire_it(backend:
     finally:
         workers.stop()
     ticks = sorted(t for t, _ in ran)
-    assert len(ticks) >= 8
+    assert len(ticks) >= 5  # about ten in 3.2 s; fewer only when a loaded machine starts the workers late
     assert len(set(ticks)) == len(ticks), "a tick ran twice"
     assert len({task for _, task in ran}) == len(ran)
     assert all(b - a == 300 for a, b in itertools.pairwise(ticks)), ticks
