@@ -18,6 +18,7 @@ from time import perf_counter
 from typing import NamedTuple
 
 from . import (
+    cost,
     delays,
     drain,
     enqueue,
@@ -42,6 +43,7 @@ from .requeue import child_probe
 SECTIONS = (
     "ceiling",
     "drain",
+    "cost",
     "enqueue",
     "peers",
     "reruns",
@@ -83,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #: Each section after the ceiling, in the order they run, by its module's ``section``.
 SECTION_RUNS: dict[str, Callable[[Run], None]] = {
     "drain": drain.section,
+    "cost": cost.section,
     "enqueue": enqueue.section,
     "peers": peers.section,
     "reruns": reruns.section,

@@ -7,6 +7,7 @@ once per client.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -19,10 +20,53 @@ from ..task import ID_LENGTH, TIME_DIGITS
 CONSTANTS = f"local ID_LENGTH = {ID_LENGTH}\nlocal TIME_DIGITS = {TIME_DIGITS}\nlocal COUNT_MINUTES = {COUNT_MINUTES}\n"
 
 
+#: A top-level definition of lib.lua: ``local function name(`` or ``local NAME =``.
+_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)\b", re.M)
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Lua comments, block and line, so that a name a comment mentions pulls nothing in.
+_COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.S)
+
+
+def _names(code: str, definitions: dict[str, str]) -> list[str]:
+    return [w for w in _WORD.findall(_COMMENT.sub(" ", code)) if w in definitions]
+
+
+def lib_definitions(lib: str) -> dict[str, str]:
+    """lib.lua cut into its top-level definitions, in file order, each with the comment above
+    it. Text before the first definition (the file's header) belongs to none."""
+    starts = [m for m in _DEFINITION.finditer(lib)]
+    out: dict[str, str] = {}
+    for i, m in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(lib)
+        out[m.group(1)] = lib[m.start() : end]
+    return out
+
+
+def needed(definitions: dict[str, str], body: str) -> list[str]:
+    """The definitions ``body`` uses, directly or through others, in lib.lua's order (which
+    defines each before its first use)."""
+    seen: set[str] = set()
+    todo = _names(body, definitions)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_names(definitions[name], definitions))
+    return [name for name in definitions if name in seen]
+
+
 @cache
 def source(name: ScriptName) -> str:
+    """The script as Redis runs it: the constants, the lib.lua definitions it uses, its file.
+
+    Only what a script uses is prepended because Redis runs a script's whole chunk on every
+    call: each local function defined is a closure built and collected per call, which for all
+    of lib.lua cost more than the work of a short script."""
     lua = resources.files("pyfiq.engine").joinpath("lua")
-    return CONSTANTS + lua.joinpath("lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+    body = lua.joinpath(f"{name}.lua").read_text()
+    definitions = lib_definitions(lua.joinpath("lib.lua").read_text())
+    parts = [definitions[d].rstrip("\n") + "\n" for d in needed(definitions, body)]
+    return CONSTANTS + "\n".join(parts) + "\n" + body
 
 
 class Scripts(dict[ScriptName, Any]):

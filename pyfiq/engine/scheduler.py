@@ -238,9 +238,17 @@ class Scheduler:
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = self.clock.monotonic() + max(self.settings.poll_interval, 1.0)
             if run is not None and run.yielded:
-                # Look at every shard before claiming again, so the stream that has waited
-                # longest wins even if its wake-up message has not arrived yet.
-                self._woken.update(range(len(self._shard_due)))
+                # Look at its shard before claiming again (its own wake-up may still be on the
+                # way). Streams due meanwhile elsewhere are known already: each published a
+                # wake-up when it became claimable, and those a poll found but this replica had
+                # no room for are marked by unclaimed(). The oldest of them wins the slot.
+                self._woken.add(lease.keys.shard)
+
+    def unclaimed(self, candidates: Sequence[tuple[int, str]]) -> None:
+        """Due streams a poll found that this replica had no room to claim: their shards are
+        looked at again as soon as it has room, before any stream it yields is claimed anew."""
+        with self._lock:
+            self._woken.update(shard for shard, _ in candidates)
 
     def idle_wait(self, now: float) -> float:
         """How long the dispatcher may sleep unless woken."""

@@ -298,8 +298,9 @@ class AsyncWorker(WorkerBase):
             return
         candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
         report_kept(self.scheduler.events)
-        for shard, stream in candidates:
+        for i, (shard, stream) in enumerate(candidates):
             if self.scheduler.free() <= 0 or self._stopping.is_set():
+                self.scheduler.unclaimed(candidates[i:])
                 break
             sent = self.clock.monotonic()
             reply = await self.backend.acall(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))

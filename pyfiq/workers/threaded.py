@@ -289,8 +289,9 @@ class ThreadedWorker(WorkerBase):
             return
         candidates = self.scheduler.candidates(shards, self.backend.call_many(calls), now)
         report_kept(self.scheduler.events)
-        for shard, stream in candidates:
+        for i, (shard, stream) in enumerate(candidates):
             if self.scheduler.free() <= 0 or self._stopping.is_set():
+                self.scheduler.unclaimed(candidates[i:])
                 break
             sent = self.clock.monotonic()
             reply = self.backend.call(self.ops.acquire(stream, self.scheduler.first_take(stream), self.replica))

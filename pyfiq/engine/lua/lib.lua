@@ -49,6 +49,25 @@ local function clear_marks(meta, id)
   redis.call('HDEL', meta, 'd:' .. id, 's:' .. id, 'x:' .. id, 'l:' .. id)
 end
 
+-- Fields one HDEL names at most: unpack() stays within Lua's stack limit.
+local MARKS_SLICE = 1000
+
+-- clear_marks for the tasks of `entries`, in one HDEL per MARKS_SLICE fields rather than one
+-- per task (an acknowledgement of a batch is the hot path).
+local function clear_marks_of(meta, entries, n)
+  local fields = {}
+  for i = 1, n do
+    local id = task_id(entries[i])
+    fields[#fields + 1] = 'd:' .. id
+    fields[#fields + 1] = 's:' .. id
+    fields[#fields + 1] = 'x:' .. id
+    fields[#fields + 1] = 'l:' .. id
+  end
+  for first = 1, #fields, MARKS_SLICE do
+    redis.call('HDEL', meta, unpack(fields, first, math.min(first + MARKS_SLICE - 1, #fields)))
+  end
+end
+
 -- One stream's claimable-at score lives in its queue's ready set; the shard's queue index keeps
 -- each queue's earliest score, so a poll reads only the queues it consumes.
 -- r: { ready, queues, queue }
@@ -306,7 +325,7 @@ local function ack_head(inflight, meta, ids, tolerant)
   end
   if n > 0 then
     redis.call('LTRIM', inflight, n, -1)
-    for i = 1, n do clear_marks(meta, task_id(heads[i])) end
+    clear_marks_of(meta, heads, n)
   end
   return n, removed
 end
@@ -377,23 +396,32 @@ local function hand_out(s, handed, want, maxd, now, out, ahead)
     end
   end
   if #out > base then return handed end
+  -- Fresh tasks move a slice at a time (one read, one trim, one append): a per-task move would
+  -- make the per-call overhead of a Redis command the largest cost of a batch.
   while #out < base + 2 * want do
-    -- Moved first and taken back off the in-flight tail if it cannot be handed out: one
-    -- command for the common case instead of a look and a move.
-    local entry = redis.call('LMOVE', s.pending, s.inflight, 'LEFT', 'RIGHT')
-    if not entry then break end
-    local id, expires = parse_entry(entry)
-    if not id then
-      redis.call('RPOP', s.inflight)
-      dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
-    elseif expires > 0 and expires <= now then
-      redis.call('RPOP', s.inflight)
-      dead_add(s, simple_header('expired', 0, now), entry, id)
-    else
-      if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. id, now) end
-      handed = handed + 1
-      out[#out + 1] = entry
-      out[#out + 1] = 1
+    local need = want - (#out - base) / 2
+    local slice = redis.call('LRANGE', s.pending, 0, need - 1)
+    if #slice == 0 then break end
+    redis.call('LTRIM', s.pending, #slice, -1)
+    local moved = {}
+    for _, entry in ipairs(slice) do
+      local id, expires = parse_entry(entry)
+      if not id then
+        dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
+      elseif expires > 0 and expires <= now then
+        dead_add(s, simple_header('expired', 0, now), entry, id)
+      else
+        if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. id, now) end
+        moved[#moved + 1] = entry
+        out[#out + 1] = entry
+        out[#out + 1] = 1
+      end
+    end
+    if #moved > 0 then
+      for first = 1, #moved, PUSH_SLICE do
+        redis.call('RPUSH', s.inflight, unpack(moved, first, math.min(first + PUSH_SLICE - 1, #moved)))
+      end
+      handed = handed + #moved
     end
   end
   return handed
