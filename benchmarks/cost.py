@@ -117,39 +117,37 @@ def measure_cost(server: RedisServer, n: int) -> dict[str, Any]:
 
 
 def measure_phases(server: RedisServer, n: int, client: redis.Redis, out: dict[str, Any]) -> None:
-    try:
-        for mode, overrides in (("default", {}), ("strict", {"ack_mode": "inline"})):
-            log(f"cost: enqueue_many of 100 and a {mode} drain, {n} tasks")
-            backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix(), **overrides))
-            queue = f"bench-cost-{mode}"
-            fn = bench_fifo(noop, queue)
-            try:
-                with Meter(server, client) as enq:
-                    for start in range(0, n, 100):
-                        fn.enqueue_many(((i,) for i in range(start, min(n, start + 100))), backend=backend)
-                out[f"enqueue_many_{mode}"] = enq.per_task(n)
-                out[f"drain_{mode}"] = drain(server, backend, queue, n, client).per_task(n)
-            finally:
-                backend.close()
-                server.flush()
-            both = out[f"enqueue_many_{mode}"], out[f"drain_{mode}"]
-            out[f"batched_{mode}"] = {
-                key: both[0][key] + both[1][key] for key in ("commandstats_usec_per_task", "redis_cpu_usec_per_task")
-            }
-        single = max(1, n // 4)
-        log(f"cost: one fn(i) call at a time, {single} tasks, then their drain")
-        backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix()))
-        fn = bench_fifo(noop, "bench-cost-single")
+    modes: tuple[tuple[str, dict[str, Any]], ...] = (("default", {}), ("strict", {"ack_mode": "inline"}))
+    for mode, overrides in modes:
+        log(f"cost: enqueue_many of 100 and a {mode} drain, {n} tasks")
+        backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix(), **overrides))
+        queue = f"bench-cost-{mode}"
+        fn = bench_fifo(noop, queue)
         try:
             with Meter(server, client) as enq:
-                for i in range(single):
-                    fn.send_with_options(args=(i,), backend=backend)
-            out["enqueue_single"] = enq.per_task(single)
+                for start in range(0, n, 100):
+                    fn.enqueue_many(((i,) for i in range(start, min(n, start + 100))), backend=backend)
+            out[f"enqueue_many_{mode}"] = enq.per_task(n)
+            out[f"drain_{mode}"] = drain(server, backend, queue, n, client).per_task(n)
         finally:
             backend.close()
             server.flush()
+        both = out[f"enqueue_many_{mode}"], out[f"drain_{mode}"]
+        out[f"batched_{mode}"] = {
+            key: both[0][key] + both[1][key] for key in ("commandstats_usec_per_task", "redis_cpu_usec_per_task")
+        }
+    single = max(1, n // 4)
+    log(f"cost: one fn(i) call at a time, {single} tasks")
+    backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix()))
+    fn = bench_fifo(noop, "bench-cost-single")
+    try:
+        with Meter(server, client) as enq:
+            for i in range(single):
+                fn.send_with_options(args=(i,), backend=backend)
+        out["enqueue_single"] = enq.per_task(single)
     finally:
-        pass
+        backend.close()
+        server.flush()
 
 
 def section(run: Run) -> None:

@@ -18,6 +18,8 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:q:<stream>:lease   string "<fencing token>:<nonce>", with PX expiry
     {prefix}:{s<N>}:q:<stream>:meta    hash: 'handed'; what the holder's last heartbeat said it
                                        runs ('running', and 'attempt' while it retries it);
+                                       an operator's 'skipped' and 'halted' (these five are
+                                       META_FIELDS in lib.lua: every other field is a mark);
                                        per task id: 'd:' deliveries, 's:' started
                                        by the holder (the Redis ms of its hand-out), 'x:' holders
                                        lost while it ran, 'l:' runs that outlived their lease

@@ -52,9 +52,23 @@ end
 -- Fields one HDEL names at most: unpack() stays within Lua's stack limit.
 local MARKS_SLICE = 1000
 
+-- The fields of a stream's meta hash that are not per-task marks (see keys.py).
+local META_FIELDS = { handed = true, running = true, attempt = true, skipped = true, halted = true }
+
+-- Whether the meta hash holds any per-task mark. One more field is asked for than there are
+-- named ones: a reply that short is the whole hash, and a full one includes a mark.
+local function has_marks(meta)
+  for _, field in ipairs(redis.call('HRANDFIELD', meta, 6)) do
+    if not META_FIELDS[field] then return true end
+  end
+  return false
+end
+
 -- clear_marks for the tasks of `entries`, in one HDEL per MARKS_SLICE fields rather than one
--- per task (an acknowledgement of a batch is the hot path).
+-- per task (an acknowledgement of a batch is the hot path). Most batches have no marks at all
+-- (tasks taken ahead are not marked): one read finds that, instead of naming 4 fields per task.
 local function clear_marks_of(meta, entries, n)
+  if not has_marks(meta) then return end
   local fields = {}
   for i = 1, n do
     local id = task_id(entries[i])
@@ -400,16 +414,26 @@ local function hand_out(s, handed, want, maxd, now, out, ahead)
   -- make the per-call overhead of a Redis command the largest cost of a batch.
   while #out < base + 2 * want do
     local need = want - (#out - base) / 2
-    local slice = redis.call('LRANGE', s.pending, 0, need - 1)
-    if #slice == 0 then break end
-    redis.call('LTRIM', s.pending, #slice, -1)
+    local slice
+    if need == 1 then
+      -- One task (the strict setting): one command, not three.
+      slice = { redis.call('LMOVE', s.pending, s.inflight, 'LEFT', 'RIGHT') }
+      if not slice[1] then break end
+    else
+      slice = redis.call('LRANGE', s.pending, 0, need - 1)
+      if #slice == 0 then break end
+      redis.call('LTRIM', s.pending, #slice, -1)
+    end
     local moved = {}
     for _, entry in ipairs(slice) do
       local id, expires = parse_entry(entry)
-      if not id then
-        dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
-      elseif expires > 0 and expires <= now then
-        dead_add(s, simple_header('expired', 0, now), entry, id)
+      if not id or (expires > 0 and expires <= now) then
+        if need == 1 then redis.call('RPOP', s.inflight) end
+        if not id then
+          dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
+        else
+          dead_add(s, simple_header('expired', 0, now), entry, id)
+        end
       else
         if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. id, now) end
         moved[#moved + 1] = entry
@@ -417,7 +441,9 @@ local function hand_out(s, handed, want, maxd, now, out, ahead)
         out[#out + 1] = 1
       end
     end
-    if #moved > 0 then
+    if need == 1 then
+      handed = handed + #moved
+    elseif #moved > 0 then
       for first = 1, #moved, PUSH_SLICE do
         redis.call('RPUSH', s.inflight, unpack(moved, first, math.min(first + PUSH_SLICE - 1, #moved)))
       end
