@@ -78,16 +78,17 @@ def measure_idle(
 
 
 def measure_idle_fleet(
-    server: RedisServer, replicas: int, warmup: float, window: float, logdir: Path
+    server: RedisServer, replicas: int, warmup: float, window: float, logdir: Path, queues: int = 4
 ) -> dict[str, Any]:
-    """``replicas`` idle worker processes of one queue on one prefix: what they send Redis
-    together once their views of each other have settled (``warmup``)."""
-    log(f"idle: {replicas} idle replica processes, {warmup:.0f} s to settle, {window:.0f} s window")
+    """``replicas`` idle worker processes of ``queues`` queues each on one prefix: what they send
+    Redis together in their first ``warmup`` seconds (from the moment all are ready), and once
+    their views of each other have settled."""
+    log(f"idle: {replicas} idle replica processes x {queues} queues, {warmup:.0f} s to settle, {window:.0f} s window")
     server.flush()
     client = server.client()
     assert server.proc is not None
     argv = [*CHILD, "--child", "idle", "--url", server.url, "--prefix", new_prefix()]
-    argv += ["--queues", "1", "--timeout", str(warmup + window + 120)]
+    argv += ["--queues", str(queues), "--timeout", str(warmup + window + 120)]
     procs = []
     try:
         for i in range(replicas):
@@ -97,6 +98,7 @@ def measure_idle_fleet(
             assert proc.stdout is not None
             if not read_until(proc.stdout, b"ready", 120):
                 raise RuntimeError("an idle replica process did not start")
+        w0, wcpu0, wt0 = command_stats(client), proc_cpu_seconds(server.proc.pid), perf_counter()
         time.sleep(warmup)
         s0, rcpu0, t0 = command_stats(client), proc_cpu_seconds(server.proc.pid), perf_counter()
         time.sleep(window)
@@ -105,7 +107,13 @@ def measure_idle_fleet(
         for proc in procs:
             end(proc)
         client.close()
-    return {"replicas": replicas, **redis_load(stats_delta(s0, s1), t1 - t0, rcpu1 - rcpu0)}
+    start = redis_load(stats_delta(w0, s0), t0 - wt0, rcpu0 - wcpu0)
+    return {
+        "replicas": replicas,
+        "queues": queues,
+        "start": start,
+        **redis_load(stats_delta(s0, s1), t1 - t0, rcpu1 - rcpu0),
+    }
 
 
 def redis_load(delta: CommandStats, secs: float, redis_cpu_s: float) -> dict[str, Any]:

@@ -52,11 +52,22 @@ class TaskDirectory(Protocol):
 #: At most this many task ids whose function is unknown are remembered per worker.
 UNKNOWN_MEMORY = 10_000
 
-#: Heartbeats between two fresh reads of the pollers: a replica that joins is counted by the
-#: others within this many beats. Until then it only adds polls; it never leaves a shard unpolled.
+#: Heartbeat intervals between two fresh reads of the pollers: a replica that joins is counted
+#: by the others within about this many intervals. Until then it only adds polls; it never
+#: leaves a shard unpolled.
 VIEW_REFRESH_BEATS = 8
 #: Heartbeats between two sweeps of the registry for replicas silent past ``forget``.
 SWEEP_BEATS = 16
+#: A replica that holds no lease writes its heartbeat to the registry once every this many
+#: heartbeat rounds (5 s with the defaults), and at once when whether it polls changes. Nothing
+#: of an idle replica needs a fresher record: a lease's take-over never waits on the registry
+#: (every replica that has looked at a shard looks again when its next lease can lapse).
+IDLE_BEAT_ROUNDS = 5
+#: A shard with nothing due, held or scheduled in the queues a replica consumes is polled this
+#: many ``poll_interval`` apart (10 s with the defaults): whatever makes it claimable publishes a
+#: wake-up, so this poll is only for a message lost with a connection. Shards with work or a
+#: lease keep the ``poll_interval`` poll.
+IDLE_POLL_FACTOR = 10
 
 
 def poll_group(queues: Sequence[str]) -> str:
@@ -123,6 +134,10 @@ class Scheduler:
         self._view: list[str] = []
         self._view_at = -math.inf
         self._beats = 0
+        self._view_read_at = -math.inf
+        # Heartbeat rounds since this replica last wrote to the registry, and whether it polled then.
+        self._rounds_since_beat = 0
+        self._beat_polled: bool | None = None
         self._gained = False
         # Shards named by wake-up messages; swapped out before a look, so a message arriving
         # during the look is kept for the next one, never overwritten.
@@ -196,10 +211,14 @@ class Scheduler:
                 raise reply
             nxt, offset, streams = self.ops.parse_due(reply)
             self._scan_offset[shard] = offset
-            wait = self.settings.poll_interval if nxt is None else min(nxt, self.settings.poll_interval)
+            wait = self.settings.poll_interval
+            if nxt is None and not streams:
+                wait *= IDLE_POLL_FACTOR  # nothing there: a wake-up announces what comes
             # Page on at once past streams of queues this replica does not consume.
             self._shard_due[shard] = now if offset else now + wait
-            self._look_at[shard] = now if offset else math.inf
+            # The shard's next lease lapse or due time: this replica looks then, whoever polls
+            # the shard, so a crashed holder's stream is taken over when its lease lapses.
+            self._look_at[shard] = now if offset else (math.inf if nxt is None else now + nxt)
             found += [(since, shard, s) for s, since in streams]
         # Oldest due first, across shards: a stream that yielded after its batch queues up
         # behind streams that have waited longer, which is what makes the yield fair.
@@ -269,25 +288,49 @@ class Scheduler:
     def _polled_now(self, now: float) -> frozenset[int] | None:
         """The shards this replica's safety poll covers now (None: all). A view older than a
         few heartbeats (the registry unreachable) is not trusted: then every shard is polled."""
-        if now - self._view_at > 3 * self.settings.effective_heartbeat:
+        if now - self._view_at > 3 * self.registry_interval():
             return None
         return self._polled
 
-    def poll_live_ms(self) -> int:
-        """Silence after which a poller counts as gone: long enough for a late heartbeat or two,
-        short enough that its shards are polled by others before a lease it held can lapse
-        (a lease lives ``lease_ttl`` from its holder's last round, the others notice within a
-        heartbeat of this)."""
-        beat, ttl = self.settings.effective_heartbeat, self.settings.lease_ttl
-        return int(1000 * min(2.5 * beat, ttl - 1.5 * beat))
+    def registry_interval(self) -> float:
+        """The longest a live replica goes without writing its heartbeat to the registry."""
+        return IDLE_BEAT_ROUNDS * self.settings.effective_heartbeat
 
-    def _poll_beat(self, replica: str) -> PollBeat:
-        """What this heartbeat says about the safety poll, and whether it reads the pollers
-        afresh: on the first beat, after the group changed, every VIEW_REFRESH_BEATS beats, and
-        while this replica is missing from a view with room for it (it was counted as gone)."""
-        queues = self.consumed_queues()
+    def poll_live_ms(self) -> int:
+        """Silence after which a poller counts as gone: two and a half registry intervals, so
+        a late heartbeat or two never counts as gone. Until others notice, a dead poller's
+        shards miss only their safety poll: lease lapses and due times are looked at by every
+        replica that knows them (see ``candidates``)."""
+        return int(1000 * 2.5 * self.registry_interval())
+
+    def _polls(self) -> bool:
+        """Whether this replica takes part in the safety poll: it consumes queues, dispatches
+        and has a free slot."""
         with self._lock:
-            polls = bool(queues) and self.dispatching and len(self.held) + len(self._stuck) < self.concurrency
+            return (
+                bool(self.consumed_queues())
+                and self.dispatching
+                and len(self.held) + len(self._stuck) < self.concurrency
+            )
+
+    def _registry_beat_due(self, leases: Sequence[Lease]) -> bool:
+        """Whether this round writes the heartbeat: always while holding leases (their holder's
+        record says what runs), at once when whether it polls changed, else every
+        IDLE_BEAT_ROUNDS rounds."""
+        self._rounds_since_beat += 1
+        polls = self._polls()
+        if leases or self._stuck or polls != self._beat_polled or self._rounds_since_beat >= IDLE_BEAT_ROUNDS:
+            self._rounds_since_beat, self._beat_polled = 0, polls
+            return True
+        return False
+
+    def _poll_beat(self, replica: str, now: float) -> PollBeat:
+        """What this heartbeat says about the safety poll, and whether it reads the pollers
+        afresh: on the first beat, after the group changed, every VIEW_REFRESH_BEATS heartbeat
+        intervals (an idle replica beats less often, and still sees a joiner as soon), and while
+        this replica is missing from a view with room for it (it was counted as gone)."""
+        queues = self.consumed_queues()
+        polls = self._polls()
         group = poll_group(queues)
         member = f"{group}|{replica}"
         self._beats += 1
@@ -295,9 +338,11 @@ class Scheduler:
         refresh = (
             not self._view
             or stale
-            or self._beats % VIEW_REFRESH_BEATS == 0
+            or now - self._view_read_at >= VIEW_REFRESH_BEATS * self.settings.effective_heartbeat
             or (member not in self._view and len(self._view) < self.ops.keys.shards)
         )
+        if refresh:
+            self._view_read_at = now
         sweep = self._beats % SWEEP_BEATS == 1
         return PollBeat(group, polls, self.poll_live_ms(), refresh, sweep, self._view)
 
@@ -393,7 +438,7 @@ class Scheduler:
 
     def identify(self, replica: str, **info: Any) -> None:
         """Who this worker is, for the replica registry its heartbeats keep up to date."""
-        self._identity = (replica, {**info, "heartbeat_ms": int(self.settings.effective_heartbeat * 1000)})
+        self._identity = (replica, {**info, "heartbeat_ms": int(self.registry_interval() * 1000)})
 
     def heartbeat_round(self, now: float) -> tuple[list[Lease], list[Call]]:
         """Start a round of renewals at ``now``; a round later than a whole interval is logged
@@ -404,10 +449,10 @@ class Scheduler:
             self.events.put(HeartbeatLate(round(late, 3), interval))
         self._next_beat = now + interval
         leases, calls = self.renew_calls()
-        if self._identity is not None:
+        if self._identity is not None and self._registry_beat_due(leases):
             replica, info = self._identity
             # After the renewals: on_renewed reads the first len(leases) replies.
-            calls.append(self.ops.beat(replica, {**info, **self._activity(leases, now)}, self._poll_beat(replica)))
+            calls.append(self.ops.beat(replica, {**info, **self._activity(leases, now)}, self._poll_beat(replica, now)))
         return leases, calls
 
     def _activity(self, leases: Sequence[Lease], now: float) -> dict[str, Any]:

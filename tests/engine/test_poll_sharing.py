@@ -12,7 +12,14 @@ from typing import Any
 from pyfiq.config import Settings
 from pyfiq.engine.keys import KeySchema
 from pyfiq.engine.protocol import ScriptCalls
-from pyfiq.engine.scheduler import VIEW_REFRESH_BEATS, Scheduler, poll_group, poll_owners
+from pyfiq.engine.scheduler import (
+    IDLE_BEAT_ROUNDS,
+    IDLE_POLL_FACTOR,
+    VIEW_REFRESH_BEATS,
+    Scheduler,
+    poll_group,
+    poll_owners,
+)
 from tests.engine.helpers import FakeClock
 
 SHARDS = 8
@@ -53,10 +60,20 @@ def polled_at(s: Scheduler, now: float) -> list[int]:
     return shards
 
 
+def beat_call(s: Scheduler, now: float) -> Any:
+    """The next heartbeat round that writes to the registry (an idle replica's rounds in between
+    send nothing)."""
+    for _ in range(IDLE_BEAT_ROUNDS):
+        _, calls = s.heartbeat_round(now)
+        if calls:
+            assert calls[-1].script == "beat"
+            return calls[-1]
+    raise AssertionError(f"no heartbeat written in {IDLE_BEAT_ROUNDS} rounds")
+
+
 def beat(s: Scheduler, reply: Any, now: float) -> None:
-    _, calls = s.heartbeat_round(now)
+    beat_call(s, now)
     s.on_renewed([], [reply], now)
-    assert calls[-1].script == "beat"
 
 
 def test_every_shard_has_one_owner_whatever_order_the_pollers_are_seen_in() -> None:
@@ -129,13 +146,12 @@ def test_a_stale_view_falls_back_to_every_shard() -> None:
     assert len(polled_at(s, 10.5)) < SHARDS
     s.on_renewed([], [ConnectionError("reset")], 11.0)  # the registry cannot be read
     assert len(polled_at(s, 11.0)) < SHARDS, "the last view stands for a while"
-    assert polled_at(s, 10.0 + 3 * SETTINGS.effective_heartbeat + 0.1) == ALL
+    assert polled_at(s, 10.0 + 3 * s.registry_interval() + 0.1) == ALL
 
 
 def test_the_heartbeat_reads_the_pollers_afresh_now_and_then_and_checks_its_view_otherwise() -> None:
     s = scheduler("b")
-    _, calls = s.heartbeat_round(10.0)
-    call = calls[-1]
+    call = beat_call(s, 10.0)
     assert call.keys == [OPS.keys.replicas, OPS.keys.pollers]
     report = call.args[1]
     assert report.endswith(f'"poll":"{GROUP}"}}'), "the poll field comes last, where beat.lua reads it"
@@ -143,20 +159,62 @@ def test_the_heartbeat_reads_the_pollers_afresh_now_and_then_and_checks_its_view
     s.on_renewed([], [view("a", "b")], 10.0)
     refreshes = []
     for i in range(1, 2 * VIEW_REFRESH_BEATS):
-        _, calls = s.heartbeat_round(10.0 + i)
-        refreshes.append(calls[-1].args[7])
-        if calls[-1].args[7] == 0:
-            assert calls[-1].args[9:] == [f"{GROUP}|a", f"{GROUP}|b"]
+        call = beat_call(s, 10.0 + i)
+        refreshes.append(call.args[7])
+        if call.args[7] == 0:
+            assert call.args[9:] == [f"{GROUP}|a", f"{GROUP}|b"]
         s.on_renewed([], [view("a", "b")], 10.0 + i)
-    assert refreshes.count(1) == 2, "one fresh read every VIEW_REFRESH_BEATS beats"
+    assert refreshes.count(1) == 1, "one fresh read every VIEW_REFRESH_BEATS intervals (the first at 10.0)"
+    assert refreshes.index(1) == VIEW_REFRESH_BEATS - 1
 
 
-def test_a_poller_counts_as_gone_before_a_lease_it_held_can_lapse() -> None:
-    for ttl in (1.5, 5.0, 60.0):
-        ops = ScriptCalls(KeySchema("p", SHARDS), Settings(lease_ttl=ttl))
-        s = Scheduler(ops, 1, ["orders"], Directory(), clock=FakeClock(), lock=nullcontext)
-        beat_s = s.settings.effective_heartbeat
-        live = s.poll_live_ms() / 1000
-        # Gone after `live` of silence, noticed within one more heartbeat, before the lease
-        # renewed in its last round lapses; and never on a single late heartbeat.
-        assert beat_s * 1.5 <= live and live + beat_s < ttl
+def test_a_lease_lapse_is_looked_at_by_every_replica_that_saw_it_not_only_the_shards_poller() -> None:
+    a, b = scheduler("a"), scheduler("b")
+    for s in (a, b):
+        beat(s, view("a", "b"), 10.0)
+    theirs = [shard for shard in ALL if shard not in polled_at(b, 11.0)]
+    shard = theirs[0]
+    b.wake([shard])
+    assert shard in polled_at(b, 11.0)
+    b.candidates([shard], [[4_500, 0]], 11.0)  # a lease there lapses in 4.5 s
+    assert shard not in polled_at(b, 15.4)
+    assert shard in polled_at(b, 15.5), "b looks when the lease can lapse, though a polls the shard"
+    # Silence long enough to count a poller as gone never comes from an idle one's rhythm.
+    assert b.poll_live_ms() >= 2.5 * b.registry_interval() * 1000
+
+
+def test_an_empty_shard_waits_for_a_wake_up_and_a_slow_safety_poll() -> None:
+    s = scheduler("b")
+    assert polled_at(s, 10.0) == ALL
+    replies: list[Any] = [[-1, 0]] * SHARDS
+    replies[1] = [-1, 0, b"orders", 9_000]  # a due stream there
+    replies[2] = [800, 0]  # a lease lapsing, or a delayed task, in 0.8 s
+    s.candidates(ALL, replies, 10.0)
+    assert polled_at(s, 10.0 + SETTINGS.poll_interval) == [1, 2], "shards with work keep poll_interval"
+    s.candidates([1, 2], [[-1, 0]] * 2, 11.0)
+    assert polled_at(s, 11.5) == []
+    s.wake([5])
+    assert polled_at(s, 11.5) == [5], "a wake-up is looked at at once"
+    s.candidates([5], [[-1, 0]], 11.5)
+    assert polled_at(s, 10.0 + IDLE_POLL_FACTOR * SETTINGS.poll_interval - 0.1) == []
+    assert polled_at(s, 10.0 + IDLE_POLL_FACTOR * SETTINGS.poll_interval) == [s for s in ALL if s not in (1, 2, 5)]
+
+
+def test_an_idle_replica_writes_its_heartbeat_every_few_rounds_and_at_once_when_it_changes() -> None:
+    s = scheduler("b", concurrency=1)
+    written = []
+    for i in range(3 * IDLE_BEAT_ROUNDS):
+        _, calls = s.heartbeat_round(10.0 + i)
+        written.append(bool(calls))
+    assert written.count(True) == 3, written
+    lease = s.on_acquired(0, "orders", [1, b"1:n", 1, 1], threading.Event(), 30.0)
+    assert lease is not None
+    _, calls = s.heartbeat_round(31.0)  # full now: it stops polling, and says so at once
+    assert calls[-1].script == "beat" and calls[-1].args[4] == 0
+    for i in range(IDLE_BEAT_ROUNDS):
+        _, calls = s.heartbeat_round(32.0 + i)
+        assert [c.script for c in calls] == ["renew", "beat"], "a holder's record says what runs, every round"
+    s.finished(lease, None)
+    _, calls = s.heartbeat_round(40.0)
+    assert calls and calls[-1].args[4] == 1, "it polls again: said at once"
+    assert json.loads(calls[-1].args[1])["heartbeat_ms"] == int(s.registry_interval() * 1000)

@@ -29,6 +29,8 @@ local layout = KEYS[2]
 local paused = KEYS[3]
 local refused = check_layout(layout, ARGV[2])
 if refused then return refused end
+-- No queue of the shard has a stream (the common case of an idle fleet's polls): one read.
+if redis.call('ZCARD', queues) == 0 then return { -1, 0 } end
 local now = nil
 local function clock()
   if not now then now = now_ms() end
