@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import Any
 
@@ -39,6 +40,9 @@ from .harness import (
     proc_cpu_seconds,
     stats_delta,
 )
+
+#: Producer threads of the concurrent one-call enqueue (a web tier's request threads).
+THREADS = 16
 
 #: Commands pyfiq sends itself; any other command in the window ran inside its scripts.
 SCRIPT_CALLS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall")
@@ -148,6 +152,21 @@ def measure_phases(server: RedisServer, n: int, client: redis.Redis, out: dict[s
     finally:
         backend.close()
         server.flush()
+    log(f"cost: one fn(i) call at a time from {THREADS} threads, {single} tasks")
+    backend = RedisQueueBackend(server.url, Settings(prefix=new_prefix()))
+    try:
+        per_thread = max(1, single // THREADS)
+
+        def produce(t: int) -> None:
+            for i in range(per_thread):
+                fn.send_with_options(args=(t * per_thread + i,), backend=backend)
+
+        with Meter(server, client) as enq, ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(produce, range(THREADS)))
+        out["enqueue_threads"] = enq.per_task(per_thread * THREADS)
+    finally:
+        backend.close()
+        server.flush()
 
 
 def section(run: Run) -> None:
@@ -160,6 +179,7 @@ def section(run: Run) -> None:
         ("drain_default", "drain, default mode"),
         ("drain_strict", "drain, strict mode (ack_mode=inline)"),
         ("enqueue_single", "one fn(i) call at a time"),
+        ("enqueue_threads", f"one fn(i) call at a time from {THREADS} threads (shared round trips)"),
     )
     for key, label in rows:
         r = cost[key]

@@ -37,6 +37,7 @@ from .ceiling import measure_ceiling, report_ceiling
 from .drain import run_drains
 from .harness import PEERS, RedisServer, Report, Run, cleanup, log, machine, per_s, quiet_logging
 from .idle import child_idle
+from .latency import child_latency
 from .peers import child_peer
 from .requeue import child_probe
 
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated sections among {','.join(SECTIONS)}")
     p.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
     # Internal: this file re-runs itself as a child for the peers, the idle worker and the probe.
-    p.add_argument("--child", choices=("peer", "idle", "probe"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("peer", "idle", "probe", "latency"), help=argparse.SUPPRESS)
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child == "probe":
         child_probe(args)
+        return 0
+    if args.child == "latency":
+        child_latency(args)
         return 0
 
     def on_term(signum: int, frame: object) -> None:

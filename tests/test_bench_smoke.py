@@ -55,6 +55,15 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
     delays = data["delays"]
     assert min(delays["none"] + delays["few"] + delays["many"]) > 0 and delays["bytes_per_waiting_task"] > 0
     assert delays["lateness_tasks"] > 0 and delays["lateness_min_s"] >= 0, "a delayed task started before its due time"
+    cost = data["cost"]
+    for phase in ("enqueue_many_default", "drain_default", "drain_strict", "enqueue_single", "enqueue_threads"):
+        assert cost[phase]["commandstats_usec_per_task"] > 0 and cost[phase]["redis_cpu_usec_per_task"] >= 0
+        assert cost[phase]["calls_per_task"]["evalsha"] > 0
+    assert cost["batched_default"]["commandstats_usec_per_task"] > 0
+    latency = data["latency"]
+    assert latency["tasks"] > 0 and latency["p99_s"] >= latency["p50_s"] > 0
+    fleet = data["idle"]["fleet"]
+    assert fleet["commands_per_s"] > 0 and fleet["start"]["commands_per_s"] > 0 and fleet["queues"] == 4
     assert "machine:" in stdout
 
 

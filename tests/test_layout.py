@@ -301,3 +301,28 @@ def test_the_script_check_finds_what_it_looks_for(tmp_path: Path) -> None:
         'ok = TAKE\nending = call.script in (TAKE.name, RELEASE.name)\nSTATES = {"run": 1, "take": 2}\n'
     )
     assert len(_script_facts(sample)) == 4
+
+
+def test_each_script_carries_the_lib_definitions_it_uses_and_no_other() -> None:
+    """Redis runs a script's whole chunk on every call, so each carries only what it calls
+    (directly or through another helper); a name a comment mentions pulls nothing in."""
+    from importlib import resources
+
+    from pyfiq.backend.scripts import lib_definitions, needed, source, used_names
+    from pyfiq.engine.scripts import SCRIPTS
+
+    lib = resources.files("pyfiq.engine").joinpath("lua", "lib.lua").read_text()
+    definitions = lib_definitions(lib)
+    assert {"now_ms", "hand_out", "promote", "PUSH_SLICE"} <= set(definitions)
+    for spec in SCRIPTS:
+        body = resources.files("pyfiq.engine").joinpath("lua", f"{spec.name}.lua").read_text()
+        carried = needed(definitions, body)
+        text = source(spec.name)
+        for name in definitions:
+            assert (definitions[name].rstrip("\n") in text) == (name in carried), (spec.name, name)
+        # Closed under use: whatever a carried helper calls is carried too.
+        for name in carried:
+            assert set(used_names(definitions[name], definitions)) <= set(carried), (spec.name, name)
+    assert needed(definitions, "-- see promote and hand_out\nreturn now_ms()") == ["now_ms"]
+    assert "hand_out" in needed(definitions, "hand_out(s, 0, 1, 5, 0, {})")
+    assert "parse_entry" in needed(definitions, "hand_out(s, 0, 1, 5, 0, {})"), "through hand_out"

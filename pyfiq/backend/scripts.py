@@ -27,7 +27,7 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.S)
 
 
-def _names(code: str, definitions: dict[str, str]) -> list[str]:
+def used_names(code: str, definitions: dict[str, str]) -> list[str]:
     return [w for w in _WORD.findall(_COMMENT.sub(" ", code)) if w in definitions]
 
 
@@ -46,12 +46,12 @@ def needed(definitions: dict[str, str], body: str) -> list[str]:
     """The definitions ``body`` uses, directly or through others, in lib.lua's order (which
     defines each before its first use)."""
     seen: set[str] = set()
-    todo = _names(body, definitions)
+    todo = used_names(body, definitions)
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(_names(definitions[name], definitions))
+            todo.extend(used_names(definitions[name], definitions))
     return [name for name in definitions if name in seen]
 
 

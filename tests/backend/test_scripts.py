@@ -11,7 +11,7 @@ import pytest
 from pyfiq import RedisQueueBackend
 from pyfiq.engine.lease import Lease
 from pyfiq.engine.protocol import ScriptCalls
-from pyfiq.task import Entry, TaskRecord, new_task_id
+from pyfiq.task import Entry, TaskRecord, due_spec, new_task_id
 
 
 def enqueue(backend: RedisQueueBackend, stream: str, n: int, **kw) -> list[str]:  # type: ignore[no-untyped-def]
@@ -328,3 +328,112 @@ def test_release_after_an_error_keeps_delivery_counts(redis_backend: RedisQueueB
     assert redis_backend.call(ops.release(lease, [], [task])) == 1
     again = ops.parse_acquire("q", redis_backend.call(ops.acquire("q", 1)), threading.Event(), time.monotonic())
     assert again is not None and [(e.id, d) for e, d in again.initial] == [(task, 2)]
+
+
+def test_a_batch_moves_live_tasks_in_order_and_dead_letters_expired_ones_between_them(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """A slice of pending tasks is moved at once: the expired ones in it are dead-lettered in
+    their order, the others handed over in theirs, and nothing is left behind or doubled."""
+    live_a = enqueue(redis_backend, "q", 2)
+    stale_a = enqueue(redis_backend, "q", 1, expires_in=0.05)
+    live_b = enqueue(redis_backend, "q", 1)
+    stale_b = enqueue(redis_backend, "q", 2, expires_in=0.05)
+    live_c = enqueue(redis_backend, "q", 3)
+    time.sleep(0.1)
+    lease = acquire(redis_backend, "q")
+    assert lease is not None
+    first = take(redis_backend, lease, [], 4)
+    assert ids_of(first) == live_a + live_b + live_c[:1], "4 live tasks: the slice read past the expired"
+    second = take(redis_backend, lease, ids_of(first), 4)
+    assert ids_of(second) == live_c[1:]
+    dead = redis_backend.dead_letters("q")
+    assert [(d.reason, d.task_id) for d in dead] == [("expired", i) for i in stale_a + stale_b]
+    assert take(redis_backend, lease, ids_of(second), 4) == [0]
+
+
+def test_marks_of_redelivered_tasks_are_cleared_when_they_are_acknowledged(redis_backend: RedisQueueBackend) -> None:
+    """A batch without marks skips the clear; one whose tasks carry marks (handed over after a
+    lost holder) clears exactly theirs, so a later delivery starts counting afresh."""
+    ids = enqueue(redis_backend, "q", 3)
+    first = acquire(redis_backend, "q")
+    assert first is not None
+    assert ids_of(take(redis_backend, first, [], 3)) == ids
+    expire_lease(redis_backend, first)  # the holder died with the batch in flight
+    second = acquire(redis_backend, "q")
+    assert second is not None
+    meta = second.keys.meta
+
+    def marked() -> set[str]:
+        """The task ids the meta hash holds marks of."""
+        fields = {f.decode() for f in redis_backend.client.hkeys(meta)} - {"handed", "running", "attempt"}
+        return {f.split(":", 1)[1] for f in fields}
+
+    handed = ids_of(take(redis_backend, second, [], 1))
+    assert handed == ids[:1] and marked() == {ids[0]}
+    more = ids_of(take(redis_backend, second, handed, 1))
+    assert more == ids[1:2] and marked() == {ids[1]}, "the acknowledged task's marks went"
+    rest = ids_of(take(redis_backend, second, more, 1))
+    assert rest == ids[2:]
+    assert take(redis_backend, second, rest, 1) == [0]
+    assert not redis_backend.client.exists(meta)
+
+
+def test_a_poll_of_an_empty_shard_reads_one_key(redis_backend: RedisQueueBackend) -> None:
+    """An idle fleet's polls: a shard where no consumed queue has a stream costs the layout
+    check and one ZCARD, however many queues the worker consumes."""
+    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "e", shards=1)
+    queues = [f"idle-{i}" for i in range(4)]
+    b.call(b.ops.due(0, 4, queues))  # the layout key is written by the first look
+
+    def calls() -> dict[str, int]:
+        stats = b.client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    before = calls()
+    assert ScriptCalls.parse_due(b.call(b.ops.due(0, 4, queues))) == (None, 0, [])
+    after = calls()
+    ran = {cmd: n - before.get(cmd, 0) for cmd, n in after.items() if n != before.get(cmd, 0)}
+    ran.pop("info", None)
+    assert ran == {"evalsha": 1, "get": 1, "zcard": 1}, ran
+
+
+def test_a_replica_that_lost_the_race_for_a_stream_is_told_when_its_lease_can_lapse(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """Every idle replica hears a wake-up and tries the claim; the losers learn when the
+    winner's lease lapses, so they take the stream over then if the winner dies (whoever
+    polls the shard)."""
+    enqueue(redis_backend, "race", 1)
+    winner = acquire(redis_backend, "race")
+    assert winner is not None
+    reply = redis_backend.call(redis_backend.ops.acquire("race"))
+    ttl_ms = redis_backend.settings.lease_ttl_ms
+    assert reply[0] == 0 and ttl_ms - 200 <= int(reply[1]) <= ttl_ms
+
+
+def test_a_poll_reports_a_lease_lapse_beside_a_paused_due_stream_of_the_same_queue(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    """The queue's index score is its earliest stream's: a paused stream that is due must not
+    hide when another stream's lease lapses (a dead holder's take-over waits on it)."""
+    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "h", shards=1)
+    enqueue(b, "q#paused", 1)
+    b.pause("q", "paused", wait=0)
+    enqueue(b, "q#held", 1)
+    assert acquire(b, "q#held") is not None
+    nxt, _, streams = ScriptCalls.parse_due(b.call(b.ops.due(0, 4, ["q"])))
+    ttl = b.settings.lease_ttl
+    assert streams == [] and nxt is not None and ttl - 0.2 <= nxt <= ttl
+
+
+def test_a_poll_reports_a_delayed_task_beside_a_paused_due_stream_of_the_same_queue(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    b = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix + "d", shards=1)
+    enqueue(b, "q#paused", 1)
+    b.pause("q", "paused", wait=0)
+    items = b.encode([(new_task_id(), TaskRecord("t", [], {}))], when=due_spec(delay=3.0))
+    b.enqueuer.enqueue("q#later", items)
+    nxt, _, streams = ScriptCalls.parse_due(b.call(b.ops.due(0, 4, ["q"])))
+    assert streams == [] and nxt is not None and 2.8 <= nxt <= 3.0

@@ -23,7 +23,7 @@ import pyfiq
 from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo
 from pyfiq.engine.keys import KeySchema
 from pyfiq.engine.protocol import Call
-from pyfiq.engine.scheduler import poll_owners
+from pyfiq.engine.scheduler import IDLE_BEAT_ROUNDS, IDLE_POLL_FACTOR, poll_owners
 from tests.support.helpers import unique_prefix, wait_until
 
 SHARDS = 8
@@ -31,6 +31,9 @@ TTL = 1.5
 POLL = 0.2
 ALL = set(range(SHARDS))
 SETTINGS: dict[str, Any] = {"lease_ttl": TTL, "poll_interval": POLL, "shards": SHARDS}
+#: An idle shard's safety poll, and how long a silent idle poller takes to count as gone.
+IDLE_POLL = IDLE_POLL_FACTOR * POLL
+POLLER_GONE = 2.5 * IDLE_BEAT_ROUNDS * TTL / 5
 
 
 def qname() -> str:
@@ -89,14 +92,16 @@ class Fleet:
         backend.call_many, backend.acall_many = spy, aspy  # type: ignore[method-assign]
         return backend
 
-    def start(self, replica: str, *, driver: str = "threaded") -> ThreadedWorker | AsyncWorker:
+    def start(self, replica: str, *, driver: str = "threaded", concurrency: int = 1) -> ThreadedWorker | AsyncWorker:
         backend = self._spied(replica)
         worker: ThreadedWorker | AsyncWorker
         if driver == "threaded":
-            worker = ThreadedWorker(backend, queues=[self.queue], replica=replica).start()
+            worker = ThreadedWorker(backend, queues=[self.queue], replica=replica, concurrency=concurrency).start()
         else:
             self.loop = self.loop or Loop()
-            worker = self.loop.run(AsyncWorker(backend, queues=[self.queue], replica=replica).start())
+            worker = self.loop.run(
+                AsyncWorker(backend, queues=[self.queue], replica=replica, concurrency=concurrency).start()
+            )
         self.workers.append(worker)
         return worker
 
@@ -170,7 +175,7 @@ def test_idle_workers_divide_the_shards_each_polled_by_exactly_one(fleet: Callab
     assert all(polled.values()), "8 shards spread over all four"
     for looked in f.looked.values():
         looked.clear()
-    time.sleep(6 * POLL)
+    time.sleep(1.3 * IDLE_POLL)  # nothing there: each shard is polled once per IDLE_POLL
     by_shard: dict[int, set[str]] = {}
     for replica, shards in f.looked.items():
         for shard in shards:
@@ -180,8 +185,8 @@ def test_idle_workers_divide_the_shards_each_polled_by_exactly_one(fleet: Callab
     assert {s: who.pop() for s, who in by_shard.items()} == {
         s: owner for s, owner in enumerate(poll_owners(sorted(f.looked), SHARDS))
     }
-    # Five polls each: the fleet looks at each shard about once per poll interval, not once per worker.
-    assert sum(len(v) for v in f.looked.values()) <= SHARDS * 8
+    # The fleet looks at each shard about once per idle poll, not once per worker.
+    assert sum(len(v) for v in f.looked.values()) <= SHARDS * 3
 
 
 def test_new_work_is_found_at_once_through_a_wake_up(fleet: Callable[..., Fleet]) -> None:
@@ -224,7 +229,7 @@ def test_new_work_without_a_wake_up_is_found_within_about_one_poll(fleet: Callab
     assert all(len(s) < SHARDS for s in f.polled().values()), "the poll is shared, not repeated"
     for key in keys.values():
         t(key)
-    wait_until(lambda: ran == set(keys.values()), timeout=15 * POLL, message="every shard's new task ran")
+    wait_until(lambda: ran == set(keys.values()), timeout=IDLE_POLL + 5 * POLL, message="every shard's new task ran")
 
 
 VICTIM = f"""
@@ -279,7 +284,9 @@ def test_a_sigkilled_replica_s_shards_and_lease_are_taken_over(
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         victim.wait(5)
-        wait_until(lambda: f.divided(["fleet-a", "fleet-b"]), timeout=3 * TTL, message="its shards taken over")
+        wait_until(
+            lambda: f.divided(["fleet-a", "fleet-b"]), timeout=POLLER_GONE + 3 * TTL, message="its shards taken over"
+        )
         wait_until(lambda: bool(started), timeout=TTL + POLL + 2.0, message="the task taken over")
         assert started[0] - killed < TTL + POLL + 2.0
         # New work on the victim's shards, without a wake-up, is found by the new pollers.
@@ -287,8 +294,84 @@ def test_a_sigkilled_replica_s_shards_and_lease_are_taken_over(
         deaf.keys.wake_channel = f"{f.prefix}:nobody-hears-this"
         pyfiq.configure(deaf)
         hold(2)
-        wait_until(lambda: len(started) == 2, timeout=15 * POLL, message="new work on a victim's shard")
+        wait_until(lambda: len(started) == 2, timeout=IDLE_POLL + 5 * POLL, message="new work on a victim's shard")
     finally:
+        victim.kill()
+        victim.wait(5)
+        if victim.stdout is not None:
+            victim.stdout.close()
+
+
+RACER = f"""
+import pathlib, sys, time
+from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
+url, prefix, queue, replica, markers = sys.argv[1:6]
+
+@fifo(queue=queue, name="fleet.khold", key=lambda k: k)
+def khold(k):
+    (pathlib.Path(markers) / k).write_text("")
+    time.sleep(60)
+
+backend = RedisQueueBackend(url, prefix=prefix, lease_ttl={TTL!r}, poll_interval={POLL!r}, shards={SHARDS!r})
+ThreadedWorker(backend, queues=[queue], replica=replica, concurrency=64).start()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_holder_that_won_a_wake_up_race_and_polled_its_shard_is_taken_over_when_its_lease_lapses(
+    fleet: Callable[..., Fleet], redis_server: Any, tmp_path: Path
+) -> None:
+    """An idle fleet divided the shards; new work wakes everyone, and the replicas race for each
+    stream. The victim wins every race (the others' claims are slowed down here) and is
+    SIGKILLed: the others, who lost those races, take each stream over when its lease lapses,
+    also on the shards the victim polled itself, not once they count the dead poller gone
+    (which takes far longer for a fleet that beats slowly while idle)."""
+    q = qname()
+    f = fleet(q)
+    started: dict[str, float] = {}
+    release = threading.Event()
+
+    @fifo(queue=q, name="fleet.khold", key=lambda k: k)
+    def khold(k: str) -> None:
+        started[k] = time.monotonic()
+        release.wait(30)
+
+    markers = tmp_path / "held"
+    markers.mkdir()
+    victim = subprocess.Popen(
+        [sys.executable, "-c", RACER, redis_server.url, f.prefix, q, "fleet-v", str(markers)], stdout=subprocess.PIPE
+    )
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == b"ready"
+        for name in ("fleet-a", "fleet-b"):
+            worker = f.start(name, concurrency=64)
+            call = worker.backend.call
+
+            def slow(c: Call, *args: Any, _call: Callable[..., Any] = call, **kw: Any) -> Any:
+                if c.script == "acquire":
+                    time.sleep(0.1)  # lose every race to the victim
+                return _call(c, *args, **kw)
+
+            worker.backend.call = slow  # type: ignore[method-assign]
+        replicas = ["fleet-a", "fleet-b", "fleet-v"]
+        wait_until(lambda: f.divided(replicas), timeout=15, message="the three divide the shards")
+        producer = f.backend()
+        keys = streams_on_every_shard(producer, q)
+        pyfiq.configure(producer)
+        for key in keys.values():
+            khold(key)
+        wait_until(lambda: len(list(markers.iterdir())) == SHARDS, timeout=10, message="the victim runs them all")
+        owners = poll_owners(replicas, SHARDS)
+        assert any(owners[s] == "fleet-v" for s in keys), "the victim polls some of those shards itself"
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        victim.wait(5)
+        wait_until(lambda: len(started) == SHARDS, timeout=TTL + POLL + 3.0, message="the victim's streams taken over")
+        late = {k: round(started[k] - killed, 2) for k in started if started[k] - killed >= TTL + POLL + 1.0}
+        assert not late, f"taken over later than the lease TTL and a poll: {late}"
+    finally:
+        release.set()
         victim.kill()
         victim.wait(5)
         if victim.stdout is not None:

@@ -26,8 +26,9 @@
   Output:
     { 0 } when the stream is not claimable (not due, paused, or empty and now forgotten, or
       scored at its first delayed task's due time)
-    { 0, ms } when its lease is still held for ms more (e.g. it lapses within this millisecond),
-      or its first delayed task falls due in ms: look again then
+    { 0, ms } when it is claimable only in ms: its lease is held that much longer (another
+      replica claimed it first, or it lapses within this millisecond), or its first delayed task
+      falls due then: look again then
     { 1, token, fencing token, Redis ms, entry, deliveries, ... } on success: the lease and the
       first tasks, taken as take.lua would, so a claim costs one round trip
 
@@ -55,7 +56,13 @@ local later_seq = KEYS[15]
 local now = now_ms()
 local r = { ready = ready, queues = queues, queue = queue_of(ARGV[1]) }
 local score = redis.call('ZSCORE', ready, ARGV[1])
-if not score or tonumber(score) > now or is_paused(paused, ARGV[1]) then return { 0 } end
+if not score or is_paused(paused, ARGV[1]) then return { 0 } end
+score = tonumber(score)
+if score > now then
+  -- Claimed a moment ago by another replica (scored at its lease's expiry), or scored at a due
+  -- time: the caller looks again then, so a holder that dies is taken over by those who lost.
+  return { 0, score - now }
+end
 local ttl = tonumber(ARGV[2])
 if redis.call('EXISTS', lease) == 1 then
   -- The holder renewed after its ready score was read as due: resynchronise the score.

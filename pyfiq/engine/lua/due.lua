@@ -45,10 +45,15 @@ end
 local found = {}
 local function collect(queue)
   if redis.call('SISMEMBER', paused, queue) == 1 then return end
-  local due = redis.call('ZRANGEBYSCORE', tag .. ':r:' .. queue, '-inf', clock(), 'WITHSCORES', 'LIMIT', 0, want)
+  local ready = tag .. ':r:' .. queue
+  local due = redis.call('ZRANGEBYSCORE', ready, '-inf', clock(), 'WITHSCORES', 'LIMIT', 0, want)
   for i = 1, #due, 2 do
     if redis.call('SISMEMBER', paused, due[i]) == 0 then found[#found + 1] = { tonumber(due[i + 1]), due[i] } end
   end
+  -- The queue's index score is its earliest stream's, which may be due and paused: the first
+  -- one not yet due (a lease's lapse, a delayed task) is read here, so it is looked at then.
+  local first = redis.call('ZRANGEBYSCORE', ready, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first > 0 then later(tonumber(first[2]) - now) end
 end
 local offset = 0
 local direct = #ARGV - 4
