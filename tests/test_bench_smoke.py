@@ -53,7 +53,9 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
     assert results["ratio"] > 0 and min(results["plain_per_s"] + results["store_result_per_s"]) > 0
     assert results["latency_tasks"] > 0 and results["latency_p99_s"] >= results["latency_p50_s"] > 0
     delays = data["delays"]
-    assert min(delays["none"] + delays["few"] + delays["many"]) > 0 and delays["bytes_per_waiting_task"] > 0
+    # An idle fleet with nothing waiting may send nothing at all in a short window.
+    assert min(delays["none"]) >= 0 and min(delays["few"] + delays["many"]) > 0
+    assert delays["bytes_per_waiting_task"] > 0
     assert delays["lateness_tasks"] > 0 and delays["lateness_min_s"] >= 0, "a delayed task started before its due time"
     cost = data["cost"]
     for phase in ("enqueue_many_default", "drain_default", "drain_strict", "enqueue_single", "enqueue_threads"):

@@ -132,20 +132,18 @@ class Scheduler:
         # pollers yet, or a stale one).
         self._polled: frozenset[int] | None = None
         self._view: list[str] = []
-        self._view_at = -math.inf
-        self._beats = 0
-        self._view_read_at = -math.inf
-        # Heartbeat rounds since this replica last wrote to the registry, and whether it polled then.
-        self._rounds_since_beat = 0
+        # When the view was last applied and last read afresh; heartbeats written, and rounds
+        # since the last one (and whether this replica polled then).
+        self._view_at = self._view_read_at = -math.inf
+        self._beats = self._rounds_since_beat = 0
         self._beat_polled: bool | None = None
-        self._gained = False
         # Shards named by wake-up messages; swapped out before a look, so a message arriving
         # during the look is kept for the next one, never overwritten.
         self._woken: set[int] = set()
         # Streams handed back for a task this replica cannot run: left to others for a while.
         self._avoid: dict[str, float] = {}
         self._unknown_since: dict[str, float] = {}
-        self._backoff = 0.0
+        self._backoff, self._gained = 0.0, False
         self._identity: tuple[str, dict[str, Any]] | None = None
         started = clock.monotonic()
         self._next_beat = started + self.settings.effective_heartbeat

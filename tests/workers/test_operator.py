@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import pyfiq
 from pyfiq import RedisQueueBackend, ThreadedWorker, fifo
+from pyfiq.engine.scheduler import IDLE_BEAT_ROUNDS
 from pyfiq.ops.cli import main
 from tests.support.helpers import FAST, unique_prefix, wait_until
 
@@ -143,7 +144,8 @@ def test_replicas_register_through_their_heartbeats_with_what_they_hold(redis_ba
         )
         assert result.exit_code == 0 and w.replica in result.output and q in result.output
         gate.set()
-    time.sleep(3 * redis_backend.settings.effective_heartbeat + 0.2)
+    # Listed while its last heartbeat is within 3 registry intervals (an idle replica's rhythm).
+    time.sleep(3 * IDLE_BEAT_ROUNDS * redis_backend.settings.effective_heartbeat + 0.2)
     assert redis_backend.replicas() == [], "a stopped replica is no longer listed as live"
     assert [r["replica"] for r in redis_backend.replicas(include_silent=True)] == [w.replica]
 
