@@ -196,5 +196,5 @@ def section(run: Run) -> None:
             f"enqueue_many + drain ({mode}): Redis time per task",
             f"{b['commandstats_usec_per_task']:.1f} µs",
             f"Redis CPU {b['redis_cpu_usec_per_task']:.1f} µs; "
-            f"{per_s(1e6 / b['redis_cpu_usec_per_task'])} per Redis core",
+            f"{per_s(1e6 / max(b['redis_cpu_usec_per_task'], 1e-3))} per Redis core",
         )

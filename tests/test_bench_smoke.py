@@ -65,7 +65,8 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
     latency = data["latency"]
     assert latency["tasks"] > 0 and latency["p99_s"] >= latency["p50_s"] > 0
     fleet = data["idle"]["fleet"]
-    assert fleet["commands_per_s"] > 0 and fleet["start"]["commands_per_s"] > 0 and fleet["queues"] == 4
+    # Settled, an idle fleet may send nothing in the quick run's one-second window; not at its start.
+    assert fleet["commands_per_s"] >= 0 and fleet["start"]["commands_per_s"] > 0 and fleet["queues"] == 4
     assert "machine:" in stdout
 
 
