@@ -32,9 +32,10 @@ def used_names(code: str, definitions: dict[str, str]) -> list[str]:
 
 
 def lib_definitions(lib: str) -> dict[str, str]:
-    """lib.lua cut into its top-level definitions, in file order, each with the comment above
-    it. Text before the first definition (the file's header) belongs to none."""
-    starts = [m for m in _DEFINITION.finditer(lib)]
+    """lib.lua cut into its top-level definitions, in file order, each running up to the next
+    one (so it ends with the comment of the next: comments cost nothing once compiled). The
+    file's header, before the first definition, belongs to none."""
+    starts = list(_DEFINITION.finditer(lib))
     out: dict[str, str] = {}
     for i, m in enumerate(starts):
         end = starts[i + 1].start() if i + 1 < len(starts) else len(lib)

@@ -285,7 +285,7 @@ class Scheduler:
 
     def _polled_now(self, now: float) -> frozenset[int] | None:
         """The shards this replica's safety poll covers now (None: all). A view older than a
-        few heartbeats (the registry unreachable) is not trusted: then every shard is polled."""
+        few registry intervals (the registry unreachable) is not trusted: then every shard is polled."""
         if now - self._view_at > 3 * self.registry_interval():
             return None
         return self._polled
@@ -304,12 +304,9 @@ class Scheduler:
     def _polls(self) -> bool:
         """Whether this replica takes part in the safety poll: it consumes queues, dispatches
         and has a free slot."""
+        queues = self.consumed_queues()
         with self._lock:
-            return (
-                bool(self.consumed_queues())
-                and self.dispatching
-                and len(self.held) + len(self._stuck) < self.concurrency
-            )
+            return bool(queues) and self.dispatching and len(self.held) + len(self._stuck) < self.concurrency
 
     def _registry_beat_due(self, leases: Sequence[Lease]) -> bool:
         """Whether this round writes the heartbeat: always while holding leases (their holder's

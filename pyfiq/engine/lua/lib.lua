@@ -1,6 +1,9 @@
 --[[
-  Helpers prepended to every script by pyfiq/backend/scripts.py (Redis scripts cannot include
-  files), after the constants ID_LENGTH and TIME_DIGITS that pyfiq/task.py defines.
+  Helpers prepended to the scripts by pyfiq/backend/scripts.py (Redis scripts cannot include
+  files), after the constants ID_LENGTH and TIME_DIGITS that pyfiq/task.py defines. A script
+  gets the top-level definitions it uses (directly or through another one), each of which
+  starts with a line "local function name(" or "local NAME =": Redis runs a script's whole
+  chunk on every call, so a helper it never calls would still cost a closure per call.
 
   Redis does not roll a script back when it fails half-way, so nothing here may raise once a
   script has started writing: entries are validated by pure string checks that accept any
