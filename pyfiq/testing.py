@@ -4,7 +4,8 @@
   ``pyfiq[memory]`` extra), isolated from every other test, made the backend of the default
   registry (or of the ``registry`` given) so ``@fifo`` functions enqueue to it.
 - ``drain(backend, queues)``: run a real worker until the given queues hold no task, so a test
-  can call ``charge(...)`` and then assert on what the task did.
+  can call ``charge(...)`` and then assert on what the task did; a task that failed (was
+  dead-lettered) fails the test with ``TasksFailed``, and retries do not wait out back-offs.
 
 Never imported by pyfiq itself.
 """
@@ -14,13 +15,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from . import hooks
 from .backend.backend import RedisQueueBackend
+from .engine.keys import queue_of
 from .functions import Registry, default_registry
+from .hooks import Hooks
+from .task import TaskContext
 from .workers.threaded import ThreadedWorker
 
-__all__ = ["drain", "memory_backend"]
+__all__ = ["Failure", "TasksFailed", "drain", "memory_backend"]
 
 #: Settings that make tests fast: short leases and polls, few shards.
 FAST: dict[str, Any] = {"lease_ttl": 1.0, "poll_interval": 0.05, "shards": 2}
@@ -45,6 +51,71 @@ def _idle(backend: RedisQueueBackend, queues: list[str]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A task dead-lettered while ``drain()`` ran."""
+
+    stream: str
+    task_id: str | None
+    #: The task's registered name, when its record could be read.
+    task: str | None
+    #: As in the dead letter: ``exhausted`` (it raised on its last attempt), ``expired``,
+    #: ``unknown-task``, ``undecodable``, ``poison``...
+    reason: str
+    #: The error the dead letter records, as text ("ValueError: bad input" for a task that raised).
+    error: str | None
+    #: The exception its last attempt raised, when this process ran it.
+    exception: BaseException | None
+
+
+class TasksFailed(AssertionError):
+    """Tasks failed while ``drain()`` ran: ``failures`` lists them, oldest first. An
+    ``AssertionError``, so a test runner reports it as the test's failure; the first failure's
+    exception is its ``__cause__``, with its traceback."""
+
+    def __init__(self, failures: list[Failure]) -> None:
+        self.failures = failures
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(
+            f"task {first.task or '?'} {first.task_id or ''} on stream {first.stream!r} failed: "
+            f"{first.reason}: {first.error or 'no error recorded'}{more}"
+        )
+
+
+class _LastErrors(Hooks):
+    """The exception of each task's latest failed attempt, by task id."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, BaseException] = {}
+
+    def on_failure(self, ctx: TaskContext, error: BaseException) -> None:
+        self.errors[ctx.id] = error
+
+
+def _dead_counts(backend: RedisQueueBackend, queues: list[str]) -> dict[str, int]:
+    streams = [s for s in backend.dead_letter_streams() if queue_of(s) in queues]
+    return {s: int(backend.queue_info(s)["dead"]) for s in streams}
+
+
+def _new_failures(
+    backend: RedisQueueBackend, queues: list[str], before: dict[str, int], errors: dict[str, BaseException]
+) -> list[Failure]:
+    found: list[tuple[float, Failure]] = []
+    for stream, count in _dead_counts(backend, queues).items():
+        seen = before.get(stream, 0)
+        for letter in backend.dead_letters(stream, limit=max(count - seen, 1), offset=seen):
+            task_id = letter.entry.id if letter.entry is not None else None
+            task = letter.record.name if letter.record is not None else None
+            error = letter.header.get("error")
+            kind = str(letter.header.get("error_type", "")).rpartition(".")[2]
+            if error is not None and kind:
+                error = f"{kind}: {error}"
+            failure = Failure(stream, task_id, task, letter.reason, error, errors.get(task_id or ""))
+            found.append((float(letter.header.get("at_ms", 0)), failure))
+    return [failure for _, failure in sorted(found, key=lambda pair: pair[0])]
+
+
 def drain(
     backend: RedisQueueBackend,
     queues: Iterable[str],
@@ -52,15 +123,36 @@ def drain(
     timeout: float = 10.0,
     concurrency: int = 4,
     registry: Registry | None = None,
-) -> None:
+    raise_failures: bool = True,
+    retry_waits: bool = False,
+) -> list[Failure]:
     """Run a worker of ``registry`` (default: the registry of ``@pyfiq.fifo``) on ``queues``
     until none of their streams holds a task (done or dead-lettered), delayed ones included,
-    then stop it. Raises ``TimeoutError`` if that takes longer than ``timeout`` seconds (a task
-    that blocks its queue, or one delayed beyond it)."""
+    then stop it.
+
+    A task dead-lettered meanwhile (it raised on its last attempt, expired, had no function...)
+    fails the test: ``TasksFailed`` is raised, naming them, with the first one's exception as
+    its cause. With ``raise_failures=False`` they are returned instead (an empty list: every
+    task succeeded). Retries run at once, whatever their policy's back-off, unless
+    ``retry_waits=True``. Raises ``TimeoutError`` if the queues are not drained within
+    ``timeout`` seconds (a task that blocks its queue, or one delayed beyond it)."""
     names = list(queues)
     deadline = time.monotonic() + timeout
-    with ThreadedWorker(backend, registry=registry, queues=names, concurrency=concurrency):
-        while not _idle(backend, names):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"queues {names} still hold tasks after {timeout}s")
-            time.sleep(0.01)
+    before = _dead_counts(backend, names)
+    last = _LastErrors()
+    hooks.add(last)
+    try:
+        worker = ThreadedWorker(backend, registry=registry, queues=names, concurrency=concurrency)
+        if not retry_waits:
+            worker.max_retry_wait = 0.0
+        with worker:
+            while not _idle(backend, names):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"queues {names} still hold tasks after {timeout}s")
+                time.sleep(0.01)
+    finally:
+        hooks.remove(last)
+    failures = _new_failures(backend, names, before, last.errors)
+    if failures and raise_failures:
+        raise TasksFailed(failures) from failures[0].exception
+    return failures

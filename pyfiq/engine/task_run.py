@@ -55,8 +55,10 @@ class TaskRun:
     core (``Retrying.iter``): a task that succeeds at once, as most do, costs no retry
     bookkeeping at all."""
 
-    def __init__(self, prepared: Prepared, lease: Lease, clock: Clock) -> None:
+    def __init__(self, prepared: Prepared, lease: Lease, clock: Clock, *, max_wait: float | None = None) -> None:
         self.fn = prepared.func
+        #: A cap on the wait between attempts (the worker's ``max_retry_wait``).
+        self.max_wait = max_wait
         self.record = prepared.record
         self.ctx = prepared.context
         self.lease = lease
@@ -129,9 +131,13 @@ class TaskRun:
             return self._exhausted(final)
         if not isinstance(action, DoSleep):  # pragma: no cover - tenacity always sleeps after a failure
             raise RuntimeError(f"unexpected retry action {action!r}")
-        self.events.put(RetryScheduled(self.ctx, failure, float(action), self.attempts))
-        self._retry_in(float(action))
-        return float(action)
+        wait = self._capped(float(action))
+        self.events.put(RetryScheduled(self.ctx, failure, wait, self.attempts))
+        self._retry_in(wait)
+        return wait
+
+    def _capped(self, wait: float) -> float:
+        return wait if self.max_wait is None else min(wait, self.max_wait)
 
     def _retry_in(self, seconds: float) -> None:
         """Note when the next attempt starts, for the heartbeat to tell a status read."""

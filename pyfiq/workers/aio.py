@@ -448,7 +448,7 @@ class AsyncWorker(WorkerBase):
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: asyncio.Event = lease.abort  # type: ignore[assignment]
-        task = TaskRun(prepared, lease, self.clock)
+        task = TaskRun(prepared, lease, self.clock, max_wait=self.max_retry_wait)
 
         async def invoke(ctx: TaskContext) -> Any:
             token = set_current(ctx)

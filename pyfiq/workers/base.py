@@ -23,6 +23,11 @@ from .reports import SYSTEM_CLOCK
 class WorkerBase:
     """The common state of ``ThreadedWorker`` and ``AsyncWorker``."""
 
+    #: The longest wait between two attempts of a task, whatever its retry policy asks (None:
+    #: the policy's own). Set before ``start()``; ``pyfiq.testing.drain`` sets 0, so a test
+    #: does not wait out production back-offs.
+    max_retry_wait: float | None = None
+
     def _setup(
         self,
         backend: RedisQueueBackend | None,

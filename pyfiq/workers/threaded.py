@@ -450,7 +450,7 @@ class ThreadedWorker(WorkerBase):
             return Fenced()
         func, record = prepared.func.func, prepared.record
         abort: threading.Event = lease.abort  # type: ignore[assignment]
-        task = TaskRun(prepared, lease, self.clock)
+        task = TaskRun(prepared, lease, self.clock, max_wait=self.max_retry_wait)
 
         def invoke(ctx: TaskContext) -> Any:
             token = set_current(ctx)

@@ -1,0 +1,115 @@
+"""``pyfiq.testing.drain`` as an application's test suite uses it: a task that fails fails the
+test that drained it, retries do not wait out production back-offs, and the failures can be
+read instead of raised."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import pyfiq
+from pyfiq.functions import Registry
+from pyfiq.testing import Failure, TasksFailed, drain, memory_backend
+
+
+def qname() -> str:
+    return f"drain-{uuid.uuid4().hex[:8]}"
+
+
+class CardDeclined(Exception):
+    pass
+
+
+def test_a_task_that_fails_fails_the_test_that_drained_it() -> None:
+    registry, q, ran = Registry(), qname(), []
+    backend = memory_backend(registry=registry)
+
+    @registry.fifo(queue=q, name=f"{q}.charge", max_retries=0)
+    def charge(order: int) -> None:
+        ran.append(order)
+        if order == 2:
+            raise CardDeclined(f"order {order}: card declined")
+
+    for order in (1, 2, 3):
+        charge(order)
+    with pytest.raises(TasksFailed) as caught:
+        drain(backend, [q], registry=registry)
+    assert ran == [1, 2, 3], "the queue ran to its end first"
+    (failure,) = caught.value.failures
+    assert (failure.stream, failure.task, failure.reason) == (q, f"{q}.charge", "exhausted")
+    assert isinstance(failure.exception, CardDeclined) and caught.value.__cause__ is failure.exception
+    assert "card declined" in str(caught.value) and f"{q}.charge" in str(caught.value)
+    assert isinstance(caught.value, AssertionError), "a test runner reports it as the test's failure"
+
+
+def test_retries_run_at_once_in_a_drain_whatever_their_back_off() -> None:
+    registry, q, attempts = Registry(), qname(), []
+    backend = memory_backend(registry=registry)
+
+    @registry.fifo(queue=q, name=f"{q}.flaky", max_retries=3, retry_wait=60)
+    def flaky() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ConnectionError("the API is down")
+
+    flaky()
+    started = time.monotonic()
+    assert drain(backend, [q], registry=registry, timeout=10) == []
+    assert len(attempts) == 3 and time.monotonic() - started < 5, "no 60 s back-off was waited out"
+
+
+def test_failures_can_be_read_instead_of_raised_and_only_this_drain_s_count() -> None:
+    registry, q = Registry(), qname()
+    backend = memory_backend(registry=registry)
+
+    @registry.fifo(queue=q, name=f"{q}.boom", max_retries=1, key=lambda k: k)
+    def boom(k: str) -> None:
+        raise ValueError(f"bad input {k}")
+
+    boom("a")
+    assert [f.error for f in drain(backend, [q], registry=registry, raise_failures=False)] == [
+        "ValueError: bad input a"
+    ]
+    boom("b")
+    boom("c")
+    failures = drain(backend, [q], registry=registry, raise_failures=False)
+    assert [(f.stream, f.reason) for f in failures] == [(f"{q}#b", "exhausted"), (f"{q}#c", "exhausted")]
+    assert all(isinstance(f, Failure) and isinstance(f.exception, ValueError) for f in failures)
+
+
+def test_a_drain_where_every_task_succeeds_returns_no_failures() -> None:
+    q = qname()
+    backend = memory_backend()
+    done: list[int] = []
+
+    @pyfiq.fifo(queue=q, name=f"{q}.ok")
+    def ok(i: int) -> None:
+        done.append(i)
+
+    for i in range(5):
+        ok(i)
+    assert drain(backend, [q]) == [] and done == [0, 1, 2, 3, 4]
+
+
+def test_the_readme_testing_example_runs_under_pytest_and_catches_a_failing_task(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```python\n# test_billing.py\n(.*?)```", readme, flags=re.S)
+    assert block is not None, "the README's testing example"
+    (tmp_path / "test_billing.py").write_text(block.group(1))
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_billing.py")]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+    # The same file where the failing charge is not expected: the user's test fails, naming why.
+    (tmp_path / "test_billing.py").write_text(
+        block.group(1).replace('with pytest.raises(TasksFailed, match="nothing to charge c-7"):\n        ', "")
+    )
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout
+    assert "TasksFailed" in done.stdout and "nothing to charge c-7" in done.stdout
