@@ -71,7 +71,8 @@ end
 -- per task (an acknowledgement of a batch is the hot path). Most batches have no marks at all
 -- (tasks taken ahead are not marked): one read finds that, instead of naming 4 fields per task.
 local function clear_marks_of(meta, entries, n)
-  if not has_marks(meta) then return end
+  -- One task (the strict setting) was marked when it was handed out: no read first.
+  if n > 1 and not has_marks(meta) then return end
   local fields = {}
   for i = 1, n do
     local id = task_id(entries[i])
