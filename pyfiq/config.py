@@ -174,6 +174,10 @@ class Settings:
     #: with this on top of the connection's socket timeout, so it may exceed ``socket_timeout``
     #: (nothing to refuse: the two cannot conflict).
     replica_timeout: float = 1.0
+    #: The largest task a call may enqueue, its arguments encoded, in bytes: a larger one is
+    #: refused with ``PayloadTooLargeError`` before anything is sent (None: no limit). Redis
+    #: holds every pending task in memory, and each one crosses the network twice.
+    max_payload_bytes: int | None = 1_048_576
     #: The largest result a ``store_result`` function may return, encoded, in bytes: a larger
     #: one is not stored and its task is dead-lettered as ``result-refused``.
     result_max_bytes: int = 1_048_576
@@ -201,6 +205,8 @@ class Settings:
             raise ConfigurationError(f"ack_mode must be one of {', '.join(ACK_MODES)}, got {self.ack_mode!r}")
         if self.prefetch is not None and self.prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"prefetch must be at most {MAX_PREFETCH}, got {self.prefetch}")
+        if self.max_payload_bytes is not None and self.max_payload_bytes < 1:
+            raise ConfigurationError(f"max_payload_bytes must be at least 1 or None, got {self.max_payload_bytes}")
         for name in ("max_deliveries", "prefetch", "batch_limit", "enqueue_attempts", "result_max_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")

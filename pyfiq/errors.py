@@ -107,6 +107,13 @@ class TaskSkipped(TaskFailed):
     """``handle.result()``: an operator skipped the task (``queue skip``, the dashboard)."""
 
 
+class PayloadTooLargeError(PyfiqError, ValueError):
+    """A task's encoded arguments are larger than ``Settings.max_payload_bytes``: refused at
+    the call, before anything is sent, naming the size and the limit. Nothing of its call (or
+    of its ``enqueue_many`` batch) was enqueued. Pass a reference (a key, a URL) instead of the
+    data, or raise the limit."""
+
+
 class ResultUnavailable(PyfiqError, LookupError):
     """``handle.result()``: Redis holds neither the task nor its result: it finished without
     storing one (its function has no ``store_result``, or ``result_ttl`` has passed), or no task

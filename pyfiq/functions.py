@@ -22,6 +22,7 @@ from tenacity import BaseRetrying
 from . import hooks
 from .backend.backend import RedisQueueBackend
 from .engine.keys import stream_name, validate_key, validate_queue_name
+from .engine.outcomes import describe_error
 from .engine.protocol import RateLimit
 from .engine.ticks import Schedule
 from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
@@ -34,6 +35,7 @@ from .task import (
     EncodedTask,
     TaskHandle,
     TaskRecord,
+    check_payload,
     due_spec,
     encode_record,
     expires_in_ms,
@@ -119,6 +121,7 @@ class Registry(Periodic):
         on_exhausted: OnExhausted = "dead-letter",
         expires_in: float | None = None,
         key: Callable[..., Any] | None = None,
+        allow_none_key: bool = False,
         rate_limit: float | None = None,
         rate_burst: int = 1,
         time_limit: float | None = None,
@@ -139,7 +142,10 @@ class Registry(Periodic):
         - ``expires_in``: seconds after enqueue past which the task is dead-lettered unrun.
         - ``key``: a function of the call's arguments naming the ordered stream within the queue;
           its ``str()`` has at most 200 characters and 512 bytes of UTF-8 and no control
-          characters, or the call raises ``ConfigurationError`` and stores nothing.
+          characters, or the call raises ``ConfigurationError`` and stores nothing. A key
+          function that raises, or returns None, is a ``ConfigurationError`` naming the task
+          and the function, and stores nothing; with ``allow_none_key=True`` a None sends the
+          task to the queue's own (unkeyed) stream.
         - ``rate_limit``: at most this many task starts per second on the queue, across every
           replica and stream; ``rate_burst`` starts may follow each other without spacing.
         - ``time_limit``: seconds an attempt may run; past them an ``async def`` task is cancelled
@@ -165,6 +171,7 @@ class Registry(Periodic):
             on_exhausted=on_exhausted,
             expires_in=expires_in,
             key=key,
+            allow_none_key=allow_none_key,
             rate_limit=rate_limit,
             rate_burst=rate_burst,
             time_limit=time_limit,
@@ -232,6 +239,7 @@ class FifoFunction(Generic[P, R]):
         self.on_exhausted: OnExhausted = options.on_exhausted
         self.expires_in = options.expires_in
         self.key = options.key
+        self.allow_none_key = options.allow_none_key
         self.time_limit = options.time_limit
         self.time_warning = options.time_warning
         self.store_result = options.store_result
@@ -324,6 +332,27 @@ class FifoFunction(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"{self.name}{self._signature}: {exc}; nothing was enqueued") from None
 
+    def key_of(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+        """The stream key of a call: what the ``key`` function returns, validated (None: the
+        function has no key function). Its failure is the caller's, named."""
+        if self.key is None:
+            return None
+        fn = getattr(self.key, "__qualname__", repr(self.key))
+        try:
+            raw = self.key(*args, **kwargs)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"the key function {fn} of task {self.name} raised {describe_error(exc)}; nothing was enqueued"
+            ) from exc
+        if raw is None:
+            if self.allow_none_key:
+                return None
+            raise ConfigurationError(
+                f"the key function {fn} of task {self.name} returned None; nothing was enqueued (return a "
+                "key, or pass allow_none_key=True to send such calls to the queue's unkeyed stream)"
+            )
+        return validate_key(str(raw))
+
     def _encode(
         self,
         args: Sequence[Any],
@@ -338,8 +367,7 @@ class FifoFunction(Generic[P, R]):
         kwargs = kwargs or {}
         self.check_call(args, kwargs)
         when = due_spec(delay, eta)
-        raw_key: Any = key if key is not None or self.key is None else self.key(*args, **kwargs)
-        key = None if raw_key is None else validate_key(str(raw_key))
+        key = key if key is not None else self.key_of(args, kwargs)
         backend = backend or self.registry.get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.dispatcher.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in
@@ -385,10 +413,10 @@ class FifoFunction(Generic[P, R]):
         calls = list(calls)
         for index, (args, task_id) in enumerate(zip(calls, new_task_ids(len(calls)), strict=True)):
             self.check_call(args, {})
-            raw_key = self.key(*args) if self.key is not None else None
-            key = None if raw_key is None else validate_key(str(raw_key))
+            key = self.key_of(args, {})
             stream = stream_name(self.queue, key)
             payload = encode_record(serializer, self.name, list(args), {}, key, headers)
+            check_payload(self.name, payload, backend.settings.max_payload_bytes)
             if stream not in by_stream:
                 by_stream[stream], encoded[stream] = [], []
             by_stream[stream].append(index)

@@ -83,6 +83,7 @@ class FifoOptions:
     on_exhausted: OnExhausted = "dead-letter"
     expires_in: float | None = None
     key: Callable[..., Any] | None = None
+    allow_none_key: bool = False
     rate_limit: float | None = None
     rate_burst: int = 1
     time_limit: float | None = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from .config import validate_seconds
-from .errors import ConfigurationError, DecodeError, SerializationError
+from .errors import ConfigurationError, DecodeError, PayloadTooLargeError, SerializationError
 from .serializers import Serializer
 
 #: What a task's function returns: ``TaskHandle[R].result()`` gives it back.
@@ -197,17 +197,32 @@ def encode_tasks(
     serializer: Serializer,
     expires_in: float | None = None,
     when: str = NOW,
+    max_bytes: int | None = None,
 ) -> list[EncodedTask]:
     """``(task id, record)`` pairs encoded for enqueue, all before any I/O: a task whose
     arguments cannot be serialized fails at once, and nothing of the batch is sent. ``when``:
-    a ``due_spec`` for every task; an ``expires_in`` that ends before it is refused."""
+    a ``due_spec`` for every task; an ``expires_in`` that ends before it is refused; a task
+    larger than ``max_bytes`` encoded is refused with ``PayloadTooLargeError``."""
     ttl_ms = expires_in_ms(expires_in)
     if ttl_ms and when != NOW and ttl_ms / 1000 <= delay_of(when):
         raise ConfigurationError(
             f"expires_in={expires_in} s ends before the task is due ({delay_of(when):.3f} s from now): it could "
             "never run; nothing was enqueued"
         )
-    return [EncodedTask(task_id, ttl_ms, when, rec.encode(serializer)) for task_id, rec in records]
+    tasks = [EncodedTask(task_id, ttl_ms, when, rec.encode(serializer)) for task_id, rec in records]
+    for task, (_, rec) in zip(tasks, records, strict=True):
+        check_payload(rec.name, task.payload, max_bytes)
+    return tasks
+
+
+def check_payload(name: str, payload: bytes, max_bytes: int | None) -> None:
+    """Refuse a task whose encoded record is larger than ``max_bytes`` (None: no limit)."""
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise PayloadTooLargeError(
+            f"task {name}: its encoded arguments are {len(payload):,} bytes, over max_payload_bytes "
+            f"({max_bytes:,}); nothing was enqueued (pass a reference to the data, or raise "
+            "Settings.max_payload_bytes)"
+        )
 
 
 #: Where a task is, as ``TaskHandle.status()`` tells it.

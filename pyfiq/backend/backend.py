@@ -201,7 +201,7 @@ class RedisQueueBackend:
         self, records: Sequence[tuple[str, TaskRecord]], expires_in: float | None = None, when: str = NOW
     ) -> list[EncodedTask]:
         """``(task id, record)`` pairs encoded with this backend's serializer, before any I/O."""
-        return encode_tasks(records, self.settings.serializer, expires_in, when)
+        return encode_tasks(records, self.settings.serializer, expires_in, when, self.settings.max_payload_bytes)
 
     def enqueue(
         self,

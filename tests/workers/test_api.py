@@ -76,6 +76,7 @@ def test_fifo_hands_every_option_to_its_binding() -> None:
         "on_exhausted": "block",
         "expires_in": 60.0,
         "key": str,
+        "allow_none_key": True,
         "rate_limit": 2.5,
         "rate_burst": 3,
         "time_limit": 9.0,
