@@ -157,11 +157,13 @@ class TaskRefused:
 
 @dataclass(frozen=True, slots=True)
 class TaskDeferred:
-    """A task this replica has no function for was handed back to others."""
+    """A task this replica has no function for was handed back to others (said once per
+    stream per ``grace``: it is handed back again every second or so until then)."""
 
     stream: str
     task_id: str
     grace: float
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

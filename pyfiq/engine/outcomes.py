@@ -81,6 +81,8 @@ class Deferred:
     rolling deploy): hand the stream over untouched so a replica that can run it takes it."""
 
     task_id: str
+    #: The task's name, which this replica has no function for.
+    name: str = ""
 
 
 Outcome = Acked | DeadLettered | Aborted | Fenced | Deferred
@@ -238,7 +240,7 @@ def prepare(
         return refused("expired", TimeoutError(late), record.name)
     func = lookup(record.name)
     if func is None and unknown_for(entry.id) < settings.unknown_task_grace:
-        return Deferred(entry.id)
+        return Deferred(entry.id, record.name)
     if func is None:
         unknown = f"no replica ran a @fifo function named {record.name!r} within {settings.unknown_task_grace}s"
         return refused("unknown-task", LookupError(unknown), record.name)

@@ -37,6 +37,7 @@ from .lease import Flag, Lease
 from .outcomes import DeadLettered, Deferred, Prepared, describe_error, prepare
 from .protocol import Call, PollBeat, RateLimit, RenewReply, ScriptCalls
 from .stream import Finished, RunTask, StreamRun
+from .unknown import UnknownTasks
 
 
 class TaskDirectory(Protocol):
@@ -48,9 +49,6 @@ class TaskDirectory(Protocol):
 
     def rate_limit_of(self, queue: str) -> RateLimit | None: ...
 
-
-#: At most this many task ids whose function is unknown are remembered per worker.
-UNKNOWN_MEMORY = 10_000
 
 #: Heartbeat intervals between two fresh reads of the pollers: a replica that joins is counted
 #: by the others within about this many intervals. Until then it only adds polls; it never
@@ -142,7 +140,7 @@ class Scheduler:
         self._woken: set[int] = set()
         # Streams handed back for a task this replica cannot run: left to others for a while.
         self._avoid: dict[str, float] = {}
-        self._unknown_since: dict[str, float] = {}
+        self.unknown = UnknownTasks(clock, self.settings.unknown_task_grace, self._lock)
         self._backoff, self._gained = 0.0, False
         self._identity: tuple[str, dict[str, Any]] | None = None
         started = clock.monotonic()
@@ -396,24 +394,19 @@ class Scheduler:
     def ended(self, run: StreamRun, step: Finished) -> None:
         """Note how a lease ended when it did not end well, for the driver to say loudly."""
         lease = run.lease
-        if run.deferred is not None:
-            self.events.put(TaskDeferred(lease.stream, run.deferred, self.settings.unknown_task_grace))
+        if run.deferred is not None and self.unknown.first_hand_back(lease.stream):
+            grace = self.settings.unknown_task_grace
+            self.events.put(TaskDeferred(lease.stream, run.deferred, grace, run.deferred_name))
         if step.reason == "fenced" and lease.revoked:
             self.events.put(LeaseRevoked(lease.stream, lease.fence, lease.skipped))
         elif step.reason == "fenced":
             self.events.put(LeaseLost(lease.stream, lease.fence, lease.lost_reason))
 
     def forget_unknown(self, task_id: str) -> None:
-        if self._unknown_since:
-            with self._lock:
-                self._unknown_since.pop(task_id, None)
+        self.unknown.forget(task_id)
 
     def unknown_for(self, task_id: str) -> float:
-        now = self.clock.monotonic()
-        with self._lock:
-            if len(self._unknown_since) > UNKNOWN_MEMORY:
-                self._unknown_since.clear()
-            return now - self._unknown_since.setdefault(task_id, now)
+        return self.unknown.met_for(task_id)
 
     def claim_failed(self, exc: BaseException) -> float:
         """A look or claim failed (Redis unreachable, a restart): how long to wait before the

@@ -122,6 +122,7 @@ class StreamRun:
         self.processed = 0
         #: Set when the run ended by handing the stream over for a task it cannot run.
         self.deferred: str | None = None
+        self.deferred_name = ""
         #: Set when the run gave the stream up after ``batch_limit`` tasks to let others run.
         self.yielded = False
         #: Set when the run handed the stream back to wait for its rate permit.
@@ -385,7 +386,7 @@ class StreamRun:
             self._dead = outcome
             return self._sync(lambda: self._call(self.ops.dead_letter(self.lease, self.acks, task_id, outcome.header)))
         if isinstance(outcome, Deferred):
-            self.deferred = outcome.task_id
+            self.deferred, self.deferred_name = outcome.task_id, outcome.name
             self._head_started = False  # handed back unrun: a resend after an error must say so
             return self._release([])
         if isinstance(outcome, Aborted) and not outcome.ran:

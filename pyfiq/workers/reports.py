@@ -128,7 +128,11 @@ def _retry(event: RetryScheduled) -> None:
 
 def _exhausted(event: TaskExhausted) -> None:
     error = describe_error(event.error)
-    task_log(event.ctx).error("pyfiq.task_dead_lettered", reason="exhausted", attempts=event.attempts, error=error)
+    # With its traceback: error trackers (Sentry's logging integration and the like) report
+    # ERROR records that carry exc_info as the exception itself.
+    task_log(event.ctx).error(
+        "pyfiq.task_dead_lettered", reason="exhausted", attempts=event.attempts, error=error, exc_info=event.error
+    )
 
 
 def _running_long(event: RunningLong) -> None:
@@ -166,7 +170,9 @@ def _fenced(event: TaskFenced) -> None:
 
 
 def _deferred(event: TaskDeferred) -> None:
-    log.warning("pyfiq.task_deferred_unknown", stream=event.stream, task_id=event.task_id, grace=event.grace)
+    log.warning(
+        "pyfiq.task_deferred_unknown", stream=event.stream, task=event.name, task_id=event.task_id, grace=event.grace
+    )
 
 
 def _lease_lost(event: LeaseLost) -> None:

@@ -71,7 +71,7 @@ def test_prepare_gives_the_task_its_context() -> None:
 def test_prepare_defers_an_unknown_task_within_its_grace_then_dead_letters_it() -> None:
     e = Entry.parse(entry(1, name="not.here"))
     within = prepare(e, 1, granted(), lookup_of(), SETTINGS, "r", clock=CLOCK, unknown_for=lambda t: 29.9)
-    assert within == Deferred(task_id(1))
+    assert within == Deferred(task_id(1), "not.here")
     h = header_of(prepare(e, 1, granted(), lookup_of(), SETTINGS, "r", clock=CLOCK, unknown_for=lambda t: 30.0))
     assert h["reason"] == "unknown-task" and h["name"] == "not.here"
 

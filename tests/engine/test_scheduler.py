@@ -65,6 +65,33 @@ def test_grace_memory_is_forgotten_once_the_task_runs() -> None:
     assert scheduler.events.take() == [], "deferring is said once the lease ends, not per meeting"
 
 
+def test_a_stream_handed_back_for_an_unknown_function_is_said_once_per_grace_naming_the_function() -> None:
+    """A rolling deploy that removed a function: every replica hands its stream back about once
+    a second; the log says so once per stream per grace period, with the missing name."""
+    from types import SimpleNamespace
+
+    from pyfiq.engine.events import TaskDeferred
+    from pyfiq.engine.stream import Finished
+
+    clock = FakeClock()
+    scheduler = scheduler_of(Directory(), clock=clock)
+
+    def handed_back(stream: str) -> list[object]:
+        lease = SimpleNamespace(stream=stream, revoked=False, fence=1, lost_reason="")
+        run = SimpleNamespace(lease=lease, deferred=task_id(1), deferred_name="app.removed")
+        scheduler.ended(run, Finished("released"))  # type: ignore[arg-type]
+        return scheduler.events.take()
+
+    (said,) = handed_back(STREAM)
+    assert isinstance(said, TaskDeferred) and (said.stream, said.name) == (STREAM, "app.removed")
+    for _ in range(5):
+        clock.now += 1
+        assert handed_back(STREAM) == [], "not again within the grace"
+    assert len(handed_back("orders#other")) == 1, "another stream is said on its own"
+    clock.now += SETTINGS.unknown_task_grace
+    assert len(handed_back(STREAM)) == 1, "and again once the grace has passed"
+
+
 # -- claims -----------------------------------------------------------------------------------------
 
 

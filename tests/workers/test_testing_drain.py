@@ -113,3 +113,40 @@ def test_the_readme_testing_example_runs_under_pytest_and_catches_a_failing_task
     done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout
     assert "TasksFailed" in done.stdout and "nothing to charge c-7" in done.stdout
+
+
+def test_a_task_that_fails_its_last_attempt_is_an_error_record_with_its_traceback() -> None:
+    """What an error tracker's logging integration reports: one ERROR record carrying the
+    exception (exc_info), for the final failure only; a success is one DEBUG line."""
+    import logging
+
+    registry, q = Registry(), qname()
+    backend = memory_backend(registry=registry)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    @registry.fifo(queue=q, name=f"{q}.charge", max_retries=1)
+    def charge(order: int) -> None:
+        if order == 2:
+            raise CardDeclined(f"order {order}: card declined")
+
+    logger = logging.getLogger("pyfiq")
+    handler, level = Keep(level=logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        charge(1)
+        charge(2)
+        drain(backend, [q], registry=registry, raise_failures=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "pyfiq.task_dead_lettered" in errors[0].getMessage()
+    assert errors[0].exc_info is not None and isinstance(errors[0].exc_info[1], CardDeclined)
+    assert errors[0].exc_info[2] is not None, "with the traceback of the task's own code"
+    succeeded = [r for r in records if "pyfiq.task_succeeded" in r.getMessage()]
+    assert len(succeeded) == 1 and succeeded[0].levelno == logging.DEBUG and "duration=" in succeeded[0].getMessage()
