@@ -88,10 +88,22 @@ def translate(exc: BaseException, address: str) -> BaseException:
     credentials or permissions (``AccessDeniedError``, never retried) or another shard layout.
     Anything else is ``exc`` itself."""
     if is_denied(exc):
+        said = str(exc).rstrip(". ")  # Redis ends some refusals with a period of its own
         return AccessDeniedError(
-            f"Redis at {address} refused pyfiq: {type(exc).__name__}: {exc}. Check the password and "
+            f"Redis at {address} refused pyfiq: {type(exc).__name__}: {said}. Check the password and "
             "the user's ACL (pyfiq needs its key prefix, its channels and the script commands)"
+        )
+    if isinstance(exc, redis.ResponseError) and "DB index is out of range" in str(exc):
+        return ConfigurationError(
+            f"Redis at {address} has no database {_database(address)}: it has as many as its 'databases' "
+            "setting (16 by default, numbered from 0); Redis Cluster has only database 0"
         )
     if isinstance(exc, redis.ResponseError):
         return _layout_error(exc) or exc
     return exc
+
+
+def _database(address: str) -> str:
+    """The database number a redacted URL names ("?" if it names none)."""
+    path = address.split("?", 1)[0].rsplit("/", 1)
+    return path[1] if len(path) == 2 and path[1].isdigit() else "?"

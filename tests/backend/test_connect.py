@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,30 @@ def test_messages_and_reprs_of_cluster_and_sentinel_backends_show_no_password() 
         [f"127.0.0.1:{free_ports(1)[0]}"], "svc", redis_options={"password": PASSWORD}
     )
     assert PASSWORD not in repr(sentinel) and PASSWORD not in sentinel.address
+
+
+def test_a_database_the_server_does_not_have_is_a_configuration_error_naming_it(redis_server: Any) -> None:
+    import pyfiq
+    from pyfiq import ConfigurationError
+
+    backend = RedisQueueBackend(f"{redis_server.url.rsplit('/', 1)[0]}/99")
+    registry = pyfiq.Registry()
+    registry.configure(backend)
+
+    @registry.fifo(queue="db99", name="db99.t")
+    def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"has no database 99") as caught:
+        t()
+    assert "'databases' setting" in str(caught.value)
+    backend.close()
+
+
+def test_a_refused_password_is_said_in_one_sentence() -> None:
+    from pyfiq.backend import failures
+
+    said = failures.translate(
+        redis.AuthenticationError("invalid username-password pair or user is disabled."), "redis://:***@h:1/0"
+    )
+    assert isinstance(said, AccessDeniedError)
+    assert "disabled. Check the password" in str(said) and ".." not in str(said)
