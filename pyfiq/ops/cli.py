@@ -19,7 +19,7 @@ import redis
 from .. import __version__
 from ..backend.backend import RedisQueueBackend
 from ..backend.connect import primary_options
-from ..config import Settings
+from ..config import Settings, redact_url
 from ..engine.keys import queue_of, stream_name
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
@@ -109,6 +109,9 @@ def _connect(url: str, settings: Settings) -> RedisQueueBackend:
     given = ctx.find_root().obj if ctx is not None else None
     conn: dict[str, Any] = given if isinstance(given, dict) else {}
     settings = settings.replace(redis_options={**settings.redis_options, **conn.get("tls", {})})
+    if ctx is not None:
+        defaulted = url == DEFAULT_URL and not os.environ.get("PYFIQ_REDIS_URL")
+        ctx.meta[_ASKED] = (redact_url(url), defaulted)
     if conn.get("sentinels"):
         # The URL gives the primary's credentials, database and TLS; Sentinel gives its address.
         primary = settings.replace(redis_options={**primary_options(url), **settings.redis_options})
@@ -116,10 +119,29 @@ def _connect(url: str, settings: Settings) -> RedisQueueBackend:
     return RedisQueueBackend(url, settings, cluster=bool(conn.get("cluster")))
 
 
+def _naming_the_server(ctx: click.Context, message: str) -> str:
+    """An error line that says which Redis was asked (without its password), and that it was
+    the default when the operator gave none: a tool pointed at the wrong server must say so."""
+    asked = ctx.meta.get(_ASKED)
+    if asked is None:
+        return message
+    address, defaulted = asked
+    if address not in message:
+        message = f"{message} [Redis at {address}]"
+    if defaulted:
+        message += f" (neither --redis nor $PYFIQ_REDIS_URL was given: {DEFAULT_URL} is the default)"
+    return message
+
+
+#: The Redis a command asks when given neither --redis nor $PYFIQ_REDIS_URL.
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Where a command's ``click`` context keeps the Redis it asked (redacted), for its error line.
+_ASKED = "pyfiq.asked"
+
 redis_option = click.option(
     "--redis",
     "url",
-    default=lambda: os.environ.get("PYFIQ_REDIS_URL", "redis://localhost:6379/0"),
+    default=lambda: os.environ.get("PYFIQ_REDIS_URL") or DEFAULT_URL,
     show_default="$PYFIQ_REDIS_URL or redis://localhost:6379/0",
     help="Redis URL (memory:// for embedded).",
 )
@@ -148,13 +170,13 @@ class _Main(click.Group):
             if type(exc) is not click.ClickException:
                 raise  # a usage error: what the operator typed, shown with the usage
             # The commands' messages name what was asked and what Redis holds: escaped like all output.
-            raise click.ClickException(show(exc.message)) from None
+            raise click.ClickException(show(_naming_the_server(ctx, exc.message))) from None
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except PyfiqError as exc:
-            raise click.ClickException(show(exc)) from None
+            raise click.ClickException(show(_naming_the_server(ctx, str(exc)))) from None
         except redis.RedisError as exc:
-            raise click.ClickException(show(f"Redis: {describe_error(exc)}")) from None
+            raise click.ClickException(show(_naming_the_server(ctx, f"Redis: {describe_error(exc)}"))) from None
 
 
 def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,23 @@ def test_an_unreachable_redis_is_one_line_and_a_non_zero_exit() -> None:
     assert "hunter2" not in result.output
 
 
+def test_every_error_line_names_the_server_it_asked_and_says_when_it_was_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pyfiq.ops import cli
+
+    result = CliRunner().invoke(main, ["--redis", "redis://:hunter2@127.0.0.1:1/0", "dlq", "list", "billing"])
+    assert result.exit_code == 1 and "[Redis at redis://:***@127.0.0.1:1/0]" in result.output, result.output
+    assert "default" not in result.output
+    # Nothing given: the default is asked, and the line says so (a free port stands for it here).
+    monkeypatch.delenv("PYFIQ_REDIS_URL", raising=False)
+    monkeypatch.setattr(cli, "DEFAULT_URL", "redis://127.0.0.1:1/0")
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "[Redis at redis://127.0.0.1:1/0]" in result.output
+    assert "neither --redis nor $PYFIQ_REDIS_URL was given" in result.output
+
+
 def test_version() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and pyfiq.__version__ in result.output
