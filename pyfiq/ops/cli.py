@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import MutableMapping
 from typing import Any
 
 import click
@@ -23,7 +24,7 @@ from ..config import Settings, redact_url
 from ..engine.keys import queue_of, stream_name
 from ..engine.outcomes import describe_error
 from ..errors import PyfiqError
-from ..logs import escape_controls
+from ..logs import escape_controls, log
 from . import render
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -38,12 +39,41 @@ class OneLineFormatter(logging.Formatter):
         return escape_controls(super().format(record))
 
 
-def configure_logging(level: str) -> None:
-    # The command is the application here, so it may configure logging: pyfiq's events go
-    # through the standard library logger 'pyfiq', to stderr.
+def _pyfiq_fields(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A pyfiq record's own fields (``extra={"pyfiq": ...}``) as top-level keys of its JSON."""
+    fields = getattr(event_dict.get("_record"), "pyfiq", None)
+    if isinstance(fields, dict):
+        event_dict.update(fields)
+    return event_dict
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """The command is the application here, so it may configure logging: every record (pyfiq's
+    through the standard library logger 'pyfiq', and the tasks' own) to stderr, one line each,
+    as readable text or, for log shippers, one JSON object per line (structlog's stdlib
+    formatter: the event, its level, logger, UTC time, pyfiq's fields and any traceback)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=LEVELS[level], handlers=[handler])
+    if fmt == "json":
+        import structlog
+
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _pyfiq_fields,
+                ],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(default=str),
+                ],
+            )
+        )
+    else:
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=LEVELS[level], handlers=[handler], force=True)
 
 
 def show(value: Any) -> str:
@@ -288,6 +318,21 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
 )
 @click.option("--replica-timeout", default=Settings.replica_timeout, show_default=True, type=float)
 @click.option("--log-level", type=click.Choice(list(LEVELS)), default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: readable lines; json: one JSON object per line, for log shippers.",
+)
+@click.option(
+    "--stop-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM/SIGINT, how long running tasks may take to finish before the worker exits "
+    "non-zero, leaving them to run again elsewhere (match your orchestrator's grace period).",
+)
 def worker(
     url: str,
     prefix: str,
@@ -306,6 +351,8 @@ def worker(
     min_replicas: int,
     replica_timeout: float,
     log_level: str,
+    log_format: str,
+    stop_timeout: float,
 ) -> None:
     """Run a worker for the @fifo functions of MODULES in the foreground until SIGINT/SIGTERM
     (graceful: running tasks finish, leases are handed over). The current directory is on the
@@ -314,7 +361,7 @@ def worker(
 
     from ..workers.threaded import threaded_worker
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for module in (*modules, *imports):
@@ -334,48 +381,85 @@ def worker(
     )
     consumed = queues.split(",") if queues else None
     if driver == "asyncio":
-        asyncio.run(_serve_async(backend, consumed, concurrency, name))
-        return
+        sys.exit(asyncio.run(_serve_async(backend, consumed, concurrency, name, stop_timeout)))
     worker = threaded_worker(
         backend=backend,
         queues=consumed,
         concurrency=concurrency,
         replica=name,
     )
-    done = threading.Event()
+    done, stopping, code = threading.Event(), threading.Event(), [0]
 
-    def stop() -> None:
-        worker.stop()
+    def stop(signum: int) -> None:
+        _stopping(worker, signum, stop_timeout)
+        code[0] = _stopped(worker, worker.stop(stop_timeout), stop_timeout)
         done.set()
 
     def on_signal(signum: int, frame: Any) -> None:
-        # First signal: graceful stop; a second one exits at once.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        threading.Thread(target=stop, daemon=True).start()
+        if stopping.is_set():
+            _exit_now(worker, signum)
+        stopping.set()
+        threading.Thread(target=stop, args=(signum,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
     done.wait()
+    if code[0]:
+        logging.shutdown()
+        os._exit(code[0])  # tasks still run in their threads: they run again elsewhere
+
+
+def _stopping(worker: Any, signum: int, stop_timeout: float) -> None:
+    log.info(
+        "pyfiq.worker_stopping",
+        signal=signal.Signals(signum).name,
+        stop_timeout=stop_timeout,
+        waits_for=worker.running_tasks(),
+    )
+
+
+def _stopped(worker: Any, clean: bool, stop_timeout: float) -> int:
+    """The exit code of a stop: non-zero when tasks were left running (the worker named them
+    in ``pyfiq.worker_stop_timed_out``)."""
+    return 0 if clean else 1
+
+
+def _exit_now(worker: Any, signum: int) -> None:
+    log.warning(
+        "pyfiq.worker_exiting_now",
+        signal=signal.Signals(signum).name,
+        left_running=worker.running_tasks(),
+        then="their leases lapse and other replicas run them again",
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 async def _serve_async(
-    backend: RedisQueueBackend, queues: list[str] | None, concurrency: int, name: str | None
-) -> None:
+    backend: RedisQueueBackend, queues: list[str] | None, concurrency: int, name: str | None, stop_timeout: float
+) -> int:
+    """The asyncio driver's serve loop; returns the exit code."""
     from ..workers.aio import async_worker
 
     worker = await async_worker(backend, queues=queues, concurrency=concurrency, replica=name)
-    stop = asyncio.Event()
+    stop, received = asyncio.Event(), [0]
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            _exit_now(worker, signum)
+        received[0] = signum
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
     await stop.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal exits at once
-        loop.remove_signal_handler(sig)
-    await worker.stop()
+    _stopping(worker, received[0], stop_timeout)
+    code = _stopped(worker, await worker.stop(stop_timeout), stop_timeout)
     await backend.aclose()
+    return code
 
 
 # Registers the operator's commands on ``main`` (they import ``main`` from here, so this comes last).

@@ -153,7 +153,7 @@ class AsyncWorker(WorkerBase):
             self._spawn(self._tick(), "pyfiq-ticks"),
             self._dispatcher,
         ]
-        self.log.info("pyfiq.worker_started", concurrency=self.concurrency, driver="asyncio")
+        self.log.info("pyfiq.worker_started", **self.started_fields("asyncio"))
         return self
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
@@ -235,7 +235,11 @@ class AsyncWorker(WorkerBase):
             await asyncio.wait(pending, timeout=1.0)
         running = [t for t in self._executors if not t.done()]
         if running:
-            self.log.warning("pyfiq.worker_stop_timed_out", running=len(running))
+            self.log.warning(
+                "pyfiq.worker_stop_timed_out",
+                left_running=self.running_tasks(),
+                then="their leases lapse and other replicas run them again",
+            )
             if self._finisher is None or self._finisher.done():
                 self._finisher = asyncio.ensure_future(self._finish(running))
             return False

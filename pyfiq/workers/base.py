@@ -68,6 +68,33 @@ class WorkerBase:
         """The streams this worker holds a lease on now."""
         return sorted(lease.stream for lease in self.scheduler.held_leases())
 
+    def started_fields(self, driver: str) -> dict[str, object]:
+        """What the start's log line says: who runs what, against which Redis (no password)."""
+        from .. import __version__
+
+        return {
+            "version": __version__,
+            "redis": self.backend.address,
+            "prefix": self.settings.prefix,
+            "queues": ",".join(self.scheduler.consumed_queues()) or "(none registered yet)",
+            "concurrency": self.concurrency,
+            "ack_mode": self.settings.ack_mode,
+            "driver": driver,
+        }
+
+    def running_tasks(self) -> list[dict[str, object]]:
+        """The tasks this worker runs now: stream, task id and seconds since it started (by
+        Redis's clock, estimated), longest-running first: what a stop waits for."""
+        out: list[dict[str, object]] = []
+        for lease in self.scheduler.held_leases():
+            if lease.running is not None:
+                task_id, since_ms = lease.running
+                now_ms = lease.redis_now_ms(self.clock.monotonic())
+                out.append(
+                    {"stream": lease.stream, "task_id": task_id, "running_s": round((now_ms - since_ms) / 1000, 1)}
+                )
+        return sorted(out, key=lambda row: -float(str(row["running_s"])))
+
     def _stream_run(self, lease: Lease, stopping: Callable[[], bool], abandoned: Callable[[], bool]) -> StreamRun:
         """The engine's run of one lease, with this worker's clock and the queue's rate limit."""
         return StreamRun(

@@ -131,7 +131,7 @@ class ThreadedWorker(WorkerBase):
         self._control.append(self._dispatcher)
         if self._install_signals:
             self._install_signal_handlers()
-        self.log.info("pyfiq.worker_started", concurrency=self.concurrency)
+        self.log.info("pyfiq.worker_started", **self.started_fields("threaded"))
         return self
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
@@ -208,7 +208,11 @@ class ThreadedWorker(WorkerBase):
             if clean:
                 self._stop_loop()
             else:
-                self.log.warning("pyfiq.worker_stop_timed_out", running=sum(t.is_alive() for t in self._threads))
+                self.log.warning(
+                    "pyfiq.worker_stop_timed_out",
+                    left_running=self.running_tasks(),
+                    then="their leases lapse and other replicas run them again",
+                )
             self.log.info("pyfiq.worker_stopped", clean=clean)
             return clean
 
