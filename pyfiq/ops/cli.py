@@ -333,6 +333,21 @@ def demo(url: str | None, replicas: int, tasks: int, log_level: str) -> None:
     help="On SIGTERM/SIGINT, how long running tasks may take to finish before the worker exits "
     "non-zero, leaving them to run again elsewhere (match your orchestrator's grace period).",
 )
+@click.option(
+    "--health-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Serve GET /healthz (liveness) and /readyz (readiness) on this port, for orchestrators' probes.",
+)
+# Every interface by default: an orchestrator probes the pod's address, not loopback.
+@click.option("--health-host", default="0.0.0.0", show_default=True, help="Address the probes listen on.")  # noqa: S104
+@click.option(
+    "--unready-after",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="/readyz fails once Redis has not answered for this many seconds.",
+)
 def worker(
     url: str,
     prefix: str,
@@ -353,6 +368,9 @@ def worker(
     log_level: str,
     log_format: str,
     stop_timeout: float,
+    health_port: int | None,
+    health_host: str,
+    unready_after: float,
 ) -> None:
     """Run a worker for the @fifo functions of MODULES in the foreground until SIGINT/SIGTERM
     (graceful: running tasks finish, leases are handed over). The current directory is on the
@@ -380,14 +398,21 @@ def worker(
         replica_timeout=replica_timeout,
     )
     consumed = queues.split(",") if queues else None
+    holder: list[Any] = []
+    if health_port is not None:
+        from .health import Health, serve
+
+        health = Health(lambda: bool(holder) and holder[0].healthy, backend.ping, unready_after)
+        serve(health, health_host, health_port)
     if driver == "asyncio":
-        sys.exit(asyncio.run(_serve_async(backend, consumed, concurrency, name, stop_timeout)))
+        sys.exit(asyncio.run(_serve_async(backend, consumed, concurrency, name, stop_timeout, holder)))
     worker = threaded_worker(
         backend=backend,
         queues=consumed,
         concurrency=concurrency,
         replica=name,
     )
+    holder.append(worker)
     done, stopping, code = threading.Event(), threading.Event(), [0]
 
     def stop(signum: int) -> None:
@@ -437,12 +462,18 @@ def _exit_now(worker: Any, signum: int) -> None:
 
 
 async def _serve_async(
-    backend: RedisQueueBackend, queues: list[str] | None, concurrency: int, name: str | None, stop_timeout: float
+    backend: RedisQueueBackend,
+    queues: list[str] | None,
+    concurrency: int,
+    name: str | None,
+    stop_timeout: float,
+    holder: list[Any],
 ) -> int:
     """The asyncio driver's serve loop; returns the exit code."""
     from ..workers.aio import async_worker
 
     worker = await async_worker(backend, queues=queues, concurrency=concurrency, replica=name)
+    holder.append(worker)
     stop, received = asyncio.Event(), [0]
     loop = asyncio.get_running_loop()
 

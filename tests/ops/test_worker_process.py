@@ -128,3 +128,61 @@ def test_a_second_signal_exits_at_once_with_one_line_saying_so(redis_server: Any
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_the_probes_answer_for_the_worker_and_for_redis_apart(tmp_path: Path) -> None:
+    """Liveness follows the worker's own health only; readiness also fails once Redis has not
+    answered for the bound (a Redis outage is not cured by restarting the worker)."""
+    import urllib.error
+    import urllib.request
+
+    from pyfiq.ops.health import Health, serve
+    from pyfiq_harness.servers import free_port
+
+    state = {"healthy": True, "redis": True}
+    health = Health(lambda: state["healthy"], lambda: state["redis"], unreachable_after=0.3)
+    port = free_port()
+    server = serve(health, "127.0.0.1", port)
+
+    def get(path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        assert get("/healthz") == (200, {"live": True})
+        assert get("/readyz")[0] == 200
+        state["redis"] = False
+        assert get("/readyz")[0] == 200, "a moment without Redis is within the bound"
+        time.sleep(0.4)
+        status, body = get("/readyz")
+        assert status == 503 and body["redis_unreachable_s"] >= 0.3 and body["live"] is True
+        assert get("/healthz")[0] == 200, "liveness does not follow Redis"
+        state["redis"] = True
+        assert get("/readyz")[0] == 200
+        state["healthy"] = False
+        assert get("/healthz") == (503, {"live": False}) and get("/readyz")[0] == 503
+        assert get("/elsewhere")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_a_worker_process_serves_its_probes(redis_server: Any, tmp_path: Path) -> None:
+    import urllib.request
+
+    from pyfiq_harness.servers import free_port
+
+    queue, prefix, port = f"wp-{uuid.uuid4().hex[:6]}", unique_prefix(), free_port()
+    proc = start_worker(redis_server.url, prefix, queue, tmp_path, "--health-port", str(port))
+    try:
+        lines_until(proc, "ready")
+        for path in ("/healthz", "/readyz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                assert reply.status == 200, path
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait(5)
