@@ -28,7 +28,7 @@ def dlq() -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
-stream_option = click.option("--stream", "key", default=None, help="Only this keyed stream of the queue.")
+stream_option = click.option("--stream", "key", default=None, help="Only this keyed stream of the queue (its key).")
 
 
 @dlq.command("list")
@@ -131,7 +131,13 @@ def task_show(
 @click.argument("queue")
 @stream_option
 @click.option("--task-id", default=None, help="Requeue only this task.")
-@click.option("--count", default=None, type=int, help="Requeue at most this many per stream, oldest first.")
+@click.option(
+    "--count",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Requeue the COUNT oldest dead letters of the queue (across its streams, by when they died).",
+)
+@click.option("--per-stream", is_flag=True, help="With --count: the COUNT oldest of each stream instead.")
 @click.option("--front", is_flag=True, help="Put them before the stream's pending work.")
 def dlq_requeue(
     url: str,
@@ -141,6 +147,7 @@ def dlq_requeue(
     key: str | None,
     task_id: str | None,
     count: int | None,
+    per_stream: bool,
     front: bool,
 ) -> None:
     """Move dead letters of QUEUE (every stream, or --stream) back to pending."""
@@ -149,14 +156,31 @@ def dlq_requeue(
     streams = [s for s in backend.admin.streams_of(queue, key) if backend.queue_info(s)["dead"]]
     if not streams:
         raise click.ClickException(f"no dead letters for {queue}{'#' + key if key else ''}")
+    counts: dict[str, int | None] = {s: count for s in streams}
+    if count is not None and not per_stream and task_id is None:
+        counts = _oldest_of_queue(backend, streams, count)
+        streams = [s for s in streams if counts.get(s)]
     moved = 0
     for n, stream in enumerate(streams, 1):
-        moved += backend.requeue_dead_letters(stream, count=count, task_id=task_id, front=front)
+        moved += backend.requeue_dead_letters(stream, count=counts[stream], task_id=task_id, front=front)
         if len(streams) > 1:
             click.echo(f"{show(stream)}: {moved} requeued so far ({n}/{len(streams)} streams)", err=True)
     if task_id is not None and moved == 0:
         raise click.ClickException(f"no dead letter {task_id} in {queue}")
     click.echo(f"requeued {moved}")
+
+
+def _oldest_of_queue(backend: RedisQueueBackend, streams: list[str], count: int) -> dict[str, int | None]:
+    """How many of each stream's oldest dead letters are among the ``count`` oldest of them all
+    (by the time each died): each stream's dead letters are read oldest first, ``count`` at most."""
+    died: list[tuple[float, str, int]] = []
+    for stream in streams:
+        for seq, letter in enumerate(backend.dead_letters(stream, limit=count)):
+            died.append((float(letter.header.get("at_ms", 0)), stream, seq))
+    taken: dict[str, int | None] = {}
+    for _, stream, _seq in sorted(died)[:count]:
+        taken[stream] = (taken.get(stream) or 0) + 1
+    return taken
 
 
 @dlq.command("purge")
@@ -353,13 +377,19 @@ def queue_resume(url: str, prefix: str, shards: int, name: str, key: str | None,
 
 @queue.command("skip")
 @backend_options
-@click.argument("stream")
+@click.argument("name")
+@click.option("--stream", "key", default=None, help="The keyed stream of the queue whose head to skip.")
 @click.option("--reason", default="skipped by an operator", show_default=True)
-def queue_skip(url: str, prefix: str, shards: int, stream: str, reason: str) -> None:
-    """Dead-letter the head task of STREAM (QUEUE or QUEUE#KEY) as 'operator' so it moves on."""
+def queue_skip(url: str, prefix: str, shards: int, name: str, key: str | None, reason: str) -> None:
+    """Dead-letter the head task of queue NAME (or of one keyed stream of it: --stream KEY, or
+    NAME given as QUEUE#KEY) as 'operator' so it moves on."""
     backend = _backend(url, prefix, shards)
-    queue, separator, key = stream.partition(STREAM_SEPARATOR)
-    _require_known(backend, queue, key if separator else None)
+    queue, separator, named = name.partition(STREAM_SEPARATOR)
+    if separator and key is not None and key != named:
+        raise click.UsageError(f"{name!r} names the key {named!r} and --stream names {key!r}: give it once")
+    key = named if separator else key
+    stream = stream_name(queue, key)
+    _require_known(backend, queue, key)
     task_id = backend.skip(stream, reason)
     if task_id is None:
         raise click.ClickException(f"{stream} holds no task")

@@ -70,6 +70,21 @@ def test_dlq_show_and_a_wrong_id_or_queue_fail_clearly(deployment: Any) -> None:
     assert result.exit_code == 1 and "no dead letter" in result.output
 
 
+def test_dlq_requeue_count_takes_the_oldest_of_the_queue_or_of_each_stream(deployment: Any) -> None:
+    """--count N is the N oldest dead letters of the queue, whatever stream holds them (c-1's
+    died first here); --per-stream makes it N of each."""
+    backend, ids = deployment
+    result = run(backend, "dlq", "requeue", "hooks", "--count", "1")
+    assert result.exit_code == 0 and result.output.strip().endswith("requeued 1"), result.output
+    assert [backend.queue_info(f"hooks#{k}")["dead"] for k in ("c-1", "c-2")] == [1, 2]
+    assert backend.queue_info("hooks#c-1")["pending"] == 1
+    result = run(backend, "dlq", "requeue", "hooks", "--count", "1", "--per-stream")
+    assert result.exit_code == 0 and result.output.strip().endswith("requeued 2"), result.output
+    assert [backend.queue_info(f"hooks#{k}")["dead"] for k in ("c-1", "c-2")] == [0, 1]
+    result = run(backend, "dlq", "requeue", "hooks", "--count", "0")
+    assert result.exit_code == 2, "a count below one is refused, not read as 'all'"
+
+
 def test_dlq_requeue_and_purge_work_on_the_whole_queue(deployment: Any) -> None:
     backend, _ = deployment
     result = run(backend, "dlq", "requeue", "hooks", "--stream", "c-1")

@@ -168,3 +168,26 @@ def test_an_operator_action_right_after_a_redis_restart_is_carried_out(own_redis
     assert backend.skip(q, "after the restart") is not None
     assert [d.reason for d in backend.dead_letters(q)] == ["operator", "operator"]
     backend.close()
+
+
+def test_queue_skip_takes_the_stream_as_every_command_does_or_as_queue_hash_key(
+    redis_backend: RedisQueueBackend,
+) -> None:
+    pyfiq.configure(redis_backend)
+    q = qname()
+
+    @fifo(queue=q, name=f"{q}.t", key=lambda k, i: k)
+    def t(k: str, i: int) -> None:
+        pass
+
+    for i in range(3):
+        t("c-11", i)
+    opts = ["--redis", redis_backend.url, "--prefix", redis_backend.keys.prefix, "--shards", "4"]
+    runner = CliRunner()
+    result = runner.invoke(main, ["queue", "skip", *opts, q, "--stream", "c-11"])
+    assert result.exit_code == 0 and "dead-lettered" in result.output, result.output
+    result = runner.invoke(main, ["queue", "skip", *opts, f"{q}#c-11"])
+    assert result.exit_code == 0 and "dead-lettered" in result.output, result.output
+    assert redis_backend.queue_info(f"{q}#c-11")["dead"] == 2 and redis_backend.queue_info(f"{q}#c-11")["pending"] == 1
+    result = runner.invoke(main, ["queue", "skip", *opts, f"{q}#c-11", "--stream", "c-12"])
+    assert result.exit_code == 2 and "give it once" in result.output
