@@ -73,7 +73,7 @@ def test_dlq_show_and_a_wrong_id_or_queue_fail_clearly(deployment: Any) -> None:
 def test_dlq_requeue_count_takes_the_oldest_of_the_queue_or_of_each_stream(deployment: Any) -> None:
     """--count N is the N oldest dead letters of the queue, whatever stream holds them (c-1's
     died first here); --per-stream makes it N of each."""
-    backend, ids = deployment
+    backend, _ = deployment
     result = run(backend, "dlq", "requeue", "hooks", "--count", "1")
     assert result.exit_code == 0 and result.output.strip().endswith("requeued 1"), result.output
     assert [backend.queue_info(f"hooks#{k}")["dead"] for k in ("c-1", "c-2")] == [1, 2]
