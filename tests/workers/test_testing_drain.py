@@ -150,3 +150,54 @@ def test_a_task_that_fails_its_last_attempt_is_an_error_record_with_its_tracebac
     assert errors[0].exc_info[2] is not None, "with the traceback of the task's own code"
     succeeded = [r for r in records if "pyfiq.task_succeeded" in r.getMessage()]
     assert len(succeeded) == 1 and succeeded[0].levelno == logging.DEBUG and "duration=" in succeeded[0].getMessage()
+
+
+def readme_block(after: str) -> str:
+    """The first Python block of the README after the line ``after``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(re.escape(after) + r"\n+```python\n(.*?)```", readme, flags=re.S)
+    assert block is not None, f"the README's block after {after!r}"
+    return block.group(1)
+
+
+def test_the_readme_inside_a_task_block_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its imports included: ``requests`` stands in for the HTTP call (not a dependency)."""
+    import types
+
+    posted: list[tuple[str, dict[str, str]]] = []
+    fake = types.ModuleType("requests")
+    fake.post = lambda url, json, headers: posted.append((url, headers))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "requests", fake)
+    backend = memory_backend()
+    scope: dict[str, object] = {"__name__": "readme_inside_a_task"}
+    exec(compile(readme_block("### Inside a task"), "README.md", "exec"), scope)
+    scope["deliver"]("https://example.invalid/hook", {"event": "paid"})  # type: ignore[operator]
+    drain(backend, ["webhooks"])
+    ((url, headers),) = posted
+    assert url == "https://example.invalid/hook" and len(headers["Idempotency-Key"]) == 32
+    assert int(headers["X-Fencing-Token"]) > 0
+
+
+def test_the_readme_logging_set_up_for_embedded_workers_runs_as_written() -> None:
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for h in handlers:
+        root.removeHandler(h)
+    try:
+        exec(
+            compile(
+                readme_block("sees their failures only once it configures logging, e.g. in two lines:"),
+                "README.md",
+                "exec",
+            ),
+            {},
+        )
+        assert root.level == logging.INFO and root.handlers
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
