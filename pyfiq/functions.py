@@ -90,6 +90,9 @@ class Registry(Periodic):
         self._functions: dict[str, FifoFunction[Any, Any]] = {}
         self._lock = threading.Lock()
         self._backend = backend
+        #: Set by ``pyfiq.testing.eager()``: the calls of this registry's functions run at once,
+        #: through it (its ``run`` and ``arun``), instead of being enqueued.
+        self.eager: Any = None
 
     def __repr__(self) -> str:
         return f"<Registry of {len(self._functions)} functions on {self.registered_queues()}>"
@@ -289,6 +292,8 @@ class FifoFunction(Generic[P, R]):
         its stream then, by Redis's clock, behind every task enqueued to the stream before that
         moment and ahead of every one enqueued after it; until then it is ``scheduled``.
         ``expires_in`` still counts from now, so one that ends before the due time is refused."""
+        if self.registry.eager is not None:
+            return self.registry.eager.run(self, args, kwargs or {}, key)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
@@ -308,6 +313,8 @@ class FifoFunction(Generic[P, R]):
         backend: RedisQueueBackend | None = None,
     ) -> TaskHandle[R]:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
+        if self.registry.eager is not None:
+            return await self.registry.eager.arun(self, args, kwargs or {}, key)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:
@@ -401,6 +408,8 @@ class FifoFunction(Generic[P, R]):
         a key per task for ``dedup_window``, so it is off by default; without it, only the
         ``unsent`` calls can be sent again without risk of running twice.
         """
+        if self.registry.eager is not None:
+            return [self.registry.eager.run(self, tuple(args), {}, None) for args in calls]
         backend = backend or self.registry.get_backend()
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")

@@ -3,6 +3,8 @@
 - ``memory_backend()``: a fresh embedded in-process Redis (fakeredis with Lua, the
   ``pyfiq[memory]`` extra), isolated from every other test, made the backend of the default
   registry (or of the ``registry`` given) so ``@fifo`` functions enqueue to it.
+- ``eager()``: within it, calling a ``@fifo`` function runs it at once, in the caller's thread,
+  its arguments through the serializer and back as a worker would see them, its error raised.
 - ``drain(backend, queues)``: run a real worker until the given queues hold no task, so a test
   can call ``charge(...)`` and then assert on what the task did; a task that failed (was
   dead-lettered) fails the test with ``TasksFailed``, and retries do not wait out back-offs.
@@ -12,21 +14,26 @@ Never imported by pyfiq itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import hooks
 from .backend.backend import RedisQueueBackend
-from .engine.keys import queue_of
+from .engine.keys import queue_of, stream_name
+from .errors import ConfigurationError, NotConfiguredError
 from .functions import Registry, default_registry
 from .hooks import Hooks
-from .task import TaskContext
+from .serializers import JSONSerializer, Serializer
+from .task import TaskContext, TaskHandle, TaskRecord, new_task_id, reset_current, set_current
 from .workers.threaded import ThreadedWorker
 
-__all__ = ["Failure", "TasksFailed", "drain", "memory_backend"]
+__all__ = ["EagerHandle", "Failure", "TasksFailed", "drain", "eager", "memory_backend"]
 
 #: Settings that make tests fast: short leases and polls, few shards.
 FAST: dict[str, Any] = {"lease_ttl": 1.0, "poll_interval": 0.05, "shards": 2}
@@ -156,3 +163,95 @@ def drain(
     if failures and raise_failures:
         raise TasksFailed(failures) from failures[0].exception
     return failures
+
+
+@dataclass(frozen=True)
+class EagerHandle(TaskHandle[Any]):
+    """What a call returns in ``eager()`` mode: the task has run; ``result()`` is what it
+    returned (through the serializer, as a stored result would be)."""
+
+    value: Any = field(default=None, repr=False, compare=False)
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.value
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        return self.value
+
+
+class _Eager:
+    """Runs a registry's calls at once (see ``eager``)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def _serializer(self) -> Serializer:
+        try:
+            return self.registry.get_backend().settings.serializer
+        except NotConfiguredError:
+            return JSONSerializer()
+
+    def _prepare(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> tuple[Any, ...]:
+        fn.check_call(args, kwargs)
+        key = key if key is not None else fn.key_of(args, kwargs)
+        serializer = self._serializer()
+        record = TaskRecord(fn.name, list(args), dict(kwargs), key, {})
+        seen = TaskRecord.decode(record.encode(serializer), serializer)  # as a worker decodes it
+        stream = stream_name(fn.queue, key)
+        now_ms = int(time.time() * 1000)
+        ctx = TaskContext(new_task_id(), fn.name, fn.queue, stream, key, 1, 1, 0, now_ms, 0, "eager")
+        return ctx, seen, serializer
+
+    def _handle(self, fn: Any, ctx: TaskContext, value: Any, serializer: Serializer) -> EagerHandle:
+        if fn.store_result:
+            value = serializer.loads(serializer.dumps(value))
+        return EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name, value=value)
+
+    def run(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> EagerHandle:
+        ctx, seen, serializer = self._prepare(fn, args, kwargs, key)
+        token = set_current(ctx)
+        try:
+            if inspect.iscoroutinefunction(fn.func):
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:
+                    value = asyncio.run(fn.func(*seen.args, **seen.kwargs))
+                else:
+                    raise ConfigurationError(
+                        f"eager mode cannot run the async task {fn.name} from inside a running event loop "
+                        "with a blocking call: call it as 'await fn(...)' or 'await fn.aenqueue(...)'"
+                    )
+            else:
+                value = fn.func(*seen.args, **seen.kwargs)
+        finally:
+            reset_current(token)
+        return self._handle(fn, ctx, value, serializer)
+
+    async def arun(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> EagerHandle:
+        ctx, seen, serializer = self._prepare(fn, args, kwargs, key)
+        token = set_current(ctx)
+        try:
+            value = fn.func(*seen.args, **seen.kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+        finally:
+            reset_current(token)
+        return self._handle(fn, ctx, value, serializer)
+
+
+@contextlib.contextmanager
+def eager(*, registry: Registry | None = None) -> Iterator[None]:
+    """Within it, calling a ``@fifo`` function of ``registry`` (default: the registry of
+    ``@pyfiq.fifo``) runs it at once, in the caller's thread and in call order, instead of
+    enqueuing it: its arguments go through the serializer and back (what cannot be serialized
+    fails as it would at an enqueue), its key function runs, ``current_task()`` answers, and
+    its error is raised to the caller, without retries. The call returns an ``EagerHandle``
+    whose ``result()`` is what the function returned. Nothing is sent to Redis, and no backend
+    is needed. For behaviour that needs a worker (order across keys, retries, dead letters),
+    use ``drain()``."""
+    reg = default_registry if registry is None else registry
+    previous, reg.eager = reg.eager, _Eager(reg)
+    try:
+        yield
+    finally:
+        reg.eager = previous

@@ -105,13 +105,13 @@ def test_the_readme_testing_example_runs_under_pytest_and_catches_a_failing_task
     run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_billing.py")]
     done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 passed" in done.stdout
+    assert "3 passed" in done.stdout
     # The same file where the failing charge is not expected: the user's test fails, naming why.
     (tmp_path / "test_billing.py").write_text(
         block.group(1).replace('with pytest.raises(TasksFailed, match="nothing to charge c-7"):\n        ', "")
     )
     done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout
+    assert done.returncode == 1 and "1 failed, 2 passed" in done.stdout, done.stdout
     assert "TasksFailed" in done.stdout and "nothing to charge c-7" in done.stdout
 
 
@@ -201,3 +201,54 @@ def test_the_readme_logging_set_up_for_embedded_workers_runs_as_written() -> Non
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
+
+
+def test_eager_mode_runs_each_call_at_once_in_order_through_the_serializer() -> None:
+    from pyfiq import PyfiqError, current_task
+    from pyfiq.testing import eager
+
+    registry, q, seen = Registry(), qname(), []
+
+    @registry.fifo(queue=q, name=f"{q}.record", key=lambda customer, amount: customer, store_result=True)
+    def record(customer: str, amount: object) -> dict[str, object]:
+        task = current_task()
+        seen.append((task.queue, task.stream, customer, amount))
+        if amount == 0:
+            raise CardDeclined("nothing to charge")
+        return {"customer": customer, "amount": amount}
+
+    with eager(registry=registry):
+        handle = record("c-1", (1, 2))  # a tuple comes back a list, as a worker would see it
+        record("c-2", 5)
+        with pytest.raises(CardDeclined, match="nothing to charge"):
+            record("c-3", 0)
+        with pytest.raises(PyfiqError):  # what the serializer refuses fails as at an enqueue
+            record("c-4", object())
+        handles = record.enqueue_many([("c-5", 7), ("c-6", 8)])
+    assert handle.result() == {"customer": "c-1", "amount": [1, 2]}
+    assert [h.result()["amount"] for h in handles] == [7, 8]
+    assert [s[2:] for s in seen] == [("c-1", [1, 2]), ("c-2", 5), ("c-3", 0), ("c-5", 7), ("c-6", 8)]
+    assert seen[0][:2] == (q, f"{q}#c-1"), "current_task() knows the queue and the stream"
+    with pytest.raises(pyfiq.NotConfiguredError):
+        record("c-7", 1)  # outside the block, calls enqueue again (and this registry has no backend)
+
+
+def test_eager_mode_runs_async_tasks_from_sync_and_async_callers() -> None:
+    import asyncio
+
+    from pyfiq.testing import eager
+
+    registry, q = Registry(), qname()
+
+    @registry.fifo(queue=q, name=f"{q}.double", store_result=True)
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    async def from_a_loop() -> int:
+        handle = await double(4)
+        return int(handle.result())
+
+    with eager(registry=registry):
+        assert double(3).result() == 6
+        assert asyncio.run(from_a_loop()) == 8
