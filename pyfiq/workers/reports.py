@@ -9,6 +9,7 @@ tracer's span is current in it), ``on_success`` before the task is acknowledged.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,6 +38,7 @@ from ..engine.events import (
     TaskInterrupted,
     TaskRefused,
 )
+from ..engine.keys import queue_of
 from ..engine.lease import Lease
 from ..engine.outcomes import describe_error
 from ..hooks import dispatcher
@@ -188,7 +190,24 @@ def _layout_mismatch(event: LayoutMismatch) -> None:
 
 
 def _refused(event: TaskRefused) -> None:
-    log.error("pyfiq.task_dead_lettered", stream=event.stream, task_id=event.task_id, header=event.header)
+    """In the fields of every other dead letter's line (queue, stream, task, reason, error),
+    not as the record's JSON header."""
+    try:
+        header = json.loads(event.header)
+    except ValueError:
+        header = {}
+    if not isinstance(header, dict):
+        header = {}
+    log.error(
+        "pyfiq.task_dead_lettered",
+        queue=queue_of(event.stream),
+        stream=event.stream,
+        task_id=event.task_id,
+        task=header.get("name"),
+        deliveries=header.get("deliveries"),
+        reason=header.get("reason"),
+        error=header.get("error"),
+    )
 
 
 #: By event type, what reporting it means; every type of ``Event`` has one (a test checks).

@@ -252,3 +252,39 @@ def test_eager_mode_runs_async_tasks_from_sync_and_async_callers() -> None:
     with eager(registry=registry):
         assert double(3).result() == 6
         assert asyncio.run(from_a_loop()) == 8
+
+
+def test_a_task_dead_lettered_before_it_starts_is_logged_in_the_same_fields_as_any_other() -> None:
+    """A task no replica has a function for, past its grace: one ERROR line with queue, stream,
+    task, reason and error as fields, like a task that failed its last attempt."""
+    import logging
+
+    registry, q = Registry(), qname()
+    backend = memory_backend(registry=registry, unknown_task_grace=0.05)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    sender = Registry()
+    sender.configure(backend)
+    sender.fifo(queue=q, name=f"{q}.removed")(lambda: None)()  # enqueued by an older deploy
+    registry.fifo(queue=q, name=f"{q}.other")(lambda: None)  # this replica consumes q, not it
+    logger = logging.getLogger("pyfiq")
+    handler = Keep(level=logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        (failure,) = drain(backend, [q], registry=registry, raise_failures=False)
+    finally:
+        logger.removeHandler(handler)
+    assert failure.reason == "unknown-task" and failure.task == f"{q}.removed"
+    (line,) = [r for r in records if "pyfiq.task_dead_lettered" in r.getMessage()]
+    fields = line.pyfiq  # type: ignore[attr-defined]
+    assert (fields["queue"], fields["stream"], fields["task"], fields["reason"]) == (
+        q,
+        q,
+        f"{q}.removed",
+        "unknown-task",
+    )
+    assert "no replica ran a @fifo function" in fields["error"] and "header" not in fields
