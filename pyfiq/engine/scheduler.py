@@ -253,11 +253,13 @@ class Scheduler:
             if run is not None and run.deferred is not None:
                 self._avoid[lease.stream] = self.clock.monotonic() + max(self.settings.poll_interval, 1.0)
             if run is not None and run.yielded:
-                # Look at its shard before claiming again (its own wake-up may still be on the
-                # way). Streams due meanwhile elsewhere are known already: each published a
-                # wake-up when it became claimable, and those a poll found but this replica had
-                # no room for are marked by unclaimed(). The oldest of them wins the slot.
-                self._woken.add(lease.keys.shard)
+                # Look at every shard before claiming again, so the stream that has waited
+                # longest wins even if its wake-up has not reached this replica yet: a listener
+                # thread starved of the interpreter lock by no-op tasks, or Redis Cluster's
+                # sharded channels read node by node, hear it late. (Looking at the yielded
+                # stream's shard alone halved the default drain's scripts per task, and let a
+                # cold key wait two batches and more on a cluster: fairness is the promise.)
+                self._woken.update(range(len(self._shard_due)))
 
     def unclaimed(self, candidates: Sequence[tuple[int, str]]) -> None:
         """Due streams a poll found that this replica had no room to claim: their shards are

@@ -398,21 +398,26 @@ def worker(
         replica_timeout=replica_timeout,
     )
     consumed = queues.split(",") if queues else None
-    holder: list[Any] = []
-    if health_port is not None:
-        from .health import Health, serve
-
-        health = Health(lambda: bool(holder) and holder[0].healthy, backend.ping, unready_after)
-        serve(health, health_host, health_port)
+    holder = _probes(backend, health_host, health_port, unready_after)
     if driver == "asyncio":
         sys.exit(asyncio.run(_serve_async(backend, consumed, concurrency, name, stop_timeout, holder)))
-    worker = threaded_worker(
-        backend=backend,
-        queues=consumed,
-        concurrency=concurrency,
-        replica=name,
-    )
+    worker = threaded_worker(backend=backend, queues=consumed, concurrency=concurrency, replica=name)
     holder.append(worker)
+    _serve_threaded(worker, stop_timeout)
+
+
+def _probes(backend: RedisQueueBackend, host: str, port: int | None, unready_after: float) -> list[Any]:
+    """Serve the health probes when asked; returns the list the worker is put in once made."""
+    holder: list[Any] = []
+    if port is not None:
+        from .health import Health, serve
+
+        serve(Health(lambda: bool(holder) and holder[0].healthy, backend.ping, unready_after), host, port)
+    return holder
+
+
+def _serve_threaded(worker: Any, stop_timeout: float) -> None:
+    """Run until a signal: the first stops gracefully within ``stop_timeout``, a second exits."""
     done, stopping, code = threading.Event(), threading.Event(), [0]
 
     def stop(signum: int) -> None:
