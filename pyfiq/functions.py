@@ -293,7 +293,8 @@ class FifoFunction(Generic[P, R]):
         moment and ahead of every one enqueued after it; until then it is ``scheduled``.
         ``expires_in`` still counts from now, so one that ends before the due time is refused."""
         if self.registry.eager is not None:
-            return self.registry.eager.run(self, args, kwargs or {}, key)  # type: ignore[no-any-return]
+            options = {"dedup_key": dedup_key, "expires_in": expires_in, "delay": delay, "eta": eta}
+            return self.registry.eager.run(self, args, kwargs or {}, key, **options)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
@@ -314,7 +315,8 @@ class FifoFunction(Generic[P, R]):
     ) -> TaskHandle[R]:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
         if self.registry.eager is not None:
-            return await self.registry.eager.arun(self, args, kwargs or {}, key)  # type: ignore[no-any-return]
+            options = {"dedup_key": dedup_key, "expires_in": expires_in, "delay": delay, "eta": eta}
+            return await self.registry.eager.arun(self, args, kwargs or {}, key, **options)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:

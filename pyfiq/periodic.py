@@ -9,7 +9,7 @@ import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
-from .engine.keys import stream_name, validate_key
+from .engine.keys import stream_name
 from .engine.ticks import CatchUp, Schedule, periodic_rule, validate_schedule_name
 from .errors import ConfigurationError
 from .task import expires_in_ms
@@ -71,8 +71,7 @@ class Periodic:
             except TypeError as exc:
                 raise TypeError(f"{task}: {exc}: its ticks could never run; nothing was bound") from None
             binding = bind(func)
-            raw_key = binding.key(*call_args, **call_kwargs) if binding.key is not None else None
-            key = None if raw_key is None else validate_key(str(raw_key))
+            key = binding.key_of(call_args, call_kwargs)
             binding.schedule = Schedule(
                 name=name,
                 task=binding.name,

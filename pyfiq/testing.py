@@ -19,24 +19,35 @@ import contextlib
 import inspect
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import hooks
 from .backend.backend import RedisQueueBackend
+from .config import Settings
 from .engine.keys import queue_of, stream_name
 from .errors import ConfigurationError, NotConfiguredError
 from .functions import Registry, default_registry
 from .hooks import Hooks
 from .serializers import JSONSerializer, Serializer
-from .task import TaskContext, TaskHandle, TaskRecord, new_task_id, reset_current, set_current
+from .task import (
+    TaskContext,
+    TaskHandle,
+    TaskRecord,
+    due_spec,
+    encode_tasks,
+    new_task_id,
+    reset_current,
+    set_current,
+)
 from .workers.threaded import ThreadedWorker
 
 __all__ = ["EagerHandle", "Failure", "TasksFailed", "drain", "eager", "memory_backend"]
 
 #: Settings that make tests fast: short leases and polls, few shards.
-FAST: dict[str, Any] = {"lease_ttl": 1.0, "poll_interval": 0.05, "shards": 2}
+FAST: dict[str, Any] = {"lease_ttl": 1.0, "poll_interval": 0.05, "shards": 2, "unknown_task_grace": 0.5}
 
 
 def memory_backend(*, registry: Registry | None = None, **settings: Any) -> RedisQueueBackend:
@@ -56,6 +67,11 @@ def _idle(backend: RedisQueueBackend, queues: list[str]) -> bool:
             if info["pending"] or info["inflight"] or info["scheduled"]:
                 return False
     return True
+
+
+def _holding(backend: RedisQueueBackend, queues: list[str]) -> str:
+    streams = [s for s in backend.active_streams() if queue_of(s) in queues]
+    return ", ".join(streams[:10]) + (f" and {len(streams) - 10} more" if len(streams) > 10 else "") or "none"
 
 
 @dataclass(frozen=True)
@@ -153,9 +169,16 @@ def drain(
         if not retry_waits:
             worker.max_retry_wait = 0.0
         with worker:
-            while not _idle(backend, names):
+            # Idle twice in a row: a task that ended during one look (its stream read as done)
+            # enqueued whatever it enqueues before it ended, so the next look sees it.
+            idle_looks = 0
+            while idle_looks < 2:
+                idle_looks = idle_looks + 1 if _idle(backend, names) else 0
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"queues {names} still hold tasks after {timeout}s")
+                    raise TimeoutError(
+                        f"queues {names} still hold tasks after {timeout}s: {_holding(backend, names)} (a task "
+                        "whose function is not registered here waits unknown_task_grace before it is dead-lettered)"
+                    )
                 time.sleep(0.01)
     finally:
         hooks.remove(last)
@@ -167,16 +190,19 @@ def drain(
 
 @dataclass(frozen=True)
 class EagerHandle(TaskHandle[Any]):
-    """What a call returns in ``eager()`` mode: the task has run; ``result()`` is what it
-    returned (through the serializer, as a stored result would be)."""
+    """What a call returns in ``eager()`` mode: ``result()`` is what the task returned (through
+    the serializer, as a stored result would be). A call made by a running task runs once that
+    task has ended, as a worker would run it: its handle has its result from then on."""
 
-    value: Any = field(default=None, repr=False, compare=False)
+    box: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def result(self, timeout: float | None = None) -> Any:
-        return self.value
+        if "value" not in self.box:
+            raise RuntimeError(f"task {self.id} has not run yet: it runs once the task that called it ends")
+        return self.box["value"]
 
     async def aresult(self, timeout: float | None = None) -> Any:
-        return self.value
+        return self.result(timeout)
 
 
 class _Eager:
@@ -184,32 +210,67 @@ class _Eager:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self._running = 0
+        self._later: deque[Callable[[], Any]] = deque()
+        self._dedup: dict[tuple[str, str], EagerHandle] = {}
 
-    def _serializer(self) -> Serializer:
+    def _settings(self) -> Any:
         try:
-            return self.registry.get_backend().settings.serializer
+            return self.registry.get_backend().settings
         except NotConfiguredError:
-            return JSONSerializer()
+            return None
 
-    def _prepare(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> tuple[Any, ...]:
+    def _prepare(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None, **options: Any) -> Any:
+        """What the enqueue would check and store: the same refusals, then the task as a worker
+        decodes it."""
         fn.check_call(args, kwargs)
         key = key if key is not None else fn.key_of(args, kwargs)
-        serializer = self._serializer()
+        settings = self._settings()
+        serializer = settings.serializer if settings is not None else JSONSerializer()
+        limit = settings.max_payload_bytes if settings is not None else Settings.max_payload_bytes
+        expires = options.get("expires_in") if options.get("expires_in") is not None else fn.expires_in
         record = TaskRecord(fn.name, list(args), dict(kwargs), key, {})
-        seen = TaskRecord.decode(record.encode(serializer), serializer)  # as a worker decodes it
+        when = due_spec(options.get("delay"), options.get("eta"))
+        (task,) = encode_tasks([(new_task_id(), record)], serializer, expires, when, limit)
+        seen = TaskRecord.decode(task.payload, serializer)
         stream = stream_name(fn.queue, key)
-        now_ms = int(time.time() * 1000)
-        ctx = TaskContext(new_task_id(), fn.name, fn.queue, stream, key, 1, 1, 0, now_ms, 0, "eager")
+        ctx = TaskContext(task.id, fn.name, fn.queue, stream, key, 1, 1, 0, int(time.time() * 1000), 0, "eager")
         return ctx, seen, serializer
 
-    def _handle(self, fn: Any, ctx: TaskContext, value: Any, serializer: Serializer) -> EagerHandle:
-        if fn.store_result:
-            value = serializer.loads(serializer.dumps(value))
-        return EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name, value=value)
+    def _deduplicated(self, ctx: TaskContext, dedup_key: str | None) -> EagerHandle | None:
+        if dedup_key is None:
+            return None
+        first = self._dedup.get((ctx.stream, dedup_key))
+        if first is not None:
+            return EagerHandle(first.id, first.queue, first.stream, first.name, duplicate=True, box=first.box)
+        return None
 
-    def run(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> EagerHandle:
-        ctx, seen, serializer = self._prepare(fn, args, kwargs, key)
+    def run(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None, **options: Any) -> EagerHandle:
+        ctx, seen, serializer = self._prepare(fn, args, kwargs, key, **options)
+        repeat = self._deduplicated(ctx, options.get("dedup_key"))
+        if repeat is not None:
+            return repeat
+        handle = EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name)
+        if options.get("dedup_key") is not None:
+            self._dedup[(ctx.stream, options["dedup_key"])] = handle
+        self._later.append(lambda: self._call(fn, ctx, seen, serializer, handle))
+        if self._running:
+            return handle  # called by a running task: it runs after that task, as on a worker
+        # Every call enqueued so far runs, as on a worker, even after one failed; the first
+        # failure is then raised to the caller.
+        first: Exception | None = None
+        while self._later:
+            try:
+                self._later.popleft()()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return handle
+
+    def _call(self, fn: Any, ctx: TaskContext, seen: TaskRecord, serializer: Serializer, handle: EagerHandle) -> None:
         token = set_current(ctx)
+        self._running += 1
         try:
             if inspect.iscoroutinefunction(fn.func):
                 try:
@@ -224,19 +285,29 @@ class _Eager:
             else:
                 value = fn.func(*seen.args, **seen.kwargs)
         finally:
+            self._running -= 1
             reset_current(token)
-        return self._handle(fn, ctx, value, serializer)
+        handle.box["value"] = serializer.loads(serializer.dumps(value)) if fn.store_result else value
 
-    async def arun(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> EagerHandle:
-        ctx, seen, serializer = self._prepare(fn, args, kwargs, key)
+    async def arun(
+        self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None, **options: Any
+    ) -> EagerHandle:
+        if not inspect.iscoroutinefunction(fn.func):
+            return self.run(fn, args, kwargs, key, **options)
+        ctx, seen, serializer = self._prepare(fn, args, kwargs, key, **options)
+        repeat = self._deduplicated(ctx, options.get("dedup_key"))
+        if repeat is not None:
+            return repeat
+        handle = EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name)
+        if options.get("dedup_key") is not None:
+            self._dedup[(ctx.stream, options["dedup_key"])] = handle
         token = set_current(ctx)
         try:
-            value = fn.func(*seen.args, **seen.kwargs)
-            if inspect.isawaitable(value):
-                value = await value
+            value = await fn.func(*seen.args, **seen.kwargs)
         finally:
             reset_current(token)
-        return self._handle(fn, ctx, value, serializer)
+        handle.box["value"] = serializer.loads(serializer.dumps(value)) if fn.store_result else value
+        return handle
 
 
 @contextlib.contextmanager
@@ -244,11 +315,14 @@ def eager(*, registry: Registry | None = None) -> Iterator[None]:
     """Within it, calling a ``@fifo`` function of ``registry`` (default: the registry of
     ``@pyfiq.fifo``) runs it at once, in the caller's thread and in call order, instead of
     enqueuing it: its arguments go through the serializer and back (what cannot be serialized
-    fails as it would at an enqueue), its key function runs, ``current_task()`` answers, and
-    its error is raised to the caller, without retries. The call returns an ``EagerHandle``
-    whose ``result()`` is what the function returned. Nothing is sent to Redis, and no backend
-    is needed. For behaviour that needs a worker (order across keys, retries, dead letters),
-    use ``drain()``."""
+    fails as it would at an enqueue, and so does a task over ``max_payload_bytes`` or an
+    ``expires_in`` that ends before a ``delay``), its key function runs, ``current_task()``
+    answers, a repeated ``dedup_key`` returns the first call's handle without running, and its
+    error is raised to the caller, without retries. A call made by a running task runs once that
+    task has ended, as a worker would run it. ``delay``/``eta`` do not wait: the call runs at
+    once. The call returns an ``EagerHandle`` whose ``result()`` is what the function returned.
+    Nothing is sent to Redis, and no backend is needed. For behaviour that needs a worker (order
+    across keys, retries, dead letters), use ``drain()``."""
     reg = default_registry if registry is None else registry
     previous, reg.eager = reg.eager, _Eager(reg)
     try:

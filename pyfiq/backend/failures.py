@@ -104,6 +104,12 @@ def translate(exc: BaseException, address: str) -> BaseException:
 
 
 def _database(address: str) -> str:
-    """The database number a redacted URL names ("?" if it names none)."""
-    path = address.split("?", 1)[0].rsplit("/", 1)
+    """The database number a redacted URL names: its ``db=`` query parameter, which redis-py
+    prefers, else its path ("?" if it names none)."""
+    base, _, query = address.partition("?")
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "db" and value.isdigit():
+            return value
+    path = base.rsplit("/", 1)
     return path[1] if len(path) == 2 and path[1].isdigit() else "?"

@@ -140,7 +140,10 @@ def _connect(url: str, settings: Settings) -> RedisQueueBackend:
     conn: dict[str, Any] = given if isinstance(given, dict) else {}
     settings = settings.replace(redis_options={**settings.redis_options, **conn.get("tls", {})})
     if ctx is not None:
-        defaulted = url == DEFAULT_URL and not os.environ.get("PYFIQ_REDIS_URL")
+        # Given neither on the command line (here or at the group level) nor in the environment.
+        source = ctx.get_parameter_source("url")
+        given = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)
+        defaulted = not given and url == DEFAULT_URL and not os.environ.get("PYFIQ_REDIS_URL")
         ctx.meta[_ASKED] = (redact_url(url), defaulted)
     if conn.get("sentinels"):
         # The URL gives the primary's credentials, database and TLS; Sentinel gives its address.
@@ -412,7 +415,10 @@ def _probes(backend: RedisQueueBackend, host: str, port: int | None, unready_aft
     if port is not None:
         from .health import Health, serve
 
-        serve(Health(lambda: bool(holder) and holder[0].healthy, backend.ping, unready_after), host, port)
+        try:
+            serve(Health(lambda: bool(holder) and holder[0].healthy, backend.ping, unready_after), host, port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot serve the health probes on {host}:{port}: {exc}") from None
     return holder
 
 
@@ -434,10 +440,28 @@ def _serve_threaded(worker: Any, stop_timeout: float) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
-    done.wait()
+    while not done.wait(0.5):
+        if not stopping.is_set() and worker.join(0):
+            _failed(worker)  # a thread of it died: the worker stopped itself
     if code[0]:
-        logging.shutdown()
-        os._exit(code[0])  # tasks still run in their threads: they run again elsewhere
+        _exit(code[0])  # tasks still run in their threads: they run again elsewhere
+
+
+def _failed(worker: Any) -> None:
+    """The worker stopped itself (a thread of it died, said as pyfiq.worker_thread_died): the
+    process exits non-zero so that its supervisor restarts it, rather than idling on."""
+    log.critical(
+        "pyfiq.worker_process_exiting",
+        replica=worker.replica,
+        failure=repr(worker.failure),
+        left_running=worker.running_tasks(),
+    )
+    _exit(1)
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
 
 
 def _stopping(worker: Any, signum: int, stop_timeout: float) -> None:
@@ -462,8 +486,7 @@ def _exit_now(worker: Any, signum: int) -> None:
         left_running=worker.running_tasks(),
         then="their leases lapse and other replicas run them again",
     )
-    logging.shutdown()
-    os._exit(1)
+    _exit(1)
 
 
 async def _serve_async(
@@ -491,9 +514,14 @@ async def _serve_async(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
-    await stop.wait()
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.join())}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        _failed(worker)
     _stopping(worker, received[0], stop_timeout)
     code = _stopped(worker, await worker.stop(stop_timeout), stop_timeout)
+    if code:
+        _exit(code)  # what still runs (a thread, a task that ignores cancellation) runs again elsewhere
     await backend.aclose()
     return code
 

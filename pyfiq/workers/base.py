@@ -17,6 +17,7 @@ from ..engine.ticks import TickLoop
 from ..errors import ConfigurationError
 from ..functions import Registry, default_registry
 from ..logs import log
+from ..task import TaskRecord, check_payload
 from .reports import SYSTEM_CLOCK
 
 
@@ -57,7 +58,13 @@ class WorkerBase:
         serializer = self.settings.serializer
         #: The periodic schedules of the consumed queues, which this worker fires (with every
         #: other replica that runs them: each tick still enqueues one task).
-        encode = lambda record: record.encode(serializer)  # noqa: E731
+        limit = self.settings.max_payload_bytes
+
+        def encode(record: TaskRecord) -> bytes:
+            payload = record.encode(serializer)
+            check_payload(record.name, payload, limit)  # a tick is refused as a call would be
+            return payload
+
         self.ticks = TickLoop(self.registry, consumed_queues(queues), encode, self._tick_log)
 
     def _tick_log(self, level: str, event: str, **fields: object) -> None:

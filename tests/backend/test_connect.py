@@ -221,6 +221,11 @@ def test_a_database_the_server_does_not_have_is_a_configuration_error_naming_it(
         t()
     assert "'databases' setting" in str(caught.value)
     backend.close()
+    query = RedisQueueBackend(f"{redis_server.url.rsplit('/', 1)[0]}/0?db=98")  # the query wins, as in redis-py
+    registry.configure(query)
+    with pytest.raises(ConfigurationError, match=r"has no database 98"):
+        t()
+    query.close()
 
 
 def test_a_refused_password_is_said_in_one_sentence() -> None:

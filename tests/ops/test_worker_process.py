@@ -4,6 +4,7 @@ and a second signal exiting at once with one line saying so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,11 +86,13 @@ def test_a_worker_says_who_it_is_what_it_waits_for_and_that_it_handed_over(redis
         proc.wait(5)
 
 
+@pytest.mark.parametrize("driver", ["threaded", "asyncio"])
 def test_past_its_stop_timeout_a_worker_names_the_tasks_it_leaves_and_exits_non_zero_in_json(
-    redis_server: Any, tmp_path: Path
+    redis_server: Any, tmp_path: Path, driver: str
 ) -> None:
     queue, prefix = f"wp-{uuid.uuid4().hex[:6]}", unique_prefix()
-    proc = start_worker(redis_server.url, prefix, queue, tmp_path, "--stop-timeout", "0.5", "--log-format", "json")
+    extra = ("--stop-timeout", "0.5", "--log-format", "json", "--driver", driver)
+    proc = start_worker(redis_server.url, prefix, queue, tmp_path, *extra)
     try:
         started = lines_until(proc, "ready")
         records = [json.loads(s) for s in started if s.startswith("{")]
@@ -184,5 +187,28 @@ def test_a_worker_process_serves_its_probes(redis_server: Any, tmp_path: Path) -
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_a_worker_process_whose_worker_died_exits_non_zero_instead_of_idling(own_redis: Any, tmp_path: Path) -> None:
+    """Its Redis started refusing it (a rotated password): a thread of the worker dies, the
+    worker stops itself, and the process exits 1 so that its supervisor restarts it."""
+    import redis as redis_py
+
+    queue, prefix = f"wp-{uuid.uuid4().hex[:6]}", unique_prefix()
+    proc = start_worker(own_redis.url, prefix, queue, tmp_path)
+    admin = redis_py.Redis.from_url(own_redis.url)
+    try:
+        lines_until(proc, "ready")
+        admin.config_set("requirepass", "rotated")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        said = lines_until(proc, "pyfiq.worker_process_exiting", timeout=30)
+        assert any("pyfiq.worker_thread_died" in line for line in said)
+        assert proc.wait(10) == 1
+    finally:
+        with contextlib.suppress(Exception):
+            redis_py.Redis.from_url(own_redis.url, password="rotated").config_set("requirepass", "")
+        admin.close()
         proc.kill()
         proc.wait(5)

@@ -315,3 +315,32 @@ def test_a_replica_starting_right_after_a_forget_does_not_fire_the_last_tick_aga
     for tick, task in ran:
         tasks.setdefault(tick, set()).add(task)
     assert all(len(ids) == 1 for ids in tasks.values()), tasks
+
+
+def test_a_tick_over_max_payload_bytes_is_refused_as_a_call_would_be(redis_backend: RedisQueueBackend) -> None:
+    import logging
+
+    small = RedisQueueBackend(redis_backend.url, prefix=redis_backend.keys.prefix, max_payload_bytes=1_000, shards=4)
+    q, reg, ran = qname(), Registry(small), []
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    @reg.periodic(q, every=0.2, name=f"{q}.big", args=("x" * 5_000,))
+    def big(blob: str) -> None:
+        ran.append(len(blob))
+
+    handler = Keep(level=logging.ERROR)
+    logging.getLogger("pyfiq").addHandler(handler)
+    worker = ThreadedWorker(small, registry=reg, queues=[q]).start()
+    try:
+        wait_until(lambda: any("pyfiq.schedule_failed" in r.getMessage() for r in records), timeout=10)
+        time.sleep(0.5)
+    finally:
+        worker.stop(5)
+        logging.getLogger("pyfiq").removeHandler(handler)
+        small.close()
+    (failed, *_) = [r for r in records if "pyfiq.schedule_failed" in r.getMessage()]
+    assert "PayloadTooLargeError" in failed.getMessage() and ran == [], "no tick's task was enqueued"

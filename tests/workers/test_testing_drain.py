@@ -288,3 +288,43 @@ def test_a_task_dead_lettered_before_it_starts_is_logged_in_the_same_fields_as_a
         "unknown-task",
     )
     assert "no replica ran a @fifo function" in fields["error"] and "header" not in fields
+
+
+def test_eager_mode_keeps_what_a_worker_keeps_order_of_nested_calls_refusals_and_dedup() -> None:
+    from pyfiq.testing import eager
+
+    registry, q, ran = Registry(), qname(), []
+
+    @registry.fifo(queue=q, name=f"{q}.child")
+    def child(tag: str) -> None:
+        ran.append(f"child {tag}")
+
+    @registry.fifo(queue=q, name=f"{q}.parent")
+    def parent(tag: str) -> None:
+        ran.append(f"parent {tag} start")
+        child(tag)  # enqueued behind this task: it runs once this one has ended
+        ran.append(f"parent {tag} end")
+
+    with eager(registry=registry):
+        parent("a")
+        assert ran == ["parent a start", "parent a end", "child a"]
+        first = child.send_with_options(args=("d",), dedup_key="once")
+        again = child.send_with_options(args=("d",), dedup_key="once")
+        assert again.duplicate and again.id == first.id and ran.count("child d") == 1
+        with pytest.raises(pyfiq.PayloadTooLargeError):
+            child("x" * 2_000_000)
+        with pytest.raises(pyfiq.ConfigurationError, match="ends before the task is due"):
+            child.send_with_options(args=("e",), delay=10, expires_in=1)
+    assert "child e" not in ran and not any(r.startswith("child xx") for r in ran)
+
+
+def test_a_task_no_function_is_registered_for_fails_the_drain_of_a_memory_backend() -> None:
+    """Not a TimeoutError: the memory backend's grace for unknown functions is short."""
+    registry, q = Registry(), qname()
+    backend = memory_backend(registry=registry)
+    sender = Registry()
+    sender.configure(backend)
+    sender.fifo(queue=q, name=f"{q}.renamed")(lambda: None)()
+    registry.fifo(queue=q, name=f"{q}.current")(lambda: None)
+    with pytest.raises(TasksFailed, match="unknown-task"):
+        drain(backend, [q], registry=registry)
