@@ -237,22 +237,25 @@ class _Eager:
         ctx = TaskContext(task.id, fn.name, fn.queue, stream, key, 1, 1, 0, int(time.time() * 1000), 0, "eager")
         return ctx, seen, serializer
 
-    def _deduplicated(self, ctx: TaskContext, dedup_key: str | None) -> EagerHandle | None:
-        if dedup_key is None:
-            return None
-        first = self._dedup.get((ctx.stream, dedup_key))
+    def _handle(self, ctx: TaskContext, dedup_key: str | None) -> tuple[EagerHandle, bool]:
+        """The call's handle, and whether it is new: a repeated dedup key gets the first's."""
+        first = self._dedup.get((ctx.stream, dedup_key)) if dedup_key is not None else None
         if first is not None:
-            return EagerHandle(first.id, first.queue, first.stream, first.name, duplicate=True, box=first.box)
-        return None
+            return EagerHandle(first.id, first.queue, first.stream, first.name, duplicate=True, box=first.box), False
+        handle = EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name)
+        if dedup_key is not None:
+            self._dedup[(ctx.stream, dedup_key)] = handle
+        return handle, True
+
+    @staticmethod
+    def _keep(fn: Any, handle: EagerHandle, value: Any, serializer: Serializer) -> None:
+        handle.box["value"] = serializer.loads(serializer.dumps(value)) if fn.store_result else value
 
     def run(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None, **options: Any) -> EagerHandle:
         ctx, seen, serializer = self._prepare(fn, args, kwargs, key, **options)
-        repeat = self._deduplicated(ctx, options.get("dedup_key"))
-        if repeat is not None:
-            return repeat
-        handle = EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name)
-        if options.get("dedup_key") is not None:
-            self._dedup[(ctx.stream, options["dedup_key"])] = handle
+        handle, new = self._handle(ctx, options.get("dedup_key"))
+        if not new:
+            return handle
         self._later.append(lambda: self._call(fn, ctx, seen, serializer, handle))
         if self._running:
             return handle  # called by a running task: it runs after that task, as on a worker
@@ -287,7 +290,7 @@ class _Eager:
         finally:
             self._running -= 1
             reset_current(token)
-        handle.box["value"] = serializer.loads(serializer.dumps(value)) if fn.store_result else value
+        self._keep(fn, handle, value, serializer)
 
     async def arun(
         self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], key: str | None, **options: Any
@@ -295,18 +298,15 @@ class _Eager:
         if not inspect.iscoroutinefunction(fn.func):
             return self.run(fn, args, kwargs, key, **options)
         ctx, seen, serializer = self._prepare(fn, args, kwargs, key, **options)
-        repeat = self._deduplicated(ctx, options.get("dedup_key"))
-        if repeat is not None:
-            return repeat
-        handle = EagerHandle(ctx.id, ctx.queue, ctx.stream, ctx.name)
-        if options.get("dedup_key") is not None:
-            self._dedup[(ctx.stream, options["dedup_key"])] = handle
+        handle, new = self._handle(ctx, options.get("dedup_key"))
+        if not new:
+            return handle
         token = set_current(ctx)
         try:
             value = await fn.func(*seen.args, **seen.kwargs)
         finally:
             reset_current(token)
-        handle.box["value"] = serializer.loads(serializer.dumps(value)) if fn.store_result else value
+        self._keep(fn, handle, value, serializer)
         return handle
 
 
