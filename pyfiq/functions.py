@@ -376,7 +376,7 @@ class FifoFunction(Generic[P, R]):
         kwargs = kwargs or {}
         self.check_call(args, kwargs)
         when = due_spec(delay, eta)
-        key = key if key is not None else self.key_of(args, kwargs)
+        key = validate_key(str(key)) if key is not None else self.key_of(args, kwargs)
         backend = backend or self.registry.get_backend()
         record = TaskRecord(self.name, list(args), dict(kwargs), key, hooks.dispatcher.enqueue_headers(self.queue))
         expires = expires_in if expires_in is not None else self.expires_in

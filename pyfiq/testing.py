@@ -27,7 +27,7 @@ from typing import Any
 from . import hooks
 from .backend.backend import RedisQueueBackend
 from .config import Settings
-from .engine.keys import queue_of, stream_name
+from .engine.keys import queue_of, stream_name, validate_key
 from .errors import ConfigurationError, NotConfiguredError
 from .functions import Registry, default_registry
 from .hooks import Hooks
@@ -224,7 +224,7 @@ class _Eager:
         """What the enqueue would check and store: the same refusals, then the task as a worker
         decodes it."""
         fn.check_call(args, kwargs)
-        key = key if key is not None else fn.key_of(args, kwargs)
+        key = validate_key(str(key)) if key is not None else fn.key_of(args, kwargs)
         settings = self._settings()
         serializer = settings.serializer if settings is not None else JSONSerializer()
         limit = settings.max_payload_bytes if settings is not None else Settings.max_payload_bytes

@@ -191,9 +191,12 @@ class StreamModel:
     # -- scripts ----------------------------------------------------------------------------
 
     def acquire(self, want: int) -> tuple[str, list[tuple[bytes, int]]]:
-        """("none" | "held" | "ok", tasks handed); the caller sets ``token`` on "ok"."""
-        if self.ready != "due" or self.is_paused:
+        """("none" | "later" | "held" | "ok", tasks handed); the caller sets ``token`` on "ok".
+        "later": scored ahead (a lease another claim took, a parked stream): the reply says when."""
+        if self.ready is None or self.is_paused:
             return "none", []
+        if self.ready == "future":
+            return "later", []
         if self.token is not None:
             self.ready = "future"
             return "held", []
@@ -850,6 +853,8 @@ class StreamMachine(RuleBasedStateMachine):
         outcome, handed = self.m.acquire(want)
         if outcome == "none":
             assert reply == [0]
+        elif outcome == "later":
+            assert len(reply) == 2 and reply[0] == 0 and int(reply[1]) > 0, reply
         elif outcome == "held":
             assert len(reply) == 2 and reply[0] == 0 and int(reply[1]) > 0
         else:
