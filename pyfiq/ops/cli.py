@@ -441,7 +441,7 @@ def _serve_threaded(worker: Any, stop_timeout: float) -> None:
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
     while not done.wait(0.5):
-        if not stopping.is_set() and worker.join(0):
+        if not stopping.is_set() and worker.failure is not None:
             _failed(worker)  # a thread of it died: the worker stopped itself
     if code[0]:
         _exit(code[0])  # tasks still run in their threads: they run again elsewhere
@@ -515,9 +515,15 @@ async def _serve_async(
         loop.add_signal_handler(sig, on_signal, sig)
     click.echo(f"replica {show(worker.replica)} ready", err=True)
     waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.join())}
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in pending:
+        wait.cancel()
     if not stop.is_set():
-        _failed(worker)
+        if worker.failure is not None:
+            _failed(worker)
+        # Stopped by the application itself (its own stop(), the process living on): the
+        # process still ends on a signal, as before.
+        await stop.wait()
     _stopping(worker, received[0], stop_timeout)
     code = _stopped(worker, await worker.stop(stop_timeout), stop_timeout)
     if code:
