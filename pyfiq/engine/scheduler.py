@@ -325,7 +325,7 @@ class Scheduler:
         intervals (an idle replica beats less often, and still sees a joiner as soon), and while
         this replica is missing from a view with room for it (it was counted as gone)."""
         queues = self.consumed_queues()
-        polls = self._polls()
+        polls = bool(self._beat_polled)  # as _registry_beat_due just read it for this beat
         group = poll_group(queues)
         member = f"{group}|{replica}"
         self._beats += 1

@@ -428,7 +428,8 @@ def _serve_threaded(worker: Any, stop_timeout: float) -> None:
 
     def stop(signum: int) -> None:
         _stopping(worker, signum, stop_timeout)
-        code[0] = _stopped(worker, worker.stop(stop_timeout), stop_timeout)
+        # Non-zero when tasks were left running (the worker named them in its stop_timed_out line).
+        code[0] = 0 if worker.stop(stop_timeout) else 1
         done.set()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -471,12 +472,6 @@ def _stopping(worker: Any, signum: int, stop_timeout: float) -> None:
         stop_timeout=stop_timeout,
         waits_for=worker.running_tasks(),
     )
-
-
-def _stopped(worker: Any, clean: bool, stop_timeout: float) -> int:
-    """The exit code of a stop: non-zero when tasks were left running (the worker named them
-    in ``pyfiq.worker_stop_timed_out``)."""
-    return 0 if clean else 1
 
 
 def _exit_now(worker: Any, signum: int) -> None:
@@ -525,7 +520,7 @@ async def _serve_async(
         # process still ends on a signal, as before.
         await stop.wait()
     _stopping(worker, received[0], stop_timeout)
-    code = _stopped(worker, await worker.stop(stop_timeout), stop_timeout)
+    code = 0 if await worker.stop(stop_timeout) else 1
     if code:
         _exit(code)  # what still runs (a thread, a task that ignores cancellation) runs again elsewhere
     await backend.aclose()
