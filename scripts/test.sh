@@ -28,6 +28,19 @@ if [ -z "${PYFIQ_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The Django integration's commit and rollback tests run on a private PostgreSQL server the
+# suite starts (initdb + pg_ctl on a free port), never on one already running.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "PostgreSQL not found: installing it with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "PostgreSQL (initdb, pg_ctl) is required by the Django integration's tests." >&2
+    echo "Install it first, e.g. 'sudo apt-get install postgresql' or 'brew install postgresql'." >&2
+    exit 1
+  fi
+fi
+
 bash scripts/install.sh
 bash scripts/lint.sh
 exec .venv/bin/python -m pytest "$@"
