@@ -48,6 +48,11 @@ class WorkerBase:
         self.ops = self.backend.ops
         self.concurrency = concurrency
         self.replica = replica or replica_id()
+        # A pre-fork server may build the worker in its parent and start it in each child: see
+        # adopt_process.
+        self._pid = os.getpid()
+        self._replica_given = replica is not None
+        self._driver = driver
         self.clock = SYSTEM_CLOCK
         self.scheduler = Scheduler(
             self.ops, concurrency, consumed_queues(queues), self.registry, clock=self.clock, lock=lock
@@ -66,6 +71,26 @@ class WorkerBase:
             return payload
 
         self.ticks = TickLoop(self.registry, consumed_queues(queues), encode, self._tick_log)
+
+    def _adopt_process(self, started: bool) -> bool:
+        """Make a worker built before a fork this process's own; False if it was already
+        started before the fork: its threads, loop and leases stayed with the parent, and
+        anything done with them here (a release with the parent's fencing token) would act
+        for a worker that still runs there."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return True
+        if started:
+            return False
+        self._pid = pid
+        if not self._replica_given:
+            # Two children under one replica id would look like one replica to the fleet.
+            self.replica = replica_id()
+            self.log = log.bind(replica=self.replica)
+        self.scheduler.identify(
+            self.replica, host=socket.gethostname(), pid=pid, driver=self._driver, concurrency=self.concurrency
+        )
+        return True
 
     def _tick_log(self, level: str, event: str, **fields: object) -> None:
         getattr(log, level)(event, replica=self.replica, **fields)

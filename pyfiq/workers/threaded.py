@@ -115,6 +115,16 @@ class ThreadedWorker(WorkerBase):
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> ThreadedWorker:
+        """Start the worker's threads; again on a started worker, nothing. A worker built
+        before a fork may be started in the child (a pre-fork server's post-fork hook), where
+        it takes a replica id of its own; one already started before the fork cannot."""
+        if not self._adopt_process(self._started):
+            raise ConfigurationError(
+                f"worker {self.replica} was started in process {self._pid} before this process"
+                " forked from it; its threads and leases stayed there: start a new worker here"
+                " (in a pre-fork server, start workers after the fork, e.g. in gunicorn's"
+                " post_worker_init hook)"
+            )
         if self._started:
             return self
         try:
@@ -178,6 +188,9 @@ class ThreadedWorker(WorkerBase):
         If the process exits before that, the lease lapses after ``lease_ttl`` and the next
         holder runs the task again: at no point do two live runs of one task overlap.
         """
+        if not self._adopt_process(self._started):
+            # The worker of the parent process: stopping it is the parent's to do.
+            return True
         with self._stop_lock:
             if self._stopped.is_set() or not self._started:
                 self._stopped.set()
