@@ -11,13 +11,23 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine.keys import COUNT_MINUTES, STREAM_SEPARATOR, queue_of
 from ..task import DeadLetter
 from .reads import Reads, as_text
-from .views import DeadPage, DeadStreams, QueueOverview, Rate, StreamDetail, StreamPage, held_streams
+from .views import (
+    DeadPage,
+    DeadStreams,
+    QueueHistory,
+    QueueOverview,
+    Rate,
+    StreamDetail,
+    StreamPage,
+    consumed_by,
+    held_streams,
+)
 
 #: Streams of one queue an overview reads at most: those waiting longest (lowest claimable-at in
 #: the ready sets) plus those held now (from the replica registry, bounded by the fleet's slots).
@@ -108,6 +118,28 @@ class Pages(Reads):
             out[queue] = Rate(ok / 60, failed / 60)
         return out
 
+    def history(self, queue: str, now_ms: int | None = None) -> QueueHistory:
+        """What ``queue`` did in each of the last ``COUNT_MINUTES`` minutes of Redis time (see
+        ``QueueHistory``), from the per-minute counts the scripts keep: every shard's ring of
+        minutes read whole by one ``HMGET`` of its fields, all in one round trip."""
+        now_ms = self.redis_now_ms() if now_ms is None else now_ms
+        first = now_ms // 60_000 - COUNT_MINUTES + 1
+        fields = [f"{kind}{slot}" for kind in "msf" for slot in range(COUNT_MINUTES)]
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.hmget(self.keys.counts(shard, queue), fields)
+        with self.translated():
+            rings = pipe.execute()
+        ok, failed = [0] * COUNT_MINUTES, [0] * COUNT_MINUTES
+        for values in rings:
+            for slot in range(COUNT_MINUTES):
+                # A slot holds the minute it names, or one an hour older, not yet overwritten.
+                at = -1 if values[slot] is None else int(values[slot]) - first
+                if 0 <= at < COUNT_MINUTES:
+                    ok[at] += int(values[COUNT_MINUTES + slot] or 0)
+                    failed[at] += int(values[2 * COUNT_MINUTES + slot] or 0)
+        return QueueHistory(queue, first * 60_000, ok, failed)
+
     def _lowest(self, queues: Sequence[str], per_queue: int) -> tuple[dict[str, int], dict[str, list[str]]]:
         """Per queue: how many live streams it has, and those with the lowest claimable-at (the
         ones waiting longest), about ``per_queue`` of them spread over the shards."""
@@ -151,7 +183,8 @@ class Pages(Reads):
         for name in names:
             wanted = list(dict.fromkeys([*lowest[name], *(s for s in held if queue_of(s) == name)]))
             rows = self.read_streams(wanted, blocked_after=blocked_after)
-            out.append(self._summarise(name, rows, counts[name], found, rate_of[name]))
+            summary = self._summarise(name, rows, counts[name], found, rate_of[name])
+            out.append(replace(summary, consumed=consumed_by(fleet, name)))
         return sorted(out, key=lambda q: (q.trouble, q.queue))
 
     def _summarise(self, name: str, rows: list[StreamDetail], live: int, found: _Scan, rate: Rate) -> QueueOverview:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..engine.keys import STREAM_SEPARATOR
+from ..engine.keys import STREAM_SEPARATOR, queue_of
 from ..task import DeadLetter
 
 
@@ -121,11 +121,30 @@ class QueueOverview:
     oldest_age_s: float | None
     rate: Rate
     complete: bool
+    #: Whether a live replica consumes the queue (``consumed_by``): None when that is unknown.
+    consumed: bool | None = None
 
     @property
     def trouble(self) -> tuple[int, int, float, int]:
         """Sorts trouble first: blocked streams, dead letters growing, the oldest task, dead letters."""
         return (-self.blocked, -(self.rate.failed > 0), -(self.oldest_age_s or 0.0), -self.dead)
+
+
+@dataclass(frozen=True)
+class QueueHistory:
+    """Tasks of a queue that succeeded and failed in each minute of Redis time over the last
+    hour, oldest first: the minute ``i`` starts at ``start_ms + i * 60_000``, and the last one
+    is the current minute so far."""
+
+    queue: str
+    start_ms: int
+    succeeded: list[int]
+    failed: list[int]
+
+    def minutes(self) -> list[tuple[int, int, int]]:
+        """(start ms, succeeded, failed) of each minute, oldest first."""
+        starts = (self.start_ms + i * 60_000 for i in range(len(self.succeeded)))
+        return list(zip(starts, self.succeeded, self.failed, strict=True))
 
 
 @dataclass(frozen=True)
@@ -190,3 +209,20 @@ class ScheduleView:
 def held_streams(replicas: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Stream -> the live replica (as ``backend.replicas()`` lists it) holding it now."""
     return {str(stream): r for r in replicas for stream in r.get("held", [])}
+
+
+def consumed_by(replicas: Iterable[dict[str, Any]], queue: str) -> bool | None:
+    """Whether a live replica (as ``backend.replicas()`` lists them) consumes ``queue``: True when
+    one lists it among the queues it consumes or holds a stream of it; False when every one
+    lists its queues whole and none names it (no replica at all: nobody consumes it); None,
+    unknown, when one does not say: a replica older than that field (a rolling upgrade mixes
+    versions) or one whose list was cut at the heartbeat's bound. Unknown is never "none"."""
+    unknown = False
+    for r in replicas:
+        held, listed = r.get("held"), r.get("queues")
+        if isinstance(held, list) and any(queue_of(str(s)) == queue for s in held):
+            return True
+        if isinstance(listed, list) and queue in listed:
+            return True
+        unknown = unknown or not isinstance(listed, list) or bool(r.get("queues_cut"))
+    return None if unknown else False

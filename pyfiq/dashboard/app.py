@@ -47,7 +47,7 @@ from ..engine.outcomes import describe_error
 from ..errors import ConfigurationError, PyfiqError
 from ..functions import handle
 from ..ops.render import shown_result, task_traceback
-from . import actions
+from . import actions, chart
 
 CSRF_COOKIE = "pyfiq_csrf"
 #: The CSRF cookie over HTTPS: browsers take a ``__Host-`` cookie only from this very host, over
@@ -110,7 +110,7 @@ class Dashboard:
         env.filters.update(age=format_age, when=format_when, number=format_number, rate=format_rate)
         env.filters["quote"] = lambda value: quote(str(value), safe="")
         env.filters.update(clip=clip, clip_traceback=clip_traceback)
-        env.globals["path_for"] = _path_for
+        env.globals.update(path_for=_path_for, chart=chart.figure)
         self.templates = Jinja2Templates(env=env)
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -194,6 +194,7 @@ class Dashboard:
                 "search": search,
                 "first_page": cursor == "0:0",
                 "replicas": {r["replica"]: r for r in fleet},
+                "history": self.backend.admin.history(name),
             }
 
         return await self.render(request, "queue.html", await run_in_threadpool(read))

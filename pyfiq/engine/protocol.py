@@ -323,6 +323,33 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: Queue names one heartbeat lists at most, and their characters in all: a worker that
+#: consumes more lists the first and says its list was cut, so nobody reads the record as
+#: "consumes only these" (the registry record is rewritten every heartbeat).
+BEAT_QUEUES = 256
+BEAT_QUEUE_CHARS = 4096
+
+
+def consumed_fields(queues: Sequence[str], *, registered: bool) -> dict[str, Any]:
+    """What a heartbeat says of the queues its worker consumes: ``queues`` (the first that fit
+    the bounds), ``queues_cut`` when some did not, and ``queues_registered`` when the worker
+    has no filter and so consumes every queue it has a function for (its list grows with them).
+    A record without ``queues`` (a replica older than this field) says nothing either way."""
+    listed: list[str] = []
+    chars = 0
+    for queue in queues[:BEAT_QUEUES]:
+        chars += len(queue)
+        if chars > BEAT_QUEUE_CHARS:
+            break
+        listed.append(queue)
+    fields: dict[str, Any] = {"queues": listed}
+    if len(listed) < len(queues):
+        fields["queues_cut"] = True
+    if registered:
+        fields["queues_registered"] = True
+    return fields
+
+
 @dataclass(frozen=True)
 class PollBeat:
     """What a heartbeat says about the safety poll: the replica's ``group`` (replicas consuming

@@ -35,7 +35,7 @@ from .events import (
 from .keys import queue_of
 from .lease import Flag, Lease
 from .outcomes import DeadLettered, Deferred, Prepared, describe_error, prepare
-from .protocol import Call, PollBeat, RateLimit, RenewReply, ScriptCalls
+from .protocol import Call, PollBeat, RateLimit, RenewReply, ScriptCalls, consumed_fields
 from .stream import Finished, RunTask, StreamRun
 from .unknown import UnknownTasks
 
@@ -427,8 +427,14 @@ class Scheduler:
         return max(0.0, self._next_beat - now)
 
     def identify(self, replica: str, **info: Any) -> None:
-        """Who this worker is, for the replica registry its heartbeats keep up to date."""
-        self._identity = (replica, {**info, "heartbeat_ms": int(self.registry_interval() * 1000)})
+        """Who this worker is and which pyfiq it runs (a rolling upgrade mixes versions), for
+        the replica registry its heartbeats keep up to date."""
+        from .. import __version__  # here: the package imports the engine before it is whole
+
+        self._identity = (
+            replica,
+            {**info, "version": __version__, "heartbeat_ms": int(self.registry_interval() * 1000)},
+        )
 
     def heartbeat_round(self, now: float) -> tuple[list[Lease], list[Call]]:
         """Start a round of renewals at ``now``; a round later than a whole interval is logged
@@ -457,7 +463,8 @@ class Scheduler:
         rate = (done - first_done) / (now - first_at) if now > first_at else 0.0
         running = {lease.stream: list(lease.running) for lease in leases if lease.running is not None}
         held = sorted(lease.stream for lease in leases)
-        return {"held": held, "running": running, "done": done, "tasks_per_s": round(rate, 3)}
+        consumed = consumed_fields(self.consumed_queues(), registered=self._queues is None)
+        return {"held": held, "running": running, "done": done, "tasks_per_s": round(rate, 3), **consumed}
 
     def renew_calls(self) -> tuple[list[Lease], list[Call]]:
         leases = [lease for lease in self.held_leases() if not lease.lost]

@@ -5,6 +5,7 @@ by ``pyfiq.ops.cli``, which holds the shared options and the worker."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from datetime import datetime
@@ -414,20 +415,46 @@ main.add_command(exporter)
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds after which a running head task marks its stream blocked.",
 )
+@click.option(
+    "--auth",
+    type=click.Choice(["basic", "token"]),
+    default=None,
+    help="Ask every request for credentials: basic reads user:password from $PYFIQ_DASHBOARD_BASIC_AUTH, "
+    "token a bearer token from $PYFIQ_DASHBOARD_TOKEN. Needed to listen on anything but loopback.",
+)
 def dashboard(
-    url: str, prefix: str, shards: int | None, host: str, port: int, read_only: bool, blocked_after: float
+    url: str,
+    prefix: str,
+    shards: int | None,
+    host: str,
+    port: int,
+    read_only: bool,
+    blocked_after: float,
+    auth: str | None,
 ) -> None:
     """Serve the web dashboard (pip install "pyfiq[dashboard]") at http://HOST:PORT/."""
     try:
         import uvicorn
 
         from ..dashboard import create_app
-
-        backend = _backend(url, prefix, shards)
-        app = create_app(backend, read_only=read_only, blocked_after=blocked_after)
+        from ..dashboard.auth import guard_from_env, is_loopback
     except ImportError as exc:
         raise click.ClickException(f'the dashboard needs its extra ({exc}): pip install "pyfiq[dashboard]"') from None
-    click.echo(f"pyfiq dashboard serving http://{host}:{port}/{' (read-only)' if read_only else ''}", err=True)
+    if auth is None and not is_loopback(host):
+        # Whoever reaches the port could pause queues, skip tasks and read their arguments.
+        raise click.UsageError(
+            f"refusing to listen on {show(host)} without --auth: anyone who can reach it could read the queues "
+            "and act on them. Use --auth basic (user:password in $PYFIQ_DASHBOARD_BASIC_AUTH) or --auth token "
+            "($PYFIQ_DASHBOARD_TOKEN), or listen on 127.0.0.1 behind a proxy that authenticates."
+        )
+    try:
+        guard = None if auth is None else guard_from_env(auth, os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    backend = _backend(url, prefix, shards)
+    app = create_app(backend, read_only=read_only, blocked_after=blocked_after, guard=guard)
+    said = f"{' (read-only)' if read_only else ''}{f' (--auth {auth})' if auth else ''}"
+    click.echo(f"pyfiq dashboard serving http://{host}:{port}/{said}", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

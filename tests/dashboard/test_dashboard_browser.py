@@ -37,7 +37,7 @@ def test_the_overview_lists_every_queue_with_its_numbers_trouble_first(scene: Sc
             assert tuple(cell(page, queue, c) for c in ("pending", "inflight", "dead", "streams")) == numbers, queue
         assert "paused" in cell(page, "mail", "state")
         assert "1 blocked" in cell(page, "stuck", "state")
-        assert "running" in cell(page, "billing", "state")
+        assert "no consumer" in cell(page, "billing", "state"), "no worker consumes billing"
         # 4 succeeded and 1 failed within the last minute: the rates say so, fleet-wide.
         succeeded, failed = float(cell(page, "work", "succeeded")), float(cell(page, "work", "failed"))
         assert 0 < succeeded <= 4 / 60 + 0.005 and 0 < failed <= 1 / 60 + 0.005
