@@ -1,5 +1,6 @@
 """The operator's room: actions on a deployment (pause, resume, skip a head task, requeue and
-purge dead letters) beside the reads they are decided on (``reads``, and the bounded ``pages``). Reached as
+purge dead letters; delete or dead-letter one pending task, in ``work``) beside the reads they
+are decided on (``reads``, the bounded ``pages``, a stream's tasks in ``work``). Reached as
 ``backend.admin``; the backend keeps its documented operator methods as delegations.
 
 Actions that change a stream go through the fenced scripts (``skip``, ``requeue``) as
@@ -20,19 +21,14 @@ from ..engine.ticks import validate_schedule_name
 from ..task import Entry
 from . import halts
 from .halts import HaltReport
-from .pages import Pages
-from .reads import Operated
+from .work import Work
 
 #: Dead-letter records one requeue script call looks at, at most.
 REQUEUE_STEP = 500
 
 
-class Admin(Pages):
+class Admin(Work):
     """The operator's actions and reads over the backend ``host`` (see the module)."""
-
-    def __init__(self, host: Operated) -> None:
-        super().__init__(host)
-        self.ops = host.ops
 
     def pause(self, queue: str, key: str | None = None, *, wait: float | None = None) -> HaltReport:
         """Pause a queue (every stream of it, across the fleet) or one keyed stream of it: a

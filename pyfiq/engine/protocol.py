@@ -23,6 +23,8 @@ from .scripts import (
     ACQUIRE,
     BEAT,
     DEAD_LETTER,
+    DEAD_LETTER_PENDING,
+    DELETE_PENDING,
     DUE,
     ENQUEUE,
     HALTED,
@@ -244,6 +246,18 @@ class ScriptCalls:
         """Dead-letter the head task of a stream (an operator's action), revoking its lease."""
         k = self.keys.stream(stream)
         return stream_call(SKIP, k, [stream, header, self.keys.wake(k.shard), k.shard])
+
+    def delete_pending(self, stream: str, task_id: str, place: int = -1) -> Call:
+        """Delete one pending task of ``stream`` found by its id, looking first around ``place``
+        (where the operator saw it in the pending list; -1: unknown), refusing a task a holder
+        was handed (see ``delete_pending.lua``)."""
+        return stream_call(DELETE_PENDING, self.keys.stream(stream), [stream, task_id, place, STATUS_SCAN])
+
+    def dead_letter_pending(self, stream: str, task_id: str, header: str, place: int = -1) -> Call:
+        """Move one pending task of ``stream`` to its dead letters under ``header``, as
+        ``delete_pending`` finds and refuses (see ``dead_letter_pending.lua``)."""
+        k = self.keys.stream(stream)
+        return stream_call(DEAD_LETTER_PENDING, k, [stream, task_id, place, STATUS_SCAN, header])
 
     def status(self, stream: str, task_id: str) -> Call:
         """Where one task of ``stream`` is now (read only; see ``parse_status``)."""

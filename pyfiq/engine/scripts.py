@@ -37,6 +37,8 @@ ScriptName = Literal[
     "lost",
     "status",
     "tick",
+    "delete_pending",
+    "dead_letter_pending",
 ]
 
 #: What a script's key names are looked up on (``keys.py``): a stream's ``StreamKeys``
@@ -234,6 +236,35 @@ STATUS = ScriptSpec(
     "tell where one task of a stream is now (read only)",
 )
 
+DELETE_PENDING = ScriptSpec(
+    "delete_pending",
+    ("lease", "pending", "inflight", "meta", "ready", "queues", "results", "later", "later_seq"),
+    "delete one pending task as an operator, refusing one a holder was handed",
+    changes_stream=True,
+    raises_shortfall=True,
+)
+DEAD_LETTER_PENDING = ScriptSpec(
+    "dead_letter_pending",
+    (
+        "lease",
+        "pending",
+        "inflight",
+        "meta",
+        "ready",
+        "queues",
+        "dead",
+        "dead_ids",
+        "dlq_index",
+        "counts",
+        "results",
+        "later",
+        "later_seq",
+    ),
+    "dead-letter one pending task as an operator, refusing one a holder was handed",
+    changes_stream=True,
+    raises_shortfall=True,
+)
+
 TICK = ScriptSpec(
     "tick",
     (
@@ -271,5 +302,7 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     LOST,
     STATUS,
     TICK,
+    DELETE_PENDING,
+    DEAD_LETTER_PENDING,
 )
 SPECS: dict[ScriptName, ScriptSpec] = {spec.name: spec for spec in SCRIPTS}

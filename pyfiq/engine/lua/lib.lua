@@ -456,3 +456,59 @@ local function hand_out(s, handed, want, maxd, now, out, ahead)
   end
   return handed
 end
+
+-- An operator's removal of one pending task (delete_pending, dead_letter_pending): the entries
+-- around the place the operator saw the task at are looked through first. A task moves from
+-- that place only by what holders took from the head, or put back ahead of it, since the page
+-- was read, so a window FIND_SLACK entries wide on either side nearly always holds it.
+local FIND_SLACK = 500
+
+-- The entry of task `id` in the pending list: looked for in the window around `hint` (-1:
+-- none), then from the head, at most `limit` entries, a slice at a time. Only a well-formed
+-- entry matches: a malformed one is the hand-out's to dead-letter, with its bytes. Returns
+-- the entry, or nil and whether the whole list was looked through.
+local function find_pending(pending, id, hint, limit)
+  local total = redis.call('LLEN', pending)
+  if hint >= 0 and hint < total + FIND_SLACK then
+    local from = math.max(0, hint - FIND_SLACK)
+    for _, entry in ipairs(redis.call('LRANGE', pending, from, hint + FIND_SLACK)) do
+      if task_id(entry) == id and parse_entry(entry) then return entry end
+    end
+  end
+  local from = 0
+  while from < total and from < limit do
+    local upto = math.min(from + 500, limit, total) - 1
+    for _, entry in ipairs(redis.call('LRANGE', pending, from, upto)) do
+      if task_id(entry) == id and parse_entry(entry) then return entry end
+    end
+    from = upto + 1
+  end
+  return nil, total <= limit
+end
+
+-- Where task `id` is in the in-flight list, as a refusal to remove it: { 2, 0-based place,
+-- how many leading entries the holder was handed, the lease value or '', the task the holder
+-- said it runs or '', the Redis ms it was handed out started or '' }, or nil when it is not in
+-- flight. The list holds what holders took
+-- (bounded by their prefetch), so it is read whole, as status.lua does.
+local function in_flight(s, id)
+  for i, entry in ipairs(redis.call('LRANGE', s.inflight, 0, -1)) do
+    if task_id(entry) == id then
+      local marks = redis.call('HMGET', s.meta, 'handed', 'running', 's:' .. id)
+      return { 2, i - 1, tonumber(marks[1] or '0'), redis.call('GET', s.lease) or '', marks[2] or '', marks[3] or '' }
+    end
+  end
+  return nil
+end
+
+-- A pending task was taken out by an operator: its marks go, and a stream left with nothing
+-- pending or in flight that nobody holds is forgotten (or scored at its first delayed task),
+-- as a claim of it would do. A held one is its holder's to let go: its next take finds it
+-- empty. s: { lease, pending, inflight, meta, ready, queues, later, stream }
+local function taken_out(s, id)
+  clear_marks(s.meta, id)
+  if redis.call('EXISTS', s.lease) == 1 then return end
+  if redis.call('LLEN', s.pending) + redis.call('LLEN', s.inflight) > 0 then return end
+  redis.call('DEL', s.meta)
+  rest({ ready = s.ready, queues = s.queues, queue = queue_of(s.stream) }, s.stream, s.later)
+end
