@@ -56,7 +56,7 @@ def nice_top(value: int) -> int:
     """The scale's top: the smallest of 1, 2, 5, 10, 20, 50... at or above ``value`` (at least 1)."""
     if value <= 1:
         return 1
-    power = 10 ** (len(str(value)) - 1)
+    power = int(10 ** (len(str(value)) - 1))
     return next(step * power for step in (1, 2, 5, 10) if step * power >= value)
 
 
