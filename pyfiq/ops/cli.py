@@ -170,6 +170,9 @@ def _naming_the_server(ctx: click.Context, message: str) -> str:
 DEFAULT_URL = "redis://localhost:6379/0"
 #: Where a command's ``click`` context keeps the Redis it asked (redacted), for its error line.
 _ASKED = "pyfiq.asked"
+#: A framework's command group (``flask pyfiq``) may put a backend factory here, in the context's
+#: ``meta``, with ``_backend``'s signature: ``worker`` then builds on the app's configuration.
+BACKEND_FACTORY = "pyfiq.backend_factory"
 
 redis_option = click.option(
     "--redis",
@@ -387,7 +390,8 @@ def worker(
         sys.path.insert(0, os.getcwd())
     for module in (*modules, *imports):
         importlib.import_module(module)
-    backend = _backend(
+    make_backend = click.get_current_context().meta.get(BACKEND_FACTORY, _backend)
+    backend = make_backend(
         url,
         prefix,
         shards,
