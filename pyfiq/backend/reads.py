@@ -47,6 +47,8 @@ class Operated(Protocol):
 
     def operator_call(self, call: Call) -> Any: ...
 
+    def call_many(self, calls: Sequence[Call]) -> list[Any]: ...
+
 
 # -- bounded views (the dashboard) ------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from .views import held_streams
 TASK_PAGE = 50
 #: The largest page a caller may ask for: each row is a task's whole entry.
 MAX_TASK_PAGE = 500
+#: Pending (and delayed) tasks of each stream a search across a queue looks through.
+FIND_DEPTH = 100
 #: Reason recorded with a task moved to the dead letters by ``dead_letter_task``: the reason of
 #: every operator's dead letter, so it is requeued, filtered and reported (``skipped``) as one.
 OPERATOR_REASON: Literal["operator"] = "operator"
@@ -283,44 +285,39 @@ class Work(Pages):
 
     def find_task(self, queue: str, task_id: str) -> TaskSearch:
         """Task ``task_id`` of ``queue`` when its stream key is not known: its status in the
-        unkeyed stream, else in the first stream where an index names it: the dead-letter id
-        indexes of the queue's streams with dead letters (a bounded scan), the stored results
-        and the in-flight tasks of the streams held now and of those waiting longest. A task
-        waiting in a keyed stream is found only with its key: pending lists are not searched
-        across streams, and ``searched`` says so."""
+        unkeyed stream, else in the first other stream where it is found by a bounded look: the
+        streams held now and those waiting longest (their in-flight tasks, stored results, dead
+        letters and first ``FIND_DEPTH`` pending tasks, one read-only script call each, in one
+        round trip), then the dead-letter id indexes of the queue's streams with dead letters (a
+        bounded scan). Deeper in a keyed stream it is found only with its key, and ``searched``
+        says so."""
         validate_queue_name(queue)
         check_task_id(task_id)
         own = self._status(queue, task_id)
         if own.state != "unknown":
             return TaskSearch(own, True)
-        dead = self.dead_streams_of(queue)
         held = [s for s in held_streams(self.replicas()) if queue_of(s) == queue]
         _, lowest = self._lowest([queue], OVERVIEW_STREAMS)
-        lively = list(dict.fromkeys([*held, *lowest[queue]]))
-        candidates = [s for s in dict.fromkeys([*dead.streams, *lively]) if s != queue]
+        lively = [s for s in dict.fromkeys([*held, *lowest[queue]]) if s != queue]
+        replies = self._host.call_many([self.ops.status(s, task_id, FIND_DEPTH) for s in lively])
+        for stream, reply in zip(lively, replies, strict=True):
+            if not isinstance(reply, Exception) and as_text(reply[0]) != "none":
+                return TaskSearch(parse_status(stream, task_id, reply), True)
+        dead = self.dead_streams_of(queue)
+        resting = [s for s in dead.streams if s != queue and s not in set(lively)]
         pipe = self.client.pipeline(transaction=False)
-        for stream in candidates:
-            k = self.keys.stream(stream)
-            pipe.hexists(k.dead_ids, task_id).exists(k.result(task_id))
-        for stream in lively:
-            pipe.lrange(self.keys.stream(stream).inflight, 0, -1)
+        for stream in resting:
+            pipe.hexists(self.keys.stream(stream).dead_ids, task_id)
         with self.translated():
-            replies = pipe.execute() if candidates or lively else []
-        hits = [s for i, s in enumerate(candidates) if replies[2 * i] or replies[2 * i + 1]]
-        flying = replies[2 * len(candidates) :]
-        hits += [
-            s
-            for s, entries in zip(lively, flying, strict=True)
-            if any(e[:ID_LENGTH] == task_id.encode() for e in entries)
-        ]
-        if hits:
-            return TaskSearch(self._status(hits[0], task_id), True)
+            found = [s for s, hit in zip(resting, pipe.execute() if resting else [], strict=True) if hit]
+        if found:
+            return TaskSearch(self._status(found[0], task_id), True)
         scanned = "all of them" if dead.complete else f"a bounded scan of {dead.shards_scanned} of {dead.shards} shards"
         searched = (
-            f"Not in the unkeyed stream {queue!r}, nor in the dead letters of the {len(dead.streams):,} "
-            f"stream(s) of {queue!r} with dead letters ({scanned}), nor stored or in flight in the "
-            f"{len(lively):,} stream(s) held now or waiting longest. A task waiting in a keyed stream is "
-            "found only with its stream key: give it to look there."
+            f"Not in the unkeyed stream {queue!r}, nor among the in-flight tasks, results, dead letters and "
+            f"first {FIND_DEPTH} pending tasks of the {len(lively):,} stream(s) held now or waiting longest, "
+            f"nor in the dead letters of the {len(dead.streams):,} stream(s) of {queue!r} with any ({scanned}). "
+            "Deeper in a keyed stream a task is found only with its stream key: give it to look there."
         )
         return TaskSearch(own, False, searched)
 

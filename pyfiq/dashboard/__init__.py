@@ -3,7 +3,8 @@
 ``create_app(backend)`` returns an ASGI application (Starlette, server-rendered with Jinja2) to
 serve with ``pyfiq dashboard`` or to mount inside your own FastAPI or Starlette app, behind your
 own authentication. It reads Redis through ``backend.admin`` in bounded steps and carries
-out the operators' actions (pause, resume, skip, requeue, purge) through the backend.
+out the operators' actions (pause, resume, skip, requeue, purge, and the delete or dead-letter
+of one pending task) through the backend.
 
 Starlette and Jinja2 are imported only when an app is created, so ``import pyfiq`` works
 without the extra.
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 __all__ = ["create_app"]
 
+#: ``redact(task name, args, kwargs) -> (args, kwargs)``: what the pages may show of a task's
+#: arguments (``pyfiq.dashboard.tasks.redact_secrets`` by default).
+Redactor = Callable[[str, list[Any], dict[str, Any]], tuple[Any, Any]]
+
 
 def create_app(
     backend: RedisQueueBackend,
@@ -32,6 +37,7 @@ def create_app(
     blocked_after: float = 60.0,
     refresh: float = 5.0,
     secret: str | bytes | None = None,
+    redact: Redactor | None = None,
 ) -> Starlette:
     """The dashboard of the deployment ``backend`` points at, as an ASGI app.
 
@@ -46,11 +52,19 @@ def create_app(
     each app draws a random one, so a form is accepted only by the app that served its page:
     several replicas of the dashboard behind one load balancer need the same ``secret`` (say
     ``secrets.token_hex(32)``, kept with your other secrets). Changing it only makes open pages
-    ask for a reload."""
+    ask for a reload.
+
+    ``redact(name, args, kwargs)`` returns what the pages show of a task's arguments (pending
+    tasks, dead letters) in place of the decoded ones. The default,
+    ``pyfiq.dashboard.tasks.redact_secrets``, hides the value of every mapping key whose name
+    contains password, token, secret, authorization, api_key or cookie (any case, nested too);
+    a positional argument has no name, so a secret passed positionally needs a ``redact`` of
+    your own. A ``redact`` that raises hides that task's arguments."""
     try:
         from .app import build
     except ImportError as exc:  # pragma: no cover - depends on what is installed
         raise ConfigurationError(
             f'the dashboard needs Starlette and Jinja2 ({exc}): pip install "pyfiq[dashboard]"'
         ) from exc
-    return build(backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh, secret=secret)
+    options: dict[str, Any] = {"blocked_after": blocked_after, "refresh": refresh, "secret": secret, "redact": redact}
+    return build(backend, read_only=read_only, guard=guard, **options)

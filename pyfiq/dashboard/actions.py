@@ -2,19 +2,27 @@
 (said on the confirmation page, with the counts as they are now) and carrying it out through
 the backend's own operator methods, the ones the CLI uses.
 
-Pause and resume take effect at once; skip, requeue and purge change what runs or delete
-records, so they ask first.
+Pause and resume take effect at once; skip, requeue, purge, and the delete or dead-letter of
+one pending task change what runs or delete records, so they ask first.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..backend.backend import RedisQueueBackend
+from ..backend.work import check_task_id
 from ..engine.keys import STREAM_SEPARATOR, queue_of, validate_key, validate_queue_name
+from ..task import Entry, TaskRecord
 
-NAMES = ("pause", "resume", "skip", "requeue", "purge")
+NAMES = ("pause", "resume", "skip", "requeue", "purge", "delete", "dead-letter")
+#: Actions on one pending task (``Action.task_id``), from a stream's tasks page.
+TASK_ACTIONS = ("delete", "dead-letter")
+#: Error recorded with a pending task moved to the dead letters from the dashboard.
+MOVE_REASON = "moved to the dead letters from the dashboard"
+_PLACE = re.compile(r"[0-9]{1,15}")
 #: Reason recorded with a head task skipped from the dashboard.
 SKIP_REASON = "skipped from the dashboard"
 
@@ -30,6 +38,9 @@ class Action:
     scope: str = "all"
     front: bool = False
     tasks: list[tuple[str, str]] = field(default_factory=list)
+    #: The pending task of a task action, and its place in the pending list when the page showed it.
+    task_id: str | None = None
+    place: int | None = None
 
     @property
     def confirm(self) -> bool:
@@ -53,8 +64,17 @@ def parse(name: str, form: Sequence[tuple[str, str]]) -> Action:
         # These write the name into Redis: only a name an enqueue could make (skip and
         # requeue act on streams Redis already holds, whatever their names).
         validate_key(stream.partition(STREAM_SEPARATOR)[2])
-    if name == "skip" and stream is None:
+    if name in ("skip", *TASK_ACTIONS) and stream is None:
         stream = queue
+    if name in TASK_ACTIONS:
+        place = values.get("place", "")
+        return Action(
+            name,
+            queue,
+            stream,
+            task_id=check_task_id(values.get("id", "").strip().lower()),
+            place=int(place) if _PLACE.fullmatch(place) else None,
+        )
     op = values.get("op", "all-back")
     scope, _, rest = op.partition("-")
     where, _, one = rest.partition(":")
@@ -99,6 +119,8 @@ def describe(backend: RedisQueueBackend, action: Action) -> str:
             "'operator'. Its lease is revoked, which ends its holder's retries, and the stream moves on "
             "to its next task."
         )
+    if action.task_id is not None:
+        return _describe_task(backend, action, action.task_id)
     where = "front of its stream, before the pending tasks" if action.front else "back of its stream"
     if action.name == "requeue" and action.scope != "all":
         n = len(action.tasks)
@@ -109,6 +131,30 @@ def describe(backend: RedisQueueBackend, action: Action) -> str:
     if action.name == "purge":
         return f"Delete all {spread}. This cannot be undone."
     return f"Requeue all {spread} to the {where}, in their order."
+
+
+def _describe_task(backend: RedisQueueBackend, action: Action, task_id: str) -> str:
+    status = backend.task_status(action.target, task_id)
+    name = ""
+    if action.place is not None:  # the entry where the page showed it, for its name
+        raw = backend.client.lindex(backend.keys.stream(action.target).pending, action.place)
+        entry = Entry.load(raw) if raw is not None else None
+        if entry is not None and entry.id == task_id and not entry.malformed:
+            try:
+                name = f" ({TaskRecord.decode(entry.payload, backend.settings.serializer).name})"
+            except ValueError:
+                name = " (undecodable)"
+    if action.name == "delete":
+        what = f"Delete task {task_id}{name} of {action.target}: it will never run, and no record of it is kept."
+    else:
+        what = (
+            f"Move task {task_id}{name} of {action.target} to its dead letters (reason operator): it will not "
+            "run unless it is requeued."
+        )
+    now = f" Now: {status.detail}."
+    if status.state != "pending":
+        now += " Only a pending task a worker has not been handed can be removed: this will be refused."
+    return what + " The tasks behind it keep their order." + now
 
 
 def run(backend: RedisQueueBackend, action: Action) -> str:
@@ -123,6 +169,14 @@ def run(backend: RedisQueueBackend, action: Action) -> str:
     if action.name == "skip":
         task_id = backend.skip(action.target, SKIP_REASON)
         return f"dead-lettered {task_id} as operator" if task_id else f"{action.target} held no task"
+    if action.task_id is not None:
+        key = action.target.partition(STREAM_SEPARATOR)[2] if STREAM_SEPARATOR in action.target else None
+        if action.name == "delete":
+            return backend.admin.delete_task(action.queue, action.task_id, key, place=action.place).detail
+        removal = backend.admin.dead_letter_task(
+            action.queue, action.task_id, key, reason=MOVE_REASON, place=action.place
+        )
+        return removal.detail
     if action.name == "purge":
         return f"deleted {sum(backend.purge_dead_letters(s) for s in _streams(backend, action))} dead letters"
     if action.scope == "all":

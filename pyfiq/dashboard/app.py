@@ -45,9 +45,8 @@ from ..backend.views import Rate, held_streams
 from ..engine.keys import queue_of, validate_queue_name
 from ..engine.outcomes import describe_error
 from ..errors import ConfigurationError, PyfiqError
-from ..functions import handle
-from ..ops.render import shown_result, task_traceback
-from . import actions, chart
+from ..ops.render import task_traceback
+from . import actions, chart, tasks
 
 CSRF_COOKIE = "pyfiq_csrf"
 #: The CSRF cookie over HTTPS: browsers take a ``__Host-`` cookie only from this very host, over
@@ -93,6 +92,7 @@ class Dashboard:
         blocked_after: float,
         refresh: float,
         secret: str | bytes | None = None,
+        redact: tasks.Redactor | None = None,
     ) -> None:
         if blocked_after <= 0 or refresh < 0:
             raise ConfigurationError("blocked_after must be positive and refresh at least 0")
@@ -102,6 +102,7 @@ class Dashboard:
         self.guard = guard
         self.blocked_after = blocked_after
         self.refresh = refresh
+        self.redact = redact or tasks.redact_secrets
         env = jinja2.Environment(
             loader=jinja2.PackageLoader("pyfiq.dashboard", "templates"),
             autoescape=True,
@@ -110,6 +111,7 @@ class Dashboard:
         env.filters.update(age=format_age, when=format_when, number=format_number, rate=format_rate)
         env.filters["quote"] = lambda value: quote(str(value), safe="")
         env.filters.update(clip=clip, clip_traceback=clip_traceback)
+        env.filters["arguments"] = lambda item: tasks.arguments_of(item, self.redact, backend.settings.serializer)
         env.globals.update(path_for=_path_for, chart=chart.figure)
         self.templates = Jinja2Templates(env=env)
 
@@ -226,24 +228,6 @@ class Dashboard:
 
         return await self.render(request, "dead.html", await run_in_threadpool(read))
 
-    async def task(self, request: Request) -> Response:
-        """One task of the queue by its id (``?id=``, ``&key=`` for a keyed stream): its status."""
-        name = _queue_param(request)
-        task_id = request.query_params.get("id", "").strip().lower()
-        key = request.query_params.get("key", "").strip() or None
-        try:
-            found = handle(task_id, queue=name, key=key, backend=self.backend)
-        except ConfigurationError as exc:
-            raise HTTPException(400, str(exc)) from None
-
-        def read() -> dict[str, Any]:
-            status = found.status()
-            encoded = status.encoded_result
-            result = None if encoded is None else shown_result(encoded, self.backend.settings.serializer)
-            return {"queue": name, "key": key, "status": status, "result": result}
-
-        return await self.render(request, "task.html", await run_in_threadpool(read))
-
     async def schedules(self, request: Request) -> Response:
         def read() -> dict[str, Any]:
             views = self.backend.admin.schedules()
@@ -300,9 +284,10 @@ class Dashboard:
             )
 
     def back(self, request: Request, action: actions.Action) -> str:
-        """Where an action returns to: its queue's page, or its dead letters."""
-        page = "dead" if action.name in ("requeue", "purge") else "queue"
-        return str(request.url_for(page, queue=action.queue).path)
+        """Where an action returns to: its queue's page, its dead letters, or its stream's tasks."""
+        page = "dead" if action.name in ("requeue", "purge") else "stream" if action.task_id else "queue"
+        path = str(request.url_for(page, queue=action.queue).path)
+        return path + f"?stream={quote(action.target, safe='')}" if page == "stream" else path
 
 
 #: Dead-letter reasons, for the filter.
@@ -317,10 +302,17 @@ def build(
     blocked_after: float,
     refresh: float,
     secret: str | bytes | None = None,
+    redact: tasks.Redactor | None = None,
 ) -> Starlette:
     """The Starlette app of ``create_app``."""
     d = Dashboard(
-        backend, read_only=read_only, guard=guard, blocked_after=blocked_after, refresh=refresh, secret=secret
+        backend,
+        read_only=read_only,
+        guard=guard,
+        blocked_after=blocked_after,
+        refresh=refresh,
+        secret=secret,
+        redact=redact,
     )
     routes = [
         Route("/", d.endpoint(d.overview), name="overview"),
@@ -328,7 +320,7 @@ def build(
         Route("/schedules", d.endpoint(d.schedules), name="schedules"),
         Route("/queue/{queue:path}", d.endpoint(d.queue), name="queue"),
         Route("/dead/{queue:path}", d.endpoint(d.dead), name="dead"),
-        Route("/task/{queue:path}", d.endpoint(d.task), name="task"),
+        *tasks.routes(d),
         Route("/assets/{name}", d.endpoint(d.asset), name="asset"),
     ]
     if not read_only:

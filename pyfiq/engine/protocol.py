@@ -259,9 +259,10 @@ class ScriptCalls:
         k = self.keys.stream(stream)
         return stream_call(DEAD_LETTER_PENDING, k, [stream, task_id, place, STATUS_SCAN, header])
 
-    def status(self, stream: str, task_id: str) -> Call:
-        """Where one task of ``stream`` is now (read only; see ``parse_status``)."""
-        return stream_call(STATUS, self.keys.stream(stream), [task_id, STATUS_SCAN])
+    def status(self, stream: str, task_id: str, scan: int = STATUS_SCAN) -> Call:
+        """Where one task of ``stream`` is now (read only; see ``parse_status``), looking through
+        at most ``scan`` pending and delayed tasks."""
+        return stream_call(STATUS, self.keys.stream(stream), [task_id, scan])
 
     def tick(self, advance: Advance, replica: str) -> Call:
         """One ``tick`` call of a periodic schedule (see ``ticks.plan``)."""
