@@ -16,16 +16,16 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
-import redis
 from tenacity import BaseRetrying
 
 from . import hooks
 from .backend.backend import RedisQueueBackend
+from .deferred import ENQUEUE_CHUNK, RESEND_UNSENT, Deferrer, Pending, send
 from .engine.keys import stream_name, validate_key, validate_queue_name
 from .engine.outcomes import describe_error
 from .engine.protocol import RateLimit
 from .engine.ticks import Schedule
-from .errors import BackendUnavailableError, ConfigurationError, NotConfiguredError, PartialEnqueueError
+from .errors import ConfigurationError, NotConfiguredError
 from .logs import log
 from .options import FifoOptions, OnExhausted, RetryPolicy
 from .periodic import Periodic
@@ -93,6 +93,10 @@ class Registry(Periodic):
         #: Set by ``pyfiq.testing.eager()``: the calls of this registry's functions run at once,
         #: through it (its ``run`` and ``arun``), instead of being enqueued.
         self.eager: Any = None
+        #: Installed by an integration (``pyfiq.contrib.django``: hold a call made inside a
+        #: database transaction until it commits): asked at each enqueue whether it takes the
+        #: call's tasks to send later (see ``pyfiq.deferred``).
+        self.deferrer: Deferrer | None = None
 
     def __repr__(self) -> str:
         return f"<Registry of {len(self._functions)} functions on {self.registered_queues()}>"
@@ -283,6 +287,7 @@ class FifoFunction(Generic[P, R]):
         delay: float | dt.timedelta | None = None,
         eta: dt.datetime | None = None,
         backend: RedisQueueBackend | None = None,
+        on_commit: bool = True,
     ) -> TaskHandle[R]:
         """Enqueue with per-call options: an explicit stream ``key``, a ``dedup_key`` (within
         the backend's dedup window a repeat returns the first task's handle), ``expires_in``
@@ -291,11 +296,17 @@ class FifoFunction(Generic[P, R]):
         ``delay`` (seconds or a ``timedelta``) or ``eta`` (an aware ``datetime``): the task joins
         its stream then, by Redis's clock, behind every task enqueued to the stream before that
         moment and ahead of every one enqueued after it; until then it is ``scheduled``.
-        ``expires_in`` still counts from now, so one that ends before the due time is refused."""
+        ``expires_in`` still counts from now, so one that ends before the due time is refused.
+
+        Where the registry has a ``deferrer`` (the Django integration, inside a transaction) the
+        call is checked and encoded now and sent when it says (at the commit); the handle has
+        the task's id at once. ``on_commit=False`` sends it now all the same."""
         if self.registry.eager is not None:
             options = {"dedup_key": dedup_key, "expires_in": expires_in, "delay": delay, "eta": eta}
             return self.registry.eager.run(self, args, kwargs or {}, key, **options)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
+        if on_commit and (held := self._held(backend, stream, items, dedup_key)) is not None:
+            return held
         ((task_id, new),) = backend.enqueuer.enqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
@@ -312,16 +323,29 @@ class FifoFunction(Generic[P, R]):
         delay: float | dt.timedelta | None = None,
         eta: dt.datetime | None = None,
         backend: RedisQueueBackend | None = None,
+        on_commit: bool = True,
     ) -> TaskHandle[R]:
         """``send_with_options`` on the backend's ``redis.asyncio`` client."""
         if self.registry.eager is not None:
             options = {"dedup_key": dedup_key, "expires_in": expires_in, "delay": delay, "eta": eta}
             return await self.registry.eager.arun(self, args, kwargs or {}, key, **options)  # type: ignore[no-any-return]
         backend, stream, items, dedup = self._encode(args, kwargs, key, dedup_key, expires_in, delay, eta, backend)
+        if on_commit and (held := self._held(backend, stream, items, dedup_key)) is not None:
+            return held
         ((task_id, new),) = await backend.enqueuer.aenqueue(stream, items, dedup)
         if new:
             hooks.dispatcher.on_enqueue(self.queue, 1)
         return TaskHandle(task_id, self.queue, stream, self.name, duplicate=not new, backend=backend)
+
+    def _held(
+        self, backend: RedisQueueBackend, stream: str, items: list[EncodedTask], dedup_key: str | None
+    ) -> TaskHandle[R] | None:
+        """The call's handle if the registry's deferrer took its task to send later, else None."""
+        deferrer = self.registry.deferrer
+        if deferrer is None:
+            return None
+        handle: TaskHandle[R] = TaskHandle(items[0].id, self.queue, stream, self.name, backend=backend)
+        return handle if deferrer.defer([Pending(handle, items[0], dedup_key)]) else None
 
     def handle(
         self, task_id: str, *, key: str | None = None, backend: RedisQueueBackend | None = None
@@ -389,6 +413,7 @@ class FifoFunction(Generic[P, R]):
         *,
         backend: RedisQueueBackend | None = None,
         batch_id: str | None = None,
+        on_commit: bool = True,
     ) -> list[TaskHandle[R]]:
         """Enqueue one task per positional-argument tuple, in order, in as few round trips as
         possible (one per stream and ``ENQUEUE_CHUNK`` tasks). Every call is encoded before
@@ -409,15 +434,17 @@ class FifoFunction(Generic[P, R]):
         automatic retry of a chunk whose reply was lost from storing it twice. It costs Redis
         a key per task for ``dedup_window``, so it is off by default; without it, only the
         ``unsent`` calls can be sent again without risk of running twice.
+
+        Where the registry has a ``deferrer`` (the Django integration, inside a transaction),
+        the calls are checked and encoded now and sent together when it says (at the commit),
+        with these same semantics there; ``on_commit=False`` sends them now all the same.
         """
         if self.registry.eager is not None:
             return [self.registry.eager.run(self, tuple(args), {}, None) for args in calls]
         backend = backend or self.registry.get_backend()
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
             raise ConfigurationError(f"batch_id must be a non-empty string, got {batch_id!r}")
-        by_stream: dict[str, list[int]] = {}
-        encoded: dict[str, list[EncodedTask]] = {}
-        handles: list[TaskHandle[R]] = []
+        pending: list[Pending] = []
         headers = hooks.dispatcher.enqueue_headers(self.queue)
         serializer = backend.settings.serializer
         ttl_ms = expires_in_ms(self.expires_in)
@@ -428,28 +455,18 @@ class FifoFunction(Generic[P, R]):
             stream = stream_name(self.queue, key)
             payload = encode_record(serializer, self.name, list(args), {}, key, headers)
             check_payload(self.name, payload, backend.settings.max_payload_bytes)
-            if stream not in by_stream:
-                by_stream[stream], encoded[stream] = [], []
-            by_stream[stream].append(index)
-            encoded[stream].append(EncodedTask(task_id, ttl_ms, NOW, payload))
-            handles.append(TaskHandle(task_id, self.queue, stream, self.name, backend=backend))
-        accepted: list[int] = []
-        for stream, indexes in by_stream.items():
-            items = encoded[stream]
-            for start in range(0, len(items), ENQUEUE_CHUNK):
-                chunk = indexes[start : start + ENQUEUE_CHUNK]
-                dedup = None if batch_id is None else [f"{batch_id}:{i}" for i in chunk]
-                try:
-                    reply = backend.enqueuer.enqueue(stream, items[start : start + ENQUEUE_CHUNK], dedup)
-                except (BackendUnavailableError, redis.RedisError) as exc:
-                    raise _partial(exc, handles, accepted, chunk, batch_id) from exc
-                for i, (task_id, new) in zip(chunk, reply, strict=True):
-                    if not new:
-                        handles[i] = TaskHandle(task_id, self.queue, stream, self.name, duplicate=True, backend=backend)
-                accepted.extend(chunk)
-                if stored := sum(new for _, new in reply):
-                    hooks.dispatcher.on_enqueue(self.queue, stored)
-        return handles
+            handle: TaskHandle[R] = TaskHandle(task_id, self.queue, stream, self.name, backend=backend)
+            dedup = None if batch_id is None else f"{batch_id}:{index}"
+            pending.append(Pending(handle, EncodedTask(task_id, ttl_ms, NOW, payload), dedup))
+        deferrer = self.registry.deferrer
+        if on_commit and pending and deferrer is not None and deferrer.defer(pending):
+            return [p.handle for p in pending]
+        advice = (
+            f"call enqueue_many again with the same calls and batch_id={batch_id!r} to store exactly the rest"
+            if batch_id is not None
+            else f"{RESEND_UNSENT}, or pass batch_id= to make re-sending the whole batch safe"
+        )
+        return send(pending, advice=advice)
 
 
 def _plain_arity(signature: inspect.Signature) -> int:
@@ -458,31 +475,6 @@ def _plain_arity(signature: inspect.Signature) -> int:
     if all(p.kind in plain and p.default is inspect.Parameter.empty for p in params):
         return len(params)
     return -1
-
-
-def _partial(
-    exc: Exception, handles: list[TaskHandle[Any]], accepted: list[int], failed: list[int], batch_id: str | None
-) -> PartialEnqueueError:
-    done = set(accepted) | set(failed)
-    unsent = [i for i in range(len(handles)) if i not in done]
-    advice = (
-        f"call enqueue_many again with the same calls and batch_id={batch_id!r} to store exactly the rest"
-        if batch_id is not None
-        else "re-send only the unsent calls, or pass batch_id= to make re-sending the whole batch safe"
-    )
-    return PartialEnqueueError(
-        f"enqueue_many stopped: Redis confirmed {len(accepted)} of {len(handles)} calls, "
-        f"{len(failed)} were sent without a reply (maybe stored), {len(unsent)} were not sent; "
-        f"{advice}. Cause: {exc}",
-        handles,
-        sorted(accepted),
-        sorted(failed),
-        unsent,
-    )
-
-
-#: Tasks per enqueue script call in ``enqueue_many``: keeps each call short for Redis.
-ENQUEUE_CHUNK = 500
 
 
 #: The registry of ``@pyfiq.fifo``: what a worker made without ``registry=`` runs.
