@@ -5,9 +5,11 @@
 Starts its own redis-server (no persistence) on a free port, fills one keyed queue with that
 many streams (one pending task each, plus dead letters on 100 of them and two small queues
 beside it), and for each size measures one overview (``backend.admin.overview``, what the
-dashboard's front page reads on every refresh), the first page of the queue's streams, and a
-search for one key among all of them: Redis commands run (``INFO commandstats``), the time
-Redis spent in them, round trips, and the wall time seen by the caller.
+dashboard's front page reads on every refresh), the first page of the queue's streams, a
+search for one key among all of them, and whole refreshes of the dashboard's overview and of
+the queue's page (its streams, its last hour, through the app): Redis commands run (``INFO
+commandstats``), the time Redis spent in them, round trips, the wall time seen by the caller,
+and the one command that took Redis longest (from the slow log, every command logged).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from pyfiq.task import TaskRecord, new_task_id
 from pyfiq_harness.servers import RedisProcess
 
 QUEUE = "fanout"
+#: What is measured: the admin reads alone, then whole refreshes of the dashboard's overview and
+#: of the keyed queue's page (what the page reads, through the app).
+VIEWS = ("overview", "stream_page", "search", "overview_page", "queue_page")
 
 
 class RoundTrips:
@@ -72,21 +77,64 @@ def grow(backend: RedisQueueBackend, have: int, want: int) -> None:
         backend.call_many(calls)
 
 
-def measure(backend: RedisQueueBackend, what: Callable[[], object]) -> dict[str, float]:
+def measure(backend: RedisQueueBackend, what: Callable[[], object]) -> dict[str, Any]:
     stats = redis.Redis(connection_pool=backend.client.connection_pool)
+    # Every command into the slow log, to find the one that took Redis longest (and the
+    # server's own settings back after: --redis may name a Redis that others use).
+    before = stats.config_get("slowlog-*")
+    stats.config_set("slowlog-log-slower-than", 0)
+    stats.config_set("slowlog-max-len", 100_000)
+    stats.slowlog_reset()
     stats.config_resetstat()
     with RoundTrips() as trips:
         started = time.perf_counter()
         what()
         wall = time.perf_counter() - started
     commands = stats.info("commandstats")
-    ran = {k: v for k, v in commands.items() if not k.startswith(("cmdstat_config", "cmdstat_info"))}
+    logged = [e for e in stats.slowlog_get(100_000) if not _ours(e["command"])]
+    for name, value in before.items():
+        stats.config_set(name, value)
+    worst = max(logged, key=lambda e: int(e["duration"]), default=None)
+    ran = {k: v for k, v in commands.items() if not k.startswith(("cmdstat_config", "cmdstat_info", "cmdstat_slowlog"))}
     return {
         "commands": sum(int(v["calls"]) for v in ran.values()),
         "redis_ms": round(sum(float(v["usec"]) for v in ran.values()) / 1000, 2),
         "round_trips": trips.count,
         "wall_ms": round(wall * 1000, 1),
+        "worst_us": int(worst["duration"]) if worst else 0,
+        "worst": _said(worst["command"]) if worst else "",
     }
+
+
+def _ours(command: bytes | str) -> bool:
+    return _said(command).split(" ", 1)[0].upper() in ("CONFIG", "SLOWLOG", "INFO")
+
+
+def _said(command: bytes | str) -> str:
+    """A slow-log entry's command, its arguments cut short."""
+    text = command.decode(errors="replace") if isinstance(command, bytes) else str(command)
+    return " ".join(word[:40] for word in text.split(" ")[:3])
+
+
+def dashboard_pages(backend: RedisQueueBackend) -> tuple[Callable[[], object], Callable[[], object]]:
+    """One refresh of the overview and of the keyed queue's page, as a browser's fetch asks for
+    them: every read of the page, through the dashboard app itself."""
+    from starlette.testclient import TestClient
+
+    from pyfiq.dashboard import create_app
+
+    client = TestClient(create_app(backend, refresh=0))
+    client.get("/")  # the first request sets the form cookie: not what a refresh costs
+
+    def page(path: str) -> Callable[[], object]:
+        def get() -> object:
+            response = client.get(path)
+            assert response.status_code == 200, response.text[:500]
+            return response
+
+        return get
+
+    return page("/"), page(f"/queue/{QUEUE}")
 
 
 def seed(backend: RedisQueueBackend) -> None:
@@ -116,7 +164,17 @@ def run(url: str, sizes: list[int]) -> list[dict[str, Any]]:
             backend, partial(lambda key, out: out.append(backend.admin.stream_page(QUEUE, search=key)), last, found)
         )
         assert [r.stream for r in found[0].rows][:1] == [f"{QUEUE}#{last}"], "the exact key comes first"
-        rows.append({"streams": n, "overview": overview, "stream_page": page, "search": search})
+        front, queue_page = dashboard_pages(backend)
+        rows.append(
+            {
+                "streams": n,
+                "overview": overview,
+                "stream_page": page,
+                "search": search,
+                "overview_page": measure(backend, front),
+                "queue_page": measure(backend, queue_page),
+            }
+        )
     backend.close()
     return rows
 
@@ -138,13 +196,12 @@ def main(streams: str, url: str | None, json_out: str | None) -> None:
         if server is not None:
             server.stop()
     click.echo(f"python {platform.python_version()}, redis-server {version}, redis-py {redis.__version__}")
-    click.echo("streams\tview\tcommands\tround trips\tRedis ms\twall ms")
+    click.echo("streams\tview\tcommands\tround trips\tRedis ms\twall ms\tworst call µs\tworst call")
     for row in rows:
-        for view in ("overview", "stream_page", "search"):
+        for view in VIEWS:
             m = row[view]
-            click.echo(
-                f"{row['streams']}\t{view}\t{m['commands']}\t{m['round_trips']}\t{m['redis_ms']}\t{m['wall_ms']}"
-            )
+            figures = [m["commands"], m["round_trips"], m["redis_ms"], m["wall_ms"], m["worst_us"], m["worst"]]
+            click.echo("\t".join(map(str, [row["streams"], view, *figures])))
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2))
 

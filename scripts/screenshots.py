@@ -1,4 +1,5 @@
-"""The README's screenshots of the dashboard: the overview, a queue and the dead letters.
+"""The README's screenshots of the dashboard: the overview, a queue, the dead letters, the
+replicas, a queue's last hour, and the overview on a 480 px wide screen.
 
     python scripts/screenshots.py [--out docs/img]
 
@@ -47,12 +48,19 @@ def main(out: str) -> None:
             page.goto(url + "/dead/work")
             page.locator("#dead summary").first.click()
             page.screenshot(path=str(target / "dead-letters.png"), full_page=True)
+            page.goto(url + "/replicas")
+            page.screenshot(path=str(target / "replicas.png"), full_page=True)
+            page.goto(url + "/queue/work")
+            page.locator("#history").screenshot(path=str(target / "history.png"))
+            narrow = browser.new_page(viewport={"width": 480, "height": 720}, device_scale_factor=1)
+            narrow.goto(url + "/")
+            narrow.screenshot(path=str(target / "narrow.png"), full_page=True)
             browser.close()
     finally:
         scene.stop_workers()
         scene.backend.close()
         server.stop()
-    click.echo(f"wrote overview.png, queue.png and dead-letters.png to {target}")
+    click.echo(f"wrote overview.png, queue.png, dead-letters.png, replicas.png, history.png and narrow.png to {target}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,8 @@ def test_the_chart_shows_the_hour_counted_by_real_task_runs(backend: RedisQueueB
     task = registry.fifo(queue=queue, name=f"{queue}.settle", max_retries=0)(settle)
     for n in (1, 2, -3, 4, 5, -6, 7):
         task(n)
+    quiet = TestClient(create_app(backend)).get(f"/queue/{queue}").text
+    assert f"No task of {queue} ended in the last hour." in quiet and "<svg" not in quiet
     with ThreadedWorker(backend, registry=registry):
         wait_for(lambda: backend.queue_info(queue)["dead"] == 2 and not backend.queue_info(queue)["pending"])
     page = TestClient(create_app(backend)).get(f"/queue/{queue}").text
