@@ -87,7 +87,8 @@ def _child(job: dict[str, Any], url: str, workdir: Path) -> NoReturn:
             code = int(pytest.main(["-q", "-p", "no:cacheprovider", job["test_file"]]))
         else:
             scope = {"__name__": "__main__", "__file__": str(workdir / "snippet.py")}
-            exec(compile(source, job["id"], "exec"), scope)  # running the docs is the point
+            # Padded so that a traceback names the page and shows its own lines.
+            exec(compile("\n" * job["line"] + source, job["file"], "exec"), scope)  # running the docs is the point
             code = 0
     except SystemExit as stop:
         code = 0 if stop.code in (None, 0) else 1

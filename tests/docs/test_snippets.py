@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.docs.snippets import (
+    DOCS,
     FRAGMENT,
     OUTPUT,
     Block,
@@ -53,8 +54,11 @@ DATABASES = list(range(16 - PARALLEL, 16))
 @pytest.fixture(scope="session")
 def verdicts(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     work = tmp_path_factory.mktemp("snippets")
-    jobs = [{"id": b.id, "source": b.source, "test_file": b.test_file} for b in RUNNABLE]
-    jobs += [{"id": name, "source": source, "test_file": None} for name, source in PROBES.items()]
+    jobs = [
+        {"id": b.id, "file": str(DOCS / b.page), "line": b.line, "source": b.source, "test_file": b.test_file}
+        for b in RUNNABLE
+    ]
+    jobs += [{"id": n, "file": n, "line": 0, "source": s, "test_file": None} for n, s in PROBES.items()]
     config = {
         "jobs": jobs,
         "redis": redis_server.url.rsplit("/", 1)[0],
