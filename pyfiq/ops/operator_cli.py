@@ -8,6 +8,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ import click
 
 from ..backend.backend import RedisQueueBackend
 from ..backend.views import QueueStatus
+from ..backend.work import Removal
 from ..engine.keys import STREAM_SEPARATOR, queue_of, stream_name
 from ..errors import PyfiqError
 from ..functions import handle
@@ -125,6 +127,43 @@ def task_show(
             click.echo(f"{name}: {show(value)}")
     if status.traceback:
         click.echo("traceback: (pyfiq dlq show prints it whole)")
+
+
+@task.command("delete")
+@backend_options
+@click.argument("queue")
+@click.argument("task_id")
+@click.option("--stream", "key", default=None, help="The keyed stream of QUEUE the task waits in.")
+def task_delete(url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None) -> None:
+    """Delete pending task TASK_ID of QUEUE: it never runs, the tasks behind it keep their order.
+    A task a worker was handed (running, or taken ahead) is refused, with nothing changed."""
+    backend = _backend(url, prefix, shards)
+    _removed(lambda: backend.admin.delete_task(queue, task_id, key))
+
+
+@task.command("dead-letter")
+@backend_options
+@click.argument("queue")
+@click.argument("task_id")
+@click.option("--stream", "key", default=None, help="The keyed stream of QUEUE the task waits in.")
+@click.option("--reason", default="moved to the dead letters by an operator", show_default=True)
+def task_dead_letter(
+    url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None, reason: str
+) -> None:
+    """Move pending task TASK_ID of QUEUE to its dead letters (reason operator, requeued like any
+    other); refused, as delete is, for a task a worker was handed."""
+    backend = _backend(url, prefix, shards)
+    _removed(lambda: backend.admin.dead_letter_task(queue, task_id, key, reason=reason))
+
+
+def _removed(act: Callable[[], Removal]) -> None:
+    try:
+        removal = act()
+    except PyfiqError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not removal.done:
+        raise click.ClickException(removal.detail)
+    click.echo(show(removal.detail))
 
 
 @dlq.command("requeue")

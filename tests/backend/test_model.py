@@ -7,11 +7,12 @@ score and the dead letters with their reasons. Hypothesis drives the real script
 clients, takes, renewals, releases, dead-letters, requeues, lapsed leases, injected garbage,
 a flushed script cache and calls by holders whose lease is gone, and operator actions
 interleaved with a holder that has tasks taken ahead: skips (revoking the lease), pauses and
-resumes of the stream and of its queue, halt confirmations, and front requeues paged step by
-step. After every step it compares Redis with the model and checks the guarantees directly: no
-task lost or stored twice, order kept, fenced and revoked calls refused without a trace, the
-index consistent, nothing handed out while paused, nobody else claiming a revoked lease, and
-the holder's count of handed tasks matching what it was handed.
+resumes of the stream and of its queue, halt confirmations, front requeues paged step by
+step, and deletes or dead-letters of one task by its id (refused for a task in flight). After
+every step it compares Redis with the model and checks the guarantees directly: no task lost
+(but by a delete) or stored twice, order kept, fenced and revoked calls refused without a
+trace, the index consistent, nothing handed out while paused, nobody else claiming a revoked
+lease, and the holder's count of handed tasks matching what it was handed.
 
 The default run is short; ``PYFIQ_SOAK=1`` runs many more and longer examples.
 """
@@ -358,6 +359,22 @@ class StreamModel:
         self.ready = "future"  # scored at the lease's expiry
         return 2, entry
 
+    def remove_pending(self, task: str, to_dead: bool) -> tuple[int, bytes | None]:
+        """delete_pending / dead_letter_pending: (reply code, the entry removed). A task in
+        flight, whoever holds it, is refused; only a well-formed pending entry is found."""
+        if any(tid(raw) == task for raw in self.inflight):
+            return 2, None
+        at = next((i for i, raw in enumerate(self.pending) if (p := parse(raw)) and p[0] == task), None)
+        if at is None:
+            return 0, None
+        raw = self.pending.pop(at)
+        self.clear_marks(task)
+        if to_dead:
+            self.dead_add("operator", raw, {"deliveries": 0})
+        if self.token is None and not self.pending and not self.inflight:
+            self.meta, self.ready = {}, None  # forgotten, as a claim of the empty stream would
+        return 1, raw
+
     def lost(self, raw: bytes) -> int:
         if raw not in self.inflight[: MAX_PREFETCH + 1]:
             return 0
@@ -545,6 +562,8 @@ class StreamMachine(RuleBasedStateMachine):
         self.rank: dict[str, int] = {}  # task id -> place in acceptance order
         self.requeued: set[str] = set()
         self.acked: set[str] = set()
+        #: Tasks an operator deleted from pending (they leave Redis without a record).
+        self.deleted: set[str] = set()
         self.garbage: Counter[bytes] = Counter()
         self.dedup: dict[str, str] = {}
         self.last_fence = 0
@@ -749,7 +768,7 @@ class StreamMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def operate(self, data: st.DataObject) -> None:
-        kinds = ["skip"] * 4 + ["pause-stream", "pause-queue"]
+        kinds = ["skip"] * 4 + ["pause-stream", "pause-queue"] + ["delete", "dead-letter"] * 2
         if self.m.paused:  # pauses are short: a holder's steps under one, then on
             kinds += ["resume"] * 8
         kind = data.draw(st.sampled_from(kinds), "operate")
@@ -759,6 +778,8 @@ class StreamMachine(RuleBasedStateMachine):
             self.skip(data)
         elif kind == "resume":
             self.resume(data.draw(st.sampled_from(sorted(self.m.paused)), "resume") == "queue")
+        elif kind in ("delete", "dead-letter"):
+            self.remove_pending(data, kind == "dead-letter")
         else:
             self.answer = (data.draw(HALT_ANSWERS, "answer"), data.draw(st.integers(0, 3), "acks"))
             self.pause(kind == "pause-queue")
@@ -1138,6 +1159,29 @@ class StreamMachine(RuleBasedStateMachine):
         elif code == 1 and (self.m.pending or self.m.inflight):
             assert shard in notices, "idle workers were not woken"
 
+    def remove_pending(self, data: st.DataObject, to_dead: bool) -> None:
+        """An operator deletes, or moves to the dead letters, one task by its id: pending ones,
+        and ones in flight (taken ahead by the live holder, or left for the next) that must be
+        refused with nothing changed."""
+        lists = {"inflight": self.m.inflight, "pending": self.m.pending, "unknown": []}
+        pool = [tid(raw) for raw in lists[data.draw(st.sampled_from(sorted(lists)), "where")] if parse(raw)]
+        task = data.draw(st.sampled_from(pool), "task") if pool else new_task_id()
+        place = data.draw(st.sampled_from([-1, 0, 2, 600]), "place")
+        before = self.snapshot()
+        if to_dead:
+            header = dead_letter_header("operator", replica="operator@model", deliveries=0)
+            reply = self.call(self.ops.dead_letter_pending(STREAM, task, header, place))
+        else:
+            reply = self.call(self.ops.delete_pending(STREAM, task, place))
+        code, entry = self.m.remove_pending(task, to_dead)
+        assert int(reply[0]) == code, f"removal replied {reply}, the model says {code}"
+        if code == 1:
+            assert reply[1] == entry
+            if not to_dead:
+                self.deleted.add(task)
+        else:
+            self.expect_unchanged(before)
+
     def pause(self, whole_queue: bool) -> None:
         # A queue's pause looks for leases among the streams scored from a minute ago on (a
         # held stream is scored at its lease's expiry); the model's due scores are long past,
@@ -1196,7 +1240,8 @@ class StreamMachine(RuleBasedStateMachine):
         ids = Counter(p[0] for raw in stored if (p := parse(raw)))
         assert set(ids) <= set(self.rank), "Redis holds a task nobody enqueued"
         for task in self.rank:
-            assert ids[task] == (0 if task in self.acked else 1), f"task {task} stored {ids[task]} times"
+            gone = task in self.acked or task in self.deleted
+            assert ids[task] == (0 if gone else 1), f"task {task} stored {ids[task]} times"
         # Garbage is never dropped either: it ends up as an undecodable dead letter.
         assert Counter(raw for raw in stored if parse(raw) is None) == self.garbage
         # Order: tasks still waiting are in acceptance order (a requeue re-accepts a task).

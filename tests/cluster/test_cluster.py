@@ -50,6 +50,8 @@ def test_every_script_call_touches_one_slot_and_the_shards_spread_over_every_pri
             ops.lost(lease, entry),
             ops.skip(stream, "{}"),
             ops.requeue(stream, front=False, limit=1),
+            ops.delete_pending(stream, "a" * 32),
+            ops.dead_letter_pending(stream, "a" * 32, "{}"),
             ops.due(k.shard, 1, ["billing"]),
         ]
         for call in calls:
