@@ -84,6 +84,7 @@ def test_a_queue_shows_running_while_a_live_worker_consumes_it_and_no_consumer_o
         wait_for(lambda: any(r.get("held") for r in backend.replicas()), what="a heartbeat naming it")
         (record,) = backend.replicas()
         assert record["queues"] == sorted([held, listed]) and record["queues_registered"] is True
+        assert "every queue it has a function for" in client.get("/replicas").text
         assert state(client, held) == "running" and queue_state(client, held) == "running"
         assert state(client, listed) == "paused", "listed among its queues: consumed, though paused"
         gate.set()
