@@ -1,5 +1,6 @@
 """The README's screenshots of the dashboard: the overview, a queue, the dead letters, the
-replicas, a queue's last hour, and the overview on a 480 px wide screen.
+replicas, a queue's last hour, the overview on a 480 px wide screen, a stream's tasks and a
+task found by its id.
 
     python scripts/screenshots.py [--out docs/img]
 
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pyfiq_harness.servers import RedisProcess  # noqa: E402
-from tests.dashboard.scene import build_scene, dashboard, serve  # noqa: E402
+from tests.dashboard.scene import build_scene, dashboard, enqueue, serve  # noqa: E402
 
 
 @click.command()
@@ -55,12 +57,37 @@ def main(out: str) -> None:
             narrow = browser.new_page(viewport={"width": 480, "height": 720}, device_scale_factor=1)
             narrow.goto(url + "/")
             narrow.screenshot(path=str(target / "narrow.png"), full_page=True)
+            shoot_tasks(scene.backend, page, url, target)
             browser.close()
     finally:
         scene.stop_workers()
         scene.backend.close()
         server.stop()
-    click.echo(f"wrote overview.png, queue.png, dead-letters.png, replicas.png, history.png and narrow.png to {target}")
+    click.echo(
+        "wrote overview.png, queue.png, dead-letters.png, replicas.png, history.png, narrow.png, "
+        f"stream.png and task.png to {target}"
+    )
+
+
+def shoot_tasks(backend: Any, page: Any, url: str, target: Path) -> None:
+    """A stream's tasks (its head running, arguments redacted, one opened) and a task of a keyed
+    stream found by its id alone. The tasks join the stuck queue behind its head, which never
+    ends."""
+    accounts = [("globex", "eu-1"), ("initech", "us-2"), ("umbrella", "eu-1")]
+    ids = [
+        enqueue(backend, "stuck", "scene.sync_crm", name, {"region": region, "api_token": "tok-" + name * 3})
+        for name, region in accounts
+    ]
+    enqueue(backend, "stuck", "scene.sync_crm", "hooli", {"fields": [f"custom_{i}" for i in range(30)]})
+    page.goto(url + "/stream/stuck")
+    page.locator(f'#tasks tr[data-task="{ids[-1]}"]').scroll_into_view_if_needed()
+    page.locator("#tasks details summary").last.click()
+    page.screenshot(path=str(target / "stream.png"), full_page=True)
+    found = enqueue(backend, "hooks#c-2", "app.deliver", {"event": 2})
+    page.goto(url + "/queue/hooks")
+    page.fill("#task-id", found)  # its id alone: the search finds its stream
+    page.get_by_role("button", name="Find task").click()
+    page.screenshot(path=str(target / "task.png"), full_page=True)
 
 
 if __name__ == "__main__":
