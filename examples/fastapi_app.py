@@ -1,4 +1,5 @@
-"""A FastAPI app that enqueues ordered webhook deliveries and runs an AsyncWorker in its lifespan.
+"""A FastAPI app that enqueues ordered webhook deliveries and runs an AsyncWorker in its lifespan
+(``pyfiq_lifespan``).
 
     pip install "pyfiq[examples]"      # FastAPI and uvicorn[standard]
     PYFIQ_REDIS_URL=redis://localhost:6379/0 uvicorn examples.fastapi_app:app
@@ -10,17 +11,14 @@ uvloop and httptools; on the plain asyncio loop keep-alive requests wait tens of
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-import pyfiq
-from pyfiq import AsyncWorker, RedisQueueBackend, current_task, fifo
+from pyfiq import RedisQueueBackend, current_task, fifo
+from pyfiq.contrib.asgi import pyfiq_lifespan
 
 backend = RedisQueueBackend(os.environ.get("PYFIQ_REDIS_URL", "memory://fastapi-example"))
-pyfiq.configure(backend)
 
 #: What the example's task did, in order (a real app would call the customer's endpoint).
 delivered: list[dict[str, object]] = []
@@ -32,14 +30,9 @@ async def deliver_webhook(event: dict[str, object]) -> None:
     delivered.append({**event, "task_id": task.id, "fencing_token": task.fencing_token})
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with AsyncWorker(backend, concurrency=8):
-        yield
-    await backend.aclose()
-
-
-app = FastAPI(lifespan=lifespan)
+# The worker starts with the app and stops with it (running tasks finish, leases are handed
+# over), in each process uvicorn serves the app from; the backend is the @fifo functions' now.
+app = FastAPI(lifespan=pyfiq_lifespan(backend, concurrency=8))
 
 
 class Event(BaseModel):
