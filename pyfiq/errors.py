@@ -1,4 +1,4 @@
-"""Every error pyfiq raises derives from :class:`PyfiqError`, except :class:`TimeLimitExceeded`,
+"""Every error pyfiq raises derives from `PyfiqError`, except `TimeLimitExceeded`,
 which interrupts a running task and so must not be caught by the task's ``except Exception``."""
 
 from __future__ import annotations

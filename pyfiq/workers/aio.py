@@ -491,7 +491,7 @@ async def async_worker(
     concurrency: int = 16,
     replica: str | None = None,
 ) -> AsyncWorker:
-    """Start an :class:`AsyncWorker` in the running loop and make ``backend`` the backend of its
+    """Start an [`AsyncWorker`][pyfiq.AsyncWorker] in the running loop and make ``backend`` the backend of its
     registry's functions (the default registry's unless ``registry`` is given)."""
     if backend is not None:
         (default_registry if registry is None else registry).configure(backend)

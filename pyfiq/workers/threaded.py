@@ -525,7 +525,7 @@ def threaded_worker(
     install_signal_handlers: bool = False,
     replica: str | None = None,
 ) -> ThreadedWorker:
-    """Start a :class:`ThreadedWorker` and make ``backend`` the backend of its registry's functions
+    """Start a [`ThreadedWorker`][pyfiq.ThreadedWorker] and make ``backend`` the backend of its registry's functions
     (the default registry's unless ``registry`` is given)."""
     if backend is not None:
         (default_registry if registry is None else registry).configure(backend)
