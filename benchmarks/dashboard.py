@@ -1,6 +1,6 @@
 """What one dashboard refresh costs Redis, by the number of streams.
 
-    python -m benchmarks.dashboard [--streams 1000,10000,100000] [--json out.json]
+    python -m benchmarks.dashboard [--streams 1000,10000,100000] [--tasks 100000] [--json out.json]
 
 Starts its own redis-server (no persistence) on a free port, fills one keyed queue with that
 many streams (one pending task each, plus dead letters on 100 of them and two small queues
@@ -10,6 +10,11 @@ search for one key among all of them, and whole refreshes of the dashboard's ove
 the queue's page (its streams, its last hour, through the app): Redis commands run (``INFO
 commandstats``), the time Redis spent in them, round trips, the wall time seen by the caller,
 and the one command that took Redis longest (from the slow log, every command logged).
+
+With ``--tasks N``, one stream of another prefix is filled with N pending tasks and the work
+itself is measured: a refresh of the stream's tasks page (its first and its last page, through
+the app), and the delete of a task near its tail with the place the page showed it at, then of
+one without a place (looked for from the head, as far as ``STATUS_SCAN``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import redis.client
 
 from pyfiq import RedisQueueBackend
 from pyfiq.backend.views import StreamPage
+from pyfiq.engine.status import STATUS_SCAN
 from pyfiq.task import TaskRecord, new_task_id
 from pyfiq_harness.servers import RedisProcess
 
@@ -179,11 +185,73 @@ def run(url: str, sizes: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+#: What ``--tasks`` measures.
+TASK_VIEWS = ("tasks_page", "tasks_last_page", "delete_at_place", "delete_without_place")
+
+
+def run_tasks(url: str, n: int) -> dict[str, Any]:
+    """One stream of ``n`` pending tasks: its tasks page and the removal of one task."""
+    from starlette.testclient import TestClient
+
+    from pyfiq.dashboard import create_app
+
+    backend = RedisQueueBackend(url, prefix="bench-tasks", shards=16)
+    stream, queue = "orders#acct-1", "orders"
+    ids = [new_task_id() for _ in range(n)]
+    serializer = backend.settings.serializer
+    for start in range(0, n, 10_000):
+        calls = [
+            backend.ops.enqueue(
+                stream,
+                [
+                    (
+                        ids[i],
+                        0,
+                        "0",
+                        TaskRecord("bench.ship", [i, {"password": "x", "sku": "A-1"}], {}).encode(serializer),
+                    )
+                    for i in range(first, min(n, first + 1000))
+                ],
+            )
+            for first in range(start, min(n, start + 10_000), 1000)
+        ]
+        backend.call_many(calls)
+    client = TestClient(create_app(backend, refresh=0))
+    client.get("/")  # the first request sets the form cookie: not what a refresh costs
+
+    def page(offset: int) -> Callable[[], object]:
+        def get() -> object:
+            response = client.get(f"/stream/{queue}", params={"stream": stream, "offset": offset})
+            assert response.status_code == 200 and ids[offset] in response.text, response.text[:500]
+            return response
+
+        return get
+
+    def delete(i: int, place: int | None, done: bool) -> Callable[[], object]:
+        def act() -> object:
+            removal = backend.admin.delete_task(queue, ids[i], "acct-1", place=place)
+            assert removal.done == done, removal
+            return removal
+
+        return act
+
+    row = {
+        "tasks": n,
+        "tasks_page": measure(backend, page(0)),
+        "tasks_last_page": measure(backend, page(max(0, n - 50))),
+        "delete_at_place": measure(backend, delete(n - 10, n - 10, True)),
+        "delete_without_place": measure(backend, delete(n - 20, None, n - 20 < STATUS_SCAN)),
+    }
+    backend.close()
+    return row
+
+
 @click.command()
 @click.option("--streams", default="1000,10000,100000", show_default=True, help="Stream counts, ascending.")
 @click.option("--redis", "url", default=None, help="Use this Redis instead of starting one (its data is added to).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
-def main(streams: str, url: str | None, json_out: str | None) -> None:
+@click.option("--tasks", default=0, show_default=True, help="Also measure one stream of this many pending tasks.")
+def main(streams: str, url: str | None, json_out: str | None, tasks: int) -> None:
     sizes = sorted(int(s) for s in streams.split(","))
     server = None
     if url is None:
@@ -192,16 +260,18 @@ def main(streams: str, url: str | None, json_out: str | None) -> None:
     try:
         version = redis.Redis.from_url(url).info("server")["redis_version"]
         rows = run(url, sizes)
+        if tasks:
+            rows.append(run_tasks(url, tasks))
     finally:
         if server is not None:
             server.stop()
     click.echo(f"python {platform.python_version()}, redis-server {version}, redis-py {redis.__version__}")
     click.echo("streams\tview\tcommands\tround trips\tRedis ms\twall ms\tworst call µs\tworst call")
     for row in rows:
-        for view in VIEWS:
+        for view in VIEWS if "streams" in row else TASK_VIEWS:
             m = row[view]
             figures = [m["commands"], m["round_trips"], m["redis_ms"], m["wall_ms"], m["worst_us"], m["worst"]]
-            click.echo("\t".join(map(str, [row["streams"], view, *figures])))
+            click.echo("\t".join(map(str, [row.get("streams", f"{row.get('tasks')} tasks"), view, *figures])))
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2))
 

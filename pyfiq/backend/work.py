@@ -226,9 +226,10 @@ class Work(Pages):
         """Delete task ``task_id`` from the pending list of ``queue`` (or of its stream ``key``):
         it will never run, and the tasks behind it keep their order. A task a holder was handed
         (running, taken ahead of the one it runs, or in flight awaiting the next claim) is
-        refused, with nothing changed: see ``Removal``. ``place``: where in the pending list it
-        was seen (``WaitingTask.index``), looked at first; without it, or when it moved, the
-        first ``STATUS_SCAN`` pending tasks are looked through. One script call."""
+        refused, with nothing changed: see ``Removal``. ``place``: where it was seen
+        (``WaitingTask.index``, or the place ``status()`` gives), looked around first (500
+        entries either side); without it, or when it moved further, the first ``STATUS_SCAN``
+        pending tasks are looked through. One script call."""
         stream = self._stream_of(queue, key)
         call = self.ops.delete_pending(stream, check_task_id(task_id), -1 if place is None else place)
         return self._removal(stream, task_id, "deleted", self._host.operator_call(call), place)

@@ -129,16 +129,28 @@ def task_show(
         click.echo("traceback: (pyfiq dlq show prints it whole)")
 
 
+place_option = click.option(
+    "--place",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Where the task waits (as 'task show' or the dashboard says): looked at first. Without it, "
+    "the first 10,000 pending tasks are looked through.",
+)
+
+
 @task.command("delete")
 @backend_options
 @click.argument("queue")
 @click.argument("task_id")
 @click.option("--stream", "key", default=None, help="The keyed stream of QUEUE the task waits in.")
-def task_delete(url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None) -> None:
+@place_option
+def task_delete(
+    url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None, place: int | None
+) -> None:
     """Delete pending task TASK_ID of QUEUE: it never runs, the tasks behind it keep their order.
     A task a worker was handed (running, or taken ahead) is refused, with nothing changed."""
     backend = _backend(url, prefix, shards)
-    _removed(lambda: backend.admin.delete_task(queue, task_id, key))
+    _removed(lambda: backend.admin.delete_task(queue, task_id, key, place=place))
 
 
 @task.command("dead-letter")
@@ -147,13 +159,14 @@ def task_delete(url: str, prefix: str, shards: int | None, queue: str, task_id: 
 @click.argument("task_id")
 @click.option("--stream", "key", default=None, help="The keyed stream of QUEUE the task waits in.")
 @click.option("--reason", default="moved to the dead letters by an operator", show_default=True)
+@place_option
 def task_dead_letter(
-    url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None, reason: str
+    url: str, prefix: str, shards: int | None, queue: str, task_id: str, key: str | None, reason: str, place: int | None
 ) -> None:
     """Move pending task TASK_ID of QUEUE to its dead letters (reason operator, requeued like any
     other); refused, as delete is, for a task a worker was handed."""
     backend = _backend(url, prefix, shards)
-    _removed(lambda: backend.admin.dead_letter_task(queue, task_id, key, reason=reason))
+    _removed(lambda: backend.admin.dead_letter_task(queue, task_id, key, reason=reason, place=place))
 
 
 def _removed(act: Callable[[], Removal]) -> None:

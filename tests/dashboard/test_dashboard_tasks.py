@@ -390,7 +390,7 @@ def test_the_cli_deletes_and_dead_letters_one_pending_task(backend: RedisQueueBa
     assert done.exit_code == 0 and "moved to the dead letters" in done.output
     assert backend.dead_letters(f"{q}#k")[0].header["error"] == "bad data"
     backend.call(backend.ops.acquire(f"{q}#k", 1))
-    refused = runner.invoke(main, ["task", "delete", *base, q, ids[2], "--stream", "k"])
+    refused = runner.invoke(main, ["task", "delete", *base, q, ids[2], "--stream", "k", "--place", "0"])
     assert refused.exit_code == 1 and "refused: task" in refused.output
     assert ids_of(backend, f"{q}#k", "inflight") == [ids[2]]
 

@@ -41,9 +41,8 @@ local s = { lease = lease, pending = pending, inflight = inflight, meta = meta, 
 local refused = in_flight(s, id)
 if refused then return refused end
 promote({ pending = pending, later = later, later_seq = later_seq }, now_ms())
-local entry, complete = find_pending(pending, id, tonumber(ARGV[3]), tonumber(ARGV[4]))
+local entry, complete = take_pending(pending, id, tonumber(ARGV[3]), tonumber(ARGV[4]))
 if not entry then return { 0, complete and 1 or 0 } end
-redis.call('LREM', pending, 1, entry)
 taken_out(s, id)
 -- A result() waiter reads the task's status again: it is gone, and the wait ends.
 redis.call('SPUBLISH', results .. id, 'x')

@@ -463,27 +463,32 @@ end
 -- was read, so a window FIND_SLACK entries wide on either side nearly always holds it.
 local FIND_SLACK = 500
 
--- The entry of task `id` in the pending list: looked for in the window around `hint` (-1:
--- none), then from the head, at most `limit` entries, a slice at a time. Only a well-formed
--- entry matches: a malformed one is the hand-out's to dead-letter, with its bytes. Returns
--- the entry, or nil and whether the whole list was looked through.
-local function find_pending(pending, id, hint, limit)
+-- Take task `id` out of the pending list: looked for in the window around `hint` (-1: none),
+-- then from the head, at most `limit` entries, a slice at a time. Only a well-formed entry
+-- matches: a malformed one is the hand-out's to dead-letter, with its bytes. Returns the entry
+-- removed, or nil and whether the whole list was looked through.
+local function take_pending(pending, id, hint, limit)
   local total = redis.call('LLEN', pending)
+  local found, at = nil, nil
   if hint >= 0 and hint < total + FIND_SLACK then
     local from = math.max(0, hint - FIND_SLACK)
-    for _, entry in ipairs(redis.call('LRANGE', pending, from, hint + FIND_SLACK)) do
-      if task_id(entry) == id and parse_entry(entry) then return entry end
+    for i, entry in ipairs(redis.call('LRANGE', pending, from, hint + FIND_SLACK)) do
+      if task_id(entry) == id and parse_entry(entry) then found, at = entry, from + i - 1 break end
     end
   end
   local from = 0
-  while from < total and from < limit do
+  while not found and from < total and from < limit do
     local upto = math.min(from + 500, limit, total) - 1
-    for _, entry in ipairs(redis.call('LRANGE', pending, from, upto)) do
-      if task_id(entry) == id and parse_entry(entry) then return entry end
+    for i, entry in ipairs(redis.call('LRANGE', pending, from, upto)) do
+      if task_id(entry) == id and parse_entry(entry) then found, at = entry, from + i - 1 break end
     end
     from = upto + 1
   end
-  return nil, total <= limit
+  if not found then return nil, total <= limit end
+  -- LREM compares entries from the end it starts at: from the nearer one, the entry (unique:
+  -- its id is) costs O(its distance to that end) to reach, not O(its place).
+  redis.call('LREM', pending, at < total / 2 and 1 or -1, found)
+  return found
 end
 
 -- Where task `id` is in the in-flight list, as a refusal to remove it: { 2, 0-based place,
