@@ -14,6 +14,7 @@ any fork. A serving process that should work its queues before its first request
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from django.core.signals import request_started
@@ -21,8 +22,10 @@ from django.db import close_old_connections
 from django.utils.module_loading import autodiscover_modules
 
 from ... import hooks
+from ...engine.outcomes import describe_error
 from ...errors import ConfigurationError
 from ...functions import default_registry
+from ...logs import log
 from ...task import TaskContext
 from ...workers.threaded import ThreadedWorker
 from ..embedded import EmbeddedWorker
@@ -52,7 +55,7 @@ def _close_old_connections() -> None:
     # An event loop's thread (an async task's hooks) holds no connection Django lets it use.
 
 
-_state: dict[str, Any] = {"settings": None, "embedded": None}
+_state: dict[str, Any] = {"settings": None, "embedded": None, "failed_in": None}
 _fresh = _FreshConnections()
 
 
@@ -83,14 +86,21 @@ def configure(config: Any) -> DjangoSettings:
         request_started.connect(_start_on_request, dispatch_uid="pyfiq.contrib.django.embedded")
     else:
         request_started.disconnect(dispatch_uid="pyfiq.contrib.django.embedded")
-    _state.update(settings=conf, embedded=embedded)
+    _state.update(settings=conf, embedded=embedded, failed_in=None)
     return conf
 
 
 def _start_on_request(sender: Any, **kwargs: Any) -> None:
     embedded: EmbeddedWorker | None = _state["embedded"]
-    if embedded is not None:
+    if embedded is None or _state["failed_in"] == os.getpid():
+        return
+    try:
         embedded.start()  # cheap once this process's worker runs
+    except Exception as exc:
+        # The request is not the worker's: it is served all the same. What cannot start now
+        # (Redis refusing the password) will not start at the next request either: said once.
+        _state["failed_in"] = os.getpid()
+        log.error("pyfiq.embedded_worker_failed", pid=os.getpid(), error=describe_error(exc))
 
 
 def current_settings() -> DjangoSettings:

@@ -3,7 +3,8 @@
 - ``TEST_DB``: ``sqlite:<file>`` or ``postgres:<host>:<port>:<name>:<user>``;
 - ``TEST_OTHER_DB``: a second SQLite file (database ``other``, for transactions on two databases);
 - ``TEST_REDIS``, ``TEST_PREFIX``: the suite's own redis-server and a key prefix of the test's;
-- ``TEST_PYFIQ``: JSON merged over the ``PYFIQ`` dict below (``{"EMBEDDED_WORKER": true}``...).
+- ``TEST_PYFIQ``: JSON merged over the ``PYFIQ`` dict below (``{"EMBEDDED_WORKER": true}``...);
+- ``TEST_LOG``: pyfiq's log records on stderr.
 """
 
 import json
@@ -43,3 +44,12 @@ PYFIQ = {
     "STOP_TIMEOUT": 5,
     **json.loads(os.environ.get("TEST_PYFIQ", "{}")),
 }
+
+if os.environ.get("TEST_LOG"):
+    # pyfiq's records on stderr, for a test that reads them (pyfiq itself configures no logging).
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+        "loggers": {"pyfiq": {"handlers": ["stderr"], "level": "INFO"}},
+    }
