@@ -76,7 +76,7 @@ def test_arguments_show_redacted_escaped_and_cut_short(backend: RedisQueueBacken
         refresh_token=SECRET,
     )
     hostile = put(backend, q, "<script>alert(1)</script>\x1b[2J\u202e\x85", note="a\nb")
-    big = put(backend, q, "x" * 20_000)
+    big = put(backend, q, *[f"{n:03}" + "x" * 297 for n in range(30)])
     client = TestClient(create_app(backend))
     page = client.get(f"/stream/{q}").text
     assert SECRET not in page, "a secret reached the page"
@@ -93,8 +93,9 @@ def test_arguments_show_redacted_escaped_and_cut_short(backend: RedisQueueBacken
     # A long argument opens from its first line and is cut to a bounded length, saying so.
     assert "<details" in shown[big] and "<summary>" in shown[big]
     cut = re.search(r"\(([0-9,]+) characters, showing the first ([0-9,]+)\)", shown[big])
-    assert cut is None or int(cut.group(2).replace(",", "")) <= 4000
-    assert len(shown[big]) < 6000, "the row holds a bounded part of the argument"
+    assert cut is not None and int(cut.group(1).replace(",", "")) > 9000 and cut.group(2) == "4,000"
+    assert "&#39;013x" in shown[big] and "&#39;014x" not in shown[big], "the first 4,000 characters only"
+    assert len(shown[big]) < 6000, "the row holds a bounded part of the arguments"
     # The dead letters show them the same way.
     assert backend.admin.dead_letter_task(q, hidden).done
     dead = client.get(f"/dead/{q}").text
@@ -223,6 +224,11 @@ def test_delete_and_move_keep_counts_indexes_and_the_order_of_the_rest(backend: 
     last = put(backend, stream, 9)
     assert backend.admin.delete_task(q, last, "acct-1").done
     assert backend.admin.stream_page(q).rows == [] and backend.client.exists(k.meta, k.pending) == 0
+    # Its dedup key stays for its window, as a task that ran keeps it: a repeat is a duplicate.
+    (first,) = backend.enqueue(stream, [(new_task_id(), TaskRecord("app.t", [], {}))], dedup_keys=["order-77"])
+    assert backend.admin.delete_task(q, first[0], "acct-1").done
+    again = backend.enqueue(stream, [(new_task_id(), TaskRecord("app.t", [], {}))], dedup_keys=["order-77"])
+    assert [tuple(s) for s in again] == [(first[0], False)] and ids_of(backend, stream) == []
 
 
 def test_a_task_a_running_worker_was_handed_is_refused_and_runs_once(backend: RedisQueueBackend) -> None:
