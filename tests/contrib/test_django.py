@@ -223,6 +223,12 @@ def test_eager_runs_at_the_call_and_drain_runs_what_a_commit_sent(run: Run) -> N
     assert drained["found"] is True and drained["replica"] != entry(run, "commit")["replica"]
 
 
+def test_captured_on_commit_callbacks_send_each_time_as_in_a_django_testcase(run: Run) -> None:
+    case = run.results["test_case"]
+    assert case["first"] == [case["a"]]
+    assert case["second"] == [case["a"], case["b"]], "a call after a captured commit is sent by the next"
+
+
 def test_manage_py_pyfiq_worker_runs_the_tasks_and_stops_cleanly_on_sigterm(run: Run, site: Site) -> None:
     (started,) = [json.loads(line) for line in run.worker_log if "pyfiq.worker_started" in line]
     assert started["prefix"] == site.prefix and started["queues"] == "orders", "settings.PYFIQ's defaults"

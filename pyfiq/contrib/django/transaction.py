@@ -139,8 +139,9 @@ def _open_transactions() -> list[Any]:
 
 def _join(conn: Any, tasks: Sequence[Pending]) -> bool:
     """Add ``tasks`` to the batch of the callback registered last on ``conn``, if it is this
-    deferrer's, waits for this database alone and was registered under the same savepoints
-    (Django keeps ``(savepoint ids, callback, robust)`` per callback)."""
+    deferrer's, waits for this database alone, was registered under the same savepoints
+    (Django keeps ``(savepoint ids, callback, robust)`` per callback) and has not run: one that
+    ran waits for nothing, though ``TestCase.captureOnCommitCallbacks`` leaves it listed."""
     hooks = getattr(conn, "run_on_commit", None)
     if not isinstance(hooks, list) or not hooks or not isinstance(hooks[-1], tuple) or len(hooks[-1]) != 3:
         return False

@@ -12,6 +12,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.test import TestCase
 
 import pyfiq
 from pyfiq import PartialEnqueueError, RedisQueueBackend
@@ -212,6 +213,23 @@ def testing_helpers() -> dict[str, Any]:
     return {"ran": ran, "deferrer": type(default_registry.deferrer).__name__}
 
 
+def test_case() -> dict[str, Any]:
+    """As in a Django ``TestCase``: the test's transaction never commits, and
+    ``captureOnCommitCallbacks(execute=True)`` runs the callbacks registered within it."""
+    try:
+        with transaction.atomic():
+            with TestCase.captureOnCommitCallbacks(execute=True):
+                a = held("testcase", "a")
+            first = held_ids("testcase")
+            with TestCase.captureOnCommitCallbacks(execute=True):
+                b = held("testcase", "b")
+            second = held_ids("testcase")
+            raise Boom
+    except Boom:
+        pass
+    return {"a": a.id, "b": b.id, "first": first, "second": second}
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "commit": commit,
     "rollback": rollback,
@@ -222,6 +240,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "two_databases": two_databases,
     "asynchronous": asynchronous,
     "testing_helpers": testing_helpers,
+    "test_case": test_case,
 }
 
 
