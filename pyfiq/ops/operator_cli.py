@@ -1,5 +1,6 @@
-"""The operator's commands of ``pyfiq``: dead letters (``dlq``), ``status``, ``replicas``, queue
-control (``queue pause/resume/skip``) and the ``dashboard``. Registered on the ``main`` group
+"""The operator's commands of ``pyfiq``: dead letters (``dlq``), one task (``task show``, and
+``task delete/dead-letter`` of a pending one), ``status``, ``replicas``, queue control
+(``queue pause/resume/skip``) and the ``dashboard``. Registered on the ``main`` group
 by ``pyfiq.ops.cli``, which holds the shared options and the worker."""
 
 from __future__ import annotations
