@@ -99,7 +99,8 @@ def measure(backend: RedisQueueBackend, what: Callable[[], object]) -> dict[str,
     commands = stats.info("commandstats")
     logged = [e for e in stats.slowlog_get(100_000) if not _ours(e["command"])]
     for name, value in before.items():
-        stats.config_set(name, value)
+        if name is not None and value is not None:
+            stats.config_set(name, value)
     worst = max(logged, key=lambda e: int(e["duration"]), default=None)
     ran = {k: v for k, v in commands.items() if not k.startswith(("cmdstat_config", "cmdstat_info", "cmdstat_slowlog"))}
     return {
