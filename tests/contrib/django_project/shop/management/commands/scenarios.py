@@ -4,6 +4,7 @@ module asserts on. A ``pyfiq_worker`` process the test started runs the ``orders
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,13 +38,20 @@ def commit() -> dict[str, Any]:
         order = Order.objects.create(note="commit")
         handle = record(order.id, "commit")
         inside = handle.status().state
-        time.sleep(0.5)  # a task sent at the call would run now, before the row is committed
+        time.sleep(0.3)  # a task sent at the call would run now, before the row is committed
     # The control: the same call sent at once (on_commit=False) runs before the commit.
     with transaction.atomic():
         early = Order.objects.create(note="early")
         record.send_with_options(args=(early.id, "early"), on_commit=False)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15
+        while "early" not in journal_labels() and time.monotonic() < deadline:
+            time.sleep(0.02)
     return {"id": handle.id, "order": order.id, "state_inside": inside}
+
+
+def journal_labels() -> set[str]:
+    backend = pyfiq.get_backend()
+    return {json.loads(e)["label"] for e in backend.client.lrange(f"{backend.keys.prefix}:journal", 0, -1)}
 
 
 def rollback() -> dict[str, Any]:
@@ -121,7 +129,11 @@ def autocommit() -> dict[str, Any]:
 
 def redis_down() -> dict[str, Any]:
     up = pyfiq.get_backend()
-    down = RedisQueueBackend("redis://127.0.0.1:9/0", prefix=up.keys.prefix, enqueue_timeout=0.3, enqueue_attempts=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free now, so nothing listens there
+    url = f"redis://127.0.0.1:{port}/0"
+    down = RedisQueueBackend(url, prefix=up.keys.prefix, enqueue_timeout=0.3, enqueue_attempts=2)
     pyfiq.configure(down)
     error: BaseException | None = None
     ids: list[str] = []
