@@ -35,7 +35,7 @@ Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 class PyfiqLifespan:
     """An ASGI lifespan (``FastAPI(lifespan=...)``, ``Starlette(lifespan=...)``) that runs a
-    pyfiq worker with the app; made by :func:`pyfiq_lifespan`, whose arguments it keeps.
+    pyfiq worker with the app; made by [`pyfiq_lifespan`][pyfiq.contrib.asgi.pyfiq_lifespan], whose arguments it keeps.
     ``worker`` is the worker running now (None outside the app's lifespan)."""
 
     def __init__(
@@ -87,25 +87,31 @@ class PyfiqLifespan:
             stack.push_async_callback(backend.aclose)
             state = await stack.enter_async_context(self.lifespan(app) if self.lifespan else nullcontext())
             if self.kind is not None:
-                await self._start(backend)
-                stack.push_async_callback(self._stop)
+                # Each run of the lifespan stops the worker it started: one lifespan object
+                # may serve two apps, or one app twice at once (nested test clients).
+                worker = await self._start(backend)
+                stack.push_async_callback(self._stop, worker)
             yield state
 
-    async def _start(self, backend: RedisQueueBackend) -> None:
+    async def _start(self, backend: RedisQueueBackend) -> AsyncWorker | ThreadedWorker:
         options: dict[str, Any] = {"registry": self.registry, "queues": self.queues}
         if self.concurrency is not None:
             options["concurrency"] = self.concurrency
+        worker: AsyncWorker | ThreadedWorker
         if self.kind == "async":
-            self.worker = await AsyncWorker(backend, **options).start()
+            worker = await AsyncWorker(backend, **options).start()
         else:
             # Its start checks Redis (a round trip) and its stop waits for tasks: off the loop.
-            self.worker = await asyncio.to_thread(ThreadedWorker(backend, **options).start)
+            worker = await asyncio.to_thread(ThreadedWorker(backend, **options).start)
+        self.worker = worker
+        return worker
 
-    async def _stop(self) -> None:
-        worker, self.worker = self.worker, None
+    async def _stop(self, worker: AsyncWorker | ThreadedWorker) -> None:
+        if self.worker is worker:
+            self.worker = None
         if isinstance(worker, AsyncWorker):
             await worker.stop(self.stop_timeout)
-        elif worker is not None:
+        else:
             await asyncio.to_thread(worker.stop, self.stop_timeout)
 
     def _mount(self, app: Any, backend: RedisQueueBackend) -> None:
@@ -173,13 +179,13 @@ def pyfiq_lifespan(
 
     ``backend`` becomes the backend of ``registry``'s ``@fifo`` functions at once (the default
     registry's unless given), as with ``async_worker``; without it, the registry's configured
-    backend is used. ``worker``: ``"async"`` (an :class:`~pyfiq.AsyncWorker` on the app's event
+    backend is used. ``worker``: ``"async"`` (an [`AsyncWorker`][pyfiq.AsyncWorker] on the app's event
     loop; plain functions run in its thread pool), ``"threaded"`` (a
-    :class:`~pyfiq.ThreadedWorker`, whose tasks never share the app's loop) or None (the app
+    [`ThreadedWorker`][pyfiq.ThreadedWorker], whose tasks never share the app's loop) or None (the app
     only enqueues). ``concurrency`` and ``queues`` are the worker's (default: its own). At
     shutdown the worker stops within ``stop_timeout`` seconds (running tasks finish, leases are
     handed over), then the app's own ``lifespan`` ends, then the backend's asyncio client is
-    closed. ``dashboard="/pyfiq"`` mounts :func:`pyfiq.dashboard.create_app` there at startup
+    closed. ``dashboard="/pyfiq"`` mounts [`create_app`][pyfiq.dashboard.create_app] there at startup
     (ahead of the app's routes), with ``guard``, ``read_only`` and ``dashboard_options``
     (``blocked_after``, ``refresh``, ``secret``) passed on: give ``guard`` your authentication.
     """

@@ -106,6 +106,26 @@ def test_a_threaded_worker_and_a_guarded_dashboard_mounted_once(memory: RedisQue
     assert sum(getattr(r, "app", None) is lifespan._dashboard for r in app.router.routes) == 1
 
 
+def test_each_run_of_one_lifespan_stops_the_worker_it_started(memory: RedisQueueBackend) -> None:
+    """One lifespan object serving one app twice at once (nested test clients): the second
+    startup's worker must not take the place of the first in what the first shutdown stops."""
+    registry = Registry()
+
+    @registry.fifo(queue="asgi-twice", name="asgi.unit.twice")
+    def noop() -> None: ...
+
+    lifespan = pyfiq_lifespan(memory, worker="threaded", concurrency=1, registry=registry)
+    app = FastAPI(lifespan=lifespan)
+    with TestClient(app):
+        outer = lifespan.worker
+        with TestClient(app):
+            inner = lifespan.worker
+            assert inner is not outer and outer is not None and inner is not None
+        assert not inner.healthy, "the inner shutdown stopped the inner worker"
+        assert outer.healthy, "the inner shutdown left the outer worker alone"
+    assert not outer.healthy, "the outer shutdown stopped the worker it started"
+
+
 def test_what_cannot_work_is_refused_when_made_or_at_startup(memory: RedisQueueBackend) -> None:
     with pytest.raises(ConfigurationError, match="'async', 'threaded' or None"):
         pyfiq_lifespan(memory, worker="thread")  # type: ignore[arg-type]
