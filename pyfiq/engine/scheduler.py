@@ -463,7 +463,9 @@ class Scheduler:
         rate = (done - first_done) / (now - first_at) if now > first_at else 0.0
         running = {lease.stream: list(lease.running) for lease in leases if lease.running is not None}
         held = sorted(lease.stream for lease in leases)
-        consumed = consumed_fields(self.consumed_queues(), registered=self._queues is None)
+        # A stopping worker claims nothing more, however long its running tasks still take.
+        queues = self.consumed_queues() if self.dispatching else []
+        consumed = consumed_fields(queues, registered=self._queues is None and self.dispatching)
         return {"held": held, "running": running, "done": done, "tasks_per_s": round(rate, 3), **consumed}
 
     def renew_calls(self) -> tuple[list[Lease], list[Call]]:

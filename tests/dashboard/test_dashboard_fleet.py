@@ -95,6 +95,31 @@ def test_a_queue_shows_running_while_a_live_worker_consumes_it_and_no_consumer_o
     assert [q.consumed for q in backend.admin.overview(queue=held)] == [False]
 
 
+def test_a_stopping_worker_no_longer_counts_as_consuming_the_queues_it_will_not_claim(
+    backend: RedisQueueBackend,
+) -> None:
+    """A stop that timed out leaves the worker heartbeating for its running task, however long
+    that takes; it claims nothing more, so its other queues show no consumer meanwhile."""
+    held, listed = names()
+    registry = Registry(backend)
+    gate = threading.Event()
+    hold = registry.fifo(queue=held, name=f"{held}.hold")(lambda: gate.wait(10))
+    later = registry.fifo(queue=listed, name=f"{listed}.later")(lambda: None)
+    client = TestClient(create_app(backend))
+    worker = ThreadedWorker(backend, registry=registry, queues=[held, listed], concurrency=2).start()
+    try:
+        hold()
+        wait_for(lambda: backend.queue_info(held)["inflight"] == 1, what="the held task to start")
+        assert not worker.stop(timeout=0.2), "the stop timed out: the task still runs"
+        later()
+        wait_for(lambda: state(client, listed) == "no consumer", timeout=3, what="the listed queue's badge")
+        assert state(client, held) == "running", "the stream it still holds is still worked on"
+        assert backend.queue_info(listed)["pending"] == 1
+    finally:
+        gate.set()
+        worker.stop(5)
+
+
 def _record(backend: RedisQueueBackend, replica: str, **fields: Any) -> None:
     """A registry record as a live replica writes it, with ``fields`` of the test's choosing."""
     seconds, micros = backend.client.time()
