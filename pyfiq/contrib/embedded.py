@@ -25,7 +25,7 @@ __all__ = ["EmbeddedWorker"]
 
 
 class EmbeddedWorker:
-    """One :class:`~pyfiq.ThreadedWorker` per process, made and started by ``start()``.
+    """One [`ThreadedWorker`][pyfiq.ThreadedWorker] per process, made and started by ``start()``.
 
     ``start()`` is cheap once the worker runs and safe from any thread, so a framework can call
     it from a post-fork hook, an app factory or every request alike. A worker started before a

@@ -1,10 +1,10 @@
 """Flask: ``PyfiqExtension(app)`` configures pyfiq from ``app.config`` and adds ``flask pyfiq``.
 
-``PYFIQ_URL`` (or ``PYFIQ_BACKEND``, a ready :class:`~pyfiq.RedisQueueBackend`) says where Redis
+``PYFIQ_URL`` (or ``PYFIQ_BACKEND``, a ready [`RedisQueueBackend`][pyfiq.RedisQueueBackend]) says where Redis
 is, ``PYFIQ_CLUSTER`` that the URL names a Redis Cluster node, and ``PYFIQ_<FIELD>`` sets the
-:class:`~pyfiq.Settings` field of that name (``PYFIQ_PREFIX``, ``PYFIQ_LEASE_TTL``, ...).
+[`Settings`][pyfiq.Settings] field of that name (``PYFIQ_PREFIX``, ``PYFIQ_LEASE_TTL``, ...).
 ``PYFIQ_WORKER = "embedded"`` runs a worker in every process that serves the app, started by
-the first request the process handles (or by :meth:`PyfiqExtension.start_worker` from a
+the first request the process handles (or by [`start_worker`][pyfiq.contrib.flask.PyfiqExtension.start_worker] from a
 server's post-fork hook), so never in ``flask --help``, ``flask routes`` or a pre-fork server's
 master. ``PYFIQ_QUEUES``, ``PYFIQ_CONCURRENCY`` and ``PYFIQ_STOP_TIMEOUT`` shape that worker and
 are the defaults of ``flask pyfiq worker``, which is ``pyfiq worker`` itself (the same options

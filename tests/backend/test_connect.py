@@ -1,5 +1,5 @@
 """Connecting to Redis as production runs it: TLS with a client certificate, a unix socket, a
-primary found through Sentinel, and a user with only the ACL the README documents. Each server
+primary found through Sentinel, and a user with only the ACL docs/deployment.md gives. Each server
 here is started by the test on free ports (certificates made with openssl), and the backend's
 representative behaviour set (``tests/support/smoke.py``) runs over it, on both drivers."""
 
@@ -26,7 +26,7 @@ from pyfiq_harness.topologies import Sentinels, TLSFiles
 from tests.support.helpers import unique_prefix
 from tests.support.smoke import run_smoke, smoke_settings
 
-README = Path(__file__).parents[2] / "README.md"
+DEPLOYMENT = Path(__file__).parents[2] / "docs" / "deployment.md"
 LUA = Path(__file__).parents[2] / "pyfiq" / "engine" / "lua"
 PASSWORD = "acl-pw-never-shown"
 
@@ -189,11 +189,13 @@ def test_a_missing_permission_fails_at_once_with_a_clear_error(acl_server: tuple
     assert PASSWORD not in str(caught.value)
 
 
-def test_the_acl_names_every_command_the_scripts_run_and_the_readme_shows_it() -> None:
+def test_the_acl_names_every_command_the_scripts_run_and_the_docs_show_it() -> None:
     used = {m.lower() for f in LUA.glob("*.lua") for m in re.findall(r"redis\.p?call\('([A-Za-z]+)'", f.read_text())}
-    assert used <= set(ACL_COMMANDS), f"add to ACL_COMMANDS (and the README): {sorted(used - set(ACL_COMMANDS))}"
-    readme = " ".join(README.read_text().replace("\\\n", " ").split())
-    assert acl_rules("pyfiq") in readme
+    assert used <= set(ACL_COMMANDS), (
+        f"add to ACL_COMMANDS (and docs/deployment.md): {sorted(used - set(ACL_COMMANDS))}"
+    )
+    page = " ".join(DEPLOYMENT.read_text().replace("\\\n", " ").split())
+    assert acl_rules("pyfiq") in page
 
 
 def test_messages_and_reprs_of_cluster_and_sentinel_backends_show_no_password() -> None:

@@ -1,5 +1,5 @@
 """The dashboard over HTTP without a browser: CSRF and confirmation of actions, selections kept
-in order, paging and search of streams and dead letters, the README's FastAPI example, the
+in order, paging and search of streams and dead letters, the docs' FastAPI example, the
 ``pyfiq dashboard`` command, and what a refresh reads from Redis."""
 
 from __future__ import annotations
@@ -159,15 +159,19 @@ def test_dead_letters_filter_by_reason_and_stream_and_page_on(backend: RedisQueu
     assert client.get("/dead/mixed", params={"stream": "billing#x"}).status_code == 400
 
 
-def test_the_readme_fastapi_example_guards_the_dashboard(redis_server: Any, tmp_path: Path, monkeypatch: Any) -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"\*\*Inside your app\.\*\*.*?```python\n(.*?)```", readme, flags=re.S)
+def test_the_docs_fastapi_example_guards_the_dashboard(redis_server: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """docs/operations/dashboard.md, "Inside your app": every page and action of the mount is guarded."""
+    page = (ROOT / "docs" / "operations" / "dashboard.md").read_text()
+    block = re.search(r"## Inside your app\n.*?```python\n(.*?)```", page, flags=re.S)
     assert block is not None
-    source = block.group(1).replace('"redis://localhost"', repr(redis_server.url))
-    path = tmp_path / "readme_dashboard.py"
+    # The block ends by trying itself with a test client; the app is what is tested here.
+    source = block.group(1).split("# Try it without a server:")[0]
+    source = source.replace('"redis://localhost"', repr(redis_server.url))
+    assert "create_app(backend, guard=require_operator)" in source
+    path = tmp_path / "docs_dashboard.py"
     path.write_text(source)
     monkeypatch.setenv("OPS_PASSWORD", "s3cret")
-    spec = importlib.util.spec_from_file_location("readme_dashboard", path)
+    spec = importlib.util.spec_from_file_location("docs_dashboard", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

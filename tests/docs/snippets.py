@@ -1,7 +1,7 @@
 """The code blocks of the documentation pages, as the snippet test runs them.
 
-The rule (CONTRIBUTING.md, "Documentation"): every ```python block of ``docs/**/*.md`` runs as
-written, imports included, unless the line directly above its opening fence is
+The rule (CONTRIBUTING.md, "Documentation"): every ```python block of ``docs/**/*.md`` and of
+``README.md`` runs as written, imports included, unless the line directly above its opening fence is
 ``<!-- fragment -->``. A block whose first line is a comment naming a test file
 (``# test_billing.py``) is run with pytest as that file. A ```text block with the line
 ``<!-- output -->`` directly above it is what the Python block before it prints, exactly.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
 FRAGMENT = "<!-- fragment -->"
 OUTPUT = "<!-- output -->"
 
@@ -29,7 +30,7 @@ LOCAL_REDIS = re.compile(r"\bredis://(?:localhost|127\.0\.0\.1)(?::6379)?(?:/\d+
 class Block:
     """One fenced code block of a page."""
 
-    page: str  # relative to docs/
+    page: str  # relative to the repository's root: docs/guide/tasks.md, README.md
     line: int  # 1-based line of the opening fence
     language: str
     source: str
@@ -83,11 +84,13 @@ def blocks_of(text: str, page: str) -> list[Block]:
     return found
 
 
-def page_blocks(docs: Path = DOCS) -> list[Block]:
-    """The blocks of every page under ``docs``, pages in path order."""
+def page_blocks(docs: Path = DOCS, readme: Path | None = README) -> list[Block]:
+    """The blocks of every page under ``docs`` (pages in path order), then the README's, which
+    follows the same rule."""
+    root = docs.parent
     blocks: list[Block] = []
-    for path in sorted(docs.rglob("*.md")):
-        blocks += blocks_of(path.read_text(), path.relative_to(docs).as_posix())
+    for path in [*sorted(docs.rglob("*.md")), *([readme] if readme is not None else [])]:
+        blocks += blocks_of(path.read_text(), path.relative_to(root).as_posix())
     return blocks
 
 

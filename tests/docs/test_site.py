@@ -147,3 +147,52 @@ def test_the_contributing_guide_and_changelog_are_the_repositorys_own() -> None:
     """The site includes them rather than keeping copies that drift."""
     for page, source in (("contributing.md", "CONTRIBUTING.md"), ("changelog.md", "CHANGELOG.md")):
         assert re.search(rf'--8<-- "{source}"', (DOCS / page).read_text()), page
+
+
+#: A Sphinx role (":class:`X`", ":func:", ":meth:" ...) as Markdown renders it: literal text, not a link.
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj|ref|py:\w+):(?:`|<code>)")
+
+
+def test_no_sphinx_role_shows_in_the_api_reference(site: Path) -> None:
+    """Docstrings link with mkdocstrings cross-references (or plain code); a Sphinx role would
+    show as raw text on the site."""
+    reference = sorted((site / "reference").rglob("*.html"))
+    assert len(reference) >= 5
+    found = [f"{p.relative_to(site)}: {m.group(0)}" for p in reference for m in SPHINX_ROLE.finditer(p.read_text())]
+    assert found == []
+    assert SPHINX_ROLE.search("made by :func:<code>pyfiq_lifespan</code>") is not None
+
+
+def test_the_api_reference_covers_the_framework_integrations(pages: dict[Path, _Page], site: Path) -> None:
+    import importlib
+
+    ids = set().union(*(p.ids for path, p in pages.items() if "reference" in path.relative_to(site).parts))
+    missing = []
+    for module in ("pyfiq.contrib.embedded", "pyfiq.contrib.asgi", "pyfiq.contrib.flask", "pyfiq.contrib.django"):
+        names = [module, *(f"{module}.{name}" for name in importlib.import_module(module).__all__)]
+        missing += [name for name in names if name not in ids]
+    assert missing == []
+
+
+#: A Markdown link's target: [text](target), images included.
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readmes_links_lead_to_files_and_anchors_that_exist(pages: dict[Path, _Page], site: Path) -> None:
+    """The README links into docs/ relatively (the repository host renders them, and the
+    package page gets them as absolute URLs at build time): each names a file of the
+    repository, and each #anchor of a docs page an id of that page on the site."""
+    links = MARKDOWN_LINK.findall((ROOT / "README.md").read_text())
+    local = [link for link in links if not urlsplit(link).scheme]
+    assert len(local) >= 20
+    broken = []
+    for link in local:
+        path, _, fragment = link.partition("#")
+        if not (ROOT / path).exists():
+            broken.append(f"{link} (no file)")
+        elif fragment and path.startswith("docs/") and path.endswith(".md"):
+            rel = Path(path).relative_to("docs").with_suffix("")
+            html = site / ("index.html" if rel.name == "index" else rel / "index.html")
+            if fragment not in pages[html.resolve()].ids:
+                broken.append(f"{link} (no id {fragment!r})")
+    assert broken == []

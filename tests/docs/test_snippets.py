@@ -1,4 +1,5 @@
-"""Every ```python block of the documentation runs as written, against the suite's own Redis.
+"""Every ```python block of the documentation and the README runs as written, against the
+suite's own Redis.
 
 One runner process (``snippet_runner.py``) runs all blocks once per session, a forked child per
 block, several at once; each test below reads one block's verdict. The rule a page follows is in
@@ -17,9 +18,9 @@ from typing import Any
 import pytest
 
 from tests.docs.snippets import (
-    DOCS,
     FRAGMENT,
     OUTPUT,
+    ROOT,
     Block,
     blocks_of,
     expected_outputs,
@@ -55,7 +56,7 @@ DATABASES = list(range(16 - PARALLEL, 16))
 def verdicts(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     work = tmp_path_factory.mktemp("snippets")
     jobs = [
-        {"id": b.id, "file": str(DOCS / b.page), "line": b.line, "source": b.source, "test_file": b.test_file}
+        {"id": b.id, "file": str(ROOT / b.page), "line": b.line, "source": b.source, "test_file": b.test_file}
         for b in RUNNABLE
     ]
     jobs += [{"id": n, "file": n, "line": 0, "source": s, "test_file": None} for n, s in PROBES.items()]
@@ -161,3 +162,10 @@ def test_only_the_local_redis_is_pointed_at_the_suite() -> None:
     assert for_the_suite(source, url) == f"a('{url}') b('{url}') c(\"{url}\")\n"
     untouched = "RedisQueueBackend('rediss://cache:6380/0'), 'redis://node-1:6379', 'redis://localhost:6390/0'"
     assert for_the_suite(untouched, url) == untouched
+
+
+def test_the_readme_quick_start_is_among_the_blocks_run() -> None:
+    """The README follows the pages' rule: its quick start runs, and prints what it says."""
+    readme = [b for b in RUNNABLE if b.page == "README.md"]
+    assert readme and all(b.id in EXPECTED for b in readme), [b.id for b in readme]
+    assert any("threaded_worker" in b.source and "@fifo" in b.source for b in readme)

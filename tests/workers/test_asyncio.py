@@ -159,20 +159,21 @@ def test_fastapi_example_enqueues_from_an_endpoint_and_delivers_in_order() -> No
         assert [e["seq"] for e in delivered if e["customer_id"] == customer] == list(range(5))
 
 
-def test_the_readme_asyncio_snippet_serves_and_runs_its_task(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_asyncio_page_fastapi_snippet_serves_and_runs_its_task(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """docs/guide/asyncio.md, "With FastAPI or Starlette": the app serves, and its task runs."""
     import importlib.util
     import re
     from pathlib import Path
 
     from fastapi.testclient import TestClient
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(r"### asyncio\n\n```python\n(.*?)```", readme, flags=re.S)
-    assert block is not None
-    source = block.group(1).replace('"redis://localhost"', repr(f"memory://readme-{uuid.uuid4().hex}"))
-    path = tmp_path / "readme_asyncio.py"
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "asyncio.md").read_text()
+    block = re.search(r"## With FastAPI or Starlette\n.*?```python\n(.*?)```", page, flags=re.S)
+    assert block is not None and "pyfiq_lifespan(backend" in block.group(1)
+    source = block.group(1).replace('"redis://localhost"', repr(f"memory://docs-{uuid.uuid4().hex}"))
+    path = tmp_path / "docs_asyncio.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("readme_asyncio", path)
+    spec = importlib.util.spec_from_file_location("docs_asyncio", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -97,10 +97,9 @@ def test_a_drain_where_every_task_succeeds_returns_no_failures() -> None:
     assert drain(backend, [q]) == [] and done == [0, 1, 2, 3, 4]
 
 
-def test_the_readme_testing_example_runs_under_pytest_and_catches_a_failing_task(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(r"```python\n# test_billing.py\n(.*?)```", readme, flags=re.S)
-    assert block is not None, "the README's testing example"
+def test_the_docs_testing_example_runs_under_pytest_and_catches_a_failing_task(tmp_path: Path) -> None:
+    block = re.search(r"```python\n# test_billing.py\n(.*?)```", docs_page("guide/testing.md"), flags=re.S)
+    assert block is not None, "the testing page's example"
     (tmp_path / "test_billing.py").write_text(block.group(1))
     run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_billing.py")]
     done = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -152,33 +151,32 @@ def test_a_task_that_fails_its_last_attempt_is_an_error_record_with_its_tracebac
     assert len(succeeded) == 1 and succeeded[0].levelno == logging.DEBUG and "duration=" in succeeded[0].getMessage()
 
 
-def readme_block(after: str) -> str:
-    """The first Python block of the README after the line ``after``."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(re.escape(after) + r"\n+```python\n(.*?)```", readme, flags=re.S)
-    assert block is not None, f"the README's block after {after!r}"
+def docs_page(page: str) -> str:
+    """A page of the documentation site, by its path under docs/."""
+    return (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+
+
+def docs_block(page: str, after: str) -> str:
+    """The first Python block of ``page`` after the line ``after``."""
+    block = re.search(re.escape(after) + r"\n.*?```python\n(.*?)```", docs_page(page), flags=re.S)
+    assert block is not None, f"the block of {page} after {after!r}"
     return block.group(1)
 
 
-def test_the_readme_inside_a_task_block_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its imports included: ``requests`` stands in for the HTTP call (not a dependency)."""
-    import types
-
-    posted: list[tuple[str, dict[str, str]]] = []
-    fake = types.ModuleType("requests")
-    fake.post = lambda url, json, headers: posted.append((url, headers))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "requests", fake)
-    backend = memory_backend()
-    scope: dict[str, object] = {"__name__": "readme_inside_a_task"}
-    exec(compile(readme_block("### Inside a task"), "README.md", "exec"), scope)
-    scope["deliver"]("https://example.invalid/hook", {"event": "paid"})  # type: ignore[operator]
-    drain(backend, ["webhooks"])
-    ((url, headers),) = posted
-    assert url == "https://example.invalid/hook" and len(headers["Idempotency-Key"]) == 32
-    assert int(headers["X-Fencing-Token"]) > 0
+def test_the_inside_a_task_block_hands_the_id_and_the_fencing_token_downstream() -> None:
+    """docs/guide/tasks.md, "Inside a task": the headers its task sends carry the task's id and
+    a fencing token, as the page says."""
+    source = docs_block("guide/tasks.md", "## Inside a task").replace(
+        '"redis://localhost"', repr(f"memory://docs-{uuid.uuid4().hex}")
+    )
+    assert "current_task()" in source
+    scope: dict[str, object] = {"__name__": "docs_inside_a_task"}
+    exec(compile(source, "docs/guide/tasks.md", "exec"), scope)
+    (headers,) = scope["sent"]  # type: ignore[misc]
+    assert len(headers["Idempotency-Key"]) == 32 and int(headers["X-Fencing-Token"]) > 0
 
 
-def test_the_readme_logging_set_up_for_embedded_workers_runs_as_written() -> None:
+def test_the_logging_set_up_for_embedded_workers_runs_as_written() -> None:
     import logging
 
     root = logging.getLogger()
@@ -186,14 +184,8 @@ def test_the_readme_logging_set_up_for_embedded_workers_runs_as_written() -> Non
     for h in handlers:
         root.removeHandler(h)
     try:
-        exec(
-            compile(
-                readme_block("sees their failures only once it configures logging, e.g. in two lines:"),
-                "README.md",
-                "exec",
-            ),
-            {},
-        )
+        source = docs_block("operations/logging.md", "only once it configures logging, for instance in two lines:")
+        exec(compile(source, "docs/operations/logging.md", "exec"), {})
         assert root.level == logging.INFO and root.handlers
     finally:
         for h in list(root.handlers):
