@@ -1,4 +1,4 @@
-"""The README's screenshots of the dashboard: the overview, a queue, the dead letters, the
+"""The screenshots of the dashboard in docs/operations/dashboard.md: the overview, a queue, the dead letters, the
 replicas, a queue's last hour, the overview on a 480 px wide screen, a stream's tasks and a
 task found by its id.
 

@@ -14,7 +14,7 @@ from pyfiq.ops.cli import main
 from tests.support.helpers import unique_prefix, wait_until
 
 MEGABYTE = 1_000_000
-#: The stored bounds (README, Dead letters): the message's first 4,000 characters, the traceback's last 16,000.
+#: The stored bounds (docs/guide/retries.md): the message's first 4,000 characters, the traceback's last 16,000.
 ERROR_LIMIT, TRACEBACK_LIMIT = 4_000, 16_000
 
 

@@ -16,7 +16,7 @@ import pyfiq
 from pyfiq import ConfigurationError, RedisQueueBackend, fifo
 from tests.support.helpers import unique_prefix
 
-#: The bounds the README states.
+#: The bounds docs/guide/streams.md states.
 MAX_KEY_CHARS, MAX_KEY_BYTES = 200, 512
 
 

@@ -118,7 +118,7 @@ def _rerun_cause(run: RunFacts, events: list[Event], prev: Event, rerun: Event) 
     # Usually the earlier run was interrupted (a fault on its replica, or on Redis). A re-run
     # under an *older* fence is the other way round: a holder paused or cut off after it was
     # handed the task wakes up and runs it although the new holder already has; fencing keeps
-    # it from acknowledging, not from running (README: "Fencing protects the queue, not your
+    # it from acknowledging, not from running (docs/guarantees.md: "Fencing protects the queue, not your
     # side effects").
     stale = rerun["fence"] < prev["fence"]
     culprit = rerun if stale else prev

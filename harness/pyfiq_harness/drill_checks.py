@@ -17,7 +17,7 @@ from .profiles import EXPLAINING_FAULTS, TAKEOVER_SLACK
 
 def check_skips(run: RunFacts) -> Finding:
     """An operator's skip of a stream's head while its holder runs it, tasks it took ahead
-    queued behind (README "Operator actions and work taken ahead"): the skip dead-letters the
+    queued behind (docs/guarantees.md "Operator actions and work taken ahead"): the skip dead-letters the
     task the holder runs, not one it finished; the stream moves on at once (the holder lets go
     as soon as it hears, it does not wait out its lease); and from the skip on no two runs of
     the stream overlap, but for the skipped execution, which may run on and no longer counts.
@@ -126,7 +126,7 @@ def check_pauses(run: RunFacts) -> Finding:
 
 
 def check_requeues(run: RunFacts) -> Finding:
-    """Dead letters requeued to the front of a stream while its holder runs a backlog (README
+    """Dead letters requeued to the front of a stream while its holder runs a backlog (docs/guarantees.md,
     "Operator actions and work taken ahead"): every one is moved and runs again; in their
     original (acceptance) order, as one block that no other task starts in the middle of;
     ahead of the work pending at the requeue, but for what a holder had already taken (at

@@ -480,7 +480,7 @@ class RunFacts:
     def voided(self) -> dict[tuple[int, str], float]:
         """(pid, task id) -> when an operator's skip dead-lettered the task that process was
         running: from then on that execution no longer counts (the stream moves on while it
-        runs, README "Operator actions and work taken ahead")."""
+        runs, docs/guarantees.md "Operator actions and work taken ahead")."""
         return {
             (f["pid"], f["skipped_task_id"]): float(f["t"])
             for f in self.faults

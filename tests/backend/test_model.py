@@ -62,7 +62,7 @@ LEASE_TTL = 600.0
 FAR_FUTURE_MS = 10**15 - 1  # the largest deadline the format allows (15 digits)
 SOAK = os.environ.get("PYFIQ_SOAK") == "1"
 
-# The entry format as the README states it, written independently of pyfiq.task so that the
+# The entry format pyfiq stores (docs/how-it-works.md), written independently of pyfiq.task so that the
 # scripts, pyfiq.task and this model are three views that must agree.
 _ENTRY = re.compile(rb"([0-9a-f]{32})\|([0-9]{1,15})\|([0-9]{1,15})\|")
 

@@ -1,6 +1,6 @@
 """The fencing token across Redis restarts with a wrong clock (the clock shim, pyfiq_harness/clock_shift.c).
 
-The README's claim under test: the fencing token rises as long as the shard's counter survives;
+The claim under test (docs/guarantees.md, G2): the fencing token rises as long as the shard's counter survives;
 if the counter is lost (a failover that loses writes, an empty restart) it still rises provided
 the new Redis's clock is ahead of the old tokens' time. The second half has a limit, and the
 tests pin it down: a lost counter and a clock that lags let the token go backwards.

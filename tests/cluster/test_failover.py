@@ -11,7 +11,7 @@ raise ``NotReplicatedError`` instead of returning, and no acknowledged task may 
 it they return at once; a loss is allowed only among them. (Measured here: none either, since a
 stopped process's kernel still receives the replication stream, which it applies on resuming.)
 
-Each test prints its figures (``pytest -s``); the README quotes them. One cluster and one
+Each test prints its figures (``pytest -s``); docs/verification.md quotes them. One cluster and one
 Sentinel case run by default; the other combinations need PYFIQ_SOAK=1.
 """
 

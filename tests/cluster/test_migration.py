@@ -14,7 +14,7 @@ TRYAGAIN past the point where redis-py gives up (``ClusterError: TTL exhausted.`
 retrying until the move ends.
 
 Every test puts the cluster back as it found it (the slot moved back, the roles swapped back),
-since all the cluster tests share one. Each prints its figures (``pytest -s``); the README
+since all the cluster tests share one. Each prints its figures (``pytest -s``); docs/verification.md
 quotes them.
 """
 
