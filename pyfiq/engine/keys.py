@@ -28,6 +28,8 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:q:<stream>:dedup:<key>  string: id of the task accepted under <key>
     {prefix}:{s<N>}:q:<stream>:res:<id>     string: the stored result of task <id> (with a TTL);
                                        also the sharded channel announcing that task's end
+    {prefix}:{s<N>}:q:<stream>:res:<id>#deleted  string: an operator deleted pending task <id>
+                                       (kept a day, so a status read says so at any depth)
 
     {prefix}:{s<N>}:sched:<name>       hash: a periodic schedule whose tasks go to a stream of
                                        this shard (see tick.lua): its last tick, rule, version

@@ -62,6 +62,8 @@ def parse_status(stream: str, task_id: str, reply: Any) -> TaskStatus:
             detail += f", after {deliveries} earlier delivery(ies)"
         return TaskStatus(task_id, stream, "pending", detail, place=place, deliveries=deliveries or None)
     complete = int(reply[1]) == 1
+    if len(reply) > 2 and _text(reply[2]) == "deleted":
+        return TaskStatus(task_id, stream, "unknown", "deleted by an operator while it was pending", searched_all=True)
     detail = (
         "not in the stream: it finished (pyfiq keeps a record of a task that succeeded only for a "
         f"store_result function, until result_ttl) or was never enqueued on {stream!r}"

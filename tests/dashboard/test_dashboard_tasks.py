@@ -18,9 +18,10 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
-from pyfiq import RedisQueueBackend, ThreadedWorker
+from pyfiq import RedisQueueBackend, ResultUnavailable, TaskHandle, ThreadedWorker
 from pyfiq.dashboard import create_app
 from pyfiq.dashboard.app import CSRF_COOKIE
+from pyfiq.engine.status import STATUS_SCAN
 from pyfiq.functions import Registry
 from pyfiq.ops.cli import main
 from pyfiq.task import TaskRecord, new_task_id
@@ -229,6 +230,26 @@ def test_delete_and_move_keep_counts_indexes_and_the_order_of_the_rest(backend: 
     assert backend.admin.delete_task(q, first[0], "acct-1").done
     again = backend.enqueue(stream, [(new_task_id(), TaskRecord("app.t", [], {}))], dedup_keys=["order-77"])
     assert [tuple(s) for s in again] == [(first[0], False)] and ids_of(backend, stream) == []
+
+
+def test_a_deleted_tasks_status_and_result_say_so_however_deep_it_was(backend: RedisQueueBackend) -> None:
+    """A status read looks through the first STATUS_SCAN pending tasks only; a task deleted
+    from deeper than that must still read as ended, or its result() would wait forever."""
+    q = qname()
+    stream = f"{q}#deep"
+    tasks = [(new_task_id(), TaskRecord(f"{q}.t", [n], {})) for n in range(STATUS_SCAN + 5)]
+    for at in range(0, len(tasks), 500):
+        backend.enqueue(stream, tasks[at : at + 500])
+    deep = tasks[-1][0]
+    assert backend.task_status(stream, deep).searched_all is False, "deeper than a status read looks"
+    assert backend.admin.delete_task(q, deep, "deep", place=len(tasks) - 1).done
+    status = backend.task_status(stream, deep)
+    assert status.state == "unknown" and status.searched_all and "deleted by an operator" in status.detail
+    started = time.monotonic()
+    with pytest.raises(ResultUnavailable, match="deleted by an operator"):
+        TaskHandle(deep, q, stream, f"{q}.t", backend=backend).result(timeout=10)
+    assert time.monotonic() - started < 5, "the wait ended at once"
+    assert backend.task_status(stream, tasks[-2][0]).searched_all is False, "the others are still there"
 
 
 def test_a_task_a_running_worker_was_handed_is_refused_and_runs_once(backend: RedisQueueBackend) -> None:

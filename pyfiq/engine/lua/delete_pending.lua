@@ -44,6 +44,8 @@ promote({ pending = pending, later = later, later_seq = later_seq }, now_ms())
 local entry, complete = take_pending(pending, id, tonumber(ARGV[3]), tonumber(ARGV[4]))
 if not entry then return { 0, complete and 1 or 0 } end
 taken_out(s, id)
--- A result() waiter reads the task's status again: it is gone, and the wait ends.
+-- A status read finds the task nowhere, at any depth of the stream, and says it was deleted;
+-- a result() waiter reads it again now and its wait ends.
+redis.call('SET', results .. id .. '#deleted', '1', 'PX', 86400000)
 redis.call('SPUBLISH', results .. id, 'x')
 return { 1, entry }

@@ -28,6 +28,7 @@
                                        in flight included
     { 'scheduled', due ms, now }       delayed: it joins the stream at its due time (Redis ms);
                                        once due it is 'pending', behind the stream's tasks
+    { 'none', 1, 'deleted' }           an operator deleted it while it was pending (a day ago at most)
     { 'none', complete }               not found: complete = 1 when the whole pending list and
                                        every delayed task were looked through, 0 when either is
                                        longer than ARGV[2]
@@ -52,6 +53,7 @@ if seq then
 end
 local value = redis.call('GET', results .. id)
 if value then return { 'result', value } end
+if redis.call('EXISTS', results .. id .. '#deleted') == 1 then return { 'none', 1, 'deleted' } end
 local flying = redis.call('LRANGE', inflight, 0, -1)
 for i, entry in ipairs(flying) do
   if task_id(entry) == id then
