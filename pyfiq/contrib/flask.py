@@ -67,22 +67,9 @@ class PyfiqState:
 
     def worker_defaults(self) -> dict[str, Any]:
         """The app's configuration as defaults of ``pyfiq worker``'s options."""
-        s = self.backend.settings
-        return {
-            "url": str(self.backend.url),
-            "prefix": s.prefix,
-            "shards": s.shards,
-            "lease_ttl": s.lease_ttl,
-            "poll_interval": s.poll_interval,
-            "max_deliveries": s.max_deliveries,
-            "ack_mode": s.ack_mode,
-            "prefetch": s.prefetch,
-            "min_replicas": s.min_replicas,
-            "replica_timeout": s.replica_timeout,
-            "queues": ",".join(self.queues) if self.queues else None,
-            "concurrency": self.concurrency,
-            "stop_timeout": self.stop_timeout,
-        }
+        return cli.worker_defaults(
+            str(self.backend.url), self.backend.settings, self.queues, self.concurrency, self.stop_timeout
+        )
 
     def worker_backend(self, url: str, prefix: str, shards: int | None, **tuning: Any) -> RedisQueueBackend:
         """The backend of ``flask pyfiq worker``: the app's, with what its options changed.

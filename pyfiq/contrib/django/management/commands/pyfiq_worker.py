@@ -24,22 +24,7 @@ DJANGO_OPTIONS = ("--settings", "--pythonpath")
 
 def worker_defaults(conf: DjangoSettings) -> dict[str, Any]:
     """The settings as defaults of ``pyfiq worker``'s options."""
-    s = conf.settings
-    return {
-        "url": str(conf.url),
-        "prefix": s.prefix,
-        "shards": s.shards,
-        "lease_ttl": s.lease_ttl,
-        "poll_interval": s.poll_interval,
-        "max_deliveries": s.max_deliveries,
-        "ack_mode": s.ack_mode,
-        "prefetch": s.prefetch,
-        "min_replicas": s.min_replicas,
-        "replica_timeout": s.replica_timeout,
-        "queues": ",".join(conf.queues) if conf.queues else None,
-        "concurrency": conf.concurrency,
-        "stop_timeout": conf.stop_timeout,
-    }
+    return cli.worker_defaults(str(conf.url), conf.settings, conf.queues, conf.concurrency, conf.stop_timeout)
 
 
 def _builder(conf: DjangoSettings) -> Any:
