@@ -419,7 +419,7 @@ class ThreadedWorker(WorkerBase):
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
                     if step.send is not None:
-                        sent.append(sender.submit(self.backend.call, step.send))
+                        sent.append(_send(sender, sent, self.backend.call, step.send))
                     outcome = self._execute(lease, step)
                     while sent and sent[0].done():
                         run.collect(_settled(sent.popleft()))
@@ -498,6 +498,29 @@ class ThreadedWorker(WorkerBase):
                 self._spawn(loop.run_forever, "pyfiq-loop")
                 self._loop = loop
             return self._loop
+
+
+def _send(
+    sender: concurrent.futures.ThreadPoolExecutor,
+    sent: deque[concurrent.futures.Future[Any]],
+    call: Callable[[Any], Any],
+    what: Any,
+) -> concurrent.futures.Future[Any]:
+    """``call(what)`` on the sender thread, or here once the interpreter exits: thread pools
+    take no new work then, and a worker stopped by an ``atexit`` function must still send the
+    acknowledgements of the tasks it finished (else they run again elsewhere). Here it goes
+    after the sends under way, so sends stay in order and never beside each other."""
+    try:
+        return sender.submit(call, what)
+    except RuntimeError:
+        for earlier in sent:
+            concurrent.futures.wait([earlier])
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(call(what))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 def _settled(future: concurrent.futures.Future[Any]) -> Any:

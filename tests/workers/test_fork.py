@@ -5,9 +5,12 @@ worker of its own, and nothing a child does may act for the worker its parent st
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -151,3 +154,44 @@ def test_an_embedded_worker_starts_anew_in_each_forked_child(
     finally:
         assert embedded.stop()
     assert embedded.worker is None
+
+
+STOPPED_AT_EXIT = """
+import atexit, logging, sys, time
+from pyfiq import RedisQueueBackend, Registry, ThreadedWorker
+
+logging.basicConfig(level=logging.INFO)
+backend = RedisQueueBackend(sys.argv[1], prefix=sys.argv[2], lease_ttl=6, shards=4)
+registry = Registry()
+registry.configure(backend)
+step = registry.fifo(queue="q", name="exiting.step", key=lambda s, i: s)(lambda s, i: time.sleep(0.001))
+for s in "abc":
+    step.enqueue_many([(s, i) for i in range(2000)])
+worker = ThreadedWorker(backend, registry=registry, concurrency=3).start()
+time.sleep(0.3)
+atexit.register(worker.stop, 5)  # the application's own: runs once thread pools are closed
+sys.exit(0)
+"""
+
+
+def test_a_worker_stopped_by_an_atexit_function_still_sends_its_acknowledgements(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """At interpreter exit thread pools take no new work: a stop from an ``atexit`` function
+    must still acknowledge what its tasks finished, or they would run again elsewhere."""
+    script, prefix = tmp_path / "stopped_at_exit.py", unique_prefix()
+    script.write_text(STOPPED_AT_EXIT)
+    done = subprocess.run(
+        [sys.executable, str(script), redis_server.url, prefix], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stream_failed" not in done.stderr, done.stderr[-2000:]
+    assert "pyfiq.worker_stopped" in done.stderr and "clean=True" in done.stderr, done.stderr[-2000:]
+    backend = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    try:
+        for s in "abc":
+            status = backend.admin.stream_status(f"q#{s}")
+            assert status.holder is None, "the lease was handed over"
+            assert backend.queue_info(f"q#{s}")["inflight"] == 0, "every finished task was acknowledged"
+    finally:
+        backend.close()
