@@ -29,6 +29,7 @@ from ..errors import ConfigurationError
 from ..functions import Registry, default_registry
 from ..ops import cli
 from ..workers.threaded import ThreadedWorker
+from .commands import worker_defaults as shared_defaults
 from .embedded import EmbeddedWorker
 
 __all__ = ["PyfiqExtension", "PyfiqState", "read_config"]
@@ -67,7 +68,7 @@ class PyfiqState:
 
     def worker_defaults(self) -> dict[str, Any]:
         """The app's configuration as defaults of ``pyfiq worker``'s options."""
-        return cli.worker_defaults(
+        return shared_defaults(
             str(self.backend.url), self.backend.settings, self.queues, self.concurrency, self.stop_timeout
         )
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import MutableMapping, Sequence
+from collections.abc import MutableMapping
 from typing import Any
 
 import click
@@ -173,28 +173,6 @@ _ASKED = "pyfiq.asked"
 #: A framework's command group (``flask pyfiq``) may put a backend factory here, in the context's
 #: ``meta``, with ``_backend``'s signature: ``worker`` then builds on the app's configuration.
 BACKEND_FACTORY = "pyfiq.backend_factory"
-
-
-def worker_defaults(
-    url: str, settings: Settings, queues: Sequence[str] | None, concurrency: int, stop_timeout: float
-) -> dict[str, Any]:
-    """A framework's configuration as the defaults of ``worker``'s options (its ``default_map``),
-    so ``flask pyfiq worker`` and ``manage.py pyfiq_worker`` run what the app configured."""
-    return {
-        "url": url,
-        "prefix": settings.prefix,
-        "shards": settings.shards,
-        "lease_ttl": settings.lease_ttl,
-        "poll_interval": settings.poll_interval,
-        "max_deliveries": settings.max_deliveries,
-        "ack_mode": settings.ack_mode,
-        "prefetch": settings.prefetch,
-        "min_replicas": settings.min_replicas,
-        "replica_timeout": settings.replica_timeout,
-        "queues": ",".join(queues) if queues else None,
-        "concurrency": concurrency,
-        "stop_timeout": stop_timeout,
-    }
 
 
 redis_option = click.option(

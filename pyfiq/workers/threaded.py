@@ -31,6 +31,7 @@ from ..task import TaskContext, reset_current, set_current
 from .base import WorkerBase
 from .limits import await_with_limits, call_with_limits
 from .reports import lease_ended, lease_started, report, report_kept
+from .sends import send_in_order, settled
 
 
 def run_task_sync(
@@ -419,13 +420,13 @@ class ThreadedWorker(WorkerBase):
             while not isinstance(step, Finished):
                 if isinstance(step, RunTask):
                     if step.send is not None:
-                        sent.append(_send(sender, sent, self.backend.call, step.send))
+                        sent.append(send_in_order(sender, sent, self.backend.call, step.send))
                     outcome = self._execute(lease, step)
                     while sent and sent[0].done():
-                        run.collect(_settled(sent.popleft()))
+                        run.collect(settled(sent.popleft()))
                     step = run.feed(outcome)
                 elif isinstance(step, Await):
-                    step = run.feed(_settled(sent.popleft()))
+                    step = run.feed(settled(sent.popleft()))
                 elif isinstance(step, Pause):
                     lease.abort.wait(step.seconds)  # type: ignore[attr-defined]
                     step = run.feed(None)
@@ -498,37 +499,6 @@ class ThreadedWorker(WorkerBase):
                 self._spawn(loop.run_forever, "pyfiq-loop")
                 self._loop = loop
             return self._loop
-
-
-def _send(
-    sender: concurrent.futures.ThreadPoolExecutor,
-    sent: deque[concurrent.futures.Future[Any]],
-    call: Callable[[Any], Any],
-    what: Any,
-) -> concurrent.futures.Future[Any]:
-    """``call(what)`` on the sender thread, or here once the interpreter exits: thread pools
-    take no new work then, and a worker stopped by an ``atexit`` function must still send the
-    acknowledgements of the tasks it finished (else they run again elsewhere). Here it goes
-    after the sends under way, so sends stay in order and never beside each other."""
-    try:
-        return sender.submit(call, what)
-    except RuntimeError:
-        for earlier in sent:
-            concurrent.futures.wait([earlier])
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            future.set_result(call(what))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-
-def _settled(future: concurrent.futures.Future[Any]) -> Any:
-    """The future's result, or the exception it ended with, once it has ended."""
-    try:
-        return future.result()
-    except Exception as exc:
-        return exc
 
 
 async def _in_context(context: contextvars.Context, task: TaskRun, func: Any, record: Any) -> Any:

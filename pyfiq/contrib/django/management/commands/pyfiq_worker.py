@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand
 
 from .....errors import PyfiqError
 from .....ops import cli
+from ....commands import worker_defaults as shared_defaults
 from ...conf import DjangoSettings
 from ...setup import current_settings
 
@@ -24,7 +25,7 @@ DJANGO_OPTIONS = ("--settings", "--pythonpath")
 
 def worker_defaults(conf: DjangoSettings) -> dict[str, Any]:
     """The settings as defaults of ``pyfiq worker``'s options."""
-    return cli.worker_defaults(str(conf.url), conf.settings, conf.queues, conf.concurrency, conf.stop_timeout)
+    return shared_defaults(str(conf.url), conf.settings, conf.queues, conf.concurrency, conf.stop_timeout)
 
 
 def _builder(conf: DjangoSettings) -> Any:
