@@ -125,13 +125,20 @@ class Reads:
         now_ms = seconds * 1000 + micros // 1000
         out = []
         for replica, body in raw.items():
+            # A record is anyone's write to one hash field: one that is not what a heartbeat
+            # writes is left out, never the failure of every page that lists replicas.
             try:
-                info: dict[str, Any] = json.loads(body)
-            except ValueError:
+                info: Any = json.loads(body)
+                if not isinstance(info, dict):
+                    continue
+                seen_ms, beat_ms = int(info.get("seen_ms", 0)), int(info.get("heartbeat_ms", 2000))
+                if isinstance(info.get("held", []), list):
+                    info["held"] = [str(s) for s in info.get("held", [])]
+            except (ValueError, TypeError, RecursionError):
                 continue
-            silent = max(0.0, (now_ms - int(info.get("seen_ms", 0))) / 1000)
-            if include_silent or silent * 1000 <= 3 * int(info.get("heartbeat_ms", 2000)):
-                out.append({"replica": replica.decode(), **info, "silent_s": round(silent, 3)})
+            silent = max(0.0, (now_ms - seen_ms) / 1000)
+            if include_silent or silent * 1000 <= 3 * beat_ms:
+                out.append({"replica": replica.decode(errors="replace"), **info, "silent_s": round(silent, 3)})
         return sorted(out, key=lambda r: str(r["replica"]))
 
     def paused(self) -> list[str]:

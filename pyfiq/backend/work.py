@@ -47,6 +47,10 @@ TaskPlace = Literal["running", "taken", "in_flight", "pending"]
 Outcome = Literal["deleted", "dead_lettered", "in_flight", "not_found"]
 
 
+#: The largest payload a page decodes to show its arguments.
+SHOWN_PAYLOAD_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class WaitingTask:
     """One task of a stream as it waits. ``place``: how many of the stream's tasks are ahead of
@@ -188,9 +192,17 @@ class Work(Pages):
             now_ms=now,
         )
 
-    def _decoded(self, entry: Entry) -> tuple[TaskRecord | None, str | None]:
+    def _decoded(self, entry: Entry, shown: bool = True) -> tuple[TaskRecord | None, str | None]:
+        """The entry's record; for a page (``shown``), only one whose payload a page can afford to
+        decode: fifty near the payload limit each would take seconds and gigabytes."""
         if entry.malformed:
             return None, f"not a task entry ({len(entry.raw):,} bytes): the next claim dead-letters it"
+        if shown and len(entry.payload) > SHOWN_PAYLOAD_BYTES:
+            return (
+                None,
+                f"arguments not shown: a payload of {len(entry.payload):,} bytes"
+                f" (pages decode at most {SHOWN_PAYLOAD_BYTES:,})",
+            )
         try:
             return TaskRecord.decode(entry.payload, self.settings.serializer), None
         except DecodeError as exc:
@@ -268,7 +280,7 @@ class Work(Pages):
         code = int(reply[0])
         if code == 1:
             entry = Entry.load(bytes(reply[1]))
-            name = self._decoded(entry)[0]
+            name = self._decoded(entry, shown=False)[0]
             verb = "deleted" if done == "deleted" else "moved to the dead letters (reason operator)"
             detail = f"task {task_id} ({name.name if name else 'undecodable'}) of {stream!r} {verb}"
             return Removal(task_id, stream, done, detail, name.name if name else None)

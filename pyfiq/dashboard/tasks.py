@@ -40,9 +40,14 @@ Redactor = Callable[[str, list[Any], dict[str, Any]], tuple[Any, Any]]
 
 #: Names of mapping keys whose values ``hide_secrets`` hides, matched anywhere in the name and
 #: in any case: ``password``, ``X-Api-Key``, ``refresh_token``, ``Authorization``, ``session_cookie``.
-SECRET_NAMES = re.compile(r"passw(or)?d|token|secret|authori[sz]ation|api[-_]?key|cookie", re.IGNORECASE)
+SECRET_NAMES = re.compile(
+    r"passw(or)?d|pwd|passphrase|token|secret|authori[sz]ation|api[-_]?key|private[-_]?key|credential|cookie",
+    re.IGNORECASE,
+)
 #: Nesting ``hide_secrets`` follows; deeper values are replaced (``ARGS_REPR`` shows fewer levels).
 MAX_DEPTH = 12
+#: Values ``hide_secrets`` looks at, at most, in one task's arguments.
+MAX_NODES = 5000
 #: Characters of a task's arguments a page shows at most, and of the one-line summary.
 ARGS_CHARS = 4000
 SUMMARY_CHARS = 100
@@ -71,16 +76,28 @@ def _secret(key: object) -> bool:
     return isinstance(key, str) and SECRET_NAMES.search(key) is not None
 
 
-def hide_secrets(value: Any, depth: int = 0) -> Any:
-    """``value`` with the value of every mapping key whose name looks like a secret
-    (``SECRET_NAMES``) replaced by ``REDACTED``, through nested mappings, lists and tuples.
-    Other values are kept as they are (a positional argument has no name to go by)."""
-    if depth > MAX_DEPTH:
+def hide_secrets(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """``value`` with every value named like a secret (``SECRET_NAMES``) replaced by
+    ``REDACTED``, through nested mappings, lists and tuples: a mapping's value under such a key,
+    the second of a ``(name, value)`` pair (headers as a list of pairs), and the ``value`` of a
+    ``{"name": ..., "value": ...}`` mapping (form fields). Other values are kept as they are (a
+    positional argument has no name to go by). It looks at ``MAX_NODES`` values at most, and
+    shows what lies beyond as ``<...>``: its cost is bounded whatever the payload."""
+    budget = [MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if depth > MAX_DEPTH or budget[0] < 0:
         return _TOO_DEEP
     if isinstance(value, Mapping):
-        return {k: REDACTED if _secret(k) else hide_secrets(v, depth + 1) for k, v in value.items()}
+        named = _secret(value.get("name", value.get("key"))) and "value" in value
+        return {
+            k: REDACTED if _secret(k) or (named and k == "value") else hide_secrets(v, depth + 1, budget)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):  # a set holds no mapping: there is nothing to hide in one
-        hidden = [hide_secrets(v, depth + 1) for v in value]
+        if len(value) == 2 and _secret(value[0]):
+            hidden = [value[0], REDACTED]
+        else:
+            hidden = [hide_secrets(v, depth + 1, budget) for v in value]
         return hidden if isinstance(value, list) else tuple(hidden)
     return value
 

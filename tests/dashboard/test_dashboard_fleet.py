@@ -157,6 +157,24 @@ def _task() -> Any:
     return TaskRecord("app.t", [], {})
 
 
+def test_records_no_heartbeat_writes_are_left_out_not_the_pages(backend: RedisQueueBackend) -> None:
+    """A record is anyone's write to one hash field: forged or broken ones never fail a page."""
+    held, _ = names()
+    _record(backend, "good", queues=[held])
+    for name, body in {
+        "a-list": "[]",
+        "text-seen": '{"seen_ms": "x"}',
+        "deep": "[" * 100_000,
+        "held-ints": '{"seen_ms": 0, "held": [1], "heartbeat_ms": 1}',
+        "not-json": "{",
+    }.items():
+        backend.client.hset(backend.keys.replicas, name, body)
+    assert [r["replica"] for r in backend.replicas()] == ["good"]
+    client = TestClient(create_app(backend))
+    for path in ("/", f"/queue/{held}", "/replicas", f"/task/{held}?id={'0' * 32}"):
+        assert client.get(path).status_code == 200, path
+
+
 def test_a_heartbeats_list_of_queues_is_bounded_and_says_when_it_was_cut() -> None:
     few = consumed_fields(["a", "b"], registered=False)
     assert few == {"queues": ["a", "b"]}

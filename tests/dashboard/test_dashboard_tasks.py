@@ -20,7 +20,9 @@ from starlette.testclient import TestClient
 
 from pyfiq import RedisQueueBackend, ResultUnavailable, TaskHandle, ThreadedWorker
 from pyfiq.dashboard import create_app
+from pyfiq.backend.work import SHOWN_PAYLOAD_BYTES
 from pyfiq.dashboard.app import CSRF_COOKIE
+from pyfiq.dashboard.tasks import MAX_NODES, hide_secrets
 from pyfiq.engine.status import STATUS_SCAN
 from pyfiq.functions import Registry
 from pyfiq.ops.cli import main
@@ -101,6 +103,37 @@ def test_arguments_show_redacted_escaped_and_cut_short(backend: RedisQueueBacken
     assert backend.admin.dead_letter_task(q, hidden).done
     dead = client.get(f"/dead/{q}").text
     assert SECRET not in dead and "&lt;redacted&gt;" in dead and "&#39;login&#39;: &#39;bob&#39;" in dead
+
+
+def test_secrets_in_pairs_form_fields_and_other_names_are_hidden_too(backend: RedisQueueBackend) -> None:
+    q = qname()
+    put(
+        backend,
+        q,
+        [["Authorization", f"Bearer {SECRET}"], ("accept", "json")],  # headers as a list of pairs
+        fields=[{"name": "password", "value": SECRET}, {"name": "user", "value": "bob"}],
+        pwd=SECRET,
+        passphrase=SECRET,
+        private_key=SECRET,
+        credentials=SECRET,
+    )
+    page = TestClient(create_app(backend)).get(f"/stream/{q}").text
+    assert SECRET not in page, "a secret reached the page"
+    assert "&#39;accept&#39;, &#39;json&#39;" in page and "&#39;value&#39;: &#39;bob&#39;" in page
+
+
+def test_a_page_of_payloads_near_the_limit_stays_bounded(backend: RedisQueueBackend) -> None:
+    """Fifty payloads just under max_payload_bytes took seconds and gigabytes to show: a page
+    decodes at most SHOWN_PAYLOAD_BYTES of each, and the redaction looks at MAX_NODES values."""
+    q = qname()
+    large = put(backend, q, items=[{}] * (SHOWN_PAYLOAD_BYTES // 3))
+    nested = put(backend, q, items=[{"password": SECRET}] * 2000)  # under the payload bound
+    shown = rows(TestClient(create_app(backend)).get(f"/stream/{q}").text)
+    assert "arguments not shown: a payload of" in shown[large]
+    assert SECRET not in shown[nested] and "&lt;redacted&gt;" in shown[nested]
+    hidden = hide_secrets([{"a": 1}] * (MAX_NODES * 4))
+    assert repr(hidden[-1]) == "<...>", "past MAX_NODES values the rest is not walked"
+    assert repr(hidden[10]) == "{'a': 1}"
 
 
 def test_the_apps_redact_decides_and_one_that_raises_hides_the_arguments(backend: RedisQueueBackend) -> None:
