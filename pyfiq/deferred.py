@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import redis
 
 from . import hooks
-from .errors import BackendUnavailableError, PartialEnqueueError
+from .errors import AccessDeniedError, BackendUnavailableError, ConfigurationError, PartialEnqueueError, PyfiqError
 from .task import EncodedTask, TaskHandle
 
 __all__ = ["ENQUEUE_CHUNK", "Deferrer", "Pending", "send"]
@@ -30,7 +30,18 @@ __all__ = ["ENQUEUE_CHUNK", "Deferrer", "Pending", "send"]
 ENQUEUE_CHUNK = 500
 
 #: What a ``PartialEnqueueError`` advises when re-sending everything could store a task twice.
-RESEND_UNSENT = "re-send only the unsent calls"
+RESEND_UNSENT = (
+    "re-send only the unsent calls, each stream's after its unknown ones that handle.status() does not find stored"
+)
+#: Error replies of a call Redis refused before running it: nothing of it was stored.
+_REFUSALS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.NoPermissionError,
+    AccessDeniedError,
+    ConfigurationError,  # the shard layout check, before the script writes anything
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,13 @@ def send(tasks: Sequence[Pending], *, what: str = "enqueue_many", advice: str = 
         dedup = None if tasks[chunk[0]].dedup_key is None else [str(tasks[i].dedup_key) for i in chunk]
         try:
             reply = first.backend.enqueuer.enqueue(first.stream, items, dedup)
-        except (BackendUnavailableError, redis.RedisError) as exc:
-            raise partial_error(exc, handles, accepted, chunk, what, advice) from exc
+        except (PyfiqError, redis.RedisError) as exc:
+            # Without dedup keys a call is never sent twice, so a refusal is the only answer the
+            # chunk got: it is certainly not stored, and re-sending it keeps its stream whole.
+            refused = dedup is None and _refused(exc)
+            if refused and not accepted and not isinstance(exc, BackendUnavailableError):
+                raise  # nothing stored at all: the refusal as it is (a password, an ACL, a layout)
+            raise partial_error(exc, handles, accepted, [] if refused else chunk, what, advice) from exc
         for i, (task_id, new) in zip(chunk, reply, strict=True):
             if not new:
                 was = handles[i]
@@ -82,13 +98,27 @@ def send(tasks: Sequence[Pending], *, what: str = "enqueue_many", advice: str = 
     return handles
 
 
+def _refused(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps) is Redis refusing the call before running it."""
+    while exc is not None:
+        if isinstance(exc, _REFUSALS):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def _round_trips(tasks: Sequence[Pending]) -> Iterator[list[int]]:
     """Indexes into ``tasks``, one list per script call: by backend and stream (each stream's in
     the order given), cut every ``ENQUEUE_CHUNK`` tasks and where dedup keys start or stop (a
     call carries one for every task or none)."""
-    streams: dict[tuple[int, str], list[int]] = {}
+    # By the Redis and prefix a backend names, not the object: two backends of one deployment
+    # (one made per request, say) send one stream's tasks in the order given all the same.
+    streams: dict[tuple[str, str, str], list[int]] = {}
     for i, pending in enumerate(tasks):
-        streams.setdefault((id(pending.handle.backend), pending.handle.stream), []).append(i)
+        backend = pending.handle.backend
+        where = (str(backend.url), backend.keys.prefix) if backend is not None else ("", "")
+        key = (*where, pending.handle.stream)
+        streams.setdefault(key, []).append(i)
     for indexes in streams.values():
         run: list[int] = []
         for i in indexes:

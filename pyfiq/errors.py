@@ -145,7 +145,10 @@ class PartialEnqueueError(BackendUnavailableError):
     - ``unknown``: sent, but no reply came back: maybe stored, at most once (a send that may
       have reached Redis is never repeated blindly); re-sending the whole batch with the same
       ``batch_id`` settles them without storing any twice;
-    - ``unsent``: never sent, certainly not stored; ``handles[i].id`` was never used.
+    - ``unsent``: never sent, or refused by Redis before it ran (out of memory, a read-only
+      replica, an ACL): certainly not stored; ``handles[i].id`` was never used. Re-sent without
+      a ``batch_id``, a stream's unsent calls go after its ``unknown`` ones that
+      ``handles[i].status()`` does not find stored, or the stream has a gap.
     """
 
     def __init__(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pyfiq import PartialEnqueueError, RedisQueueBackend, Registry, hooks
+from pyfiq import AccessDeniedError, PartialEnqueueError, RedisQueueBackend, Registry, hooks
 from pyfiq.deferred import ENQUEUE_CHUNK, Pending, send
 from pyfiq.testing import eager, memory_backend
 from pyfiq_harness.servers import free_port
@@ -176,3 +176,84 @@ def test_a_send_that_fails_part_way_says_what_redis_holds_and_sends_nothing_afte
     assert "re-send them" in str(error)
     assert pending_ids(backend, f"{q}#a") == [holder.held[0].handle.id, holder.held[3].handle.id]
     assert pending_ids(backend, f"{q}#c") == [], "nothing was sent after the failed round trip"
+
+
+class AfterFirstChunk(hooks.Hooks):
+    """Changes Redis once the first round trip of a send was stored."""
+
+    def __init__(self, change: Any) -> None:
+        self.change = change
+        self.done = False
+
+    def on_enqueue(self, queue: str, count: int) -> None:
+        if not self.done:
+            self.done = True
+            self.change()
+
+
+@pytest.fixture
+def refusing(own_redis: Any) -> Any:
+    registry = Registry()
+    backend = RedisQueueBackend(own_redis.url, prefix=f"r{uuid.uuid4().hex[:8]}", enqueue_timeout=0.5)
+    registry.configure(backend)
+
+    @registry.fifo(queue="refused", name="refused.step", key=lambda stream, i: stream)
+    def step(stream: str, i: int) -> None: ...
+
+    yield backend, step, own_redis.client()
+    backend.close()
+
+
+@pytest.mark.parametrize("refusal", ["oom", "acl"])
+def test_a_chunk_redis_refused_is_unsent_and_resending_the_unsent_leaves_no_gap(refusing: Any, refusal: str) -> None:
+    """A refusal (out of memory, an ACL) is Redis's answer: the chunk is certainly not stored, so
+    it is listed as unsent, and re-sending the unsent calls keeps every stream whole."""
+    backend, step, admin = refusing
+    calls = [("a", i) for i in range(ENQUEUE_CHUNK * 2 + 200)] + [("b", i) for i in range(10)]
+    if refusal == "oom":
+        change, restore = (lambda: admin.config_set("maxmemory", 1)), (lambda: admin.config_set("maxmemory", 0))
+    else:
+        change = lambda: admin.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")  # noqa: E731
+        restore = lambda: admin.execute_command("ACL", "SETUSER", "default", "+@all")  # noqa: E731
+    listener = AfterFirstChunk(change)
+    hooks.add(listener)
+    try:
+        with pytest.raises(PartialEnqueueError) as caught:
+            step.enqueue_many(calls)
+    finally:
+        hooks.remove(listener)
+        restore()
+    error = caught.value
+    assert error.accepted == list(range(ENQUEUE_CHUNK)) and error.unknown == []
+    assert error.unsent == list(range(ENQUEUE_CHUNK, len(calls)))
+    step.enqueue_many([calls[i] for i in error.unsent])  # as the error advises
+    stream_a = [h.id for h in error.handles[: ENQUEUE_CHUNK * 2 + 200]]
+    assert len(pending_ids(backend, "refused#a")) == len(stream_a), "no call stored twice, none missing"
+    assert pending_ids(backend, "refused#a")[:ENQUEUE_CHUNK] == stream_a[:ENQUEUE_CHUNK]
+    assert len(pending_ids(backend, "refused#b")) == 10
+
+
+def test_a_refusal_of_the_first_chunk_is_raised_as_it_is(refusing: Any) -> None:
+    backend, step, admin = refusing
+    admin.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+    try:
+        with pytest.raises(AccessDeniedError):
+            step.enqueue_many([("a", i) for i in range(10)])
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "+@all")
+    assert pending_ids(backend, "refused#a") == []
+
+
+def test_two_backends_of_one_deployment_keep_a_streams_order(app: Any) -> None:
+    """Held calls that name two backend objects of the same Redis and prefix are one stream."""
+    registry, backend, holder, q = app
+    twin = RedisQueueBackend(backend.url, prefix=backend.keys.prefix)
+
+    @registry.fifo(queue=q, name=f"{q}.notify")
+    def notify(x: str) -> None: ...
+
+    a = notify("a")
+    b = notify.send_with_options(args=("b",), backend=twin)
+    c = notify("c")
+    send(holder.held)
+    assert pending_ids(backend, q) == [a.id, b.id, c.id]
