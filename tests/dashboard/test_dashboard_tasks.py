@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 from pyfiq import RedisQueueBackend, ResultUnavailable, TaskHandle, ThreadedWorker
-from pyfiq.dashboard import create_app
 from pyfiq.backend.work import SHOWN_PAYLOAD_BYTES
+from pyfiq.dashboard import create_app
 from pyfiq.dashboard.app import CSRF_COOKIE
 from pyfiq.dashboard.tasks import MAX_NODES, hide_secrets
 from pyfiq.engine.status import STATUS_SCAN
