@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -374,7 +375,8 @@ def test_every_page_fits_a_480_px_screen(scene: Scene, narrow: Any) -> None:
     keyed = enqueue(scene.backend, f"hooks#{long_key}", "app.t", 2)
     pages = ["/", "/queue/stuck", "/queue/hooks", "/queue/work", "/dead/work", "/dead/hooks", "/replicas"]
     pages += ["/schedules", f"/task/work?id={task_id}", f"/queue/{long_queue}", f"/queue/hooks?q={long_key}"]
-    pages += [f"/task/hooks?id={keyed}&key={long_key}"]
+    pages += [f"/task/hooks?id={keyed}&key={long_key}", f"/stream/{long_queue}"]
+    pages += [f"/stream/hooks?stream={quote(f'hooks#{long_key}', safe='')}"]
     with serve(dashboard(scene, refresh=0)) as url:
         for path in pages:
             response = narrow.goto(url + path)
@@ -390,6 +392,12 @@ def test_every_page_fits_a_480_px_screen(scene: Scene, narrow: Any) -> None:
         # A confirmation page too.
         narrow.goto(url + "/dead/work")
         narrow.get_by_role("button", name="Purge all…").click()
+        narrow.wait_for_selector("#what")
+        assert narrow.evaluate("document.documentElement.scrollWidth") <= 480
+        assert narrow.evaluate(OVERFLOWING) == []
+        # And a removal's, from a stream's tasks page.
+        narrow.goto(url + f"/stream/{long_queue}")
+        narrow.locator("#tasks tr[data-task]").first.get_by_role("button", name="Delete…").click()
         narrow.wait_for_selector("#what")
         assert narrow.evaluate("document.documentElement.scrollWidth") <= 480
         assert narrow.evaluate(OVERFLOWING) == []
