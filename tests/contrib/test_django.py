@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import redis
 
 from pyfiq import RedisQueueBackend
 from pyfiq_harness.servers import free_port
-from tests.support.helpers import wait_until
+from tests.support.helpers import lines_until, wait_until
 from tests.support.postgres import PostgresServer
 from tests.support.servers import RedisServer
 
@@ -81,20 +80,6 @@ class Site:
 
     def backend(self) -> RedisQueueBackend:
         return RedisQueueBackend(self.redis_url, prefix=self.prefix, shards=4)
-
-
-def lines_until(proc: subprocess.Popen[str], needle: str, timeout: float = 20) -> list[str]:
-    assert proc.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line.rstrip("\n"))
-        if needle in line:
-            return seen
-    raise AssertionError(f"no {needle!r} in {seen}")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 
 from pyfiq import RedisQueueBackend
 from pyfiq.functions import Registry
-from tests.support.helpers import unique_prefix, wait_until
+from tests.support.helpers import lines_until, unique_prefix, wait_until
 
 TASKS = """
 import pathlib, time
@@ -47,20 +47,6 @@ def enqueue_hold(url: str, prefix: str, queue: str, marker: Path, seconds: float
     registry.configure(backend)
     registry.fifo(queue=queue, name="wp.hold")(lambda marker, seconds: None)(str(marker), seconds)
     backend.close()
-
-
-def lines_until(proc: subprocess.Popen[str], needle: str, timeout: float = 20) -> list[str]:
-    assert proc.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line.rstrip("\n"))
-        if needle in line:
-            return seen
-    raise AssertionError(f"no {needle!r} in {seen}")
 
 
 def test_a_worker_says_who_it_is_what_it_waits_for_and_that_it_handed_over(redis_server: Any, tmp_path: Path) -> None:

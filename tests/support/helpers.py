@@ -3,6 +3,7 @@ a condition (a test failure, not an exception, when it never comes), and a produ
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -73,3 +74,18 @@ class ProducerLoop:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
+
+
+def lines_until(proc: subprocess.Popen[str], needle: str, timeout: float = 20) -> list[str]:
+    """The lines ``proc`` wrote to stderr up to the first that contains ``needle``."""
+    assert proc.stderr is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line.rstrip("\n"))
+        if needle in line:
+            return seen
+    raise AssertionError(f"no {needle!r} in {seen}")
