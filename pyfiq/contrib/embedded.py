@@ -11,10 +11,9 @@ each forked child) and stops it gracefully at interpreter exit, handing its leas
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from ..backend.backend import RedisQueueBackend
 from ..errors import ConfigurationError
@@ -81,7 +80,7 @@ class EmbeddedWorker:
                     self.backend, registry=self.registry, queues=self.queues, concurrency=self.concurrency
                 ).start()
                 if not self._at_exit:
-                    _at_exit(self._stop_at_exit)
+                    atexit.register(self._stop_at_exit)
                     self._at_exit = True
             return self._worker
 
@@ -98,16 +97,3 @@ class EmbeddedWorker:
         # Inherited by forked children with the rest of the interpreter: _here() keeps a child
         # from stopping what its parent started.
         self.stop()
-
-
-def _at_exit(callback: Callable[[], object]) -> None:
-    """Run ``callback`` when the interpreter exits, before ``concurrent.futures`` joins its
-    threads: past that point a thread pool takes no more work, and a worker stopped then could
-    not send the acknowledgements of tasks that finished (they would run again elsewhere). The
-    standard ``atexit`` stays as a fallback for servers that run only its functions (uWSGI);
-    a second stop does nothing."""
-    register = getattr(threading, "_register_atexit", None)  # CPython's, run before threads are joined
-    if register is not None:
-        with contextlib.suppress(RuntimeError):  # the interpreter already exits
-            register(callback)
-    atexit.register(callback)
