@@ -56,18 +56,32 @@ def needed(definitions: dict[str, str], body: str) -> list[str]:
     return [name for name in definitions if name in seen]
 
 
+#: A line of a script that splits it in two: what comes before runs before the helpers that
+#: only the rest uses are built, so a hot path that returns early does not pay for them.
+HELPERS_MARK = "--[[ helpers ]]\n"
+
+
 @cache
 def source(name: ScriptName) -> str:
     """The script as Redis runs it: the constants, the lib.lua definitions it uses, its file.
 
     Only what a script uses is prepended because Redis runs a script's whole chunk on every
     call: each local function defined is a closure built and collected per call, which for all
-    of lib.lua cost more than the work of a short script."""
+    of lib.lua cost more than the work of a short script. A script split by ``HELPERS_MARK``
+    gets the definitions its first part uses before that part, and the rest's after it."""
     lua = resources.files("pyfiq.engine").joinpath("lua")
     body = lua.joinpath(f"{name}.lua").read_text()
     definitions = lib_definitions(lua.joinpath("lib.lua").read_text())
-    parts = [definitions[d].rstrip("\n") + "\n" for d in needed(definitions, body)]
-    return CONSTANTS + "\n".join(parts) + "\n" + body
+    head, mark, tail = body.partition(HELPERS_MARK)
+    if not mark:
+        head, tail = "", body
+    early = needed(definitions, head)
+    late = [d for d in needed(definitions, head + tail) if d not in early]
+
+    def carried(names: list[str]) -> str:
+        return "".join(definitions[d].rstrip("\n") + "\n\n" for d in names)
+
+    return CONSTANTS + carried(early) + head + carried(late) + tail
 
 
 class Scripts(dict[ScriptName, Any]):

@@ -39,10 +39,39 @@ local layout = KEYS[4]
 local later = KEYS[5]
 local later_seq = KEYS[6]
 local lease = KEYS[7]
+
+-- The hot path, run before the helpers the rest uses are built (each is a closure made on every
+-- call, see lib.lua):
+-- immediate tasks, no dedup, for a stream that is already claimable or held and has no delayed
+-- tasks. The general path would only append them here: its ZADD NX would change nothing, so
+-- there is no wake-up to send, and no delayed task to move first. The layout is not re-read: a
+-- producer with another shard count reaches a stream in this shard's ready set only if it
+-- names the same shard (the same keys), or if such a producer put it there, refused or not.
+local n = tonumber(ARGV[6])
+if #KEYS == 7 and redis.call('ZSCORE', ready, ARGV[1]) and redis.call('EXISTS', later) == 0 then
+  local now = now_ms()
+  local entries = {}
+  for i = 1, n do
+    local base = 6 + (i - 1) * 4
+    if ARGV[base + 3] ~= '0' then
+      entries = nil
+      break
+    end
+    entries[i] = new_entry(ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 4], now)
+  end
+  if entries then
+    for first = 1, n, PUSH_SLICE do
+      redis.call('RPUSH', pending, unpack(entries, first, math.min(first + PUSH_SLICE - 1, n)))
+    end
+    return n
+  end
+end
+
+--[[ helpers ]]
+
 local refused = check_layout(layout, ARGV[5])
 if refused then return refused end
 local now = now_ms()
-local n = tonumber(ARGV[6])
 local dedup = #KEYS > 7
 local s = { pending = pending, later = later, later_seq = later_seq, lease = lease, ready = ready, queues = queues,
             stream = ARGV[1], channel = ARGV[2], shard = ARGV[3] }
