@@ -221,11 +221,17 @@ class Transport:
         if not calls:
             return []
         for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for c in calls:
-                pipe.execute_command(*command_of(c, self.scripts[c.script].sha))
+            commands = [command_of(c, self.scripts[c.script].sha) for c in calls]
             with self.translated():
-                replies = list(pipe.execute(raise_on_error=False))
+                if self.lean is not None:
+                    # An idle worker's poll is the first hop of a task's start: the client's
+                    # pipeline costs about 0.2 ms more than this per idle round trip, measured.
+                    replies = self.lean.call_many(commands)
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = list(pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 return replies
@@ -337,11 +343,15 @@ class Transport:
             return []
         client, scripts = self.async_side()
         for _ in range(2):
-            pipe = client.pipeline(transaction=False)
-            for c in calls:
-                pipe.execute_command(*command_of(c, scripts[c.script].sha))
+            commands = [command_of(c, scripts[c.script].sha) for c in calls]
             with self.translated():
-                replies = list(await pipe.execute(raise_on_error=False))
+                if self.lean is not None:
+                    replies = list(await apooled_exchange(client.connection_pool, commands, Attempt()))
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = list(await pipe.execute(raise_on_error=False))
             self._raise_denied(replies)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 return replies

@@ -101,3 +101,32 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_before_anything_i
     finally:
         admin.close()
         backend.close()
+
+
+def test_polls_and_heartbeats_go_on_the_lean_path_with_errors_in_place(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``call_many`` (an idle worker's poll: the first hop of a task's start) skips the
+    client's pipeline, sync and async, and still answers an error reply in its place."""
+    import asyncio
+
+    prefix = unique_prefix()
+    backend = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    backend.call_many([backend.ops.due(s, 1, None) for s in range(4)])  # lays the shards out
+    client, _ = backend.transport.async_side()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the client's pipeline was used")
+
+    monkeypatch.setattr(backend.client, "pipeline", refused)
+    monkeypatch.setattr(client, "pipeline", refused)
+    monkeypatch.setattr(stray.client, "pipeline", refused)
+    calls = [backend.ops.due(0, 1, None), backend.ops.due(1, 1, None)]
+    assert backend.call_many(calls) == [[-1, 0], [-1, 0]]
+    assert asyncio.run(backend.transport.acall_many(calls)) == [[-1, 0], [-1, 0]]
+    replies = stray.call_many([stray.ops.due(1, 1, None), stray.ops.due(5, 1, None)])
+    assert isinstance(replies[0], redis.ResponseError) and "PYFIQLAYOUT" in str(replies[0])
+    assert replies[1] == [-1, 0]  # shard 5 was never laid out: the stray lays it out
+    backend.close()
+    stray.close()
