@@ -58,7 +58,14 @@ def check_main(data: dict[str, Any], stdout: str) -> None:
     assert delays["bytes_per_waiting_task"] > 0
     assert delays["lateness_tasks"] > 0 and delays["lateness_min_s"] >= 0, "a delayed task started before its due time"
     cost = data["cost"]
-    for phase in ("enqueue_many_default", "drain_default", "drain_strict", "enqueue_single", "enqueue_threads"):
+    for phase in (
+        "enqueue_many_default",
+        "drain_default",
+        "drain_strict",
+        "drain_bulk",
+        "enqueue_single",
+        "enqueue_threads",
+    ):
         assert cost[phase]["commandstats_usec_per_task"] > 0 and cost[phase]["redis_cpu_usec_per_task"] >= 0
         assert cost[phase]["calls_per_task"]["evalsha"] > 0
     assert cost["batched_default"]["commandstats_usec_per_task"] > 0
