@@ -44,11 +44,11 @@ local lease = KEYS[7]
 -- call, see lib.lua):
 -- immediate tasks, no dedup, for a stream that is already claimable or held and has no delayed
 -- tasks. The general path would only append them here: its ZADD NX would change nothing, so
--- there is no wake-up to send, and no delayed task to move first. The layout is not re-read: a
--- producer with another shard count reaches a stream in this shard's ready set only if it
--- names the same shard (the same keys), or if such a producer put it there, refused or not.
+-- there is no wake-up to send, and no delayed task to move first. A layout that is missing or
+-- another is the general path's to write or refuse.
 local n = tonumber(ARGV[6])
-if #KEYS == 7 and redis.call('ZSCORE', ready, ARGV[1]) and redis.call('EXISTS', later) == 0 then
+if #KEYS == 7 and redis.call('ZSCORE', ready, ARGV[1]) and redis.call('EXISTS', later) == 0
+    and redis.call('GET', layout) == ARGV[5] then
   local now = now_ms()
   local entries = {}
   for i = 1, n do
