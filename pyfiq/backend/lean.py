@@ -144,8 +144,9 @@ class LeanConnections:
 
     def call_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read every reply, an error reply as its
-        exception in place (a pipeline, not a transaction)."""
-        conn = self.get()
+        exception in place (a pipeline, not a transaction). On a checked connection, as the
+        client's pipeline would take: a poll or a heartbeat after a restart does not fail."""
+        conn = self.checked()
         try:
             send_many(conn, commands)
             return [_reply(conn) for _ in commands]

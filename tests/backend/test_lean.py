@@ -130,3 +130,21 @@ def test_polls_and_heartbeats_go_on_the_lean_path_with_errors_in_place(
     assert replies[1] == [-1, 0]  # shard 5 was never laid out: the stray lays it out
     backend.close()
     stray.close()
+
+
+def test_a_poll_after_the_server_closed_its_idle_connection_runs_at_once(redis_server: RedisServer) -> None:
+    """A restart closes every idle connection: the next poll and heartbeat must not fail for
+    it (a failed poll waits a back-off; a failed heartbeat brings a lease closer to lapsing)."""
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), shards=1)
+    lean = _connections(backend)
+    admin = redis_server.client()
+    try:
+        assert backend.call_many([backend.ops.due(0, 1, None)]) == [[-1, 0]]
+        assert lean.call(("CLIENT", "SETNAME", "idle-poller")) == b"OK"
+        (idle,) = [c for c in admin.client_list() if c.get("name") == "idle-poller"]
+        admin.client_kill_filter(_id=idle["id"])
+        time.sleep(0.1)
+        assert backend.call_many([backend.ops.due(0, 1, None)]) == [[-1, 0]]
+    finally:
+        admin.close()
+        backend.close()
