@@ -15,14 +15,22 @@ local function now_ms()
 end
 
 -- "<ID_LENGTH lowercase hex id>|<enqueued ms>|<expires ms or 0>|<payload>", exactly as
--- pyfiq.task.Entry.parse accepts it. Returns id, expires ms; or nil for anything else.
-local function parse_entry(entry)
+-- pyfiq.task.Entry.parse accepts it. Returns its expires ms, or nil for anything else. Every
+-- task handed out is checked, so the pattern captures positions, not strings: nothing is
+-- built for an entry that never expires.
+local function entry_expires(entry)
   if type(entry) ~= 'string' then return nil end
-  local enq, exp = string.match(entry, '^[0-9a-f]+|(%d+)|(%d+)|')
-  if not enq or string.find(entry, '|', 1, true) ~= ID_LENGTH + 1 or #enq > TIME_DIGITS or #exp > TIME_DIGITS then
-    return nil
-  end
-  return string.sub(entry, 1, ID_LENGTH), tonumber(exp)
+  local bar, enq, exp, stop = string.match(entry, '^[0-9a-f]+()|%d+()|()%d+()|')
+  if bar ~= ID_LENGTH + 1 or enq - bar - 1 > TIME_DIGITS or stop - exp > TIME_DIGITS then return nil end
+  if stop - exp == 1 and string.byte(entry, exp) == 48 then return 0 end
+  return tonumber(string.sub(entry, exp, stop - 1))
+end
+
+-- entry_expires's check; returns id, expires ms, or nil.
+local function parse_entry(entry)
+  local expires = entry_expires(entry)
+  if not expires then return nil end
+  return string.sub(entry, 1, ID_LENGTH), expires
 end
 
 -- Tell idle workers that `shard` has work. A channel carrying a hash tag ('{') is a shard's own
@@ -430,16 +438,16 @@ local function hand_out(s, handed, want, maxd, now, out, ahead)
     end
     local moved = {}
     for _, entry in ipairs(slice) do
-      local id, expires = parse_entry(entry)
-      if not id or (expires > 0 and expires <= now) then
+      local expires = entry_expires(entry)
+      if not expires or (expires > 0 and expires <= now) then
         if need == 1 then redis.call('RPOP', s.inflight) end
-        if not id then
+        if not expires then
           dead_add(s, simple_header('undecodable', 0, now, ',"error":"malformed task entry"'), entry, nil)
         else
-          dead_add(s, simple_header('expired', 0, now), entry, id)
+          dead_add(s, simple_header('expired', 0, now), entry, task_id(entry))
         end
       else
-        if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. id, now) end
+        if #out == base and not ahead then redis.call('HSET', s.meta, 's:' .. task_id(entry), now) end
         moved[#moved + 1] = entry
         out[#out + 1] = entry
         out[#out + 1] = 1
