@@ -1,0 +1,97 @@
+"""A wake-up is claimed by the threaded worker's listener itself, one thread hop less on the way
+from an enqueue to its task's start, on a real redis-server. When that look fails, the
+dispatcher looks instead (with its back-off and reports), and the task still runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from pyfiq import RedisQueueBackend, ThreadedWorker, fifo, hooks
+from pyfiq.engine.protocol import Call
+from tests.support.helpers import unique_prefix, wait_until
+
+#: Long enough that only a wake-up can start the tasks within the tests' waits.
+SETTINGS: dict[str, Any] = {"lease_ttl": 5, "poll_interval": 20, "shards": 4}
+
+
+class Claims(hooks.Hooks):
+    """The thread each lease was granted on."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def on_lease(self, stream: str, event: str) -> None:
+        if event == "acquired":
+            self.threads.append(threading.current_thread().name)
+
+
+@pytest.fixture
+def claims() -> Iterator[Claims]:
+    listener = Claims()
+    hooks.add(listener)
+    yield listener
+    hooks.remove(listener)
+
+
+def idle_worker(backend: RedisQueueBackend, queue: str) -> ThreadedWorker:
+    worker = ThreadedWorker(backend, queues=[queue], concurrency=1).start()
+    # Its first look, at start, found nothing; from now on only a wake-up brings work.
+    wait_until(lambda: backend.client.pubsub_numsub(backend.keys.wake(0))[0][1] >= 1, 5)
+    time.sleep(0.3)
+    return worker
+
+
+def test_a_wake_up_is_claimed_by_the_listener_thread(redis_server: Any, claims: Claims) -> None:
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[int] = []
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(i: int) -> None:
+        ran.append(i)
+
+    worker = idle_worker(backend, queue)
+    try:
+        for i in range(3):
+            task.send_with_options(args=(i,), backend=backend)
+            wait_until(lambda i=i: ran == list(range(i + 1)), 3)  # type: ignore[misc]
+            time.sleep(0.1)  # the stream is forgotten: the next enqueue wakes the worker again
+        assert claims.threads == ["pyfiq-wake"] * 3
+    finally:
+        worker.stop(5)
+        backend.close()
+
+
+def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(redis_server: Any, claims: Claims) -> None:
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[int] = []
+    real = backend.call_many
+    failed: list[str] = []
+
+    def flaky(calls: Sequence[Call]) -> list[Any]:
+        if threading.current_thread().name == "pyfiq-wake" and not failed:
+            failed.append("once")
+            raise redis.ConnectionError("cut")
+        return real(calls)
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(i: int) -> None:
+        ran.append(i)
+
+    worker = idle_worker(backend, queue)
+    backend.call_many = flaky  # type: ignore[method-assign]
+    try:
+        task.send_with_options(args=(0,), backend=backend)
+        wait_until(lambda: ran == [0], 3)
+        assert failed and claims.threads == ["pyfiq-dispatch"]
+    finally:
+        worker.stop(5)
+        backend.close()
