@@ -39,16 +39,17 @@ def check_delayed_tasks(run: RunFacts) -> Finding:
         if e["status"] == "accepted" and e.get("scheduled") != "scheduled":
             unscheduled.append(e)
             continue
+        starts = [x for x in run.executions.by_task.get(e["task_id"], ()) if x["event"] == "start"]
+        # Counted whether or not its due time was read: a task that ran has started.
+        started += bool(starts)
         due = e.get("due")
         if due is None:
             unknown += 1  # a retry whose first attempt's reply was lost: Redis's due time unread
             continue
-        starts = [x for x in run.executions.by_task.get(e["task_id"], ()) if x["event"] == "start"]
         misdated += _misdated(e, int(due), starts)
         reached_us, _ = due_reached(e, run.clock)
         early += [(e, x, reached_us) for x in starts if _us(x["t"]) + JOURNAL_US < reached_us]
         if starts:
-            started += 1
             waits.append(starts[0]["t"] - reached_us / 1e6)
     if unscheduled:
         e = unscheduled[0]

@@ -99,6 +99,17 @@ def test_delayed_tasks_in_join_order_pass(tmp_path: Path) -> None:
     assert verdict.stats["order_violations"] == 0
 
 
+def test_a_delayed_task_whose_due_time_was_not_read_still_counts_as_started(tmp_path: Path) -> None:
+    """A retried enqueue's due time is unread (its first reply was lost): its start cannot be
+    judged against it, but it did start, and a check that every delayed task started says so."""
+    unread = [dict(line) for line in DELAYED]
+    del unread[1]["due"]
+    run = _run_dir(tmp_path, "unread", unread, _delayed_runs([0, 2, 1, 3], [1000.02, 1000.3, 1000.52, 1000.62]))
+    stats = _verify(run).stats
+    assert stats["delayed_due_unknown"] == 1
+    assert stats["delayed"] == stats["delayed_started"] == 1
+
+
 @pytest.mark.parametrize(
     ("case", "breach"),
     [
