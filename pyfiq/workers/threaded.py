@@ -91,8 +91,7 @@ class ThreadedWorker(WorkerBase):
         install_signal_handlers: bool = False,
         replica: str | None = None,
     ) -> None:
-        # Its scheduler and every lease's gate are touched by the dispatcher, the heartbeat and
-        # the executors at once: they get real locks.
+        # The scheduler and every lease's gate: touched by several threads at once, real locks.
         self._setup(backend, registry, queues, concurrency, replica, "threaded", threading.Lock)
         self._install_signals = install_signal_handlers
         self._work: queue_mod.Queue[Lease | None] = queue_mod.Queue()
@@ -199,15 +198,17 @@ class ThreadedWorker(WorkerBase):
             self.scheduler.dispatching = False
             self._beat_now.set()  # tell the fleet at once that this replica polls no shard
             self._nudge.set()
-            # The dispatcher first: a lease it is acquiring right now must reach an executor
-            # (which releases it) before the executors are told to exit.
-            # None only while start() is still naming it: a dispatcher that died at once and
-            # called this stop (an assertion here left the worker never marked stopped).
+            # The dispatcher first, then a claim of the listener's (until the deadline: Redis may
+            # hang): a lease being acquired must reach an executor (which releases it) before the
+            # executors are told to exit. None while start() names it (a dispatcher died at once).
             if self._dispatcher is not None:
                 self._dispatcher.join(max(0.0, deadline - time.monotonic()))
             self.scheduler.abort_all()  # end retry back-offs; running attempts finish
+            claiming = self._claiming.acquire(timeout=max(0.0, deadline - time.monotonic()))
             for _ in self._threads:
                 self._work.put(None)
+            if claiming:
+                self._claiming.release()
             clean = True
             # Executors before heartbeats: leases stay renewed while running tasks finish.
             for t in self._threads:
@@ -324,13 +325,13 @@ class ThreadedWorker(WorkerBase):
                 self._work.put(lease)
 
     def _claim_woken(self) -> None:
-        """A wake-up is the first hop of a task's start: the listener claims itself when nobody
-        else is (a thread hop less: 0.1-0.2 ms, measured), else or on failure the dispatcher."""
-        if self._stopping.is_set() or not self._claiming.acquire(blocking=False):
+        """Claimed by the listener at once (a thread hop less), else or on failure by the dispatcher."""
+        if not self._claiming.acquire(blocking=False):
             self._nudge.set()
             return
         try:
-            self._claim()
+            if not self._stopping.is_set():  # read under the lock stop() takes
+                self._claim()
         except Exception:
             self._nudge.set()
         finally:
@@ -409,8 +410,7 @@ class ThreadedWorker(WorkerBase):
             self._stop_loop()
 
     def _executor(self) -> None:
-        # Sends this executor's background takes (ack_mode="group") while it runs tasks: one
-        # thread, so they go in the order given and never beside each other.
+        # Sends this executor's group takes while it runs tasks, in order, never side by side.
         sender = concurrent.futures.ThreadPoolExecutor(1, "pyfiq-send")
         # Its own connection: a pooled one costs a checkout and a return on every call.
         connection = self.backend.own_connection()

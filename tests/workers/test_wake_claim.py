@@ -95,3 +95,38 @@ def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(redis_server: Any,
     finally:
         worker.stop(5)
         backend.close()
+
+
+def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(redis_server: Any, claims: Claims) -> None:
+    """stop() waits for a lease the listener is acquiring to reach an executor, which releases
+    it: no lease is left to lapse after stop() returned (the next replica starts at once)."""
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[str] = []
+    real = backend.call
+    claiming = threading.Event()
+
+    def slow(call: Call, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "pyfiq-wake" and call.script == "acquire":
+            claiming.set()
+            time.sleep(0.5)  # a slow round trip: stop() begins meanwhile
+        return real(call, *args, **kwargs)
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(who: str) -> None:
+        ran.append(who)
+
+    worker = idle_worker(backend, queue)
+    backend.call = slow  # type: ignore[method-assign]
+    task.send_with_options(args=("task",), backend=backend)
+    assert claiming.wait(3)
+    assert worker.stop(5)
+    assert claims.threads == ["pyfiq-wake"]
+    assert not backend.client.exists(backend.keys.stream(queue).lease), "the lease was left to lapse"
+    backend.call = real  # type: ignore[method-assign]
+    other = ThreadedWorker(backend, queues=[queue], concurrency=1).start()
+    try:
+        wait_until(lambda: ran == ["task"], 2)  # long before the 5 s lease would lapse
+    finally:
+        other.stop(5)
+        backend.close()
