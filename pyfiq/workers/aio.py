@@ -300,7 +300,13 @@ class AsyncWorker(WorkerBase):
         shards, calls = self.scheduler.due_calls(now)
         if not calls:
             return
-        candidates = self.scheduler.candidates(shards, await self.backend.acall_many(calls), now)
+        try:
+            await self._acquire(self.scheduler.candidates(shards, await self.backend.acall_many(calls), now))
+        except Exception:
+            self.scheduler.wake(shards)  # the retry looks at them again: no wake-up is lost with it
+            raise
+
+    async def _acquire(self, candidates: list[tuple[int, str]]) -> None:
         report_kept(self.scheduler.events)
         for i, (shard, stream) in enumerate(candidates):
             if self.scheduler.free() <= 0 or self._stopping.is_set():

@@ -306,11 +306,12 @@ class ThreadedWorker(WorkerBase):
         if not calls:
             return
         try:
-            replies = self.backend.call_many(calls)
+            self._acquire(self.scheduler.candidates(shards, self.backend.call_many(calls), now))
         except Exception:
             self.scheduler.wake(shards)  # the retry looks at them again: no wake-up is lost with it
             raise
-        candidates = self.scheduler.candidates(shards, replies, now)
+
+    def _acquire(self, candidates: list[tuple[int, str]]) -> None:
         report_kept(self.scheduler.events)
         for i, (shard, stream) in enumerate(candidates):
             if self.scheduler.free() <= 0 or self._stopping.is_set():

@@ -1,9 +1,12 @@
 """A wake-up is claimed by the threaded worker's listener itself, one thread hop less on the way
 from an enqueue to its task's start, on a real redis-server. When that look fails, the
-dispatcher looks instead (with its back-off and reports), and the task still runs."""
+dispatcher looks instead (with its back-off and reports), and the task still runs; a claim
+that fails part-way, in either worker, looks at its shards again rather than waiting for their
+next idle poll; and stop() hands over a lease the listener was acquiring as it began."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from pyfiq import RedisQueueBackend, ThreadedWorker, fifo, hooks
+from pyfiq import AsyncWorker, RedisQueueBackend, ThreadedWorker, fifo, hooks
 from pyfiq.engine.protocol import Call
 from tests.support.helpers import unique_prefix, wait_until
 
@@ -130,3 +133,67 @@ def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(redis_s
     finally:
         other.stop(5)
         backend.close()
+
+
+def test_a_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: Any, claims: Claims) -> None:
+    """An acquire that fails (a cut connection) after the look found the stream: the retry
+    looks at the shard again, rather than waiting for its next idle poll."""
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[int] = []
+    real = backend.call
+    failed: list[str] = []
+
+    def flaky(call: Call, *args: Any, **kwargs: Any) -> Any:
+        if call.script == "acquire" and not failed:
+            failed.append(threading.current_thread().name)
+            raise redis.ConnectionError("cut before the write")
+        return real(call, *args, **kwargs)
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(i: int) -> None:
+        ran.append(i)
+
+    worker = idle_worker(backend, queue)
+    backend.call = flaky  # type: ignore[method-assign]
+    try:
+        task.send_with_options(args=(0,), backend=backend)
+        wait_until(lambda: ran == [0], 3)
+        assert failed == ["pyfiq-wake"] and claims.threads == ["pyfiq-dispatch"]
+    finally:
+        worker.stop(5)
+        backend.close()
+
+
+def test_an_async_workers_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: Any) -> None:
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[int] = []
+    real = backend.acall
+    failed: list[str] = []
+
+    async def flaky(call: Call, *args: Any, **kwargs: Any) -> Any:
+        if call.script == "acquire" and not failed:
+            failed.append(call.script)
+            raise redis.ConnectionError("cut before the write")
+        return await real(call, *args, **kwargs)
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(i: int) -> None:
+        ran.append(i)
+
+    async def main() -> None:
+        worker = await AsyncWorker(backend, queues=[queue], concurrency=1).start()
+        try:
+            await asyncio.sleep(0.5)  # its first look, at start, found nothing
+            backend.acall = flaky  # type: ignore[method-assign]
+            await task.asend_with_options(args=(0,), backend=backend)
+            deadline = time.monotonic() + 3
+            while ran != [0] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await worker.stop(5)
+
+    asyncio.run(main())
+    assert failed and ran == [0]
+    backend.close()
