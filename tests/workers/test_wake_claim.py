@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -43,6 +44,30 @@ def claims() -> Iterator[Claims]:
     hooks.remove(listener)
 
 
+@dataclass
+class Scene:
+    """A queue on its own prefix, and a task that records each argument it runs with."""
+
+    queue: str
+    backend: RedisQueueBackend
+    ran: list[Any]
+    task: Any
+
+
+@pytest.fixture
+def scene(redis_server: Any) -> Iterator[Scene]:
+    queue = f"wake-{uuid.uuid4().hex[:8]}"
+    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
+    ran: list[Any] = []
+
+    @fifo(queue=queue, name=f"{queue}.t")
+    def task(tag: Any) -> None:
+        ran.append(tag)
+
+    yield Scene(queue, backend, ran, task)
+    backend.close()
+
+
 def idle_worker(backend: RedisQueueBackend, queue: str) -> ThreadedWorker:
     worker = ThreadedWorker(backend, queues=[queue], concurrency=1).start()
     # Its first look, at start, found nothing; from now on only a wake-up brings work.
@@ -51,14 +76,8 @@ def idle_worker(backend: RedisQueueBackend, queue: str) -> ThreadedWorker:
     return worker
 
 
-def test_a_wake_up_is_claimed_by_the_listener_thread(redis_server: Any, claims: Claims) -> None:
-    queue = f"wake-{uuid.uuid4().hex[:8]}"
-    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
-    ran: list[int] = []
-
-    @fifo(queue=queue, name=f"{queue}.t")
-    def task(i: int) -> None:
-        ran.append(i)
+def test_a_wake_up_is_claimed_by_the_listener_thread(scene: Scene, claims: Claims) -> None:
+    queue, backend, ran, task = scene.queue, scene.backend, scene.ran, scene.task
 
     worker = idle_worker(backend, queue)
     try:
@@ -69,13 +88,10 @@ def test_a_wake_up_is_claimed_by_the_listener_thread(redis_server: Any, claims: 
         assert claims.threads == ["pyfiq-wake"] * 3
     finally:
         worker.stop(5)
-        backend.close()
 
 
-def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(redis_server: Any, claims: Claims) -> None:
-    queue = f"wake-{uuid.uuid4().hex[:8]}"
-    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
-    ran: list[int] = []
+def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(scene: Scene, claims: Claims) -> None:
+    queue, backend, ran, task = scene.queue, scene.backend, scene.ran, scene.task
     real = backend.call_many
     failed: list[str] = []
 
@@ -85,10 +101,6 @@ def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(redis_server: Any,
             raise redis.ConnectionError("cut")
         return real(calls)
 
-    @fifo(queue=queue, name=f"{queue}.t")
-    def task(i: int) -> None:
-        ran.append(i)
-
     worker = idle_worker(backend, queue)
     backend.call_many = flaky  # type: ignore[method-assign]
     try:
@@ -97,15 +109,12 @@ def test_a_failed_look_on_a_wake_up_is_left_to_the_dispatcher(redis_server: Any,
         assert failed and claims.threads == ["pyfiq-dispatch"]
     finally:
         worker.stop(5)
-        backend.close()
 
 
-def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(redis_server: Any, claims: Claims) -> None:
+def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(scene: Scene, claims: Claims) -> None:
     """stop() waits for a lease the listener is acquiring to reach an executor, which releases
     it: no lease is left to lapse after stop() returned (the next replica starts at once)."""
-    queue = f"wake-{uuid.uuid4().hex[:8]}"
-    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
-    ran: list[str] = []
+    queue, backend, ran, task = scene.queue, scene.backend, scene.ran, scene.task
     real = backend.call
     claiming = threading.Event()
 
@@ -114,10 +123,6 @@ def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(redis_s
             claiming.set()
             time.sleep(0.5)  # a slow round trip: stop() begins meanwhile
         return real(call, *args, **kwargs)
-
-    @fifo(queue=queue, name=f"{queue}.t")
-    def task(who: str) -> None:
-        ran.append(who)
 
     worker = idle_worker(backend, queue)
     backend.call = slow  # type: ignore[method-assign]
@@ -132,15 +137,12 @@ def test_a_stop_during_the_listeners_claim_hands_the_stream_over_at_once(redis_s
         wait_until(lambda: ran == ["task"], 2)  # long before the 5 s lease would lapse
     finally:
         other.stop(5)
-        backend.close()
 
 
-def test_a_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: Any, claims: Claims) -> None:
+def test_a_claim_that_fails_part_way_is_looked_at_again_at_once(scene: Scene, claims: Claims) -> None:
     """An acquire that fails (a cut connection) after the look found the stream: the retry
     looks at the shard again, rather than waiting for its next idle poll."""
-    queue = f"wake-{uuid.uuid4().hex[:8]}"
-    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
-    ran: list[int] = []
+    queue, backend, ran, task = scene.queue, scene.backend, scene.ran, scene.task
     real = backend.call
     failed: list[str] = []
 
@@ -150,10 +152,6 @@ def test_a_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: An
             raise redis.ConnectionError("cut before the write")
         return real(call, *args, **kwargs)
 
-    @fifo(queue=queue, name=f"{queue}.t")
-    def task(i: int) -> None:
-        ran.append(i)
-
     worker = idle_worker(backend, queue)
     backend.call = flaky  # type: ignore[method-assign]
     try:
@@ -162,13 +160,10 @@ def test_a_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: An
         assert failed == ["pyfiq-wake"] and claims.threads == ["pyfiq-dispatch"]
     finally:
         worker.stop(5)
-        backend.close()
 
 
-def test_an_async_workers_claim_that_fails_part_way_is_looked_at_again_at_once(redis_server: Any) -> None:
-    queue = f"wake-{uuid.uuid4().hex[:8]}"
-    backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **SETTINGS)
-    ran: list[int] = []
+def test_an_async_workers_claim_that_fails_part_way_is_looked_at_again_at_once(scene: Scene) -> None:
+    queue, backend, ran, task = scene.queue, scene.backend, scene.ran, scene.task
     real = backend.acall
     failed: list[str] = []
 
@@ -177,10 +172,6 @@ def test_an_async_workers_claim_that_fails_part_way_is_looked_at_again_at_once(r
             failed.append(call.script)
             raise redis.ConnectionError("cut before the write")
         return await real(call, *args, **kwargs)
-
-    @fifo(queue=queue, name=f"{queue}.t")
-    def task(i: int) -> None:
-        ran.append(i)
 
     async def main() -> None:
         worker = await AsyncWorker(backend, queues=[queue], concurrency=1).start()
@@ -196,4 +187,3 @@ def test_an_async_workers_claim_that_fails_part_way_is_looked_at_again_at_once(r
 
     asyncio.run(main())
     assert failed and ran == [0]
-    backend.close()
