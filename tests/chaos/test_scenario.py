@@ -118,6 +118,15 @@ def test_proxy_blackhole_times_out_and_heal_resets_broken_connections(redis_serv
         other.close()
 
 
+def fastest_ping(client: redis.Redis) -> float:
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        client.ping()
+        took.append(time.monotonic() - started)
+    return min(took)
+
+
 def test_proxy_delay_delivers_late_and_in_order(redis_server: RedisServer) -> None:
     with FaultProxy(redis_server.port) as proxy:
         client = _client(proxy.url)
@@ -133,9 +142,8 @@ def test_proxy_delay_delivers_late_and_in_order(redis_server: RedisServer) -> No
         assert [int(v) for v in values] == list(range(50))
         assert 0.3 <= took < 2.0, took  # 0.15 s each way
         proxy.heal()
-        started = time.monotonic()
-        client.ping()
-        assert time.monotonic() - started < 0.1
+        # The fastest of three pings: one can stall on a loaded machine, a delay slows all three.
+        assert fastest_ping(client) < 0.3
         client.delete("faults:delay")
         client.close()
 
@@ -162,9 +170,7 @@ def test_proxy_can_delay_replies_only(redis_server: RedisServer) -> None:
         t.join(5)
         assert done.is_set() and time.monotonic() - started >= 0.55
         proxy.heal()
-        started = time.monotonic()
-        client.ping()
-        assert time.monotonic() - started < 0.1
+        assert fastest_ping(client) < 0.6
         direct.delete("faults:late")
         direct.close()
         client.close()
