@@ -221,6 +221,56 @@ def test_layout_guard_survives_an_empty_restart(redis_server: Any) -> None:
     stray.close()
 
 
+@pytest.mark.parametrize("checked_before", [False, True], ids=["started-after", "checked-before"])
+def test_a_producer_with_more_shards_than_the_fleet_is_refused_after_an_empty_restart(
+    redis_server: Any, checked_before: bool
+) -> None:
+    """A stray producer's streams that fall in shards the fleet does not have: their layout is
+    missing, and the enqueue script never writes it, so the prefix's layout is checked again
+    first, whether the stray started after the restart or had checked it long before."""
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=16)
+    fleet.check_layout()
+    enqueue(fleet, "q", 1)
+    stray.transport.layout_checked = checked_before
+    for key in fleet.client.scan_iter(f"{prefix}:*"):  # an empty restart
+        fleet.client.delete(key)
+    fleet.call_many([fleet.ops.due(s, 1, ["q"]) for s in range(8)])  # the fleet's idle polls
+    beyond = [s for s in (f"s{i}" for i in range(60)) if stray.keys.shard_of(s) >= 8][:5]
+    assert beyond
+    for stream in beyond:
+        with pytest.raises(ConfigurationError, match="laid out with 8 shards"):
+            stray.enqueue(stream, [(new_task_id(), TaskRecord("t", [], {}))])
+
+    async def asynchronously() -> None:
+        stray.transport.layout_checked = checked_before
+        for stream in beyond:
+            with pytest.raises(ConfigurationError, match="laid out with 8 shards"):
+                await stray.aenqueue(stream, [(new_task_id(), TaskRecord("t", [], {}))])
+        await stray.aclose()
+
+    asyncio.run(asynchronously())
+    assert not list(fleet.client.scan_iter(f"{prefix}:*:pending")), "nothing was stored"
+    assert not [s for s in range(8, 16) if fleet.client.exists(stray.keys.layout(s))], "no shard laid out"
+    fleet.close()
+    stray.close()
+
+
+def test_a_producer_alone_on_a_new_prefix_lays_out_each_shard_it_uses(redis_server: Any) -> None:
+    prefix = unique_prefix()
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    streams = [f"s{i}" for i in range(12)]
+    for stream in streams:
+        enqueue(producer, stream, 2)
+    asyncio.run(producer.aenqueue("late", [(new_task_id(), TaskRecord("t", [], {}))]))
+    used = {producer.keys.shard_of(s) for s in [*streams, "late"]} | {0}
+    assert {s for s in range(4) if producer.client.get(producer.keys.layout(s)) == b"4"} == used
+    assert producer.client.get(producer.keys.layout_key) == b"4"
+    assert sum(producer.client.llen(producer.keys.stream(s).pending) for s in streams) == 24
+    producer.close()
+
+
 # -- worker-level -----------------------------------------------------------------------------
 
 

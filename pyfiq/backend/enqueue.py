@@ -24,7 +24,7 @@ from ..engine.protocol import ENQUEUE_ITEMS, ENQUEUE_STRIDE, Call, ScriptCalls
 from ..errors import BackendUnavailableError, EnqueueOutcomeUnknown, NotReplicatedError
 from ..task import EncodedTask
 from .coalesce import AsyncCoalescer, Coalescer
-from .failures import is_transient, never_ran
+from .failures import is_transient, is_unlaid, never_ran
 from .lean import Attempt, Exchange
 from .transport import PipelineExchange, Transport
 
@@ -162,13 +162,22 @@ class Enqueuer:
         call = self.ops.enqueue(stream, tasks, dedup_keys)
         budget = RetryBudget(self, call, stream, dedup_keys, started)
         budget.failed(cause, sent, shared=True)
+        laid = cause is not None and is_unlaid(cause)
+        unlaid = self.transport.keys.shard_of(stream) if laid else None  # to lay out before the next try
         while True:
             attempt = Attempt()
             try:
+                if unlaid is not None:
+                    self.transport.lay_out(unlaid)
+                    unlaid = None
                 self.transport.check_layout()
                 return self._own(call, self.transport.call_once(call, attempt))
             except Exception as exc:
-                delay = budget.failed(exc, attempt.sent)
+                if is_unlaid(exc) and not laid:
+                    # The shard has no layout (a new prefix, an empty restart): nothing was stored.
+                    unlaid, laid, delay = self.transport.keys.shard_of(stream), True, 0.0
+                else:
+                    delay = budget.failed(exc, attempt.sent)
             time.sleep(delay)
 
     async def aretry_alone(
@@ -185,13 +194,22 @@ class Enqueuer:
         call = self.ops.enqueue(stream, tasks, dedup_keys)
         budget = RetryBudget(self, call, stream, dedup_keys, started)
         budget.failed(cause, sent, shared=True)
+        laid = cause is not None and is_unlaid(cause)
+        unlaid = self.transport.keys.shard_of(stream) if laid else None  # to lay out before the next try
         while True:
             attempt = Attempt()
             try:
+                if unlaid is not None:
+                    await self.transport.alay_out(unlaid)
+                    unlaid = None
                 await self.transport.acheck_layout()
                 return self._own(call, await self.transport.acall_once(call, attempt))
             except Exception as exc:
-                delay = budget.failed(exc, attempt.sent)
+                if is_unlaid(exc) and not laid:
+                    # The shard has no layout (a new prefix, an empty restart): nothing was stored.
+                    unlaid, laid, delay = self.transport.keys.shard_of(stream), True, 0.0
+                else:
+                    delay = budget.failed(exc, attempt.sent)
             await asyncio.sleep(delay)
 
     @staticmethod

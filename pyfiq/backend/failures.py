@@ -74,6 +74,12 @@ def never_ran(exc: BaseException) -> bool:
     return False
 
 
+def is_unlaid(exc: BaseException) -> bool:
+    """The enqueue script refused a shard that has no layout yet, storing nothing
+    (``Transport.lay_out`` writes it)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("PYFIQUNLAID")
+
+
 def _layout_error(exc: redis.ResponseError) -> ConfigurationError | None:
     text = str(exc)
     if "PYFIQLAYOUT" not in text:

@@ -249,22 +249,40 @@ class Transport:
             return self.lean.exchange(commands)
         return PipelineExchange(self.client, commands)
 
+    def _layout_anchors(self) -> tuple[str, str]:
+        """The keys that say how the prefix is laid out: its own, written once, and shard 0's,
+        which every poll of shard 0 writes again (so it is back soon after an empty restart)."""
+        return self.keys.layout_key, self.keys.layout(0)
+
     def check_layout(self) -> None:
         """Refuse to run beside replicas that shard the same prefix differently: their keys
-        would not meet, and tasks would wait forever. Checked once per backend."""
+        would not meet, and tasks would wait forever. Checked once per backend, and again
+        before a producer lays out a shard (``lay_out``)."""
         if self.layout_checked:
             return
         with self.translated():
-            self.client.set(self.keys.layout_key, self.keys.shards, nx=True)
-            stored = self.client.get(self.keys.layout_key)
+            for key in self._layout_anchors():
+                self.client.set(key, self.keys.shards, nx=True)
+            stored = [self.client.get(key) for key in self._layout_anchors()]
         self._verify_layout(stored)
 
-    def _verify_layout(self, stored: Any) -> None:
-        if stored is not None and int(stored) != self.keys.shards:
-            raise ConfigurationError(
-                f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(stored)} shards, "
-                f"this backend uses {self.keys.shards}: give every replica the same shards setting"
-            )
+    def lay_out(self, shard: int) -> None:
+        """Write ``shard``'s layout, which the enqueue script found missing and would not write
+        itself: after the prefix's layout is checked again, since this backend may have checked
+        it before an empty restart. Without that, a producer with more shards than the fleet
+        would fill a shard no worker polls."""
+        self.layout_checked = False
+        self.check_layout()
+        with self.translated():
+            self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+
+    def _verify_layout(self, stored: Sequence[Any]) -> None:
+        for value in stored:
+            if value is not None and int(value) != self.keys.shards:
+                raise ConfigurationError(
+                    f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value)} shards, "
+                    f"this backend uses {self.keys.shards}: give every replica and producer the same shards setting"
+                )
         self.layout_checked = True
 
     def pubsub(self) -> Any:
@@ -378,9 +396,17 @@ class Transport:
             return
         client = self.async_client
         with self.translated():
-            await client.set(self.keys.layout_key, self.keys.shards, nx=True)
-            stored = await client.get(self.keys.layout_key)
+            for key in self._layout_anchors():
+                await client.set(key, self.keys.shards, nx=True)
+            stored = [await client.get(key) for key in self._layout_anchors()]
         self._verify_layout(stored)
+
+    async def alay_out(self, shard: int) -> None:
+        """``lay_out`` on the asyncio client."""
+        self.layout_checked = False
+        await self.acheck_layout()
+        with self.translated():
+            await self.async_client.set(self.keys.layout(shard), self.keys.shards, nx=True)
 
     def async_wake_listener(self) -> AsyncWakeListener:
         """The asyncio ``wake_listener``; ``await listener.subscribe()`` before reading."""

@@ -128,8 +128,10 @@ def test_a_durable_enqueue_is_on_the_replica_when_it_returns(healthy: Replicated
         await backend.aclose()
         return seen
 
-    # The first call loads the script (NOSCRIPT, then a second EVALSHA + WAIT): not counted.
+    # The first call loads the script (NOSCRIPT, then a second EVALSHA + WAIT): not counted, nor
+    # is the first call to q's shard, which lays it out (a refusal, then the call again).
     backend.enqueuer.enqueue("warm", backend.encode([("9" * 32, pyfiq.task.TaskRecord("warm", [], {}))]))
+    backend.transport.lay_out(backend.keys.shard_of(q))
     waits_before = _waits(healthy.primary)
     if side == "sync":
         seen = []

@@ -543,6 +543,7 @@ class StreamMachine(RuleBasedStateMachine):
         self.r = self.backend.client
         self.ops = self.backend.ops
         self.k = self.backend.keys.stream(STREAM)
+        self.backend.transport.lay_out(self.k.shard)  # the raw enqueue calls below write no layout
         self.sub = self.r.pubsub()
         self.sub.subscribe(self.backend.keys.wake(self.k.shard))
         self.m = StreamModel()

@@ -264,9 +264,15 @@ end
 -- Refuse to mix shard layouts: a producer or worker with another shard count would put or look
 -- for a stream's keys in another shard. The layout is written again whenever it is missing
 -- (an empty restart), so the guard survives. Returns an error reply or nil.
-local function check_layout(key, shards)
+-- `unlaid_refused`: a missing layout is refused rather than written. A producer with more
+-- shards than the fleet would otherwise lay out, and fill, a shard no worker polls; its client
+-- checks the prefix-wide layout first (see Transport.lay_out), and then writes this one.
+local function check_layout(key, shards, unlaid_refused)
   local stored = redis.call('GET', key)
   if not stored then
+    if unlaid_refused then
+      return redis.error_reply('PYFIQUNLAID shard layout key ' .. key .. ' is missing')
+    end
     redis.call('SET', key, shards)
   elseif stored ~= shards then
     return redis.error_reply('PYFIQLAYOUT this prefix is laid out with ' .. stored ..
