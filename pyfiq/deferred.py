@@ -84,7 +84,9 @@ def send(tasks: Sequence[Pending], *, what: str = "enqueue_many", advice: str = 
         except (PyfiqError, redis.RedisError) as exc:
             # Without dedup keys a call is never sent twice, so a refusal is the only answer the
             # chunk got: it is certainly not stored, and re-sending it keeps its stream whole.
-            refused = dedup is None and _refused(exc)
+            # Redis unreachable through every try stored nothing either, dedup keys or not (a
+            # try that may have run ends in EnqueueOutcomeUnknown, a subclass, instead).
+            refused = type(exc) is BackendUnavailableError or (dedup is None and _refused(exc))
             if refused and not accepted and not isinstance(exc, BackendUnavailableError):
                 raise  # nothing stored at all: the refusal as it is (a password, an ACL, a layout)
             raise partial_error(exc, handles, accepted, [] if refused else chunk, what, advice) from exc
