@@ -75,6 +75,7 @@ class RoundTrips:
 
 def grow(backend: RedisQueueBackend, have: int, want: int) -> None:
     """Add streams ``have``..``want - 1`` of the keyed queue, 1,000 enqueue calls per pipeline."""
+    backend.transport.lay_out(*range(backend.keys.shards))  # raw enqueue calls write no layout
     for start in range(have, want, 1000):
         calls = []
         for i in range(start, min(want, start + 1000)):
@@ -197,6 +198,7 @@ def run_tasks(url: str, n: int) -> dict[str, Any]:
     from pyfiq.dashboard import create_app
 
     backend = RedisQueueBackend(url, prefix="bench-tasks", shards=16)
+    backend.transport.lay_out(*range(16))  # raw enqueue calls write no layout
     stream, queue = "orders#acct-1", "orders"
     ids = [new_task_id() for _ in range(n)]
     serializer = backend.settings.serializer

@@ -21,7 +21,8 @@ def fill_due_streams(backend: RedisQueueBackend, queue: str, n: int) -> None:
     if n == 0:
         return
     record = TaskRecord("bench.foreign", [0], {})
-    backend.enqueue(f"{queue}#0", [(new_task_id(), record)])  # layout checked, script loaded
+    backend.enqueue(f"{queue}#0", [(new_task_id(), record)])  # script loaded
+    backend.transport.lay_out(*range(backend.keys.shards))  # raw enqueue calls write no layout
     sha = backend.scripts["enqueue"].sha
     for start in range(1, n, 1000):
         pipe = backend.client.pipeline(transaction=False)

@@ -11,11 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from pyfiq.backend.backend import RedisQueueBackend
+from pyfiq.backend.failures import is_unlaid
 from pyfiq.config import Settings
 from pyfiq.engine.protocol import ENQUEUE_ITEMS, ScriptCalls
 from pyfiq.ops.scenario_tasks import (
@@ -24,6 +25,8 @@ from pyfiq.ops.scenario_tasks import (
 from pyfiq.task import NOW, TaskRecord, due_spec, new_task_id
 
 from .journal import SEQ_BLOCK, Event, append_line
+
+T = TypeVar("T")
 
 #: Bounds of a delayed task's delay, in seconds: long enough that tasks enqueued meanwhile
 #: overtake it, short enough that many join within a run and none holds up the drain.
@@ -113,6 +116,10 @@ def enqueue_stamped_many(
             pipe.time()
             replies = pipe.execute()
             break
+        except redis.ResponseError as exc:
+            if not is_unlaid(exc):  # the shard has no layout yet (the script stored nothing)
+                raise
+            _retry_until(lambda: backend.transport.lay_out(backend.keys.shard_of(queue)), give_up_at)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.time() > give_up_at:
                 return [
@@ -220,7 +227,7 @@ def produce(
         backend.close()
 
 
-def _retry_until(fn: Callable[[], int], deadline: float) -> int:
+def _retry_until(fn: Callable[[], T], deadline: float) -> T:
     while True:
         try:
             return fn()

@@ -266,15 +266,16 @@ class Transport:
             stored = [self.client.get(key) for key in self._layout_anchors()]
         self._verify_layout(stored)
 
-    def lay_out(self, shard: int) -> None:
-        """Write ``shard``'s layout, which the enqueue script found missing and would not write
-        itself: after the prefix's layout is checked again, since this backend may have checked
-        it before an empty restart. Without that, a producer with more shards than the fleet
-        would fill a shard no worker polls."""
+    def lay_out(self, *shards: int) -> None:
+        """Write the layout of ``shards``, which the enqueue script found missing and would not
+        write itself: after the prefix's layout is checked again, since this backend may have
+        checked it before an empty restart. Without that, a producer with more shards than the
+        fleet would fill a shard no worker polls."""
         self.layout_checked = False
         self.check_layout()
         with self.translated():
-            self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+            for shard in shards:
+                self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
 
     def _verify_layout(self, stored: Sequence[Any]) -> None:
         for value in stored:
@@ -401,12 +402,13 @@ class Transport:
             stored = [await client.get(key) for key in self._layout_anchors()]
         self._verify_layout(stored)
 
-    async def alay_out(self, shard: int) -> None:
+    async def alay_out(self, *shards: int) -> None:
         """``lay_out`` on the asyncio client."""
         self.layout_checked = False
         await self.acheck_layout()
         with self.translated():
-            await self.async_client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+            for shard in shards:
+                await self.async_client.set(self.keys.layout(shard), self.keys.shards, nx=True)
 
     def async_wake_listener(self) -> AsyncWakeListener:
         """The asyncio ``wake_listener``; ``await listener.subscribe()`` before reading."""

@@ -175,6 +175,22 @@ def test_outside_a_transaction_a_call_is_sent_at_once_and_on_commit_false_opts_o
     assert autocommit["held_inside"] == [autocommit["id"], autocommit["opted_out"]]
 
 
+def test_a_call_under_set_autocommit_false_raises_and_on_commit_false_sends_at_once(run: Run) -> None:
+    manual = run.results["manual_transaction"]
+    assert "atomic" in manual["error"] or "on_commit" in manual["error"], manual
+    assert manual["held"] == [manual["now"]], "only the call sent at once is in Redis"
+
+
+def test_delay_counts_from_the_commit_and_dedup_is_matched_at_the_commit(run: Run) -> None:
+    result = run.results["from_the_commit"]
+    assert "crashed" not in result, result
+    # Sent at the commit, after leaving_at: due a second after that, not after the call.
+    assert result["due"] >= result["leaving_at"] + 1000, result
+    assert result["leaving_at"] - result["called_at"] >= 500, "the commit came well after the call"
+    assert result["again"] != result["first"], "the handle names the id the call made"
+    assert result["held_dedup"] == [result["first"]], "Redis kept the first task only"
+
+
 def test_redis_down_at_the_commit_raises_from_the_commit_naming_every_task(run: Run) -> None:
     down = run.results["redis_down"]
     assert down["committed"] is True, "the data is committed: Redis and the database do not commit together"
@@ -191,6 +207,15 @@ def test_a_call_waits_for_every_database_in_a_transaction(run: Run) -> None:
     assert two["after_other_commit"] == [], "the default database's transaction was still open"
     assert two["sent_after_both"] == [two["both"]]
     assert two["held"] == [two["both"]], "rolled back on the other database: never sent"
+
+
+def test_another_applications_callback_raising_first_leaves_the_tasks_unsent_and_its_error_shown(run: Run) -> None:
+    result = run.results["foreign_callback"]
+    assert result["error"] == "another application's callback", result
+    assert result["held"] == [], "Django ran no callback after the one that raised"
+    assert result["partial"] == "PartialEnqueueError", result
+    assert result["first"] in result["unsent"] and result["later"] in result["unsent"], result
+    assert result["later"] in result["message"], "the task behind the other callback is named too"
 
 
 def test_an_async_enqueue_follows_its_own_threads_transaction(run: Run) -> None:

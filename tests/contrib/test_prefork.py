@@ -107,10 +107,13 @@ def test_a_sigterm_to_the_master_stops_both_workers_and_hands_their_leases_over(
     for stream in STREAMS:
         step.enqueue_many([(stream, seq) for seq in range(25, 85)])
     wait_until(lambda: len(read_journal(gunicorn.url, gunicorn.prefix)) >= 120, message="the fleet is busy")
+    workers = children(gunicorn.proc.pid)
     started = time.monotonic()
     gunicorn.proc.send_signal(signal.SIGTERM)
     assert gunicorn.proc.wait(15) == 0
     stopped = time.monotonic() - started
+    hooks = gunicorn.backend.client.lrange(f"{gunicorn.prefix}:hook-stops", 0, -1)
+    assert sorted(hooks) == sorted(f"{pid}:1".encode() for pid in workers), "each worker_exit hook stopped its worker"
     assert all(gunicorn.backend.admin.stream_status(f"jobs#{s}").holder is None for s in STREAMS), "leases released"
     took = take_over(gunicorn.url, gunicorn.prefix, expected=340)
     assert took < 1.5, f"the next worker waited {took:.2f}s: a lease was left to lapse (TTL 6 s)"

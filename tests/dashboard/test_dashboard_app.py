@@ -123,6 +123,7 @@ def test_a_bad_form_is_refused_and_changes_nothing(backend: RedisQueueBackend) -
 
 def test_streams_page_through_every_stream_once_and_search_by_key(backend: RedisQueueBackend) -> None:
     streams = {f"wide#k-{i}" for i in range(300)}
+    backend.transport.lay_out(*range(backend.keys.shards))  # raw enqueue calls write no layout
     backend.call_many([backend.ops.enqueue(s, [(uuid.uuid4().hex, 0, "0", b"x")]) for s in sorted(streams)])
     seen: list[str] = []
     cursor: str | None = "0:0"

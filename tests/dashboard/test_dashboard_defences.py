@@ -343,6 +343,7 @@ def test_a_dead_letter_page_that_stopped_early_says_how_far_it_got(
     b = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), shards=2)
     # Enough streams that each shard's dead-letter index is a hash table, scanned a part a step.
     streams = [f"many#k-{n}" for n in range(400)]
+    b.transport.lay_out(0, 1)  # raw enqueue calls write no layout
     b.call_many([b.ops.enqueue(s, [(uuid.uuid4().hex, 1, "0", b"x")]) for s in streams])
     time.sleep(0.01)
     b.call_many([b.ops.acquire(s, 1) for s in streams])

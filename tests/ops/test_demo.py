@@ -54,15 +54,21 @@ def test_ctrl_c_prints_the_summary_so_far_and_exits_130(tmp_path) -> None:  # ty
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyfiq", "demo", "--tasks", "40"],
+        [sys.executable, "-m", "pyfiq", "demo", "--tasks", "200"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-    time.sleep(3.0)  # well into the run
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 60
+    while not any(" start " in line for line in seen[-1:]) and time.monotonic() < deadline:
+        seen.append(proc.stdout.readline())  # until the first task starts: well into the run
+        assert seen[-1], "the demo ended before its first task started"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    out = "".join(seen) + out
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "interrupted: the summary so far" in out and "summary" in out
     assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.db.transaction import TransactionManagementError
 from django.test import TestCase
 
 import pyfiq
@@ -127,6 +128,52 @@ def autocommit() -> dict[str, Any]:
     return {"id": handle.id, "state": state, "opted_out": opted_out.id, "held_inside": inside}
 
 
+def manual_transaction() -> dict[str, Any]:
+    """``set_autocommit(False)`` outside any ``atomic()``: Django has no commit hook there."""
+    transaction.set_autocommit(False)
+    try:
+        try:
+            held("manual", "hooked")
+            error = ""
+        except TransactionManagementError as exc:
+            error = str(exc)
+        now = held.send_with_options(args=("manual", "now"), on_commit=False)
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+    return {"error": error, "now": now.id, "held": held_ids("manual")}
+
+
+def redis_ms() -> int:
+    seconds, micros = pyfiq.get_backend().client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def from_the_commit() -> dict[str, Any]:
+    """``delay=`` counts from the commit, and a dedup key is matched at the commit."""
+    backend = pyfiq.get_backend()
+    with transaction.atomic():
+        delayed = held.send_with_options(args=("delay", "d"), delay=1.0)
+        called_at = redis_ms()
+        time.sleep(0.6)
+        leaving_at = redis_ms()  # the commit, and the send, come after this
+    # Members are "<seq>|<entry>", the entry starting with the task's id.
+    entries = backend.client.zrange(backend.keys.stream("held#delay").later, 0, -1, withscores=True)
+    (due,) = [score for raw, score in entries if raw.decode().split("|")[1] == delayed.id]
+    with transaction.atomic():
+        first = held.send_with_options(args=("dedup", "1"), dedup_key="once")
+    with transaction.atomic():
+        again = held.send_with_options(args=("dedup", "2"), dedup_key="once")
+    return {
+        "called_at": called_at,
+        "leaving_at": leaving_at,
+        "due": int(due),
+        "first": first.id,
+        "again": again.id,
+        "held_dedup": held_ids("dedup"),
+    }
+
+
 def redis_down() -> dict[str, Any]:
     up = pyfiq.get_backend()
     with socket.socket() as s:
@@ -154,6 +201,48 @@ def redis_down() -> dict[str, Any]:
         "unsent": [error.handles[i].id for i in error.unsent] if isinstance(error, PartialEnqueueError) else [],
         "ids": ids,
         "committed": Order.objects.filter(note="redis-down").exists(),
+    }
+
+
+def raise_boom() -> None:
+    raise Boom("another application's callback")
+
+
+def foreign_callback() -> dict[str, Any]:
+    """Another application's on-commit callback raises before pyfiq's runs, and then after one
+    of pyfiq's failed: what is not sent, and what the error counts."""
+    error = ""
+    try:
+        with transaction.atomic():
+            transaction.on_commit(raise_boom)
+            dropped = held("foreign", "after-their-raise")
+    except Boom as exc:
+        error = str(exc)
+    up = pyfiq.get_backend()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free now, so nothing listens there
+    pyfiq.configure(RedisQueueBackend(f"redis://127.0.0.1:{port}/0", prefix=up.keys.prefix, enqueue_timeout=0.3))
+    partial: BaseException | None = None
+    try:
+        with transaction.atomic():
+            first = held("foreign-down", "before")
+            transaction.on_commit(lambda: None)
+            later = held("foreign-down", "after")  # behind their callback: pyfiq's next one
+    except PartialEnqueueError as exc:
+        partial = exc
+    finally:
+        pyfiq.configure(up)
+    unsent = [partial.handles[i].id for i in partial.unsent] if isinstance(partial, PartialEnqueueError) else []
+    return {
+        "error": error,
+        "dropped": dropped.id,
+        "held": held_ids("foreign"),
+        "partial": type(partial).__name__,
+        "message": str(partial),
+        "first": first.id,
+        "later": later.id,
+        "unsent": unsent,
     }
 
 
@@ -248,8 +337,11 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "savepoints": savepoints,
     "order": order,
     "autocommit": autocommit,
+    "manual_transaction": manual_transaction,
+    "from_the_commit": from_the_commit,
     "redis_down": redis_down,
     "two_databases": two_databases,
+    "foreign_callback": foreign_callback,
     "asynchronous": asynchronous,
     "testing_helpers": testing_helpers,
     "test_case": test_case,
