@@ -257,6 +257,68 @@ def test_a_producer_with_more_shards_than_the_fleet_is_refused_after_an_empty_re
     stray.close()
 
 
+def test_a_refused_stray_writes_nothing_and_a_shard_polled_since_the_restart_is_enough(redis_server: Any) -> None:
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    fleet.call_many([fleet.ops.due(3, 1, None)])  # after an empty restart, one poll of shard 3 only
+    with pytest.raises(ConfigurationError, match="laid out with 4 shards"):
+        stray.enqueue("s", [(new_task_id(), TaskRecord("t", [], {}))])
+    assert fleet.client.get(fleet.keys.layout_key) is None, "the refused stray wrote the prefix's layout"
+    assert [k for k in fleet.client.scan_iter(f"{prefix}:*") if fleet.client.get(k) == b"8"] == []
+    late = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    enqueue(late, "s", 1)  # a producer of the fleet's, started after the stray, is not locked out
+    replies = fleet.call_many([fleet.ops.due(s, 1, None) for s in range(4)])
+    assert not [r for r in replies if isinstance(r, Exception)]
+    for b in (fleet, stray, late):
+        b.close()
+
+
+def test_a_stray_that_lays_out_first_is_heard_by_the_fleet_until_its_keys_are_deleted(redis_server: Any) -> None:
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    producer.check_layout()  # started before the empty restart
+    for key in fleet.client.scan_iter(f"{prefix}:*"):
+        fleet.client.delete(key)
+    enqueue(stray, "s", 1)  # first after the restart: it wins, as documented
+    (reply,) = fleet.call_many([fleet.ops.due(0, 1, None)])
+    assert isinstance(reply, Exception) and "PYFIQLAYOUT" in str(reply), "the fleet hears of it"
+    zero = next(s for s in (f"z{i}" for i in range(100)) if producer.keys.shard_of(s) == 0)
+    with pytest.raises(ConfigurationError, match="laid out with 8 shards"):
+        enqueue(producer, zero, 1)
+    # The remedy the guide gives: the stray stopped, its layout keys deleted.
+    fleet.client.delete(fleet.keys.layout_key, *(stray.keys.layout(s) for s in range(8)))
+    replies = fleet.call_many([fleet.ops.due(s, 1, None) for s in range(4)])
+    assert not [r for r in replies if isinstance(r, Exception)]
+    enqueue(producer, zero, 1)
+    assert fleet.client.llen(fleet.keys.stream(zero).pending) == 1
+    for b in (fleet, stray, producer):
+        b.close()
+
+
+def test_a_layout_erased_again_before_the_call_is_laid_out_again(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = unique_prefix()
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    lay_out, restarts = producer.transport.lay_out, []
+
+    def then_an_empty_restart(*shards: int) -> None:
+        lay_out(*shards)
+        if not restarts:
+            restarts.append(1)
+            for key in producer.client.scan_iter(f"{prefix}:*"):
+                producer.client.delete(key)
+
+    monkeypatch.setattr(producer.transport, "lay_out", then_an_empty_restart)
+    (stored,) = producer.enqueue("s", [(new_task_id(), TaskRecord("t", [], {}))])
+    assert stored[1] and restarts == [1]
+    assert producer.client.llen(producer.keys.stream("s").pending) == 1
+    producer.close()
+
+
 def test_a_producer_alone_on_a_new_prefix_lays_out_each_shard_it_uses(redis_server: Any) -> None:
     prefix = unique_prefix()
     producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)

@@ -69,6 +69,11 @@ class RetryBudget:
             if shared:
                 return 0.0
             raise exc
+        return self.again(exc)
+
+    def again(self, exc: BaseException) -> float:
+        """Seconds to wait before trying again after ``exc``, a failure that stored nothing;
+        raises when the budget is spent."""
         self.tries += 1
         settings = self.enqueuer.settings
         elapsed = time.monotonic() - self.started
@@ -173,9 +178,13 @@ class Enqueuer:
                 self.transport.check_layout()
                 return self._own(call, self.transport.call_once(call, attempt))
             except Exception as exc:
-                if is_unlaid(exc) and not laid:
+                if is_unlaid(exc):
                     # The shard has no layout (a new prefix, an empty restart): nothing was stored.
-                    unlaid, laid, delay = self.transport.keys.shard_of(stream), True, 0.0
+                    # Laid out at once the first time; after a back-off should it be erased in
+                    # between (another empty restart).
+                    unlaid = self.transport.keys.shard_of(stream)
+                    delay = budget.again(exc) if laid else 0.0
+                    laid = True
                 else:
                     delay = budget.failed(exc, attempt.sent)
             time.sleep(delay)
@@ -205,9 +214,13 @@ class Enqueuer:
                 await self.transport.acheck_layout()
                 return self._own(call, await self.transport.acall_once(call, attempt))
             except Exception as exc:
-                if is_unlaid(exc) and not laid:
+                if is_unlaid(exc):
                     # The shard has no layout (a new prefix, an empty restart): nothing was stored.
-                    unlaid, laid, delay = self.transport.keys.shard_of(stream), True, 0.0
+                    # Laid out at once the first time; after a back-off should it be erased in
+                    # between (another empty restart).
+                    unlaid = self.transport.keys.shard_of(stream)
+                    delay = budget.again(exc) if laid else 0.0
+                    laid = True
                 else:
                     delay = budget.failed(exc, attempt.sent)
             await asyncio.sleep(delay)

@@ -249,33 +249,48 @@ class Transport:
             return self.lean.exchange(commands)
         return PipelineExchange(self.client, commands)
 
-    def _layout_anchors(self) -> tuple[str, str]:
-        """The keys that say how the prefix is laid out: its own, written once, and shard 0's,
-        which every poll of shard 0 writes again (so it is back soon after an empty restart)."""
-        return self.keys.layout_key, self.keys.layout(0)
+    def _layout_keys(self) -> list[str]:
+        """The keys that say how the prefix is laid out: its own, and every shard's of this
+        backend's count. Polls write their shard's again (an empty restart erases them all), so
+        a shard of the fleet's polled since then is found even if the prefix's key is not."""
+        return [self.keys.layout_key, *(self.keys.layout(shard) for shard in range(self.keys.shards))]
 
     def check_layout(self) -> None:
         """Refuse to run beside replicas that shard the same prefix differently: their keys
         would not meet, and tasks would wait forever. Checked once per backend, and again
-        before a producer lays out a shard (``lay_out``)."""
+        before a producer lays out a shard (``lay_out``). A backend refused writes nothing: it
+        must not lock out the replicas it disagrees with."""
         if self.layout_checked:
             return
         with self.translated():
-            for key in self._layout_anchors():
-                self.client.set(key, self.keys.shards, nx=True)
-            stored = [self.client.get(key) for key in self._layout_anchors()]
-        self._verify_layout(stored)
+            pipe = self.client.pipeline(transaction=False)
+            for key in self._layout_keys():
+                pipe.get(key)
+            self._verify_layout(pipe.execute())
+            if not self.client.get(self.keys.layout_key):
+                self.client.set(self.keys.layout_key, self.keys.shards, nx=True)
+                self._verify_layout([self.client.get(self.keys.layout_key)])
+        self.layout_checked = True
 
     def lay_out(self, *shards: int) -> None:
         """Write the layout of ``shards``, which the enqueue script found missing and would not
         write itself: after the prefix's layout is checked again, since this backend may have
         checked it before an empty restart. Without that, a producer with more shards than the
-        fleet would fill a shard no worker polls."""
+        fleet would fill a shard no worker polls. Shard 0's is written too: every layout has a
+        shard 0, so the fleet's next poll of it hears of a producer that got there first."""
         self.layout_checked = False
         self.check_layout()
-        with self.translated():
-            for shard in shards:
-                self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+        try:
+            with self.translated():
+                # Shard 0's before the others: a poll of the fleet's that wrote it meanwhile
+                # refuses this producer here, before it lays out a shard the fleet may not have.
+                self.client.set(self.keys.layout(0), self.keys.shards, nx=True)
+                self._verify_layout([self.client.get(self.keys.layout(0))])
+                for shard in shards:
+                    self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+        except BaseException:
+            self.layout_checked = False
+            raise
 
     def _verify_layout(self, stored: Sequence[Any]) -> None:
         for value in stored:
@@ -284,7 +299,6 @@ class Transport:
                     f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value)} shards, "
                     f"this backend uses {self.keys.shards}: give every replica and producer the same shards setting"
                 )
-        self.layout_checked = True
 
     def pubsub(self) -> Any:
         return self.client.pubsub(ignore_subscribe_messages=True)
@@ -397,18 +411,29 @@ class Transport:
             return
         client = self.async_client
         with self.translated():
-            for key in self._layout_anchors():
-                await client.set(key, self.keys.shards, nx=True)
-            stored = [await client.get(key) for key in self._layout_anchors()]
-        self._verify_layout(stored)
+            pipe = client.pipeline(transaction=False)
+            for key in self._layout_keys():
+                pipe.get(key)
+            self._verify_layout(await pipe.execute())
+            if not await client.get(self.keys.layout_key):
+                await client.set(self.keys.layout_key, self.keys.shards, nx=True)
+                self._verify_layout([await client.get(self.keys.layout_key)])
+        self.layout_checked = True
 
     async def alay_out(self, *shards: int) -> None:
         """``lay_out`` on the asyncio client."""
         self.layout_checked = False
         await self.acheck_layout()
-        with self.translated():
-            for shard in shards:
-                await self.async_client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+        client = self.async_client
+        try:
+            with self.translated():
+                await client.set(self.keys.layout(0), self.keys.shards, nx=True)
+                self._verify_layout([await client.get(self.keys.layout(0))])
+                for shard in shards:
+                    await client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+        except BaseException:
+            self.layout_checked = False
+            raise
 
     def async_wake_listener(self) -> AsyncWakeListener:
         """The asyncio ``wake_listener``; ``await listener.subscribe()`` before reading."""

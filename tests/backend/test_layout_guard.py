@@ -62,10 +62,12 @@ def test_a_stray_producer_never_stores_a_task_the_fleet_cannot_find_unheard(
         stray.transport.layout_checked = stray_checked
         refused = False  # the fleet heard of the stray (a poll refused for the layout)
         stored: list[str] = []
+        won = False  # the stray had a task stored since the last empty restart
         for step in steps:
             if step[0] == "restart":  # an empty restart: every key of the prefix gone
                 for key in fleet.client.scan_iter(f"{prefix}:*"):
                     fleet.client.delete(key)
+                won = False
             elif step[0] in ("poll", "poll-all"):
                 shards = range(fleet_shards) if step[0] == "poll-all" else [step[1] % fleet_shards]
                 replies = fleet.call_many([fleet.ops.due(s, 1, None) for s in shards])
@@ -73,6 +75,7 @@ def test_a_stray_producer_never_stores_a_task_the_fleet_cannot_find_unheard(
             elif step[0] == "stray":
                 if _enqueue(stray, step[1]):
                     stored.append(step[1])
+                    won = True
             else:
                 _enqueue(fleet, step[1])
         # The fleet goes on polling every shard it has.
@@ -85,6 +88,15 @@ def test_a_stray_producer_never_stores_a_task_the_fleet_cannot_find_unheard(
         ]
         # Where the stray's task went under the stray's count, and still holds it.
         unseen = [s for s in unseen if fleet.client.llen(stray.keys.stream(s).pending)]
+        if not won:
+            # A stray refused wrote nothing: it locks out neither the fleet nor a producer
+            # started after it.
+            assert not refused, "a poll of the fleet was refused, though the stray never got in"
+            late = RedisQueueBackend(redis_server.url, prefix=prefix, shards=fleet_shards)
+            try:
+                assert _enqueue(late, "late"), "a producer with the fleet's count was refused"
+            finally:
+                late.close()
         assert not unseen or refused, (
             f"the stray ({stray_shards} shards) stored tasks of {unseen} where the fleet "
             f"({fleet_shards} shards) never looks, and no poll of the fleet was refused"
