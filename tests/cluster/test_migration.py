@@ -89,10 +89,18 @@ def _cluster_intact(redis_cluster: Cluster) -> None:
     redis_cluster.wait_ready(60)
 
 
-def _under_load(cluster: Cluster, tmp_path: Path, backend: RedisQueueBackend, change: Callable[[], None]) -> Outcome:
+def _under_load(
+    cluster: Cluster,
+    tmp_path: Path,
+    backend: RedisQueueBackend,
+    change: Callable[[], None],
+    fed: list[str] | None = None,
+) -> Outcome:
     """Three worker processes (threaded, asyncio, threaded) and the producer; ``change()`` runs
-    after 1.5 s of load, and the load goes on 1.5 s after it. Returns once every stream's last
-    acknowledged task has run, with the checker's report."""
+    after 1.5 s of load, and the load goes on 1.5 s after it, and until the streams ``fed``
+    have had more than 30 enqueues since the change (up to 15 s: a slow machine's producer
+    may take longer). Returns once every stream's last acknowledged task has run, with the
+    checker's report."""
     logdir = tmp_path / "logs"
     logdir.mkdir()
     fleet = TopologyFleet(
@@ -105,7 +113,12 @@ def _under_load(cluster: Cluster, tmp_path: Path, backend: RedisQueueBackend, ch
         with KeyedProducer(backend) as producer:
             time.sleep(1.5)
             change()
+            changed = time.monotonic()
             time.sleep(1.5)
+            while fed and time.monotonic() < changed + 15:
+                if sum(1 for st in fed for _, t in list(producer.accepted.get(st, ())) if t > changed) > 30:
+                    break
+                time.sleep(0.1)
         accepted = {s: [seq for seq, _ in acks] for s, acks in producer.accepted.items()}
         try:
             wait_until(lambda: _ran(fleet.journal, accepted), timeout=30, interval=0.1, message="every task run")
@@ -199,7 +212,7 @@ def test_a_busy_shards_slot_migrated_under_load_loses_nothing_and_keeps_order(
         moved["owner"] = cluster.slot_owner(slot)
 
     try:
-        outcome = _under_load(cluster, tmp_path, backend, migrate)
+        outcome = _under_load(cluster, tmp_path, backend, migrate, fed=streams)
         on_target, on_source = _count_keys(target, slot), _count_keys(source, slot)
         met = {n.port: _delta(b, _redirections(cluster, n)) for n, b in before.items()}
     finally:
