@@ -21,7 +21,8 @@ import redis.asyncio
 from ..config import SecretURL, Settings
 from ..engine.keys import KeySchema
 from ..engine.protocol import Call
-from ..errors import ConfigurationError
+from ..engine.scripts import UNLAY
+from ..errors import BackendUnavailableError, ConfigurationError
 from . import failures
 from .connect import AsyncWakeListener, Topology, WakeListener, is_cluster_client, redact
 from .durable import acall_durably, call_durably, waited
@@ -42,6 +43,11 @@ Connection: TypeAlias = Any
 def command_of(call: Call, sha: str) -> tuple[Any, ...]:
     """``call`` as the EVALSHA command that runs it."""
     return ("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+
+
+#: How many times writing a shard layout is tried when its keys vanish meanwhile (Redis
+#: restarting empty, again and again).
+LAYOUT_TRIES = 3
 
 
 class PipelineExchange:
@@ -250,55 +256,72 @@ class Transport:
         return PipelineExchange(self.client, commands)
 
     def _layout_keys(self) -> list[str]:
-        """The keys that say how the prefix is laid out: its own, and every shard's of this
-        backend's count. Polls write their shard's again (an empty restart erases them all), so
-        a shard of the fleet's polled since then is found even if the prefix's key is not."""
-        return [self.keys.layout_key, *(self.keys.layout(shard) for shard in range(self.keys.shards))]
+        """The keys that say how the prefix is laid out: every shard's of this backend's count
+        (each poll writes its shard's again, so a shard the fleet polled since an empty restart
+        is found), and the prefix's own, which earlier versions wrote."""
+        return [*(self.keys.layout(shard) for shard in range(self.keys.shards)), self.keys.layout_key]
 
     def check_layout(self) -> None:
         """Refuse to run beside replicas that shard the same prefix differently: their keys
         would not meet, and tasks would wait forever. Checked once per backend, and again
-        before a producer lays out a shard (``lay_out``). A backend refused writes nothing: it
-        must not lock out the replicas it disagrees with."""
+        before a producer lays out a shard (``lay_out``). Shard 0's layout, in every count's,
+        is written when missing, so the fleet hears of a backend that got there first; one
+        refused writes nothing, so it locks out none of the replicas it disagrees with."""
         if self.layout_checked:
             return
         with self.translated():
-            pipe = self.client.pipeline(transaction=False)
-            for key in self._layout_keys():
-                pipe.get(key)
-            self._verify_layout(pipe.execute())
-            if not self.client.get(self.keys.layout_key):
-                self.client.set(self.keys.layout_key, self.keys.shards, nx=True)
-                self._verify_layout([self.client.get(self.keys.layout_key)])
-        self.layout_checked = True
+            for _ in range(LAYOUT_TRIES):
+                pipe = self.client.pipeline(transaction=False)
+                for key in self._layout_keys():
+                    pipe.get(key)
+                self._verify_layout(pipe.execute())
+                self.client.set(self.keys.layout(0), self.keys.shards, nx=True)
+                if self._verify_layout([self.client.get(self.keys.layout(0))]):
+                    self.layout_checked = True
+                    return
+        raise self._layout_vanishing()
 
     def lay_out(self, *shards: int) -> None:
         """Write the layout of ``shards``, which the enqueue script found missing and would not
         write itself: after the prefix's layout is checked again, since this backend may have
         checked it before an empty restart. Without that, a producer with more shards than the
-        fleet would fill a shard no worker polls. Shard 0's is written too: every layout has a
-        shard 0, so the fleet's next poll of it hears of a producer that got there first."""
-        self.layout_checked = False
-        self.check_layout()
+        fleet would fill a shard no worker polls. Shard 0's layout is read again last: one
+        found another's meanwhile takes back what this wrote."""
+        wrote: list[int] = []
         try:
-            with self.translated():
-                # Shard 0's before the others: a poll of the fleet's that wrote it meanwhile
-                # refuses this producer here, before it lays out a shard the fleet may not have.
-                self.client.set(self.keys.layout(0), self.keys.shards, nx=True)
-                self._verify_layout([self.client.get(self.keys.layout(0))])
-                for shard in shards:
-                    self.client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+            for _ in range(LAYOUT_TRIES):
+                self.layout_checked = False
+                self.check_layout()
+                with self.translated():
+                    wrote += [k for k in shards if self.client.set(self.keys.layout(k), self.keys.shards, nx=True)]
+                    if self._verify_layout([self.client.get(self.keys.layout(0))]):
+                        return
+            raise self._layout_vanishing()
         except BaseException:
             self.layout_checked = False
+            with contextlib.suppress(Exception), self.translated():
+                for shard in wrote:
+                    self.call(self._unlay(shard))
             raise
 
-    def _verify_layout(self, stored: Sequence[Any]) -> None:
+    def _unlay(self, shard: int) -> Call:
+        return Call(UNLAY.name, [self.keys.layout(shard)], [self.keys.shards])
+
+    def _verify_layout(self, stored: Sequence[Any]) -> bool:
+        """Whether every layout in ``stored`` is there (None: missing); raises for another."""
         for value in stored:
             if value is not None and int(value) != self.keys.shards:
                 raise ConfigurationError(
                     f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value)} shards, "
                     f"this backend uses {self.keys.shards}: give every replica and producer the same shards setting"
                 )
+        return None not in stored
+
+    def _layout_vanishing(self) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the shard layout of prefix {self.keys.prefix!r} on {self.address} vanished {LAYOUT_TRIES} times "
+            "while it was written (Redis restarting empty?); nothing was stored"
+        )
 
     def pubsub(self) -> Any:
         return self.client.pubsub(ignore_subscribe_messages=True)
@@ -407,32 +430,42 @@ class Transport:
             return list(await pipe.execute(raise_on_error=False))
 
     async def acheck_layout(self) -> None:
+        """``check_layout`` on the asyncio client."""
         if self.layout_checked:
             return
         client = self.async_client
         with self.translated():
-            pipe = client.pipeline(transaction=False)
-            for key in self._layout_keys():
-                pipe.get(key)
-            self._verify_layout(await pipe.execute())
-            if not await client.get(self.keys.layout_key):
-                await client.set(self.keys.layout_key, self.keys.shards, nx=True)
-                self._verify_layout([await client.get(self.keys.layout_key)])
-        self.layout_checked = True
+            for _ in range(LAYOUT_TRIES):
+                pipe = client.pipeline(transaction=False)
+                for key in self._layout_keys():
+                    pipe.get(key)
+                self._verify_layout(await pipe.execute())
+                await client.set(self.keys.layout(0), self.keys.shards, nx=True)
+                if self._verify_layout([await client.get(self.keys.layout(0))]):
+                    self.layout_checked = True
+                    return
+        raise self._layout_vanishing()
 
     async def alay_out(self, *shards: int) -> None:
         """``lay_out`` on the asyncio client."""
-        self.layout_checked = False
-        await self.acheck_layout()
         client = self.async_client
+        wrote: list[int] = []
         try:
-            with self.translated():
-                await client.set(self.keys.layout(0), self.keys.shards, nx=True)
-                self._verify_layout([await client.get(self.keys.layout(0))])
-                for shard in shards:
-                    await client.set(self.keys.layout(shard), self.keys.shards, nx=True)
+            for _ in range(LAYOUT_TRIES):
+                self.layout_checked = False
+                await self.acheck_layout()
+                with self.translated():
+                    for k in shards:
+                        if await client.set(self.keys.layout(k), self.keys.shards, nx=True):
+                            wrote.append(k)
+                    if self._verify_layout([await client.get(self.keys.layout(0))]):
+                        return
+            raise self._layout_vanishing()
         except BaseException:
             self.layout_checked = False
+            with contextlib.suppress(Exception), self.translated():
+                for shard in wrote:
+                    await self.acall(self._unlay(shard))
             raise
 
     def async_wake_listener(self) -> AsyncWakeListener:

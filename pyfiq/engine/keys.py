@@ -38,7 +38,7 @@ Every key of a stream shares the hash tag of the stream's *shard*::
 
     {prefix}:wake                      Pub/Sub channel; message: the shard that has new work
     {prefix}:{s<N>}:wake               on Redis Cluster instead: the shard's sharded channel
-    {prefix}:shards                    the shard count the prefix is laid out with
+    {prefix}:shards                    the shard count, as earlier versions wrote it: read, not written
     {prefix}:{rl:<queue>}:rate         rate limit state of a queue (its own slot)
     {prefix}:{replicas}                hash: replica id -> what it last said of itself (heartbeat)
     {prefix}:{replicas}:pollers        sorted set by name: "<group>|<replica id>" of the replicas
@@ -186,7 +186,7 @@ class KeySchema:
         self.wake_channel = f"{prefix}:wake"
         #: One wake-up channel per shard (sharded Pub/Sub, for Redis Cluster) instead of one.
         self.sharded_wake = sharded_wake
-        #: The shard count this prefix was first used with; replicas check they agree.
+        #: The shard count earlier versions wrote for the prefix; replicas still check it.
         self.layout_key = f"{prefix}:shards"
         self._cached_stream = lru_cache(maxsize=STREAM_CACHE_SIZE)(self._stream)
 

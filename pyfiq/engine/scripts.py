@@ -39,6 +39,7 @@ ScriptName = Literal[
     "tick",
     "delete_pending",
     "dead_letter_pending",
+    "unlay",
 ]
 
 #: What a script's key names are looked up on (``keys.py``): a stream's ``StreamKeys``
@@ -275,6 +276,13 @@ TICK = ScriptSpec(
 )
 
 #: Every script, each once.
+UNLAY = ScriptSpec(
+    "unlay",
+    ("layout",),
+    "take back a shard's layout a producer wrote, if it still holds that producer's count",
+    scope="shard",
+)
+
 SCRIPTS: tuple[ScriptSpec, ...] = (
     ENQUEUE,
     DUE,
@@ -293,5 +301,6 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     TICK,
     DELETE_PENDING,
     DEAD_LETTER_PENDING,
+    UNLAY,
 )
 SPECS: dict[ScriptName, ScriptSpec] = {spec.name: spec for spec in SCRIPTS}

@@ -126,7 +126,8 @@ def _backend(url: str, prefix: str, shards: int | None, **settings: Any) -> Redi
     if shards is None:
         probe = _connect(url, Settings(prefix=prefix))
         with probe.translated():
-            stored = probe.client.get(probe.keys.layout_key)
+            # Shard 0's layout (every count has a shard 0), else the prefix's of earlier versions.
+            stored = probe.client.get(probe.keys.layout(0)) or probe.client.get(probe.keys.layout_key)
         probe.close()
         shards = int(stored) if stored is not None else Settings.shards
     return _connect(url, Settings(prefix=prefix, shards=shards, **settings))

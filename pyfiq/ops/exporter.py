@@ -87,7 +87,7 @@ def read_index(backend: RedisQueueBackend) -> tuple[int, list[tuple[int, str]], 
     paused queues and streams, in one round trip."""
     keys = backend.keys
     pipe = backend.client.pipeline(transaction=False)
-    pipe.time().get(keys.layout_key)
+    pipe.time().get(keys.layout(0))
     for shard in range(keys.shards):
         pipe.zrange(keys.queues(shard), 0, -1).smembers(keys.dlq_index(shard)).smembers(keys.paused(shard))
     (seconds, micros), layout, *per_shard = pipe.execute()
