@@ -319,6 +319,54 @@ def test_a_layout_erased_again_before_the_call_is_laid_out_again(
     producer.close()
 
 
+@pytest.mark.parametrize("side", ["sync", "asyncio"])
+def test_a_producer_whose_shard_0_changed_count_while_it_laid_out_takes_its_layout_back(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """An empty restart right after its check, and a poll of the fleet's before its last read:
+    the shard it wrote is taken back, so no producer of its count that checked before finds it
+    laid out."""
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    stray = RedisQueueBackend(redis_server.url, prefix=prefix, shards=8)
+    beyond = next(s for s in (f"s{i}" for i in range(100)) if stray.keys.shard_of(s) >= 4)
+    transport = stray.transport
+
+    def restart_and_poll() -> None:
+        for key in fleet.client.scan_iter(f"{prefix}:*"):
+            fleet.client.delete(key)
+        fleet.call_many([fleet.ops.due(0, 1, None)])
+
+    check, acheck, calls = transport.check_layout, transport.acheck_layout, []
+
+    def checked() -> None:  # the first check is the enqueue's, the second lay_out's
+        check()
+        calls.append(1)
+        if len(calls) == 2:
+            restart_and_poll()
+
+    async def achecked() -> None:
+        await acheck()
+        calls.append(1)
+        if len(calls) == 2:
+            restart_and_poll()
+
+    monkeypatch.setattr(transport, "check_layout", checked)
+    monkeypatch.setattr(transport, "acheck_layout", achecked)
+    task = [(new_task_id(), TaskRecord("t", [], {}))]
+    with pytest.raises(ConfigurationError, match="laid out with 4 shards"):
+        if side == "sync":
+            stray.enqueue(beyond, task)
+        else:
+            asyncio.run(stray.aenqueue(beyond, task))
+    assert len(calls) == 2, "the race came inside lay_out"
+    assert fleet.client.get(stray.keys.layout(stray.keys.shard_of(beyond))) is None, "taken back"
+    assert fleet.client.get(fleet.keys.layout(0)) == b"4"
+    assert not list(fleet.client.scan_iter(f"{prefix}:*:pending"))
+    fleet.close()
+    stray.close()
+
+
 def test_a_producer_alone_on_a_new_prefix_lays_out_each_shard_it_uses(redis_server: Any) -> None:
     prefix = unique_prefix()
     producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)

@@ -275,7 +275,6 @@ TICK = ScriptSpec(
     changes_stream=True,
 )
 
-#: Every script, each once.
 UNLAY = ScriptSpec(
     "unlay",
     ("layout",),
@@ -283,6 +282,7 @@ UNLAY = ScriptSpec(
     scope="shard",
 )
 
+#: Every script, each once.
 SCRIPTS: tuple[ScriptSpec, ...] = (
     ENQUEUE,
     DUE,

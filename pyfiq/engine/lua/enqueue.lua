@@ -27,8 +27,8 @@
     the caller sent); with them, a flat list of n pairs: task id, 1 if stored or 0 if a
     duplicate (the id is then the id of the task already accepted under that dedup key); an
     error reply, with nothing stored, when the shard is laid out with another shard count
-    (PYFIQLAYOUT) or not laid out at all (PYFIQUNLAID: the caller checks the prefix's layout,
-    writes the shard's and sends the call again).
+    (PYFIQLAYOUT) or not laid out at all (PYFIQUNLAID: the caller checks the layout of every
+    shard of its count, writes this shard's and sends the call again).
 
   Entries are stored as "<id>|<enqueued ms>|<expires ms or 0>|<payload>" so that scripts can
   read the id and the deadline without decoding the payload; both times are Redis's clock, and

@@ -266,7 +266,7 @@ end
 -- (an empty restart), so the guard survives. Returns an error reply or nil.
 -- `unlaid_refused`: a missing layout is refused rather than written. A producer with more
 -- shards than the fleet would otherwise lay out, and fill, a shard no worker polls; its client
--- checks the prefix-wide layout first (see Transport.lay_out), and then writes this one.
+-- checks the layout of every shard of its count first (see Transport.lay_out), then writes this.
 local function check_layout(key, shards, unlaid_refused)
   local stored = redis.call('GET', key)
   if not stored then
