@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 
 import pyfiq
 from pyfiq import AsyncWorker, ConfigurationError, RedisQueueBackend, ThreadedWorker, fifo
@@ -365,6 +366,78 @@ def test_a_producer_whose_shard_0_changed_count_while_it_laid_out_takes_its_layo
     assert not list(fleet.client.scan_iter(f"{prefix}:*:pending"))
     fleet.close()
     stray.close()
+
+
+def test_a_shard_being_laid_out_lets_no_task_in_until_shard_0_agrees(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two strays of one count, one of which checked before an empty restart: while the other
+    lays out a shard (and finds the fleet's count at shard 0), the first's enqueue there is
+    refused, and nothing is left behind."""
+    prefix = unique_prefix()
+    fleet = RedisQueueBackend(redis_server.url, prefix=prefix, shards=2)
+    first = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    second = RedisQueueBackend(redis_server.url, prefix=prefix, shards=4)
+    first.check_layout()  # before the restart below, it laid the prefix out with 4
+    beyond = next(s for s in (f"s{i}" for i in range(100)) if first.keys.shard_of(s) >= 2)
+    target = first.keys.layout(first.keys.shard_of(beyond))
+    for key in fleet.client.scan_iter(f"{prefix}:*"):  # an empty restart, then the fleet polls
+        fleet.client.delete(key)
+    fleet.call_many([fleet.ops.due(0, 1, None)])
+    outcomes: list[str] = []
+    real_set = second.transport.client.set
+
+    def set_then_the_other_enqueues(name: str, value: Any, **kw: Any) -> Any:
+        done = real_set(name, value, **kw)
+        if name == target and not outcomes:
+            try:
+                first.enqueue(beyond, [(new_task_id(), TaskRecord("t", [], {}))])
+                outcomes.append("accepted")
+            except ConfigurationError:
+                outcomes.append("refused")
+        return done
+
+    second.transport.layout_checked = True
+    monkeypatch.setattr(second.transport, "check_layout", lambda: None)  # checked before, too
+    monkeypatch.setattr(second.transport.client, "set", set_then_the_other_enqueues)
+    with pytest.raises(ConfigurationError, match="laid out with 2 shards"):
+        second.transport.lay_out(second.keys.shard_of(beyond))
+    assert outcomes == ["refused"], "the shard being laid out let a task in"
+    assert fleet.client.get(target) is None, "the tentative layout was taken back"
+    assert not list(fleet.client.scan_iter(f"{prefix}:*:pending"))
+    for b in (fleet, first, second):
+        b.close()
+
+
+def test_a_refusal_after_a_try_that_may_have_stored_reports_the_outcome_unknown(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyfiq.errors import BackendUnavailableError, EnqueueOutcomeUnknown
+
+    prefix = unique_prefix()
+    producer = RedisQueueBackend(redis_server.url, prefix=prefix, shards=2)
+    enqueue(producer, "s", 1)
+    transport, tries = producer.transport, []
+    call_once = transport.call_once
+
+    def stored_then_cut(call: Any, attempt: Any) -> Any:
+        tries.append(1)
+        reply = call_once(call, attempt)
+        if len(tries) == 1:  # the reply is lost: the task is stored, the caller cannot know
+            for key in producer.client.scan_iter(f"{prefix}:*layout"):
+                producer.client.delete(key)  # and the layout is gone when it tries again
+            raise redis.ConnectionError("Connection closed by server.")
+        return reply
+
+    def vanished(*shards: int) -> None:
+        raise BackendUnavailableError("the shard layout vanished 3 times while it was written")
+
+    monkeypatch.setattr(transport, "call_once", stored_then_cut)
+    monkeypatch.setattr(transport, "lay_out", vanished)
+    with pytest.raises(EnqueueOutcomeUnknown):
+        producer.enqueuer.retry_alone("s", producer.encode([(new_task_id(), TaskRecord("t", [], {}))]), ["k"])
+    assert producer.client.llen(producer.keys.stream("s").pending) == 2, "it was stored"
+    producer.close()
 
 
 def test_a_producer_alone_on_a_new_prefix_lays_out_each_shard_it_uses(redis_server: Any) -> None:

@@ -68,6 +68,8 @@ class RetryBudget:
         elif not is_transient(exc):
             if shared:
                 return 0.0
+            if self.maybe:  # an earlier try may have stored the tasks: a refusal now cannot say
+                raise self.enqueuer.outcome_unknown(self.stream, self.call, exc) from exc
             raise exc
         return self.again(exc)
 

@@ -21,7 +21,7 @@ import redis.asyncio
 from ..config import SecretURL, Settings
 from ..engine.keys import KeySchema
 from ..engine.protocol import Call
-from ..engine.scripts import UNLAY
+from ..engine.scripts import SETTLE
 from ..errors import BackendUnavailableError, ConfigurationError
 from . import failures
 from .connect import AsyncWakeListener, Topology, WakeListener, is_cluster_client, redact
@@ -285,35 +285,42 @@ class Transport:
         """Write the layout of ``shards``, which the enqueue script found missing and would not
         write itself: after the prefix's layout is checked again, since this backend may have
         checked it before an empty restart. Without that, a producer with more shards than the
-        fleet would fill a shard no worker polls. Shard 0's layout is read again last: one
-        found another's meanwhile takes back what this wrote."""
-        wrote: list[int] = []
+        fleet would fill a shard no worker polls. Each is written tentative, lets no task in
+        so, and is made final only once shard 0's layout, read again, is this backend's; one
+        that found another's is taken back."""
+        tentative = f"{self.keys.shards}?"
         try:
             for _ in range(LAYOUT_TRIES):
                 self.layout_checked = False
                 self.check_layout()
                 with self.translated():
-                    wrote += [k for k in shards if self.client.set(self.keys.layout(k), self.keys.shards, nx=True)]
+                    for shard in shards:
+                        self.client.set(self.keys.layout(shard), tentative, nx=True)
                     if self._verify_layout([self.client.get(self.keys.layout(0))]):
+                        for shard in shards:
+                            self.call(self._settle(shard, final=True))
                         return
             raise self._layout_vanishing()
         except BaseException:
             self.layout_checked = False
             with contextlib.suppress(Exception), self.translated():
-                for shard in wrote:
-                    self.call(self._unlay(shard))
+                for shard in shards:
+                    self.call(self._settle(shard, final=False))
             raise
 
-    def _unlay(self, shard: int) -> Call:
-        return Call(UNLAY.name, [self.keys.layout(shard)], [self.keys.shards])
+    def _settle(self, shard: int, *, final: bool) -> Call:
+        count = str(self.keys.shards)
+        return Call(SETTLE.name, [self.keys.layout(shard)], [f"{count}?", count if final else ""])
 
     def _verify_layout(self, stored: Sequence[Any]) -> bool:
-        """Whether every layout in ``stored`` is there (None: missing); raises for another."""
+        """Whether every layout in ``stored`` is there (None: missing); raises for another
+        count's, tentative or not (a producer of that count is laying the prefix out)."""
         for value in stored:
-            if value is not None and int(value) != self.keys.shards:
+            if value is not None and int(value.rstrip(b"?")) != self.keys.shards:
                 raise ConfigurationError(
-                    f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value)} shards, "
-                    f"this backend uses {self.keys.shards}: give every replica and producer the same shards setting"
+                    f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value.rstrip(b'?'))} "
+                    f"shards, this backend uses {self.keys.shards}: give every replica and producer the same "
+                    "shards setting"
                 )
         return None not in stored
 
@@ -448,24 +455,24 @@ class Transport:
 
     async def alay_out(self, *shards: int) -> None:
         """``lay_out`` on the asyncio client."""
-        client = self.async_client
-        wrote: list[int] = []
+        client, tentative = self.async_client, f"{self.keys.shards}?"
         try:
             for _ in range(LAYOUT_TRIES):
                 self.layout_checked = False
                 await self.acheck_layout()
                 with self.translated():
-                    for k in shards:
-                        if await client.set(self.keys.layout(k), self.keys.shards, nx=True):
-                            wrote.append(k)
+                    for shard in shards:
+                        await client.set(self.keys.layout(shard), tentative, nx=True)
                     if self._verify_layout([await client.get(self.keys.layout(0))]):
+                        for shard in shards:
+                            await self.acall(self._settle(shard, final=True))
                         return
             raise self._layout_vanishing()
         except BaseException:
             self.layout_checked = False
             with contextlib.suppress(Exception), self.translated():
-                for shard in wrote:
-                    await self.acall(self._unlay(shard))
+                for shard in shards:
+                    await self.acall(self._settle(shard, final=False))
             raise
 
     def async_wake_listener(self) -> AsyncWakeListener:

@@ -39,7 +39,7 @@ ScriptName = Literal[
     "tick",
     "delete_pending",
     "dead_letter_pending",
-    "unlay",
+    "settle",
 ]
 
 #: What a script's key names are looked up on (``keys.py``): a stream's ``StreamKeys``
@@ -275,10 +275,10 @@ TICK = ScriptSpec(
     changes_stream=True,
 )
 
-UNLAY = ScriptSpec(
-    "unlay",
+SETTLE = ScriptSpec(
+    "settle",
     ("layout",),
-    "take back a shard's layout a producer wrote, if it still holds that producer's count",
+    "make a producer's tentative shard layout final, or take it back",
     scope="shard",
 )
 
@@ -301,6 +301,6 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     TICK,
     DELETE_PENDING,
     DEAD_LETTER_PENDING,
-    UNLAY,
+    SETTLE,
 )
 SPECS: dict[ScriptName, ScriptSpec] = {spec.name: spec for spec in SCRIPTS}

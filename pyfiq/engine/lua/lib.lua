@@ -267,14 +267,17 @@ end
 -- `unlaid_refused`: a missing layout is refused rather than written. A producer with more
 -- shards than the fleet would otherwise lay out, and fill, a shard no worker polls; its client
 -- checks the layout of every shard of its count first (see Transport.lay_out), then writes this.
+-- A layout "<count>?" is a producer's tentative one (see settle.lua): for the enqueue, as if
+-- missing; a poll of the same count makes it final.
 local function check_layout(key, shards, unlaid_refused)
   local stored = redis.call('GET', key)
-  if not stored then
+  if stored == shards then return nil end
+  if not stored or stored == shards .. '?' then
     if unlaid_refused then
       return redis.error_reply('PYFIQUNLAID shard layout key ' .. key .. ' is missing')
     end
     redis.call('SET', key, shards)
-  elseif stored ~= shards then
+  else
     return redis.error_reply('PYFIQLAYOUT this prefix is laid out with ' .. stored ..
       ' shards, the caller uses ' .. shards)
   end
