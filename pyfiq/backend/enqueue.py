@@ -180,15 +180,8 @@ class Enqueuer:
                 self.transport.check_layout()
                 return self._own(call, self.transport.call_once(call, attempt))
             except Exception as exc:
-                if is_unlaid(exc):
-                    # The shard has no layout (a new prefix, an empty restart): nothing was stored.
-                    # Laid out at once the first time; after a back-off should it be erased in
-                    # between (another empty restart).
-                    unlaid = self.transport.keys.shard_of(stream)
-                    delay = budget.again(exc) if laid else 0.0
-                    laid = True
-                else:
-                    delay = budget.failed(exc, attempt.sent)
+                delay, unlaid = self._after(budget, exc, attempt.sent, stream, laid)
+                laid = laid or unlaid is not None
             time.sleep(delay)
 
     async def aretry_alone(
@@ -216,16 +209,19 @@ class Enqueuer:
                 await self.transport.acheck_layout()
                 return self._own(call, await self.transport.acall_once(call, attempt))
             except Exception as exc:
-                if is_unlaid(exc):
-                    # The shard has no layout (a new prefix, an empty restart): nothing was stored.
-                    # Laid out at once the first time; after a back-off should it be erased in
-                    # between (another empty restart).
-                    unlaid = self.transport.keys.shard_of(stream)
-                    delay = budget.again(exc) if laid else 0.0
-                    laid = True
-                else:
-                    delay = budget.failed(exc, attempt.sent)
+                delay, unlaid = self._after(budget, exc, attempt.sent, stream, laid)
+                laid = laid or unlaid is not None
             await asyncio.sleep(delay)
+
+    def _after(
+        self, budget: RetryBudget, exc: BaseException, sent: bool, stream: str, laid: bool
+    ) -> tuple[float, int | None]:
+        """After a try failed with ``exc``: seconds to wait, and the shard to lay out before the
+        next try (None: none). A shard without a layout (a new prefix, an empty restart) stored
+        nothing: laid out at once the first time, after a back-off should it be erased again."""
+        if is_unlaid(exc):
+            return (budget.again(exc) if laid else 0.0), self.transport.keys.shard_of(stream)
+        return budget.failed(exc, sent), None
 
     @staticmethod
     def _own(call: Call, reply: Any) -> list[Stored]:
