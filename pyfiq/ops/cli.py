@@ -129,7 +129,8 @@ def _backend(url: str, prefix: str, shards: int | None, **settings: Any) -> Redi
             # Shard 0's layout (every count has a shard 0), else the prefix's of earlier versions.
             stored = probe.client.get(probe.keys.layout(0)) or probe.client.get(probe.keys.layout_key)
         probe.close()
-        shards = int(stored) if stored is not None else Settings.shards
+        # "<count>?": a producer's tentative layout, as the enqueue script reads it.
+        shards = int(stored.rstrip(b"?")) if stored is not None else Settings.shards
     return _connect(url, Settings(prefix=prefix, shards=shards, **settings))
 
 

@@ -91,9 +91,10 @@ def read_index(backend: RedisQueueBackend) -> tuple[int, list[tuple[int, str]], 
     for shard in range(keys.shards):
         pipe.zrange(keys.queues(shard), 0, -1).smembers(keys.dlq_index(shard)).smembers(keys.paused(shard))
     (seconds, micros), layout, *per_shard = pipe.execute()
-    if layout is not None and int(layout) != keys.shards:
+    laid = None if layout is None else int(layout.rstrip(b"?"))  # "<count>?": a tentative layout
+    if laid is not None and laid != keys.shards:
         raise ConfigurationError(
-            f"prefix {keys.prefix!r} is laid out with {int(layout)} shards, the exporter reads {keys.shards}: "
+            f"prefix {keys.prefix!r} is laid out with {laid} shards, the exporter reads {keys.shards}: "
             "give it the deployment's --shards"
         )
     ready: list[tuple[int, str]] = []
