@@ -5,7 +5,8 @@ Every key of a stream shares the hash tag of the stream's *shard*::
     {prefix}:{s<N>}:queues             sorted set: queue -> earliest claimable-at of its streams
     {prefix}:{s<N>}:r:<queue>          sorted set: stream -> claimable-at (ms, Redis clock)
     {prefix}:{s<N>}:epoch              fencing counter of the shard
-    {prefix}:{s<N>}:layout             the shard count (written by polls and producers, checked by enqueues)
+    {prefix}:{s<N>}:layout             the shard count (written by polls and producers, "<count>?" while
+                                       a producer lays it out; checked by enqueues)
     {prefix}:{s<N>}:dlqs               set of streams of the shard with dead letters
     {prefix}:{s<N>}:paused             set of paused queues and streams (a queue is in every shard's)
     {prefix}:{s<N>}:counts:<queue>     hash: per-minute counts of the queue's finished tasks in the
