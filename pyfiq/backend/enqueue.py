@@ -180,8 +180,9 @@ class Enqueuer:
                 self.transport.check_layout()
                 return self._own(call, self.transport.call_once(call, attempt))
             except Exception as exc:
-                delay, unlaid = self._after(budget, exc, attempt.sent, stream, laid)
-                laid = laid or unlaid is not None
+                delay, shard = self._after(budget, exc, attempt.sent, stream, laid)
+                if shard is not None:  # else a lay-out that failed is still owed
+                    unlaid, laid = shard, True
             time.sleep(delay)
 
     async def aretry_alone(
@@ -209,8 +210,9 @@ class Enqueuer:
                 await self.transport.acheck_layout()
                 return self._own(call, await self.transport.acall_once(call, attempt))
             except Exception as exc:
-                delay, unlaid = self._after(budget, exc, attempt.sent, stream, laid)
-                laid = laid or unlaid is not None
+                delay, shard = self._after(budget, exc, attempt.sent, stream, laid)
+                if shard is not None:  # else a lay-out that failed is still owed
+                    unlaid, laid = shard, True
             await asyncio.sleep(delay)
 
     def _after(

@@ -315,12 +315,11 @@ class Transport:
     def _verify_layout(self, stored: Sequence[Any]) -> bool:
         """Whether every layout in ``stored`` is there (None: missing); raises for another
         count's, tentative or not (a producer of that count is laying the prefix out)."""
-        for value in stored:
-            if value is not None and int(value.rstrip(b"?")) != self.keys.shards:
+        for count in (int(value.rstrip(b"?")) for value in stored if value is not None):
+            if count != self.keys.shards:
                 raise ConfigurationError(
-                    f"prefix {self.keys.prefix!r} on {self.address} is laid out with {int(value.rstrip(b'?'))} "
-                    f"shards, this backend uses {self.keys.shards}: give every replica and producer the same "
-                    "shards setting"
+                    f"prefix {self.keys.prefix!r} on {self.address} is laid out with {count} shards, this "
+                    f"backend uses {self.keys.shards}: give every replica and producer the same shards setting"
                 )
         return None not in stored
 
