@@ -253,6 +253,9 @@ def test_a_fork_inside_a_shared_round_trip_leaves_the_child_free_to_enqueue(
     backend = RedisQueueBackend(redis_server.url, prefix=unique_prefix(), **FAST)
     work = fifo(queue=q, name=f"{q}.work", key=lambda who, i: who)(lambda who, i: None)
     work.send_with_options(args=("parent", -1), backend=backend)
+    # Every shard laid out first: a shard's first enqueue goes alone (it lays the shard out),
+    # and the round trip held below must be a shared one.
+    backend.transport.lay_out(*range(backend.keys.shards))
     stop, gate = threading.Event(), threading.Event()
     held = threading.Condition()
     holding = [0]
